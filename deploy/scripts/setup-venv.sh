@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the project's Python virtual environment at .venv, idempotently.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+py="${CHUNKD_PYTHON:-/usr/bin/python3}"
+[ -x "$py" ] || py="$(command -v python3)"
+if [ ! -x "$root/.venv/bin/python" ]; then
+  "$py" -m venv "$root/.venv"
+fi
+"$root/.venv/bin/python" -m pip install -q --upgrade pip
+"$root/.venv/bin/python" -m pip install -q -r "$root/python/requirements-dev.txt"
+if [ -f "$root/python/pyproject.toml" ]; then
+  "$root/.venv/bin/python" -m pip install -q --no-deps -e "$root/python"
+fi
