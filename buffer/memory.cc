@@ -1,0 +1,52 @@
+#include "buffer/memory.h"
+
+#include <cstdlib>
+#include <new>
+
+namespace chunkd::buffer {
+
+const char* MemoryKindName(MemoryKind kind) {
+  switch (kind) {
+    case MemoryKind::kHost:
+      return "host";
+    case MemoryKind::kHostShared:
+      return "host-shared";
+    case MemoryKind::kHostPinned:
+      return "host-pinned";
+    case MemoryKind::kDevice:
+      return "device";
+  }
+  return "unknown";
+}
+
+namespace {
+
+constexpr size_t kAlignment = 64;
+
+class HeapBlock final : public Block {
+ public:
+  HeapBlock(std::byte* data, size_t size) : Block(data, size, MemoryKind::kHost) {}
+  ~HeapBlock() override { std::free(data()); }
+};
+
+class HeapAllocatorImpl final : public HostAllocator {
+ public:
+  absl::StatusOr<std::shared_ptr<Block>> Allocate(size_t size) override {
+    // aligned_alloc wants a multiple of the alignment; a zero-byte block still gets a pointer.
+    size_t rounded = (size + kAlignment - 1) / kAlignment * kAlignment;
+    if (rounded == 0) rounded = kAlignment;
+    void* p = std::aligned_alloc(kAlignment, rounded);
+    if (p == nullptr) throw std::bad_alloc();
+    return std::make_shared<HeapBlock>(static_cast<std::byte*>(p), size);
+  }
+  MemoryKind kind() const override { return MemoryKind::kHost; }
+};
+
+}  // namespace
+
+HostAllocator& HeapAllocator() {
+  static HeapAllocatorImpl* allocator = new HeapAllocatorImpl();
+  return *allocator;
+}
+
+}  // namespace chunkd::buffer

@@ -1,0 +1,124 @@
+// The one interface every store backend implements (file, memory, ...).
+//
+// A backend is the store of record: the host cache sits in front of it. Each backend lives in
+// a folder of its own and registers a URL scheme with OpenBackend(). Every backend passes the
+// same conformance suite (tests/backend_conformance.h).
+//
+// Errors carry the key they concern. NOT_FOUND: no value under the key. FAILED_PRECONDITION:
+// a generation condition failed. RESOURCE_EXHAUSTED: no room (memory backend).
+#ifndef CHUNKD_SERVER_BACKEND_BACKEND_H_
+#define CHUNKD_SERVER_BACKEND_BACKEND_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/strings/string_view.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "buffer/cpu/buffer.h"
+#include "buffer/memory.h"
+
+namespace chunkd::server {
+
+// Identifies one stored version of a value. Never 0 for a stored value: 0 stands for "no value"
+// in conditions.
+using Generation = uint64_t;
+
+struct ValueInfo {
+  uint64_t size = 0;
+  Generation generation = 0;
+};
+
+// Preconditions on the generation stored under a key when an operation runs.
+struct Conditions {
+  std::optional<Generation> if_generation_match;
+  std::optional<Generation> if_generation_not_match;
+
+  bool empty() const { return !if_generation_match && !if_generation_not_match; }
+  // OK when `current` (nullopt: the key holds no value) satisfies the conditions, else
+  // FAILED_PRECONDITION naming the key and both generations.
+  absl::Status Check(absl::string_view key, std::optional<Generation> current) const;
+};
+
+struct ListEntry {
+  std::string key;
+  uint64_t size = 0;
+};
+
+struct ListPage {
+  std::vector<ListEntry> entries;
+  std::vector<std::string> prefixes;  // directory listings only, each ending in '/'
+};
+
+// Walks a listing page by page, so that a listing of millions of keys is never held at once.
+class ListCursor {
+ public:
+  virtual ~ListCursor() = default;
+  // Appends up to about `max_items` entries and prefixes to `page`, in lexicographic order
+  // continuing from the previous page. Returns false once the listing is exhausted (the
+  // page may still hold its last items).
+  virtual absl::StatusOr<bool> Next(size_t max_items, ListPage* page) = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  // Short name of the kind: "file", "memory".
+  virtual absl::string_view kind() const = 0;
+  // Where the data lives, for ServerInfo and logs ("file:///data", "memory://").
+  virtual std::string location() const = 0;
+  // True when the backend keeps its values in memory itself: the server then serves them
+  // straight from the backend and keeps no second copy in the cache.
+  virtual bool holds_values_in_memory() const { return false; }
+  // Bytes of memory the backend holds for values, and its budget (0 when not applicable).
+  virtual uint64_t memory_used_bytes() const { return 0; }
+  virtual uint64_t memory_capacity_bytes() const { return 0; }
+  virtual uint64_t entry_count() const { return 0; }
+
+  // The whole value under `key`. REQUIRES: ValidateKey(key).ok(). Thread-safe.
+  virtual absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key, ValueInfo* info) = 0;
+
+  // Size and generation without reading the value. Thread-safe.
+  virtual absl::StatusOr<ValueInfo> Stat(absl::string_view key) = 0;
+
+  // Stores `value` under `key` when `conditions` hold, atomically: a reader sees the old value
+  // or the new one, never a mix; nothing is changed on failure. Returns the new generation.
+  // Thread-safe; checking the conditions and writing is one atomic step.
+  virtual absl::StatusOr<ValueInfo> Write(absl::string_view key, buffer::cpu::Buffer value,
+                                          const Conditions& conditions) = 0;
+
+  // Removes the value under `key` when `conditions` hold. NOT_FOUND when there is none.
+  virtual absl::Status Delete(absl::string_view key, const Conditions& conditions) = 0;
+
+  // Keys starting with `prefix`. With `directory`, only the immediate children: keys with no
+  // further '/' after the prefix's last '/' are entries; deeper keys are grouped into prefixes
+  // up to and including the next '/'. REQUIRES: ValidatePrefix(prefix).ok().
+  virtual absl::StatusOr<std::unique_ptr<ListCursor>> List(absl::string_view prefix,
+                                                           bool directory) = 0;
+};
+
+struct BackendOptions {
+  // Where value memory comes from (the memory backend keeps values there).
+  buffer::HostAllocator* allocator = &buffer::HeapAllocator();
+  // Budget of the memory backend; writes that do not fit fail with RESOURCE_EXHAUSTED.
+  uint64_t memory_capacity_bytes = 1ull << 30;
+  bool fsync = true;
+};
+
+// Opens the backend a store URL names: a directory path or file:///path (file backend),
+// memory:// (memory backend). INVALID_ARGUMENT for an unknown scheme; the backend's own
+// error when it cannot open (e.g. NOT_FOUND for a missing directory).
+absl::StatusOr<std::unique_ptr<Backend>> OpenBackend(absl::string_view url,
+                                                     const BackendOptions& options);
+
+// Statuses that name the key they concern.
+absl::Status KeyNotFoundError(absl::string_view key);
+
+}  // namespace chunkd::server
+
+#endif  // CHUNKD_SERVER_BACKEND_BACKEND_H_

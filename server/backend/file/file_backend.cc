@@ -1,0 +1,530 @@
+#include "server/backend/file/file_backend.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <ctime>
+#include <string>
+#include <vector>
+
+#include "absl/hash/hash.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "server/key.h"
+
+namespace chunkd::server {
+namespace {
+
+// Owns a file descriptor.
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  UniqueFd& operator=(UniqueFd&& other) noexcept {
+    if (this != &other) {
+      reset();
+      fd_ = std::exchange(other.fd_, -1);
+    }
+    return *this;
+  }
+  ~UniqueFd() { reset(); }
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  void reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+absl::Status ErrnoError(int err, absl::string_view what, absl::string_view key) {
+  std::string message = absl::StrCat(what, " ", QuoteKey(key), ": ", std::strerror(err));
+  switch (err) {
+    case ENOENT:
+    case ENOTDIR:
+      return absl::NotFoundError(message);
+    case EACCES:
+    case EPERM:
+      return absl::PermissionDeniedError(message);
+    case ENOSPC:
+    case EDQUOT:
+    case EMFILE:
+    case ENFILE:
+      return absl::ResourceExhaustedError(message);
+    case ENAMETOOLONG:
+      return absl::InvalidArgumentError(message);
+    case EROFS:
+    case EISDIR:
+    case ELOOP:
+      return absl::FailedPreconditionError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
+
+// A generation that is stable across restarts and changes with every replacement of the file:
+// a mix of the inode and the modification time (made unique per write by the writer).
+Generation GenerationOf(const struct stat& st) {
+  // SplitMix64 steps over the fields; absl::Hash is seeded per process, which would make
+  // generations change across restarts.
+  auto mix = [](uint64_t h, uint64_t v) {
+    h ^= v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+    h ^= h >> 30;
+    h *= 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 27;
+    h *= 0x94D049BB133111EBull;
+    h ^= h >> 31;
+    return h;
+  };
+  uint64_t h = 0x243F6A8885A308D3ull;
+  h = mix(h, st.st_dev);
+  h = mix(h, st.st_ino);
+  h = mix(h, static_cast<uint64_t>(st.st_mtim.tv_sec));
+  h = mix(h, static_cast<uint64_t>(st.st_mtim.tv_nsec));
+  h = mix(h, static_cast<uint64_t>(st.st_size));
+  return h == 0 ? 1 : h;
+}
+
+// A modification time no earlier write from this process used, so that two writes of the
+// same size within one clock tick (file times are coarse) still differ in generation.
+struct timespec UniqueModificationTime() {
+  static std::atomic<int64_t> last_ns{0};
+  struct timespec now;
+  clock_gettime(CLOCK_REALTIME, &now);
+  int64_t want = static_cast<int64_t>(now.tv_sec) * 1000000000 + now.tv_nsec;
+  int64_t prev = last_ns.load();
+  int64_t next;
+  do {
+    next = std::max(want, prev + 1);
+  } while (!last_ns.compare_exchange_weak(prev, next));
+  return {static_cast<time_t>(next / 1000000000), static_cast<long>(next % 1000000000)};
+}
+
+absl::string_view LastSegment(absl::string_view key) {
+  size_t slash = key.rfind('/');
+  return slash == absl::string_view::npos ? key : key.substr(slash + 1);
+}
+
+std::vector<absl::string_view> Segments(absl::string_view path) {
+  std::vector<absl::string_view> out;
+  size_t start = 0;
+  while (start < path.size()) {
+    size_t end = path.find('/', start);
+    if (end == absl::string_view::npos) end = path.size();
+    if (end > start) out.push_back(path.substr(start, end - start));
+    start = end + 1;
+  }
+  return out;
+}
+
+bool IsTempName(absl::string_view name) { return absl::StartsWith(name, kFileBackendTempPrefix); }
+
+struct Child {
+  std::string name;
+  bool is_dir = false;
+  uint64_t size = 0;
+  std::string sort_key;  // name, plus '/' for directories: sorts like the keys under it
+};
+
+class FileBackend;
+
+class FileListCursor final : public ListCursor {
+ public:
+  FileListCursor(const FileBackend* backend, std::string prefix, bool directory)
+      : backend_(backend), prefix_(std::move(prefix)), directory_(directory) {}
+  absl::StatusOr<bool> Next(size_t max_items, ListPage* page) override;
+
+ private:
+  struct Frame {
+    UniqueFd fd;
+    std::string rel;  // key prefix of this directory: "" or "a/b/"
+    std::vector<Child> children;
+    size_t next = 0;
+  };
+  absl::Status Start();
+  absl::StatusOr<Frame> ReadFrame(UniqueFd fd, std::string rel, absl::string_view name_filter);
+
+  const FileBackend* backend_;
+  const std::string prefix_;
+  const bool directory_;
+  bool started_ = false;
+  std::vector<Frame> stack_;
+};
+
+class FileBackend final : public Backend {
+ public:
+  FileBackend(UniqueFd root_fd, std::string root_path, const BackendOptions& options)
+      : root_fd_(std::move(root_fd)),
+        root_path_(std::move(root_path)),
+        allocator_(options.allocator),
+        fsync_(options.fsync) {}
+
+  absl::string_view kind() const override { return "file"; }
+  std::string location() const override { return absl::StrCat("file://", root_path_); }
+
+  absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key, ValueInfo* info) override {
+    auto fd = OpenValue(key);
+    if (!fd.ok()) return fd.status();
+    struct stat st;
+    if (::fstat(fd->get(), &st) != 0) return ErrnoError(errno, "stat", key);
+    auto out = buffer::cpu::MutableBuffer::Allocate(static_cast<size_t>(st.st_size), *allocator_);
+    if (!out.ok()) return out.status();
+    size_t done = 0;
+    while (done < out->size()) {
+      ssize_t n = ::pread(fd->get(), out->data() + done, out->size() - done, done);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return ErrnoError(errno, "read", key);
+      }
+      if (n == 0) break;
+      done += static_cast<size_t>(n);
+    }
+    if (done != out->size()) {
+      // Only a writer outside chunkd truncating the file in place gets here; chunkd's own
+      // writes replace files whole.
+      return absl::AbortedError(
+          absl::StrCat("key ", QuoteKey(key), " changed size while being read; try again"));
+    }
+    if (info) *info = {static_cast<uint64_t>(st.st_size), GenerationOf(st)};
+    return std::move(*out).Freeze();
+  }
+
+  absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {
+    auto fd = OpenValue(key);
+    if (!fd.ok()) return fd.status();
+    struct stat st;
+    if (::fstat(fd->get(), &st) != 0) return ErrnoError(errno, "stat", key);
+    return ValueInfo{static_cast<uint64_t>(st.st_size), GenerationOf(st)};
+  }
+
+  absl::StatusOr<ValueInfo> Write(absl::string_view key, buffer::cpu::Buffer value,
+                                  const Conditions& conditions) override {
+    absl::string_view leaf = LastSegment(key);
+    if (IsTempName(leaf)) {
+      return absl::InvalidArgumentError(absl::StrCat("key ", QuoteKey(key), ": names starting with '",
+                                                     kFileBackendTempPrefix,
+                                                     "' are reserved by the file store"));
+    }
+    absl::MutexLock lock(&LockFor(key));
+    if (absl::Status s = CheckConditions(key, conditions); !s.ok()) return s;
+    // A delete of another key may remove a directory this write just opened, once it is empty;
+    // the temporary file then cannot be created and the write starts over.
+    absl::StatusOr<ValueInfo> result;
+    for (int attempt = 0; attempt < 3; ++attempt) {
+      result = WriteOnce(key, leaf, value);
+      if (!absl::IsNotFound(result.status())) break;
+    }
+    return result;
+  }
+
+  absl::StatusOr<ValueInfo> WriteOnce(absl::string_view key, absl::string_view leaf,
+                                      const buffer::cpu::Buffer& value) {
+    auto dirs = OpenDirectories(key, /*create=*/true);
+    if (!dirs.ok()) return dirs.status();
+    int parent = dirs->back().get();
+
+    std::string temp_name =
+        absl::StrCat(kFileBackendTempPrefix, ::getpid(), "-", temp_counter_.fetch_add(1));
+    UniqueFd temp(::openat(parent, temp_name.c_str(),
+                           O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644));
+    if (!temp.valid()) return ErrnoError(errno, "create a temporary file for", key);
+    auto remove_temp = [&] { ::unlinkat(parent, temp_name.c_str(), 0); };
+
+    size_t done = 0;
+    while (done < value.size()) {
+      ssize_t n = ::write(temp.get(), value.data() + done, value.size() - done);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        absl::Status s = ErrnoError(errno, "write", key);
+        remove_temp();
+        return s;
+      }
+      done += static_cast<size_t>(n);
+    }
+    struct timespec times[2] = {{0, UTIME_OMIT}, UniqueModificationTime()};
+    if (::futimens(temp.get(), times) != 0 || (fsync_ && ::fsync(temp.get()) != 0)) {
+      absl::Status s = ErrnoError(errno, "flush", key);
+      remove_temp();
+      return s;
+    }
+    std::string leaf_name(leaf);
+    if (::renameat(parent, temp_name.c_str(), parent, leaf_name.c_str()) != 0) {
+      int err = errno;
+      remove_temp();
+      if (err == EISDIR || err == ENOTEMPTY || err == EEXIST) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "key ", QuoteKey(key), " cannot be stored: a directory of that name exists"));
+      }
+      return ErrnoError(err, "rename into place", key);
+    }
+    if (fsync_) ::fsync(parent);
+    struct stat st;
+    if (::fstat(temp.get(), &st) != 0) return ErrnoError(errno, "stat", key);
+    return ValueInfo{static_cast<uint64_t>(st.st_size), GenerationOf(st)};
+  }
+
+  absl::Status Delete(absl::string_view key, const Conditions& conditions) override {
+    absl::MutexLock lock(&LockFor(key));
+    auto dirs = OpenDirectories(key, /*create=*/false);
+    if (!dirs.ok()) {
+      return absl::IsNotFound(dirs.status()) ? KeyNotFoundError(key) : dirs.status();
+    }
+    auto info = Stat(key);
+    if (!info.ok()) return info.status();
+    if (absl::Status s = conditions.Check(key, info->generation); !s.ok()) return s;
+    std::string leaf(LastSegment(key));
+    if (::unlinkat(dirs->back().get(), leaf.c_str(), 0) != 0) {
+      return errno == ENOENT ? KeyNotFoundError(key) : ErrnoError(errno, "delete", key);
+    }
+    if (fsync_) ::fsync(dirs->back().get());
+    // Remove directories the delete left empty, so that listings show no empty "groups";
+    // stop at the first one that still holds something.
+    std::vector<absl::string_view> segments = Segments(key);
+    for (size_t i = dirs->size() - 1; i >= 1; --i) {
+      std::string name(segments[i - 1]);
+      if (::unlinkat((*dirs)[i - 1].get(), name.c_str(), AT_REMOVEDIR) != 0) break;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::unique_ptr<ListCursor>> List(absl::string_view prefix,
+                                                   bool directory) override {
+    return std::make_unique<FileListCursor>(this, std::string(prefix), directory);
+  }
+
+  // Opens the directory `rel` (a '/'-separated path under the root, "" for the root itself),
+  // checked to lie beneath the root. NOT_FOUND when it does not exist.
+  absl::StatusOr<UniqueFd> OpenDirectory(absl::string_view rel, absl::string_view key) const {
+    UniqueFd fd(::openat(root_fd_.get(), rel.empty() ? "." : std::string(rel).c_str(),
+                         O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!fd.valid()) return ErrnoError(errno, "open directory for", key);
+    if (absl::Status s = CheckBeneathRoot(fd.get(), key); !s.ok()) return s;
+    return fd;
+  }
+
+  // Whether a directory entry that is a symbolic link resolves to a regular file beneath the
+  // root; fills `size` when it does.
+  bool LinkedFileBeneathRoot(int dir_fd, const std::string& name, uint64_t* size) const {
+    UniqueFd fd(::openat(dir_fd, name.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+    if (!fd.valid() || !CheckBeneathRoot(fd.get(), name).ok()) return false;
+    struct stat st;
+    if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
+    *size = static_cast<uint64_t>(st.st_size);
+    return true;
+  }
+
+ private:
+  absl::Mutex& LockFor(absl::string_view key) {
+    return write_locks_[absl::HashOf(key) % write_locks_.size()];
+  }
+
+  // Refuses a descriptor whose real path is not the root or beneath it: a symbolic link
+  // inside the store that points elsewhere.
+  absl::Status CheckBeneathRoot(int fd, absl::string_view key) const {
+    char link[64];
+    std::snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+    char real[PATH_MAX + 1];
+    ssize_t n = ::readlink(link, real, PATH_MAX);
+    if (n < 0) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "key ", QuoteKey(key), ": cannot check where it resolves (/proc unavailable)"));
+    }
+    absl::string_view path(real, static_cast<size_t>(n));
+    if (path == root_path_ ||
+        (absl::StartsWith(path, root_path_) &&
+         (root_path_ == "/" || path.substr(root_path_.size(), 1) == "/"))) {
+      return absl::OkStatus();
+    }
+    return absl::PermissionDeniedError(absl::StrCat(
+        "key ", QuoteKey(key), " resolves outside the store root (a symbolic link?)"));
+  }
+
+  // Opens the value file of `key` for reading: a regular file beneath the root.
+  absl::StatusOr<UniqueFd> OpenValue(absl::string_view key) const {
+    std::string path(key);
+    UniqueFd fd(::openat(root_fd_.get(), path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+    if (!fd.valid()) {
+      int err = errno;
+      if (err == ENOENT || err == ENOTDIR || err == ELOOP) return KeyNotFoundError(key);
+      return ErrnoError(err, "open", key);
+    }
+    if (absl::Status s = CheckBeneathRoot(fd.get(), key); !s.ok()) return s;
+    struct stat st;
+    if (::fstat(fd.get(), &st) != 0) return ErrnoError(errno, "stat", key);
+    if (!S_ISREG(st.st_mode)) return KeyNotFoundError(key);  // a directory is not a value
+    // O_NONBLOCK above keeps a FIFO planted in the store from blocking the open; regular
+    // files ignore it.
+    return fd;
+  }
+
+  // The chain of directories from the root to the parent of `key`'s last segment: element 0 is
+  // the root, the last is the parent. Creates missing ones with `create`. Each is checked to
+  // lie beneath the root, so no write or delete goes through a link to outside.
+  absl::StatusOr<std::vector<UniqueFd>> OpenDirectories(absl::string_view key, bool create) const {
+    std::vector<absl::string_view> segments = Segments(key);
+    std::vector<UniqueFd> chain;
+    chain.emplace_back(::fcntl(root_fd_.get(), F_DUPFD_CLOEXEC, 0));
+    if (!chain.back().valid()) return ErrnoError(errno, "open the root for", key);
+    for (size_t i = 0; i + 1 < segments.size(); ++i) {
+      std::string name(segments[i]);
+      int parent = chain.back().get();
+      UniqueFd fd(::openat(parent, name.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+      if (!fd.valid() && errno == ENOENT && create) {
+        if (::mkdirat(parent, name.c_str(), 0755) != 0 && errno != EEXIST) {
+          return ErrnoError(errno, "create a directory for", key);
+        }
+        fd = UniqueFd(::openat(parent, name.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+      }
+      if (!fd.valid()) {
+        if (errno == ENOTDIR) {
+          return absl::FailedPreconditionError(
+              absl::StrCat("key ", QuoteKey(key), ": '", name,
+                           "' is a value, not a directory, so nothing can be stored under it"));
+        }
+        return ErrnoError(errno, "open a directory of", key);
+      }
+      if (absl::Status s = CheckBeneathRoot(fd.get(), key); !s.ok()) return s;
+      chain.push_back(std::move(fd));
+    }
+    return chain;
+  }
+
+  absl::Status CheckConditions(absl::string_view key, const Conditions& conditions) {
+    if (conditions.empty()) return absl::OkStatus();
+    auto info = Stat(key);
+    if (!info.ok() && !absl::IsNotFound(info.status())) return info.status();
+    return conditions.Check(key, info.ok() ? std::optional<Generation>(info->generation)
+                                           : std::nullopt);
+  }
+
+  const UniqueFd root_fd_;
+  const std::string root_path_;
+  buffer::HostAllocator* const allocator_;
+  const bool fsync_;
+  std::atomic<uint64_t> temp_counter_{0};
+  // Writers and deleters of one key are serialized (conditions are checked and acted on as
+  // one step); readers never wait on these.
+  std::array<absl::Mutex, 64> write_locks_;
+};
+
+absl::Status FileListCursor::Start() {
+  started_ = true;
+  size_t slash = prefix_.rfind('/');
+  std::string rel = slash == std::string::npos ? "" : prefix_.substr(0, slash + 1);
+  std::string filter = prefix_.substr(rel.size());
+  auto fd = backend_->OpenDirectory(rel.empty() ? "" : rel.substr(0, rel.size() - 1), prefix_);
+  if (!fd.ok()) {
+    // A prefix naming no directory lists nothing.
+    return absl::IsNotFound(fd.status()) ? absl::OkStatus() : fd.status();
+  }
+  auto frame = ReadFrame(*std::move(fd), rel, filter);
+  if (!frame.ok()) return frame.status();
+  stack_.push_back(*std::move(frame));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<FileListCursor::Frame> FileListCursor::ReadFrame(UniqueFd fd, std::string rel,
+                                                                absl::string_view name_filter) {
+  Frame frame;
+  frame.rel = std::move(rel);
+  int dup_fd = ::fcntl(fd.get(), F_DUPFD_CLOEXEC, 0);
+  DIR* dir = dup_fd >= 0 ? ::fdopendir(dup_fd) : nullptr;
+  if (dir == nullptr) {
+    if (dup_fd >= 0) ::close(dup_fd);
+    return ErrnoError(errno, "list", frame.rel);
+  }
+  while (struct dirent* e = ::readdir(dir)) {
+    std::string name = e->d_name;
+    if (name == "." || name == ".." || IsTempName(name)) continue;
+    Child child;
+    child.name = name;
+    struct stat st;
+    if (::fstatat(fd.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+    if (S_ISDIR(st.st_mode)) {
+      child.is_dir = true;
+    } else if (S_ISREG(st.st_mode)) {
+      child.size = static_cast<uint64_t>(st.st_size);
+    } else if (S_ISLNK(st.st_mode)) {
+      // Linked files that stay inside the store are values; linked directories are not
+      // descended into (no cycles, no escapes).
+      if (!backend_->LinkedFileBeneathRoot(fd.get(), name, &child.size)) continue;
+    } else {
+      continue;
+    }
+    child.sort_key = child.is_dir ? name + "/" : name;
+    if (!absl::StartsWith(child.sort_key, name_filter)) continue;
+    // Names that are not valid keys (control characters, bad UTF-8) cannot be asked for, so
+    // they are not listed either.
+    if (!ValidateKey(frame.rel + name).ok()) continue;
+    frame.children.push_back(std::move(child));
+  }
+  ::closedir(dir);
+  std::sort(frame.children.begin(), frame.children.end(),
+            [](const Child& a, const Child& b) { return a.sort_key < b.sort_key; });
+  frame.fd = std::move(fd);
+  return frame;
+}
+
+absl::StatusOr<bool> FileListCursor::Next(size_t max_items, ListPage* page) {
+  if (!started_) {
+    if (absl::Status s = Start(); !s.ok()) return s;
+  }
+  size_t added = 0;
+  while (!stack_.empty() && added < max_items) {
+    Frame& top = stack_.back();
+    if (top.next == top.children.size()) {
+      stack_.pop_back();
+      continue;
+    }
+    const Child& child = top.children[top.next++];
+    std::string key = top.rel + child.name;
+    if (!child.is_dir) {
+      page->entries.push_back({std::move(key), child.size});
+      ++added;
+    } else if (directory_) {
+      page->prefixes.push_back(key + "/");
+      ++added;
+    } else {
+      UniqueFd fd(::openat(top.fd.get(), child.name.c_str(),
+                           O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+      if (!fd.valid()) continue;  // removed meanwhile
+      auto frame = ReadFrame(std::move(fd), key + "/", "");
+      if (!frame.ok()) return frame.status();
+      stack_.push_back(*std::move(frame));  // `top` is invalid from here on
+    }
+  }
+  return !stack_.empty();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend>> OpenFileBackend(absl::string_view path,
+                                                         const BackendOptions& options) {
+  if (path.empty()) return absl::InvalidArgumentError("file store: empty directory path");
+  std::string p(path);
+  char real[PATH_MAX + 1];
+  if (::realpath(p.c_str(), real) == nullptr) {
+    return absl::NotFoundError(
+        absl::StrCat("file store ", p, ": ", std::strerror(errno), " (create the directory first)"));
+  }
+  UniqueFd fd(::open(real, O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("file store ", p, " is not a directory: ", std::strerror(errno)));
+  }
+  return std::make_unique<FileBackend>(std::move(fd), std::string(real), options);
+}
+
+}  // namespace chunkd::server

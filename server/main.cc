@@ -1,0 +1,167 @@
+// chunkd: serves chunk buffers from a cache in front of a store, over gRPC.
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/time.h"
+#include "server/byte_size.h"
+#include "server/log.h"
+#include "server/server.h"
+
+using chunkd::server::ByteSize;
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:7878",
+          "Comma-separated addresses to serve on: HOST:PORT (port 0 picks a free port), "
+          "[::1]:PORT, or unix:/path/to/socket. Loopback by default: chunkd has no "
+          "authentication of its own yet, so expose it to other hosts only on a trusted network.");
+ABSL_FLAG(std::string, store, "chunkd-data",
+          "Where values are stored: a directory (or file:///path) in Zarr's layout, or memory:// "
+          "for a store that lives only in memory (bounded by --host_cache_bytes). The default "
+          "directory is created in the working directory if missing.");
+ABSL_FLAG(ByteSize, host_cache_bytes, ByteSize{1ull << 30},
+          "Budget of the host cache (for memory://, of the store itself). Units: KiB, MiB, GiB "
+          "(powers of 1024) or kB, MB, GB.");
+ABSL_FLAG(ByteSize, max_value_bytes, ByteSize{256ull << 20},
+          "Largest value a Put may store; larger ones are refused with RESOURCE_EXHAUSTED before "
+          "any byte is buffered.");
+ABSL_FLAG(bool, read_only, false, "Refuse every write and delete (PERMISSION_DENIED).");
+ABSL_FLAG(std::string, eviction, "s3fifo",
+          "Eviction policy of the host cache: s3fifo (scan-resistant, lock-free hits) or lru.");
+ABSL_FLAG(double, cache_max_entry_fraction, 0.25,
+          "Values larger than this fraction of the cache budget are served without being cached, "
+          "so one huge value cannot flush the cache.");
+ABSL_FLAG(int32_t, io_threads, 8, "Threads that do backend I/O (file reads, writes, listings).");
+ABSL_FLAG(int32_t, max_queued_io, 4096,
+          "Backend operations that may wait for an I/O thread; past this, requests fail fast with "
+          "UNAVAILABLE instead of queueing without bound.");
+ABSL_FLAG(ByteSize, part_bytes, ByteSize{1ull << 20},
+          "Size of the data parts of a Get reply (at most 1 MiB).");
+ABSL_FLAG(ByteSize, max_inflight_put_bytes, ByteSize{1ull << 30},
+          "Bytes of Put values being received at once, all clients together; past it new Puts "
+          "fail with RESOURCE_EXHAUSTED.");
+ABSL_FLAG(bool, fsync, true,
+          "fsync files and directories on every write (file store). Turn off only for scratch "
+          "data: a crash can then lose acknowledged writes.");
+ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(10),
+          "On SIGTERM or SIGINT, how long calls in flight may run before they are cancelled.");
+ABSL_FLAG(std::string, ready_file, "",
+          "When set, the bound addresses (one per line) are written to this file once the server "
+          "accepts calls: useful with port 0.");
+
+namespace {
+
+using chunkd::server::Log;
+
+constexpr char kDefaultStore[] = "chunkd-data";
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "chunkd: %s\n", message.c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "serves chunk buffers (Zarr chunks) from a host cache in front of a store, over gRPC.\n\n"
+      "  chunkd [--listen=127.0.0.1:7878] [--store=DIR|file:///DIR|memory://] [flags]\n\n"
+      "Examples:\n"
+      "  chunkd --store=/data/era5.zarr --host_cache_bytes=8GiB\n"
+      "  chunkd --listen=unix:/run/chunkd.sock --store=memory://\n\n"
+      "Talk to it with chunkctl (chunkctl --help). Flags:");
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view path) {
+    return absl::StrContains(path, "server/main.cc");
+  };
+  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage_config);
+  std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  if (positional.size() > 1) {
+    return Fail(absl::StrCat("unexpected argument '", positional[1],
+                             "' (flags take the form --name=value; see --help)"));
+  }
+
+  // SIGTERM and SIGINT are taken by sigwait below, on this thread; block them before any other
+  // thread starts so that every thread inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // A client that vanishes mid-write must not kill the server.
+  signal(SIGPIPE, SIG_IGN);
+
+  chunkd::server::ServerConfig config;
+  config.listen = absl::StrSplit(absl::GetFlag(FLAGS_listen), ',', absl::SkipWhitespace());
+  config.store = absl::GetFlag(FLAGS_store);
+  if (config.store == kDefaultStore && ::mkdir(kDefaultStore, 0755) == 0) {
+    Log("created the default store directory ./%s", kDefaultStore);
+  }
+  uint64_t cache_bytes = absl::GetFlag(FLAGS_host_cache_bytes).bytes;
+  config.backend.memory_capacity_bytes = cache_bytes;
+  config.backend.fsync = absl::GetFlag(FLAGS_fsync);
+  config.store_options.cache.capacity_bytes = cache_bytes;
+  config.store_options.cache.max_entry_fraction = absl::GetFlag(FLAGS_cache_max_entry_fraction);
+  auto policy = chunkd::server::ParseEvictionPolicy(absl::GetFlag(FLAGS_eviction));
+  if (!policy) {
+    return Fail(absl::StrCat("--eviction=", absl::GetFlag(FLAGS_eviction),
+                             " is not a policy (s3fifo or lru)"));
+  }
+  config.store_options.cache.policy = *policy;
+  if (absl::GetFlag(FLAGS_io_threads) < 1 || absl::GetFlag(FLAGS_max_queued_io) < 1) {
+    return Fail("--io_threads and --max_queued_io must be at least 1");
+  }
+  config.store_options.io_threads = absl::GetFlag(FLAGS_io_threads);
+  config.store_options.max_queued_io = absl::GetFlag(FLAGS_max_queued_io);
+  config.service.max_value_bytes = absl::GetFlag(FLAGS_max_value_bytes).bytes;
+  config.service.read_only = absl::GetFlag(FLAGS_read_only);
+  config.service.part_bytes = absl::GetFlag(FLAGS_part_bytes).bytes;
+  if (config.service.part_bytes < 1024 || config.service.part_bytes > (1u << 20)) {
+    return Fail("--part_bytes must be between 1KiB and 1MiB");
+  }
+  config.service.max_inflight_put_bytes = absl::GetFlag(FLAGS_max_inflight_put_bytes).bytes;
+
+  auto server = chunkd::server::ChunkdServer::Start(config);
+  if (!server.ok()) return Fail(std::string(server.status().message()));
+  Log("serving %s store %s on %s (host cache %s, %s, max value %s%s)",
+      std::string((*server)->store().backend().kind()), (*server)->store().backend().location(),
+      absl::StrJoin((*server)->addresses(), ", "), chunkd::server::FormatBytes(cache_bytes),
+      absl::GetFlag(FLAGS_eviction), chunkd::server::FormatBytes(config.service.max_value_bytes),
+      config.service.read_only ? ", read-only" : "");
+  if (std::string ready = absl::GetFlag(FLAGS_ready_file); !ready.empty()) {
+    std::string temp = ready + ".tmp";
+    {
+      std::ofstream out(temp);
+      for (const std::string& address : (*server)->addresses()) out << address << "\n";
+    }
+    if (std::rename(temp.c_str(), ready.c_str()) != 0) {
+      return Fail(absl::StrCat("cannot write --ready_file ", ready, ": ", std::strerror(errno)));
+    }
+  }
+
+  int signal_number = 0;
+  while (sigwait(&signals, &signal_number) != 0) {
+  }
+  absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
+  Log("received %s: finishing calls in flight (up to %s)", strsignal(signal_number),
+      absl::FormatDuration(grace));
+  (*server)->Shutdown(grace);
+  server->reset();
+  Log("stopped");
+  return 0;
+}

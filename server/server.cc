@@ -1,0 +1,122 @@
+#include "server/server.h"
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_cat.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server_builder.h"
+#include "server/log.h"
+
+namespace chunkd::server {
+namespace {
+
+// The filesystem path of a "unix:" address, or empty for other addresses.
+std::string UnixSocketPath(absl::string_view address) {
+  if (absl::StartsWith(address, "unix://")) return std::string(address.substr(7));
+  if (absl::StartsWith(address, "unix:")) return std::string(address.substr(5));
+  return "";
+}
+
+// A socket file left behind by a server that died is removed so the address can be bound
+// again; a socket some live process still accepts on is left alone (binding then fails).
+absl::Status ClearStaleSocket(const std::string& path) {
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) return absl::OkStatus();
+  if (!S_ISSOCK(st.st_mode)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot listen on unix:", path, ": the path exists and is not a socket"));
+  }
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return absl::OkStatus();
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  bool live = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  ::close(fd);
+  if (live) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot listen on unix:", path, ": another server is listening there"));
+  }
+  ::unlink(path.c_str());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig config) {
+  auto backend = OpenBackend(config.store, config.backend);
+  if (!backend.ok()) return backend.status();
+  std::unique_ptr<ChunkdServer> server(new ChunkdServer());
+  server->store_ = std::make_unique<ChunkStore>(*std::move(backend), config.store_options);
+  config.service.allocator = config.backend.allocator;
+  server->service_ = std::make_unique<ChunkdService>(server->store_.get(), config.service);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  // Put parts are at most 1 MiB by contract; allow slack for clients that send larger ones.
+  builder.SetMaxReceiveMessageSize(8 << 20);
+  builder.RegisterService(server->service_.get());
+  std::vector<std::unique_ptr<int>> ports;
+  if (config.listen.empty()) return absl::InvalidArgumentError("no address to listen on");
+  for (const std::string& address : config.listen) {
+    if (std::string path = UnixSocketPath(address); !path.empty()) {
+      if (absl::Status s = ClearStaleSocket(path); !s.ok()) return s;
+    }
+    ports.push_back(std::make_unique<int>(0));
+    builder.AddListeningPort(address, grpc::InsecureServerCredentials(), ports.back().get());
+  }
+  server->grpc_server_ = builder.BuildAndStart();
+  if (!server->grpc_server_) {
+    return absl::UnavailableError(absl::StrCat(
+        "could not listen on ", absl::StrJoin(config.listen, ", "),
+        " (address in use, or not an address of this host?)"));
+  }
+  for (size_t i = 0; i < config.listen.size(); ++i) {
+    const std::string& address = config.listen[i];
+    if (!UnixSocketPath(address).empty()) {
+      server->addresses_.push_back(address);
+      continue;
+    }
+    if (*ports[i] == 0) {
+      server->grpc_server_->Shutdown();
+      return absl::UnavailableError(absl::StrCat("could not listen on ", address));
+    }
+    size_t colon = address.rfind(':');
+    server->addresses_.push_back(absl::StrCat(address.substr(0, colon), ":", *ports[i]));
+  }
+  if (auto* health = server->grpc_server_->GetHealthCheckService()) {
+    health->SetServingStatus(true);
+    health->SetServingStatus(v1::Chunkd::service_full_name(), true);
+  }
+  return server;
+}
+
+void ChunkdServer::Shutdown(absl::Duration grace) {
+  if (shut_down_) return;
+  shut_down_ = true;
+  if (auto* health = grpc_server_->GetHealthCheckService()) health->SetServingStatus(false);
+  grpc_server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  grpc_server_->Wait();
+}
+
+ChunkdServer::~ChunkdServer() {
+  if (grpc_server_) Shutdown(absl::ZeroDuration());
+  // The service's reactors are all done once the server has shut down; the store's I/O
+  // threads finish what is queued as the store is destroyed.
+  grpc_server_.reset();
+  service_.reset();
+  store_.reset();
+}
+
+}  // namespace chunkd::server

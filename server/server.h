@@ -1,0 +1,52 @@
+// A running chunkd: the store, the service and the gRPC server with health checking and
+// reflection, on one or more listening addresses.
+#ifndef CHUNKD_SERVER_SERVER_H_
+#define CHUNKD_SERVER_SERVER_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "grpcpp/server.h"
+#include "server/chunk_store.h"
+#include "server/service.h"
+
+namespace chunkd::server {
+
+struct ServerConfig {
+  // "host:port" (port 0 picks a free one), "[::1]:port", or "unix:/path/to/socket".
+  std::vector<std::string> listen = {"127.0.0.1:7878"};
+  std::string store = "chunkd-data";
+  BackendOptions backend;
+  ChunkStoreOptions store_options;
+  ServiceOptions service;
+};
+
+class ChunkdServer {
+ public:
+  // Opens the store and starts serving. The error says what could not be opened or bound.
+  static absl::StatusOr<std::unique_ptr<ChunkdServer>> Start(ServerConfig config);
+  ~ChunkdServer();
+
+  // The addresses actually bound, with ports chosen for port 0 filled in.
+  const std::vector<std::string>& addresses() const { return addresses_; }
+  ChunkStore& store() { return *store_; }
+
+  // Stops accepting calls, lets calls in flight finish for up to `grace`, cancels the rest.
+  void Shutdown(absl::Duration grace);
+
+ private:
+  ChunkdServer() = default;
+
+  std::unique_ptr<ChunkStore> store_;
+  std::unique_ptr<ChunkdService> service_;
+  std::unique_ptr<grpc::Server> grpc_server_;
+  std::vector<std::string> addresses_;
+  bool shut_down_ = false;
+};
+
+}  // namespace chunkd::server
+
+#endif  // CHUNKD_SERVER_SERVER_H_

@@ -1,0 +1,546 @@
+#include "server/service.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/support/byte_buffer.h"
+#include "grpcpp/support/proto_buffer_reader.h"
+#include "server/byte_range.h"
+#include "server/grpc_status.h"
+#include "server/key.h"
+
+namespace chunkd::server {
+namespace {
+
+constexpr char kVersion[] = "0.1.0";
+// Entries and prefixes per List reply message.
+constexpr size_t kListPageItems = 1000;
+// Parts smaller than this are copied into the reply instead of referenced: a reference costs
+// two allocations, more than copying a few KiB.
+constexpr size_t kCopyPartBelow = 16 << 10;
+// The tag byte of GetResponse.data: field 15, wire type 2 (length-delimited).
+constexpr char kDataFieldTag = (15 << 3) | 2;
+
+grpc::Status Error(grpc::StatusCode code, std::string message) {
+  return grpc::Status(code, std::move(message));
+}
+
+Conditions ConditionsFromProto(const v1::Conditions& proto) {
+  Conditions conditions;
+  if (proto.has_if_generation_match()) conditions.if_generation_match = proto.if_generation_match();
+  if (proto.has_if_generation_not_match()) {
+    conditions.if_generation_not_match = proto.if_generation_not_match();
+  }
+  return conditions;
+}
+
+absl::StatusOr<ByteRange> RangeFromProto(const v1::GetRequest& request) {
+  if (!request.has_range()) return ByteRange::All();
+  const v1::ByteRange& r = request.range();
+  ByteRange range;
+  switch (r.kind_case()) {
+    case v1::ByteRange::kBounded:
+      range = ByteRange::Bounded(r.bounded().start(), r.bounded().end());
+      break;
+    case v1::ByteRange::kOffset:
+      range = ByteRange::FromOffset(r.offset());
+      break;
+    case v1::ByteRange::kSuffix:
+      range = ByteRange::Suffix(r.suffix());
+      break;
+    case v1::ByteRange::KIND_NOT_SET:
+      range = ByteRange::All();
+      break;
+  }
+  if (absl::Status s = range.Validate(); !s.ok()) return s;
+  return range;
+}
+
+void AppendVarint(std::string* out, uint64_t value) {
+  while (value >= 0x80) {
+    out->push_back(static_cast<char>((value & 0x7F) | 0x80));
+    value >>= 7;
+  }
+  out->push_back(static_cast<char>(value));
+}
+
+void ReleaseBufferRef(void* user_data) { delete static_cast<buffer::cpu::Buffer*>(user_data); }
+
+// A slice that refers to `part` without copying it; the slice keeps the buffer alive.
+grpc::Slice ReferenceSlice(const buffer::cpu::Buffer& part) {
+  auto* ref = new buffer::cpu::Buffer(part);
+  return grpc::Slice(const_cast<std::byte*>(ref->data()), ref->size(), &ReleaseBufferRef, ref);
+}
+
+// Streams one value (or range of it) as GetResponse messages.
+class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+ public:
+  GetReactor(ChunkdService* service, grpc::CallbackServerContext* context,
+             const grpc::ByteBuffer* raw_request)
+      : service_(service) {
+    service_->counters().gets.fetch_add(1, std::memory_order_relaxed);
+    v1::GetRequest request;
+    grpc::ByteBuffer copy(*raw_request);  // Deserialize consumes its input; this copies refs
+    if (!grpc::SerializationTraits<v1::GetRequest>::Deserialize(&copy, &request).ok()) {
+      FinishWith(Error(grpc::StatusCode::INVALID_ARGUMENT, "malformed GetRequest"));
+      return;
+    }
+    if (absl::Status s = ValidateKey(request.key()); !s.ok()) {
+      FinishWith(ToGrpcStatus(s));
+      return;
+    }
+    absl::StatusOr<ByteRange> range = RangeFromProto(request);
+    if (!range.ok()) {
+      FinishWith(ToGrpcStatus(range.status()));
+      return;
+    }
+    range_ = *range;
+    key_ = request.key();
+    conditions_ = ConditionsFromProto(request.conditions());
+    // The callback may run right here (a cache hit) or later on an I/O thread.
+    service_->store().Read(key_, [this](absl::StatusOr<CachedValue> value) {
+      OnValue(std::move(value));
+    });
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      FinishWith(Error(grpc::StatusCode::CANCELLED, "the client stopped reading"));
+      return;
+    }
+    if (cancelled_.load()) {
+      FinishWith(Error(grpc::StatusCode::CANCELLED, "cancelled"));
+      return;
+    }
+    WriteNext();
+  }
+
+  void OnCancel() override { cancelled_.store(true); }
+  void OnDone() override { delete this; }
+
+ private:
+  void FinishWith(grpc::Status status) {
+    if (!status.ok()) service_->counters().get_errors.fetch_add(1, std::memory_order_relaxed);
+    Finish(std::move(status));
+  }
+
+  void OnValue(absl::StatusOr<CachedValue> value) {
+    if (cancelled_.load()) {
+      FinishWith(Error(grpc::StatusCode::CANCELLED, "cancelled"));
+      return;
+    }
+    if (!value.ok()) {
+      FinishWith(ToGrpcStatus(value.status()));
+      return;
+    }
+    if (absl::Status s = conditions_.Check(key_, value->generation); !s.ok()) {
+      FinishWith(ToGrpcStatus(s));
+      return;
+    }
+    ResolvedRange r = Resolve(range_, value->value.size());
+    data_ = value->value.Slice(r.start, r.length);
+    v1::GetResponse first;
+    v1::GetHeader* header = first.mutable_header();
+    header->set_total_size(value->value.size());
+    header->set_generation(value->generation);
+    header->set_range_start(r.start);
+    header->set_length(r.length);
+    header->set_delivery(v1::DELIVERY_INLINE);
+    prefix_ = first.SerializeAsString();
+    WriteNext();
+  }
+
+  // One write is in flight at a time: OnValue starts the chain, each OnWriteDone continues it,
+  // so the fields below are only touched by one thread at a time.
+  void WriteNext() {
+    size_t part = std::min(service_->options().part_bytes, data_.size() - sent_);
+    std::string& head = prefix_;  // the header for the first message, then empty
+    if (part > 0) {
+      head.push_back(kDataFieldTag);
+      AppendVarint(&head, part);
+    }
+    buffer::cpu::Buffer bytes = data_.Slice(sent_, part);
+    if (part < kCopyPartBelow) {
+      head.append(bytes.view());
+      grpc::Slice slice(head);
+      message_ = grpc::ByteBuffer(&slice, 1);
+    } else {
+      grpc::Slice slices[2] = {grpc::Slice(head), ReferenceSlice(bytes)};
+      message_ = grpc::ByteBuffer(slices, 2);
+    }
+    head.clear();
+    sent_ += part;
+    service_->counters().bytes_served_inline.fetch_add(part, std::memory_order_relaxed);
+    if (sent_ == data_.size()) {
+      StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
+    } else {
+      StartWrite(&message_);
+    }
+  }
+
+  ChunkdService* const service_;
+  std::string key_;
+  ByteRange range_;
+  Conditions conditions_;
+  std::atomic<bool> cancelled_{false};
+  buffer::cpu::Buffer data_;
+  size_t sent_ = 0;
+  std::string prefix_;
+  grpc::ByteBuffer message_;
+};
+
+// Receives a value in parts into memory sized from the header, then writes it through.
+class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
+ public:
+  PutReactor(ChunkdService* service, grpc::CallbackServerContext* context,
+             v1::PutResponse* response)
+      : service_(service), context_(context), response_(response) {
+    if (service_->options().read_only) {
+      Finish(Error(grpc::StatusCode::PERMISSION_DENIED,
+                   "the server is read-only (--read_only); writes are refused"));
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      // The client finished sending (or went away).
+      if (context_->IsCancelled()) {
+        Finish(Error(grpc::StatusCode::CANCELLED, "cancelled"));
+      } else if (!have_header_) {
+        Finish(Error(grpc::StatusCode::INVALID_ARGUMENT, "Put ended before its header"));
+      } else if (received_ != size_) {
+        Finish(Error(grpc::StatusCode::INVALID_ARGUMENT,
+                     absl::StrCat("Put of key ", QuoteKey(key_), " ended after ", received_,
+                                  " of its ", size_, " bytes")));
+      } else {
+        Commit();
+      }
+      return;
+    }
+    if (!have_header_) {
+      if (grpc::Status s = StartValue(); !s.ok()) {
+        Finish(std::move(s));
+        return;
+      }
+    } else if (request_.has_header()) {
+      Finish(Error(grpc::StatusCode::INVALID_ARGUMENT,
+                   "only the first Put message may carry a header"));
+      return;
+    }
+    const std::string& data = request_.data();
+    if (data.size() > size_ - received_) {
+      Finish(Error(grpc::StatusCode::INVALID_ARGUMENT,
+                   absl::StrCat("Put of key ", QuoteKey(key_), " sent more than the ", size_,
+                                " bytes its header declared")));
+      return;
+    }
+    if (!data.empty()) std::memcpy(value_.data() + received_, data.data(), data.size());
+    received_ += data.size();
+    request_.Clear();
+    StartRead(&request_);
+  }
+
+  void OnDone() override {
+    if (reserved_ > 0) service_->ReleasePutBytes(reserved_);
+    delete this;
+  }
+
+ private:
+  grpc::Status StartValue() {
+    if (!request_.has_header()) {
+      return Error(grpc::StatusCode::INVALID_ARGUMENT,
+                   "the first Put message must carry the header (key and size)");
+    }
+    const v1::PutHeader& header = request_.header();
+    if (absl::Status s = ValidateKey(header.key()); !s.ok()) return ToGrpcStatus(s);
+    key_ = header.key();
+    size_ = header.size();
+    conditions_ = ConditionsFromProto(header.conditions());
+    uint64_t max = service_->options().max_value_bytes;
+    if (size_ > max) {
+      return Error(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                   absl::StrCat("value for key ", QuoteKey(key_), " is ", size_,
+                                " bytes, more than the server's maximum of ", max,
+                                " (--max_value_bytes)"));
+    }
+    if (!service_->ReservePutBytes(size_)) {
+      return Error(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                   "too many bytes of writes in flight on the server; try again later");
+    }
+    reserved_ = size_;
+    auto value = buffer::cpu::MutableBuffer::Allocate(size_, *service_->options().allocator);
+    if (!value.ok()) return ToGrpcStatus(value.status());
+    value_ = *std::move(value);
+    have_header_ = true;
+    return grpc::Status::OK;
+  }
+
+  void Commit() {
+    buffer::cpu::Buffer value = std::move(value_).Freeze();
+    absl::Status queued = service_->store().Submit([this, value = std::move(value)]() mutable {
+      absl::StatusOr<ValueInfo> info = service_->store().Write(key_, std::move(value), conditions_);
+      if (info.ok()) {
+        response_->set_generation(info->generation);
+        response_->set_size(info->size);
+        service_->counters().puts.fetch_add(1, std::memory_order_relaxed);
+        service_->counters().bytes_written.fetch_add(info->size, std::memory_order_relaxed);
+      }
+      Finish(ToGrpcStatus(info.status()));
+    });
+    if (!queued.ok()) Finish(ToGrpcStatus(queued));
+  }
+
+  ChunkdService* const service_;
+  grpc::CallbackServerContext* const context_;
+  v1::PutResponse* const response_;
+  v1::PutRequest request_;
+  bool have_header_ = false;
+  std::string key_;
+  uint64_t size_ = 0;
+  uint64_t received_ = 0;
+  uint64_t reserved_ = 0;
+  Conditions conditions_;
+  buffer::cpu::MutableBuffer value_;
+};
+
+// Streams a listing page by page; each page is read on an I/O thread after the previous one
+// was sent, so a slow reader holds one page, not the whole listing.
+class ListReactor final : public grpc::ServerWriteReactor<v1::ListResponse> {
+ public:
+  ListReactor(ChunkdService* service, const v1::ListRequest* request) : service_(service) {
+    if (absl::Status s = ValidatePrefix(request->prefix()); !s.ok()) {
+      Finish(ToGrpcStatus(s));
+      return;
+    }
+    prefix_ = request->prefix();
+    directory_ = request->directory();
+    ScheduleNextPage();
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(Error(grpc::StatusCode::CANCELLED, "the client stopped reading"));
+      return;
+    }
+    ScheduleNextPage();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void ScheduleNextPage() {
+    absl::Status queued = service_->store().Submit([this] { NextPage(); });
+    if (!queued.ok()) Finish(ToGrpcStatus(queued));
+  }
+
+  void NextPage() {
+    if (!cursor_) {
+      auto cursor = service_->store().List(prefix_, directory_);
+      if (!cursor.ok()) {
+        Finish(ToGrpcStatus(cursor.status()));
+        return;
+      }
+      cursor_ = *std::move(cursor);
+    }
+    ListPage page;
+    absl::StatusOr<bool> more = cursor_->Next(kListPageItems, &page);
+    if (!more.ok()) {
+      Finish(ToGrpcStatus(more.status()));
+      return;
+    }
+    response_.Clear();
+    for (ListEntry& entry : page.entries) {
+      v1::ListEntry* e = response_.add_entries();
+      e->set_key(std::move(entry.key));
+      e->set_size(entry.size);
+    }
+    for (std::string& prefix : page.prefixes) response_.add_prefixes(std::move(prefix));
+    bool empty = response_.entries_size() == 0 && response_.prefixes_size() == 0;
+    if (*more) {
+      if (empty) {
+        ScheduleNextPage();
+      } else {
+        StartWrite(&response_);
+      }
+    } else if (empty) {
+      Finish(grpc::Status::OK);
+    } else {
+      StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+    }
+  }
+
+  ChunkdService* const service_;
+  std::string prefix_;
+  bool directory_ = false;
+  std::unique_ptr<ListCursor> cursor_;
+  v1::ListResponse response_;
+};
+
+}  // namespace
+
+ChunkdService::ChunkdService(ChunkStore* store, const ServiceOptions& options)
+    : store_(store), options_(options) {}
+
+bool ChunkdService::ReservePutBytes(uint64_t bytes) {
+  uint64_t used = inflight_put_bytes_.load();
+  do {
+    if (used + bytes > options_.max_inflight_put_bytes && used > 0) return false;
+  } while (!inflight_put_bytes_.compare_exchange_weak(used, used + bytes));
+  return true;
+}
+
+void ChunkdService::ReleasePutBytes(uint64_t bytes) { inflight_put_bytes_.fetch_sub(bytes); }
+
+grpc::ServerWriteReactor<grpc::ByteBuffer>* ChunkdService::Get(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
+  return new GetReactor(this, context, request);
+}
+
+grpc::ServerReadReactor<v1::PutRequest>* ChunkdService::Put(grpc::CallbackServerContext* context,
+                                                            v1::PutResponse* response) {
+  return new PutReactor(this, context, response);
+}
+
+grpc::ServerUnaryReactor* ChunkdService::Delete(grpc::CallbackServerContext* context,
+                                                const v1::DeleteRequest* request,
+                                                v1::DeleteResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (options_.read_only) {
+    reactor->Finish(Error(grpc::StatusCode::PERMISSION_DENIED,
+                          "the server is read-only (--read_only); deletes are refused"));
+    return reactor;
+  }
+  if (absl::Status s = ValidateKey(request->key()); !s.ok()) {
+    reactor->Finish(ToGrpcStatus(s));
+    return reactor;
+  }
+  absl::Status queued = store_->Submit(
+      [this, reactor, key = request->key(), conditions = ConditionsFromProto(request->conditions())] {
+        absl::Status s = store_->Delete(key, conditions);
+        if (s.ok()) counters_.deletes.fetch_add(1, std::memory_order_relaxed);
+        reactor->Finish(ToGrpcStatus(s));
+      });
+  if (!queued.ok()) reactor->Finish(ToGrpcStatus(queued));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ChunkdService::Stat(grpc::CallbackServerContext* context,
+                                              const v1::StatRequest* request,
+                                              v1::StatResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  counters_.stats.fetch_add(1, std::memory_order_relaxed);
+  if (absl::Status s = ValidateKey(request->key()); !s.ok()) {
+    reactor->Finish(ToGrpcStatus(s));
+    return reactor;
+  }
+  auto answer = [reactor, response](absl::StatusOr<ValueInfo> info) {
+    if (info.ok()) {
+      response->set_exists(true);
+      response->set_size(info->size);
+      response->set_generation(info->generation);
+    } else if (absl::IsNotFound(info.status())) {
+      response->set_exists(false);
+    } else {
+      reactor->Finish(ToGrpcStatus(info.status()));
+      return;
+    }
+    reactor->Finish(grpc::Status::OK);
+  };
+  absl::Status queued =
+      store_->Submit([this, answer, key = request->key()] { answer(store_->Stat(key)); });
+  if (!queued.ok()) reactor->Finish(ToGrpcStatus(queued));
+  return reactor;
+}
+
+grpc::ServerWriteReactor<v1::ListResponse>* ChunkdService::List(
+    grpc::CallbackServerContext* context, const v1::ListRequest* request) {
+  counters_.lists.fetch_add(1, std::memory_order_relaxed);
+  return new ListReactor(this, request);
+}
+
+grpc::ServerUnaryReactor* ChunkdService::ServerInfo(grpc::CallbackServerContext* context,
+                                                    const v1::ServerInfoRequest* request,
+                                                    v1::ServerInfoResponse* response) {
+  Backend& backend = store_->backend();
+  response->set_version(kVersion);
+  response->set_backend(std::string(backend.kind()));
+  response->set_store(backend.location());
+  response->set_read_only(options_.read_only);
+  response->set_max_value_bytes(options_.max_value_bytes);
+  response->add_deliveries(v1::DELIVERY_INLINE);
+  response->add_features("conditional-writes");
+  response->add_features("byte-ranges");
+  response->add_features("single-flight");
+  auto& counters = *response->mutable_counters();
+  v1::CacheTierInfo* tier = response->add_tiers();
+  tier->set_tier("host");
+  if (HostCache* cache = store_->cache()) {
+    HostCacheStats s = cache->stats();
+    tier->set_capacity_bytes(s.capacity_bytes);
+    tier->set_used_bytes(s.used_bytes);
+    tier->set_entries(s.entries);
+    counters["hits"] = s.hits;
+    counters["misses"] = s.misses;
+    counters["evictions"] = s.evictions;
+    counters["evicted_bytes"] = s.evicted_bytes;
+    counters["not_admitted"] = s.not_admitted;
+    response->add_features(absl::StrCat("eviction-", EvictionPolicyName(cache->policy())));
+  } else {
+    tier->set_capacity_bytes(backend.memory_capacity_bytes());
+    tier->set_used_bytes(backend.memory_used_bytes());
+    tier->set_entries(backend.entry_count());
+  }
+  ChunkStoreCounters c = store_->counters();
+  counters["backend_reads"] = c.backend_reads;
+  counters["backend_read_errors"] = c.backend_read_errors;
+  counters["backend_read_bytes"] = c.backend_read_bytes;
+  counters["backend_read_micros"] = c.backend_read_micros;
+  counters["single_flight_joins"] = c.single_flight_joins;
+  counters["overloaded"] = c.overloaded;
+  counters["gets"] = counters_.gets.load();
+  counters["get_errors"] = counters_.get_errors.load();
+  counters["bytes_served_inline"] = counters_.bytes_served_inline.load();
+  counters["puts"] = counters_.puts.load();
+  counters["bytes_written"] = counters_.bytes_written.load();
+  counters["deletes"] = counters_.deletes.load();
+  counters["stats"] = counters_.stats.load();
+  counters["lists"] = counters_.lists.load();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ChunkdService::Release(grpc::CallbackServerContext* context,
+                                                 const v1::ReleaseRequest* request,
+                                                 v1::ReleaseResponse* response) {
+  // Inline deliveries hand out no leases, so every id named here is unknown.
+  for (uint64_t id : request->lease_ids()) response->add_unknown_lease_ids(id);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ChunkdService::Renew(grpc::CallbackServerContext* context,
+                                               const v1::RenewRequest* request,
+                                               v1::RenewResponse* response) {
+  for (uint64_t id : request->lease_ids()) response->add_unknown_lease_ids(id);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerWriteReactor<v1::PrefetchResponse>* ChunkdService::Prefetch(
+    grpc::CallbackServerContext* context, const v1::PrefetchRequest* request) {
+  class Unimplemented final : public grpc::ServerWriteReactor<v1::PrefetchResponse> {
+   public:
+    Unimplemented() {
+      Finish(Error(grpc::StatusCode::UNIMPLEMENTED, "Prefetch is not implemented by this server"));
+    }
+    void OnDone() override { delete this; }
+  };
+  return new Unimplemented();
+}
+
+}  // namespace chunkd::server

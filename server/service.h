@@ -1,0 +1,86 @@
+// The chunkd.v1.Chunkd gRPC service, on gRPC's callback API.
+//
+// Get is served raw: each reply message is the protobuf encoding of a GetResponse assembled by
+// hand from a small header slice and a slice that points into the cached buffer, so a value's
+// bytes are never copied on their way to the socket; the slice holds a reference to the buffer
+// until gRPC has sent it. Blocking backend work runs on the ChunkStore's I/O threads, never on
+// gRPC's.
+#ifndef CHUNKD_SERVER_SERVICE_H_
+#define CHUNKD_SERVER_SERVICE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "chunkd/v1/chunkd.grpc.pb.h"
+#include "server/chunk_store.h"
+
+namespace chunkd::server {
+
+struct ServiceOptions {
+  // Values larger than this are refused with RESOURCE_EXHAUSTED before any byte is buffered.
+  uint64_t max_value_bytes = 256ull << 20;
+  bool read_only = false;
+  // Size of the data parts of a Get reply (at most 1 MiB).
+  size_t part_bytes = 1u << 20;
+  // Bytes of Put values being received at once, all calls together; past it new Puts fail
+  // with RESOURCE_EXHAUSTED instead of growing memory without bound.
+  uint64_t max_inflight_put_bytes = 1ull << 30;
+  // Where value memory comes from.
+  buffer::HostAllocator* allocator = &buffer::HeapAllocator();
+};
+
+struct ServiceCounters {
+  std::atomic<uint64_t> gets{0}, get_errors{0}, bytes_served_inline{0}, puts{0}, bytes_written{0},
+      deletes{0}, stats{0}, lists{0};
+};
+
+using ServiceBase = v1::Chunkd::WithRawCallbackMethod_Get<v1::Chunkd::CallbackService>;
+
+class ChunkdService final : public ServiceBase {
+ public:
+  ChunkdService(ChunkStore* store, const ServiceOptions& options);
+
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Get(grpc::CallbackServerContext* context,
+                                                  const grpc::ByteBuffer* request) override;
+  grpc::ServerReadReactor<v1::PutRequest>* Put(grpc::CallbackServerContext* context,
+                                               v1::PutResponse* response) override;
+  grpc::ServerUnaryReactor* Delete(grpc::CallbackServerContext* context,
+                                   const v1::DeleteRequest* request,
+                                   v1::DeleteResponse* response) override;
+  grpc::ServerUnaryReactor* Stat(grpc::CallbackServerContext* context,
+                                 const v1::StatRequest* request,
+                                 v1::StatResponse* response) override;
+  grpc::ServerWriteReactor<v1::ListResponse>* List(grpc::CallbackServerContext* context,
+                                                   const v1::ListRequest* request) override;
+  grpc::ServerUnaryReactor* ServerInfo(grpc::CallbackServerContext* context,
+                                       const v1::ServerInfoRequest* request,
+                                       v1::ServerInfoResponse* response) override;
+  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* context,
+                                    const v1::ReleaseRequest* request,
+                                    v1::ReleaseResponse* response) override;
+  grpc::ServerUnaryReactor* Renew(grpc::CallbackServerContext* context,
+                                  const v1::RenewRequest* request,
+                                  v1::RenewResponse* response) override;
+  grpc::ServerWriteReactor<v1::PrefetchResponse>* Prefetch(
+      grpc::CallbackServerContext* context, const v1::PrefetchRequest* request) override;
+
+  ChunkStore& store() { return *store_; }
+  const ServiceOptions& options() const { return options_; }
+  ServiceCounters& counters() { return counters_; }
+
+  // Put budget: reserve before buffering, release when the call ends.
+  bool ReservePutBytes(uint64_t bytes);
+  void ReleasePutBytes(uint64_t bytes);
+
+ private:
+  ChunkStore* const store_;
+  const ServiceOptions options_;
+  ServiceCounters counters_;
+  std::atomic<uint64_t> inflight_put_bytes_{0};
+};
+
+}  // namespace chunkd::server
+
+#endif  // CHUNKD_SERVER_SERVICE_H_
