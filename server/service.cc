@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/proto_buffer_reader.h"
+#include "proto/wire/raw_message.h"
 #include "server/byte_range.h"
 #include "server/grpc_status.h"
 #include "server/key.h"
@@ -16,11 +17,6 @@ namespace {
 constexpr char kVersion[] = "0.1.0";
 // Entries and prefixes per List reply message.
 constexpr size_t kListPageItems = 1000;
-// Parts smaller than this are copied into the reply instead of referenced: a reference costs
-// two allocations, more than copying a few KiB.
-constexpr size_t kCopyPartBelow = 16 << 10;
-// The tag byte of GetResponse.data: field 15, wire type 2 (length-delimited).
-constexpr char kDataFieldTag = (15 << 3) | 2;
 
 grpc::Status Error(grpc::StatusCode code, std::string message) {
   return grpc::Status(code, std::move(message));
@@ -55,22 +51,6 @@ absl::StatusOr<ByteRange> RangeFromProto(const v1::GetRequest& request) {
   }
   if (absl::Status s = range.Validate(); !s.ok()) return s;
   return range;
-}
-
-void AppendVarint(std::string* out, uint64_t value) {
-  while (value >= 0x80) {
-    out->push_back(static_cast<char>((value & 0x7F) | 0x80));
-    value >>= 7;
-  }
-  out->push_back(static_cast<char>(value));
-}
-
-void ReleaseBufferRef(void* user_data) { delete static_cast<buffer::cpu::Buffer*>(user_data); }
-
-// A slice that refers to `part` without copying it; the slice keeps the buffer alive.
-grpc::Slice ReferenceSlice(const buffer::cpu::Buffer& part) {
-  auto* ref = new buffer::cpu::Buffer(part);
-  return grpc::Slice(const_cast<std::byte*>(ref->data()), ref->size(), &ReleaseBufferRef, ref);
 }
 
 // Streams one value (or range of it) as GetResponse messages.
@@ -155,21 +135,9 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   // so the fields below are only touched by one thread at a time.
   void WriteNext() {
     size_t part = std::min(service_->options().part_bytes, data_.size() - sent_);
-    std::string& head = prefix_;  // the header for the first message, then empty
-    if (part > 0) {
-      head.push_back(kDataFieldTag);
-      AppendVarint(&head, part);
-    }
-    buffer::cpu::Buffer bytes = data_.Slice(sent_, part);
-    if (part < kCopyPartBelow) {
-      head.append(bytes.view());
-      grpc::Slice slice(head);
-      message_ = grpc::ByteBuffer(&slice, 1);
-    } else {
-      grpc::Slice slices[2] = {grpc::Slice(head), ReferenceSlice(bytes)};
-      message_ = grpc::ByteBuffer(slices, 2);
-    }
-    head.clear();
+    // The header goes with the first part; later messages carry data only.
+    message_ = wire::EncodeWithData(std::move(prefix_), data_.Slice(sent_, part));
+    prefix_.clear();
     sent_ += part;
     service_->counters().bytes_served_inline.fetch_add(part, std::memory_order_relaxed);
     if (sent_ == data_.size()) {

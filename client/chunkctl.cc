@@ -1,0 +1,295 @@
+// chunkctl: the command-line client of chunkd.
+//
+// Exit status: 0 on success, 2 when the key is not found, 1 on any other error (with a
+// one-line message on stderr).
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/time.h"
+#include "client/client.h"
+
+ABSL_FLAG(std::string, server, "127.0.0.1:7878",
+          "Address of the chunkd server: HOST:PORT or unix:/path/to/socket. The CHUNKD_SERVER "
+          "environment variable sets it too; this flag wins.");
+ABSL_FLAG(absl::Duration, timeout, absl::Seconds(60), "Deadline of the command's call.");
+ABSL_FLAG(std::string, o, "", "get: write the value to this file instead of standard output.");
+ABSL_FLAG(std::string, range, "",
+          "get: only these bytes. START-END (END exclusive, as Zarr's RangeByteRequest), START- "
+          "(from START to the end) or -N (the last N bytes; write it --range=-N).");
+ABSL_FLAG(bool, dir, false,
+          "ls: only the immediate children of PREFIX ('/' separates levels); deeper levels are "
+          "shown once, as PREFIX/NAME/.");
+ABSL_FLAG(bool, l, false, "ls: show sizes.");
+ABSL_FLAG(bool, v, false, "Say more: the delivery used, generation and timing of a get/put.");
+ABSL_FLAG(std::string, if_generation_match, "",
+          "put, rm, get: only if the stored generation is this (0: put only if the key is new).");
+
+namespace {
+
+using chunkd::client::Client;
+
+constexpr int kExitOk = 0;
+constexpr int kExitError = 1;
+constexpr int kExitNotFound = 2;
+
+int Report(const absl::Status& status) {
+  std::string message(status.message());
+  std::fprintf(stderr, "chunkctl: %s\n", message.empty() ? status.ToString().c_str() : message.c_str());
+  return absl::IsNotFound(status) ? kExitNotFound : kExitError;
+}
+
+int Usage(const std::string& problem) {
+  std::fprintf(stderr, "chunkctl: %s (see chunkctl --help)\n", problem.c_str());
+  return kExitError;
+}
+
+absl::Status WriteAll(int fd, const std::byte* data, size_t size) {
+  while (size > 0) {
+    ssize_t n = ::write(fd, data, size);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return absl::UnavailableError(absl::StrCat("write failed: ", std::strerror(errno)));
+    }
+    data += n;
+    size -= static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+// Reads a whole file ("-": standard input) into a buffer.
+absl::StatusOr<chunkd::buffer::cpu::Buffer> ReadInput(const std::string& path) {
+  int fd = path == "-" ? STDIN_FILENO : ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
+  }
+  struct stat st;
+  std::string bytes;
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) bytes.reserve(st.st_size);
+  char chunk[1 << 16];
+  for (;;) {
+    ssize_t n = ::read(fd, chunk, sizeof(chunk));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      std::string error = std::strerror(errno);
+      if (fd != STDIN_FILENO) ::close(fd);
+      return absl::UnavailableError(absl::StrCat("cannot read ", path, ": ", error));
+    }
+    if (n == 0) break;
+    bytes.append(chunk, static_cast<size_t>(n));
+  }
+  if (fd != STDIN_FILENO) ::close(fd);
+  return chunkd::buffer::cpu::Buffer::CopyOf(bytes);
+}
+
+absl::StatusOr<chunkd::client::Conditions> ConditionsFromFlags() {
+  chunkd::client::Conditions conditions;
+  std::string match = absl::GetFlag(FLAGS_if_generation_match);
+  if (!match.empty()) {
+    uint64_t generation;
+    if (!absl::SimpleAtoi(match, &generation)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--if_generation_match=", match, " is not a generation number"));
+    }
+    conditions.if_generation_match = generation;
+  }
+  return conditions;
+}
+
+int Get(Client& client, const std::string& key) {
+  chunkd::client::GetOptions options;
+  if (std::string range = absl::GetFlag(FLAGS_range); !range.empty()) {
+    auto parsed = chunkd::client::ByteRange::Parse(range);
+    if (!parsed.ok()) return Report(parsed.status());
+    options.range = *parsed;
+  }
+  auto conditions = ConditionsFromFlags();
+  if (!conditions.ok()) return Report(conditions.status());
+  options.conditions = *conditions;
+  absl::Time start = absl::Now();
+  auto result = client.Get(key, options);
+  if (!result.ok()) return Report(result.status());
+  absl::Duration took = absl::Now() - start;
+  std::string out_path = absl::GetFlag(FLAGS_o);
+  int fd = STDOUT_FILENO;
+  if (!out_path.empty() && out_path != "-") {
+    fd = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+      return Report(absl::PermissionDeniedError(
+          absl::StrCat("cannot write ", out_path, ": ", std::strerror(errno))));
+    }
+  }
+  absl::Status written = WriteAll(fd, result->data.data(), result->data.size());
+  if (fd != STDOUT_FILENO && ::close(fd) != 0 && written.ok()) {
+    written = absl::UnavailableError(absl::StrCat("cannot write ", out_path, ": ", std::strerror(errno)));
+  }
+  if (!written.ok()) return Report(written);
+  if (absl::GetFlag(FLAGS_v)) {
+    std::fprintf(stderr,
+                 "chunkctl: %s: %zu bytes at offset %llu of %llu, generation %llu, delivery %s, "
+                 "%s\n",
+                 key.c_str(), result->data.size(),
+                 static_cast<unsigned long long>(result->range_start),
+                 static_cast<unsigned long long>(result->total_size),
+                 static_cast<unsigned long long>(result->generation),
+                 chunkd::v1::Delivery_Name(result->delivery).c_str(),
+                 absl::FormatDuration(took).c_str());
+  }
+  return kExitOk;
+}
+
+int Put(Client& client, const std::string& key, const std::string& path) {
+  auto value = ReadInput(path);
+  if (!value.ok()) return Report(value.status());
+  auto conditions = ConditionsFromFlags();
+  if (!conditions.ok()) return Report(conditions.status());
+  absl::Time start = absl::Now();
+  auto result = client.Put(key, *value, *conditions);
+  if (!result.ok()) return Report(result.status());
+  if (absl::GetFlag(FLAGS_v)) {
+    std::fprintf(stderr, "chunkctl: %s: stored %llu bytes, generation %llu, %s\n", key.c_str(),
+                 static_cast<unsigned long long>(result->size),
+                 static_cast<unsigned long long>(result->generation),
+                 absl::FormatDuration(absl::Now() - start).c_str());
+  }
+  return kExitOk;
+}
+
+int Remove(Client& client, const std::string& key) {
+  auto conditions = ConditionsFromFlags();
+  if (!conditions.ok()) return Report(conditions.status());
+  absl::Status s = client.Delete(key, *conditions);
+  return s.ok() ? kExitOk : Report(s);
+}
+
+int List(Client& client, const std::string& prefix) {
+  auto result = client.List(prefix, absl::GetFlag(FLAGS_dir));
+  if (!result.ok()) return Report(result.status());
+  bool sizes = absl::GetFlag(FLAGS_l);
+  // Entries and prefixes merged in order, as a directory listing reads.
+  size_t e = 0, p = 0;
+  while (e < result->entries.size() || p < result->prefixes.size()) {
+    bool take_prefix = e == result->entries.size() ||
+                       (p < result->prefixes.size() && result->prefixes[p] < result->entries[e].key);
+    if (take_prefix) {
+      std::printf(sizes ? "%12s  %s\n" : "%s%s\n", sizes ? "-" : "", result->prefixes[p++].c_str());
+    } else if (sizes) {
+      std::printf("%12llu  %s\n", static_cast<unsigned long long>(result->entries[e].size),
+                  result->entries[e].key.c_str());
+      ++e;
+    } else {
+      std::printf("%s\n", result->entries[e++].key.c_str());
+    }
+  }
+  return kExitOk;
+}
+
+int Stat(Client& client, const std::string& key) {
+  auto result = client.Stat(key);
+  if (!result.ok()) return Report(result.status());
+  if (!result->exists) {
+    return Report(absl::NotFoundError(absl::StrCat("key \"", key, "\" not found")));
+  }
+  std::printf("key: %s\nsize: %llu\ngeneration: %llu\n", key.c_str(),
+              static_cast<unsigned long long>(result->size),
+              static_cast<unsigned long long>(result->generation));
+  return kExitOk;
+}
+
+int Info(Client& client) {
+  auto info = client.ServerInfo();
+  if (!info.ok()) return Report(info.status());
+  std::printf("version: %s\nbackend: %s\nstore: %s\nread_only: %s\nmax_value_bytes: %llu\n",
+              info->version().c_str(), info->backend().c_str(), info->store().c_str(),
+              info->read_only() ? "true" : "false",
+              static_cast<unsigned long long>(info->max_value_bytes()));
+  for (const auto& tier : info->tiers()) {
+    std::printf("tier %s: %llu of %llu bytes used, %llu entries\n", tier.tier().c_str(),
+                static_cast<unsigned long long>(tier.used_bytes()),
+                static_cast<unsigned long long>(tier.capacity_bytes()),
+                static_cast<unsigned long long>(tier.entries()));
+  }
+  std::string deliveries;
+  for (int d : info->deliveries()) {
+    absl::StrAppend(&deliveries, deliveries.empty() ? "" : " ",
+                    chunkd::v1::Delivery_Name(static_cast<chunkd::v1::Delivery>(d)));
+  }
+  std::printf("deliveries: %s\n", deliveries.c_str());
+  std::string features;
+  for (const auto& f : info->features()) absl::StrAppend(&features, features.empty() ? "" : " ", f);
+  std::printf("features: %s\n", features.c_str());
+  std::vector<std::pair<std::string, uint64_t>> counters(info->counters().begin(),
+                                                         info->counters().end());
+  std::sort(counters.begin(), counters.end());
+  for (const auto& [name, value] : counters) {
+    std::printf("counter %s: %llu\n", name.c_str(), static_cast<unsigned long long>(value));
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "the command-line client of chunkd.\n\n"
+      "  chunkctl [--server=ADDR] get KEY [-o FILE] [--range=START-END|START-|-N] [-v]\n"
+      "  chunkctl [--server=ADDR] put KEY FILE|-      (- reads standard input)\n"
+      "  chunkctl [--server=ADDR] rm KEY\n"
+      "  chunkctl [--server=ADDR] ls [PREFIX] [--dir] [-l]\n"
+      "  chunkctl [--server=ADDR] stat KEY\n"
+      "  chunkctl [--server=ADDR] info\n\n"
+      "ADDR is HOST:PORT (default 127.0.0.1:7878) or unix:/path/to/socket.\n"
+      "Exit status: 0 success, 2 key not found, 1 any other error.\n\nFlags:");
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view path) {
+    return absl::StrContains(path, "client/chunkctl.cc");
+  };
+  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage_config);
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() < 2) return Usage("no command given");
+  std::string command = args[1];
+  std::vector<std::string> operands(args.begin() + 2, args.end());
+
+  chunkd::client::ClientOptions options;
+  options.address = absl::GetFlag(FLAGS_server);
+  if (const char* env = std::getenv("CHUNKD_SERVER");
+      env != nullptr && *env != '\0' && options.address == "127.0.0.1:7878") {
+    options.address = env;
+  }
+  options.timeout = absl::GetFlag(FLAGS_timeout);
+  auto client = Client::Connect(options);
+  if (!client.ok()) return Report(client.status());
+
+  const auto need = [&](size_t n, const char* form) -> bool {
+    if (operands.size() == n) return true;
+    Usage(absl::StrCat("usage: chunkctl ", command, " ", form));
+    return false;
+  };
+  if (command == "get") return need(1, "KEY") ? Get(**client, operands[0]) : kExitError;
+  if (command == "put") return need(2, "KEY FILE|-") ? Put(**client, operands[0], operands[1]) : kExitError;
+  if (command == "rm") return need(1, "KEY") ? Remove(**client, operands[0]) : kExitError;
+  if (command == "stat") return need(1, "KEY") ? Stat(**client, operands[0]) : kExitError;
+  if (command == "info") return need(0, "") ? Info(**client) : kExitError;
+  if (command == "ls") {
+    if (operands.size() > 1) return Usage("usage: chunkctl ls [PREFIX] [--dir] [-l]");
+    return List(**client, operands.empty() ? "" : operands[0]);
+  }
+  return Usage(absl::StrCat("unknown command '", command, "'"));
+}

@@ -1,0 +1,514 @@
+#include "client/client.h"
+
+#include <algorithm>
+#include <atomic>
+#include <random>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "chunkd/v1/chunkd.grpc.pb.h"
+#include "grpcpp/alarm.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/security/credentials.h"
+#include "grpcpp/support/client_callback.h"
+#include "proto/wire/raw_message.h"
+
+namespace chunkd::client {
+namespace {
+
+constexpr char kGetMethod[] = "/chunkd.v1.Chunkd/Get";
+constexpr char kPutMethod[] = "/chunkd.v1.Chunkd/Put";
+// Field numbers of GetResponse.header and PutRequest.header.
+constexpr uint32_t kHeaderField = 1;
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+void ToProto(const Conditions& c, v1::Conditions* out) {
+  if (c.if_generation_match) out->set_if_generation_match(*c.if_generation_match);
+  if (c.if_generation_not_match) out->set_if_generation_not_match(*c.if_generation_not_match);
+}
+
+void ToProto(const ByteRange& r, v1::GetRequest* out) {
+  switch (r.kind) {
+    case ByteRange::Kind::kAll:
+      break;
+    case ByteRange::Kind::kBounded:
+      out->mutable_range()->mutable_bounded()->set_start(r.start);
+      out->mutable_range()->mutable_bounded()->set_end(r.end);
+      break;
+    case ByteRange::Kind::kOffset:
+      out->mutable_range()->set_offset(r.start);
+      break;
+    case ByteRange::Kind::kSuffix:
+      out->mutable_range()->set_suffix(r.suffix);
+      break;
+  }
+}
+
+grpc::ByteBuffer Serialize(const google::protobuf::Message& message) {
+  grpc::ByteBuffer out;
+  bool own;
+  (void)grpc::SerializationTraits<google::protobuf::Message>::Serialize(message, &out, &own);
+  return out;
+}
+
+// Runs one attempt of a call after another while they fail with UNAVAILABLE, with
+// exponential backoff and jitter, until the call's deadline or the attempt limit.
+template <typename T>
+class Retrier : public std::enable_shared_from_this<Retrier<T>> {
+ public:
+  using Attempt = std::function<void(absl::Time deadline, Callback<T> done)>;
+
+  static void Run(const ClientOptions& options, absl::Time deadline, bool retryable,
+                  Attempt attempt, Callback<T> done) {
+    auto self = std::shared_ptr<Retrier>(new Retrier());
+    self->attempt_ = std::move(attempt);
+    self->done_ = std::move(done);
+    self->deadline_ = deadline;
+    self->attempts_left_ = retryable ? std::max(1, options.max_attempts) : 1;
+    self->backoff_ = options.initial_backoff;
+    self->max_backoff_ = options.max_backoff;
+    self->Next();
+  }
+
+ private:
+  void Next() {
+    auto self = this->shared_from_this();
+    attempt_(deadline_, [self](absl::StatusOr<T> result) {
+      if (result.ok() || !absl::IsUnavailable(result.status()) || --self->attempts_left_ <= 0) {
+        self->done_(std::move(result));
+        return;
+      }
+      static thread_local std::mt19937_64 rng{std::random_device{}()};
+      absl::Duration delay =
+          self->backoff_ * std::uniform_real_distribution<double>(0.5, 1.0)(rng);
+      if (absl::Now() + delay >= self->deadline_) {
+        self->done_(std::move(result));
+        return;
+      }
+      self->backoff_ = std::min(self->backoff_ * 2, self->max_backoff_);
+      absl::MutexLock lock(&self->mu_);
+      self->alarms_.push_back(std::make_unique<grpc::Alarm>());
+      self->alarms_.back()->Set(absl::ToChronoTime(absl::Now() + delay),
+                                [self](bool) { self->Next(); });
+    });
+  }
+
+  Attempt attempt_;
+  Callback<T> done_;
+  absl::Time deadline_;
+  int attempts_left_ = 1;
+  absl::Duration backoff_, max_backoff_;
+  absl::Mutex mu_;
+  // Kept until the whole call is over: an alarm must outlive its callback.
+  std::vector<std::unique_ptr<grpc::Alarm>> alarms_;
+};
+
+template <typename T, typename Start>
+absl::StatusOr<T> WaitFor(Start start) {
+  absl::Notification done;
+  absl::StatusOr<T> out;
+  start([&](absl::StatusOr<T> result) {
+    out = std::move(result);
+    done.Notify();
+  });
+  done.WaitForNotification();
+  return out;
+}
+
+// One Get: the request goes out raw, each reply message is decoded field by field and its data
+// copied once, from the received slices into the result.
+class GetCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  GetCall(grpc::GenericStub* stub, const v1::GetRequest& request, absl::Time deadline,
+          Callback<GetResult> done)
+      : done_(std::move(done)) {
+    context_.set_deadline(absl::ToChronoTime(deadline));
+    request_ = Serialize(request);
+    stub->PrepareBidiStreamingCall(&context_, kGetMethod, grpc::StubOptions(), this);
+    StartWriteLast(&request_, grpc::WriteOptions());
+    StartRead(&response_);
+    StartCall();
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return;  // the stream ended; OnDone brings the status
+    if (absl::Status s = Absorb(response_); !s.ok()) {
+      error_ = s;
+      context_.TryCancel();
+      return;
+    }
+    StartRead(&response_);
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    absl::StatusOr<GetResult> result;
+    if (!error_.ok()) {
+      result = error_;
+    } else if (!status.ok()) {
+      result = FromGrpc(status);
+    } else if (!have_header_) {
+      result = absl::InternalError("Get reply carried no header");
+    } else if (received_ != header_.length()) {
+      result = absl::DataLossError(absl::StrCat("Get reply ended after ", received_, " of ",
+                                                header_.length(), " bytes"));
+    } else {
+      GetResult r;
+      r.data = std::move(value_).Freeze();
+      r.total_size = header_.total_size();
+      r.generation = header_.generation();
+      r.range_start = header_.range_start();
+      r.delivery = header_.delivery();
+      result = std::move(r);
+    }
+    Callback<GetResult> done = std::move(done_);
+    delete this;
+    done(std::move(result));
+  }
+
+ private:
+  absl::Status Absorb(const grpc::ByteBuffer& message) {
+    wire::FieldReader reader(message);
+    const auto malformed = [] { return absl::DataLossError("malformed Get reply"); };
+    while (!reader.done()) {
+      uint32_t field, wire_type;
+      if (!reader.NextField(&field, &wire_type)) return malformed();
+      uint64_t length;
+      if (field == kHeaderField && wire_type == 2) {
+        std::string bytes;
+        if (have_header_ || !reader.ReadVarint(&length) || !reader.ReadString(length, &bytes) ||
+            !header_.ParseFromString(bytes)) {
+          return malformed();
+        }
+        have_header_ = true;
+        auto value = buffer::cpu::MutableBuffer::Allocate(header_.length());
+        if (!value.ok()) return value.status();
+        value_ = *std::move(value);
+      } else if (field == wire::kDataField && wire_type == 2) {
+        if (!have_header_ || !reader.ReadVarint(&length) ||
+            length > header_.length() - received_ ||
+            !reader.ReadBytes(value_.data() + received_, length)) {
+          return malformed();
+        }
+        received_ += length;
+      } else if (!reader.SkipField(wire_type)) {
+        return malformed();
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  Callback<GetResult> done_;
+  grpc::ClientContext context_;
+  grpc::ByteBuffer request_;
+  grpc::ByteBuffer response_;
+  absl::Status error_;
+  bool have_header_ = false;
+  v1::GetHeader header_;
+  buffer::cpu::MutableBuffer value_;
+  uint64_t received_ = 0;
+};
+
+// One Put: the header, then the value in parts that refer to the caller's buffer.
+class PutCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  PutCall(grpc::GenericStub* stub, absl::string_view key, buffer::cpu::Buffer value,
+          const Conditions& conditions, size_t part_bytes, absl::Time deadline,
+          Callback<PutResult> done)
+      : done_(std::move(done)), value_(std::move(value)), part_bytes_(part_bytes) {
+    context_.set_deadline(absl::ToChronoTime(deadline));
+    v1::PutHeader header;
+    header.set_key(std::string(key));
+    header.set_size(value_.size());
+    ToProto(conditions, header.mutable_conditions());
+    std::string head;
+    wire::AppendLengthDelimitedHeader(&head, kHeaderField, header.ByteSizeLong());
+    header.AppendToString(&head);
+    stub->PrepareBidiStreamingCall(&context_, kPutMethod, grpc::StubOptions(), this);
+    StartRead(&response_);
+    WriteNext(std::move(head));
+    StartCall();
+  }
+
+  void OnWriteDone(bool ok) override {
+    // When !ok the server ended the call (an error); OnDone brings its status.
+    if (ok) WriteNext("");
+  }
+
+  void OnReadDone(bool ok) override {
+    if (ok) got_response_ = true;
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    absl::StatusOr<PutResult> result;
+    v1::PutResponse response;
+    if (!status.ok()) {
+      result = FromGrpc(status);
+    } else if (!got_response_ ||
+               !grpc::SerializationTraits<v1::PutResponse>::Deserialize(&response_, &response)
+                    .ok()) {
+      result = absl::DataLossError("malformed Put reply");
+    } else {
+      result = PutResult{response.generation(), response.size()};
+    }
+    Callback<PutResult> done = std::move(done_);
+    delete this;
+    done(std::move(result));
+  }
+
+ private:
+  void WriteNext(std::string head) {
+    if (finished_writing_) return;
+    size_t part = std::min(part_bytes_, value_.size() - sent_);
+    message_ = wire::EncodeWithData(std::move(head), value_.Slice(sent_, part));
+    sent_ += part;
+    if (sent_ == value_.size()) {
+      finished_writing_ = true;
+      StartWriteLast(&message_, grpc::WriteOptions());
+    } else {
+      StartWrite(&message_);
+    }
+  }
+
+  Callback<PutResult> done_;
+  grpc::ClientContext context_;
+  buffer::cpu::Buffer value_;
+  const size_t part_bytes_;
+  size_t sent_ = 0;
+  bool finished_writing_ = false;
+  grpc::ByteBuffer message_;
+  grpc::ByteBuffer response_;
+  bool got_response_ = false;
+};
+
+class ListCall final : public grpc::ClientReadReactor<v1::ListResponse> {
+ public:
+  ListCall(v1::Chunkd::Stub* stub, absl::string_view prefix, bool directory, absl::Time deadline,
+           Callback<ListResult> done)
+      : done_(std::move(done)) {
+    context_.set_deadline(absl::ToChronoTime(deadline));
+    request_.set_prefix(std::string(prefix));
+    request_.set_directory(directory);
+    stub->async()->List(&context_, &request_, this);
+    StartRead(&response_);
+    StartCall();
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return;
+    for (v1::ListEntry& e : *response_.mutable_entries()) {
+      result_.entries.push_back({std::move(*e.mutable_key()), e.size()});
+    }
+    for (std::string& p : *response_.mutable_prefixes()) result_.prefixes.push_back(std::move(p));
+    response_.Clear();
+    StartRead(&response_);
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    absl::StatusOr<ListResult> result = status.ok() ? absl::StatusOr<ListResult>(std::move(result_))
+                                                    : FromGrpc(status);
+    Callback<ListResult> done = std::move(done_);
+    delete this;
+    done(std::move(result));
+  }
+
+ private:
+  Callback<ListResult> done_;
+  grpc::ClientContext context_;
+  v1::ListRequest request_;
+  v1::ListResponse response_;
+  ListResult result_;
+};
+
+// Keeps a unary call's context and messages alive until its callback ran.
+template <typename Request, typename Response>
+struct UnaryCall {
+  grpc::ClientContext context;
+  Request request;
+  Response response;
+};
+
+struct Empty {};
+
+class ClientImpl final : public Client {
+ public:
+  ClientImpl(const ClientOptions& options, std::shared_ptr<grpc::Channel> channel)
+      : Client(options),
+        channel_(channel),
+        stub_(v1::Chunkd::NewStub(channel)),
+        generic_(std::make_unique<grpc::GenericStub>(channel)) {}
+
+  void GetAsync(absl::string_view key, const GetOptions& options,
+                Callback<GetResult> done) override {
+    v1::GetRequest request;
+    request.set_key(std::string(key));
+    ToProto(options.range, &request);
+    ToProto(options.conditions, request.mutable_conditions());
+    request.add_accept(v1::DELIVERY_INLINE);
+    Retrier<GetResult>::Run(
+        options_, Deadline(options.timeout), /*retryable=*/true,
+        [this, request](absl::Time deadline, Callback<GetResult> attempt_done) {
+          new GetCall(generic_.get(), request, deadline, std::move(attempt_done));
+        },
+        std::move(done));
+  }
+  absl::StatusOr<GetResult> Get(absl::string_view key, const GetOptions& options) override {
+    return WaitFor<GetResult>([&](Callback<GetResult> cb) { GetAsync(key, options, cb); });
+  }
+
+  void PutAsync(absl::string_view key, buffer::cpu::Buffer value, const Conditions& conditions,
+                Callback<PutResult> done) override {
+    // A conditional write may have landed before the connection broke; retrying it could
+    // report a failed condition for the caller's own write.
+    bool retryable = !conditions.if_generation_match && !conditions.if_generation_not_match;
+    size_t part = std::clamp<size_t>(options_.put_part_bytes, 1, 1u << 20);
+    Retrier<PutResult>::Run(
+        options_, Deadline(std::nullopt), retryable,
+        [this, key = std::string(key), value, conditions, part](absl::Time deadline,
+                                                                Callback<PutResult> attempt_done) {
+          new PutCall(generic_.get(), key, value, conditions, part, deadline,
+                      std::move(attempt_done));
+        },
+        std::move(done));
+  }
+  absl::StatusOr<PutResult> Put(absl::string_view key, buffer::cpu::Buffer value,
+                                const Conditions& conditions) override {
+    return WaitFor<PutResult>(
+        [&](Callback<PutResult> cb) { PutAsync(key, std::move(value), conditions, cb); });
+  }
+
+  void DeleteAsync(absl::string_view key, const Conditions& conditions,
+                   StatusCallback done) override {
+    v1::DeleteRequest request;
+    request.set_key(std::string(key));
+    ToProto(conditions, request.mutable_conditions());
+    Unary<v1::DeleteRequest, v1::DeleteResponse, Empty>(
+        request, [](auto* async, auto* context, auto* req, auto* resp, auto cb) {
+          async->Delete(context, req, resp, std::move(cb));
+        },
+        [](const v1::DeleteResponse&) { return Empty{}; },
+        [done](absl::StatusOr<Empty> r) { done(r.status()); });
+  }
+  absl::Status Delete(absl::string_view key, const Conditions& conditions) override {
+    return WaitFor<Empty>([&](Callback<Empty> cb) {
+             DeleteAsync(key, conditions, [cb](absl::Status s) {
+               cb(s.ok() ? absl::StatusOr<Empty>(Empty{}) : absl::StatusOr<Empty>(s));
+             });
+           })
+        .status();
+  }
+
+  void StatAsync(absl::string_view key, Callback<StatResult> done) override {
+    v1::StatRequest request;
+    request.set_key(std::string(key));
+    Unary<v1::StatRequest, v1::StatResponse, StatResult>(
+        request, [](auto* async, auto* context, auto* req, auto* resp, auto cb) {
+          async->Stat(context, req, resp, std::move(cb));
+        },
+        [](const v1::StatResponse& r) { return StatResult{r.exists(), r.size(), r.generation()}; },
+        std::move(done));
+  }
+  absl::StatusOr<StatResult> Stat(absl::string_view key) override {
+    return WaitFor<StatResult>([&](Callback<StatResult> cb) { StatAsync(key, cb); });
+  }
+
+  void ListAsync(absl::string_view prefix, bool directory, Callback<ListResult> done) override {
+    Retrier<ListResult>::Run(
+        options_, Deadline(std::nullopt), /*retryable=*/true,
+        [this, prefix = std::string(prefix), directory](absl::Time deadline,
+                                                        Callback<ListResult> attempt_done) {
+          new ListCall(stub_.get(), prefix, directory, deadline, std::move(attempt_done));
+        },
+        std::move(done));
+  }
+  absl::StatusOr<ListResult> List(absl::string_view prefix, bool directory) override {
+    return WaitFor<ListResult>([&](Callback<ListResult> cb) { ListAsync(prefix, directory, cb); });
+  }
+
+  void ServerInfoAsync(Callback<v1::ServerInfoResponse> done) override {
+    Unary<v1::ServerInfoRequest, v1::ServerInfoResponse, v1::ServerInfoResponse>(
+        v1::ServerInfoRequest(), [](auto* async, auto* context, auto* req, auto* resp, auto cb) {
+          async->ServerInfo(context, req, resp, std::move(cb));
+        },
+        [](const v1::ServerInfoResponse& r) { return r; }, std::move(done));
+  }
+  absl::StatusOr<v1::ServerInfoResponse> ServerInfo() override {
+    return WaitFor<v1::ServerInfoResponse>(
+        [&](Callback<v1::ServerInfoResponse> cb) { ServerInfoAsync(cb); });
+  }
+
+ private:
+  absl::Time Deadline(std::optional<absl::Duration> timeout) const {
+    return absl::Now() + timeout.value_or(options_.timeout);
+  }
+
+  // A unary call through the generated async stub, retried on UNAVAILABLE (every unary call
+  // of chunkd.v1 is idempotent or, for Delete, harmless to repeat: a repeat reports NOT_FOUND
+  // only if the first attempt's delete already landed).
+  template <typename Request, typename Response, typename T, typename Method, typename Convert>
+  void Unary(const Request& request, Method method, Convert convert, Callback<T> done) {
+    Retrier<T>::Run(
+        options_, Deadline(std::nullopt), /*retryable=*/true,
+        [this, request, method, convert](absl::Time deadline, Callback<T> attempt_done) {
+          auto* call = new UnaryCall<Request, Response>();
+          call->context.set_deadline(absl::ToChronoTime(deadline));
+          call->request = request;
+          method(stub_->async(), &call->context, &call->request, &call->response,
+                 std::function<void(grpc::Status)>([call, convert, attempt_done](grpc::Status status) {
+                                      absl::StatusOr<T> result =
+                                          status.ok() ? absl::StatusOr<T>(convert(call->response))
+                                                      : absl::StatusOr<T>(FromGrpc(status));
+                                      delete call;
+                                      attempt_done(std::move(result));
+                                    }));
+        },
+        std::move(done));
+  }
+
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Chunkd::Stub> stub_;
+  std::unique_ptr<grpc::GenericStub> generic_;
+};
+
+}  // namespace
+
+absl::StatusOr<ByteRange> ByteRange::Parse(absl::string_view text) {
+  const auto bad = [&] {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "range '", text, "' is not START-END (END exclusive), START- or -N"));
+  };
+  size_t dash = text.find('-');
+  if (dash == absl::string_view::npos) return bad();
+  absl::string_view left = text.substr(0, dash), right = text.substr(dash + 1);
+  int64_t a = 0, b = 0;
+  if (left.empty()) {
+    if (!absl::SimpleAtoi(right, &b) || b < 0) return bad();
+    return Suffix(b);
+  }
+  if (!absl::SimpleAtoi(left, &a) || a < 0) return bad();
+  if (right.empty()) return FromOffset(a);
+  if (!absl::SimpleAtoi(right, &b) || b < 0) return bad();
+  return Bounded(a, b);
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
+  if (options.address.empty()) return absl::InvalidArgumentError("server address is empty");
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(16 << 20);
+  args.SetMaxSendMessageSize(16 << 20);
+  auto channel =
+      grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args);
+  if (!channel) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot use address '", options.address, "'"));
+  }
+  return std::unique_ptr<Client>(new ClientImpl(options, std::move(channel)));
+}
+
+}  // namespace chunkd::client

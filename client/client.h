@@ -1,0 +1,150 @@
+// The chunkd C++ client: blocking and asynchronous calls for every RPC.
+//
+// Values arrive as chunkd::buffer::cpu::Buffer: Get copies each received part once, from the
+// gRPC slices that left the socket straight into the result's memory (no protobuf object in
+// between); Put sends the caller's buffer as slices that refer to it.
+//
+// Every call has a deadline (ClientOptions::timeout unless the call's options say otherwise).
+// Calls that fail with UNAVAILABLE (server restarting, connection lost) are retried with
+// exponential backoff within that deadline; conditional Puts are not retried, because the first
+// attempt may have landed.
+//
+// Thread-safe: one Client serves any number of threads. Async callbacks run on gRPC's threads
+// and must not block.
+#ifndef CHUNKD_CLIENT_CLIENT_H_
+#define CHUNKD_CLIENT_CLIENT_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "buffer/cpu/buffer.h"
+#include "chunkd/v1/chunkd.pb.h"
+
+namespace chunkd::client {
+
+struct ClientOptions {
+  // "host:port", "[::1]:port" or "unix:/path/to/socket".
+  std::string address = "127.0.0.1:7878";
+  // Deadline of each call, retries included.
+  absl::Duration timeout = absl::Seconds(60);
+  // Attempts of a call that fails with UNAVAILABLE (1: no retry).
+  int max_attempts = 5;
+  absl::Duration initial_backoff = absl::Milliseconds(50);
+  absl::Duration max_backoff = absl::Seconds(2);
+  // Size of the data parts a Put sends (at most 1 MiB).
+  size_t put_part_bytes = 1u << 20;
+};
+
+// A byte range in Zarr's three forms; END is exclusive.
+struct ByteRange {
+  enum class Kind { kAll, kBounded, kOffset, kSuffix };
+  Kind kind = Kind::kAll;
+  int64_t start = 0;
+  int64_t end = 0;
+  int64_t suffix = 0;
+
+  static ByteRange All() { return {}; }
+  static ByteRange Bounded(int64_t start, int64_t end) { return {Kind::kBounded, start, end, 0}; }
+  static ByteRange FromOffset(int64_t offset) { return {Kind::kOffset, offset, 0, 0}; }
+  static ByteRange Suffix(int64_t n) { return {Kind::kSuffix, 0, 0, n}; }
+  // "START-END", "START-" or "-N" (as chunkctl's --range takes them).
+  static absl::StatusOr<ByteRange> Parse(absl::string_view text);
+};
+
+struct Conditions {
+  std::optional<uint64_t> if_generation_match;  // 0: only if the key holds no value
+  std::optional<uint64_t> if_generation_not_match;
+};
+
+struct GetOptions {
+  ByteRange range;
+  Conditions conditions;
+  // Overrides ClientOptions::timeout when set.
+  std::optional<absl::Duration> timeout;
+};
+
+struct GetResult {
+  buffer::cpu::Buffer data;  // the requested bytes
+  uint64_t total_size = 0;   // size of the whole stored value
+  uint64_t generation = 0;
+  uint64_t range_start = 0;  // where `data` starts within the value
+  v1::Delivery delivery = v1::DELIVERY_INLINE;
+};
+
+struct PutResult {
+  uint64_t generation = 0;
+  uint64_t size = 0;
+};
+
+struct StatResult {
+  bool exists = false;
+  uint64_t size = 0;
+  uint64_t generation = 0;
+};
+
+struct ListEntry {
+  std::string key;
+  uint64_t size = 0;
+};
+
+struct ListResult {
+  std::vector<ListEntry> entries;
+  std::vector<std::string> prefixes;  // with `directory`: child "directories", ending in '/'
+};
+
+template <typename T>
+using Callback = std::function<void(absl::StatusOr<T>)>;
+using StatusCallback = std::function<void(absl::Status)>;
+
+class Client {
+ public:
+  // Creates a client for `options.address`. Connecting happens lazily; a server that is
+  // down shows as UNAVAILABLE on the first call. INVALID_ARGUMENT for a malformed address.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const ClientOptions& options);
+  virtual ~Client() = default;
+
+  // NOT_FOUND: no such key. FAILED_PRECONDITION: a condition failed. INVALID_ARGUMENT: bad key
+  // or range (the message says which).
+  virtual absl::StatusOr<GetResult> Get(absl::string_view key, const GetOptions& options = {}) = 0;
+  virtual void GetAsync(absl::string_view key, const GetOptions& options,
+                        Callback<GetResult> done) = 0;
+
+  // RESOURCE_EXHAUSTED: larger than the server's maximum, or the store is full.
+  virtual absl::StatusOr<PutResult> Put(absl::string_view key, buffer::cpu::Buffer value,
+                                        const Conditions& conditions = {}) = 0;
+  virtual void PutAsync(absl::string_view key, buffer::cpu::Buffer value,
+                        const Conditions& conditions, Callback<PutResult> done) = 0;
+
+  // NOT_FOUND when the key holds no value.
+  virtual absl::Status Delete(absl::string_view key, const Conditions& conditions = {}) = 0;
+  virtual void DeleteAsync(absl::string_view key, const Conditions& conditions,
+                           StatusCallback done) = 0;
+
+  // A missing key is not an error: exists is false.
+  virtual absl::StatusOr<StatResult> Stat(absl::string_view key) = 0;
+  virtual void StatAsync(absl::string_view key, Callback<StatResult> done) = 0;
+
+  virtual absl::StatusOr<ListResult> List(absl::string_view prefix, bool directory = false) = 0;
+  virtual void ListAsync(absl::string_view prefix, bool directory, Callback<ListResult> done) = 0;
+
+  virtual absl::StatusOr<v1::ServerInfoResponse> ServerInfo() = 0;
+  virtual void ServerInfoAsync(Callback<v1::ServerInfoResponse> done) = 0;
+
+  const ClientOptions& options() const { return options_; }
+
+ protected:
+  explicit Client(const ClientOptions& options) : options_(options) {}
+  const ClientOptions options_;
+};
+
+}  // namespace chunkd::client
+
+#endif  // CHUNKD_CLIENT_CLIENT_H_

@@ -1,0 +1,111 @@
+#include "proto/wire/raw_message.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace chunkd::wire {
+namespace {
+
+void ReleaseBufferRef(void* user_data) { delete static_cast<buffer::cpu::Buffer*>(user_data); }
+
+}  // namespace
+
+void AppendVarint(std::string* out, uint64_t value) {
+  while (value >= 0x80) {
+    out->push_back(static_cast<char>((value & 0x7F) | 0x80));
+    value >>= 7;
+  }
+  out->push_back(static_cast<char>(value));
+}
+
+void AppendLengthDelimitedHeader(std::string* out, uint32_t field, uint64_t length) {
+  AppendVarint(out, (static_cast<uint64_t>(field) << 3) | 2);
+  AppendVarint(out, length);
+}
+
+grpc::Slice ReferenceSlice(const buffer::cpu::Buffer& bytes) {
+  auto* ref = new buffer::cpu::Buffer(bytes);
+  return grpc::Slice(const_cast<std::byte*>(ref->data()), ref->size(), &ReleaseBufferRef, ref);
+}
+
+grpc::ByteBuffer EncodeWithData(std::string head, const buffer::cpu::Buffer& data,
+                                size_t copy_below) {
+  if (!data.empty()) AppendLengthDelimitedHeader(&head, kDataField, data.size());
+  if (data.size() < copy_below) {
+    head.append(data.view());
+    grpc::Slice slice(head);
+    return grpc::ByteBuffer(&slice, 1);
+  }
+  grpc::Slice slices[2] = {grpc::Slice(head), ReferenceSlice(data)};
+  return grpc::ByteBuffer(slices, 2);
+}
+
+FieldReader::FieldReader(const grpc::ByteBuffer& message) {
+  (void)message.Dump(&slices_);
+  // Empty slices would make done() lie; drop them.
+  slices_.erase(std::remove_if(slices_.begin(), slices_.end(),
+                               [](const grpc::Slice& s) { return s.size() == 0; }),
+                slices_.end());
+}
+
+bool FieldReader::ReadBytes(void* out, size_t length) {
+  auto* dst = static_cast<std::byte*>(out);
+  while (length > 0) {
+    if (slice_ == slices_.size()) return false;
+    const grpc::Slice& s = slices_[slice_];
+    size_t n = std::min(length, s.size() - offset_);
+    if (dst != nullptr) {
+      std::memcpy(dst, s.begin() + offset_, n);
+      dst += n;
+    }
+    offset_ += n;
+    length -= n;
+    if (offset_ == s.size()) ++slice_, offset_ = 0;
+  }
+  return true;
+}
+
+bool FieldReader::ReadVarint(uint64_t* value) {
+  uint64_t result = 0;
+  for (int shift = 0; shift < 64; shift += 7) {
+    uint8_t byte;
+    if (!ReadBytes(&byte, 1)) return false;
+    result |= static_cast<uint64_t>(byte & 0x7F) << shift;
+    if ((byte & 0x80) == 0) {
+      *value = result;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool FieldReader::NextField(uint32_t* field, uint32_t* wire_type) {
+  uint64_t tag;
+  if (!ReadVarint(&tag) || (tag >> 3) == 0 || (tag >> 3) > 0x1FFFFFFF) return false;
+  *field = static_cast<uint32_t>(tag >> 3);
+  *wire_type = static_cast<uint32_t>(tag & 7);
+  return true;
+}
+
+bool FieldReader::ReadString(size_t length, std::string* out) {
+  out->resize(length);
+  return ReadBytes(out->data(), length);
+}
+
+bool FieldReader::SkipField(uint32_t wire_type) {
+  uint64_t n;
+  switch (wire_type) {
+    case 0:
+      return ReadVarint(&n);
+    case 1:
+      return ReadBytes(nullptr, 8);
+    case 2:
+      return ReadVarint(&n) && ReadBytes(nullptr, n);
+    case 5:
+      return ReadBytes(nullptr, 4);
+    default:
+      return false;
+  }
+}
+
+}  // namespace chunkd::wire

@@ -1,0 +1,62 @@
+// Encoding and decoding of chunkd.v1 messages that carry value bytes (GetResponse.data,
+// PutRequest.data) straight from and into chunk buffers, without the copies that building or
+// parsing a protobuf message object would make.
+//
+// Protobuf's wire format is a concatenation of fields, so a message is written as the encoded
+// small fields (a header) followed by field 15 (tag byte, length, bytes); the bytes travel as a
+// gRPC slice that refers to the buffer. The reader walks the fields of a received message
+// across gRPC's slices and copies a data field once, into the caller's memory.
+#ifndef CHUNKD_PROTO_WIRE_RAW_MESSAGE_H_
+#define CHUNKD_PROTO_WIRE_RAW_MESSAGE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "buffer/cpu/buffer.h"
+#include "grpcpp/support/byte_buffer.h"
+#include "grpcpp/support/slice.h"
+
+namespace chunkd::wire {
+
+// Field number of the `data` field in GetResponse and PutRequest.
+inline constexpr uint32_t kDataField = 15;
+
+void AppendVarint(std::string* out, uint64_t value);
+// Appends the tag and length of a length-delimited field.
+void AppendLengthDelimitedHeader(std::string* out, uint32_t field, uint64_t length);
+
+// A slice that refers to `bytes` without copying; it keeps the buffer alive until gRPC is done.
+grpc::Slice ReferenceSlice(const buffer::cpu::Buffer& bytes);
+
+// `head` (already encoded fields) followed by field 15 holding `data`. Data smaller than
+// `copy_below` bytes is copied into one slice with the head (a reference costs more than
+// copying a few KiB); larger data is referenced. Empty data adds no field.
+grpc::ByteBuffer EncodeWithData(std::string head, const buffer::cpu::Buffer& data,
+                                size_t copy_below = 16 << 10);
+
+// Walks the fields of one received message.
+class FieldReader {
+ public:
+  explicit FieldReader(const grpc::ByteBuffer& message);
+
+  bool done() const { return slice_ == slices_.size(); }
+  // Reads the next field's number and wire type. False on malformed input.
+  bool NextField(uint32_t* field, uint32_t* wire_type);
+  bool ReadVarint(uint64_t* value);
+  // Copies the next `length` bytes to `out`.
+  bool ReadBytes(void* out, size_t length);
+  bool ReadString(size_t length, std::string* out);
+  // Skips the value of a field of `wire_type` (for fields this reader does not know).
+  bool SkipField(uint32_t wire_type);
+
+ private:
+  std::vector<grpc::Slice> slices_;
+  size_t slice_ = 0;
+  size_t offset_ = 0;  // within slices_[slice_]
+};
+
+}  // namespace chunkd::wire
+
+#endif  // CHUNKD_PROTO_WIRE_RAW_MESSAGE_H_
