@@ -1,0 +1,354 @@
+"""What the sync and asyncio clients share: options, request building, reply assembly, retries.
+
+Nothing here does I/O, so both clients stay thin loops around the same logic.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from chunkd._address import parse_url
+from chunkd._stubs import pb
+from chunkd.errors import ChunkdError
+
+# Values travel in parts of at most 1 MiB (the wire contract).
+PART_BYTES = 1 << 20
+# Get replies are one header plus a part; leave room for a server configured with larger parts.
+MAX_RECEIVE_MESSAGE_BYTES = 16 << 20
+MAX_SEND_MESSAGE_BYTES = 8 << 20
+
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_RETRIES = 4
+
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
+    ("grpc.primary_user_agent", "chunkd-python/0.1.0"),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True, slots=True)
+class GetResult:
+    """A value (or a byte range of it) and where it came from.
+
+    ``data`` holds ``length`` bytes: a ``bytearray`` owned by the caller, or a ``memoryview`` of
+    the ``out`` buffer the caller passed in.
+    """
+
+    data: bytearray | memoryview
+    total_size: int
+    generation: int
+    range_start: int
+    delivery: int = pb.DELIVERY_INLINE
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    generation: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """What Stat says about a key; ``exists`` is False (not an error) for a missing key."""
+
+    exists: bool
+    size: int = 0
+    generation: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ListEntry:
+    key: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One page of a listing, or the whole of one (:meth:`Client.list`).
+
+    ``prefixes`` (directory listings only) are the deeper "folders", each ending in '/'.
+    """
+
+    entries: list[ListEntry] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)
+
+    @property
+    def keys(self) -> list[str]:
+        return [e.key for e in self.entries]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheTier:
+    tier: str
+    capacity_bytes: int
+    used_bytes: int
+    entries: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    version: str
+    backend: str
+    store: str
+    read_only: bool
+    max_value_bytes: int
+    tiers: list[CacheTier]
+    features: list[str]
+    deliveries: list[str]
+    counters: dict[str, int]
+    leases_active: int
+    leased_bytes: int
+    raw: Any = field(repr=False, compare=False, default=None)
+
+
+def server_info_from_proto(r: Any) -> ServerInfo:
+    return ServerInfo(
+        version=r.version,
+        backend=r.backend,
+        store=r.store,
+        read_only=r.read_only,
+        max_value_bytes=r.max_value_bytes,
+        tiers=[CacheTier(t.tier, t.capacity_bytes, t.used_bytes, t.entries) for t in r.tiers],
+        features=list(r.features),
+        deliveries=[pb.Delivery.Name(d) for d in r.deliveries],
+        counters=dict(r.counters),
+        leases_active=r.leases_active,
+        leased_bytes=r.leased_bytes,
+        raw=r,
+    )
+
+
+def listing_from_proto(r: Any) -> Listing:
+    return Listing([ListEntry(e.key, e.size) for e in r.entries], list(r.prefixes))
+
+
+def stat_from_proto(r: Any) -> Stat:
+    return Stat(bool(r.exists), int(r.size), int(r.generation)) if r.exists else Stat(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Requests
+
+
+def check_key(key: str) -> str:
+    # The server validates keys (INVALID_ARGUMENT with its reason); only the type is checked here.
+    if not isinstance(key, str):
+        raise TypeError(f"chunkd key must be a str, got {type(key).__name__}")
+    return key
+
+
+def conditions(if_generation_match: int | None, if_generation_not_match: int | None) -> Any:
+    if if_generation_match is None and if_generation_not_match is None:
+        return None
+    c = pb.Conditions()
+    if if_generation_match is not None:
+        c.if_generation_match = int(if_generation_match)
+    if if_generation_not_match is not None:
+        c.if_generation_not_match = int(if_generation_not_match)
+    return c
+
+
+def byte_range(start: int | None, end: int | None, suffix: int | None) -> Any:
+    """The ByteRange for get(start, end, suffix=...); None for the whole value.
+
+    (start, end): bytes [start, end); (start, None): from start to the end; (None, end): [0, end);
+    suffix=n: the last n bytes. Negative numbers go to the server, which refuses them.
+    """
+    if suffix is not None:
+        if start is not None or end is not None:
+            raise ValueError("get: give either start/end or suffix, not both")
+        return pb.ByteRange(suffix=int(suffix))
+    if start is None and end is None:
+        return None
+    if end is None:
+        return pb.ByteRange(offset=int(start))
+    return pb.ByteRange(bounded=pb.ByteRange.Bounded(start=int(start or 0), end=int(end)))
+
+
+def get_request(key: str, rng: Any, conds: Any) -> Any:
+    request = pb.GetRequest(key=check_key(key), accept=ACCEPTED_DELIVERIES)
+    if rng is not None:
+        request.range.CopyFrom(rng)
+    if conds is not None:
+        request.conditions.CopyFrom(conds)
+    return request
+
+
+def as_bytes_view(data: Any) -> memoryview:
+    """A flat unsigned-byte view of any C-contiguous buffer (bytes, bytearray, numpy, ...)."""
+    if isinstance(data, str):
+        raise TypeError("chunkd values are bytes, not str: encode the string first")
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        if not view.c_contiguous:
+            raise ValueError("chunkd: the value must be a C-contiguous buffer")
+        view = view.cast("B")
+    return view
+
+
+def put_requests(key: str, view: memoryview, conds: Any) -> Iterator[Any]:
+    """The Put stream: a header (key, size, conditions), then data parts of at most 1 MiB."""
+    header = pb.PutHeader(key=key, size=len(view))
+    if conds is not None:
+        header.conditions.CopyFrom(conds)
+    yield pb.PutRequest(header=header)
+    for offset in range(0, len(view), PART_BYTES):
+        yield pb.PutRequest(data=view[offset : offset + PART_BYTES].tobytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# Get replies: a header, then the value in one of the deliveries the client accepted.
+#
+# Only inline delivery exists today. A later delivery (shared memory, CUDA IPC) adds a receiver
+# class to RECEIVERS and its enum to ACCEPTED_DELIVERIES (when the client can use it); the
+# clients' loops and the Zarr store's conversion to a zarr Buffer stay as they are.
+
+
+class InlineReceiver:
+    """Assembles inline ``data`` parts into one buffer allocated once from the header's length."""
+
+    def __init__(self, key: str, header: Any, out: Any) -> None:
+        self.key = key
+        self.length = int(header.length)
+        if out is None:
+            self.owner: bytearray | None = bytearray(self.length)
+            self.view = memoryview(self.owner)
+        else:
+            self.owner = None
+            self.view = as_bytes_view(out)
+            if self.view.readonly:
+                raise TypeError("get: out must be a writable buffer")
+            if len(self.view) < self.length:
+                raise ValueError(
+                    f"get {key!r}: out holds {len(self.view)} bytes, the reply has {self.length}"
+                )
+            self.view = self.view[: self.length]
+        self.filled = 0
+
+    def add(self, data: bytes) -> None:
+        n = len(data)
+        if n == 0:
+            return
+        end = self.filled + n
+        if end > self.length:
+            raise ChunkdError(
+                f"get {self.key!r}: the server sent more than the {self.length} bytes it announced",
+                code=grpc.StatusCode.DATA_LOSS,
+                key=self.key,
+            )
+        self.view[self.filled : end] = data
+        self.filled = end
+
+    def finish(self) -> bytearray | memoryview:
+        if self.filled != self.length:
+            raise ChunkdError(
+                f"get {self.key!r}: the reply ended after {self.filled} of {self.length} bytes",
+                code=grpc.StatusCode.DATA_LOSS,
+                key=self.key,
+            )
+        return self.owner if self.owner is not None else self.view
+
+
+RECEIVERS: dict[int, type] = {
+    pb.DELIVERY_UNSPECIFIED: InlineReceiver,  # servers that leave the field unset send inline
+    pb.DELIVERY_INLINE: InlineReceiver,
+}
+ACCEPTED_DELIVERIES = [pb.DELIVERY_INLINE]
+
+
+class GetAssembler:
+    """Turns the stream of GetResponse messages into a :class:`GetResult`."""
+
+    def __init__(self, key: str, out: Any = None) -> None:
+        self.key = key
+        self.out = out
+        self.header: Any = None
+        self.receiver: Any = None
+
+    def feed(self, response: Any) -> None:
+        if self.header is None:
+            if not response.HasField("header"):
+                raise ChunkdError(
+                    f"get {self.key!r}: the first reply message carries no header",
+                    code=grpc.StatusCode.INTERNAL,
+                    key=self.key,
+                )
+            self.header = response.header
+            receiver_cls = RECEIVERS.get(self.header.delivery)
+            if receiver_cls is None:
+                raise ChunkdError(
+                    f"get {self.key!r}: the server chose delivery "
+                    f"{pb.Delivery.Name(self.header.delivery)}, which this client did not accept",
+                    code=grpc.StatusCode.INTERNAL,
+                    key=self.key,
+                )
+            self.receiver = receiver_cls(self.key, self.header, self.out)
+        self.receiver.add(response.data)
+
+    def result(self) -> GetResult:
+        if self.header is None:
+            raise ChunkdError(
+                f"get {self.key!r}: the reply ended without a header",
+                code=grpc.StatusCode.INTERNAL,
+                key=self.key,
+            )
+        h = self.header
+        return GetResult(
+            data=self.receiver.finish(),
+            total_size=int(h.total_size),
+            generation=int(h.generation),
+            range_start=int(h.range_start),
+            delivery=int(h.delivery) or pb.DELIVERY_INLINE,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Retries
+
+
+class RetryPolicy:
+    """Retries UNAVAILABLE (server down, restarting, overloaded) with capped exponential backoff
+    and full jitter. Only idempotent calls retry: get, stat, list, server_info and unconditional
+    put (which writes the same bytes again)."""
+
+    RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+    def __init__(self, retries: int, initial: float = 0.05, maximum: float = 2.0) -> None:
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        self.retries = int(retries)
+        self.initial = initial
+        self.maximum = maximum
+
+    def should_retry(self, error: BaseException, attempt: int) -> bool:
+        if attempt >= self.retries or not isinstance(error, grpc.RpcError):
+            return False
+        code = error.code() if callable(getattr(error, "code", None)) else None
+        return code in self.RETRYABLE
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.maximum, self.initial * (2**attempt)))
+
+
+def target_of(address: str) -> str:
+    target, path = parse_url(address)
+    if path:
+        raise ValueError(
+            f"chunkd address {address!r} names a path inside the store ({path!r}); clients take "
+            "the server's address only (the path is for chunkd.zarr.ChunkdStore)"
+        )
+    return target

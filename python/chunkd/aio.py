@@ -1,0 +1,206 @@
+"""The asyncio chunkd client: the same calls, semantics and errors as :class:`chunkd.Client`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from chunkd import _common as c
+from chunkd._address import DEFAULT_ADDRESS
+from chunkd._stubs import pb, pb_grpc
+from chunkd.errors import error_from_rpc
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient:
+    """An asyncio client of one chunkd server.
+
+    A gRPC asyncio channel belongs to the event loop it is first used in: use one AsyncClient per
+    loop (``chunkd.zarr.ChunkdStore`` does this for you). Calls may run concurrently on one
+    client; they share its channel (HTTP/2 streams), e.g. ``asyncio.gather(*gets)``.
+
+    Arguments and errors: as :class:`chunkd.Client`.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = c.DEFAULT_TIMEOUT,
+        retries: int = c.DEFAULT_RETRIES,
+        channel_options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.address = address
+        self.target = c.target_of(address)
+        self.timeout = timeout
+        self._retry = c.RetryPolicy(retries)
+        self._options = list(c.CHANNEL_OPTIONS) + list(channel_options or [])
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: Any = None
+        self._closed = False
+
+    @property
+    def retries(self) -> int:
+        return self._retry.retries
+
+    def _get_stub(self) -> Any:
+        if self._stub is None:
+            if self._closed:
+                raise RuntimeError("chunkd.AsyncClient is closed")
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            self._stub = pb_grpc.ChunkdStub(self._channel)
+        return self._stub
+
+    async def _call(self, fn, key: str | None, *, idempotent: bool = True):
+        attempt = 0
+        while True:
+            try:
+                return await fn(self._get_stub())
+            except grpc.RpcError as e:
+                if idempotent and self._retry.should_retry(e, attempt):
+                    await asyncio.sleep(self._retry.delay(attempt))
+                    attempt += 1
+                    continue
+                raise error_from_rpc(e, key) from None
+
+    async def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled. Idempotent."""
+        self._closed = True
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"chunkd.AsyncClient({self.address!r})"
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    async def read(
+        self,
+        key: str,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        suffix: int | None = None,
+        out: Any = None,
+        if_generation_match: int | None = None,
+        if_generation_not_match: int | None = None,
+    ) -> c.GetResult:
+        """See :meth:`chunkd.Client.read`."""
+        request = c.get_request(
+            key,
+            c.byte_range(start, end, suffix),
+            c.conditions(if_generation_match, if_generation_not_match),
+        )
+
+        async def attempt(stub):
+            call = stub.Get(request, timeout=self.timeout)
+            assembler = c.GetAssembler(key, out)
+            try:
+                async for response in call:
+                    assembler.feed(response)
+            except BaseException:
+                call.cancel()
+                raise
+            return assembler.result()
+
+        return await self._call(attempt, key)
+
+    async def get(self, key: str, start: int | None = None, end: int | None = None, **kwargs: Any):
+        """See :meth:`chunkd.Client.get`."""
+        return (await self.read(key, start, end, **kwargs)).data
+
+    async def put(
+        self,
+        key: str,
+        data: Any,
+        *,
+        if_generation_match: int | None = None,
+        if_generation_not_match: int | None = None,
+    ) -> c.PutResult:
+        """See :meth:`chunkd.Client.put`."""
+        c.check_key(key)
+        view = c.as_bytes_view(data)
+        conds = c.conditions(if_generation_match, if_generation_not_match)
+
+        async def attempt(stub):
+            r = await stub.Put(c.put_requests(key, view, conds), timeout=self.timeout)
+            return c.PutResult(int(r.generation), int(r.size))
+
+        return await self._call(attempt, key, idempotent=conds is None)
+
+    async def delete(
+        self,
+        key: str,
+        *,
+        if_generation_match: int | None = None,
+        if_generation_not_match: int | None = None,
+    ) -> None:
+        """See :meth:`chunkd.Client.delete`."""
+        request = pb.DeleteRequest(key=c.check_key(key))
+        conds = c.conditions(if_generation_match, if_generation_not_match)
+        if conds is not None:
+            request.conditions.CopyFrom(conds)
+        await self._call(
+            lambda stub: stub.Delete(request, timeout=self.timeout), key, idempotent=False
+        )
+
+    async def stat(self, key: str) -> c.Stat:
+        """See :meth:`chunkd.Client.stat`."""
+        request = pb.StatRequest(key=c.check_key(key))
+        return c.stat_from_proto(
+            await self._call(lambda stub: stub.Stat(request, timeout=self.timeout), key)
+        )
+
+    async def exists(self, key: str) -> bool:
+        return (await self.stat(key)).exists
+
+    async def iter_list(self, prefix: str = "", directory: bool = False) -> AsyncIterator[c.Listing]:
+        """See :meth:`chunkd.Client.iter_list`."""
+        request = pb.ListRequest(prefix=prefix, directory=directory)
+        attempt = 0
+        delivered = False
+        while True:
+            try:
+                call = self._get_stub().List(request, timeout=self.timeout)
+                try:
+                    async for response in call:
+                        delivered = True
+                        yield c.listing_from_proto(response)
+                finally:
+                    call.cancel()
+                return
+            except grpc.RpcError as e:
+                if not delivered and self._retry.should_retry(e, attempt):
+                    await asyncio.sleep(self._retry.delay(attempt))
+                    attempt += 1
+                    continue
+                raise error_from_rpc(e, prefix) from None
+
+    async def list(self, prefix: str = "", directory: bool = False) -> c.Listing:
+        """See :meth:`chunkd.Client.list`."""
+        entries: list[c.ListEntry] = []
+        prefixes: list[str] = []
+        async for page in self.iter_list(prefix, directory):
+            entries.extend(page.entries)
+            prefixes.extend(page.prefixes)
+        return c.Listing(entries, prefixes)
+
+    async def server_info(self) -> c.ServerInfo:
+        """See :meth:`chunkd.Client.server_info`."""
+        return c.server_info_from_proto(
+            await self._call(
+                lambda stub: stub.ServerInfo(pb.ServerInfoRequest(), timeout=self.timeout), None
+            )
+        )

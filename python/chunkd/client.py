@@ -1,0 +1,245 @@
+"""The blocking chunkd client."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from chunkd import _common as c
+from chunkd._address import DEFAULT_ADDRESS
+from chunkd._stubs import pb, pb_grpc
+from chunkd.errors import error_from_rpc
+
+__all__ = ["Client"]
+
+
+class Client:
+    """A blocking client of one chunkd server. Thread-safe: share one per process.
+
+    Args:
+        address: ``"host:port"``, ``"unix:/path"``, ``"chunkd://host:port"`` or
+            ``"chunkd+unix:///path"`` (see :mod:`chunkd._address`).
+        timeout: seconds each attempt of a call may take (None: no deadline).
+        retries: how many times an idempotent call is retried after UNAVAILABLE, with
+            exponential backoff (0: never).
+        channel_options: extra gRPC channel arguments.
+
+    Errors: a missing key raises :class:`chunkd.NotFoundError` (a ``KeyError``), a bad key or
+    range :class:`chunkd.InvalidArgument` (a ``ValueError``), a failed condition
+    :class:`chunkd.PreconditionFailed`, anything else :class:`chunkd.ChunkdError` with ``.code``.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = c.DEFAULT_TIMEOUT,
+        retries: int = c.DEFAULT_RETRIES,
+        channel_options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.address = address
+        self.target = c.target_of(address)
+        self.timeout = timeout
+        self._retry = c.RetryPolicy(retries)
+        self._options = list(c.CHANNEL_OPTIONS) + list(channel_options or [])
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._stub: Any = None
+        self._closed = False
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @property
+    def retries(self) -> int:
+        return self._retry.retries
+
+    def _get_stub(self) -> Any:
+        stub = self._stub
+        if stub is not None:
+            return stub
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("chunkd.Client is closed")
+            if self._stub is None:
+                self._channel = grpc.insecure_channel(self.target, options=self._options)
+                self._stub = pb_grpc.ChunkdStub(self._channel)
+            return self._stub
+
+    def _call(self, fn, key: str | None, *, idempotent: bool = True):
+        attempt = 0
+        while True:
+            try:
+                return fn(self._get_stub())
+            except grpc.RpcError as e:
+                if idempotent and self._retry.should_retry(e, attempt):
+                    time.sleep(self._retry.delay(attempt))
+                    attempt += 1
+                    continue
+                raise error_from_rpc(e, key) from None
+
+    def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled. Idempotent."""
+        with self._lock:
+            self._closed = True
+            channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"chunkd.Client({self.address!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "options": self._options,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["address"], timeout=state["timeout"], retries=state["retries"])
+        self._options = state["options"]
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def read(
+        self,
+        key: str,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        suffix: int | None = None,
+        out: Any = None,
+        if_generation_match: int | None = None,
+        if_generation_not_match: int | None = None,
+    ) -> c.GetResult:
+        """Reads a value or a byte range of it, with its size and generation.
+
+        Ranges: ``(start, end)`` bytes [start, end) (past the end returns what exists);
+        ``start`` alone: from start to the end; ``suffix=n``: the last n bytes.
+        ``out``: a writable buffer (bytearray, numpy array, ...) to read into; else a new
+        ``bytearray`` is allocated once, at the reply's exact length.
+        """
+        request = c.get_request(
+            key,
+            c.byte_range(start, end, suffix),
+            c.conditions(if_generation_match, if_generation_not_match),
+        )
+
+        def attempt(stub):
+            call = stub.Get(request, timeout=self.timeout)
+            assembler = c.GetAssembler(key, out)
+            try:
+                for response in call:
+                    assembler.feed(response)
+            except BaseException:
+                call.cancel()
+                raise
+            return assembler.result()
+
+        return self._call(attempt, key)
+
+    def get(self, key: str, start: int | None = None, end: int | None = None, **kwargs: Any):
+        """The bytes of a value or of a byte range of it (see :meth:`read`): a ``bytearray``, or
+        a ``memoryview`` of ``out`` when given. Raises :class:`chunkd.NotFoundError` (KeyError)
+        when the key does not exist."""
+        return self.read(key, start, end, **kwargs).data
+
+    def put(
+        self,
+        key: str,
+        data: Any,
+        *,
+        if_generation_match: int | None = None,
+        if_generation_not_match: int | None = None,
+    ) -> c.PutResult:
+        """Stores a value (any C-contiguous buffer). ``if_generation_match=0`` stores it only if
+        the key does not exist yet (else :class:`chunkd.PreconditionFailed`)."""
+        c.check_key(key)
+        view = c.as_bytes_view(data)
+        conds = c.conditions(if_generation_match, if_generation_not_match)
+
+        def attempt(stub):
+            r = stub.Put(c.put_requests(key, view, conds), timeout=self.timeout)
+            return c.PutResult(int(r.generation), int(r.size))
+
+        return self._call(attempt, key, idempotent=conds is None)
+
+    def delete(
+        self,
+        key: str,
+        *,
+        if_generation_match: int | None = None,
+        if_generation_not_match: int | None = None,
+    ) -> None:
+        """Removes a value. A missing key raises :class:`chunkd.NotFoundError`."""
+        request = pb.DeleteRequest(key=c.check_key(key))
+        conds = c.conditions(if_generation_match, if_generation_not_match)
+        if conds is not None:
+            request.conditions.CopyFrom(conds)
+        # Not retried: a retry after a delete that did happen would report NOT_FOUND.
+        self._call(lambda stub: stub.Delete(request, timeout=self.timeout), key, idempotent=False)
+
+    def stat(self, key: str) -> c.Stat:
+        """Size and generation of a value; ``exists=False`` (no error) when it is missing."""
+        request = pb.StatRequest(key=c.check_key(key))
+        return c.stat_from_proto(
+            self._call(lambda stub: stub.Stat(request, timeout=self.timeout), key)
+        )
+
+    def exists(self, key: str) -> bool:
+        return self.stat(key).exists
+
+    def iter_list(self, prefix: str = "", directory: bool = False) -> Iterator[c.Listing]:
+        """The listing under ``prefix`` page by page, as the server streams it. Keys are whole
+        keys (not relative to the prefix), in lexicographic order.
+
+        Retried on UNAVAILABLE only until the first page has arrived."""
+        request = pb.ListRequest(prefix=prefix, directory=directory)
+        attempt = 0
+        delivered = False
+        while True:
+            try:
+                call = self._get_stub().List(request, timeout=self.timeout)
+                try:
+                    for response in call:
+                        delivered = True
+                        yield c.listing_from_proto(response)
+                finally:
+                    call.cancel()
+                return
+            except grpc.RpcError as e:
+                if not delivered and self._retry.should_retry(e, attempt):
+                    time.sleep(self._retry.delay(attempt))
+                    attempt += 1
+                    continue
+                raise error_from_rpc(e, prefix) from None
+
+    def list(self, prefix: str = "", directory: bool = False) -> c.Listing:
+        """All keys under ``prefix`` (a plain string prefix). With ``directory=True``, only the
+        immediate children of ``prefix`` with '/' as separator: keys without a further '/' in
+        ``entries``, deeper ones grouped into ``prefixes`` (ending in '/')."""
+        entries: list[c.ListEntry] = []
+        prefixes: list[str] = []
+        for page in self.iter_list(prefix, directory):
+            entries.extend(page.entries)
+            prefixes.extend(page.prefixes)
+        return c.Listing(entries, prefixes)
+
+    def server_info(self) -> c.ServerInfo:
+        """Version, backend, cache tiers, features and counters of the server."""
+        return c.server_info_from_proto(
+            self._call(
+                lambda stub: stub.ServerInfo(pb.ServerInfoRequest(), timeout=self.timeout), None
+            )
+        )

@@ -1,0 +1,400 @@
+"""A Zarr v3 store (``zarr.abc.store.Store``, zarr 3.1) that keeps its keys in a chunkd server.
+
+    import zarr, xarray
+    from chunkd.zarr import ChunkdStore
+
+    store = ChunkdStore("chunkd://127.0.0.1:7878/era5.zarr")
+    zarr.create_array(store, shape=(1000, 1000), chunks=(100, 100), dtype="f4")
+    ds = xarray.open_zarr(ChunkdStore("chunkd://127.0.0.1:7878/era5.zarr", read_only=True))
+
+URL forms (see :mod:`chunkd._address`):
+
+* ``chunkd://HOST:PORT`` — the server's whole key space is the store's root;
+* ``chunkd://HOST:PORT/some/path`` — the store's keys live under ``some/path/`` on the server
+  (a file-backed server stores them in ``<store dir>/some/path/``);
+* ``chunkd+unix:///run/chunkd.sock`` — a Unix-domain socket (``path=`` names a sub-path);
+* a plain address: ``HOST:PORT`` or ``unix:/run/chunkd.sock``.
+
+Values arrive inline (gRPC messages) today; the conversion of a reply to a zarr ``Buffer`` goes
+through :meth:`ChunkdStore._to_buffer`, keyed by the reply's delivery, so that zero-copy
+deliveries (shared memory, CUDA IPC) can slot in without touching the rest of the store.
+
+The store is picklable (it reconnects in the process that unpickles it), so it works with
+``multiprocessing`` (spawn) and dask. Each event loop that uses the store gets its own asyncio
+channel; the ``*_sync`` methods use one blocking channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any, Self
+
+from zarr.abc.store import (
+    ByteRequest,
+    OffsetByteRequest,
+    RangeByteRequest,
+    Store,
+    SuffixByteRequest,
+)
+from zarr.core.buffer import Buffer, default_buffer_prototype
+
+from chunkd import _common as c
+from chunkd._address import DEFAULT_ADDRESS, parse_url, url_of
+from chunkd._stubs import pb
+from chunkd.aio import AsyncClient
+from chunkd.client import Client
+from chunkd.errors import NotFoundError, PreconditionFailed
+
+if TYPE_CHECKING:
+    from zarr.core.buffer import BufferPrototype
+
+__all__ = ["ChunkdStore"]
+
+# Deletes in flight at once in delete_dir / clear.
+_DELETE_CONCURRENCY = 64
+
+
+def _normalize_path(path: str) -> str:
+    path = path.strip("/")
+    if not path:
+        return ""
+    for segment in path.split("/"):
+        if segment in ("", ".", ".."):
+            raise ValueError(f"ChunkdStore path {path!r} has an empty, '.' or '..' segment")
+    return path
+
+
+def _range_kwargs(byte_range: ByteRequest | None) -> dict[str, int]:
+    if byte_range is None:
+        return {}
+    if isinstance(byte_range, RangeByteRequest):
+        return {"start": byte_range.start, "end": byte_range.end}
+    if isinstance(byte_range, OffsetByteRequest):
+        return {"start": byte_range.offset}
+    if isinstance(byte_range, SuffixByteRequest):
+        return {"suffix": byte_range.suffix}
+    raise TypeError(f"Unexpected byte_range, got {byte_range}.")
+
+
+def _inline_to_buffer(result: c.GetResult, prototype: BufferPrototype) -> Buffer:
+    # The bytearray was allocated for this reply alone: a CPU buffer wraps it without a copy,
+    # a GPU buffer copies it to the device.
+    return prototype.buffer.from_bytes(result.data)
+
+
+class ChunkdStore(Store):
+    """A Zarr store whose keys and values live in a chunkd server.
+
+    Args:
+        url: ``chunkd://HOST:PORT[/path]``, ``chunkd+unix:///socket``, ``HOST:PORT`` or
+            ``unix:/socket``. Default ``127.0.0.1:7878``.
+        read_only: refuse set and delete (zarr's ``ValueError``), without asking the server.
+        path: a key prefix inside the server (joined after the URL's own path).
+        timeout: seconds each attempt of a call may take (None: no deadline).
+        retries: retries of idempotent calls after UNAVAILABLE.
+    """
+
+    supports_writes: bool = True
+    supports_deletes: bool = True
+    supports_listing: bool = True
+
+    # How a reply's delivery becomes a zarr Buffer of the requested prototype.
+    _BUFFER_FROM_DELIVERY = {
+        pb.DELIVERY_UNSPECIFIED: _inline_to_buffer,
+        pb.DELIVERY_INLINE: _inline_to_buffer,
+    }
+
+    def __init__(
+        self,
+        url: str = DEFAULT_ADDRESS,
+        *,
+        read_only: bool = False,
+        path: str = "",
+        timeout: float | None = c.DEFAULT_TIMEOUT,
+        retries: int = c.DEFAULT_RETRIES,
+    ) -> None:
+        super().__init__(read_only=read_only)
+        target, url_path = parse_url(url)
+        self.target = target
+        self.path = _normalize_path("/".join(p for p in (url_path, path) if p))
+        self.timeout = timeout
+        self.retries = int(retries)
+        self._root = f"{self.path}/" if self.path else ""
+        self._lock = threading.Lock()
+        self._aio_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._sync_client: Client | None = None
+
+    # -- identity --------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The store's URL (the path is included for TCP addresses)."""
+        base = url_of(self.target)
+        if self.path and base.startswith("chunkd://"):
+            return f"{base}/{self.path}"
+        return base
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        if self.path and not self.url.endswith(self.path):
+            return f"ChunkdStore({self.url!r}, path={self.path!r})"
+        return f"ChunkdStore({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, ChunkdStore)
+            and self.target == other.target
+            and self.path == other.path
+            and self.read_only == other.read_only
+        )
+
+    def __hash__(self) -> int:
+        return hash((ChunkdStore, self.target, self.path, self.read_only))
+
+    def _options(self) -> dict[str, Any]:
+        return {"path": self.path, "timeout": self.timeout, "retries": self.retries}
+
+    def with_read_only(self, read_only: bool = False) -> Self:
+        # docstring inherited
+        return type(self)(url_of(self.target), read_only=read_only, **self._options())
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"target": self.target, "read_only": self.read_only, **self._options()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A fresh, unopened store with its own channels: gRPC channels do not cross processes.
+        target = state.pop("target")
+        self.__init__(url_of(target), **state)
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def _aio(self) -> AsyncClient:
+        """The asyncio client of the running event loop (created on first use in that loop)."""
+        loop = asyncio.get_running_loop()
+        client = self._aio_clients.get(loop)
+        if client is None:
+            with self._lock:
+                client = self._aio_clients.get(loop)
+                if client is None:
+                    client = AsyncClient(self.target, timeout=self.timeout, retries=self.retries)
+                    self._aio_clients[loop] = client
+        return client
+
+    def _sync(self) -> Client:
+        client = self._sync_client
+        if client is None:
+            with self._lock:
+                if self._sync_client is None:
+                    self._sync_client = Client(
+                        self.target, timeout=self.timeout, retries=self.retries
+                    )
+                client = self._sync_client
+        return client
+
+    def close(self) -> None:
+        """Closes the store's channels (they reopen if the store is used again)."""
+        super().close()
+        with self._lock:
+            clients = list(self._aio_clients.items())
+            self._aio_clients = weakref.WeakKeyDictionary()
+            sync_client, self._sync_client = self._sync_client, None
+        if sync_client is not None:
+            sync_client.close()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for loop, client in clients:
+            if loop.is_closed():
+                continue
+            if loop is running:
+                loop.create_task(client.close())
+            elif loop.is_running():
+                asyncio.run_coroutine_threadsafe(client.close(), loop)
+            else:
+                try:
+                    loop.run_until_complete(client.close())
+                except RuntimeError:
+                    pass
+
+    def _key(self, key: str) -> str:
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, got {type(key).__name__}")
+        return self._root + key
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def _to_buffer(self, result: c.GetResult, prototype: BufferPrototype) -> Buffer:
+        return self._BUFFER_FROM_DELIVERY[result.delivery](result, prototype)
+
+    async def get(
+        self,
+        key: str,
+        prototype: BufferPrototype | None = None,
+        byte_range: ByteRequest | None = None,
+    ) -> Buffer | None:
+        # docstring inherited
+        if prototype is None:
+            prototype = default_buffer_prototype()
+        await self._ensure_open()
+        kwargs = _range_kwargs(byte_range)
+        try:
+            result = await self._aio().read(self._key(key), **kwargs)
+        except NotFoundError:
+            return None
+        return self._to_buffer(result, prototype)
+
+    async def get_partial_values(
+        self,
+        prototype: BufferPrototype,
+        key_ranges: Iterable[tuple[str, ByteRequest | None]],
+    ) -> list[Buffer | None]:
+        # docstring inherited: all reads in flight at once over one channel.
+        return list(
+            await asyncio.gather(*(self.get(key, prototype, rng) for key, rng in key_ranges))
+        )
+
+    async def _get_many(self, requests):  # type: ignore[override]
+        requests = list(requests)
+        results = await asyncio.gather(*(self.get(*request) for request in requests))
+        for request, result in zip(requests, results, strict=True):
+            yield request[0], result
+
+    async def exists(self, key: str) -> bool:
+        # docstring inherited
+        await self._ensure_open()
+        return (await self._aio().stat(self._key(key))).exists
+
+    async def getsize(self, key: str) -> int:
+        # docstring inherited: from Stat, without reading the value.
+        await self._ensure_open()
+        stat = await self._aio().stat(self._key(key))
+        if not stat.exists:
+            raise NotFoundError(f"key {key!r} not found", key=key)
+        return stat.size
+
+    async def getsize_prefix(self, prefix: str) -> int:
+        # docstring inherited: one listing carries every size.
+        await self._ensure_open()
+        total = 0
+        async for page in self._aio().iter_list(self._root + prefix):
+            total += sum(entry.size for entry in page.entries)
+        return total
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _value_view(key: str, value: Buffer) -> Any:
+        if not isinstance(value, Buffer):
+            raise TypeError(
+                f"ChunkdStore.set(): `value` must be a Buffer instance. Got an instance of "
+                f"{type(value)} instead."
+            )
+        # Host buffers: a view of their memory; device buffers: copied to the host.
+        return value.as_numpy_array()
+
+    async def set(self, key: str, value: Buffer) -> None:
+        # docstring inherited
+        self._check_writable()
+        await self._ensure_open()
+        await self._aio().put(self._key(key), self._value_view(key, value))
+
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        # docstring inherited: atomic on the server (if_generation_match=0: "only if absent").
+        self._check_writable()
+        await self._ensure_open()
+        try:
+            await self._aio().put(
+                self._key(key), self._value_view(key, value), if_generation_match=0
+            )
+        except PreconditionFailed:
+            pass
+
+    async def delete(self, key: str) -> None:
+        # docstring inherited: a missing key is not an error.
+        self._check_writable()
+        await self._ensure_open()
+        try:
+            await self._aio().delete(self._key(key))
+        except NotFoundError:
+            pass
+
+    async def delete_dir(self, prefix: str) -> None:
+        # docstring inherited
+        self._check_writable()
+        await self._ensure_open()
+        prefix = prefix.strip("/")
+        keys = [key async for key in self.list_prefix(f"{prefix}/" if prefix else "")]
+        semaphore = asyncio.Semaphore(_DELETE_CONCURRENCY)
+
+        async def delete_one(key: str) -> None:
+            async with semaphore:
+                await self.delete(key)
+
+        await asyncio.gather(*(delete_one(key) for key in keys))
+
+    # -- listings --------------------------------------------------------------------------------
+
+    async def list(self) -> AsyncIterator[str]:
+        # docstring inherited
+        async for key in self.list_prefix(""):
+            yield key
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        # docstring inherited
+        await self._ensure_open()
+        strip = len(self._root)
+        async for page in self._aio().iter_list(self._root + prefix):
+            for entry in page.entries:
+                yield entry.key[strip:]
+
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        # docstring inherited: names relative to prefix; sub-folders without their '/'.
+        await self._ensure_open()
+        prefix = prefix.strip("/")
+        full = self._root + (f"{prefix}/" if prefix else "")
+        strip = len(full)
+        async for page in self._aio().iter_list(full, directory=True):
+            for entry in page.entries:
+                yield entry.key[strip:]
+            for sub in page.prefixes:
+                yield sub[strip:].rstrip("/")
+
+    # -- synchronous methods (zarr's SupportsSyncStore protocol) ----------------------------------
+
+    def get_sync(
+        self,
+        key: str,
+        *,
+        prototype: BufferPrototype | None = None,
+        byte_range: ByteRequest | None = None,
+    ) -> Buffer | None:
+        if prototype is None:
+            prototype = default_buffer_prototype()
+        self._is_open = True
+        kwargs = _range_kwargs(byte_range)
+        try:
+            result = self._sync().read(self._key(key), **kwargs)
+        except NotFoundError:
+            return None
+        return self._to_buffer(result, prototype)
+
+    def set_sync(self, key: str, value: Buffer) -> None:
+        self._check_writable()
+        self._is_open = True
+        self._sync().put(self._key(key), self._value_view(key, value))
+
+    def delete_sync(self, key: str) -> None:
+        self._check_writable()
+        self._is_open = True
+        try:
+            self._sync().delete(self._key(key))
+        except NotFoundError:
+            pass
