@@ -1,0 +1,116 @@
+// chunkctl against the real chunkd, as a user runs it.
+#include <signal.h>
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "tests/support/test_support.h"
+
+namespace chunkd {
+namespace {
+
+using testing::CommandResult;
+using testing::RunCommand;
+using testing::ServerProcess;
+using testing::TempDir;
+
+class ChunkctlTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    std::filesystem::create_directories(dir_->Join("store"));
+    auto server = ServerProcess::Start({"--listen=127.0.0.1:0,unix:" + dir_->Join("sock"),
+                                        "--store=" + dir_->Join("store"), "--fsync=false"});
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = server->release();
+  }
+  static void TearDownTestSuite() {
+    if (server_) EXPECT_EQ(server_->Stop(SIGTERM), 0);
+    delete server_;
+    delete dir_;
+  }
+  CommandResult Ctl(std::vector<std::string> args, const std::string& input = "",
+                    int address = 0) {
+    std::vector<std::string> argv = {testing::kChunkctlBinary,
+                                     "--server=" + server_->addresses()[address]};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return RunCommand(argv, input);
+  }
+  static TempDir* dir_;
+  static ServerProcess* server_;
+};
+TempDir* ChunkctlTest::dir_ = nullptr;
+ServerProcess* ChunkctlTest::server_ = nullptr;
+
+TEST_F(ChunkctlTest, PutGetRoundTrips64MiBOverTcpAndUnixSocket) {
+  std::string value = testing::RandomBytes(64 << 20, 42);
+  std::string in = dir_->Join("in.bin");
+  testing::WriteFile(in, value);
+  for (int address : {0, 1}) {
+    SCOPED_TRACE(server_->addresses()[address]);
+    std::string key = absl::StrCat("big/c/", address);
+    CommandResult put = Ctl({"put", key, in}, "", address);
+    ASSERT_EQ(put.exit_code, 0) << put.err;
+    std::string out = dir_->Join(absl::StrCat("out", address, ".bin"));
+    CommandResult get = Ctl({"get", key, "-o", out, "-v"}, "", address);
+    ASSERT_EQ(get.exit_code, 0) << get.err;
+    EXPECT_NE(get.err.find("DELIVERY_INLINE"), std::string::npos) << get.err;
+    EXPECT_TRUE(testing::ReadFile(out) == value);
+  }
+}
+
+TEST_F(ChunkctlTest, StdinStdoutAndRanges) {
+  ASSERT_EQ(Ctl({"put", "arr/c/0", "-"}, "0123456789").exit_code, 0);
+  EXPECT_EQ(Ctl({"get", "arr/c/0"}).out, "0123456789");
+  EXPECT_EQ(Ctl({"get", "arr/c/0", "--range=2-5"}).out, "234");
+  EXPECT_EQ(Ctl({"get", "arr/c/0", "--range=7-"}).out, "789");
+  EXPECT_EQ(Ctl({"get", "arr/c/0", "--range=-4"}).out, "6789");
+  EXPECT_EQ(Ctl({"get", "arr/c/0", "--range", "3-4"}).out, "3");
+  CommandResult bad = Ctl({"get", "arr/c/0", "--range=5-2"});
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.err.find("ends before it starts"), std::string::npos) << bad.err;
+  bad = Ctl({"get", "arr/c/0", "--range=x"});
+  EXPECT_EQ(bad.exit_code, 1);
+}
+
+TEST_F(ChunkctlTest, ExitCodes) {
+  CommandResult missing = Ctl({"get", "no/such/key"});
+  EXPECT_EQ(missing.exit_code, 2);
+  EXPECT_NE(missing.err.find("not found"), std::string::npos);
+  EXPECT_EQ(std::count(missing.err.begin(), missing.err.end(), '\n'), 1) << missing.err;
+  EXPECT_EQ(Ctl({"stat", "no/such/key"}).exit_code, 2);
+  EXPECT_EQ(Ctl({"rm", "no/such/key"}).exit_code, 2);
+  CommandResult traversal = Ctl({"get", "../../etc/passwd"});
+  EXPECT_EQ(traversal.exit_code, 1);
+  EXPECT_NE(traversal.err.find("'..' segment"), std::string::npos);
+  EXPECT_EQ(Ctl({"put", "a/../../b", "-"}, "evil").exit_code, 1);
+  EXPECT_FALSE(testing::PathExists(dir_->Join("b")));
+  EXPECT_EQ(Ctl({"frobnicate"}).exit_code, 1);
+  EXPECT_EQ(Ctl({"get"}).exit_code, 1);
+  EXPECT_EQ(Ctl({"put", "k", dir_->Join("no-such-file")}).exit_code, 2);
+  CommandResult down = RunCommand(
+      {testing::kChunkctlBinary, "--server=127.0.0.1:1", "--timeout=1s", "info"});
+  EXPECT_EQ(down.exit_code, 1);
+}
+
+TEST_F(ChunkctlTest, ListStatRemoveInfo) {
+  for (const char* key : {"ls/zarr.json", "ls/c/0/0", "ls/c/0/1"}) {
+    ASSERT_EQ(Ctl({"put", key, "-"}, "v").exit_code, 0);
+  }
+  EXPECT_EQ(Ctl({"ls", "ls/"}).out, "ls/c/0/0\nls/c/0/1\nls/zarr.json\n");
+  EXPECT_EQ(Ctl({"ls", "ls/", "--dir"}).out, "ls/c/\nls/zarr.json\n");
+  CommandResult stat = Ctl({"stat", "ls/zarr.json"});
+  EXPECT_EQ(stat.exit_code, 0);
+  EXPECT_NE(stat.out.find("size: 1"), std::string::npos) << stat.out;
+  EXPECT_EQ(Ctl({"rm", "ls/zarr.json"}).exit_code, 0);
+  EXPECT_EQ(Ctl({"get", "ls/zarr.json"}).exit_code, 2);
+  CommandResult info = Ctl({"info"});
+  EXPECT_EQ(info.exit_code, 0);
+  EXPECT_NE(info.out.find("backend: file"), std::string::npos) << info.out;
+  CommandResult help = RunCommand({testing::kChunkctlBinary, "--help"});
+  EXPECT_NE(help.out.find("chunkctl [--server=ADDR] get KEY"), std::string::npos) << help.out;
+}
+
+}  // namespace
+}  // namespace chunkd

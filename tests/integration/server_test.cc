@@ -1,0 +1,468 @@
+// The real chunkd binary, driven by the C++ client library over TCP and a UNIX socket.
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "client/client.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/generic/generic_stub.h"
+#include "gtest/gtest.h"
+#include "tests/support/test_support.h"
+
+namespace chunkd {
+namespace {
+
+using client::ByteRange;
+using client::Client;
+using client::ClientOptions;
+using client::Conditions;
+using client::GetOptions;
+using testing::ServerProcess;
+using testing::TempDir;
+
+buffer::cpu::Buffer Bytes(const std::string& s) { return buffer::cpu::Buffer::CopyOf(s); }
+std::string Str(const buffer::cpu::Buffer& b) { return std::string(b.view()); }
+
+std::unique_ptr<Client> Connect(const std::string& address) {
+  ClientOptions options;
+  options.address = address;
+  options.timeout = absl::Seconds(60);
+  auto client = Client::Connect(options);
+  EXPECT_TRUE(client.ok()) << client.status();
+  return *std::move(client);
+}
+
+// One server for the suite, on a TCP port and a UNIX socket, over a file store.
+class ServerTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  static void SetUpTestSuite() {
+    root_ = new TempDir();
+    std::filesystem::create_directories(root_->Join("store"));
+    auto server = ServerProcess::Start({"--listen=127.0.0.1:0,unix:" + root_->Join("sock"),
+                                        "--store=" + root_->Join("store"), "--fsync=false",
+                                        "--host_cache_bytes=512MiB"});
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = server->release();
+  }
+  static void TearDownTestSuite() {
+    if (server_) EXPECT_EQ(server_->Stop(SIGTERM), 0) << server_->log();
+    delete server_;
+    delete root_;
+    server_ = nullptr;
+    root_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_NE(server_, nullptr);
+    address_ = GetParam() == "tcp" ? server_->addresses()[0] : server_->addresses()[1];
+    client_ = Connect(address_);
+  }
+  std::string StorePath(const std::string& key) { return root_->Join("store/" + key); }
+  std::string Key(const std::string& name) { return GetParam() + "/" + name; }
+
+  static TempDir* root_;
+  static ServerProcess* server_;
+  std::string address_;
+  std::unique_ptr<Client> client_;
+};
+TempDir* ServerTest::root_ = nullptr;
+ServerProcess* ServerTest::server_ = nullptr;
+
+TEST_P(ServerTest, RoundTripsValuesOfEverySize) {
+  for (size_t size : {size_t{0}, size_t{1}, size_t{4096}, size_t{(1 << 20) + 1}, size_t{64 << 20}}) {
+    SCOPED_TRACE(size);
+    std::string key = Key(absl::StrCat("sizes/c/", size));
+    std::string value = testing::RandomBytes(size, size);
+    auto put = client_->Put(key, Bytes(value));
+    ASSERT_TRUE(put.ok()) << put.status();
+    EXPECT_EQ(put->size, size);
+    EXPECT_NE(put->generation, 0u);
+    auto got = client_->Get(key);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->data.size(), size);
+    EXPECT_TRUE(Str(got->data) == value);
+    EXPECT_EQ(got->total_size, size);
+    EXPECT_EQ(got->generation, put->generation);
+    // The file store keeps the value as a plain file in Zarr's layout.
+    EXPECT_TRUE(testing::ReadFile(StorePath(key)) == value);
+  }
+}
+
+TEST_P(ServerTest, ServesEveryRangeKind) {
+  std::string key = Key("ranges/c/0");
+  std::string value = testing::RandomBytes(3 << 20, 7);
+  ASSERT_TRUE(client_->Put(key, Bytes(value)).ok());
+  struct Case {
+    ByteRange range;
+    size_t start, length;
+  };
+  const size_t n = value.size();
+  std::vector<Case> cases = {
+      {ByteRange::All(), 0, n},
+      {ByteRange::Bounded(10, 20), 10, 10},
+      {ByteRange::Bounded(5, 5), 5, 0},
+      {ByteRange::Bounded(n - 3, n + 100), n - 3, 3},  // past the end: what exists
+      {ByteRange::Bounded(n + 10, n + 20), n, 0},
+      {ByteRange::FromOffset(1 << 20), 1 << 20, n - (1 << 20)},
+      {ByteRange::FromOffset(n + 1), n, 0},
+      {ByteRange::Suffix(100), n - 100, 100},
+      {ByteRange::Suffix(n + 5), 0, n},
+      {ByteRange::Suffix(0), n, 0},
+  };
+  for (const Case& c : cases) {
+    GetOptions options;
+    options.range = c.range;
+    auto got = client_->Get(key, options);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->range_start, c.start);
+    EXPECT_EQ(got->total_size, n);
+    EXPECT_TRUE(Str(got->data) == value.substr(c.start, c.length))
+        << "range start " << c.start << " length " << c.length;
+  }
+  for (ByteRange bad : {ByteRange::Bounded(-1, 5), ByteRange::Bounded(10, 5),
+                        ByteRange::FromOffset(-3), ByteRange::Suffix(-1)}) {
+    GetOptions options;
+    options.range = bad;
+    auto got = client_->Get(key, options);
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument) << got.status();
+  }
+}
+
+TEST_P(ServerTest, RefusesBadKeysAndTouchesNothingOutsideTheRoot) {
+  std::string outside = root_->Join("outside");
+  std::filesystem::create_directories(outside);
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"", "empty"},
+      {"/abs", "starts with '/'"},
+      {"a//b", "empty segment"},
+      {"a/", "empty segment"},
+      {"../../etc/passwd", "'..' segment"},
+      {"a/../../b", "'..' segment"},
+      {"../outside/x", "'..' segment"},
+      {"a/./b", "'.' segment"},
+      {std::string("a\0b", 3), "NUL"},
+      {"a\x01" "b", "control character"},
+      {"bad\xff" "utf8", "UTF-8"},
+      {std::string(1025, 'k'), "longer than 1024"},
+  };
+  for (const auto& [key, reason] : bad) {
+    SCOPED_TRACE(reason);
+    auto put = client_->Put(key, Bytes("x"));
+    EXPECT_EQ(put.status().code(), absl::StatusCode::kInvalidArgument) << put.status();
+    EXPECT_NE(put.status().message().find(reason), std::string::npos) << put.status();
+    EXPECT_EQ(client_->Get(key).status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(client_->Stat(key).status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(client_->Delete(key).code(), absl::StatusCode::kInvalidArgument);
+  }
+  EXPECT_TRUE(std::filesystem::is_empty(outside));
+  EXPECT_FALSE(testing::PathExists(root_->Join("b")));
+  EXPECT_EQ(client_->List("/x").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_P(ServerTest, MissingKeysAreNotFound) {
+  auto got = client_->Get(Key("missing/c/0"));
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(got.status().message().find("missing/c/0"), std::string::npos);
+  auto stat = client_->Stat(Key("missing/c/0"));
+  ASSERT_TRUE(stat.ok()) << stat.status();
+  EXPECT_FALSE(stat->exists);
+  EXPECT_EQ(client_->Delete(Key("missing/c/0")).code(), absl::StatusCode::kNotFound);
+  // A directory is not a value.
+  ASSERT_TRUE(client_->Put(Key("dir/c/0"), Bytes("v")).ok());
+  EXPECT_EQ(client_->Get(Key("dir/c")).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_P(ServerTest, GenerationConditions) {
+  std::string key = Key("cond/zarr.json");
+  Conditions create_only;
+  create_only.if_generation_match = 0;
+  auto first = client_->Put(key, Bytes("one"), create_only);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = client_->Put(key, Bytes("two"), create_only);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition) << second.status();
+  EXPECT_EQ(Str(client_->Get(key)->data), "one");
+
+  Conditions match;
+  match.if_generation_match = first->generation;
+  auto third = client_->Put(key, Bytes("three"), match);
+  ASSERT_TRUE(third.ok()) << third.status();
+  EXPECT_NE(third->generation, first->generation);
+  EXPECT_EQ(client_->Put(key, Bytes("four"), match).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+
+  GetOptions stale;
+  stale.conditions.if_generation_match = first->generation;
+  EXPECT_EQ(client_->Get(key, stale).status().code(), absl::StatusCode::kFailedPrecondition);
+  GetOptions changed;
+  changed.conditions.if_generation_not_match = first->generation;
+  EXPECT_EQ(Str(client_->Get(key, changed)->data), "three");
+
+  auto stat = client_->Stat(key);
+  ASSERT_TRUE(stat.ok());
+  EXPECT_TRUE(stat->exists);
+  EXPECT_EQ(stat->size, 5u);
+  EXPECT_EQ(stat->generation, third->generation);
+
+  EXPECT_EQ(client_->Delete(key, match).code(), absl::StatusCode::kFailedPrecondition);
+  Conditions current;
+  current.if_generation_match = third->generation;
+  EXPECT_TRUE(client_->Delete(key, current).ok());
+  EXPECT_EQ(client_->Get(key).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_FALSE(testing::PathExists(StorePath(key)));
+}
+
+TEST_P(ServerTest, ListsRecursivelyAndByDirectory) {
+  std::string base = Key("list");
+  for (const char* name : {"zarr.json", "c/0/0", "c/0/1", "c/1/0", "c.json", "d/zarr.json"}) {
+    ASSERT_TRUE(client_->Put(base + "/" + name, Bytes(name)).ok());
+  }
+  auto all = client_->List(base + "/");
+  ASSERT_TRUE(all.ok()) << all.status();
+  std::vector<std::string> keys;
+  for (const auto& e : all->entries) keys.push_back(e.key.substr(base.size() + 1));
+  EXPECT_EQ(keys, (std::vector<std::string>{"c.json", "c/0/0", "c/0/1", "c/1/0", "d/zarr.json",
+                                            "zarr.json"}));
+  EXPECT_EQ(all->entries[0].size, 6u);
+
+  auto dir = client_->List(base + "/", /*directory=*/true);
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  keys.clear();
+  for (const auto& e : dir->entries) keys.push_back(e.key.substr(base.size() + 1));
+  EXPECT_EQ(keys, (std::vector<std::string>{"c.json", "zarr.json"}));
+  EXPECT_EQ(dir->prefixes, (std::vector<std::string>{base + "/c/", base + "/d/"}));
+
+  auto partial = client_->List(base + "/c/0");
+  ASSERT_TRUE(partial.ok());
+  EXPECT_EQ(partial->entries.size(), 2u);
+}
+
+TEST_P(ServerTest, ConcurrentReadersNeverSeeTornValues) {
+  // Writers store values whose bytes all equal one marker; a reader must see every byte of a
+  // value equal, whichever version it got.
+  std::string key = Key("race/c/0");
+  ASSERT_TRUE(client_->Put(key, Bytes(std::string(256 << 10, 'a'))).ok());
+  std::atomic<bool> stop{false};
+  std::atomic<int> reads{0}, torn{0}, errors{0};
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 2; ++w) {
+    threads.emplace_back([&, w] {
+      auto c = Connect(address_);
+      for (int i = 0; i < 20; ++i) {
+        char marker = static_cast<char>('b' + (w * 20 + i) % 24);
+        size_t size = (128 << 10) + (i * 4096);
+        if (!c->Put(key, Bytes(std::string(size, marker))).ok()) ++errors;
+      }
+    });
+  }
+  for (int r = 0; r < 4; ++r) {
+    threads.emplace_back([&] {
+      auto c = Connect(address_);
+      while (!stop.load()) {
+        auto got = c->Get(key);
+        if (!got.ok()) {
+          ++errors;
+          continue;
+        }
+        std::string v = Str(got->data);
+        if (v.empty() || v.find_first_not_of(v[0]) != std::string::npos) ++torn;
+        ++reads;
+      }
+    });
+  }
+  threads[0].join();
+  threads[1].join();
+  stop = true;
+  for (size_t i = 2; i < threads.size(); ++i) threads[i].join();
+  EXPECT_EQ(torn.load(), 0);
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_GT(reads.load(), 0);
+}
+
+TEST_P(ServerTest, ConcurrentMissesOnOneKeyReadTheBackendOnce) {
+  // The value is placed in the store directory behind the server's back, so it is not cached.
+  std::string key = Key(absl::StrCat("flight/c/", ::getpid()));
+  std::filesystem::create_directories(std::filesystem::path(StorePath(key)).parent_path());
+  std::string value = testing::RandomBytes(8 << 20, 3);
+  testing::WriteFile(StorePath(key), value);
+  auto before = client_->ServerInfo();
+  ASSERT_TRUE(before.ok());
+  std::vector<std::thread> readers;
+  std::atomic<int> good{0};
+  for (int i = 0; i < 16; ++i) {
+    readers.emplace_back([&] {
+      auto got = client_->Get(key);
+      if (got.ok() && Str(got->data) == value) ++good;
+    });
+  }
+  for (auto& t : readers) t.join();
+  auto after = client_->ServerInfo();
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(good.load(), 16);
+  EXPECT_EQ(after->counters().at("backend_reads") - before->counters().at("backend_reads"), 1u);
+}
+
+TEST_P(ServerTest, AsyncCallsDeliverOnCallbacks) {
+  std::string key = Key("async/c/0");
+  absl::Notification put_done;
+  client_->PutAsync(key, Bytes("async value"), {}, [&](absl::StatusOr<client::PutResult> r) {
+    EXPECT_TRUE(r.ok()) << r.status();
+    put_done.Notify();
+  });
+  put_done.WaitForNotification();
+  absl::Notification get_done;
+  client_->GetAsync(key, {}, [&](absl::StatusOr<client::GetResult> r) {
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (r.ok()) {
+      EXPECT_EQ(Str(r->data), "async value");
+    }
+    get_done.Notify();
+  });
+  get_done.WaitForNotification();
+  absl::Notification stat_done;
+  client_->StatAsync(key, [&](absl::StatusOr<client::StatResult> r) {
+    EXPECT_TRUE(r.ok() && r->exists && r->size == 11);
+    stat_done.Notify();
+  });
+  stat_done.WaitForNotification();
+  absl::Notification delete_done;
+  client_->DeleteAsync(key, {}, [&](absl::Status s) {
+    EXPECT_TRUE(s.ok()) << s;
+    delete_done.Notify();
+  });
+  delete_done.WaitForNotification();
+}
+
+TEST_P(ServerTest, ReportsHealthAndInfo) {
+  // grpc.health.v1.Health/Check with an empty request (service ""): SERVING is field 1 = 1.
+  auto channel = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  grpc::ByteBuffer request, response;
+  grpc::Slice empty("");
+  request = grpc::ByteBuffer(&empty, 1);
+  absl::Notification done;
+  grpc::Status status;
+  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
+                 &response, [&](grpc::Status s) {
+                   status = s;
+                   done.Notify();
+                 });
+  done.WaitForNotification();
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(response.Dump(&slices).ok());
+  std::string bytes;
+  for (auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  EXPECT_EQ(bytes, std::string("\x08\x01", 2));
+
+  auto info = client_->ServerInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->backend(), "file");
+  EXPECT_EQ(info->max_value_bytes(), 256u << 20);
+  ASSERT_GE(info->tiers_size(), 1);
+  EXPECT_EQ(info->tiers(0).capacity_bytes(), 512u << 20);
+  EXPECT_LE(info->tiers(0).used_bytes(), info->tiers(0).capacity_bytes());
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, ServerTest, ::testing::Values("tcp", "unix"),
+                         [](const auto& info) { return info.param; });
+
+TEST(ServerLimits, RefusesValuesOverTheMaximumBeforeBuffering) {
+  TempDir dir;
+  auto server = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
+                                      "--max_value_bytes=1MiB"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto client = Connect((*server)->address());
+  auto put = client->Put("big", Bytes(std::string((1 << 20) + 1, 'x')));
+  EXPECT_EQ(put.status().code(), absl::StatusCode::kResourceExhausted) << put.status();
+  EXPECT_FALSE(testing::PathExists(dir.Join("big")));
+  EXPECT_TRUE(client->Put("fits", Bytes(std::string(1 << 20, 'x'))).ok());
+  EXPECT_EQ((*server)->Stop(), 0);
+}
+
+TEST(ServerLimits, ReadOnlyRefusesWrites) {
+  TempDir dir;
+  testing::WriteFile(dir.Join("k"), "kept");
+  auto server =
+      ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(), "--read_only"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto client = Connect((*server)->address());
+  EXPECT_EQ(client->Put("k", Bytes("new")).status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(client->Delete("k").code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(Str(client->Get("k")->data), "kept");
+  EXPECT_TRUE(client->ServerInfo()->read_only());
+}
+
+TEST(ServerLimits, MemoryStoreRefusesWhatDoesNotFitAndLosesNothing) {
+  auto server = ServerProcess::Start(
+      {"--listen=127.0.0.1:0", "--store=memory://", "--host_cache_bytes=4MiB"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto client = Connect((*server)->address());
+  std::string a = testing::RandomBytes(3 << 20, 1);
+  ASSERT_TRUE(client->Put("a", Bytes(a)).ok());
+  auto b = client->Put("b", Bytes(std::string(2 << 20, 'b')));
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kResourceExhausted) << b.status();
+  EXPECT_TRUE(Str(client->Get("a")->data) == a);
+  EXPECT_EQ(client->Get("b").status().code(), absl::StatusCode::kNotFound);
+  // Replacing a value only needs room for the difference.
+  EXPECT_TRUE(client->Put("a", Bytes(std::string(4 << 20, 'c'))).ok());
+  auto info = client->ServerInfo();
+  EXPECT_EQ(info->backend(), "memory");
+  EXPECT_EQ(info->tiers(0).used_bytes(), 4u << 20);
+}
+
+TEST(ServerLifecycle, SigtermFinishesCallsInFlightAndExitsZero) {
+  TempDir dir;
+  auto server = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
+                                      "--fsync=false", "--shutdown_grace=20s"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto client = Connect((*server)->address());
+  std::string value = testing::RandomBytes(32 << 20, 5);
+  ASSERT_TRUE(client->Put("v", Bytes(value)).ok());
+  std::atomic<int> good{0}, finished{0};
+  std::vector<std::thread> readers;
+  for (int i = 0; i < 4; ++i) {
+    readers.emplace_back([&] {
+      auto got = client->Get("v");
+      if (got.ok() && Str(got->data) == value) ++good;
+      ++finished;
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_EQ((*server)->Stop(SIGTERM), 0) << (*server)->log();
+  for (auto& t : readers) t.join();
+  EXPECT_EQ(finished.load(), 4);
+  // Calls that reached the server before SIGTERM complete; none is cut short with bad data.
+  EXPECT_GE(good.load(), 1);
+  // Afterwards, nobody answers: UNAVAILABLE after bounded retries.
+  ClientOptions options;
+  options.address = (*server)->address();
+  options.timeout = absl::Seconds(2);
+  auto late = Client::Connect(options);
+  EXPECT_EQ((*late)->Get("v").status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(ServerLifecycle, ExplainsBadFlags) {
+  auto result = testing::RunCommand({testing::kChunkdBinary, "--store=/nonexistent/dir/x",
+                                     "--listen=127.0.0.1:0"});
+  EXPECT_EQ(result.exit_code, 1);
+  EXPECT_NE(result.err.find("/nonexistent/dir/x"), std::string::npos) << result.err;
+  result = testing::RunCommand({testing::kChunkdBinary, "--store=ftp://x"});
+  EXPECT_EQ(result.exit_code, 1);
+  EXPECT_NE(result.err.find("unknown scheme"), std::string::npos) << result.err;
+  result = testing::RunCommand({testing::kChunkdBinary, "--host_cache_bytes=lots"});
+  EXPECT_NE(result.exit_code, 0);
+  EXPECT_NE(result.err.find("not a byte size"), std::string::npos) << result.err;
+  result = testing::RunCommand({testing::kChunkdBinary, "--help"});
+  EXPECT_NE(result.out.find("--store"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace chunkd
