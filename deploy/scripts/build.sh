@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Configures and builds chunkd (server, client, chunkctl, tests, benchmarks) into build/.
+#   deploy/scripts/build.sh [ninja targets...]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+build_type="${CHUNKD_BUILD_TYPE:-RelWithDebInfo}"
+if [ ! -f "$root/build/build.ninja" ]; then
+  cmake -S "$root" -B "$root/build" -G Ninja -DCMAKE_BUILD_TYPE="$build_type"
+fi
+# Compiling gRPC code takes about 1 GiB of memory per job; cap jobs at the cores there are.
+ninja -C "$root/build" -j "$(nproc)" "$@"

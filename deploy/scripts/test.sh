@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The README's second command (and CI's): installs everything, builds, and runs every test:
+# the GoogleTest suites (ctest), the Python client and Zarr store tests (pytest), and the
+# deployment manifest checks.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+"$root/deploy/scripts/install-deps.sh" all
+"$root/deploy/scripts/build.sh"
+
+echo "== C++ tests (ctest)"
+ctest --test-dir "$root/build" --output-on-failure -j "$(nproc)" --timeout 900
+
+echo "== Python tests and deployment checks (pytest)"
+py_tests=()
+[ -d "$root/python/tests" ] && py_tests+=("$root/python/tests")
+compgen -G "$root/deploy/test_*.py" >/dev/null && py_tests+=("$root"/deploy/test_*.py)
+if [ "${#py_tests[@]}" -gt 0 ]; then
+  CHUNKD_BIN="$root/build/server/chunkd" CHUNKCTL_BIN="$root/build/client/chunkctl" \
+    "$root/.venv/bin/python" -m pytest -q "${py_tests[@]}"
+fi
+echo "== all tests passed"
