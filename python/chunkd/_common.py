@@ -6,6 +6,7 @@ Nothing here does I/O, so both clients stay thin loops around the same logic.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ MAX_RECEIVE_MESSAGE_BYTES = 16 << 20
 MAX_SEND_MESSAGE_BYTES = 8 << 20
 
 DEFAULT_TIMEOUT = 60.0
-DEFAULT_RETRIES = 4
+DEFAULT_RETRIES = 4  # 5 attempts, as the C++ client's max_attempts
 
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
@@ -320,10 +321,22 @@ class GetAssembler:
 # Retries
 
 
+class Deadline:
+    """The end of a call, retries included (None: no deadline)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        if self.end is None:
+            return None
+        return max(0.0, self.end - time.monotonic())
+
+
 class RetryPolicy:
     """Retries UNAVAILABLE (server down, restarting, overloaded) with capped exponential backoff
-    and full jitter. Only idempotent calls retry: get, stat, list, server_info and unconditional
-    put (which writes the same bytes again)."""
+    and full jitter, within the call's deadline. The same policy as the C++ client: 50 ms
+    initial backoff, 2 s at most; conditional puts are not retried."""
 
     RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
@@ -334,14 +347,19 @@ class RetryPolicy:
         self.initial = initial
         self.maximum = maximum
 
-    def should_retry(self, error: BaseException, attempt: int) -> bool:
+    def should_retry(self, error: BaseException, attempt: int, deadline: Deadline) -> bool:
         if attempt >= self.retries or not isinstance(error, grpc.RpcError):
+            return False
+        remaining = deadline.remaining()
+        if remaining is not None and remaining <= 0:
             return False
         code = error.code() if callable(getattr(error, "code", None)) else None
         return code in self.RETRYABLE
 
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.maximum, self.initial * (2**attempt)))
+    def delay(self, attempt: int, deadline: Deadline) -> float:
+        delay = random.uniform(0, min(self.maximum, self.initial * (2**attempt)))
+        remaining = deadline.remaining()
+        return delay if remaining is None else min(delay, remaining)
 
 
 def target_of(address: str) -> str:

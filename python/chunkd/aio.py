@@ -57,13 +57,16 @@ class AsyncClient:
         return self._stub
 
     async def _call(self, fn, key: str | None, *, idempotent: bool = True):
+        """Runs fn(stub, timeout) until it succeeds, fails for good, or the deadline (``timeout``
+        from now, retries included) passes; UNAVAILABLE is retried when ``idempotent``."""
+        deadline = c.Deadline(self.timeout)
         attempt = 0
         while True:
             try:
-                return await fn(self._get_stub())
+                return await fn(self._get_stub(), deadline.remaining())
             except grpc.RpcError as e:
-                if idempotent and self._retry.should_retry(e, attempt):
-                    await asyncio.sleep(self._retry.delay(attempt))
+                if idempotent and self._retry.should_retry(e, attempt, deadline):
+                    await asyncio.sleep(self._retry.delay(attempt, deadline))
                     attempt += 1
                     continue
                 raise error_from_rpc(e, key) from None
@@ -104,8 +107,8 @@ class AsyncClient:
             c.conditions(if_generation_match, if_generation_not_match),
         )
 
-        async def attempt(stub):
-            call = stub.Get(request, timeout=self.timeout)
+        async def attempt(stub, timeout):
+            call = stub.Get(request, timeout=timeout)
             assembler = c.GetAssembler(key, out)
             try:
                 async for response in call:
@@ -134,8 +137,8 @@ class AsyncClient:
         view = c.as_bytes_view(data)
         conds = c.conditions(if_generation_match, if_generation_not_match)
 
-        async def attempt(stub):
-            r = await stub.Put(c.put_requests(key, view, conds), timeout=self.timeout)
+        async def attempt(stub, timeout):
+            r = await stub.Put(c.put_requests(key, view, conds), timeout=timeout)
             return c.PutResult(int(r.generation), int(r.size))
 
         return await self._call(attempt, key, idempotent=conds is None)
@@ -153,14 +156,14 @@ class AsyncClient:
         if conds is not None:
             request.conditions.CopyFrom(conds)
         await self._call(
-            lambda stub: stub.Delete(request, timeout=self.timeout), key, idempotent=False
+            lambda stub, timeout: stub.Delete(request, timeout=timeout), key
         )
 
     async def stat(self, key: str) -> c.Stat:
         """See :meth:`chunkd.Client.stat`."""
         request = pb.StatRequest(key=c.check_key(key))
         return c.stat_from_proto(
-            await self._call(lambda stub: stub.Stat(request, timeout=self.timeout), key)
+            await self._call(lambda stub, timeout: stub.Stat(request, timeout=timeout), key)
         )
 
     async def exists(self, key: str) -> bool:
@@ -169,11 +172,12 @@ class AsyncClient:
     async def iter_list(self, prefix: str = "", directory: bool = False) -> AsyncIterator[c.Listing]:
         """See :meth:`chunkd.Client.iter_list`."""
         request = pb.ListRequest(prefix=prefix, directory=directory)
+        deadline = c.Deadline(self.timeout)
         attempt = 0
         delivered = False
         while True:
             try:
-                call = self._get_stub().List(request, timeout=self.timeout)
+                call = self._get_stub().List(request, timeout=deadline.remaining())
                 try:
                     async for response in call:
                         delivered = True
@@ -182,8 +186,8 @@ class AsyncClient:
                     call.cancel()
                 return
             except grpc.RpcError as e:
-                if not delivered and self._retry.should_retry(e, attempt):
-                    await asyncio.sleep(self._retry.delay(attempt))
+                if not delivered and self._retry.should_retry(e, attempt, deadline):
+                    await asyncio.sleep(self._retry.delay(attempt, deadline))
                     attempt += 1
                     continue
                 raise error_from_rpc(e, prefix) from None
@@ -201,6 +205,6 @@ class AsyncClient:
         """See :meth:`chunkd.Client.server_info`."""
         return c.server_info_from_proto(
             await self._call(
-                lambda stub: stub.ServerInfo(pb.ServerInfoRequest(), timeout=self.timeout), None
+                lambda stub, timeout: stub.ServerInfo(pb.ServerInfoRequest(), timeout=timeout), None
             )
         )

@@ -23,9 +23,11 @@ class Client:
     Args:
         address: ``"host:port"``, ``"unix:/path"``, ``"chunkd://host:port"`` or
             ``"chunkd+unix:///path"`` (see :mod:`chunkd._address`).
-        timeout: seconds each attempt of a call may take (None: no deadline).
-        retries: how many times an idempotent call is retried after UNAVAILABLE, with
-            exponential backoff (0: never).
+        timeout: deadline of each call in seconds, retries included (None: no deadline).
+        retries: how many times a call is retried after UNAVAILABLE (server down, restarting,
+            overloaded), with exponential backoff (0: never). Conditional puts are not
+            retried, since the first attempt may have landed; a retried delete whose first
+            attempt did land reports NOT_FOUND.
         channel_options: extra gRPC channel arguments.
 
     Errors: a missing key raises :class:`chunkd.NotFoundError` (a ``KeyError``), a bad key or
@@ -70,13 +72,16 @@ class Client:
             return self._stub
 
     def _call(self, fn, key: str | None, *, idempotent: bool = True):
+        """Runs fn(stub, timeout) until it succeeds, fails for good, or the deadline (``timeout``
+        from now, retries included) passes; UNAVAILABLE is retried when ``idempotent``."""
+        deadline = c.Deadline(self.timeout)
         attempt = 0
         while True:
             try:
-                return fn(self._get_stub())
+                return fn(self._get_stub(), deadline.remaining())
             except grpc.RpcError as e:
-                if idempotent and self._retry.should_retry(e, attempt):
-                    time.sleep(self._retry.delay(attempt))
+                if idempotent and self._retry.should_retry(e, attempt, deadline):
+                    time.sleep(self._retry.delay(attempt, deadline))
                     attempt += 1
                     continue
                 raise error_from_rpc(e, key) from None
@@ -136,8 +141,8 @@ class Client:
             c.conditions(if_generation_match, if_generation_not_match),
         )
 
-        def attempt(stub):
-            call = stub.Get(request, timeout=self.timeout)
+        def attempt(stub, timeout):
+            call = stub.Get(request, timeout=timeout)
             assembler = c.GetAssembler(key, out)
             try:
                 for response in call:
@@ -169,8 +174,8 @@ class Client:
         view = c.as_bytes_view(data)
         conds = c.conditions(if_generation_match, if_generation_not_match)
 
-        def attempt(stub):
-            r = stub.Put(c.put_requests(key, view, conds), timeout=self.timeout)
+        def attempt(stub, timeout):
+            r = stub.Put(c.put_requests(key, view, conds), timeout=timeout)
             return c.PutResult(int(r.generation), int(r.size))
 
         return self._call(attempt, key, idempotent=conds is None)
@@ -187,14 +192,13 @@ class Client:
         conds = c.conditions(if_generation_match, if_generation_not_match)
         if conds is not None:
             request.conditions.CopyFrom(conds)
-        # Not retried: a retry after a delete that did happen would report NOT_FOUND.
-        self._call(lambda stub: stub.Delete(request, timeout=self.timeout), key, idempotent=False)
+        self._call(lambda stub, timeout: stub.Delete(request, timeout=timeout), key)
 
     def stat(self, key: str) -> c.Stat:
         """Size and generation of a value; ``exists=False`` (no error) when it is missing."""
         request = pb.StatRequest(key=c.check_key(key))
         return c.stat_from_proto(
-            self._call(lambda stub: stub.Stat(request, timeout=self.timeout), key)
+            self._call(lambda stub, timeout: stub.Stat(request, timeout=timeout), key)
         )
 
     def exists(self, key: str) -> bool:
@@ -206,11 +210,12 @@ class Client:
 
         Retried on UNAVAILABLE only until the first page has arrived."""
         request = pb.ListRequest(prefix=prefix, directory=directory)
+        deadline = c.Deadline(self.timeout)
         attempt = 0
         delivered = False
         while True:
             try:
-                call = self._get_stub().List(request, timeout=self.timeout)
+                call = self._get_stub().List(request, timeout=deadline.remaining())
                 try:
                     for response in call:
                         delivered = True
@@ -219,8 +224,8 @@ class Client:
                     call.cancel()
                 return
             except grpc.RpcError as e:
-                if not delivered and self._retry.should_retry(e, attempt):
-                    time.sleep(self._retry.delay(attempt))
+                if not delivered and self._retry.should_retry(e, attempt, deadline):
+                    time.sleep(self._retry.delay(attempt, deadline))
                     attempt += 1
                     continue
                 raise error_from_rpc(e, prefix) from None
@@ -240,6 +245,6 @@ class Client:
         """Version, backend, cache tiers, features and counters of the server."""
         return c.server_info_from_proto(
             self._call(
-                lambda stub: stub.ServerInfo(pb.ServerInfoRequest(), timeout=self.timeout), None
+                lambda stub, timeout: stub.ServerInfo(pb.ServerInfoRequest(), timeout=timeout), None
             )
         )
