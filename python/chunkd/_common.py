@@ -134,7 +134,10 @@ def server_info_from_proto(r: Any) -> ServerInfo:
 
 
 def listing_from_proto(r: Any) -> Listing:
-    return Listing([ListEntry(e.key, e.size) for e in r.entries], list(r.prefixes))
+    return Listing(
+        [ListEntry(decode_key(e.key), e.size) for e in r.entries],
+        [decode_key(p) for p in r.prefixes],
+    )
 
 
 def stat_from_proto(r: Any) -> Stat:
@@ -145,11 +148,19 @@ def stat_from_proto(r: Any) -> Stat:
 # Requests
 
 
-def check_key(key: str) -> str:
-    # The server validates keys (INVALID_ARGUMENT with its reason); only the type is checked here.
+def encode_key(key: str, what: str = "key") -> bytes:
+    """A key (or prefix) as it travels: UTF-8 bytes.
+
+    The server validates keys (INVALID_ARGUMENT with its reason); here only the type is checked.
+    ``surrogateescape`` round-trips the odd name a listing of a file store decoded that way.
+    """
     if not isinstance(key, str):
-        raise TypeError(f"chunkd key must be a str, got {type(key).__name__}")
-    return key
+        raise TypeError(f"chunkd {what} must be a str, got {type(key).__name__}")
+    return key.encode("utf-8", "surrogateescape")
+
+
+def decode_key(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def conditions(if_generation_match: int | None, if_generation_not_match: int | None) -> Any:
@@ -181,7 +192,7 @@ def byte_range(start: int | None, end: int | None, suffix: int | None) -> Any:
 
 
 def get_request(key: str, rng: Any, conds: Any) -> Any:
-    request = pb.GetRequest(key=check_key(key), accept=ACCEPTED_DELIVERIES)
+    request = pb.GetRequest(key=encode_key(key), accept=ACCEPTED_DELIVERIES)
     if rng is not None:
         request.range.CopyFrom(rng)
     if conds is not None:
@@ -203,7 +214,7 @@ def as_bytes_view(data: Any) -> memoryview:
 
 def put_requests(key: str, view: memoryview, conds: Any) -> Iterator[Any]:
     """The Put stream: a header (key, size, conditions), then data parts of at most 1 MiB."""
-    header = pb.PutHeader(key=key, size=len(view))
+    header = pb.PutHeader(key=encode_key(key), size=len(view))
     if conds is not None:
         header.conditions.CopyFrom(conds)
     yield pb.PutRequest(header=header)

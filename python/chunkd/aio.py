@@ -133,7 +133,7 @@ class AsyncClient:
         if_generation_not_match: int | None = None,
     ) -> c.PutResult:
         """See :meth:`chunkd.Client.put`."""
-        c.check_key(key)
+        c.encode_key(key)  # type check before anything is sent
         view = c.as_bytes_view(data)
         conds = c.conditions(if_generation_match, if_generation_not_match)
 
@@ -151,7 +151,7 @@ class AsyncClient:
         if_generation_not_match: int | None = None,
     ) -> None:
         """See :meth:`chunkd.Client.delete`."""
-        request = pb.DeleteRequest(key=c.check_key(key))
+        request = pb.DeleteRequest(key=c.encode_key(key))
         conds = c.conditions(if_generation_match, if_generation_not_match)
         if conds is not None:
             request.conditions.CopyFrom(conds)
@@ -161,7 +161,7 @@ class AsyncClient:
 
     async def stat(self, key: str) -> c.Stat:
         """See :meth:`chunkd.Client.stat`."""
-        request = pb.StatRequest(key=c.check_key(key))
+        request = pb.StatRequest(key=c.encode_key(key))
         return c.stat_from_proto(
             await self._call(lambda stub, timeout: stub.Stat(request, timeout=timeout), key)
         )
@@ -171,7 +171,7 @@ class AsyncClient:
 
     async def iter_list(self, prefix: str = "", directory: bool = False) -> AsyncIterator[c.Listing]:
         """See :meth:`chunkd.Client.iter_list`."""
-        request = pb.ListRequest(prefix=prefix, directory=directory)
+        request = pb.ListRequest(prefix=c.encode_key(prefix, "prefix"), directory=directory)
         deadline = c.Deadline(self.timeout)
         attempt = 0
         delivered = False

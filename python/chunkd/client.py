@@ -170,7 +170,7 @@ class Client:
     ) -> c.PutResult:
         """Stores a value (any C-contiguous buffer). ``if_generation_match=0`` stores it only if
         the key does not exist yet (else :class:`chunkd.PreconditionFailed`)."""
-        c.check_key(key)
+        c.encode_key(key)  # type check before anything is sent
         view = c.as_bytes_view(data)
         conds = c.conditions(if_generation_match, if_generation_not_match)
 
@@ -188,7 +188,7 @@ class Client:
         if_generation_not_match: int | None = None,
     ) -> None:
         """Removes a value. A missing key raises :class:`chunkd.NotFoundError`."""
-        request = pb.DeleteRequest(key=c.check_key(key))
+        request = pb.DeleteRequest(key=c.encode_key(key))
         conds = c.conditions(if_generation_match, if_generation_not_match)
         if conds is not None:
             request.conditions.CopyFrom(conds)
@@ -196,7 +196,7 @@ class Client:
 
     def stat(self, key: str) -> c.Stat:
         """Size and generation of a value; ``exists=False`` (no error) when it is missing."""
-        request = pb.StatRequest(key=c.check_key(key))
+        request = pb.StatRequest(key=c.encode_key(key))
         return c.stat_from_proto(
             self._call(lambda stub, timeout: stub.Stat(request, timeout=timeout), key)
         )
@@ -209,7 +209,7 @@ class Client:
         keys (not relative to the prefix), in lexicographic order.
 
         Retried on UNAVAILABLE only until the first page has arrived."""
-        request = pb.ListRequest(prefix=prefix, directory=directory)
+        request = pb.ListRequest(prefix=c.encode_key(prefix, "prefix"), directory=directory)
         deadline = c.Deadline(self.timeout)
         attempt = 0
         delivered = False

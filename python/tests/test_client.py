@@ -124,7 +124,7 @@ def test_bad_ranges(client, ranged):
         client.get("ranges/value", 0, 4, suffix=2)
 
 
-BAD_KEYS = ["", "/a", "a//b", "../x", "a/../b", "a/./b", "a/", "nul\x00key", "x" * 1025]
+BAD_KEYS = ["", "/a", "a//b", "../x", "a/../b", "a/./b", "a/", "nul\x00key", "x" * 1025, "bad\udcffutf8"]
 
 
 @pytest.mark.parametrize("key", BAD_KEYS)
