@@ -16,6 +16,30 @@ from chunkd.errors import error_from_rpc
 
 __all__ = ["AsyncClient"]
 
+_aio_runtime_pinned = False
+
+
+def _pin_aio_runtime() -> None:
+    """Keeps gRPC's asyncio runtime initialised for the life of the process.
+
+    gRPC reference-counts its asyncio runtime by live channels and tears it down (closing the
+    socket its poller wakes every bound event loop through) when the count drops to zero. With
+    channels in several loops on several threads (zarr runs its own loop in a thread; the
+    caller has another), a teardown triggered from one thread races a callback already queued
+    in another loop: "OSError: [Errno 9] Bad file descriptor" in
+    PollerCompletionQueue._handle_events. Holding one reference of our own avoids the teardown.
+    """
+    global _aio_runtime_pinned
+    if _aio_runtime_pinned:
+        return
+    _aio_runtime_pinned = True
+    try:
+        from grpc._cython import cygrpc
+
+        cygrpc.init_grpc_aio()
+    except Exception:  # pragma: no cover - a gRPC without this hook: nothing to pin
+        pass
+
 
 class AsyncClient:
     """An asyncio client of one chunkd server.
@@ -52,6 +76,7 @@ class AsyncClient:
         if self._stub is None:
             if self._closed:
                 raise RuntimeError("chunkd.AsyncClient is closed")
+            _pin_aio_runtime()
             self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
             self._stub = pb_grpc.ChunkdStub(self._channel)
         return self._stub

@@ -7,6 +7,7 @@ The binary is build/server/chunkd at the repository root (override with CHUNKD_B
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -149,3 +150,15 @@ def memory_client(memory_server):
 
     with chunkd.Client(memory_server.address) as c:
         yield c
+
+
+@pytest.fixture(autouse=True)
+def _no_event_loop_errors(caplog):
+    """Fails a test during which asyncio logged an error (e.g. a gRPC poller callback failing
+    on a closed descriptor): such errors never reach the test otherwise."""
+    yield
+    errors = [
+        r for r in caplog.get_records("call") + caplog.get_records("teardown")
+        if r.name == "asyncio" and r.levelno >= logging.ERROR
+    ]
+    assert not errors, "asyncio logged errors:\n" + "\n".join(r.getMessage() for r in errors)
