@@ -58,7 +58,7 @@ EXPOSE 7878
 # the default --listen; if you serve only on a UNIX socket, override it
 # (--health-cmd "chunkctl --server=unix:/run/chunkd/chunkd.sock info") or disable it.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["chunkctl", "--server=127.0.0.1:7878", "info"]
+  CMD ["chunkctl", "--server=127.0.0.1:7878", "--timeout=2s", "info"]
 # SIGTERM (docker stop) lets calls in flight finish for --shutdown_grace (10s): give docker stop
 # a longer timeout (docker stop -t 15, compose stop_grace_period) so it does not SIGKILL first.
 STOPSIGNAL SIGTERM
