@@ -117,6 +117,38 @@ def parse_duration(text) -> float | None:
     return total if pos == len(s) else None
 
 
+def parse_bytes(text) -> int | None:
+    """Bytes in a size as chunkd (8GiB, 1GB), Kubernetes (1536Mi, 2G) or Docker (2gb, 512m)
+    write it; None if it is not one. Docker's k/m/g are powers of 1024, as in docker run."""
+    if isinstance(text, bool) or text is None:
+        return None
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m:
+        return None
+    units = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30,
+             "gb": 1 << 30, "t": 1 << 40, "tb": 1 << 40}
+    exact = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40, "Ki": 1 << 10,
+             "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "kB": 1000, "KB": 1000, "MB": 10**6,
+             "GB": 10**9, "TB": 10**12, "K": 1000, "M": 10**6, "G": 10**9, "T": 10**12}
+    unit = m.group(2)
+    if unit in exact:
+        factor = exact[unit]
+    elif unit.lower() in units:
+        factor = units[unit.lower()]
+    else:
+        return None
+    return int(float(m.group(1)) * factor)
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:g}{unit}"
+    return f"{n}B"
+
+
 @dataclass
 class Listen:
     tcp_ports: list = field(default_factory=list)   # (host, port)
@@ -991,6 +1023,22 @@ class Checker:
             if not ok:
                 self.problem(cw, "/dev/shm is mounted from a volume that is neither a "
                              "memory-backed emptyDir nor a hostPath (tmpfs)")
+        # Memory: the limit holds the cache; a memory-backed /dev/shm holds the segments.
+        cache = parse_bytes(flag_value(argv, "host_cache_bytes") or "1GiB")
+        limit = parse_bytes(((c.get("resources") or {}).get("limits") or {}).get("memory"))
+        if cache is not None and limit is not None and limit <= cache:
+            self.problem(cw, f"memory limit {format_bytes(limit)} is not above --host_cache_bytes "
+                         f"({format_bytes(cache)})")
+        shm_on = (flag_value(argv, "shm") or "true").lower() not in ("false", "0", "no")
+        if "--noshm" in argv:
+            shm_on = False
+        if shm is not None and shm_on and cache is not None:
+            vol = volumes.get(shm.get("name")) or {}
+            size = parse_bytes((vol.get("emptyDir") or {}).get("sizeLimit"))
+            if size is not None and size <= cache:
+                self.problem(cw, f"/dev/shm volume '{shm.get('name')}' sizeLimit "
+                             f"{format_bytes(size)} is not above --host_cache_bytes "
+                             f"({format_bytes(cache)}): segments would fill it")
         # Shutdown.
         sg = parse_duration(flag_value(argv, "shutdown_grace") or "10s")
         if sg is None:
@@ -1146,6 +1194,14 @@ class Checker:
                     self.problem(sw, f"the image's HEALTHCHECK probes 127.0.0.1:{self.port}, "
                                  f"which --listen={listen_s} does not serve (override or disable "
                                  "healthcheck)")
+            cache = parse_bytes(flag_value(argv, "host_cache_bytes") or "1GiB")
+            shm_on = (flag_value(argv, "shm") or "true").lower() not in ("false", "0", "no") \
+                and "--noshm" not in argv
+            shm_size = parse_bytes(svc.get("shm_size", "64m"))
+            if shm_on and cache is not None and shm_size is not None and shm_size <= cache:
+                self.problem(sw, f"shm_size {format_bytes(shm_size)} is not above "
+                             f"--host_cache_bytes ({format_bytes(cache)}): segments in /dev/shm "
+                             "would fill it")
             sg = parse_duration(flag_value(argv, "shutdown_grace") or "10s")
             stop = parse_duration(svc.get("stop_grace_period", "10s"))
             if sg is not None and stop is not None and stop <= sg:
