@@ -1,99 +1,42 @@
-"""Shared fixtures: real chunkd servers (the binary from the CMake build) for the whole session.
-
-The binary is build/server/chunkd at the repository root (override with CHUNKD_BINARY). Build it:
-
-    cmake -S . -B build -G Ninja && ninja -C build chunkd
-"""
+"""Shared fixtures: real chunkd servers for the whole session (see chunkd_testing.py)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CHUNKD_BINARY = Path(os.environ.get("CHUNKD_BINARY", REPO_ROOT / "build" / "server" / "chunkd"))
-READY_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 30.0
+from chunkd_testing import start_server
+
+# Hypothesis (zarr's stateful store test) keeps its files under python/, not in the cwd.
+try:
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(str(Path(__file__).resolve().parents[1] / ".hypothesis"))
+except ImportError:  # pragma: no cover
+    pass
+
+DEFAULT_TEST_TIMEOUT_S = 300
 
 
-class ServerProcess:
-    """One chunkd server process: started with --ready_file, stopped with SIGTERM."""
-
-    def __init__(self, workdir: Path, store: str, listen: str = "127.0.0.1:0", *extra: str):
-        self.workdir = workdir
-        self.store = store
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.ready_file = workdir / "ready"
-        self.log_path = workdir / "server.log"
-        self.ready_file.unlink(missing_ok=True)
-        self.args = [
-            str(CHUNKD_BINARY),
-            f"--listen={listen}",
-            f"--ready_file={self.ready_file}",
-            f"--store={store}",
-            *extra,
-        ]
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            self.args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        self.address = self._wait_ready()
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def _wait_ready(self) -> str:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"chunkd exited with {self.process.returncode} before it was ready:\n"
-                    f"{' '.join(self.args)}\n{self.log()}"
-                )
-            try:
-                text = self.ready_file.read_text()
-            except FileNotFoundError:
-                text = ""
-            if text.strip():  # written whole (temp file, then rename)
-                return text.splitlines()[0].strip()
-            time.sleep(0.02)
-        self.process.kill()
-        raise RuntimeError(f"chunkd was not ready after {READY_TIMEOUT_S}s:\n{self.log()}")
-
-    def stop(self) -> int:
-        """SIGTERM, then wait; returns the exit status (killed after STOP_TIMEOUT_S)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
+def pytest_configure(config):
+    # python/pyproject.toml sets asyncio_mode = "auto" (zarr's StoreTests needs it: its async
+    # fixtures are plain pytest fixtures). When pytest runs from the repository root with other
+    # paths beside python/tests, that file is not the inifile: apply the same mode here unless
+    # the command line or an inifile chose one.
+    if config.getoption("asyncio_mode", None) is None and config.getini("asyncio_mode") == "strict":
+        config.option.asyncio_mode = "auto"
 
 
-def _require_binary() -> None:
-    if not CHUNKD_BINARY.is_file() or not os.access(CHUNKD_BINARY, os.X_OK):
-        pytest.fail(
-            f"the chunkd server binary {CHUNKD_BINARY} is missing: build it first with\n"
-            "    cmake -S . -B build -G Ninja && ninja -C build chunkd\n"
-            "at the repository root (or set CHUNKD_BINARY to a built binary)",
-            pytrace=False,
-        )
-
-
-def start_server(workdir: Path, store: str, listen: str = "127.0.0.1:0", *extra: str):
-    _require_binary()
-    return ServerProcess(workdir, store, listen, *extra)
+def pytest_collection_modifyitems(config, items):
+    # A bound on every test here (pytest-timeout), whatever the inifile: a hung call fails its
+    # test instead of the whole run. (This hook sees the whole session's items.)
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if item.get_closest_marker("timeout") is None and here in Path(item.path).parents:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TEST_TIMEOUT_S))
 
 
 def _session_server(tmp_path_factory, name: str, store: str | None, *extra: str, listen=None):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import chunkd
-from conftest import start_server
+from chunkd_testing import start_server
 
 MiB = 1 << 20
 SIZES = [0, 1, 4096, MiB + 1, 16 * MiB]

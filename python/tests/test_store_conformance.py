@@ -175,7 +175,7 @@ class TestChunkdStoreFile(_ChunkdStoreTests):
     server_fixture = "server"
 
     def test_read_only_server_refuses_writes(self, tmp_path) -> None:
-        from conftest import start_server
+        from chunkd_testing import start_server
 
         s = start_server(tmp_path, "memory://", "127.0.0.1:0", "--read_only")
         try:
