@@ -49,4 +49,11 @@ HostAllocator& HeapAllocator() {
   return *allocator;
 }
 
+absl::StatusOr<std::shared_ptr<Block>> FallbackAllocator::Allocate(size_t size) {
+  auto block = primary_->Allocate(size);
+  if (block.ok() || !absl::IsResourceExhausted(block.status())) return block;
+  fallbacks_.fetch_add(1, std::memory_order_relaxed);
+  return HeapAllocator().Allocate(size);
+}
+
 }  // namespace chunkd::buffer

@@ -6,6 +6,7 @@
 #ifndef CHUNKD_BUFFER_MEMORY_H_
 #define CHUNKD_BUFFER_MEMORY_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -47,6 +48,12 @@ class Block {
   // Set for kHostShared blocks.
   virtual std::optional<ShmLocation> shm_location() const { return std::nullopt; }
 
+  // Pins: while a lease (a colocated reader mapping these bytes) holds the block, the cache
+  // neither evicts it nor counts it as free. Thread-safe.
+  void Pin() const { pins_.fetch_add(1, std::memory_order_relaxed); }
+  void Unpin() const { pins_.fetch_sub(1, std::memory_order_release); }
+  bool pinned() const { return pins_.load(std::memory_order_acquire) > 0; }
+
  protected:
   Block(std::byte* data, size_t size, MemoryKind kind) : data_(data), size_(size), kind_(kind) {}
 
@@ -54,6 +61,7 @@ class Block {
   std::byte* const data_;
   const size_t size_;
   const MemoryKind kind_;
+  mutable std::atomic<int> pins_{0};
 };
 
 // Hands out host blocks. The host cache and the backends allocate chunk memory through one of
@@ -69,6 +77,21 @@ class HostAllocator {
 
 // The process heap (64-byte aligned). Never fails short of std::bad_alloc.
 HostAllocator& HeapAllocator();
+
+// Allocates from `primary` and, when it has no room (RESOURCE_EXHAUSTED), from the heap; so a
+// full shared-memory directory makes chunks heap-backed (served inline) instead of failing.
+class FallbackAllocator final : public HostAllocator {
+ public:
+  explicit FallbackAllocator(std::shared_ptr<HostAllocator> primary)
+      : primary_(std::move(primary)) {}
+  absl::StatusOr<std::shared_ptr<Block>> Allocate(size_t size) override;
+  MemoryKind kind() const override { return primary_->kind(); }
+  uint64_t fallbacks() const { return fallbacks_.load(std::memory_order_relaxed); }
+
+ private:
+  std::shared_ptr<HostAllocator> primary_;
+  std::atomic<uint64_t> fallbacks_{0};
+};
 
 }  // namespace chunkd::buffer
 

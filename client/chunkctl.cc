@@ -37,6 +37,13 @@ ABSL_FLAG(bool, dir, false,
           "ls: only the immediate children of PREFIX ('/' separates levels); deeper levels are "
           "shown once, as PREFIX/NAME/.");
 ABSL_FLAG(bool, l, false, "ls: show sizes.");
+ABSL_FLAG(std::string, delivery, "inline",
+          "get: how the bytes should arrive: inline (over the connection), shm (a shared-memory "
+          "handle, when the server runs on this host and shares --shm_dir; otherwise inline) or "
+          "cuda (a CUDA IPC handle; not available in this build). -v shows which one was used.");
+ABSL_FLAG(std::string, shm_dir, "/dev/shm",
+          "get --delivery=shm: where this host's shared-memory segments are (the server's "
+          "--shm_dir as seen from here).");
 ABSL_FLAG(bool, v, false, "Say more: the delivery used, generation and timing of a get/put.");
 ABSL_FLAG(std::string, if_generation_match, "",
           "put, rm, get: only if the stored generation is this (0: put only if the key is new).");
@@ -274,6 +281,15 @@ int main(int argc, char** argv) {
     options.address = env;
   }
   options.timeout = absl::GetFlag(FLAGS_timeout);
+  options.shm_dir = absl::GetFlag(FLAGS_shm_dir);
+  if (std::string delivery = absl::GetFlag(FLAGS_delivery); delivery == "shm") {
+    options.accept = {chunkd::v1::DELIVERY_SHM, chunkd::v1::DELIVERY_INLINE};
+  } else if (delivery == "cuda") {
+    return Report(absl::UnimplementedError(
+        "--delivery=cuda: CUDA IPC delivery is not available in this build of chunkctl"));
+  } else if (delivery != "inline") {
+    return Usage(absl::StrCat("--delivery=", delivery, " is not inline, shm or cuda"));
+  }
   auto client = Client::Connect(options);
   if (!client.ok()) return Report(client.status());
 

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <atomic>
 #include <random>
+#include <thread>
 #include <utility>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -15,6 +17,7 @@
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/client_callback.h"
+#include "buffer/shm_import.h"
 #include "proto/wire/raw_message.h"
 
 namespace chunkd::client {
@@ -123,13 +126,135 @@ absl::StatusOr<T> WaitFor(Start start) {
   return out;
 }
 
+// Keeps a unary call's context and messages alive until its callback ran.
+template <typename Request, typename Response>
+struct UnaryCall {
+  grpc::ClientContext context;
+  Request request;
+  Response response;
+};
+
+// Returns the leases of dropped handle buffers to the server in batches, and renews the
+// leases of buffers still alive, from one background thread. The client and every handle
+// buffer share it, so a buffer that outlives its client still returns its lease.
+class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
+ public:
+  LeaseKeeper(std::shared_ptr<grpc::Channel> channel, const std::string& shm_dir)
+      : stub_(v1::Chunkd::NewStub(channel)), importer_(shm_dir) {
+    thread_ = std::thread([this] { Loop(); });
+  }
+  ~LeaseKeeper() {
+    {
+      absl::MutexLock lock(&mu_);
+      stopping_ = true;
+    }
+    thread_.join();
+    // Whatever is left goes out without waiting: this may run on any thread.
+    std::vector<uint64_t> rest;
+    {
+      absl::MutexLock lock(&mu_);
+      rest.swap(to_release_);
+    }
+    if (!rest.empty()) SendRelease(std::move(rest), nullptr);
+  }
+
+  buffer::ShmImporter& importer() { return importer_; }
+
+  // A handle buffer holding lease `id` came to life.
+  void Track(uint64_t id, absl::Duration ttl) {
+    absl::MutexLock lock(&mu_);
+    live_.insert(id);
+    if (ttl < ttl_) ttl_ = ttl;
+  }
+  // Its last copy is gone: release the lease with the next batch.
+  void Drop(uint64_t id) {
+    absl::MutexLock lock(&mu_);
+    live_.erase(id);
+    to_release_.push_back(id);
+  }
+  size_t held() const {
+    absl::MutexLock lock(&mu_);
+    return live_.size();
+  }
+  // Sends pending releases now and waits for the server's answer.
+  void Flush() {
+    std::vector<uint64_t> ids;
+    {
+      absl::MutexLock lock(&mu_);
+      ids.swap(to_release_);
+    }
+    if (ids.empty()) return;
+    absl::Notification done;
+    SendRelease(std::move(ids), &done);
+    done.WaitForNotification();
+  }
+
+ private:
+  static constexpr size_t kBatch = 256;
+
+  void Loop() {
+    absl::MutexLock lock(&mu_);
+    absl::Time next_renew = absl::Now() + ttl_ / 3;
+    while (!stopping_) {
+      // Releases go out every few milliseconds, or at once when a batch is full.
+      mu_.AwaitWithTimeout(absl::Condition(
+                               +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) {
+                                 return k->stopping_ || k->to_release_.size() >= kBatch;
+                               },
+                               this),
+                           absl::Milliseconds(5));
+      if (stopping_) break;
+      std::vector<uint64_t> release;
+      release.swap(to_release_);
+      std::vector<uint64_t> renew;
+      if (absl::Now() >= next_renew) {
+        renew.assign(live_.begin(), live_.end());
+        next_renew = absl::Now() + ttl_ / 3;
+      }
+      mu_.Unlock();
+      if (!release.empty()) SendRelease(std::move(release), nullptr);
+      if (!renew.empty()) SendRenew(std::move(renew));
+      mu_.Lock();
+    }
+  }
+
+  void SendRelease(std::vector<uint64_t> ids, absl::Notification* done) {
+    auto* call = new UnaryCall<v1::ReleaseRequest, v1::ReleaseResponse>();
+    call->context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    for (uint64_t id : ids) call->request.add_lease_ids(id);
+    stub_->async()->Release(&call->context, &call->request, &call->response,
+                            [call, done](grpc::Status) {
+                              // A lost release is not lost memory: the lease expires.
+                              delete call;
+                              if (done) done->Notify();
+                            });
+  }
+
+  void SendRenew(std::vector<uint64_t> ids) {
+    auto* call = new UnaryCall<v1::RenewRequest, v1::RenewResponse>();
+    call->context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    for (uint64_t id : ids) call->request.add_lease_ids(id);
+    stub_->async()->Renew(&call->context, &call->request, &call->response,
+                          [call](grpc::Status) { delete call; });
+  }
+
+  std::unique_ptr<v1::Chunkd::Stub> stub_;
+  buffer::ShmImporter importer_;
+  mutable absl::Mutex mu_;
+  absl::flat_hash_set<uint64_t> live_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint64_t> to_release_ ABSL_GUARDED_BY(mu_);
+  absl::Duration ttl_ ABSL_GUARDED_BY(mu_) = absl::Seconds(30);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
 // One Get: the request goes out raw, each reply message is decoded field by field and its data
 // copied once, from the received slices into the result.
 class GetCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  GetCall(grpc::GenericStub* stub, const v1::GetRequest& request, absl::Time deadline,
-          Callback<GetResult> done)
-      : done_(std::move(done)) {
+  GetCall(grpc::GenericStub* stub, std::shared_ptr<LeaseKeeper> keeper,
+          const v1::GetRequest& request, absl::Time deadline, Callback<GetResult> done)
+      : done_(std::move(done)), keeper_(std::move(keeper)) {
     context_.set_deadline(absl::ToChronoTime(deadline));
     request_ = Serialize(request);
     stub->PrepareBidiStreamingCall(&context_, kGetMethod, grpc::StubOptions(), this);
@@ -156,6 +281,8 @@ class GetCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byt
       result = FromGrpc(status);
     } else if (!have_header_) {
       result = absl::InternalError("Get reply carried no header");
+    } else if (header_.delivery() == v1::DELIVERY_SHM) {
+      result = ImportShm();
     } else if (received_ != header_.length()) {
       result = absl::DataLossError(absl::StrCat("Get reply ended after ", received_, " of ",
                                                 header_.length(), " bytes"));
@@ -174,6 +301,31 @@ class GetCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byt
   }
 
  private:
+  // Maps the handle's segment (once per process) and returns a buffer that views the chunk
+  // and releases its lease when the last copy goes.
+  absl::StatusOr<GetResult> ImportShm() {
+    const v1::ShmHandle& shm = header_.shm();
+    uint64_t lease = header_.lease().id();
+    std::weak_ptr<LeaseKeeper> weak = keeper_;
+    auto data = keeper_->importer().Import(
+        shm.segment(), shm.segment_size(), shm.offset(), shm.length(), [weak, lease] {
+          if (auto keeper = weak.lock()) keeper->Drop(lease);
+        });
+    if (!data.ok()) {
+      keeper_->Drop(lease);
+      return data.status();
+    }
+    keeper_->Track(lease, absl::Milliseconds(header_.lease().ttl_ms()));
+    GetResult r;
+    r.data = *std::move(data);
+    r.total_size = header_.total_size();
+    r.generation = header_.generation();
+    r.range_start = header_.range_start();
+    r.delivery = v1::DELIVERY_SHM;
+    r.lease_id = lease;
+    return r;
+  }
+
   absl::Status Absorb(const grpc::ByteBuffer& message) {
     wire::FieldReader reader(message);
     const auto malformed = [] { return absl::DataLossError("malformed Get reply"); };
@@ -188,6 +340,7 @@ class GetCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byt
           return malformed();
         }
         have_header_ = true;
+        if (header_.delivery() == v1::DELIVERY_SHM) continue;  // no bytes follow
         auto value = buffer::cpu::MutableBuffer::Allocate(header_.length());
         if (!value.ok()) return value.status();
         value_ = *std::move(value);
@@ -206,6 +359,7 @@ class GetCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byt
   }
 
   Callback<GetResult> done_;
+  std::shared_ptr<LeaseKeeper> keeper_;
   grpc::ClientContext context_;
   grpc::ByteBuffer request_;
   grpc::ByteBuffer response_;
@@ -327,14 +481,6 @@ class ListCall final : public grpc::ClientReadReactor<v1::ListResponse> {
   ListResult result_;
 };
 
-// Keeps a unary call's context and messages alive until its callback ran.
-template <typename Request, typename Response>
-struct UnaryCall {
-  grpc::ClientContext context;
-  Request request;
-  Response response;
-};
-
 struct Empty {};
 
 class ClientImpl final : public Client {
@@ -343,7 +489,20 @@ class ClientImpl final : public Client {
       : Client(options),
         channel_(channel),
         stub_(v1::Chunkd::NewStub(channel)),
-        generic_(std::make_unique<grpc::GenericStub>(channel)) {}
+        generic_(std::make_unique<grpc::GenericStub>(channel)),
+        keeper_(std::make_shared<LeaseKeeper>(channel, options.shm_dir)) {
+    buffer::HostIdentity id =
+        options.identity ? *options.identity : buffer::CurrentHostIdentity(options.shm_dir);
+    identity_.set_boot_id(id.boot_id);
+    identity_.set_ipc_namespace(id.ipc_namespace);
+    identity_.set_mount_namespace(id.mount_namespace);
+    identity_.set_shm_dir(id.shm_dir);
+    identity_.set_shm_dir_dev(id.shm_dir_dev);
+    identity_.set_shm_dir_ino(id.shm_dir_ino);
+  }
+
+  size_t leases_held() const override { return keeper_->held(); }
+  void FlushReleases() override { keeper_->Flush(); }
 
   void GetAsync(absl::string_view key, const GetOptions& options,
                 Callback<GetResult> done) override {
@@ -351,11 +510,16 @@ class ClientImpl final : public Client {
     request.set_key(std::string(key));
     ToProto(options.range, &request);
     ToProto(options.conditions, request.mutable_conditions());
-    request.add_accept(v1::DELIVERY_INLINE);
+    bool handles = false;
+    for (v1::Delivery d : options.accept.value_or(options_.accept)) {
+      request.add_accept(d);
+      handles |= d != v1::DELIVERY_INLINE;
+    }
+    if (handles) *request.mutable_client() = identity_;
     Retrier<GetResult>::Run(
         options_, Deadline(options.timeout), /*retryable=*/true,
         [this, request](absl::Time deadline, Callback<GetResult> attempt_done) {
-          new GetCall(generic_.get(), request, deadline, std::move(attempt_done));
+          new GetCall(generic_.get(), keeper_, request, deadline, std::move(attempt_done));
         },
         std::move(done));
   }
@@ -475,6 +639,8 @@ class ClientImpl final : public Client {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Chunkd::Stub> stub_;
   std::unique_ptr<grpc::GenericStub> generic_;
+  std::shared_ptr<LeaseKeeper> keeper_;
+  v1::ClientIdentity identity_;
 };
 
 }  // namespace

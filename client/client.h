@@ -26,6 +26,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "buffer/cpu/buffer.h"
+#include "buffer/host_identity.h"
 #include "chunkd/v1/chunkd.pb.h"
 
 namespace chunkd::client {
@@ -41,6 +42,15 @@ struct ClientOptions {
   absl::Duration max_backoff = absl::Seconds(2);
   // Size of the data parts a Put sends (at most 1 MiB).
   size_t put_part_bytes = 1u << 20;
+  // Deliveries a Get asks for, in order of preference. Inline (the bytes over the connection)
+  // is the default and always possible. With DELIVERY_SHM, a server on this host that shares
+  // `shm_dir` answers with a handle: the result then views the server's memory (mapped
+  // read-only, no copy) and holds a lease until the last copy of the buffer is dropped. Other
+  // servers fall back to inline.
+  std::vector<v1::Delivery> accept = {v1::DELIVERY_INLINE};
+  std::string shm_dir = "/dev/shm";
+  // The identity the client presents; its own when unset (tests set another to see fallback).
+  std::optional<buffer::HostIdentity> identity;
 };
 
 // A byte range in Zarr's three forms; END is exclusive.
@@ -67,16 +77,20 @@ struct Conditions {
 struct GetOptions {
   ByteRange range;
   Conditions conditions;
-  // Overrides ClientOptions::timeout when set.
+  // Overrides ClientOptions::timeout / accept when set.
   std::optional<absl::Duration> timeout;
+  std::optional<std::vector<v1::Delivery>> accept;
 };
 
 struct GetResult {
-  buffer::cpu::Buffer data;  // the requested bytes
+  // The requested bytes. With DELIVERY_SHM, a read-only view of the server's shared memory
+  // whose lease is released (in the background, batched) once every copy of it is dropped.
+  buffer::cpu::Buffer data;
   uint64_t total_size = 0;   // size of the whole stored value
   uint64_t generation = 0;
   uint64_t range_start = 0;  // where `data` starts within the value
   v1::Delivery delivery = v1::DELIVERY_INLINE;
+  uint64_t lease_id = 0;  // DELIVERY_SHM: the lease the buffer holds
 };
 
 struct PutResult {
@@ -139,6 +153,11 @@ class Client {
   virtual void ServerInfoAsync(Callback<v1::ServerInfoResponse> done) = 0;
 
   const ClientOptions& options() const { return options_; }
+
+  // Leases this client holds on handle deliveries (buffers alive), and mapped segments.
+  virtual size_t leases_held() const = 0;
+  // Sends the releases of dropped buffers now instead of at the next batch.
+  virtual void FlushReleases() = 0;
 
  protected:
   explicit Client(const ClientOptions& options) : options_(options) {}

@@ -66,10 +66,18 @@ void ChunkStore::Read(absl::string_view key, ReadCallback done) {
     std::vector<ReadCallback> waiters;
     {
       absl::MutexLock lock(&shard.mu);
-      shard.flights.erase(owned_key);
+      EraseFlightLocked(shard, owned_key, flight);
       waiters = std::move(flight->waiters);
     }
     for (ReadCallback& waiter : waiters) std::move(waiter)(queued);
+  }
+}
+
+void ChunkStore::EraseFlightLocked(FlightShard& shard, absl::string_view key,
+                                   const std::shared_ptr<Flight>& flight) {
+  // A write may have replaced this flight in the table by a newer one: leave that one be.
+  if (auto it = shard.flights.find(key); it != shard.flights.end() && it->second == flight) {
+    shard.flights.erase(it);
   }
 }
 
@@ -93,7 +101,7 @@ void ChunkStore::RunFlight(std::string key, std::shared_ptr<Flight> flight) {
     FlightShard& shard = FlightShardFor(key);
     absl::MutexLock lock(&shard.mu);
     if (result.ok() && !flight->stale) cache_->Insert(key, *result);
-    shard.flights.erase(key);
+    EraseFlightLocked(shard, key, flight);
     waiters = std::move(flight->waiters);
   }
   for (ReadCallback& waiter : waiters) std::move(waiter)(result);
@@ -121,7 +129,12 @@ void ChunkStore::InvalidateFlight(absl::string_view key) {
   if (!cache_) return;
   FlightShard& shard = FlightShardFor(key);
   absl::MutexLock lock(&shard.mu);
-  if (auto it = shard.flights.find(key); it != shard.flights.end()) it->second->stale = true;
+  if (auto it = shard.flights.find(key); it != shard.flights.end()) {
+    // The flight still answers the readers that joined it, but no reader that starts from
+    // now on (after the write is acknowledged) may join it: it would get the older value.
+    it->second->stale = true;
+    shard.flights.erase(it);
+  }
   cache_->Erase(key);
 }
 

@@ -87,6 +87,10 @@ class ChunkStore {
   FlightShard& FlightShardFor(absl::string_view key);
   absl::Mutex& WriteLockFor(absl::string_view key);
   void RunFlight(std::string key, std::shared_ptr<Flight> flight);
+  // Removes `flight` from the table if it is still the one registered for `key`.
+  void EraseFlightLocked(FlightShard& shard, absl::string_view key,
+                         const std::shared_ptr<Flight>& flight)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu);
   // Marks any read in flight for `key` stale, then applies `update` to the cache.
   void InvalidateFlight(absl::string_view key);
 

@@ -5,6 +5,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <string>
@@ -57,6 +58,22 @@ ABSL_FLAG(ByteSize, max_inflight_put_bytes, ByteSize{1ull << 30},
 ABSL_FLAG(bool, fsync, true,
           "fsync files and directories on every write (file store). Turn off only for scratch "
           "data: a crash can then lose acknowledged writes.");
+ABSL_FLAG(bool, shm, true,
+          "Shared-memory delivery: keep chunks in segments under --shm_dir and give colocated "
+          "clients that ask for it (chunkctl --delivery=shm) a handle and a lease instead of the "
+          "bytes. Off, or when the directory is unusable, chunks are served inline only.");
+ABSL_FLAG(std::string, shm_dir, "/dev/shm",
+          "Directory for shared-memory segments (a tmpfs: /dev/shm, or a memory-backed volume "
+          "shared with client containers).");
+ABSL_FLAG(ByteSize, shm_segment_bytes, ByteSize{1ull << 30},
+          "Address space of each shared-memory segment; memory is used only as chunks are.");
+ABSL_FLAG(std::string, shm_mode, "0600",
+          "File mode of shared-memory segments: 0600 (this user's clients only) or 0640 with "
+          "--shm_group.");
+ABSL_FLAG(int32_t, shm_group, -1, "Group id given to shared-memory segments (-1: unchanged).");
+ABSL_FLAG(absl::Duration, lease_ttl, absl::Seconds(30),
+          "How long a handle's lease pins its chunk without renewal; memory of a client that "
+          "dies holding leases comes back within about this long.");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(10),
           "On SIGTERM or SIGINT, how long calls in flight may run before they are cancelled.");
 ABSL_FLAG(std::string, ready_file, "",
@@ -136,13 +153,32 @@ int main(int argc, char** argv) {
   }
   config.service.max_inflight_put_bytes = absl::GetFlag(FLAGS_max_inflight_put_bytes).bytes;
 
+  config.shm = absl::GetFlag(FLAGS_shm);
+  config.shm_arena.directory = absl::GetFlag(FLAGS_shm_dir);
+  config.shm_arena.segment_bytes = absl::GetFlag(FLAGS_shm_segment_bytes).bytes;
+  {
+    std::string mode = absl::GetFlag(FLAGS_shm_mode);
+    char* end = nullptr;
+    long parsed = std::strtol(mode.c_str(), &end, 8);
+    if (mode.empty() || *end != '\0' || (parsed & ~0660) != 0 || (parsed & 0600) != 0600) {
+      return Fail(absl::StrCat("--shm_mode=", mode,
+                               " must be an octal mode no wider than 0660 that the owner can "
+                               "read and write (0600, 0640 or 0660)"));
+    }
+    config.shm_arena.mode = static_cast<mode_t>(parsed);
+  }
+  config.shm_arena.group = static_cast<gid_t>(absl::GetFlag(FLAGS_shm_group));
+  config.leases.ttl = absl::GetFlag(FLAGS_lease_ttl);
+  if (config.leases.ttl < absl::Milliseconds(100)) return Fail("--lease_ttl must be at least 100ms");
+
   auto server = chunkd::server::ChunkdServer::Start(config);
   if (!server.ok()) return Fail(std::string(server.status().message()));
-  Log("serving %s store %s on %s (host cache %s, %s, max value %s%s)",
+  Log("serving %s store %s on %s (host cache %s, %s, max value %s%s%s)",
       std::string((*server)->store().backend().kind()), (*server)->store().backend().location(),
       absl::StrJoin((*server)->addresses(), ", "), chunkd::server::FormatBytes(cache_bytes),
       absl::GetFlag(FLAGS_eviction), chunkd::server::FormatBytes(config.service.max_value_bytes),
-      config.service.read_only ? ", read-only" : "");
+      config.service.read_only ? ", read-only" : "",
+      (*server)->arena() ? ", shared memory in " + config.shm_arena.directory : ", inline only");
   if (std::string ready = absl::GetFlag(FLAGS_ready_file); !ready.empty()) {
     std::string temp = ready + ".tmp";
     {

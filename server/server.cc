@@ -54,9 +54,22 @@ absl::Status ClearStaleSocket(const std::string& path) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig config) {
+  std::unique_ptr<ChunkdServer> server(new ChunkdServer());
+  if (config.shm) {
+    auto arena = buffer::ShmArena::Create(config.shm_arena);
+    if (arena.ok()) {
+      server->arena_ = *std::move(arena);
+      server->allocator_ = std::make_unique<buffer::FallbackAllocator>(server->arena_);
+      server->leases_ = std::make_unique<LeaseTable>(config.leases);
+      config.backend.allocator = server->allocator_.get();
+      config.service.leases = server->leases_.get();
+      config.service.host = buffer::CurrentHostIdentity(config.shm_arena.directory);
+    } else {
+      Log("shared-memory delivery is off: %s", std::string(arena.status().message()));
+    }
+  }
   auto backend = OpenBackend(config.store, config.backend);
   if (!backend.ok()) return backend.status();
-  std::unique_ptr<ChunkdServer> server(new ChunkdServer());
   server->store_ = std::make_unique<ChunkStore>(*std::move(backend), config.store_options);
   config.service.allocator = config.backend.allocator;
   server->service_ = std::make_unique<ChunkdService>(server->store_.get(), config.service);
@@ -117,6 +130,9 @@ ChunkdServer::~ChunkdServer() {
   grpc_server_.reset();
   service_.reset();
   store_.reset();
+  leases_.reset();
+  allocator_.reset();
+  arena_.reset();
 }
 
 }  // namespace chunkd::server

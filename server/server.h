@@ -10,7 +10,9 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "grpcpp/server.h"
+#include "buffer/shm_arena.h"
 #include "server/chunk_store.h"
+#include "server/lease_table.h"
 #include "server/service.h"
 
 namespace chunkd::server {
@@ -22,6 +24,12 @@ struct ServerConfig {
   BackendOptions backend;
   ChunkStoreOptions store_options;
   ServiceOptions service;
+  // Shared-memory delivery: chunk memory comes from segments in shm_arena.directory, and
+  // colocated clients get handles with leases. Off, or when the directory is unusable, chunks
+  // live on the heap and are served inline only.
+  bool shm = true;
+  buffer::ShmArenaOptions shm_arena;
+  LeaseTableOptions leases;
 };
 
 class ChunkdServer {
@@ -33,6 +41,8 @@ class ChunkdServer {
   // The addresses actually bound, with ports chosen for port 0 filled in.
   const std::vector<std::string>& addresses() const { return addresses_; }
   ChunkStore& store() { return *store_; }
+  // Null when shared-memory delivery is off.
+  const buffer::ShmArena* arena() const { return arena_.get(); }
 
   // Stops accepting calls, lets calls in flight finish for up to `grace`, cancels the rest.
   void Shutdown(absl::Duration grace);
@@ -40,6 +50,9 @@ class ChunkdServer {
  private:
   ChunkdServer() = default;
 
+  std::shared_ptr<buffer::ShmArena> arena_;
+  std::unique_ptr<buffer::FallbackAllocator> allocator_;
+  std::unique_ptr<LeaseTable> leases_;
   std::unique_ptr<ChunkStore> store_;
   std::unique_ptr<ChunkdService> service_;
   std::unique_ptr<grpc::Server> grpc_server_;

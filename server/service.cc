@@ -53,7 +53,18 @@ absl::StatusOr<ByteRange> RangeFromProto(const v1::GetRequest& request) {
   return range;
 }
 
-// Streams one value (or range of it) as GetResponse messages.
+buffer::HostIdentity IdentityFromProto(const v1::ClientIdentity& proto) {
+  buffer::HostIdentity id;
+  id.boot_id = proto.boot_id();
+  id.ipc_namespace = proto.ipc_namespace();
+  id.mount_namespace = proto.mount_namespace();
+  id.shm_dir = proto.shm_dir();
+  id.shm_dir_dev = proto.shm_dir_dev();
+  id.shm_dir_ino = proto.shm_dir_ino();
+  return id;
+}
+
+// Streams one value (or range of it) as GetResponse messages, or hands out a handle.
 class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   GetReactor(ChunkdService* service, grpc::CallbackServerContext* context,
@@ -78,6 +89,9 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     range_ = *range;
     key_ = request.key();
     conditions_ = ConditionsFromProto(request.conditions());
+    wants_shm_ = std::find(request.accept().begin(), request.accept().end(),
+                           v1::DELIVERY_SHM) != request.accept().end();
+    if (wants_shm_) client_ = IdentityFromProto(request.client());
     // The callback may run right here (a cache hit) or later on an I/O thread.
     service_->store().Read(key_, [this](absl::StatusOr<CachedValue> value) {
       OnValue(std::move(value));
@@ -126,9 +140,43 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     header->set_generation(value->generation);
     header->set_range_start(r.start);
     header->set_length(r.length);
+    if (wants_shm_ && OfferShm(header)) {
+      // The handle is the whole reply: no bytes cross the connection.
+      message_ = wire::EncodeWithData(first.SerializeAsString(), buffer::cpu::Buffer());
+      StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
+      return;
+    }
     header->set_delivery(v1::DELIVERY_INLINE);
     prefix_ = first.SerializeAsString();
     WriteNext();
+  }
+
+  // Fills in a shared-memory handle and lease when the client can map this server's segments
+  // and the bytes live in one; false means inline delivery.
+  bool OfferShm(v1::GetHeader* header) {
+    const ServiceOptions& options = service_->options();
+    std::optional<buffer::ShmLocation> location = data_.shm_location();
+    if (options.leases == nullptr || !location || data_.empty() ||
+        !buffer::CanShareMemory(options.host, client_)) {
+      service_->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
+      return false;
+    }
+    absl::StatusOr<uint64_t> lease = options.leases->Grant(data_);
+    if (!lease.ok()) {
+      service_->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
+      return false;
+    }
+    header->set_delivery(v1::DELIVERY_SHM);
+    v1::ShmHandle* shm = header->mutable_shm();
+    shm->set_segment(location->segment);
+    shm->set_segment_size(location->segment_size);
+    shm->set_offset(location->offset);
+    shm->set_length(data_.size());
+    header->mutable_lease()->set_id(*lease);
+    header->mutable_lease()->set_ttl_ms(absl::ToInt64Milliseconds(options.leases->ttl()));
+    service_->counters().gets_shm.fetch_add(1, std::memory_order_relaxed);
+    service_->counters().bytes_served_shm.fetch_add(data_.size(), std::memory_order_relaxed);
+    return true;
   }
 
   // One write is in flight at a time: OnValue starts the chain, each OnWriteDone continues it,
@@ -151,6 +199,8 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   std::string key_;
   ByteRange range_;
   Conditions conditions_;
+  bool wants_shm_ = false;
+  buffer::HostIdentity client_;
   std::atomic<bool> cancelled_{false};
   buffer::cpu::Buffer data_;
   size_t sent_ = 0;
@@ -438,6 +488,23 @@ grpc::ServerUnaryReactor* ChunkdService::ServerInfo(grpc::CallbackServerContext*
   response->set_read_only(options_.read_only);
   response->set_max_value_bytes(options_.max_value_bytes);
   response->add_deliveries(v1::DELIVERY_INLINE);
+  if (options_.leases) {
+    response->add_deliveries(v1::DELIVERY_SHM);
+    LeaseStats leases = options_.leases->stats();
+    response->set_leases_active(leases.active);
+    response->set_leased_bytes(leases.bytes);
+    v1::ClientIdentity* host = response->mutable_host();
+    host->set_boot_id(options_.host.boot_id);
+    host->set_ipc_namespace(options_.host.ipc_namespace);
+    host->set_mount_namespace(options_.host.mount_namespace);
+    host->set_shm_dir(options_.host.shm_dir);
+    host->set_shm_dir_dev(options_.host.shm_dir_dev);
+    host->set_shm_dir_ino(options_.host.shm_dir_ino);
+    (*response->mutable_counters())["leases_granted"] = leases.granted;
+    (*response->mutable_counters())["leases_released"] = leases.released;
+    (*response->mutable_counters())["leases_expired"] = leases.expired;
+    (*response->mutable_counters())["leases_unknown"] = leases.unknown;
+  }
   response->add_features("conditional-writes");
   response->add_features("byte-ranges");
   response->add_features("single-flight");
@@ -454,6 +521,7 @@ grpc::ServerUnaryReactor* ChunkdService::ServerInfo(grpc::CallbackServerContext*
     counters["evictions"] = s.evictions;
     counters["evicted_bytes"] = s.evicted_bytes;
     counters["not_admitted"] = s.not_admitted;
+    counters["detached_pinned_bytes"] = s.detached_pinned_bytes;
     response->add_features(absl::StrCat("eviction-", EvictionPolicyName(cache->policy())));
   } else {
     tier->set_capacity_bytes(backend.memory_capacity_bytes());
@@ -470,6 +538,9 @@ grpc::ServerUnaryReactor* ChunkdService::ServerInfo(grpc::CallbackServerContext*
   counters["gets"] = counters_.gets.load();
   counters["get_errors"] = counters_.get_errors.load();
   counters["bytes_served_inline"] = counters_.bytes_served_inline.load();
+  counters["bytes_served_shm"] = counters_.bytes_served_shm.load();
+  counters["gets_shm"] = counters_.gets_shm.load();
+  counters["shm_fallbacks"] = counters_.shm_fallbacks.load();
   counters["puts"] = counters_.puts.load();
   counters["bytes_written"] = counters_.bytes_written.load();
   counters["deletes"] = counters_.deletes.load();
@@ -483,8 +554,10 @@ grpc::ServerUnaryReactor* ChunkdService::ServerInfo(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* ChunkdService::Release(grpc::CallbackServerContext* context,
                                                  const v1::ReleaseRequest* request,
                                                  v1::ReleaseResponse* response) {
-  // Inline deliveries hand out no leases, so every id named here is unknown.
-  for (uint64_t id : request->lease_ids()) response->add_unknown_lease_ids(id);
+  std::vector<uint64_t> ids(request->lease_ids().begin(), request->lease_ids().end());
+  std::vector<uint64_t> unknown =
+      options_.leases ? options_.leases->Release(ids) : std::move(ids);
+  for (uint64_t id : unknown) response->add_unknown_lease_ids(id);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -493,7 +566,12 @@ grpc::ServerUnaryReactor* ChunkdService::Release(grpc::CallbackServerContext* co
 grpc::ServerUnaryReactor* ChunkdService::Renew(grpc::CallbackServerContext* context,
                                                const v1::RenewRequest* request,
                                                v1::RenewResponse* response) {
-  for (uint64_t id : request->lease_ids()) response->add_unknown_lease_ids(id);
+  std::vector<uint64_t> ids(request->lease_ids().begin(), request->lease_ids().end());
+  std::vector<uint64_t> unknown = options_.leases ? options_.leases->Renew(ids) : std::move(ids);
+  for (uint64_t id : unknown) response->add_unknown_lease_ids(id);
+  if (options_.leases) {
+    response->set_ttl_ms(absl::ToInt64Milliseconds(options_.leases->ttl()));
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;

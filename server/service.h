@@ -14,7 +14,9 @@
 #include <string>
 
 #include "chunkd/v1/chunkd.grpc.pb.h"
+#include "buffer/host_identity.h"
 #include "server/chunk_store.h"
+#include "server/lease_table.h"
 
 namespace chunkd::server {
 
@@ -29,11 +31,15 @@ struct ServiceOptions {
   uint64_t max_inflight_put_bytes = 1ull << 30;
   // Where value memory comes from.
   buffer::HostAllocator* allocator = &buffer::HeapAllocator();
+  // Shared-memory delivery: on when `leases` is set. Handles are offered to clients whose
+  // identity shows they can map this server's segments (see buffer/host_identity.h).
+  LeaseTable* leases = nullptr;
+  buffer::HostIdentity host;
 };
 
 struct ServiceCounters {
-  std::atomic<uint64_t> gets{0}, get_errors{0}, bytes_served_inline{0}, puts{0}, bytes_written{0},
-      deletes{0}, stats{0}, lists{0};
+  std::atomic<uint64_t> gets{0}, get_errors{0}, bytes_served_inline{0}, bytes_served_shm{0},
+      gets_shm{0}, shm_fallbacks{0}, puts{0}, bytes_written{0}, deletes{0}, stats{0}, lists{0};
 };
 
 using ServiceBase = v1::Chunkd::WithRawCallbackMethod_Get<v1::Chunkd::CallbackService>;

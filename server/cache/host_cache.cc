@@ -122,6 +122,20 @@ bool HostCache::Insert(absl::string_view key, CachedValue value) {
   entries_.fetch_add(1, std::memory_order_relaxed);
   inserts_.fetch_add(1, std::memory_order_relaxed);
   EvictLocked();
+  if (AccountedLocked() > capacity_) {
+    // Pinned entries fill the budget: serve this value without caching it.
+    Shard& shard = ShardFor(key);
+    Node* inserted = nullptr;
+    {
+      absl::MutexLock lock(&shard.mu);
+      auto it = shard.index.find(key);
+      if (it != shard.index.end()) inserted = it->second;
+    }
+    if (inserted != nullptr) RemoveLocked(inserted);
+    inserts_.fetch_sub(1, std::memory_order_relaxed);
+    not_admitted_.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
   return true;
 }
 
@@ -146,6 +160,10 @@ void HostCache::RemoveLocked(Node* node) {
   }
   used_bytes_.fetch_sub(node->bytes, std::memory_order_relaxed);
   entries_.fetch_sub(1, std::memory_order_relaxed);
+  if (const auto& block = node->value.value.block(); block && block->pinned()) {
+    detached_.push_back(block);
+    detached_bytes_ += node->bytes;
+  }
   if (node->queue == Queue::kSmall) {
     small_bytes_ -= node->bytes;
     small_.erase(node->self);
@@ -155,29 +173,55 @@ void HostCache::RemoveLocked(Node* node) {
   }
 }
 
-void HostCache::EvictLocked() {
-  while (small_bytes_ + main_bytes_ > capacity_ && !(small_.empty() && main_.empty())) {
-    if (policy_ == EvictionPolicy::kLru) {
-      Node* victim = &main_.back();
-      evictions_.fetch_add(1, std::memory_order_relaxed);
-      evicted_bytes_.fetch_add(victim->bytes, std::memory_order_relaxed);
-      RemoveLocked(victim);
-    } else if (!small_.empty() &&
-               (small_bytes_ >= static_cast<uint64_t>(capacity_ * kSmallFraction) ||
-                main_.empty())) {
-      EvictFromSmallLocked();
+void HostCache::SweepDetachedLocked() {
+  for (size_t i = 0; i < detached_.size();) {
+    if (!detached_[i]->pinned()) {
+      detached_bytes_ -= detached_[i]->size();
+      detached_[i] = std::move(detached_.back());
+      detached_.pop_back();
     } else {
-      EvictFromMainLocked();
+      ++i;
     }
   }
 }
 
-void HostCache::EvictFromSmallLocked() {
-  // Entries hit while in the small queue move to the main one; the first entry never hit is
-  // evicted and remembered in the ghost queue.
+void HostCache::EvictLocked() {
+  SweepDetachedLocked();
+  while (AccountedLocked() > capacity_) {
+    bool evicted;
+    if (policy_ == EvictionPolicy::kLru) {
+      evicted = EvictLruLocked();
+    } else if (!small_.empty() &&
+               (small_bytes_ >= static_cast<uint64_t>(capacity_ * kSmallFraction) ||
+                main_.empty())) {
+      evicted = EvictFromSmallLocked() || EvictFromMainLocked();
+    } else {
+      evicted = EvictFromMainLocked() || EvictFromSmallLocked();
+    }
+    if (!evicted) return;  // everything left is pinned
+  }
+}
+
+bool HostCache::EvictLruLocked() {
+  // From the least recently used end, skipping pinned entries.
+  for (auto it = main_.rbegin(); it != main_.rend(); ++it) {
+    Node* victim = &*it;
+    if (victim->value.value.block() && victim->value.value.block()->pinned()) continue;
+    evictions_.fetch_add(1, std::memory_order_relaxed);
+    evicted_bytes_.fetch_add(victim->bytes, std::memory_order_relaxed);
+    RemoveLocked(victim);
+    return true;
+  }
+  return false;
+}
+
+bool HostCache::EvictFromSmallLocked() {
+  // Entries hit while in the small queue, and pinned ones, move to the main one; the first
+  // entry never hit is evicted and remembered in the ghost queue.
   while (!small_.empty()) {
     Node* tail = &small_.back();
-    if (tail->frequency.load(std::memory_order_relaxed) >= kPromoteFrequency) {
+    bool pinned = tail->value.value.block() && tail->value.value.block()->pinned();
+    if (pinned || tail->frequency.load(std::memory_order_relaxed) >= kPromoteFrequency) {
       tail->frequency.store(0, std::memory_order_relaxed);
       tail->queue = Queue::kMain;
       small_bytes_ -= tail->bytes;
@@ -189,15 +233,23 @@ void HostCache::EvictFromSmallLocked() {
     evictions_.fetch_add(1, std::memory_order_relaxed);
     evicted_bytes_.fetch_add(tail->bytes, std::memory_order_relaxed);
     RemoveLocked(tail);
-    return;
+    return true;
   }
+  return false;
 }
 
-void HostCache::EvictFromMainLocked() {
+bool HostCache::EvictFromMainLocked() {
   // Reinsertion: an entry hit since it was last looked at goes back to the head with one
-  // hit fewer; the first one with none is evicted.
-  while (!main_.empty()) {
+  // hit fewer; the first one with none is evicted. Pinned entries go back to the head; a whole
+  // round of them means nothing here can be evicted.
+  size_t pinned_seen = 0;
+  while (!main_.empty() && pinned_seen < main_.size()) {
     Node* tail = &main_.back();
+    if (tail->value.value.block() && tail->value.value.block()->pinned()) {
+      ++pinned_seen;
+      main_.splice(main_.begin(), main_, tail->self);
+      continue;
+    }
     uint8_t f = tail->frequency.load(std::memory_order_relaxed);
     if (f > 0) {
       tail->frequency.store(f - 1, std::memory_order_relaxed);
@@ -207,8 +259,9 @@ void HostCache::EvictFromMainLocked() {
     evictions_.fetch_add(1, std::memory_order_relaxed);
     evicted_bytes_.fetch_add(tail->bytes, std::memory_order_relaxed);
     RemoveLocked(tail);
-    return;
+    return true;
   }
+  return false;
 }
 
 void HostCache::RememberGhostLocked(absl::string_view key, uint64_t bytes) {
@@ -249,6 +302,8 @@ HostCacheStats HostCache::stats() const {
   s.evictions = evictions_.load(std::memory_order_relaxed);
   s.evicted_bytes = evicted_bytes_.load(std::memory_order_relaxed);
   s.not_admitted = not_admitted_.load(std::memory_order_relaxed);
+  absl::MutexLock lock(&policy_mu_);
+  s.detached_pinned_bytes = detached_bytes_;
   return s;
 }
 

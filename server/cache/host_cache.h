@@ -6,6 +6,10 @@
 // kept as an option for comparison. With S3-FIFO a hit only bumps an atomic counter under its
 // shard's lock; with LRU every hit also takes the policy lock to move the entry.
 //
+// Entries whose memory is pinned by a lease are skipped by eviction; pinned values that leave
+// the cache (replaced or deleted) still count against the budget until their leases end, so
+// the memory the cache accounts for never exceeds it.
+//
 // No lock is held while doing I/O: the cache only stores buffers; reading and writing the
 // backend is the caller's job (see server/chunk_store.h).
 #ifndef CHUNKD_SERVER_CACHE_HOST_CACHE_H_
@@ -58,6 +62,9 @@ struct HostCacheStats {
   uint64_t evictions = 0;
   uint64_t evicted_bytes = 0;
   uint64_t not_admitted = 0;  // values too large for the cache
+  // Leased (pinned) values no longer in the cache (replaced, deleted): still in memory until
+  // their leases end, and counted against the budget until then.
+  uint64_t detached_pinned_bytes = 0;
 };
 
 class HostCache {
@@ -73,7 +80,8 @@ class HostCache {
   std::optional<CachedValue> Peek(absl::string_view key) const;
 
   // Stores `value` under `key`, replacing any entry, and evicts until the cache is within its
-  // budget. Returns false (and caches nothing) when the value is too large to admit.
+  // budget. Returns false (and caches nothing) when the value is too large to admit, or when
+  // pinned entries leave no room for it.
   bool Insert(absl::string_view key, CachedValue value);
 
   // Removes `key` if present.
@@ -105,8 +113,15 @@ class HostCache {
   void EvictLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(policy_mu_);
   // Removes `node` from the index and its queue, and frees it.
   void RemoveLocked(Node* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(policy_mu_);
-  void EvictFromSmallLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(policy_mu_);
-  void EvictFromMainLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(policy_mu_);
+  // Forgets detached pinned blocks whose leases have ended.
+  void SweepDetachedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(policy_mu_);
+  uint64_t AccountedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(policy_mu_) {
+    return small_bytes_ + main_bytes_ + detached_bytes_;
+  }
+  // Each evicts one entry; false when every candidate is pinned.
+  bool EvictFromSmallLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(policy_mu_);
+  bool EvictFromMainLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(policy_mu_);
+  bool EvictLruLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(policy_mu_);
   void RememberGhostLocked(absl::string_view key, uint64_t bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(policy_mu_);
   bool TakeGhostLocked(absl::string_view key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(policy_mu_);
@@ -129,6 +144,8 @@ class HostCache {
   absl::flat_hash_map<uint64_t, std::list<std::pair<uint64_t, uint64_t>>::iterator> ghost_index_
       ABSL_GUARDED_BY(policy_mu_);
   uint64_t ghost_bytes_ ABSL_GUARDED_BY(policy_mu_) = 0;
+  std::vector<std::shared_ptr<const buffer::Block>> detached_ ABSL_GUARDED_BY(policy_mu_);
+  uint64_t detached_bytes_ ABSL_GUARDED_BY(policy_mu_) = 0;
 
   std::atomic<uint64_t> used_bytes_{0};
   std::atomic<uint64_t> entries_{0};

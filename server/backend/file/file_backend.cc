@@ -131,6 +131,14 @@ std::vector<absl::string_view> Segments(absl::string_view path) {
 
 bool IsTempName(absl::string_view name) { return absl::StartsWith(name, kFileBackendTempPrefix); }
 
+// Keys naming a temporary file are refused: such a file may be half written (reading it would
+// return a torn value) and belongs to a write in progress (deleting it would break that write).
+absl::Status ReservedKeyError(absl::string_view key) {
+  return absl::InvalidArgumentError(absl::StrCat("key ", QuoteKey(key), ": names starting with '",
+                                                 kFileBackendTempPrefix,
+                                                 "' are reserved by the file store"));
+}
+
 struct Child {
   std::string name;
   bool is_dir = false;
@@ -212,11 +220,7 @@ class FileBackend final : public Backend {
   absl::StatusOr<ValueInfo> Write(absl::string_view key, buffer::cpu::Buffer value,
                                   const Conditions& conditions) override {
     absl::string_view leaf = LastSegment(key);
-    if (IsTempName(leaf)) {
-      return absl::InvalidArgumentError(absl::StrCat("key ", QuoteKey(key), ": names starting with '",
-                                                     kFileBackendTempPrefix,
-                                                     "' are reserved by the file store"));
-    }
+    if (IsTempName(leaf)) return ReservedKeyError(key);
     absl::MutexLock lock(&LockFor(key));
     if (absl::Status s = CheckConditions(key, conditions); !s.ok()) return s;
     // A delete of another key may remove a directory this write just opened, once it is empty;
@@ -276,6 +280,7 @@ class FileBackend final : public Backend {
   }
 
   absl::Status Delete(absl::string_view key, const Conditions& conditions) override {
+    if (IsTempName(LastSegment(key))) return ReservedKeyError(key);
     absl::MutexLock lock(&LockFor(key));
     auto dirs = OpenDirectories(key, /*create=*/false);
     if (!dirs.ok()) {
@@ -353,6 +358,7 @@ class FileBackend final : public Backend {
 
   // Opens the value file of `key` for reading: a regular file beneath the root.
   absl::StatusOr<UniqueFd> OpenValue(absl::string_view key) const {
+    if (IsTempName(LastSegment(key))) return ReservedKeyError(key);
     std::string path(key);
     UniqueFd fd(::openat(root_fd_.get(), path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
     if (!fd.valid()) {

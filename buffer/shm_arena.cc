@@ -1,0 +1,249 @@
+#include "buffer/shm_arena.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace chunkd::buffer {
+namespace {
+
+constexpr uint64_t kPage = 4096;
+
+uint64_t RoundUp(uint64_t n, uint64_t to) { return (n + to - 1) / to * to; }
+
+absl::Status ErrnoStatus(const std::string& what) {
+  int err = errno;
+  std::string message = absl::StrCat(what, ": ", std::strerror(err));
+  if (err == ENOSPC || err == ENOMEM) return absl::ResourceExhaustedError(message);
+  if (err == EACCES || err == EPERM) return absl::PermissionDeniedError(message);
+  if (err == ENOENT) return absl::NotFoundError(message);
+  return absl::InternalError(message);
+}
+
+}  // namespace
+
+// A block inside a segment; returns its extent to the arena when the last reference goes.
+class ShmArena::ArenaBlock final : public Block {
+ public:
+  ArenaBlock(std::shared_ptr<ShmArena> arena, Segment* segment, uint64_t offset, uint64_t length,
+             size_t size)
+      : Block(segment->base + offset, size, MemoryKind::kHostShared),
+        arena_(std::move(arena)),
+        segment_(segment),
+        offset_(offset),
+        length_(length),
+        name_(segment->name),
+        segment_size_(segment->size) {}
+  ~ArenaBlock() override { arena_->Free(segment_, offset_, length_); }
+
+  std::optional<ShmLocation> shm_location() const override {
+    return ShmLocation{name_, segment_size_, offset_};
+  }
+
+ private:
+  std::shared_ptr<ShmArena> arena_;
+  Segment* segment_;
+  uint64_t offset_;
+  uint64_t length_;
+  std::string name_;
+  uint64_t segment_size_;
+};
+
+absl::StatusOr<std::shared_ptr<ShmArena>> ShmArena::Create(const ShmArenaOptions& options) {
+  struct stat st;
+  if (::stat(options.directory.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return absl::NotFoundError(absl::StrCat("shared-memory directory ", options.directory,
+                                            " does not exist or is not a directory"));
+  }
+  if (options.segment_bytes < kPage) {
+    return absl::InvalidArgumentError("shared-memory segments must be at least one page");
+  }
+  std::shared_ptr<ShmArena> arena(new ShmArena(options));
+  arena->RemoveStaleSegments();
+  return arena;
+}
+
+ShmArena::~ShmArena() {
+  absl::MutexLock lock(&mu_);
+  while (!segments_.empty()) DestroySegmentLocked(segments_.back().get());
+}
+
+void ShmArena::RemoveStaleSegments() {
+  DIR* dir = ::opendir(options_.directory.c_str());
+  if (dir == nullptr) return;
+  std::string prefix = options_.prefix + "-";
+  while (struct dirent* e = ::readdir(dir)) {
+    std::string name = e->d_name;
+    if (!absl::StartsWith(name, prefix)) continue;
+    std::string path = options_.directory + "/" + name;
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) continue;
+    // The owner holds a shared lock for as long as it lives; an exclusive lock we can take
+    // means nobody owns the segment any more.
+    struct stat st;
+    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == ::geteuid() &&
+        ::flock(fd, LOCK_EX | LOCK_NB) == 0) {
+      ::unlink(path.c_str());
+    }
+    ::close(fd);
+  }
+  ::closedir(dir);
+}
+
+absl::StatusOr<ShmArena::Segment*> ShmArena::NewSegmentLocked(uint64_t size) {
+  auto segment = std::make_unique<Segment>();
+  segment->name = absl::StrCat(options_.prefix, "-", ::getpid(), "-", next_segment_++);
+  segment->size = size;
+  std::string path = options_.directory + "/" + segment->name;
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, options_.mode);
+  if (fd < 0) return ErrnoStatus("create shared-memory segment " + path);
+  const auto fail = [&](const std::string& what) {
+    absl::Status s = ErrnoStatus(what + " " + path);
+    ::close(fd);
+    ::unlink(path.c_str());
+    return s;
+  };
+  if (::fchmod(fd, options_.mode) != 0) return fail("chmod");
+  if (options_.group != static_cast<gid_t>(-1) && ::fchown(fd, -1, options_.group) != 0) {
+    return fail("chgrp");
+  }
+  if (::flock(fd, LOCK_SH) != 0) return fail("lock");
+  if (::ftruncate(fd, static_cast<off_t>(size)) != 0) return fail("size");
+  void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (base == MAP_FAILED) return fail("map");
+  segment->fd = fd;
+  segment->base = static_cast<std::byte*>(base);
+  AddFree(segment.get(), 0, size);
+  mapped_ += size;
+  segments_.push_back(std::move(segment));
+  return segments_.back().get();
+}
+
+void ShmArena::DestroySegmentLocked(Segment* segment) {
+  ::munmap(segment->base, segment->size);
+  ::unlink((options_.directory + "/" + segment->name).c_str());
+  ::close(segment->fd);
+  mapped_ -= segment->size;
+  for (auto it = segments_.begin(); it != segments_.end(); ++it) {
+    if (it->get() == segment) {
+      segments_.erase(it);
+      break;
+    }
+  }
+}
+
+void ShmArena::AddFree(Segment* s, uint64_t offset, uint64_t length) {
+  s->free_by_offset[offset] = length;
+  s->free_by_length.emplace(length, offset);
+}
+
+void ShmArena::TakeExtent(Segment* s, std::multimap<uint64_t, uint64_t>::iterator it,
+                          uint64_t length, uint64_t* offset) {
+  uint64_t extent_length = it->first, extent_offset = it->second;
+  s->free_by_length.erase(it);
+  s->free_by_offset.erase(extent_offset);
+  if (extent_length > length) AddFree(s, extent_offset + length, extent_length - length);
+  *offset = extent_offset;
+  s->used += length;
+}
+
+absl::StatusOr<std::shared_ptr<Block>> ShmArena::Allocate(size_t size) {
+  if (size == 0) return HeapAllocator().Allocate(0);  // nothing to share
+  uint64_t length = RoundUp(size, kPage);
+  absl::MutexLock lock(&mu_);
+  Segment* chosen = nullptr;
+  std::multimap<uint64_t, uint64_t>::iterator best;
+  // Best fit across segments: the smallest free extent that holds the block.
+  for (auto& segment : segments_) {
+    auto it = segment->free_by_length.lower_bound(length);
+    if (it != segment->free_by_length.end() && (chosen == nullptr || it->first < best->first)) {
+      chosen = segment.get();
+      best = it;
+    }
+  }
+  if (chosen == nullptr) {
+    auto segment = NewSegmentLocked(std::max<uint64_t>(options_.segment_bytes, length));
+    if (!segment.ok()) return segment.status();
+    chosen = *segment;
+    best = chosen->free_by_length.lower_bound(length);
+  }
+  uint64_t offset;
+  TakeExtent(chosen, best, length, &offset);
+  // Reserve the pages now: a full tmpfs (a container's small /dev/shm, say) must show as an
+  // error here, not as SIGBUS when the pages are first written.
+  if (::fallocate(chosen->fd, 0, static_cast<off_t>(offset), static_cast<off_t>(length)) != 0) {
+    absl::Status s = ErrnoStatus(absl::StrCat("reserve ", length, " bytes in shared memory ",
+                                              options_.directory));
+    chosen->used -= length;
+    AddFree(chosen, offset, length);  // coalescing happens when neighbours are freed
+    return s;
+  }
+  allocated_ += length;
+  return std::make_shared<ArenaBlock>(shared_from_this(), chosen, offset, length, size);
+}
+
+void ShmArena::Free(Segment* segment, uint64_t offset, uint64_t length) {
+  // Give the pages back now; the range reads as zeros until it is allocated again.
+  ::fallocate(segment->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+              static_cast<off_t>(length));
+  absl::MutexLock lock(&mu_);
+  allocated_ -= length;
+  segment->used -= length;
+  // Coalesce with the free neighbours on both sides.
+  auto next = segment->free_by_offset.lower_bound(offset);
+  if (next != segment->free_by_offset.end() && next->first == offset + length) {
+    auto range = segment->free_by_length.equal_range(next->second);
+    for (auto it = range.first; it != range.second; ++it) {
+      if (it->second == next->first) {
+        segment->free_by_length.erase(it);
+        break;
+      }
+    }
+    length += next->second;
+    next = segment->free_by_offset.erase(next);
+  }
+  if (next != segment->free_by_offset.begin()) {
+    auto prev = std::prev(next);
+    if (prev->first + prev->second == offset) {
+      auto range = segment->free_by_length.equal_range(prev->second);
+      for (auto it = range.first; it != range.second; ++it) {
+        if (it->second == prev->first) {
+          segment->free_by_length.erase(it);
+          break;
+        }
+      }
+      offset = prev->first;
+      length += prev->second;
+      segment->free_by_offset.erase(prev);
+    }
+  }
+  AddFree(segment, offset, length);
+  // An empty segment goes back to the system, except the last one, kept for reuse.
+  if (segment->used == 0 && segments_.size() > 1) DestroySegmentLocked(segment);
+}
+
+uint64_t ShmArena::allocated_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return allocated_;
+}
+
+uint64_t ShmArena::mapped_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return mapped_;
+}
+
+size_t ShmArena::segment_count() const {
+  absl::MutexLock lock(&mu_);
+  return segments_.size();
+}
+
+}  // namespace chunkd::buffer
