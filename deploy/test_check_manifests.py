@@ -4,7 +4,8 @@ the right message, on copies broken one way at a time.
     .venv/bin/python -m pytest deploy/test_check_manifests.py
 
 The flag checks need the built chunkd (build/server/chunkd, or $CHUNKD_BIN); without it those
-cases are skipped and the rest run with --skip-binaries.
+cases are skipped and the rest run with --skip-binaries. When $CHUNKD_BIN / $CHUNKCTL_BIN are set,
+the binaries must exist: those cases then fail instead of skipping.
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ CHUNKD = Path(os.environ.get("CHUNKD_BIN") or ROOT / "build" / "server" / "chunk
 CHUNKCTL = Path(os.environ.get("CHUNKCTL_BIN") or ROOT / "build" / "client" / "chunkctl")
 HAVE_CHUNKD = CHUNKD.is_file() and os.access(CHUNKD, os.X_OK)
 HAVE_CHUNKCTL = CHUNKCTL.is_file() and os.access(CHUNKCTL, os.X_OK)
-needs_chunkd = pytest.mark.skipif(not HAVE_CHUNKD, reason=f"no chunkd binary at {CHUNKD}")
-needs_chunkctl = pytest.mark.skipif(not HAVE_CHUNKCTL, reason=f"no chunkctl binary at {CHUNKCTL}")
+# Named explicitly (as deploy/scripts/test.sh does), a binary must be there: no silent skips.
+needs_chunkd = pytest.mark.skipif(not HAVE_CHUNKD and not os.environ.get("CHUNKD_BIN"),
+                                  reason=f"no chunkd binary at {CHUNKD}")
+needs_chunkctl = pytest.mark.skipif(not HAVE_CHUNKCTL and not os.environ.get("CHUNKCTL_BIN"),
+                                    reason=f"no chunkctl binary at {CHUNKCTL}")
 
 
 def run_checker(root: Path, binaries: bool | None = None):
     """Runs the checker on root; binaries: True (require them), False (--skip-binaries) or None
     (use them when they exist)."""
     if binaries is None:
-        binaries = HAVE_CHUNKD
+        binaries = HAVE_CHUNKD or bool(os.environ.get("CHUNKD_BIN"))
     cmd = [sys.executable, str(CHECKER), "--root", str(root)]
     if binaries:
         cmd += ["--chunkd-bin", str(CHUNKD), "--chunkctl-bin", str(CHUNKCTL)]
