@@ -1064,7 +1064,7 @@ class Checker:
                     self.problem(ow, f"shares chunkd's socket but not its /dev/shm volume "
                                  f"'{shm.get('name')}' (shared-memory handles would not map)")
             ouid = self.effective(other, pod_sc, "runAsUser")
-            if not has_mode_flag and ouid != run_as_user and other.get("restartPolicy") != "Never":
+            if not has_mode_flag and ouid != run_as_user:
                 if (other.get("securityContext") or {}).get("runAsUser") == 0:
                     continue  # a root helper (e.g. preparing host directories)
                 self.problem(ow, f"runs as uid {ouid} but chunkd (uid {run_as_user}) creates its "
