@@ -4,8 +4,11 @@
 # script as a developer machine, and a slim runtime stage with only their shared libraries.
 #
 #   docker build -t chunkd:0.1.0 .
-#   docker run --rm -p 127.0.0.1:7878:7878 -v chunkd-data:/data chunkd:0.1.0 --host_cache_bytes=4GiB
+#   docker run --rm --shm-size=5g -p 127.0.0.1:7878:7878 -v chunkd-data:/data chunkd:0.1.0 \
+#     --listen=0.0.0.0:7878 --store=/data --host_cache_bytes=4GiB
 #
+# The cache lives in shared-memory segments under /dev/shm (--shm_dir): Docker's default
+# /dev/shm is 64 MiB, so give --shm-size above --host_cache_bytes.
 # Arguments given after the image name replace CMD (the defaults below) entirely, so repeat
 # --listen and --store when you pass your own flags.
 #
