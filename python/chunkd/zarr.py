@@ -183,6 +183,11 @@ class ChunkdStore(Store):
             with self._lock:
                 client = self._aio_clients.get(loop)
                 if client is None:
+                    # Drop the clients of loops that have closed (asyncio.run, pytest): their
+                    # channels close when collected. gRPC keeps every loop it served alive, so
+                    # the weak keys alone would never let them go.
+                    for old in [old for old in self._aio_clients if old.is_closed()]:
+                        del self._aio_clients[old]
                     client = AsyncClient(self.target, timeout=self.timeout, retries=self.retries)
                     self._aio_clients[loop] = client
         return client
@@ -361,11 +366,16 @@ class ChunkdStore(Store):
         prefix = prefix.strip("/")
         full = self._root + (f"{prefix}/" if prefix else "")
         strip = len(full)
+        # A memory:// server can hold a key and a "folder" of the same name ("a" and "a/b"):
+        # zarr wants each name once.
+        seen: set[str] = set()
         async for page in self._aio().iter_list(full, directory=True):
-            for entry in page.entries:
-                yield entry.key[strip:]
-            for sub in page.prefixes:
-                yield sub[strip:].rstrip("/")
+            names = [e.key[strip:] for e in page.entries]
+            names += [p[strip:].rstrip("/") for p in page.prefixes]
+            for name in names:
+                if name not in seen:
+                    seen.add(name)
+                    yield name
 
     # -- synchronous methods (zarr's SupportsSyncStore protocol) ----------------------------------
 
