@@ -55,6 +55,8 @@ __all__ = ["ChunkdStore"]
 
 # Deletes in flight at once in delete_dir / clear.
 _DELETE_CONCURRENCY = 64
+# Channel closes scheduled by close() on the running loop, kept alive until they finish.
+_closing: set[asyncio.Task] = set()
 
 
 def _normalize_path(path: str) -> str:
@@ -220,7 +222,9 @@ class ChunkdStore(Store):
             if loop.is_closed():
                 continue
             if loop is running:
-                loop.create_task(client.close())
+                task = loop.create_task(client.close())
+                _closing.add(task)  # the loop keeps only a weak reference to its tasks
+                task.add_done_callback(_closing.discard)
             elif loop.is_running():
                 asyncio.run_coroutine_threadsafe(client.close(), loop)
             else:
