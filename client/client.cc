@@ -149,13 +149,18 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
       stopping_ = true;
     }
     thread_.join();
-    // Whatever is left goes out without waiting: this may run on any thread.
+    // Whatever is left goes out now, with a bounded wait: a call still in flight when the
+    // process exits would outlive gRPC itself.
     std::vector<uint64_t> rest;
     {
       absl::MutexLock lock(&mu_);
       rest.swap(to_release_);
     }
     if (!rest.empty()) SendRelease(std::move(rest), nullptr);
+    absl::MutexLock lock(&in_flight_->mu);
+    in_flight_->mu.AwaitWithTimeout(absl::Condition(
+                                        +[](int* n) { return *n == 0; }, &in_flight_->calls),
+                                    absl::Seconds(2));
   }
 
   buffer::ShmImporter& importer() { return importer_; }
@@ -184,9 +189,9 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
       ids.swap(to_release_);
     }
     if (ids.empty()) return;
-    absl::Notification done;
-    SendRelease(std::move(ids), &done);
-    done.WaitForNotification();
+    auto done = std::make_shared<absl::Notification>();
+    SendRelease(std::move(ids), done);
+    done->WaitForNotification();
   }
 
  private:
@@ -194,7 +199,9 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
 
   void Loop() {
     absl::MutexLock lock(&mu_);
-    absl::Time next_renew = absl::Now() + ttl_ / 3;
+    // Leases are renewed a few times per TTL (the smallest TTL seen), so they stay alive
+    // while this process does, whatever the network's hiccups.
+    absl::Time last_renew = absl::Now();
     while (!stopping_) {
       // Releases go out every few milliseconds, or at once when a batch is full.
       mu_.AwaitWithTimeout(absl::Condition(
@@ -207,9 +214,9 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
       std::vector<uint64_t> release;
       release.swap(to_release_);
       std::vector<uint64_t> renew;
-      if (absl::Now() >= next_renew) {
+      if (absl::Now() >= last_renew + ttl_ / 3) {
         renew.assign(live_.begin(), live_.end());
-        next_renew = absl::Now() + ttl_ / 3;
+        last_renew = absl::Now();
       }
       mu_.Unlock();
       if (!release.empty()) SendRelease(std::move(release), nullptr);
@@ -218,15 +225,22 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
     }
   }
 
-  void SendRelease(std::vector<uint64_t> ids, absl::Notification* done) {
+  void SendRelease(std::vector<uint64_t> ids, std::shared_ptr<absl::Notification> done) {
     auto* call = new UnaryCall<v1::ReleaseRequest, v1::ReleaseResponse>();
     call->context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
     for (uint64_t id : ids) call->request.add_lease_ids(id);
+    auto in_flight = in_flight_;
+    {
+      absl::MutexLock lock(&in_flight->mu);
+      ++in_flight->calls;
+    }
     stub_->async()->Release(&call->context, &call->request, &call->response,
-                            [call, done](grpc::Status) {
+                            [call, done, in_flight](grpc::Status) {
                               // A lost release is not lost memory: the lease expires.
                               delete call;
                               if (done) done->Notify();
+                              absl::MutexLock lock(&in_flight->mu);
+                              --in_flight->calls;
                             });
   }
 
@@ -234,12 +248,28 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
     auto* call = new UnaryCall<v1::RenewRequest, v1::RenewResponse>();
     call->context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
     for (uint64_t id : ids) call->request.add_lease_ids(id);
+    auto in_flight = in_flight_;
+    {
+      absl::MutexLock lock(&in_flight->mu);
+      ++in_flight->calls;
+    }
     stub_->async()->Renew(&call->context, &call->request, &call->response,
-                          [call](grpc::Status) { delete call; });
+                          [call, in_flight](grpc::Status) {
+                            delete call;
+                            absl::MutexLock lock(&in_flight->mu);
+                            --in_flight->calls;
+                          });
   }
 
   std::unique_ptr<v1::Chunkd::Stub> stub_;
   buffer::ShmImporter importer_;
+  // Release and Renew calls in flight; shared with their callbacks, which may run after the
+  // keeper is gone if the server does not answer in time.
+  struct InFlight {
+    absl::Mutex mu;
+    int calls ABSL_GUARDED_BY(mu) = 0;
+  };
+  std::shared_ptr<InFlight> in_flight_ = std::make_shared<InFlight>();
   mutable absl::Mutex mu_;
   absl::flat_hash_set<uint64_t> live_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> to_release_ ABSL_GUARDED_BY(mu_);

@@ -20,9 +20,13 @@
 
 namespace chunkd::testing {
 
-TempDir::TempDir() {
+TempDir::TempDir() : TempDir([] {
   const char* base = std::getenv("TMPDIR");
-  std::string pattern = absl::StrCat(base && *base ? base : "/tmp", "/chunkd-test-XXXXXX");
+  return std::string(base && *base ? base : "/tmp");
+}()) {}
+
+TempDir::TempDir(const std::string& base) {
+  std::string pattern = absl::StrCat(base, "/chunkd-test-XXXXXX");
   std::vector<char> buffer(pattern.begin(), pattern.end());
   buffer.push_back('\0');
   if (::mkdtemp(buffer.data()) == nullptr) std::abort();
@@ -157,6 +161,21 @@ CommandResult RunCommand(const std::vector<std::string>& argv, const std::string
   result.out = ReadFile(out_path);
   result.err = ReadFile(err_path);
   return result;
+}
+
+pid_t StartProcess(const std::vector<std::string>& argv, const std::string& out_path) {
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    int out = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(out, STDOUT_FILENO);
+    std::vector<std::string> copy = argv;
+    std::vector<char*> cargv;
+    for (std::string& a : copy) cargv.push_back(a.data());
+    cargv.push_back(nullptr);
+    ::execv(cargv[0], cargv.data());
+    std::_Exit(127);
+  }
+  return pid;
 }
 
 }  // namespace chunkd::testing

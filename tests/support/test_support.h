@@ -17,11 +17,14 @@ namespace chunkd::testing {
 // Paths of the binaries under test, from the build.
 inline constexpr char kChunkdBinary[] = CHUNKD_BIN;
 inline constexpr char kChunkctlBinary[] = CHUNKCTL_BIN;
+inline constexpr char kShmReaderBinary[] = SHM_READER_BIN;
 
 // A fresh directory under $TMPDIR (or /tmp), removed with everything in it on destruction.
 class TempDir {
  public:
   TempDir();
+  // Under `base` instead (e.g. /dev/shm, for a shared-memory directory of the test's own).
+  explicit TempDir(const std::string& base);
   ~TempDir();
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;
@@ -73,6 +76,9 @@ struct CommandResult {
 
 // Runs `argv` to completion with `input` on standard input, capturing its outputs.
 CommandResult RunCommand(const std::vector<std::string>& argv, const std::string& input = "");
+
+// Starts `argv` in the background with standard output going to `out_path`; returns its pid.
+pid_t StartProcess(const std::vector<std::string>& argv, const std::string& out_path);
 
 }  // namespace chunkd::testing
 

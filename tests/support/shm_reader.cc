@@ -1,0 +1,62 @@
+// A second process for the shared-memory tests: reads keys through shared-memory delivery.
+//
+//   chunkd_shm_reader ADDRESS SHM_DIR hold KEY...       get each key (shm), print
+//                                     "holding N", then sleep holding the leases until killed
+//   chunkd_shm_reader ADDRESS SHM_DIR read ITER KEY...  get the keys ITER times each, check that every
+//                                               value is whole (all bytes equal its first byte),
+//                                               print "reads R torn T shm S"; exit 1 if T > 0
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "client/client.h"
+
+int main(int argc, char** argv) {
+  if (argc < 5) {
+    std::fprintf(stderr, "usage: %s ADDRESS SHM_DIR hold KEY... | read ITER KEY...\n", argv[0]);
+    return 2;
+  }
+  chunkd::client::ClientOptions options;
+  options.address = argv[1];
+  options.shm_dir = argv[2];
+  argv += 1;
+  argc -= 1;
+  options.accept = {chunkd::v1::DELIVERY_SHM, chunkd::v1::DELIVERY_INLINE};
+  auto client = chunkd::client::Client::Connect(options);
+  if (!client.ok()) return 2;
+  std::string mode = argv[2];
+  if (mode == "hold") {
+    std::vector<chunkd::buffer::cpu::Buffer> held;
+    for (int i = 3; i < argc; ++i) {
+      auto got = (*client)->Get(argv[i]);
+      if (!got.ok() || got->delivery != chunkd::v1::DELIVERY_SHM) {
+        std::fprintf(stderr, "get %s: %s\n", argv[i], got.status().ToString().c_str());
+        return 1;
+      }
+      held.push_back(got->data);
+    }
+    std::printf("holding %zu\n", held.size());
+    std::fflush(stdout);
+    for (;;) ::pause();
+  }
+  int iterations = std::atoi(argv[3]);
+  long reads = 0, torn = 0, shm = 0;
+  for (int it = 0; it < iterations; ++it) {
+    for (int i = 4; i < argc; ++i) {
+      auto got = (*client)->Get(argv[i]);
+      if (!got.ok()) {
+        std::fprintf(stderr, "get %s: %s\n", argv[i], got.status().ToString().c_str());
+        return 1;
+      }
+      ++reads;
+      shm += got->delivery == chunkd::v1::DELIVERY_SHM;
+      std::string_view v = got->data.view();
+      if (v.empty() || v.find_first_not_of(v[0]) != std::string_view::npos) ++torn;
+    }
+  }
+  std::printf("reads %ld torn %ld shm %ld\n", reads, torn, shm);
+  return torn > 0 ? 1 : 0;
+}
