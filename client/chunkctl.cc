@@ -56,8 +56,14 @@ constexpr int kExitOk = 0;
 constexpr int kExitError = 1;
 constexpr int kExitNotFound = 2;
 
+// The server address, for messages.
+std::string g_server;
+
 int Report(const absl::Status& status) {
   std::string message(status.message());
+  if (absl::IsUnavailable(status) || absl::IsDeadlineExceeded(status)) {
+    message = absl::StrCat("cannot reach chunkd at ", g_server, ": ", message);
+  }
   std::fprintf(stderr, "chunkctl: %s\n", message.empty() ? status.ToString().c_str() : message.c_str());
   return absl::IsNotFound(status) ? kExitNotFound : kExitError;
 }
@@ -281,6 +287,7 @@ int main(int argc, char** argv) {
     options.address = env;
   }
   options.timeout = absl::GetFlag(FLAGS_timeout);
+  g_server = options.address;
   options.shm_dir = absl::GetFlag(FLAGS_shm_dir);
   if (std::string delivery = absl::GetFlag(FLAGS_delivery); delivery == "shm") {
     options.accept = {chunkd::v1::DELIVERY_SHM, chunkd::v1::DELIVERY_INLINE};
