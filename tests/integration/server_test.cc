@@ -52,7 +52,9 @@ class ServerTest : public ::testing::TestWithParam<std::string> {
     server_ = server->release();
   }
   static void TearDownTestSuite() {
-    if (server_) EXPECT_EQ(server_->Stop(SIGTERM), 0) << server_->log();
+    if (server_) {
+      EXPECT_EQ(server_->Stop(SIGTERM), 0) << server_->log();
+    }
     delete server_;
     delete root_;
     server_ = nullptr;
