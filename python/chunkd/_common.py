@@ -41,8 +41,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 class GetResult:
     """A value (or a byte range of it) and where it came from.
 
-    ``data`` holds ``length`` bytes: a ``bytearray`` owned by the caller, or a ``memoryview`` of
-    the ``out`` buffer the caller passed in.
+    ``data`` holds ``length`` bytes: a ``bytearray`` owned by the caller, a ``memoryview`` of
+    the ``out`` buffer the caller passed in, or (``delivery`` DELIVERY_SHM) a read-only
+    ``memoryview`` of the server's shared memory whose lease lasts as long as it and its views.
     """
 
     data: bytearray | memoryview
@@ -285,9 +286,11 @@ ACCEPTED_DELIVERIES = [pb.DELIVERY_INLINE]
 class GetAssembler:
     """Turns the stream of GetResponse messages into a :class:`GetResult`."""
 
-    def __init__(self, key: str, out: Any = None) -> None:
+    def __init__(self, key: str, out: Any = None, receivers: dict[int, Any] | None = None) -> None:
         self.key = key
         self.out = out
+        # Receivers by delivery: RECEIVERS, or a client's own (shared memory: chunkd._shm).
+        self.receivers = RECEIVERS if receivers is None else receivers
         self.header: Any = None
         self.receiver: Any = None
 
@@ -300,7 +303,7 @@ class GetAssembler:
                     key=self.key,
                 )
             self.header = response.header
-            receiver_cls = RECEIVERS.get(self.header.delivery)
+            receiver_cls = self.receivers.get(self.header.delivery)
             if receiver_cls is None:
                 raise ChunkdError(
                     f"get {self.key!r}: the server chose delivery "

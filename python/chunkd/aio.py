@@ -10,6 +10,7 @@ import grpc
 import grpc.aio
 
 from chunkd import _common as c
+from chunkd import _shm
 from chunkd._address import DEFAULT_ADDRESS
 from chunkd._stubs import pb, pb_grpc
 from chunkd.errors import error_from_rpc
@@ -48,7 +49,8 @@ class AsyncClient:
     loop (``chunkd.zarr.ChunkdStore`` does this for you). Calls may run concurrently on one
     client; they share its channel (HTTP/2 streams), e.g. ``asyncio.gather(*gets)``.
 
-    Arguments and errors: as :class:`chunkd.Client`.
+    Arguments and errors: as :class:`chunkd.Client`. With ``delivery="shm"``, leases are
+    released and renewed from a thread of the client's own, not from the event loop.
     """
 
     def __init__(
@@ -58,6 +60,8 @@ class AsyncClient:
         timeout: float | None = c.DEFAULT_TIMEOUT,
         retries: int = c.DEFAULT_RETRIES,
         channel_options: list[tuple[str, Any]] | None = None,
+        delivery: str = "inline",
+        shm_dir: str = _shm.DEFAULT_SHM_DIR,
     ) -> None:
         self.address = address
         self.target = c.target_of(address)
@@ -67,6 +71,11 @@ class AsyncClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
         self._closed = False
+        self.delivery = delivery
+        self.shm_dir = shm_dir
+        # Shared-memory delivery (None when inline). Its lease keeper uses a blocking channel
+        # on a thread of its own, so releases go on whichever event loop is running, if any.
+        self._shm = _shm.ShmDelivery.create(delivery, shm_dir, self.target, self._options)
 
     @property
     def retries(self) -> int:
@@ -100,6 +109,8 @@ class AsyncClient:
         """Closes the channel; calls in flight are cancelled. Idempotent."""
         self._closed = True
         channel, self._channel, self._stub = self._channel, None, None
+        if self._shm is not None:
+            self._shm.close()  # leases of values still alive are released as they go
         if channel is not None:
             await channel.close()
 
@@ -132,9 +143,11 @@ class AsyncClient:
             c.conditions(if_generation_match, if_generation_not_match),
         )
 
+        shm = self._shm
+
         async def attempt(stub, timeout):
-            call = stub.Get(request, timeout=timeout)
-            assembler = c.GetAssembler(key, out)
+            call = stub.Get(shm.request(request) if shm else request, timeout=timeout)
+            assembler = c.GetAssembler(key, out, shm.receivers() if shm else None)
             try:
                 async for response in call:
                     assembler.feed(response)
@@ -233,3 +246,16 @@ class AsyncClient:
                 lambda stub, timeout: stub.ServerInfo(pb.ServerInfoRequest(), timeout=timeout), None
             )
         )
+
+    # -- shared-memory leases ------------------------------------------------------------------
+
+    async def flush_releases(self, timeout: float | None = 5.0) -> bool:
+        """See :meth:`chunkd.Client.flush_releases`."""
+        if self._shm is None:
+            return True
+        return await asyncio.to_thread(self._shm.keeper.flush, timeout)
+
+    @property
+    def leases_held(self) -> int:
+        """See :attr:`chunkd.Client.leases_held`."""
+        return 0 if self._shm is None else self._shm.keeper.held

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from chunkd import _common as c
+from chunkd import _shm
 from chunkd._address import DEFAULT_ADDRESS
 from chunkd._stubs import pb, pb_grpc
 from chunkd.errors import error_from_rpc
@@ -29,6 +30,13 @@ class Client:
             retried, since the first attempt may have landed; a retried delete whose first
             attempt did land reports NOT_FOUND.
         channel_options: extra gRPC channel arguments.
+        delivery: ``"inline"`` (the default): values arrive in gRPC messages, as ``bytearray``;
+            ``"shm"``: ask for shared-memory delivery (a client on the server's host that sees
+            its ``shm_dir``): values arrive as read-only ``memoryview`` objects of the server's
+            memory, each holding a lease until it (and every view of it) is gone. Where the
+            server cannot share memory with this process, values arrive inline all the same
+            (``read(...).delivery`` says which). Needs numpy.
+        shm_dir: this process's path of the server's ``--shm_dir`` (default ``/dev/shm``).
 
     Errors: a missing key raises :class:`chunkd.NotFoundError` (a ``KeyError``), a bad key or
     range :class:`chunkd.InvalidArgument` (a ``ValueError``), a failed condition
@@ -42,6 +50,8 @@ class Client:
         timeout: float | None = c.DEFAULT_TIMEOUT,
         retries: int = c.DEFAULT_RETRIES,
         channel_options: list[tuple[str, Any]] | None = None,
+        delivery: str = "inline",
+        shm_dir: str = _shm.DEFAULT_SHM_DIR,
     ) -> None:
         self.address = address
         self.target = c.target_of(address)
@@ -52,6 +62,10 @@ class Client:
         self._channel: grpc.Channel | None = None
         self._stub: Any = None
         self._closed = False
+        self.delivery = delivery
+        self.shm_dir = shm_dir
+        # Shared-memory delivery (None when inline): request fields, receiver, lease keeper.
+        self._shm = _shm.ShmDelivery.create(delivery, shm_dir, self.target, self._options)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -93,6 +107,8 @@ class Client:
             channel, self._channel, self._stub = self._channel, None, None
         if channel is not None:
             channel.close()
+        if self._shm is not None:
+            self._shm.close()  # leases of values still alive are released as they go
 
     def __enter__(self) -> Client:
         return self
@@ -109,10 +125,18 @@ class Client:
             "timeout": self.timeout,
             "retries": self.retries,
             "options": self._options,
+            "delivery": self.delivery,
+            "shm_dir": self.shm_dir,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["address"], timeout=state["timeout"], retries=state["retries"])
+        self.__init__(
+            state["address"],
+            timeout=state["timeout"],
+            retries=state["retries"],
+            delivery=state.get("delivery", "inline"),
+            shm_dir=state.get("shm_dir", _shm.DEFAULT_SHM_DIR),
+        )
         self._options = state["options"]
 
     # -- calls ---------------------------------------------------------------------------------
@@ -141,9 +165,11 @@ class Client:
             c.conditions(if_generation_match, if_generation_not_match),
         )
 
+        shm = self._shm
+
         def attempt(stub, timeout):
-            call = stub.Get(request, timeout=timeout)
-            assembler = c.GetAssembler(key, out)
+            call = stub.Get(shm.request(request) if shm else request, timeout=timeout)
+            assembler = c.GetAssembler(key, out, shm.receivers() if shm else None)
             try:
                 for response in call:
                     assembler.feed(response)
@@ -248,3 +274,17 @@ class Client:
                 lambda stub, timeout: stub.ServerInfo(pb.ServerInfoRequest(), timeout=timeout), None
             )
         )
+
+    # -- shared-memory leases ------------------------------------------------------------------
+
+    def flush_releases(self, timeout: float | None = 5.0) -> bool:
+        """Returns the leases of shared-memory values dropped so far to the server now, and
+        waits for its answer (they otherwise go in batches within milliseconds). False if
+        ``timeout`` passed first. Values kept alive only by reference cycles go after
+        ``gc.collect()``. Nothing to do without ``delivery="shm"``."""
+        return True if self._shm is None else self._shm.keeper.flush(timeout)
+
+    @property
+    def leases_held(self) -> int:
+        """Shared-memory values (leases) of this client still alive, as far as it has seen."""
+        return 0 if self._shm is None else self._shm.keeper.held

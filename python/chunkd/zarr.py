@@ -15,9 +15,12 @@ URL forms (see :mod:`chunkd._address`):
 * ``chunkd+unix:///run/chunkd.sock`` — a Unix-domain socket (``path=`` names a sub-path);
 * a plain address: ``HOST:PORT`` or ``unix:/run/chunkd.sock``.
 
-Values arrive inline (gRPC messages) today; the conversion of a reply to a zarr ``Buffer`` goes
-through :meth:`ChunkdStore._to_buffer`, keyed by the reply's delivery, so that zero-copy
-deliveries (shared memory, CUDA IPC) can slot in without touching the rest of the store.
+Values arrive inline (gRPC messages) by default. With ``delivery="shm"``, a store on the
+server's host asks for shared-memory delivery: each chunk arrives as a handle and the zarr
+``Buffer`` views the server's memory in place (no copy; a GPU prototype copies it to the
+device), holding a lease until zarr drops the buffer (see :mod:`chunkd._shm`). The conversion of
+a reply to a zarr ``Buffer`` goes through :meth:`ChunkdStore._to_buffer`, keyed by the reply's
+delivery.
 
 The store is picklable (it reconnects in the process that unpickles it), so it works with
 ``multiprocessing`` (spawn) and dask. Each event loop that uses the store gets its own asyncio
@@ -42,6 +45,7 @@ from zarr.abc.store import (
 from zarr.core.buffer import Buffer, default_buffer_prototype
 
 from chunkd import _common as c
+from chunkd import _shm
 from chunkd._address import DEFAULT_ADDRESS, parse_url, url_of
 from chunkd._stubs import pb
 from chunkd.aio import AsyncClient
@@ -87,6 +91,13 @@ def _inline_to_buffer(result: c.GetResult, prototype: BufferPrototype) -> Buffer
     return prototype.buffer.from_bytes(result.data)
 
 
+def _shm_to_buffer(result: c.GetResult, prototype: BufferPrototype) -> Buffer:
+    # result.data: a read-only memoryview of the server's shared memory. A CPU buffer wraps it
+    # without a copy (numpy.frombuffer), and it, every view zarr makes of it, keeps the lease's
+    # holder alive; a GPU buffer copies it to the device, and the lease goes with the view.
+    return prototype.buffer.from_bytes(result.data)
+
+
 class ChunkdStore(Store):
     """A Zarr store whose keys and values live in a chunkd server.
 
@@ -97,6 +108,11 @@ class ChunkdStore(Store):
         path: a key prefix inside the server (joined after the URL's own path).
         timeout: seconds each attempt of a call may take (None: no deadline).
         retries: retries of idempotent calls after UNAVAILABLE.
+        delivery: ``"inline"`` (default) or ``"shm"``: ask for shared-memory delivery, so that
+            a store on the server's host reads chunks in place (read-only buffers, each with a
+            lease on the server while zarr holds it); inline where the server cannot share
+            memory with this process. Needs numpy.
+        shm_dir: this process's path of the server's ``--shm_dir`` (default ``/dev/shm``).
     """
 
     supports_writes: bool = True
@@ -107,6 +123,7 @@ class ChunkdStore(Store):
     _BUFFER_FROM_DELIVERY = {
         pb.DELIVERY_UNSPECIFIED: _inline_to_buffer,
         pb.DELIVERY_INLINE: _inline_to_buffer,
+        pb.DELIVERY_SHM: _shm_to_buffer,
     }
 
     def __init__(
@@ -117,6 +134,8 @@ class ChunkdStore(Store):
         path: str = "",
         timeout: float | None = c.DEFAULT_TIMEOUT,
         retries: int = c.DEFAULT_RETRIES,
+        delivery: str = "inline",
+        shm_dir: str = _shm.DEFAULT_SHM_DIR,
     ) -> None:
         super().__init__(read_only=read_only)
         target, url_path = parse_url(url)
@@ -124,6 +143,8 @@ class ChunkdStore(Store):
         self.path = _normalize_path("/".join(p for p in (url_path, path) if p))
         self.timeout = timeout
         self.retries = int(retries)
+        self.delivery = _shm.check_delivery(delivery)
+        self.shm_dir = shm_dir
         self._root = f"{self.path}/" if self.path else ""
         self._lock = threading.Lock()
         self._aio_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
@@ -161,7 +182,13 @@ class ChunkdStore(Store):
         return hash((ChunkdStore, self.target, self.path, self.read_only))
 
     def _options(self) -> dict[str, Any]:
-        return {"path": self.path, "timeout": self.timeout, "retries": self.retries}
+        return {
+            "path": self.path,
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "delivery": self.delivery,
+            "shm_dir": self.shm_dir,
+        }
 
     def with_read_only(self, read_only: bool = False) -> Self:
         # docstring inherited
@@ -190,7 +217,13 @@ class ChunkdStore(Store):
                     # the weak keys alone would never let them go.
                     for old in [old for old in self._aio_clients if old.is_closed()]:
                         del self._aio_clients[old]
-                    client = AsyncClient(self.target, timeout=self.timeout, retries=self.retries)
+                    client = AsyncClient(
+                        self.target,
+                        timeout=self.timeout,
+                        retries=self.retries,
+                        delivery=self.delivery,
+                        shm_dir=self.shm_dir,
+                    )
                     self._aio_clients[loop] = client
         return client
 
@@ -200,7 +233,11 @@ class ChunkdStore(Store):
             with self._lock:
                 if self._sync_client is None:
                     self._sync_client = Client(
-                        self.target, timeout=self.timeout, retries=self.retries
+                        self.target,
+                        timeout=self.timeout,
+                        retries=self.retries,
+                        delivery=self.delivery,
+                        shm_dir=self.shm_dir,
                     )
                 client = self._sync_client
         return client
@@ -232,6 +269,15 @@ class ChunkdStore(Store):
                     loop.run_until_complete(client.close())
                 except RuntimeError:
                     pass
+
+    def flush_releases(self, timeout: float | None = 5.0) -> bool:
+        """Returns the leases of shared-memory buffers zarr has dropped so far to the server
+        now and waits for its answer (they otherwise go in batches within milliseconds); False
+        if ``timeout`` passed first. Blocking; nothing to do with ``delivery="inline"``."""
+        with self._lock:
+            clients = [self._sync_client, *self._aio_clients.values()]
+        keepers = [client._shm.keeper for client in clients if client and client._shm]
+        return all([keeper.flush(timeout) for keeper in keepers])
 
     def _key(self, key: str) -> str:
         if not isinstance(key, str):
