@@ -24,9 +24,12 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/time.h"
 #include "client/client.h"
+#include "client/sharded_client.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:7878",
-          "Address of the chunkd server: HOST:PORT or unix:/path/to/socket. The CHUNKD_SERVER "
+          "Address of the chunkd server: HOST:PORT or unix:/path/to/socket; a comma-separated "
+          "list of them for a pool, each key going to one server (rendezvous hashing). The "
+          "CHUNKD_SERVER "
           "environment variable sets it too; this flag wins.");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(60), "Deadline of the command's call.");
 ABSL_FLAG(std::string, o, "", "get: write the value to this file instead of standard output.");
@@ -297,7 +300,18 @@ int main(int argc, char** argv) {
   } else if (delivery != "inline") {
     return Usage(absl::StrCat("--delivery=", delivery, " is not inline, shm or cuda"));
   }
-  auto client = Client::Connect(options);
+  absl::StatusOr<std::unique_ptr<Client>> client;
+  if (absl::StrContains(options.address, ',')) {
+    // A pool of servers: each key goes to one of them (client/sharded_client.h).
+    chunkd::client::ShardedClientOptions pool;
+    pool.servers = chunkd::client::SplitServerList(options.address);
+    pool.client = options;
+    auto sharded = chunkd::client::ShardedClient::Connect(pool);
+    if (!sharded.ok()) return Report(sharded.status());
+    client = std::unique_ptr<Client>(*std::move(sharded));
+  } else {
+    client = Client::Connect(options);
+  }
   if (!client.ok()) return Report(client.status());
 
   const auto need = [&](size_t n, const char* form) -> bool {

@@ -32,8 +32,9 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:7878",
           "authentication of its own yet, so expose it to other hosts only on a trusted network.");
 ABSL_FLAG(std::string, store, "chunkd-data",
           "Where values are stored: a directory (or file:///path) in Zarr's layout, or memory:// "
-          "for a store that lives only in memory (bounded by --host_cache_bytes). The default "
-          "directory is created in the working directory if missing.");
+          "for a store that lives only in memory (bounded by --host_cache_bytes), or "
+          "s3://BUCKET/PREFIX (see --s3_*), or http(s)://HOST/PATH (read-only; see --http_*). The "
+          "default directory is created in the working directory if missing.");
 ABSL_FLAG(ByteSize, host_cache_bytes, ByteSize{1ull << 30},
           "Budget of the host cache (for memory://, of the store itself). Units: KiB, MiB, GiB "
           "(powers of 1024) or kB, MB, GB.");
@@ -58,6 +59,31 @@ ABSL_FLAG(ByteSize, max_inflight_put_bytes, ByteSize{1ull << 30},
 ABSL_FLAG(bool, fsync, true,
           "fsync files and directories on every write (file store). Turn off only for scratch "
           "data: a crash can then lose acknowledged writes.");
+ABSL_FLAG(std::string, s3_endpoint, "",
+          "S3 store (--store=s3://BUCKET/PREFIX): base URL of the S3 API of an S3-compatible "
+          "store (http://127.0.0.1:9000 for MinIO or moto). Empty: AWS, "
+          "https://s3.REGION.amazonaws.com. Credentials come from AWS_ACCESS_KEY_ID / "
+          "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or ~/.aws/credentials.");
+ABSL_FLAG(std::string, s3_region, "us-east-1", "S3 store: the region requests are signed for.");
+ABSL_FLAG(std::string, s3_addressing, "auto",
+          "S3 store: path (ENDPOINT/BUCKET/KEY), virtual (BUCKET.HOST/KEY) or auto (path for "
+          "--s3_endpoint, virtual-hosted for AWS).");
+ABSL_FLAG(std::string, s3_profile, "",
+          "S3 store: profile of the credentials file (empty: $AWS_PROFILE, else default).");
+ABSL_FLAG(ByteSize, s3_multipart_threshold, ByteSize{64ull << 20},
+          "S3 store: values larger than this are uploaded in parts (multipart upload).");
+ABSL_FLAG(ByteSize, s3_multipart_part_size, ByteSize{16ull << 20},
+          "S3 store: size of the parts of a multipart upload (at least 5MiB).");
+ABSL_FLAG(absl::Duration, http_connect_timeout, absl::Seconds(10),
+          "http(s):// and s3:// stores: limit of establishing a connection.");
+ABSL_FLAG(absl::Duration, http_timeout, absl::Seconds(120),
+          "http(s):// and s3:// stores: limit of one request attempt, transfer included.");
+ABSL_FLAG(absl::Duration, http_stall_timeout, absl::Seconds(20),
+          "http(s):// and s3:// stores: an attempt that moves no byte for this long is given up.");
+ABSL_FLAG(int32_t, http_max_attempts, 4,
+          "http(s):// and s3:// stores: attempts of a request that fails with a connection error, "
+          "a timeout, a truncated body or a 5xx answer (with exponential backoff); then the "
+          "request fails with UNAVAILABLE.");
 ABSL_FLAG(bool, shm, true,
           "Shared-memory delivery: keep chunks in segments under --shm_dir and give colocated "
           "clients that ask for it (chunkctl --delivery=shm) a handle and a lease instead of the "
@@ -96,7 +122,8 @@ int Fail(const std::string& message) {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "serves chunk buffers (Zarr chunks) from a host cache in front of a store, over gRPC.\n\n"
-      "  chunkd [--listen=127.0.0.1:7878] [--store=DIR|file:///DIR|memory://] [flags]\n\n"
+      "  chunkd [--listen=127.0.0.1:7878] [--store=DIR|file:///DIR|memory://|s3://BUCKET/PREFIX|"
+      "https://HOST/PATH] [flags]\n\n"
       "Examples:\n"
       "  chunkd --store=/data/era5.zarr --host_cache_bytes=8GiB\n"
       "  chunkd --listen=unix:/run/chunkd.sock --store=memory://\n\n"
@@ -132,6 +159,17 @@ int main(int argc, char** argv) {
   uint64_t cache_bytes = absl::GetFlag(FLAGS_host_cache_bytes).bytes;
   config.backend.memory_capacity_bytes = cache_bytes;
   config.backend.fsync = absl::GetFlag(FLAGS_fsync);
+  config.backend.s3.endpoint = absl::GetFlag(FLAGS_s3_endpoint);
+  config.backend.s3.region = absl::GetFlag(FLAGS_s3_region);
+  config.backend.s3.addressing = absl::GetFlag(FLAGS_s3_addressing);
+  config.backend.s3.profile = absl::GetFlag(FLAGS_s3_profile);
+  config.backend.s3.multipart_threshold_bytes = absl::GetFlag(FLAGS_s3_multipart_threshold).bytes;
+  config.backend.s3.multipart_part_bytes = absl::GetFlag(FLAGS_s3_multipart_part_size).bytes;
+  config.backend.http.connect_timeout = absl::GetFlag(FLAGS_http_connect_timeout);
+  config.backend.http.timeout = absl::GetFlag(FLAGS_http_timeout);
+  config.backend.http.stall_timeout = absl::GetFlag(FLAGS_http_stall_timeout);
+  config.backend.http.max_attempts = absl::GetFlag(FLAGS_http_max_attempts);
+  if (config.backend.http.max_attempts < 1) return Fail("--http_max_attempts must be at least 1");
   config.store_options.cache.capacity_bytes = cache_bytes;
   config.store_options.cache.max_entry_fraction = absl::GetFlag(FLAGS_cache_max_entry_fraction);
   auto policy = chunkd::server::ParseEvictionPolicy(absl::GetFlag(FLAGS_eviction));

@@ -25,6 +25,7 @@ from chunkd._common import (
 from chunkd.aio import AsyncClient
 from chunkd.client import Client
 from chunkd.errors import ChunkdError, InvalidArgument, NotFoundError, PreconditionFailed
+from chunkd.sharded import ShardedClient
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "PreconditionFailed",
     "PutResult",
     "ServerInfo",
+    "ShardedClient",
     "Stat",
     "parse_url",
 ]

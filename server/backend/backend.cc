@@ -1,9 +1,13 @@
 #include "server/backend/backend.h"
 
+#include <algorithm>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "server/backend/file/file_backend.h"
+#include "server/backend/http/http_backend.h"
 #include "server/backend/memory/memory_backend.h"
+#include "server/backend/s3/s3_backend.h"
 #include "server/key.h"
 
 namespace chunkd::server {
@@ -22,6 +26,17 @@ absl::Status Conditions::Check(absl::string_view key, std::optional<Generation> 
   return absl::OkStatus();
 }
 
+absl::StatusOr<buffer::cpu::Buffer> Backend::ReadRange(absl::string_view key, uint64_t offset,
+                                                      uint64_t length, ValueInfo* info) {
+  ValueInfo whole;
+  auto value = Read(key, &whole);
+  if (!value.ok()) return value.status();
+  if (info) *info = whole;
+  uint64_t size = value->size();
+  if (offset >= size) return buffer::cpu::Buffer();
+  return value->Slice(offset, std::min(length, size - offset));
+}
+
 absl::Status KeyNotFoundError(absl::string_view key) {
   return absl::NotFoundError(absl::StrCat("key ", QuoteKey(key), " not found"));
 }
@@ -35,11 +50,15 @@ absl::StatusOr<std::unique_ptr<Backend>> OpenBackend(absl::string_view url,
         absl::StrCat("store ", url, ": memory:// takes no path"));
   }
   if (absl::StartsWith(url, "file://")) return OpenFileBackend(url.substr(7), options);
+  if (absl::StartsWith(url, "http://") || absl::StartsWith(url, "https://")) {
+    return OpenHttpBackend(url, options);
+  }
+  if (absl::StartsWith(url, "s3://")) return OpenS3Backend(url, options);
   size_t scheme = url.find("://");
   if (scheme != absl::string_view::npos) {
     return absl::InvalidArgumentError(
         absl::StrCat("store ", url, ": unknown scheme '", url.substr(0, scheme),
-                     "' (supported: file://, memory://, or a directory path)"));
+                     "' (supported: file://, memory://, http://, https://, s3://, or a directory path)"));
   }
   return OpenFileBackend(url, options);
 }

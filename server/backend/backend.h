@@ -19,6 +19,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "buffer/cpu/buffer.h"
 #include "buffer/memory.h"
 
@@ -83,6 +84,15 @@ class Backend {
   // The whole value under `key`. REQUIRES: ValidateKey(key).ok(). Thread-safe.
   virtual absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key, ValueInfo* info) = 0;
 
+  // Bytes [offset, offset + length) of the value under `key`: fewer where the value ends
+  // first, none when `offset` is at or past its end (kToEnd: up to the end). `info` gets the
+  // size and generation of the whole value. The default reads the whole value and slices it;
+  // backends that can read part of a value (http, s3: a GET with Range) override it.
+  // REQUIRES: ValidateKey(key).ok(). Thread-safe.
+  static constexpr uint64_t kToEnd = ~uint64_t{0};
+  virtual absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
+                                                        uint64_t length, ValueInfo* info);
+
   // Size and generation without reading the value. Thread-safe.
   virtual absl::StatusOr<ValueInfo> Stat(absl::string_view key) = 0;
 
@@ -102,16 +112,50 @@ class Backend {
                                                            bool directory) = 0;
 };
 
+// Remote backends (http://, https://, s3://): how requests are made and retried.
+struct HttpBackendOptions {
+  absl::Duration connect_timeout = absl::Seconds(10);
+  // Limit of one attempt, transfer included.
+  absl::Duration timeout = absl::Seconds(120);
+  // An attempt that moves no byte for this long is given up (a server that accepts and never
+  // answers, or stalls mid-body).
+  absl::Duration stall_timeout = absl::Seconds(20);
+  // Attempts of a request that fails with a connection error, a timeout, a truncated body or
+  // a 5xx/429 answer, with exponential backoff (jittered) between them.
+  int max_attempts = 4;
+  absl::Duration initial_backoff = absl::Milliseconds(100);
+  absl::Duration max_backoff = absl::Seconds(4);
+  // Idle connections (libcurl handles) kept for reuse.
+  size_t max_idle_connections = 64;
+};
+
+struct S3BackendOptions {
+  // Base URL of the S3 API ("http://127.0.0.1:9000"); empty: AWS (https://s3.REGION.amazonaws.com).
+  std::string endpoint;
+  std::string region = "us-east-1";
+  // "path" (ENDPOINT/BUCKET/KEY), "virtual" (BUCKET.HOST/KEY) or "auto": path style for a custom
+  // endpoint, virtual-hosted for AWS.
+  std::string addressing = "auto";
+  // Values larger than this are uploaded in parts of `multipart_part_bytes`.
+  uint64_t multipart_threshold_bytes = 64ull << 20;
+  uint64_t multipart_part_bytes = 16ull << 20;
+  // Profile of the credentials file (~/.aws/credentials); empty: $AWS_PROFILE, else "default".
+  std::string profile;
+};
+
 struct BackendOptions {
   // Where value memory comes from (the memory backend keeps values there).
   buffer::HostAllocator* allocator = &buffer::HeapAllocator();
   // Budget of the memory backend; writes that do not fit fail with RESOURCE_EXHAUSTED.
   uint64_t memory_capacity_bytes = 1ull << 30;
   bool fsync = true;
+  HttpBackendOptions http;
+  S3BackendOptions s3;
 };
 
 // Opens the backend a store URL names: a directory path or file:///path (file backend),
-// memory:// (memory backend). INVALID_ARGUMENT for an unknown scheme; the backend's own
+// memory:// (memory backend), http://HOST/PATH or https://... (read-only HTTP backend),
+// s3://BUCKET/PREFIX (S3 backend). INVALID_ARGUMENT for an unknown scheme; the backend's own
 // error when it cannot open (e.g. NOT_FOUND for a missing directory).
 absl::StatusOr<std::unique_ptr<Backend>> OpenBackend(absl::string_view url,
                                                      const BackendOptions& options);

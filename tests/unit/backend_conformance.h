@@ -9,13 +9,22 @@
 //                            chunkd::testing::BackendFactoryName);
 //
 // The factory gets a fresh temporary directory per test that it may use for its data (or
-// ignore), and returns a fresh, empty backend.
+// ignore), and returns a fresh, empty backend. A factory may GTEST_SKIP() (with the reason) when
+// something the backend needs is missing on this machine.
+//
+// Read-only backends (http) set `seed`: the suite then places its values behind the backend's
+// back (e.g. files in the directory a web server serves) and runs the tests that only read and
+// list; the tests that need the backend's own writes, deletes or conditions are skipped, with
+// the reason, and the backend must refuse writes (ReadOnlyBackendRefusesWrites).
 #ifndef CHUNKD_TESTS_UNIT_BACKEND_CONFORMANCE_H_
 #define CHUNKD_TESTS_UNIT_BACKEND_CONFORMANCE_H_
 
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
+
+#include "absl/status/status.h"
 
 #include "gtest/gtest.h"
 #include "server/backend/backend.h"
@@ -26,6 +35,56 @@ namespace chunkd::testing {
 struct BackendFactory {
   std::string name;  // a test name suffix: letters, digits, '_'
   std::function<std::unique_ptr<server::Backend>(TempDir&)> make;
+  // Set for read-only backends: stores `value` under `key` without the backend.
+  std::function<absl::Status(TempDir&, const std::string& key, const std::string& value)> seed =
+      nullptr;
+  // False when listings leave out names that start with '.' (nginx's directory index).
+  bool lists_dot_names = true;
+};
+
+// What the suite sees of a read-only backend: writes without conditions go through the
+// factory's `seed` (then Stat tells the new size and generation); everything else is the
+// backend's own.
+class SeededBackend final : public server::Backend {
+ public:
+  SeededBackend(std::unique_ptr<server::Backend> backend, const BackendFactory& factory,
+                TempDir& dir)
+      : backend_(std::move(backend)), factory_(factory), dir_(dir) {}
+  server::Backend& raw() { return *backend_; }
+
+  absl::string_view kind() const override { return backend_->kind(); }
+  std::string location() const override { return backend_->location(); }
+  absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key,
+                                           server::ValueInfo* info) override {
+    return backend_->Read(key, info);
+  }
+  absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
+                                                uint64_t length,
+                                                server::ValueInfo* info) override {
+    return backend_->ReadRange(key, offset, length, info);
+  }
+  absl::StatusOr<server::ValueInfo> Stat(absl::string_view key) override {
+    return backend_->Stat(key);
+  }
+  absl::StatusOr<server::ValueInfo> Write(absl::string_view key, buffer::cpu::Buffer value,
+                                          const server::Conditions& conditions) override {
+    if (!conditions.empty()) return backend_->Write(key, std::move(value), conditions);
+    std::string k(key);
+    if (absl::Status s = factory_.seed(dir_, k, std::string(value.view())); !s.ok()) return s;
+    return backend_->Stat(key);
+  }
+  absl::Status Delete(absl::string_view key, const server::Conditions& conditions) override {
+    return backend_->Delete(key, conditions);
+  }
+  absl::StatusOr<std::unique_ptr<server::ListCursor>> List(absl::string_view prefix,
+                                                           bool directory) override {
+    return backend_->List(prefix, directory);
+  }
+
+ private:
+  std::unique_ptr<server::Backend> backend_;
+  const BackendFactory& factory_;
+  TempDir& dir_;
 };
 
 // For INSTANTIATE_TEST_SUITE_P: names each instance after its factory.
@@ -38,15 +97,35 @@ class BackendConformanceTest : public ::testing::TestWithParam<BackendFactory> {
  protected:
   void SetUp() override {
     backend_ = GetParam().make(dir_);
+    if (IsSkipped()) return;
     ASSERT_NE(backend_, nullptr) << "factory " << GetParam().name << " made no backend";
+    if (read_only()) {
+      auto seeded = std::make_unique<SeededBackend>(std::move(backend_), GetParam(), dir_);
+      raw_backend_ = &seeded->raw();
+      backend_ = std::move(seeded);
+    } else {
+      raw_backend_ = backend_.get();
+    }
   }
   server::Backend& backend() { return *backend_; }
+  // The backend itself, without the suite's seeding of read-only backends.
+  server::Backend& raw_backend() { return *raw_backend_; }
+  bool read_only() const { return static_cast<bool>(GetParam().seed); }
   TempDir& dir() { return dir_; }
 
  private:
   TempDir dir_;
   std::unique_ptr<server::Backend> backend_;
+  server::Backend* raw_backend_ = nullptr;
 };
+
+// Skips a test of writes, deletes or conditions on a read-only backend, saying why.
+#define CHUNKD_SKIP_IF_READ_ONLY()                                                         \
+  if (read_only()) {                                                                      \
+    GTEST_SKIP() << GetParam().name                                                       \
+                 << " is a read-only backend: this test needs its own writes, deletes or " \
+                    "conditions";                                                          \
+  }
 
 }  // namespace chunkd::testing
 

@@ -1,0 +1,449 @@
+#include "server/backend/http/http_backend.h"
+
+#include <algorithm>
+#include <cctype>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "server/backend/http/http_transport.h"
+#include "server/key.h"
+
+namespace chunkd::server {
+namespace {
+
+using http::HttpRequest;
+using http::HttpResponse;
+using http::HttpTransport;
+
+// A minimal reader of nginx's JSON directory index: an array of flat objects whose values are
+// strings, numbers, booleans or null.
+class IndexParser {
+ public:
+  struct Item {
+    std::string name;
+    std::string type;
+    uint64_t size = 0;
+  };
+  explicit IndexParser(absl::string_view text) : s_(text) {}
+
+  bool Parse(std::vector<Item>* items) {
+    Skip();
+    if (!Eat('[')) return false;
+    Skip();
+    if (Eat(']')) return AtEnd();
+    while (true) {
+      Item item;
+      if (!ParseObject(&item)) return false;
+      items->push_back(std::move(item));
+      Skip();
+      if (Eat(']')) return AtEnd();
+      if (!Eat(',')) return false;
+    }
+  }
+
+ private:
+  bool AtEnd() {
+    Skip();
+    return i_ == s_.size();
+  }
+  void Skip() {
+    while (i_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[i_]))) ++i_;
+  }
+  bool Eat(char c) {
+    Skip();
+    if (i_ < s_.size() && s_[i_] == c) {
+      ++i_;
+      return true;
+    }
+    return false;
+  }
+  static void AppendUtf8(uint32_t cp, std::string* out) {
+    if (cp < 0x80) {
+      out->push_back(static_cast<char>(cp));
+    } else if (cp < 0x800) {
+      out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
+      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    } else if (cp < 0x10000) {
+      out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
+      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    } else {
+      out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
+      out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
+      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    }
+  }
+  bool Hex4(uint32_t* v) {
+    if (i_ + 4 > s_.size()) return false;
+    *v = 0;
+    for (int k = 0; k < 4; ++k) {
+      char c = s_[i_++];
+      *v <<= 4;
+      if (c >= '0' && c <= '9') {
+        *v |= c - '0';
+      } else if (c >= 'a' && c <= 'f') {
+        *v |= c - 'a' + 10;
+      } else if (c >= 'A' && c <= 'F') {
+        *v |= c - 'A' + 10;
+      } else {
+        return false;
+      }
+    }
+    return true;
+  }
+  bool ParseString(std::string* out) {
+    if (!Eat('"')) return false;
+    while (i_ < s_.size()) {
+      char c = s_[i_++];
+      if (c == '"') return true;
+      if (c != '\\') {
+        out->push_back(c);
+        continue;
+      }
+      if (i_ >= s_.size()) return false;
+      char e = s_[i_++];
+      switch (e) {
+        case '"': out->push_back('"'); break;
+        case '\\': out->push_back('\\'); break;
+        case '/': out->push_back('/'); break;
+        case 'b': out->push_back('\b'); break;
+        case 'f': out->push_back('\f'); break;
+        case 'n': out->push_back('\n'); break;
+        case 'r': out->push_back('\r'); break;
+        case 't': out->push_back('\t'); break;
+        case 'u': {
+          uint32_t cp;
+          if (!Hex4(&cp)) return false;
+          if (cp >= 0xD800 && cp < 0xDC00 && i_ + 1 < s_.size() && s_[i_] == '\\' &&
+              s_[i_ + 1] == 'u') {
+            i_ += 2;
+            uint32_t low;
+            if (!Hex4(&low)) return false;
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+          }
+          AppendUtf8(cp, out);
+          break;
+        }
+        default:
+          return false;
+      }
+    }
+    return false;
+  }
+  bool ParseScalar(std::string* out) {
+    Skip();
+    if (i_ < s_.size() && s_[i_] == '"') return ParseString(out);
+    size_t start = i_;
+    while (i_ < s_.size() && s_[i_] != ',' && s_[i_] != '}' && s_[i_] != ']' &&
+           !std::isspace(static_cast<unsigned char>(s_[i_]))) {
+      ++i_;
+    }
+    *out = std::string(s_.substr(start, i_ - start));
+    return i_ > start;
+  }
+  bool ParseObject(Item* item) {
+    if (!Eat('{')) return false;
+    if (Eat('}')) return true;
+    while (true) {
+      std::string key, value;
+      Skip();
+      if (!ParseString(&key) || !Eat(':') || !ParseScalar(&value)) return false;
+      if (key == "name") {
+        item->name = std::move(value);
+      } else if (key == "type") {
+        item->type = std::move(value);
+      } else if (key == "size") {
+        if (!absl::SimpleAtoi(value, &item->size)) return false;
+      }
+      if (Eat('}')) return true;
+      if (!Eat(',')) return false;
+    }
+  }
+
+  absl::string_view s_;
+  size_t i_ = 0;
+};
+
+struct Child {
+  std::string name;
+  bool is_dir = false;
+  uint64_t size = 0;
+  std::string sort_key;  // name, plus '/' for directories: sorts like the keys under it
+};
+
+// The generation of the value a response describes.
+Generation GenerationOf(const HttpResponse& r, uint64_t size) {
+  if (auto etag = r.Header("etag"); etag && !etag->empty()) {
+    return http::HashToGeneration(absl::StrCat("etag:", *etag));
+  }
+  if (auto modified = r.Header("last-modified"); modified && !modified->empty()) {
+    return http::HashToGeneration(absl::StrCat("modified:", *modified, "/", size));
+  }
+  return http::HashToGeneration(absl::StrCat("size:", size));
+}
+
+class HttpBackend;
+
+class HttpListCursor final : public ListCursor {
+ public:
+  HttpListCursor(HttpBackend* backend, std::string prefix, bool directory)
+      : backend_(backend), prefix_(std::move(prefix)), directory_(directory) {}
+  absl::StatusOr<bool> Next(size_t max_items, ListPage* page) override;
+
+ private:
+  struct Frame {
+    std::string rel;  // key prefix of this directory: "" or "a/b/"
+    std::vector<Child> children;
+    size_t next = 0;
+  };
+  absl::StatusOr<Frame> ReadFrame(std::string rel, absl::string_view name_filter);
+
+  HttpBackend* backend_;
+  const std::string prefix_;
+  const bool directory_;
+  bool started_ = false;
+  std::vector<Frame> stack_;
+};
+
+class HttpBackend final : public Backend {
+ public:
+  HttpBackend(std::string base, const BackendOptions& options)
+      : base_(std::move(base)), allocator_(options.allocator), transport_(options.http) {}
+
+  absl::string_view kind() const override { return "http"; }
+  std::string location() const override { return base_; }
+
+  absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key, ValueInfo* info) override {
+    HttpRequest request;
+    request.url = UrlFor(key);
+    request.allocator = allocator_;
+    auto r = transport_.Perform(request, What("GET", key));
+    if (!r.ok()) return r.status();
+    if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
+    if (r->status != 200) {
+      return absl::InternalError(
+          absl::StrCat("GET key ", QuoteKey(key), ": unexpected HTTP ", r->status));
+    }
+    if (info) *info = {r->body.size(), GenerationOf(*r, r->body.size())};
+    return std::move(r->body);
+  }
+
+  absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
+                                                uint64_t length, ValueInfo* info) override {
+    if (offset == 0 && length == kToEnd) return Read(key, info);
+    if (length == 0) {
+      auto stat = Stat(key);
+      if (!stat.ok()) return stat.status();
+      if (info) *info = *stat;
+      return buffer::cpu::Buffer();
+    }
+    HttpRequest request;
+    request.url = UrlFor(key);
+    request.allocator = allocator_;
+    // Ends past what servers parse (63 bits) read to the end.
+    if (length > (uint64_t{1} << 62) || offset > (uint64_t{1} << 62)) {
+      request.headers.push_back(absl::StrCat("Range: bytes=", offset, "-"));
+    } else {
+      request.headers.push_back(absl::StrCat("Range: bytes=", offset, "-", offset + length - 1));
+    }
+    auto r = transport_.Perform(request, What("GET", key));
+    if (!r.ok()) return r.status();
+    if (r->status == 416) {
+      // The range starts at or past the end: nothing, and the value's size and generation.
+      auto stat = Stat(key);
+      if (!stat.ok()) return stat.status();
+      if (info) *info = *stat;
+      return buffer::cpu::Buffer();
+    }
+    if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
+    if (r->status == 206) {
+      auto total = http::TotalFromContentRange(r->Header("content-range").value_or(""));
+      if (!total) {
+        return absl::InternalError(absl::StrCat("GET key ", QuoteKey(key),
+                                                ": a partial answer without a total size"));
+      }
+      if (info) *info = {*total, GenerationOf(*r, *total)};
+      return std::move(r->body);
+    }
+    // 200: the server sent the whole value.
+    uint64_t size = r->body.size();
+    if (info) *info = {size, GenerationOf(*r, size)};
+    if (offset >= size) return buffer::cpu::Buffer();
+    return r->body.Slice(offset, std::min(length, size - offset));
+  }
+
+  absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {
+    HttpRequest request;
+    request.method = "HEAD";
+    request.url = UrlFor(key);
+    auto r = transport_.Perform(request, What("HEAD", key));
+    if (!r.ok()) return r.status();
+    if (absl::Status s = CheckResponse(*r, key, "HEAD"); !s.ok()) return s;
+    uint64_t size = 0;
+    auto length = r->Header("content-length");
+    if (!length || !absl::SimpleAtoi(*length, &size)) {
+      return absl::InternalError(absl::StrCat("HEAD key ", QuoteKey(key),
+                                              ": the server announced no Content-Length"));
+    }
+    return ValueInfo{size, GenerationOf(*r, size)};
+  }
+
+  absl::StatusOr<ValueInfo> Write(absl::string_view key, buffer::cpu::Buffer value,
+                                  const Conditions& conditions) override {
+    return ReadOnlyError(key);
+  }
+
+  absl::Status Delete(absl::string_view key, const Conditions& conditions) override {
+    return ReadOnlyError(key);
+  }
+
+  absl::StatusOr<std::unique_ptr<ListCursor>> List(absl::string_view prefix,
+                                                   bool directory) override {
+    return std::make_unique<HttpListCursor>(this, std::string(prefix), directory);
+  }
+
+  // The children of directory `rel` ("" or "a/b/") from the server's JSON index; empty when
+  // the directory does not exist.
+  absl::StatusOr<std::vector<Child>> ListDirectory(const std::string& rel) {
+    HttpRequest request;
+    request.url = absl::StrCat(base_, "/", http::PercentEncode(rel));
+    request.headers.push_back("Accept: application/json");
+    std::string what = absl::StrCat("list ", QuoteKey(rel.empty() ? "/" : rel));
+    auto r = transport_.Perform(request, what);
+    if (!r.ok()) return r.status();
+    if (r->status == 404) return std::vector<Child>();
+    if (r->status == 403 || r->status == 405) {
+      return absl::UnimplementedError(absl::StrCat(
+          what, ": the server refused to list the directory (HTTP ", r->status,
+          "). Listing an http:// store needs a JSON directory index (nginx: autoindex on; "
+          "autoindex_format json;); reading keys works without one, and Zarr over HTTP "
+          "reads consolidated metadata instead of listing."));
+    }
+    if (r->status != 200) return http::StatusForHttpError(r->status, what, "");
+    std::vector<IndexParser::Item> items;
+    if (!IndexParser(r->BodyText()).Parse(&items)) {
+      return absl::UnimplementedError(absl::StrCat(
+          what, ": the server's directory index is not JSON. Listing an http:// store needs "
+          "nginx's autoindex_format json (or the same format from another server); reading "
+          "keys works without it."));
+    }
+    std::vector<Child> children;
+    for (IndexParser::Item& item : items) {
+      if (item.name.empty() || item.name == "." || item.name == "..") continue;
+      Child child;
+      child.is_dir = item.type == "directory";
+      if (!child.is_dir && item.type != "file") continue;
+      child.name = std::move(item.name);
+      child.size = item.size;
+      child.sort_key = child.is_dir ? child.name + "/" : child.name;
+      // Names that are not valid keys cannot be asked for, so they are not listed either.
+      if (!ValidateKey(rel + child.name).ok()) continue;
+      children.push_back(std::move(child));
+    }
+    std::sort(children.begin(), children.end(),
+              [](const Child& a, const Child& b) { return a.sort_key < b.sort_key; });
+    return children;
+  }
+
+ private:
+  std::string UrlFor(absl::string_view key) const {
+    return absl::StrCat(base_, "/", http::PercentEncode(key));
+  }
+  static std::string What(absl::string_view method, absl::string_view key) {
+    return absl::StrCat(method, " key ", QuoteKey(key));
+  }
+  static absl::Status ReadOnlyError(absl::string_view key) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "key ", QuoteKey(key), ": the http store is a read-only backend (no writes or deletes)"));
+  }
+
+  // NOT_FOUND for 404 and for a key that names a directory (redirected to a URL ending in
+  // '/'); the mapped error for other non-2xx statuses.
+  static absl::Status CheckResponse(const HttpResponse& r, absl::string_view key,
+                                    absl::string_view method) {
+    if (r.status == 404 || r.status == 410 || absl::EndsWith(r.effective_url, "/") ||
+        (r.status >= 300 && r.status < 400)) {
+      return KeyNotFoundError(key);
+    }
+    if (r.status >= 200 && r.status < 300) return absl::OkStatus();
+    std::string what = What(method, key);
+    if (r.attempts > 1) absl::StrAppend(&what, " (after ", r.attempts, " attempts)");
+    return http::StatusForHttpError(r.status, what, "");
+  }
+
+  const std::string base_;  // no trailing '/'
+  buffer::HostAllocator* const allocator_;
+  HttpTransport transport_;
+};
+
+absl::StatusOr<HttpListCursor::Frame> HttpListCursor::ReadFrame(std::string rel,
+                                                                absl::string_view name_filter) {
+  auto children = backend_->ListDirectory(rel);
+  if (!children.ok()) return children.status();
+  Frame frame;
+  frame.rel = std::move(rel);
+  for (Child& child : *children) {
+    if (absl::StartsWith(child.sort_key, name_filter)) frame.children.push_back(std::move(child));
+  }
+  return frame;
+}
+
+absl::StatusOr<bool> HttpListCursor::Next(size_t max_items, ListPage* page) {
+  if (!started_) {
+    started_ = true;
+    size_t slash = prefix_.rfind('/');
+    std::string rel = slash == std::string::npos ? "" : prefix_.substr(0, slash + 1);
+    std::string filter = prefix_.substr(rel.size());
+    auto frame = ReadFrame(rel, filter);
+    if (!frame.ok()) return frame.status();
+    stack_.push_back(*std::move(frame));
+  }
+  size_t added = 0;
+  while (!stack_.empty() && added < max_items) {
+    Frame& top = stack_.back();
+    if (top.next == top.children.size()) {
+      stack_.pop_back();
+      continue;
+    }
+    const Child& child = top.children[top.next++];
+    std::string key = top.rel + child.name;
+    if (!child.is_dir) {
+      page->entries.push_back({std::move(key), child.size});
+      ++added;
+    } else if (directory_) {
+      page->prefixes.push_back(key + "/");
+      ++added;
+    } else {
+      auto frame = ReadFrame(key + "/", "");
+      if (!frame.ok()) return frame.status();
+      stack_.push_back(*std::move(frame));  // `top` is invalid from here on
+    }
+  }
+  return !stack_.empty();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend>> OpenHttpBackend(absl::string_view url,
+                                                         const BackendOptions& options) {
+  size_t scheme_end = url.find("://");
+  if (scheme_end == absl::string_view::npos || url.size() <= scheme_end + 3 ||
+      url[scheme_end + 3] == '/') {
+    return absl::InvalidArgumentError(
+        absl::StrCat("store ", url, ": an http store URL is http://HOST[:PORT][/PATH]"));
+  }
+  if (url.find_first_of("?#") != absl::string_view::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("store ", url, ": the URL may not hold a query or fragment"));
+  }
+  std::string base(url);
+  while (!base.empty() && base.back() == '/') base.pop_back();
+  return std::make_unique<HttpBackend>(std::move(base), options);
+}
+
+}  // namespace chunkd::server

@@ -1,0 +1,342 @@
+// The http:// backend: the conformance suite's read-only subset against a real nginx on
+// loopback, and faults from a scripted server (refused connections, silence, 5xx, truncated
+// bodies).
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "buffer/cpu/buffer.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/backend/backend.h"
+#include "server/backend/http/http_backend.h"
+#include "server/backend/http/http_transport.h"
+#include "server/chunk_store.h"
+#include "tests/support/test_support.h"
+#include "tests/unit/backend_conformance.h"
+#include "tests/unit/http_s3_test_servers.h"
+
+namespace chunkd::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using Reply = ScriptedHttpServer::Reply;
+
+void SkipBecause(const std::string& reason) { GTEST_SKIP() << reason; }
+
+// A backend that forwards to another and keeps alive what that one needs (a server process).
+class OwningBackend : public server::Backend {
+ public:
+  OwningBackend(std::shared_ptr<void> owned, std::unique_ptr<server::Backend> backend)
+      : owned_(std::move(owned)), backend_(std::move(backend)) {}
+  ~OwningBackend() override { backend_.reset(); }
+  absl::string_view kind() const override { return backend_->kind(); }
+  std::string location() const override { return backend_->location(); }
+  absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key,
+                                           server::ValueInfo* info) override {
+    return backend_->Read(key, info);
+  }
+  absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
+                                                uint64_t length,
+                                                server::ValueInfo* info) override {
+    return backend_->ReadRange(key, offset, length, info);
+  }
+  absl::StatusOr<server::ValueInfo> Stat(absl::string_view key) override {
+    return backend_->Stat(key);
+  }
+  absl::StatusOr<server::ValueInfo> Write(absl::string_view key, buffer::cpu::Buffer value,
+                                          const server::Conditions& conditions) override {
+    return backend_->Write(key, std::move(value), conditions);
+  }
+  absl::Status Delete(absl::string_view key, const server::Conditions& conditions) override {
+    return backend_->Delete(key, conditions);
+  }
+  absl::StatusOr<std::unique_ptr<server::ListCursor>> List(absl::string_view prefix,
+                                                           bool directory) override {
+    return backend_->List(prefix, directory);
+  }
+
+ private:
+  std::shared_ptr<void> owned_;
+  std::unique_ptr<server::Backend> backend_;
+};
+
+std::unique_ptr<server::Backend> MakeNginxBackend(TempDir& dir) {
+  auto nginx = NginxServer::Start(dir.path());
+  if (absl::IsNotFound(nginx.status())) {
+    SkipBecause(absl::StrCat(nginx.status().message(), " (deploy/scripts/install-deps.sh all)"));
+    return nullptr;
+  }
+  EXPECT_TRUE(nginx.ok()) << nginx.status();
+  if (!nginx.ok()) return nullptr;
+  auto backend = server::OpenBackend((*nginx)->url() + "/", server::BackendOptions{});
+  EXPECT_TRUE(backend.ok()) << backend.status();
+  if (!backend.ok()) return nullptr;
+  return std::make_unique<OwningBackend>(std::shared_ptr<NginxServer>(std::move(*nginx)),
+                                         *std::move(backend));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Http, BackendConformanceTest,
+    ::testing::Values(BackendFactory{
+        "http_nginx", MakeNginxBackend,
+        [](TempDir& dir, const std::string& key, const std::string& value) {
+          return WriteFileUnder(dir.path(), key, value);
+        },
+        /*lists_dot_names=*/false}),
+    BackendFactoryName);
+
+server::BackendOptions FastOptions(int attempts = 3) {
+  server::BackendOptions options;
+  options.http.max_attempts = attempts;
+  options.http.initial_backoff = absl::Milliseconds(5);
+  options.http.max_backoff = absl::Milliseconds(20);
+  options.http.connect_timeout = absl::Seconds(2);
+  options.http.timeout = absl::Milliseconds(700);
+  options.http.stall_timeout = absl::Seconds(1);
+  return options;
+}
+
+std::unique_ptr<server::Backend> Open(const std::string& url,
+                                      const server::BackendOptions& options) {
+  auto backend = server::OpenBackend(url, options);
+  EXPECT_TRUE(backend.ok()) << backend.status();
+  return backend.ok() ? *std::move(backend) : nullptr;
+}
+
+TEST(HttpBackendTest, OpensOnlyWellFormedUrls) {
+  EXPECT_EQ(server::OpenBackend("http://", {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(server::OpenBackend("http:///path", {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(server::OpenBackend("http://host/p?x=1", {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto ok = server::OpenBackend("https://example.invalid/data.zarr/", {});
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ((*ok)->kind(), "http");
+  EXPECT_EQ((*ok)->location(), "https://example.invalid/data.zarr");
+}
+
+TEST(HttpBackendTest, ConnectionRefusedIsUnavailable) {
+  int port = FreeLoopbackPort();  // nothing listens there
+  auto backend = Open(absl::StrCat("http://127.0.0.1:", port), FastOptions());
+  ASSERT_NE(backend, nullptr);
+  auto r = backend->Read("arr/c/0", nullptr);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("arr/c/0"));
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("after 3 attempts"));
+  EXPECT_EQ(backend->Stat("k").status().code(), absl::StatusCode::kUnavailable);
+  auto list = backend->List("", false);
+  ASSERT_TRUE(list.ok());
+  server::ListPage page;
+  EXPECT_EQ((*list)->Next(10, &page).status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(HttpBackendTest, SilentServerTimesOut) {
+  ScriptedHttpServer server([](const std::string&, int) { return Reply{"", /*hang=*/true}; });
+  auto backend = Open(server.url(), FastOptions(2));
+  ASSERT_NE(backend, nullptr);
+  absl::Time start = absl::Now();
+  auto r = backend->Read("slow", nullptr);
+  absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("timed out"));
+  EXPECT_EQ(server.requests(), 2);
+  EXPECT_LT(took, absl::Seconds(5));
+  server.Stop();
+}
+
+TEST(HttpBackendTest, ServerErrorsAreRetriedThenUnavailable) {
+  ScriptedHttpServer server(
+      [](const std::string&, int) { return ScriptedHttpServer::Status(500, "boom"); });
+  auto backend = Open(server.url(), FastOptions(3));
+  ASSERT_NE(backend, nullptr);
+  auto r = backend->Read("k", nullptr);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("HTTP 500"));
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("\"k\""));
+  EXPECT_EQ(server.requests(), 3);
+}
+
+TEST(HttpBackendTest, TransientErrorsRecover) {
+  ScriptedHttpServer server([](const std::string&, int n) {
+    if (n <= 2) return ScriptedHttpServer::Status(503);
+    return ScriptedHttpServer::Status(200, "hello", "ETag: \"v1\"\r\n");
+  });
+  auto backend = Open(server.url(), FastOptions(3));
+  ASSERT_NE(backend, nullptr);
+  server::ValueInfo info;
+  auto r = backend->Read("k", &info);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->view(), "hello");
+  EXPECT_EQ(info.size, 5u);
+  EXPECT_NE(info.generation, 0u);
+  EXPECT_EQ(info.generation, server::http::HashToGeneration("etag:\"v1\""));
+}
+
+TEST(HttpBackendTest, StatusesMapToCodes) {
+  ScriptedHttpServer server([](const std::string& request, int) {
+    if (absl::StrContains(request, "/missing ")) return ScriptedHttpServer::Status(404);
+    if (absl::StrContains(request, "/secret ")) return ScriptedHttpServer::Status(403);
+    if (absl::StrContains(request, "/login ")) return ScriptedHttpServer::Status(401);
+    return ScriptedHttpServer::Status(400);
+  });
+  auto backend = Open(server.url(), FastOptions());
+  ASSERT_NE(backend, nullptr);
+  EXPECT_EQ(backend->Read("missing", nullptr).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(backend->Stat("missing").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(backend->Read("secret", nullptr).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(backend->Read("login", nullptr).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(backend->Read("odd", nullptr).status().code(), absl::StatusCode::kInternal);
+  // 4xx are answers, not faults: one request each, no retries.
+  EXPECT_EQ(server.requests(), 5);
+}
+
+// A body shorter than its Content-Length: the connection closes early.
+Reply Truncated() {
+  return {"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nETag: \"t\"\r\n\r\n0123456789"};
+}
+
+TEST(HttpBackendTest, TruncatedBodyIsAnErrorNeverAValue) {
+  ScriptedHttpServer server([](const std::string&, int) { return Truncated(); });
+  auto backend = Open(server.url(), FastOptions(2));
+  ASSERT_NE(backend, nullptr);
+  auto r = backend->Read("k", nullptr);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("truncated"));
+  EXPECT_EQ(server.requests(), 2);
+  auto part = backend->ReadRange("k", 0, 100, nullptr);
+  EXPECT_EQ(part.status().code(), absl::StatusCode::kUnavailable) << part.status();
+}
+
+TEST(HttpBackendTest, TruncatedBodyLeavesNoCacheEntry) {
+  std::atomic<bool> healthy{false};
+  const std::string value = RandomBytes(1000, 3);
+  ScriptedHttpServer server([&](const std::string&, int) {
+    if (!healthy.load()) return Truncated();
+    return ScriptedHttpServer::Status(200, value, "ETag: \"good\"\r\n");
+  });
+  auto backend = Open(server.url(), FastOptions(2));
+  ASSERT_NE(backend, nullptr);
+  server::ChunkStoreOptions options;
+  options.io_threads = 2;
+  server::ChunkStore store(std::move(backend), options);
+  auto first = store.ReadAndWait("arr/c/0");
+  EXPECT_EQ(first.status().code(), absl::StatusCode::kUnavailable) << first.status();
+  healthy = true;
+  auto second = store.ReadAndWait("arr/c/0");
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_TRUE(second->value.view() == value);
+  int requests = server.requests();
+  // Now cached: no further request, the same bytes.
+  auto third = store.ReadAndWait("arr/c/0");
+  ASSERT_TRUE(third.ok()) << third.status();
+  EXPECT_TRUE(third->value.view() == value);
+  EXPECT_EQ(server.requests(), requests);
+}
+
+TEST(HttpBackendTest, ConnectionsAreReused) {
+  ScriptedHttpServer server([](const std::string&, int) {
+    return Reply{"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nETag: \"x\"\r\n\r\nok", false, false};
+  });
+  auto backend = Open(server.url(), FastOptions());
+  ASSERT_NE(backend, nullptr);
+  for (int i = 0; i < 20; ++i) {
+    auto r = backend->Read(absl::StrCat("k", i), nullptr);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->view(), "ok");
+  }
+  EXPECT_EQ(server.requests(), 20);
+  EXPECT_EQ(server.connections(), 1);
+}
+
+TEST(HttpBackendTest, RangedReadSendsRange) {
+  std::string seen;
+  std::mutex mu;
+  ScriptedHttpServer server([&](const std::string& request, int) {
+    std::lock_guard<std::mutex> lock(mu);
+    seen = request;
+    return ScriptedHttpServer::Status(206, "23456",
+                                      "Content-Range: bytes 2-6/10\r\nETag: \"r\"\r\n");
+  });
+  auto backend = Open(server.url() + "/base", FastOptions());
+  ASSERT_NE(backend, nullptr);
+  server::ValueInfo info;
+  auto r = backend->ReadRange("a b/c", 2, 5, &info);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->view(), "23456");
+  EXPECT_EQ(info.size, 10u);
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_THAT(seen, HasSubstr("GET /base/a%20b/c HTTP/1.1"));
+  EXPECT_THAT(seen, HasSubstr("Range: bytes=2-6"));
+}
+
+TEST(HttpBackendTest, ListingWithoutJsonIndexIsUnimplemented) {
+  ScriptedHttpServer server([](const std::string&, int) {
+    return ScriptedHttpServer::Status(200, "<html><body>Index of /</body></html>");
+  });
+  auto backend = Open(server.url(), FastOptions());
+  ASSERT_NE(backend, nullptr);
+  auto cursor = backend->List("", true);
+  ASSERT_TRUE(cursor.ok());
+  server::ListPage page;
+  auto more = (*cursor)->Next(10, &page);
+  EXPECT_EQ(more.status().code(), absl::StatusCode::kUnimplemented) << more.status();
+  EXPECT_THAT(std::string(more.status().message()), HasSubstr("autoindex_format json"));
+}
+
+TEST(HttpBackendTest, NginxDownMidRunIsUnavailable) {
+  TempDir dir;
+  ASSERT_TRUE(WriteFileUnder(dir.path(), "arr/c/0", "bytes").ok());
+  auto nginx = NginxServer::Start(dir.path());
+  if (absl::IsNotFound(nginx.status())) {
+    GTEST_SKIP() << nginx.status();
+  }
+  ASSERT_TRUE(nginx.ok()) << nginx.status();
+  auto backend = Open((*nginx)->url(), FastOptions());
+  ASSERT_NE(backend, nullptr);
+  auto r = backend->Read("arr/c/0", nullptr);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->view(), "bytes");
+  (*nginx)->Stop();
+  r = backend->Read("arr/c/0", nullptr);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+}
+
+TEST(HttpBackendTest, SlowNginxBodyStalls) {
+  // nginx sends 1 KiB per second of a 64 KiB value: past a 700 ms attempt limit.
+  TempDir dir;
+  ASSERT_TRUE(WriteFileUnder(dir.path(), "big", RandomBytes(64 << 10, 1)).ok());
+  auto nginx = NginxServer::Start(dir.path(), "    limit_rate 1k;\n    limit_rate_after 1k;\n");
+  if (absl::IsNotFound(nginx.status())) {
+    GTEST_SKIP() << nginx.status();
+  }
+  ASSERT_TRUE(nginx.ok()) << nginx.status();
+  auto backend = Open((*nginx)->url(), FastOptions(2));
+  ASSERT_NE(backend, nullptr);
+  absl::Time start = absl::Now();
+  auto r = backend->Read("big", nullptr);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("timed out"));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+}
+
+TEST(HttpTransportTest, PercentEncodeAndHash) {
+  EXPECT_EQ(server::http::PercentEncode("a b/ç~-._"), "a%20b/%C3%A7~-._");
+  EXPECT_EQ(server::http::PercentEncode("a/b=c+d", false), "a%2Fb%3Dc%2Bd");
+  // Stable across runs and machines: a golden value.
+  EXPECT_EQ(server::http::HashToGeneration(""), server::http::HashToGeneration(""));
+  EXPECT_NE(server::http::HashToGeneration("\"a\""), server::http::HashToGeneration("\"b\""));
+  EXPECT_NE(server::http::HashToGeneration("x"), 0u);
+  EXPECT_EQ(server::http::TotalFromContentRange("bytes 0-9/1234"), 1234u);
+  EXPECT_EQ(server::http::TotalFromContentRange("bytes */77"), 77u);
+  EXPECT_FALSE(server::http::TotalFromContentRange("bytes 0-9/*").has_value());
+}
+
+}  // namespace
+}  // namespace chunkd::testing
