@@ -52,6 +52,9 @@ try:
 except ImportError:  # pragma: no cover - reported as a problem below
     yaml = None
 
+# Stores that are not a directory on this machine, so need no volume or writable path.
+REMOTE_STORES = ("memory://", "s3://", "http://", "https://")
+
 WORKLOAD_KINDS = {"Pod", "Deployment", "DaemonSet", "StatefulSet", "ReplicaSet", "Job", "CronJob"}
 
 CONTAINER_FIELDS = {
@@ -1010,7 +1013,7 @@ class Checker:
             else:
                 socket_mounts.append((sock, m))
         store = flag_value(argv, "store") or "chunkd-data"
-        if not store.startswith("memory://"):
+        if not store.startswith(REMOTE_STORES):
             sp = store[len("file://"):] if store.startswith("file://") else store
             if not sp.startswith("/"):
                 self.problem(cw, f"--store={store} is relative: give an absolute path on a volume")
@@ -1351,7 +1354,7 @@ class Checker:
                     self.problem(f"{rel}:{n_exec}", f"listens on port {p}, the image uses "
                                  f"{self.port}")
             store = flag_value(argv, "store") or "chunkd-data"
-            if not store.startswith("memory://"):
+            if not store.startswith(REMOTE_STORES):
                 sp = store[len("file://"):] if store.startswith("file://") else store
                 if not sp.startswith("/") or not is_writable(sp):
                     self.problem(f"{rel}:{n_exec}", f"--store={store} is not under StateDirectory="

@@ -5,10 +5,15 @@ bucket directly."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import http.server
 import os
 import socket
 import subprocess
+import threading
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -16,6 +21,7 @@ import numpy as np
 import pytest
 import zarr
 
+import chunkd
 from chunkd.zarr import ChunkdStore
 from chunkd_testing import REPO_ROOT, start_server
 
@@ -149,3 +155,115 @@ def test_array_written_through_chunkd_lands_in_s3(tmp_path, moto, bucket):
                              mode="r")
     np.testing.assert_array_equal(direct[:], data)
     assert direct.nchunks_initialized == 5 * 4
+
+
+# -- Signature V4 as AWS computes it -------------------------------------------------------------
+# moto does not check signatures; AWS does. These requests go to a recording server, and each
+# signature libcurl made for chunkd is recomputed here from the AWS specification.
+
+
+def _aws_encode(text: str) -> str:
+    return urllib.parse.quote(text, safe="-_.~")
+
+
+def _expected_signature(method: str, path: str, headers: dict[str, str], secret: str) -> str:
+    auth = headers["authorization"]
+    credential = auth.split("Credential=")[1].split(",")[0]
+    signed = auth.split("SignedHeaders=")[1].split(",")[0].split(";")
+    _, date, region, service, _ = credential.split("/")
+    raw_path, _, raw_query = path.partition("?")
+    pairs = urllib.parse.parse_qsl(raw_query, keep_blank_values=True)
+    query = "&".join(f"{_aws_encode(k)}={_aws_encode(v)}" for k, v in sorted(pairs))
+    canonical_headers = "".join(f"{h}:{' '.join(headers[h].split())}\n" for h in signed)
+    canonical = "\n".join(
+        [method, raw_path, query, canonical_headers, ";".join(signed),
+         headers["x-amz-content-sha256"]]
+    )
+    scope = f"{date}/{region}/{service}/aws4_request"
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", headers["x-amz-date"], scope,
+         hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+    key = ("AWS4" + secret).encode()
+    for part in (date, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    requests: list[tuple[str, str, dict[str, str]]] = []
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _record(self):
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        length = int(headers.get("content-length", "0") or 0)
+        if length:
+            self.rfile.read(length)
+        self.requests.append((self.command, self.path, headers))
+
+    def _reply(self, code: int, body: bytes = b"", extra: dict[str, str] | None = None):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", '"e1"')
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self):
+        self._record()
+        if "list-type=2" in self.path:
+            self._reply(200, b"<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>")
+        else:
+            self._reply(200, b"hello")
+
+    def do_HEAD(self):
+        self._record()
+        self._reply(200, b"hello")
+
+    def do_PUT(self):
+        self._record()
+        self._reply(200)
+
+    def do_DELETE(self):
+        self._record()
+        self._reply(204)
+
+
+def test_requests_carry_valid_aws_signatures(tmp_path):
+    _Recorder.requests = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"
+    secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+    env_backup = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": secret})
+    try:
+        server = start_server(tmp_path / "server", "s3://bkt/my prefix", "127.0.0.1:0",
+                              f"--s3_endpoint={endpoint}", "--s3_region=eu-central-1")
+    finally:
+        for k, v in env_backup.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        with chunkd.Client(server.address) as client:
+            assert bytes(client.get("a b/c+d=e")) == b"hello"
+            client.put("x/é", b"value", if_generation_match=None)
+            client.delete("x/é")
+            client.list("some/prefix/", directory=True)
+    finally:
+        server.stop()
+        httpd.shutdown()
+    methods = {m for m, _, _ in _Recorder.requests}
+    assert {"GET", "PUT", "HEAD", "DELETE"} <= methods
+    for method, path, headers in _Recorder.requests:
+        assert "authorization" in headers, (method, path)
+        got = headers["authorization"].split("Signature=")[1]
+        assert got == _expected_signature(method, path, headers, secret), (method, path)
+        assert "/eu-central-1/s3/aws4_request" in headers["authorization"]

@@ -225,8 +225,10 @@ absl::StatusOr<HttpResponse> HttpTransport::PerformOnce(const HttpRequest& reque
   }
   struct curl_slist* headers = nullptr;
   for (const std::string& h : request.headers) headers = curl_slist_append(headers, h.c_str());
-  // No "Expect: 100-continue" round trip before bodies.
-  headers = curl_slist_append(headers, "Expect:");
+  // No "Expect: 100-continue" round trip before bodies. Not for signed requests: libcurl 7.88
+  // would sign the removed header ("expect" in SignedHeaders, absent from the request) and S3
+  // would refuse the signature; S3 handles 100-continue well anyway.
+  if (request.aws_sigv4.empty()) headers = curl_slist_append(headers, "Expect:");
   if (request.method == "PUT" || request.method == "POST") {
     bool has_type = std::any_of(request.headers.begin(), request.headers.end(),
                                 [](const std::string& h) {

@@ -1,0 +1,204 @@
+// ShardedClient over three real chunkd servers on loopback that share one file store directory
+// (as a pool of caches shares one S3 bucket): keys spread evenly, routing agrees with the Python
+// client (a golden list), and a server killed mid-run fails over to each key's next server with
+// every value read correct.
+#include <signal.h>
+
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "client/client.h"
+#include "client/sharded_client.h"
+#include "gtest/gtest.h"
+#include "tests/support/test_support.h"
+
+namespace chunkd {
+namespace {
+
+using client::Client;
+using client::ClientOptions;
+using client::RendezvousOrder;
+using client::ShardedClient;
+using client::ShardedClientOptions;
+using testing::RandomBytes;
+using testing::ServerProcess;
+using testing::TempDir;
+
+// The same servers, keys and answers as python/tests/test_sharded.py.
+const std::vector<std::string> kGoldenServers = {"chunkd-0.chunkd:7878", "chunkd-1.chunkd:7878",
+                                                 "chunkd-2.chunkd:7878"};
+const std::vector<std::string> kGoldenKeys = {
+    "arr/zarr.json", "arr/c/0/0",       "arr/c/0/1", "arr/c/1/0", "arr/c/1/1", "temperature/c/3/1",
+    "température/c/0", "x y/z", ".zgroup", "a", "b/c/d/e", "zarr.json"};
+const std::vector<int> kGoldenHome = {0, 1, 2, 0, 2, 1, 2, 2, 1, 2, 1, 1};
+const std::vector<int> kGoldenLast = {1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0};
+
+TEST(RendezvousTest, GoldenListAgreesWithPython) {
+  EXPECT_EQ(client::ShardHash64(""), 0xF52A15E9A9B5E89Bull);
+  EXPECT_EQ(client::ShardHash64("a"), 0x02C0BDBF481420F8ull);
+  EXPECT_EQ(client::ShardHash64("arr/c/0/0"), 0x83269BC04CDE9140ull);
+  EXPECT_EQ(client::ShardHash64("température"), 0x124C1C6D4A23102Cull);
+  for (size_t i = 0; i < kGoldenKeys.size(); ++i) {
+    std::vector<std::string> order = RendezvousOrder(kGoldenServers, kGoldenKeys[i]);
+    EXPECT_EQ(order.front(), kGoldenServers[kGoldenHome[i]]) << kGoldenKeys[i];
+    EXPECT_EQ(order.back(), kGoldenServers[kGoldenLast[i]]) << kGoldenKeys[i];
+  }
+}
+
+std::string KeyOf(int i) { return absl::StrCat("arr/c/", i / 60, "/", i % 60); }
+
+TEST(RendezvousTest, AddingAServerMovesOnlyItsShare) {
+  std::vector<std::string> three = {"a:1", "b:1", "c:1"}, four = {"a:1", "b:1", "c:1", "d:1"};
+  int moved_to_new = 0;
+  for (int i = 0; i < 3000; ++i) {
+    std::string before = RendezvousOrder(three, KeyOf(i))[0];
+    std::string after = RendezvousOrder(four, KeyOf(i))[0];
+    if (after != before) {
+      EXPECT_EQ(after, "d:1") << KeyOf(i);
+      ++moved_to_new;
+    }
+  }
+  EXPECT_NEAR(moved_to_new, 750, 100);
+}
+
+std::unique_ptr<Client> Plain(const std::string& address) {
+  ClientOptions options;
+  options.address = address;
+  options.timeout = absl::Seconds(30);
+  auto c = Client::Connect(options);
+  EXPECT_TRUE(c.ok()) << c.status();
+  return *std::move(c);
+}
+
+uint64_t Counter(Client& c, const std::string& name) {
+  auto info = c.ServerInfo();
+  EXPECT_TRUE(info.ok()) << info.status();
+  if (!info.ok()) return 0;
+  auto it = info->counters().find(name);
+  return it == info->counters().end() ? 0 : it->second;
+}
+
+class PoolTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::filesystem::create_directories(root_.Join("store"));
+    for (int i = 0; i < 3; ++i) {
+      auto s = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + root_.Join("store"),
+                                     "--fsync=false", "--host_cache_bytes=256MiB", "--shm=false"});
+      ASSERT_TRUE(s.ok()) << s.status();
+      addresses_.push_back((*s)->address());
+      servers_.push_back(*std::move(s));
+    }
+  }
+  std::unique_ptr<ShardedClient> Pool() {
+    ShardedClientOptions options;
+    options.servers = addresses_;
+    options.client.timeout = absl::Seconds(20);
+    options.client.max_attempts = 1;
+    options.failures_to_mark_down = 2;
+    options.down_backoff = absl::Seconds(60);
+    auto pool = ShardedClient::Connect(options);
+    EXPECT_TRUE(pool.ok()) << pool.status();
+    return *std::move(pool);
+  }
+  TempDir root_;
+  std::vector<std::string> addresses_;
+  std::vector<std::unique_ptr<ServerProcess>> servers_;
+};
+
+TEST_F(PoolTest, SpreadsKeysAndFailsOverWhenAServerDies) {
+  constexpr int kKeys = 3000;
+  auto pool = Pool();
+  ASSERT_NE(pool, nullptr);
+  std::map<std::string, int> homes;
+  for (int i = 0; i < kKeys; ++i) {
+    auto put = pool->Put(KeyOf(i), buffer::cpu::Buffer::CopyOf(RandomBytes(64 + i % 100, i)));
+    ASSERT_TRUE(put.ok()) << KeyOf(i) << ": " << put.status();
+    ++homes[pool->RankedServers(KeyOf(i))[0]];
+  }
+  // Every server took its share of the writes, within 10% of even.
+  for (const std::string& a : addresses_) {
+    uint64_t puts = Counter(*Plain(a), "puts");
+    EXPECT_EQ(puts, static_cast<uint64_t>(homes[a])) << a;
+    EXPECT_NEAR(static_cast<double>(puts), kKeys / 3.0, kKeys / 3.0 * 0.1) << a;
+  }
+  auto listing = pool->List("arr/c/", true);
+  ASSERT_TRUE(listing.ok()) << listing.status();
+  EXPECT_EQ(listing->prefixes.size(), 50u);
+
+  // Read half, kill a server, read everything: each key of the dead server goes to its next
+  // server in rendezvous order, which has it (the shared store).
+  for (int i = 0; i < kKeys / 2; ++i) {
+    auto got = pool->Get(KeyOf(i));
+    ASSERT_TRUE(got.ok()) << got.status();
+    ASSERT_TRUE(got->data.view() == RandomBytes(64 + i % 100, i)) << KeyOf(i);
+  }
+  std::string victim = addresses_[1];
+  std::map<std::string, uint64_t> gets_before;
+  for (const std::string& a : addresses_) {
+    if (a != victim) gets_before[a] = Counter(*Plain(a), "gets");
+  }
+  servers_[1]->Stop(SIGKILL);
+  std::map<std::string, uint64_t> expected_gets;
+  for (int i = 0; i < kKeys; ++i) {
+    auto got = pool->Get(KeyOf(i));
+    ASSERT_TRUE(got.ok()) << KeyOf(i) << ": " << got.status();
+    ASSERT_TRUE(got->data.view() == RandomBytes(64 + i % 100, i)) << KeyOf(i);
+    std::vector<std::string> order = pool->RankedServers(KeyOf(i));
+    ++expected_gets[order[0] == victim ? order[1] : order[0]];
+  }
+  EXPECT_TRUE(pool->IsDown(victim));
+  for (const auto& [a, before] : gets_before) {
+    EXPECT_EQ(Counter(*Plain(a), "gets") - before, expected_gets[a]) << a;
+  }
+  // Listings leave the dead server out.
+  auto after = pool->List("arr/c/0/", false);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->entries.size(), 60u);
+}
+
+TEST_F(PoolTest, ChunkctlTakesAServerList) {
+  std::string list = absl::StrCat(addresses_[0], ",", addresses_[1], ",", addresses_[2]);
+  auto put = testing::RunCommand(
+      {testing::kChunkctlBinary, "--server=" + list, "put", "arr/zarr.json", "-"}, "{}");
+  ASSERT_EQ(put.exit_code, 0) << put.err;
+  auto get =
+      testing::RunCommand({testing::kChunkctlBinary, "--server=" + list, "get", "arr/zarr.json"});
+  ASSERT_EQ(get.exit_code, 0) << get.err;
+  EXPECT_EQ(get.out, "{}");
+  auto pool = Pool();
+  std::string home = pool->RankedServers("arr/zarr.json")[0];
+  EXPECT_EQ(Counter(*Plain(home), "puts"), 1u);
+}
+
+TEST(ShardedClientTest, HostNameResolvesToThePool) {
+  ShardedClientOptions options;
+  options.servers = {"localhost:7999"};
+  auto pool = ShardedClient::Connect(options);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  std::vector<std::string> servers = (*pool)->servers();
+  ASSERT_EQ(servers.size(), 1u);
+  EXPECT_TRUE(servers[0] == "127.0.0.1:7999" || servers[0] == "[::1]:7999") << servers[0];
+  options.servers = {"no-such-host.invalid:7878"};
+  EXPECT_FALSE(ShardedClient::Connect(options).ok());
+  options.servers = {};
+  EXPECT_EQ(ShardedClient::Connect(options).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ShardedClientTest, AllServersDownIsUnavailable) {
+  ShardedClientOptions options;
+  options.servers = {"127.0.0.1:1", "127.0.0.1:2"};
+  options.client.timeout = absl::Seconds(5);
+  options.client.max_attempts = 1;
+  auto pool = ShardedClient::Connect(options);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  EXPECT_EQ((*pool)->Get("k").status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ((*pool)->List("").status().code(), absl::StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace chunkd
