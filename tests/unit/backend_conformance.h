@@ -21,6 +21,7 @@
 
 #include <functional>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <utility>
 
@@ -86,6 +87,9 @@ class SeededBackend final : public server::Backend {
   const BackendFactory& factory_;
   TempDir& dir_;
 };
+
+// How gtest prints a factory (in test names and messages): its name.
+inline void PrintTo(const BackendFactory& factory, std::ostream* os) { *os << factory.name; }
 
 // For INSTANTIATE_TEST_SUITE_P: names each instance after its factory.
 inline std::string BackendFactoryName(const ::testing::TestParamInfo<BackendFactory>& info) {
