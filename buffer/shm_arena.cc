@@ -100,9 +100,8 @@ void ShmArena::RemoveStaleSegments() {
 }
 
 absl::StatusOr<ShmArena::Segment*> ShmArena::NewSegmentLocked(uint64_t size) {
-  auto segment = std::make_unique<Segment>();
+  auto segment = std::make_unique<Segment>(size);
   segment->name = absl::StrCat(options_.prefix, "-", ::getpid(), "-", next_segment_++);
-  segment->size = size;
   std::string path = options_.directory + "/" + segment->name;
   int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, options_.mode);
   if (fd < 0) return ErrnoStatus("create shared-memory segment " + path);
@@ -122,7 +121,6 @@ absl::StatusOr<ShmArena::Segment*> ShmArena::NewSegmentLocked(uint64_t size) {
   if (base == MAP_FAILED) return fail("map");
   segment->fd = fd;
   segment->base = static_cast<std::byte*>(base);
-  AddFree(segment.get(), 0, size);
   mapped_ += size;
   segments_.push_back(std::move(segment));
   return segments_.back().get();
@@ -141,50 +139,32 @@ void ShmArena::DestroySegmentLocked(Segment* segment) {
   }
 }
 
-void ShmArena::AddFree(Segment* s, uint64_t offset, uint64_t length) {
-  s->free_by_offset[offset] = length;
-  s->free_by_length.emplace(length, offset);
-}
-
-void ShmArena::TakeExtent(Segment* s, std::multimap<uint64_t, uint64_t>::iterator it,
-                          uint64_t length, uint64_t* offset) {
-  uint64_t extent_length = it->first, extent_offset = it->second;
-  s->free_by_length.erase(it);
-  s->free_by_offset.erase(extent_offset);
-  if (extent_length > length) AddFree(s, extent_offset + length, extent_length - length);
-  *offset = extent_offset;
-  s->used += length;
-}
-
 absl::StatusOr<std::shared_ptr<Block>> ShmArena::Allocate(size_t size) {
   if (size == 0) return HeapAllocator().Allocate(0);  // nothing to share
   uint64_t length = RoundUp(size, kPage);
   absl::MutexLock lock(&mu_);
   Segment* chosen = nullptr;
-  std::multimap<uint64_t, uint64_t>::iterator best;
+  uint64_t best = 0;
   // Best fit across segments: the smallest free extent that holds the block.
   for (auto& segment : segments_) {
-    auto it = segment->free_by_length.lower_bound(length);
-    if (it != segment->free_by_length.end() && (chosen == nullptr || it->first < best->first)) {
+    std::optional<uint64_t> fit = segment->extents.BestFit(length);
+    if (fit && (chosen == nullptr || *fit < best)) {
       chosen = segment.get();
-      best = it;
+      best = *fit;
     }
   }
   if (chosen == nullptr) {
     auto segment = NewSegmentLocked(std::max<uint64_t>(options_.segment_bytes, length));
     if (!segment.ok()) return segment.status();
     chosen = *segment;
-    best = chosen->free_by_length.lower_bound(length);
   }
-  uint64_t offset;
-  TakeExtent(chosen, best, length, &offset);
+  uint64_t offset = *chosen->extents.Allocate(length);
   // Reserve the pages now: a full tmpfs (a container's small /dev/shm, say) must show as an
   // error here, not as SIGBUS when the pages are first written.
   if (::fallocate(chosen->fd, 0, static_cast<off_t>(offset), static_cast<off_t>(length)) != 0) {
     absl::Status s = ErrnoStatus(absl::StrCat("reserve ", length, " bytes in shared memory ",
                                               options_.directory));
-    chosen->used -= length;
-    AddFree(chosen, offset, length);  // coalescing happens when neighbours are freed
+    chosen->extents.Free(offset, length);
     return s;
   }
   allocated_ += length;
@@ -197,38 +177,9 @@ void ShmArena::Free(Segment* segment, uint64_t offset, uint64_t length) {
               static_cast<off_t>(length));
   absl::MutexLock lock(&mu_);
   allocated_ -= length;
-  segment->used -= length;
-  // Coalesce with the free neighbours on both sides.
-  auto next = segment->free_by_offset.lower_bound(offset);
-  if (next != segment->free_by_offset.end() && next->first == offset + length) {
-    auto range = segment->free_by_length.equal_range(next->second);
-    for (auto it = range.first; it != range.second; ++it) {
-      if (it->second == next->first) {
-        segment->free_by_length.erase(it);
-        break;
-      }
-    }
-    length += next->second;
-    next = segment->free_by_offset.erase(next);
-  }
-  if (next != segment->free_by_offset.begin()) {
-    auto prev = std::prev(next);
-    if (prev->first + prev->second == offset) {
-      auto range = segment->free_by_length.equal_range(prev->second);
-      for (auto it = range.first; it != range.second; ++it) {
-        if (it->second == prev->first) {
-          segment->free_by_length.erase(it);
-          break;
-        }
-      }
-      offset = prev->first;
-      length += prev->second;
-      segment->free_by_offset.erase(prev);
-    }
-  }
-  AddFree(segment, offset, length);
+  segment->extents.Free(offset, length);  // coalesces with free neighbours
   // An empty segment goes back to the system, except the last one, kept for reuse.
-  if (segment->used == 0 && segments_.size() > 1) DestroySegmentLocked(segment);
+  if (segment->extents.empty() && segments_.size() > 1) DestroySegmentLocked(segment);
 }
 
 uint64_t ShmArena::allocated_bytes() const {

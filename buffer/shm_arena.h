@@ -16,7 +16,6 @@
 #include <sys/types.h>
 
 #include <cstdint>
-#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -24,6 +23,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "buffer/extent_allocator.h"
 #include "buffer/memory.h"
 
 namespace chunkd::buffer {
@@ -61,22 +61,18 @@ class ShmArena final : public HostAllocator, public std::enable_shared_from_this
 
  private:
   struct Segment {
+    explicit Segment(uint64_t size) : size(size), extents(size) {}
     std::string name;
     int fd = -1;
     std::byte* base = nullptr;
-    uint64_t size = 0;
-    uint64_t used = 0;
-    std::map<uint64_t, uint64_t> free_by_offset;       // offset -> length
-    std::multimap<uint64_t, uint64_t> free_by_length;  // length -> offset
+    const uint64_t size;
+    ExtentAllocator extents;  // page-granular extents of [0, size)
   };
   class ArenaBlock;
 
   explicit ShmArena(const ShmArenaOptions& options) : options_(options) {}
   absl::StatusOr<Segment*> NewSegmentLocked(uint64_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Free(Segment* segment, uint64_t offset, uint64_t length);
-  static void TakeExtent(Segment* s, std::multimap<uint64_t, uint64_t>::iterator it,
-                         uint64_t length, uint64_t* offset);
-  static void AddFree(Segment* s, uint64_t offset, uint64_t length);
   void DestroySegmentLocked(Segment* segment) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RemoveStaleSegments();
 

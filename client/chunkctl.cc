@@ -43,7 +43,12 @@ ABSL_FLAG(bool, l, false, "ls: show sizes.");
 ABSL_FLAG(std::string, delivery, "inline",
           "get: how the bytes should arrive: inline (over the connection), shm (a shared-memory "
           "handle, when the server runs on this host and shares --shm_dir; otherwise inline) or "
-          "cuda (a CUDA IPC handle; not available in this build). -v shows which one was used.");
+          "cuda (a CUDA IPC handle to GPU memory of the server's device tier, when the server "
+          "runs on this host with --device_cache_bytes and has this process's --cuda_device; "
+          "otherwise inline; the bytes are copied to the host to be written out). -v shows which "
+          "one was used.");
+ABSL_FLAG(int32_t, cuda_device, 0,
+          "get --delivery=cuda: the GPU (ordinal in this process) to receive the chunk on.");
 ABSL_FLAG(std::string, shm_dir, "/dev/shm",
           "get --delivery=shm: where this host's shared-memory segments are (the server's "
           "--shm_dir as seen from here).");
@@ -142,6 +147,12 @@ int Get(Client& client, const std::string& key) {
   auto result = client.Get(key, options);
   if (!result.ok()) return Report(result.status());
   absl::Duration took = absl::Now() - start;
+  if (result->device_data) {
+    // CUDA IPC: the bytes are in GPU memory; copy them to the host to write them out.
+    auto host = result->device_data->to_cpu();
+    if (!host.ok()) return Report(host.status());
+    result->data = *std::move(host);
+  }
   std::string out_path = absl::GetFlag(FLAGS_o);
   int fd = STDOUT_FILENO;
   if (!out_path.empty() && out_path != "-") {
@@ -295,8 +306,9 @@ int main(int argc, char** argv) {
   if (std::string delivery = absl::GetFlag(FLAGS_delivery); delivery == "shm") {
     options.accept = {chunkd::v1::DELIVERY_SHM, chunkd::v1::DELIVERY_INLINE};
   } else if (delivery == "cuda") {
-    return Report(absl::UnimplementedError(
-        "--delivery=cuda: CUDA IPC delivery is not available in this build of chunkctl"));
+    // Connect fails with "no CUDA device: ..." when this process has no such GPU.
+    options.accept = {chunkd::v1::DELIVERY_CUDA_IPC, chunkd::v1::DELIVERY_INLINE};
+    options.cuda_device = absl::GetFlag(FLAGS_cuda_device);
   } else if (delivery != "inline") {
     return Usage(absl::StrCat("--delivery=", delivery, " is not inline, shm or cuda"));
   }

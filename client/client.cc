@@ -20,6 +20,7 @@
 #include "grpcpp/support/sync_stream.h"
 #include "absl/time/clock.h"
 #include "buffer/shm_import.h"
+#include "client/cuda_import.h"
 #include "proto/wire/raw_message.h"
 
 namespace chunkd::client {
@@ -327,7 +328,10 @@ class GetReply {
           return malformed();
         }
         have_header_ = true;
-        if (header_.delivery() == v1::DELIVERY_SHM) continue;  // no bytes follow
+        if (header_.delivery() == v1::DELIVERY_SHM ||
+            header_.delivery() == v1::DELIVERY_CUDA_IPC) {
+          continue;  // no bytes follow
+        }
         auto value = buffer::cpu::MutableBuffer::Allocate(header_.length());
         if (!value.ok()) return value.status();
         value_ = *std::move(value);
@@ -350,6 +354,7 @@ class GetReply {
     if (!status.ok()) return FromGrpc(status);
     if (!have_header_) return absl::InternalError("Get reply carried no header");
     if (header_.delivery() == v1::DELIVERY_SHM) return ImportShm();
+    if (header_.delivery() == v1::DELIVERY_CUDA_IPC) return ImportCuda();
     if (received_ != header_.length()) {
       return absl::DataLossError(
           absl::StrCat("Get reply ended after ", received_, " of ", header_.length(), " bytes"));
@@ -385,6 +390,32 @@ class GetReply {
     r.generation = header_.generation();
     r.range_start = header_.range_start();
     r.delivery = v1::DELIVERY_SHM;
+    r.lease_id = lease;
+    return r;
+  }
+
+  // Opens the segment's IPC handle (once per process, client/cuda_import.h) and returns a device
+  // buffer that views the chunk and releases its lease when the last copy goes.
+  absl::StatusOr<GetResult> ImportCuda() {
+    uint64_t lease = header_.lease().id();
+    absl::StatusOr<CudaImporter*> importer = CudaImporter::ForProcess();
+    absl::StatusOr<buffer::gpu::Buffer> data =
+        importer.ok() ? (*importer)->Import(header_.cuda(),
+                                            [weak = std::weak_ptr<LeaseKeeper>(keeper_), lease] {
+                                              if (auto keeper = weak.lock()) keeper->Drop(lease);
+                                            })
+                      : importer.status();
+    if (!data.ok()) {
+      keeper_->Drop(lease);
+      return data.status();
+    }
+    keeper_->Track(lease, absl::Milliseconds(header_.lease().ttl_ms()));
+    GetResult r;
+    r.device_data = *std::move(data);
+    r.total_size = header_.total_size();
+    r.generation = header_.generation();
+    r.range_start = header_.range_start();
+    r.delivery = v1::DELIVERY_CUDA_IPC;
     r.lease_id = lease;
     return r;
   }
@@ -697,12 +728,15 @@ class ClientImpl final : public Client {
     request.set_key(std::string(key));
     ToProto(options.range, &request);
     ToProto(options.conditions, request.mutable_conditions());
-    bool handles = false;
+    bool handles = false, cuda = false;
     for (v1::Delivery d : options.accept.value_or(options_.accept)) {
       request.add_accept(d);
       handles |= d != v1::DELIVERY_INLINE;
+      cuda |= d == v1::DELIVERY_CUDA_IPC;
     }
     if (handles) *request.mutable_client() = identity_;
+    // The GPU by UUID; without a device the server falls back (or refuses a CUDA-only Get).
+    if (cuda) (void)PrepareCudaRequest(options_.cuda_device, &request);
     return request;
   }
 
@@ -761,6 +795,10 @@ absl::StatusOr<ByteRange> ByteRange::Parse(absl::string_view text) {
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
   if (options.address.empty()) return absl::InvalidArgumentError("server address is empty");
+  if (std::find(options.accept.begin(), options.accept.end(), v1::DELIVERY_CUDA_IPC) !=
+      options.accept.end()) {
+    if (absl::Status s = CheckCudaDelivery(options.cuda_device); !s.ok()) return s;
+  }
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(16 << 20);
   args.SetMaxSendMessageSize(16 << 20);

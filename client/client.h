@@ -26,6 +26,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "buffer/cpu/buffer.h"
+#include "buffer/gpu/buffer.h"
 #include "buffer/host_identity.h"
 #include "chunkd/v1/chunkd.pb.h"
 
@@ -51,6 +52,12 @@ struct ClientOptions {
   std::string shm_dir = "/dev/shm";
   // The identity the client presents; its own when unset (tests set another to see fallback).
   std::optional<buffer::HostIdentity> identity;
+  // With DELIVERY_CUDA_IPC in `accept`: the GPU (this process's ordinal) the chunks should be
+  // on. The server matches it by UUID; when it has that GPU in its device tier and runs on this
+  // host, the result's device_data views the server's GPU memory (opened through CUDA IPC, no
+  // copy) and holds a lease; otherwise the next accepted delivery is used. Connect fails with
+  // FAILED_PRECONDITION "no CUDA device: ..." when this process has no such device.
+  int cuda_device = 0;
 };
 
 // A byte range in Zarr's three forms; END is exclusive.
@@ -90,7 +97,10 @@ struct GetResult {
   uint64_t generation = 0;
   uint64_t range_start = 0;  // where `data` starts within the value
   v1::Delivery delivery = v1::DELIVERY_INLINE;
-  uint64_t lease_id = 0;  // DELIVERY_SHM: the lease the buffer holds
+  uint64_t lease_id = 0;  // DELIVERY_SHM, DELIVERY_CUDA_IPC: the lease the buffer holds
+  // DELIVERY_CUDA_IPC: the bytes in GPU memory (`data` is then empty). Holds the lease until
+  // the last copy of it is dropped; to_cpu() copies the bytes to the host.
+  std::optional<buffer::gpu::Buffer> device_data;
 };
 
 struct PutResult {

@@ -41,12 +41,18 @@ LeaseTable::~LeaseTable() {
   }
   expiry_thread_.join();
   absl::MutexLock lock(&mu_);
-  for (auto& [id, entry] : leases_) entry.buffer.block()->Unpin();
+  for (auto& [id, entry] : leases_) entry.block->Unpin();
   leases_.clear();
 }
 
 absl::StatusOr<uint64_t> LeaseTable::Grant(buffer::cpu::Buffer buffer) {
-  if (!buffer.block()) return absl::InvalidArgumentError("cannot lease an empty buffer");
+  // The lease holds the whole block the buffer views: the same memory stays alive and pinned.
+  return Grant(buffer.block(), buffer.size());
+}
+
+absl::StatusOr<uint64_t> LeaseTable::Grant(std::shared_ptr<const buffer::Block> block,
+                                           uint64_t bytes) {
+  if (!block) return absl::InvalidArgumentError("cannot lease an empty buffer");
   absl::MutexLock lock(&mu_);
   if (leases_.size() >= options_.max_leases) {
     return absl::ResourceExhaustedError(
@@ -54,25 +60,25 @@ absl::StatusOr<uint64_t> LeaseTable::Grant(buffer::cpu::Buffer buffer) {
   }
   uint64_t id = RandomId();
   while (leases_.contains(id)) id = RandomId();
-  buffer.block()->Pin();
-  stats_.bytes += buffer.size();
+  block->Pin();
+  stats_.bytes += bytes;
   ++stats_.granted;
-  leases_.emplace(id, Entry{std::move(buffer), absl::Now() + options_.ttl});
+  leases_.emplace(id, Entry{std::move(block), bytes, absl::Now() + options_.ttl});
   return id;
 }
 
 void LeaseTable::DropLocked(absl::flat_hash_map<uint64_t, Entry>::iterator it,
-                            std::vector<buffer::cpu::Buffer>* dropped) {
-  it->second.buffer.block()->Unpin();
-  stats_.bytes -= it->second.buffer.size();
-  // The buffer itself is released outside the lock: freeing arena memory takes its own lock.
-  dropped->push_back(std::move(it->second.buffer));
+                            Dropped* dropped) {
+  it->second.block->Unpin();
+  stats_.bytes -= it->second.bytes;
+  // The block itself is released outside the lock: freeing arena memory takes its own lock.
+  dropped->push_back(std::move(it->second.block));
   leases_.erase(it);
 }
 
 std::vector<uint64_t> LeaseTable::Release(const std::vector<uint64_t>& ids) {
   std::vector<uint64_t> unknown;
-  std::vector<buffer::cpu::Buffer> dropped;
+  Dropped dropped;
   absl::MutexLock lock(&mu_);
   for (uint64_t id : ids) {
     auto it = leases_.find(id);
@@ -104,7 +110,7 @@ std::vector<uint64_t> LeaseTable::Renew(const std::vector<uint64_t>& ids) {
 }
 
 void LeaseTable::ExpireNow() {
-  std::vector<buffer::cpu::Buffer> dropped;
+  Dropped dropped;
   absl::Time now = absl::Now();
   absl::MutexLock lock(&mu_);
   for (auto it = leases_.begin(); it != leases_.end();) {

@@ -9,6 +9,7 @@
 #define CHUNKD_SERVER_LEASE_TABLE_H_
 
 #include <cstdint>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -44,6 +45,9 @@ class LeaseTable {
 
   // A new lease on `buffer`. RESOURCE_EXHAUSTED when max_leases are live.
   absl::StatusOr<uint64_t> Grant(buffer::cpu::Buffer buffer);
+  // A new lease on `bytes` bytes of `block` (host or device memory): the block stays alive and
+  // pinned until the lease ends.
+  absl::StatusOr<uint64_t> Grant(std::shared_ptr<const buffer::Block> block, uint64_t bytes);
   // Ends the named leases; returns the ids that named none (unknown, expired, released).
   std::vector<uint64_t> Release(const std::vector<uint64_t>& ids);
   // Extends the named leases by one TTL from now; returns the ids that named none.
@@ -56,11 +60,13 @@ class LeaseTable {
 
  private:
   struct Entry {
-    buffer::cpu::Buffer buffer;
+    std::shared_ptr<const buffer::Block> block;
+    uint64_t bytes = 0;
     absl::Time expires;
   };
-  void DropLocked(absl::flat_hash_map<uint64_t, Entry>::iterator it,
-                  std::vector<buffer::cpu::Buffer>* dropped) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  using Dropped = std::vector<std::shared_ptr<const buffer::Block>>;
+  void DropLocked(absl::flat_hash_map<uint64_t, Entry>::iterator it, Dropped* dropped)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const LeaseTableOptions options_;
   mutable absl::Mutex mu_;

@@ -100,6 +100,17 @@ ABSL_FLAG(int32_t, shm_group, -1, "Group id given to shared-memory segments (-1:
 ABSL_FLAG(absl::Duration, lease_ttl, absl::Seconds(30),
           "How long a handle's lease pins its chunk without renewal; memory of a client that "
           "dies holding leases comes back within about this long.");
+ABSL_FLAG(ByteSize, device_cache_bytes, ByteSize{0},
+          "CUDA IPC delivery: budget of the device tier on each GPU (0: off). Colocated GPU "
+          "clients that ask for it (chunkctl --delivery=cuda) get chunks copied into GPU memory "
+          "and handed out as CUDA IPC handles with leases. Without a CUDA driver or device the "
+          "server says so once and serves host-only.");
+ABSL_FLAG(std::string, cuda_device, "all",
+          "Device tier: the GPUs to use, \"all\" or comma-separated ordinals as this process "
+          "sees them (after CUDA_VISIBLE_DEVICES). Clients name GPUs by UUID.");
+ABSL_FLAG(ByteSize, device_segment_bytes, ByteSize{256ull << 20},
+          "Device tier: size of each GPU memory segment. Each segment is exported once as a CUDA "
+          "IPC handle that clients open once; larger values get a segment of their own.");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(10),
           "On SIGTERM or SIGINT, how long calls in flight may run before they are cancelled.");
 ABSL_FLAG(std::string, ready_file, "",
@@ -208,6 +219,17 @@ int main(int argc, char** argv) {
   config.shm_arena.group = static_cast<gid_t>(absl::GetFlag(FLAGS_shm_group));
   config.leases.ttl = absl::GetFlag(FLAGS_lease_ttl);
   if (config.leases.ttl < absl::Milliseconds(100)) return Fail("--lease_ttl must be at least 100ms");
+  config.device_tier.capacity_bytes = absl::GetFlag(FLAGS_device_cache_bytes).bytes;
+  config.device_tier.segment_bytes = absl::GetFlag(FLAGS_device_segment_bytes).bytes;
+  if (config.device_tier.segment_bytes < (1u << 20)) {
+    return Fail("--device_segment_bytes must be at least 1MiB");
+  }
+  if (auto devices = chunkd::server::ParseCudaDevices(absl::GetFlag(FLAGS_cuda_device));
+      devices.ok()) {
+    config.device_tier.devices = *std::move(devices);
+  } else {
+    return Fail(std::string(devices.status().message()));
+  }
 
   auto server = chunkd::server::ChunkdServer::Start(config);
   if (!server.ok()) return Fail(std::string(server.status().message()));

@@ -15,6 +15,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
+#include "server/byte_size.h"
 #include "server/log.h"
 
 namespace chunkd::server {
@@ -66,6 +67,30 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
       config.service.host = buffer::CurrentHostIdentity(config.shm_arena.directory);
     } else {
       Log("shared-memory delivery is off: %s", std::string(arena.status().message()));
+    }
+  }
+  if (config.device_tier.capacity_bytes > 0) {
+    // Without a CUDA driver or device the server runs host-only, and says so once, here.
+    absl::StatusOr<buffer::gpu::DeviceApi*> api = buffer::gpu::CudaDeviceApi();
+    if (!api.ok()) {
+      Log("CUDA IPC delivery is off, serving host-only: %s", std::string(api.status().message()));
+    } else {
+      auto tier = DeviceTier::Create(*api, config.device_tier);
+      if (!tier.ok()) return tier.status();
+      server->device_tier_ = *std::move(tier);
+      if (!server->leases_) server->leases_ = std::make_unique<LeaseTable>(config.leases);
+      config.service.leases = server->leases_.get();
+      config.service.device_tier = server->device_tier_.get();
+      if (config.service.host.boot_id.empty()) {
+        config.service.host = buffer::CurrentHostIdentity(config.shm_arena.directory);
+      }
+      std::string gpus;
+      for (const auto& d : server->device_tier_->devices()) {
+        absl::StrAppend(&gpus, gpus.empty() ? "" : ", ", d.ordinal, " ", d.name, " ",
+                        buffer::gpu::UuidToString(d.uuid));
+      }
+      Log("CUDA IPC delivery: device tier of %s per GPU on %s",
+          FormatBytes(config.device_tier.capacity_bytes), gpus);
     }
   }
   auto backend = OpenBackend(config.store, config.backend);
@@ -130,6 +155,7 @@ ChunkdServer::~ChunkdServer() {
   grpc_server_.reset();
   service_.reset();
   store_.reset();
+  device_tier_.reset();
   leases_.reset();
   allocator_.reset();
   arena_.reset();

@@ -12,6 +12,7 @@
 #include "grpcpp/server.h"
 #include "buffer/shm_arena.h"
 #include "server/chunk_store.h"
+#include "server/device_tier.h"
 #include "server/lease_table.h"
 #include "server/service.h"
 
@@ -30,6 +31,9 @@ struct ServerConfig {
   bool shm = true;
   buffer::ShmArenaOptions shm_arena;
   LeaseTableOptions leases;
+  // CUDA IPC delivery: a device tier of device_tier.capacity_bytes per GPU (0: off). Without a
+  // CUDA driver or device the server logs it once and serves host-only.
+  DeviceTierOptions device_tier;
 };
 
 class ChunkdServer {
@@ -43,6 +47,8 @@ class ChunkdServer {
   ChunkStore& store() { return *store_; }
   // Null when shared-memory delivery is off.
   const buffer::ShmArena* arena() const { return arena_.get(); }
+  // Null when CUDA IPC delivery is off.
+  const DeviceTier* device_tier() const { return device_tier_.get(); }
 
   // Stops accepting calls, lets calls in flight finish for up to `grace`, cancels the rest.
   void Shutdown(absl::Duration grace);
@@ -53,6 +59,7 @@ class ChunkdServer {
   std::shared_ptr<buffer::ShmArena> arena_;
   std::unique_ptr<buffer::FallbackAllocator> allocator_;
   std::unique_ptr<LeaseTable> leases_;
+  std::unique_ptr<DeviceTier> device_tier_;
   std::unique_ptr<ChunkStore> store_;
   std::unique_ptr<ChunkdService> service_;
   std::unique_ptr<grpc::Server> grpc_server_;

@@ -92,6 +92,13 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     wants_shm_ = std::find(request.accept().begin(), request.accept().end(),
                            v1::DELIVERY_SHM) != request.accept().end();
     if (wants_shm_) client_ = IdentityFromProto(request.client());
+    for (int d : request.accept()) {
+      cuda_.wanted |= d == v1::DELIVERY_CUDA_IPC;
+      other_deliveries_ |= d != v1::DELIVERY_CUDA_IPC;
+    }
+    cuda_.only = cuda_.wanted && !other_deliveries_;
+    cuda_.gpu_uuid = request.gpu_uuid();
+    cuda_.client_boot_id = request.client().boot_id();
     // The callback may run right here (a cache hit) or later on an I/O thread.
     service_->store().Read(key_, [this](absl::StatusOr<CachedValue> value) {
       OnValue(std::move(value));
@@ -134,12 +141,95 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     }
     ResolvedRange r = Resolve(range_, value->value.size());
     data_ = value->value.Slice(r.start, r.length);
+    if (cuda_.wanted) whole_ = value->value;
     v1::GetResponse first;
     v1::GetHeader* header = first.mutable_header();
     header->set_total_size(value->value.size());
     header->set_generation(value->generation);
     header->set_range_start(r.start);
     header->set_length(r.length);
+    if (cuda_.wanted && TryCuda(first, value->generation)) return;
+    ReplyWithoutCuda(std::move(first));
+  }
+
+  // CUDA IPC: true when the reply is taken care of here (a handle now or after a promotion on
+  // an I/O thread, or an error for a client that accepts nothing else); false: go on with the
+  // other deliveries.
+  bool TryCuda(const v1::GetResponse& first, uint64_t generation) {
+    const ServiceOptions& options = service_->options();
+    CudaChoice choice = ChooseCudaDelivery(options.leases ? options.device_tier : nullptr,
+                                           options.host.boot_id, cuda_);
+    if (choice.unknown_gpu) {
+      service_->counters().cuda_unknown_gpu.fetch_add(1, std::memory_order_relaxed);
+    }
+    if (choice.decision == CudaChoice::kRefuse) {
+      FinishWith(ToGrpcStatus(choice.why));
+      return true;
+    }
+    if (choice.decision == CudaChoice::kFallback) {
+      service_->counters().cuda_fallbacks.fetch_add(1, std::memory_order_relaxed);
+      return false;
+    }
+    DeviceTier* tier = options.device_tier;
+    if (std::optional<DeviceChunk> hit = tier->Lookup(choice.device, key_, generation)) {
+      ReplyCuda(first, *hit);
+      return true;
+    }
+    // A miss copies the value to the device: on an I/O thread, not on gRPC's.
+    absl::Status queued = service_->store().Submit(
+        [this, first, generation, device = choice.device, whole = whole_]() mutable {
+          auto chunk = service_->options().device_tier->Promote(device, key_, generation, whole);
+          if (chunk.ok()) {
+            ReplyCuda(first, *chunk);
+          } else if (cuda_.only) {
+            FinishWith(ToGrpcStatus(chunk.status()));
+          } else {
+            service_->counters().cuda_fallbacks.fetch_add(1, std::memory_order_relaxed);
+            ReplyWithoutCuda(std::move(first));
+          }
+        });
+    if (queued.ok()) return true;
+    if (cuda_.only) {
+      FinishWith(ToGrpcStatus(queued));
+      return true;
+    }
+    service_->counters().cuda_fallbacks.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+
+  // Replies with the chunk's CUDA IPC handle and a lease on its device block.
+  void ReplyCuda(v1::GetResponse first, const DeviceChunk& chunk) {
+    const ServiceOptions& options = service_->options();
+    v1::GetHeader* header = first.mutable_header();
+    absl::StatusOr<uint64_t> lease =
+        options.leases->Grant(chunk.buffer.block(), header->length());
+    if (!lease.ok()) {
+      if (cuda_.only) {
+        FinishWith(ToGrpcStatus(lease.status()));
+        return;
+      }
+      service_->counters().cuda_fallbacks.fetch_add(1, std::memory_order_relaxed);
+      ReplyWithoutCuda(std::move(first));
+      return;
+    }
+    header->set_delivery(v1::DELIVERY_CUDA_IPC);
+    v1::CudaIpcHandle* cuda = header->mutable_cuda();
+    cuda->set_ipc_handle(buffer::gpu::IpcHandleBytes(chunk.ipc_handle));
+    cuda->set_segment(chunk.segment);
+    cuda->set_offset(chunk.offset + header->range_start());
+    cuda->set_length(header->length());
+    cuda->set_device_uuid(buffer::gpu::UuidBytes(chunk.device_uuid));
+    header->mutable_lease()->set_id(*lease);
+    header->mutable_lease()->set_ttl_ms(absl::ToInt64Milliseconds(options.leases->ttl()));
+    service_->counters().gets_cuda.fetch_add(1, std::memory_order_relaxed);
+    service_->counters().bytes_served_cuda.fetch_add(header->length(), std::memory_order_relaxed);
+    message_ = wire::EncodeWithData(first.SerializeAsString(), buffer::cpu::Buffer());
+    StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
+  }
+
+  // Shared memory when the client accepts it and can map it, else inline.
+  void ReplyWithoutCuda(v1::GetResponse first) {
+    v1::GetHeader* header = first.mutable_header();
     if (wants_shm_ && OfferShm(header)) {
       // The handle is the whole reply: no bytes cross the connection.
       message_ = wire::EncodeWithData(first.SerializeAsString(), buffer::cpu::Buffer());
@@ -201,6 +291,9 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   Conditions conditions_;
   bool wants_shm_ = false;
   buffer::HostIdentity client_;
+  CudaRequest cuda_;
+  bool other_deliveries_ = false;
+  buffer::cpu::Buffer whole_;  // the whole value, for a promotion to the device tier
   std::atomic<bool> cancelled_{false};
   buffer::cpu::Buffer data_;
   size_t sent_ = 0;
@@ -489,7 +582,10 @@ grpc::ServerUnaryReactor* ChunkdService::ServerInfo(grpc::CallbackServerContext*
   response->set_max_value_bytes(options_.max_value_bytes);
   response->add_deliveries(v1::DELIVERY_INLINE);
   if (options_.leases) {
-    response->add_deliveries(v1::DELIVERY_SHM);
+    if (options_.allocator->kind() == buffer::MemoryKind::kHostShared) {
+      response->add_deliveries(v1::DELIVERY_SHM);
+    }
+    if (options_.device_tier) response->add_deliveries(v1::DELIVERY_CUDA_IPC);
     LeaseStats leases = options_.leases->stats();
     response->set_leases_active(leases.active);
     response->set_leased_bytes(leases.bytes);
@@ -546,6 +642,28 @@ grpc::ServerUnaryReactor* ChunkdService::ServerInfo(grpc::CallbackServerContext*
   counters["deletes"] = counters_.deletes.load();
   counters["stats"] = counters_.stats.load();
   counters["lists"] = counters_.lists.load();
+  counters["gets_cuda"] = counters_.gets_cuda.load();
+  counters["bytes_served_cuda"] = counters_.bytes_served_cuda.load();
+  counters["cuda_fallbacks"] = counters_.cuda_fallbacks.load();
+  counters["cuda_unknown_gpu"] = counters_.cuda_unknown_gpu.load();
+  if (options_.device_tier) {
+    DeviceTierStats d = options_.device_tier->stats();
+    v1::CacheTierInfo* device = response->add_tiers();
+    device->set_tier("device");
+    device->set_capacity_bytes(d.capacity_bytes);
+    device->set_used_bytes(d.used_bytes);
+    device->set_entries(d.entries);
+    counters["device_hits"] = d.hits;
+    counters["device_promotions"] = d.promotions;
+    counters["device_promoted_bytes"] = d.promoted_bytes;
+    counters["device_promotion_failures"] = d.promotion_failures;
+    counters["device_evictions"] = d.evictions;
+    counters["device_evicted_bytes"] = d.evicted_bytes;
+    counters["device_not_admitted"] = d.not_admitted;
+    counters["device_segments"] = d.segments;
+    counters["device_segment_bytes"] = d.segment_bytes;
+    counters["device_ipc_exports"] = d.ipc_exports;
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;

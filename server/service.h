@@ -16,6 +16,7 @@
 #include "chunkd/v1/chunkd.grpc.pb.h"
 #include "buffer/host_identity.h"
 #include "server/chunk_store.h"
+#include "server/device_tier.h"
 #include "server/lease_table.h"
 
 namespace chunkd::server {
@@ -35,11 +36,16 @@ struct ServiceOptions {
   // identity shows they can map this server's segments (see buffer/host_identity.h).
   LeaseTable* leases = nullptr;
   buffer::HostIdentity host;
+  // CUDA IPC delivery: on when `device_tier` (and `leases`) is set. Offered to clients with
+  // the same boot id as `host` that name one of the tier's GPUs by UUID (server/device_tier.h).
+  DeviceTier* device_tier = nullptr;
 };
 
 struct ServiceCounters {
   std::atomic<uint64_t> gets{0}, get_errors{0}, bytes_served_inline{0}, bytes_served_shm{0},
       gets_shm{0}, shm_fallbacks{0}, puts{0}, bytes_written{0}, deletes{0}, stats{0}, lists{0};
+  std::atomic<uint64_t> gets_cuda{0}, bytes_served_cuda{0}, cuda_fallbacks{0},
+      cuda_unknown_gpu{0};
 };
 
 using ServiceBase = v1::Chunkd::WithRawCallbackMethod_Get<v1::Chunkd::CallbackService>;

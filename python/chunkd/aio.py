@@ -10,7 +10,7 @@ import grpc
 import grpc.aio
 
 from chunkd import _common as c
-from chunkd import _shm
+from chunkd import _cuda, _shm
 from chunkd._address import DEFAULT_ADDRESS
 from chunkd._stubs import pb, pb_grpc
 from chunkd.errors import error_from_rpc
@@ -76,6 +76,8 @@ class AsyncClient:
         # Shared-memory delivery (None when inline). Its lease keeper uses a blocking channel
         # on a thread of its own, so releases go on whichever event loop is running, if any.
         self._shm = _shm.ShmDelivery.create(delivery, shm_dir, self.target, self._options)
+        # CUDA IPC delivery (chunkd._cuda), made by the first read with a ``device``.
+        self._cuda: Any = None
 
     @property
     def retries(self) -> int:
@@ -111,6 +113,8 @@ class AsyncClient:
         channel, self._channel, self._stub = self._channel, None, None
         if self._shm is not None:
             self._shm.close()  # leases of values still alive are released as they go
+        if self._cuda is not None:
+            self._cuda.close()
         if channel is not None:
             await channel.close()
 
@@ -135,8 +139,11 @@ class AsyncClient:
         out: Any = None,
         if_generation_match: int | None = None,
         if_generation_not_match: int | None = None,
+        device: int | None = None,
     ) -> c.GetResult:
-        """See :meth:`chunkd.Client.read`."""
+        """See :meth:`chunkd.Client.read`. ``device``: a CuPy device ordinal to ask for CUDA IPC
+        delivery onto (a colocated server with a device tier); ``data`` is then a
+        ``cupy.ndarray`` of uint8 in the server's GPU memory (no copy), else inline bytes."""
         request = c.get_request(
             key,
             c.byte_range(start, end, suffix),
@@ -144,10 +151,19 @@ class AsyncClient:
         )
 
         shm = self._shm
+        cuda = None
+        if device is not None and out is None:
+            if self._cuda is None:
+                self._cuda = _cuda.CudaDelivery.create(self.target, self._options)
+            cuda = self._cuda
 
         async def attempt(stub, timeout):
-            call = stub.Get(shm.request(request) if shm else request, timeout=timeout)
-            assembler = c.GetAssembler(key, out, shm.receivers() if shm else None)
+            if cuda is not None:
+                call = stub.Get(cuda.request(request, device), timeout=timeout)
+                assembler = c.GetAssembler(key, out, cuda.receivers())
+            else:
+                call = stub.Get(shm.request(request) if shm else request, timeout=timeout)
+                assembler = c.GetAssembler(key, out, shm.receivers() if shm else None)
             try:
                 async for response in call:
                     assembler.feed(response)

@@ -22,6 +22,12 @@ device), holding a lease until zarr drops the buffer (see :mod:`chunkd._shm`). T
 a reply to a zarr ``Buffer`` goes through :meth:`ChunkdStore._to_buffer`, keyed by the reply's
 delivery.
 
+GPU reads (``prototype=zarr.core.buffer.gpu.buffer_prototype``) ask for CUDA IPC delivery onto
+CuPy's current device when CuPy and a device are present: a server on this host with a device
+tier (``chunkd --device_cache_bytes``) hands out the chunk in its GPU memory, which becomes the
+zarr ``gpu.Buffer`` without a copy, holding a lease while zarr holds it (see
+:mod:`chunkd._cuda`); other servers send the bytes inline, copied to the device.
+
 The store is picklable (it reconnects in the process that unpickles it), so it works with
 ``multiprocessing`` (spawn) and dask. Each event loop that uses the store gets its own asyncio
 channel; the ``*_sync`` methods use one blocking channel.
@@ -45,7 +51,7 @@ from zarr.abc.store import (
 from zarr.core.buffer import Buffer, default_buffer_prototype
 
 from chunkd import _common as c
-from chunkd import _shm
+from chunkd import _cuda, _shm
 from chunkd._address import DEFAULT_ADDRESS, parse_url, url_of
 from chunkd._stubs import pb
 from chunkd.aio import AsyncClient
@@ -98,6 +104,22 @@ def _shm_to_buffer(result: c.GetResult, prototype: BufferPrototype) -> Buffer:
     return prototype.buffer.from_bytes(result.data)
 
 
+def _cuda_to_buffer(result: c.GetResult, prototype: BufferPrototype) -> Buffer:
+    # result.data: a cupy.ndarray over the server's GPU memory (CUDA IPC); wrapped, not copied.
+    return prototype.buffer.from_array_like(result.data)
+
+
+def _gpu_device(prototype: BufferPrototype) -> int | None:
+    """CuPy's current device when `prototype` makes GPU buffers and CUDA IPC is possible."""
+    try:
+        from zarr.core.buffer import gpu
+    except ImportError:  # pragma: no cover
+        return None
+    if not issubclass(prototype.buffer, gpu.Buffer):
+        return None
+    return _cuda.current_device()
+
+
 class ChunkdStore(Store):
     """A Zarr store whose keys and values live in a chunkd server.
 
@@ -124,6 +146,7 @@ class ChunkdStore(Store):
         pb.DELIVERY_UNSPECIFIED: _inline_to_buffer,
         pb.DELIVERY_INLINE: _inline_to_buffer,
         pb.DELIVERY_SHM: _shm_to_buffer,
+        pb.DELIVERY_CUDA_IPC: _cuda_to_buffer,
     }
 
     def __init__(
@@ -301,6 +324,9 @@ class ChunkdStore(Store):
         await self._ensure_open()
         kwargs = _range_kwargs(byte_range)
         try:
+            device = _gpu_device(prototype)
+            if device is not None:
+                kwargs["device"] = device
             result = await self._aio().read(self._key(key), **kwargs)
         except NotFoundError:
             return None
