@@ -75,7 +75,9 @@ ABSL_FLAG(int64_t, size, 65536, "bytes per value");
 ABSL_FLAG(int64_t, keys, 1024, "values in the set");
 ABSL_FLAG(int32_t, clients, 1, "concurrent clients (threads, each with its own connection)");
 ABSL_FLAG(absl::Duration, warmup, absl::Seconds(1), "untimed requests before the timed phase");
-ABSL_FLAG(absl::Duration, duration, absl::Seconds(3), "timed phase");
+ABSL_FLAG(absl::Duration, duration, absl::Seconds(3),
+          "timed phase; it goes on past this until --clients requests have completed (so a slow "
+          "peer still gets one request per client counted), up to 10 times this");
 ABSL_FLAG(std::string, workload, "hit",
           "hit: every key fetched once before timing, then uniform draws; zipf: Zipf draws");
 ABSL_FLAG(double, zipf_alpha, 0.99, "skew of the Zipf draws and traces");
@@ -724,6 +726,7 @@ int Measure() {
   // Phases: 0 priming (hit: every key once, checked), 1 warm-up, 2 timed, 3 stop.
   std::atomic<int> phase{0};
   std::atomic<int> primed{0};
+  std::atomic<int64_t> timed_done{0};
   std::vector<ThreadResult> results(clients);
   std::vector<std::thread> threads;
   for (int t = 0; t < clients; ++t) {
@@ -769,6 +772,7 @@ int Measure() {
           continue;
         }
         res.last_end = t1;
+        timed_done.fetch_add(1, std::memory_order_relaxed);
         if (!ok) {
           ++res.errors;
           continue;
@@ -792,7 +796,12 @@ int Measure() {
   double server_cpu0 = ProcessCpuSeconds(pid), client_cpu0 = ClientCpuSeconds();
   Clock::time_point start = Clock::now();
   phase.store(2, std::memory_order_release);
-  absl::SleepFor(absl::GetFlag(FLAGS_duration));
+  const absl::Duration duration = absl::GetFlag(FLAGS_duration);
+  absl::SleepFor(duration);
+  const Clock::time_point longest = start + absl::ToChronoNanoseconds(duration * 10);
+  while (timed_done.load(std::memory_order_relaxed) < clients && Clock::now() < longest) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
   phase.store(3, std::memory_order_release);
   for (auto& th : threads) th.join();
   Clock::time_point end = start;
