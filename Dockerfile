@@ -57,16 +57,18 @@ VOLUME ["/data"]
 # Later: --metrics_listen for Prometheus gets its own EXPOSE.
 EXPOSE 7878
 # Docker has no native gRPC health check and Debian packages no grpc_health_probe: chunkctl asks
-# the server for its info over gRPC and exits 0 only when it answers. It probes the TCP port of
-# the default --listen; if you serve only on a UNIX socket, override it
-# (--health-cmd "chunkctl --server=unix:/run/chunkd/chunkd.sock info") or disable it.
+# the standard gRPC health service and exits 0 only when it answers SERVING (it needs no token,
+# so it works with --auth_tokens). It probes the TCP port of the default --listen; if you serve
+# only on a UNIX socket, override it
+# (--health-cmd "chunkctl --server=unix:/run/chunkd/chunkd.sock health") or disable it; with
+# --tls_cert, add --tls_ca=<the CA> (or --tls_server_name) to it.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["chunkctl", "--server=127.0.0.1:7878", "--timeout=2s", "info"]
+  CMD ["chunkctl", "--server=127.0.0.1:7878", "--timeout=2s", "health"]
 # SIGTERM (docker stop) lets calls in flight finish for --shutdown_grace (10s): give docker stop
 # a longer timeout (docker stop -t 15, compose stop_grace_period) so it does not SIGKILL first.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["chunkd"]
-# Listen on all interfaces inside the container: chunkd has no authentication yet (later:
-# --tls_cert/--tls_key/--tls_client_ca and --auth_tokens), so publish the port on a trusted
-# network only (docker run -p 127.0.0.1:7878:7878).
+# Listen on all interfaces inside the container, without authentication unless you add it
+# (--auth_tokens=FILE, --tls_cert/--tls_key[/--tls_client_ca] with the files on a volume or as
+# secrets): publish the port on a trusted network only (docker run -p 127.0.0.1:7878:7878).
 CMD ["--listen=0.0.0.0:7878", "--store=/data"]

@@ -4,10 +4,12 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <ctime>
 #include <cstring>
 
 #include "absl/strings/match.h"
@@ -68,6 +70,10 @@ absl::StatusOr<std::shared_ptr<ShmArena>> ShmArena::Create(const ShmArenaOptions
     return absl::InvalidArgumentError("shared-memory segments must be at least one page");
   }
   std::shared_ptr<ShmArena> arena(new ShmArena(options));
+  if (::getrandom(&arena->instance_, sizeof(arena->instance_), 0) != sizeof(arena->instance_)) {
+    arena->instance_ = static_cast<uint64_t>(::getpid()) * 0x9E3779B97F4A7C15ull ^
+                       static_cast<uint64_t>(::time(nullptr));
+  }
   arena->RemoveStaleSegments();
   return arena;
 }
@@ -101,7 +107,10 @@ void ShmArena::RemoveStaleSegments() {
 
 absl::StatusOr<ShmArena::Segment*> ShmArena::NewSegmentLocked(uint64_t size) {
   auto segment = std::make_unique<Segment>(size);
-  segment->name = absl::StrCat(options_.prefix, "-", ::getpid(), "-", next_segment_++);
+  // The random part keeps names unique across restarts: a server that comes back with the same
+  // pid (pid 1 in a container) must not reuse a name a client still has mapped.
+  segment->name = absl::StrCat(options_.prefix, "-", ::getpid(), "-", absl::Hex(instance_, absl::kZeroPad16),
+                               "-", next_segment_++);
   std::string path = options_.directory + "/" + segment->name;
   int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, options_.mode);
   if (fd < 0) return ErrnoStatus("create shared-memory segment " + path);

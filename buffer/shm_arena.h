@@ -36,7 +36,7 @@ struct ShmArenaOptions {
   // File mode of segments: 0600 (owner only) or 0640 with `group` to let a group's clients map.
   mode_t mode = 0600;
   gid_t group = static_cast<gid_t>(-1);
-  // Segment files are named "<prefix>-<pid>-<n>".
+  // Segment files are named "<prefix>-<pid>-<random>-<n>".
   std::string prefix = "chunkd";
 };
 
@@ -80,6 +80,7 @@ class ShmArena final : public HostAllocator, public std::enable_shared_from_this
   mutable absl::Mutex mu_;
   std::vector<std::unique_ptr<Segment>> segments_ ABSL_GUARDED_BY(mu_);
   uint64_t next_segment_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t instance_ = 0;  // random, part of every segment name
   uint64_t allocated_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t mapped_ ABSL_GUARDED_BY(mu_) = 0;
 };

@@ -25,6 +25,8 @@
 #include "absl/time/time.h"
 #include "client/client.h"
 #include "client/sharded_client.h"
+#include "client/credentials.h"
+#include "client/health.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:7878",
           "Address of the chunkd server: HOST:PORT or unix:/path/to/socket; a comma-separated "
@@ -55,6 +57,21 @@ ABSL_FLAG(std::string, shm_dir, "/dev/shm",
 ABSL_FLAG(bool, v, false, "Say more: the delivery used, generation and timing of a get/put.");
 ABSL_FLAG(std::string, if_generation_match, "",
           "put, rm, get: only if the stored generation is this (0: put only if the key is new).");
+ABSL_FLAG(std::string, tls_ca, "",
+          "Use TLS (HOST:PORT servers; unix: sockets stay plaintext), trusting the server "
+          "certificates this PEM file's CA signed.");
+ABSL_FLAG(bool, tls, false, "Use TLS, trusting the system's CAs (with no --tls_ca).");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM file with this client's certificate, for servers that require one "
+          "(chunkd --tls_client_ca). Needs --tls_key.");
+ABSL_FLAG(std::string, tls_key, "", "PEM file with the private key of --tls_cert.");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "The name the server's certificate must hold, when not the host in --server.");
+ABSL_FLAG(std::string, token, "",
+          "Bearer token for servers started with --auth_tokens. The CHUNKD_TOKEN environment "
+          "variable sets it too, and keeps it out of the process list; this flag wins.");
+ABSL_FLAG(std::string, token_file, "",
+          "Read the bearer token from this file (its first line) instead.");
 
 namespace {
 
@@ -270,6 +287,14 @@ int Info(Client& client) {
   return kExitOk;
 }
 
+// The standard health check: what probes should call, since it needs no token.
+int Health(const chunkd::client::ClientOptions& options) {
+  auto status = chunkd::client::CheckHealth(options, absl::GetFlag(FLAGS_timeout));
+  if (!status.ok()) return Report(status.status());
+  std::printf("%s\n", status->c_str());
+  return *status == "SERVING" ? kExitOk : kExitError;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -280,7 +305,8 @@ int main(int argc, char** argv) {
       "  chunkctl [--server=ADDR] rm KEY\n"
       "  chunkctl [--server=ADDR] ls [PREFIX] [--dir] [-l]\n"
       "  chunkctl [--server=ADDR] stat KEY\n"
-      "  chunkctl [--server=ADDR] info\n\n"
+      "  chunkctl [--server=ADDR] info\n"
+      "  chunkctl [--server=ADDR] health      (gRPC health check; needs no token)\n\n"
       "ADDR is HOST:PORT (default 127.0.0.1:7878) or unix:/path/to/socket.\n"
       "Exit status: 0 success, 2 key not found, 1 any other error.\n\nFlags:");
   absl::FlagsUsageConfig usage_config;
@@ -303,6 +329,19 @@ int main(int argc, char** argv) {
   options.timeout = absl::GetFlag(FLAGS_timeout);
   g_server = options.address;
   options.shm_dir = absl::GetFlag(FLAGS_shm_dir);
+  options.shm_dir = absl::GetFlag(FLAGS_shm_dir);
+  if (absl::Status s = chunkd::client::ApplySecurityFlags(
+          {.tls_ca = absl::GetFlag(FLAGS_tls_ca),
+           .tls = absl::GetFlag(FLAGS_tls),
+           .tls_cert = absl::GetFlag(FLAGS_tls_cert),
+           .tls_key = absl::GetFlag(FLAGS_tls_key),
+           .tls_server_name = absl::GetFlag(FLAGS_tls_server_name),
+           .token = absl::GetFlag(FLAGS_token),
+           .token_file = absl::GetFlag(FLAGS_token_file)},
+          &options);
+      !s.ok()) {
+    return Report(s);
+  }
   if (std::string delivery = absl::GetFlag(FLAGS_delivery); delivery == "shm") {
     options.accept = {chunkd::v1::DELIVERY_SHM, chunkd::v1::DELIVERY_INLINE};
   } else if (delivery == "cuda") {
@@ -336,6 +375,7 @@ int main(int argc, char** argv) {
   if (command == "rm") return need(1, "KEY") ? Remove(**client, operands[0]) : kExitError;
   if (command == "stat") return need(1, "KEY") ? Stat(**client, operands[0]) : kExitError;
   if (command == "info") return need(0, "") ? Info(**client) : kExitError;
+  if (command == "health") return need(0, "") ? Health(options) : kExitError;
   if (command == "ls") {
     if (operands.size() > 1) return Usage("usage: chunkctl ls [PREFIX] [--dir] [-l]");
     return List(**client, operands.empty() ? "" : operands[0]);

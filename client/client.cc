@@ -21,6 +21,7 @@
 #include "absl/time/clock.h"
 #include "buffer/shm_import.h"
 #include "client/cuda_import.h"
+#include "client/credentials.h"
 #include "proto/wire/raw_message.h"
 
 namespace chunkd::client {
@@ -802,12 +803,12 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(16 << 20);
   args.SetMaxSendMessageSize(16 << 20);
-  auto channel =
-      grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args);
-  if (!channel) {
+  auto channel = CreateChannel(options, args);  // TLS and token, when the options ask for them
+  if (!channel.ok()) return channel.status();
+  if (!*channel) {
     return absl::InvalidArgumentError(absl::StrCat("cannot use address '", options.address, "'"));
   }
-  return std::unique_ptr<Client>(new ClientImpl(options, std::move(channel)));
+  return std::unique_ptr<Client>(new ClientImpl(options, *std::move(channel)));
 }
 
 }  // namespace chunkd::client

@@ -58,6 +58,17 @@ struct ClientOptions {
   // copy) and holds a lease; otherwise the next accepted delivery is used. Connect fails with
   // FAILED_PRECONDITION "no CUDA device: ..." when this process has no such device.
   int cuda_device = 0;
+  // Security (client/credentials.h). TLS on TCP addresses: tls_ca is the PEM file of the CA that
+  // signs the server's certificate (tls alone: the system's roots); "unix:" stays plaintext.
+  std::string tls_ca;
+  bool tls = false;
+  // The client's certificate and key (PEM files), for servers that require one (mutual TLS).
+  std::string tls_cert;
+  std::string tls_key;
+  // The name the server's certificate must hold, when it is not the host of `address`.
+  std::string tls_server_name;
+  // Sent with every call as "authorization: Bearer TOKEN" (servers started with --auth_tokens).
+  std::string token;
 };
 
 // A byte range in Zarr's three forms; END is exclusive.

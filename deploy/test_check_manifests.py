@@ -274,13 +274,14 @@ def test_broken_flags_fail(tree, rel, old, new, expected):
 @needs_chunkd
 @needs_chunkctl
 def test_chunkctl_flags_checked(tree):
-    edit(tree / "deploy/k8s/sidecar.yaml", "--timeout=2s\", \"info\"]", "--deadline=2s\", \"info\"]")
+    edit(tree / "deploy/k8s/sidecar.yaml", "--timeout=2s\", \"health\"]",
+         "--deadline=2s\", \"health\"]")
     edit(tree / "deploy/compose.yaml", "  chunkctl --server=unix:/run/chunkd/chunkd.sock info",
-         "  chunkctl --server=unix:/run/chunkd/chunkd.sock health")
+         "  chunkctl --server=unix:/run/chunkd/chunkd.sock status")
     rc, out, err = run_checker(tree, binaries=True)
     assert rc == 1
     assert re.search(r"container chunkd: startupProbe: --deadline is not a chunkctl flag", out), out
-    assert re.search(r"service client: chunkctl subcommand 'health' is not in chunkctl", out), out
+    assert re.search(r"service client: chunkctl subcommand 'status' is not in chunkctl", out), out
 
 
 @needs_chunkd

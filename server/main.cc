@@ -9,10 +9,12 @@
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <atomic>
 #include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "absl/flags/marshalling.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
@@ -22,14 +24,17 @@
 #include "absl/time/time.h"
 #include "server/byte_size.h"
 #include "server/log.h"
+#include "server/metrics.h"
+#include "server/security_flags.h"
+#include "server/prefetch.h"
 #include "server/server.h"
 
 using chunkd::server::ByteSize;
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:7878",
           "Comma-separated addresses to serve on: HOST:PORT (port 0 picks a free port), "
-          "[::1]:PORT, or unix:/path/to/socket. Loopback by default: chunkd has no "
-          "authentication of its own yet, so expose it to other hosts only on a trusted network.");
+          "[::1]:PORT, or unix:/path/to/socket. Loopback by default; before serving other hosts, "
+          "see --tls_cert and --auth_tokens (README: Security).");
 ABSL_FLAG(std::string, store, "chunkd-data",
           "Where values are stored: a directory (or file:///path) in Zarr's layout, or memory:// "
           "for a store that lives only in memory (bounded by --host_cache_bytes), or "
@@ -113,6 +118,12 @@ ABSL_FLAG(ByteSize, device_segment_bytes, ByteSize{256ull << 20},
           "IPC handle that clients open once; larger values get a segment of their own.");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(10),
           "On SIGTERM or SIGINT, how long calls in flight may run before they are cancelled.");
+ABSL_FLAG(std::vector<std::string>, warm, {},
+          "Prefixes to warm the cache with at start (comma-separated; \"\" for everything): "
+          "their keys are read in the background while the server already serves.");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "HOST:PORT for Prometheus metrics over HTTP (GET /metrics; /healthz). Off when empty. "
+          "Metrics carry no chunk data, but keep the port on a trusted network.");
 ABSL_FLAG(std::string, ready_file, "",
           "When set, the bound addresses (one per line) are written to this file once the server "
           "accepts calls: useful with port 0.");
@@ -141,7 +152,8 @@ int main(int argc, char** argv) {
       "Talk to it with chunkctl (chunkctl --help). Flags:");
   absl::FlagsUsageConfig usage_config;
   usage_config.contains_help_flags = [](absl::string_view path) {
-    return absl::StrContains(path, "server/main.cc");
+    return absl::StrContains(path, "server/main.cc") ||
+           absl::StrContains(path, "server/security_flags.cc");
   };
   usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
   absl::SetFlagsUsageConfig(usage_config);
@@ -231,6 +243,10 @@ int main(int argc, char** argv) {
     return Fail(std::string(devices.status().message()));
   }
 
+  auto security = chunkd::server::SecurityOptionsFromFlags();
+  if (!security.ok()) return Fail(std::string(security.status().message()));
+  config.security = *std::move(security);
+
   auto server = chunkd::server::ChunkdServer::Start(config);
   if (!server.ok()) return Fail(std::string(server.status().message()));
   Log("serving %s store %s on %s (host cache %s, %s, max value %s%s%s)",
@@ -239,6 +255,19 @@ int main(int argc, char** argv) {
       absl::GetFlag(FLAGS_eviction), chunkd::server::FormatBytes(config.service.max_value_bytes),
       config.service.read_only ? ", read-only" : "",
       (*server)->arena() ? ", shared memory in " + config.shm_arena.directory : ", inline only");
+  std::unique_ptr<chunkd::server::MetricsServer> metrics;
+  if (std::string address = absl::GetFlag(FLAGS_metrics_listen); !address.empty()) {
+    chunkd::server::ChunkdServer* s = server->get();
+    auto started = chunkd::server::MetricsServer::Start(address, [s] {
+      chunkd::v1::ServerInfoResponse info;
+      s->service().FillServerInfo(&info);
+      return info;
+    });
+    if (!started.ok()) return Fail(std::string(started.status().message()));
+    metrics = *std::move(started);
+    Log("metrics on http://%s/metrics", metrics->address());
+  }
+
   if (std::string ready = absl::GetFlag(FLAGS_ready_file); !ready.empty()) {
     std::string temp = ready + ".tmp";
     {
@@ -250,13 +279,38 @@ int main(int argc, char** argv) {
     }
   }
 
+  // Warm-up in the background; stopped (between keys) at shutdown.
+  std::atomic<bool> stop_warming{false};
+  std::thread warmer;
+  if (std::vector<std::string> prefixes = absl::GetFlag(FLAGS_warm); !prefixes.empty()) {
+    warmer = std::thread([&, prefixes] {
+      for (const std::string& prefix : prefixes) {
+        absl::Time start = absl::Now();
+        chunkd::server::PrefetchProgress last;
+        absl::Status s = chunkd::server::Prefetch(
+            (*server)->store(), {}, prefix, 256, [&](const chunkd::server::PrefetchProgress& p) {
+              last = p;
+              return !stop_warming.load();
+            });
+        Log("warmed prefix \"%s\": %d keys, %s, %d failed, in %s%s", prefix, last.keys_done,
+            chunkd::server::FormatBytes(last.bytes_loaded), last.keys_failed,
+            absl::FormatDuration(absl::Now() - start),
+            s.ok() ? "" : absl::StrCat(" (", s.message(), ")"));
+        if (stop_warming.load()) break;
+      }
+    });
+  }
+
   int signal_number = 0;
   while (sigwait(&signals, &signal_number) != 0) {
   }
   absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
   Log("received %s: finishing calls in flight (up to %s)", strsignal(signal_number),
       absl::FormatDuration(grace));
+  stop_warming = true;
   (*server)->Shutdown(grace);
+  if (warmer.joinable()) warmer.join();
+  metrics.reset();
   server->reset();
   Log("stopped");
   return 0;

@@ -98,13 +98,16 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   server->store_ = std::make_unique<ChunkStore>(*std::move(backend), config.store_options);
   config.service.allocator = config.backend.allocator;
   server->service_ = std::make_unique<ChunkdService>(server->store_.get(), config.service);
+  auto security = ServerSecurity::Create(config.security, config.listen);
+  if (!security.ok()) return security.status();
+  server->security_ = *std::move(security);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   // Put parts are at most 1 MiB by contract; allow slack for clients that send larger ones.
   builder.SetMaxReceiveMessageSize(8 << 20);
-  builder.RegisterService(server->service_.get());
+  server->security_->Configure(builder, server->service_.get());  // the service, tokens, limits
   std::vector<std::unique_ptr<int>> ports;
   if (config.listen.empty()) return absl::InvalidArgumentError("no address to listen on");
   for (const std::string& address : config.listen) {
@@ -112,9 +115,10 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
       if (absl::Status s = ClearStaleSocket(path); !s.ok()) return s;
     }
     ports.push_back(std::make_unique<int>(0));
-    builder.AddListeningPort(address, grpc::InsecureServerCredentials(), ports.back().get());
+    builder.AddListeningPort(address, server->security_->CredentialsFor(address),
+                             ports.back().get());
   }
-  server->grpc_server_ = builder.BuildAndStart();
+  server->grpc_server_ = server->security_->BuildAndStart(builder);
   if (!server->grpc_server_) {
     return absl::UnavailableError(absl::StrCat(
         "could not listen on ", absl::StrJoin(config.listen, ", "),
@@ -132,6 +136,10 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
     }
     size_t colon = address.rfind(':');
     server->addresses_.push_back(absl::StrCat(address.substr(0, colon), ":", *ports[i]));
+  }
+  if (absl::Status s = server->security_->Started(); !s.ok()) {
+    server->grpc_server_->Shutdown();
+    return s;
   }
   if (auto* health = server->grpc_server_->GetHealthCheckService()) {
     health->SetServingStatus(true);

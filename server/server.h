@@ -14,6 +14,7 @@
 #include "server/chunk_store.h"
 #include "server/device_tier.h"
 #include "server/lease_table.h"
+#include "server/security.h"
 #include "server/service.h"
 
 namespace chunkd::server {
@@ -34,6 +35,8 @@ struct ServerConfig {
   // CUDA IPC delivery: a device tier of device_tier.capacity_bytes per GPU (0: off). Without a
   // CUDA driver or device the server logs it once and serves host-only.
   DeviceTierOptions device_tier;
+  // TLS, tokens, socket mode, connection and call limits (server/security.h).
+  SecurityOptions security;
 };
 
 class ChunkdServer {
@@ -45,6 +48,7 @@ class ChunkdServer {
   // The addresses actually bound, with ports chosen for port 0 filled in.
   const std::vector<std::string>& addresses() const { return addresses_; }
   ChunkStore& store() { return *store_; }
+  ChunkdService& service() { return *service_; }
   // Null when shared-memory delivery is off.
   const buffer::ShmArena* arena() const { return arena_.get(); }
   // Null when CUDA IPC delivery is off.
@@ -62,6 +66,7 @@ class ChunkdServer {
   std::unique_ptr<DeviceTier> device_tier_;
   std::unique_ptr<ChunkStore> store_;
   std::unique_ptr<ChunkdService> service_;
+  std::unique_ptr<ServerSecurity> security_;  // outlives grpc_server_ (its interceptors)
   std::unique_ptr<grpc::Server> grpc_server_;
   std::vector<std::string> addresses_;
   bool shut_down_ = false;

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "grpcpp/support/byte_buffer.h"
@@ -10,6 +12,7 @@
 #include "server/byte_range.h"
 #include "server/grpc_status.h"
 #include "server/key.h"
+#include "server/prefetch.h"
 
 namespace chunkd::server {
 namespace {
@@ -489,6 +492,97 @@ class ListReactor final : public grpc::ServerWriteReactor<v1::ListResponse> {
   v1::ListResponse response_;
 };
 
+// Warms keys on a thread of its own (reads block on the store) and streams progress; one write
+// is in flight at a time, so the thread waits for each progress message to be sent.
+class PrefetchReactor final : public grpc::ServerWriteReactor<v1::PrefetchResponse> {
+ public:
+  PrefetchReactor(ChunkdService* service, const v1::PrefetchRequest* request)
+      : service_(service) {
+    for (const std::string& key : request->keys()) {
+      if (absl::Status s = ValidateKey(key); !s.ok()) {
+        Finish(ToGrpcStatus(s));
+        return;
+      }
+      keys_.push_back(key);
+    }
+    if (request->has_prefix()) {
+      if (absl::Status s = ValidatePrefix(request->prefix()); !s.ok()) {
+        Finish(ToGrpcStatus(s));
+        return;
+      }
+      prefix_ = request->prefix();
+    }
+    if (!service_->BeginPrefetch()) {
+      Finish(Error(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                   "too many prefetches running; try again when one has finished"));
+      return;
+    }
+    thread_ = std::thread([this] { Run(); });
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    write_ok_ = ok;
+    writing_ = false;
+  }
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    cancelled_ = true;
+  }
+  void OnDone() override {
+    if (thread_.joinable()) {
+      // OnDone may run on the warm-up thread itself (inside its Finish); it has nothing left
+      // to do then but return.
+      if (thread_.get_id() == std::this_thread::get_id()) {
+        thread_.detach();
+      } else {
+        thread_.join();
+      }
+      service_->EndPrefetch();
+    }
+    delete this;
+  }
+
+ private:
+  void Run() {
+    absl::Status status = chunkd::server::Prefetch(
+        service_->store(), keys_, prefix_, /*report_every=*/64,
+        [this](const PrefetchProgress& progress) { return Send(progress); });
+    Finish(ToGrpcStatus(status));
+  }
+
+  // Sends one progress message and waits until it is out; false when the client is gone.
+  bool Send(const PrefetchProgress& progress) {
+    absl::MutexLock lock(&mu_);
+    if (cancelled_ || !write_ok_) return false;
+    response_.set_keys_done(progress.keys_done);
+    response_.set_bytes_loaded(progress.bytes_loaded);
+    response_.set_keys_failed(progress.keys_failed);
+    response_.clear_errors();
+    for (const std::string& e : progress.errors) response_.add_errors(e);
+    writing_ = true;
+    mu_.Unlock();
+    StartWrite(&response_);
+    mu_.Lock();
+    mu_.Await(absl::Condition(
+        +[](PrefetchReactor* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(r->mu_) {
+          return !r->writing_ || r->cancelled_;
+        },
+        this));
+    return write_ok_ && !cancelled_;
+  }
+
+  ChunkdService* const service_;
+  std::vector<std::string> keys_;
+  std::optional<std::string> prefix_;
+  absl::Mutex mu_;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool write_ok_ ABSL_GUARDED_BY(mu_) = true;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  v1::PrefetchResponse response_;
+  std::thread thread_;
+};
+
 }  // namespace
 
 ChunkdService::ChunkdService(ChunkStore* store, const ServiceOptions& options)
@@ -574,6 +668,13 @@ grpc::ServerWriteReactor<v1::ListResponse>* ChunkdService::List(
 grpc::ServerUnaryReactor* ChunkdService::ServerInfo(grpc::CallbackServerContext* context,
                                                     const v1::ServerInfoRequest* request,
                                                     v1::ServerInfoResponse* response) {
+  FillServerInfo(response);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   Backend& backend = store_->backend();
   response->set_version(kVersion);
   response->set_backend(std::string(backend.kind()));
@@ -604,6 +705,7 @@ grpc::ServerUnaryReactor* ChunkdService::ServerInfo(grpc::CallbackServerContext*
   response->add_features("conditional-writes");
   response->add_features("byte-ranges");
   response->add_features("single-flight");
+  response->add_features("prefetch");
   auto& counters = *response->mutable_counters();
   v1::CacheTierInfo* tier = response->add_tiers();
   tier->set_tier("host");
@@ -664,9 +766,6 @@ grpc::ServerUnaryReactor* ChunkdService::ServerInfo(grpc::CallbackServerContext*
     counters["device_segment_bytes"] = d.segment_bytes;
     counters["device_ipc_exports"] = d.ipc_exports;
   }
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
 }
 
 grpc::ServerUnaryReactor* ChunkdService::Release(grpc::CallbackServerContext* context,
@@ -697,14 +796,17 @@ grpc::ServerUnaryReactor* ChunkdService::Renew(grpc::CallbackServerContext* cont
 
 grpc::ServerWriteReactor<v1::PrefetchResponse>* ChunkdService::Prefetch(
     grpc::CallbackServerContext* context, const v1::PrefetchRequest* request) {
-  class Unimplemented final : public grpc::ServerWriteReactor<v1::PrefetchResponse> {
-   public:
-    Unimplemented() {
-      Finish(Error(grpc::StatusCode::UNIMPLEMENTED, "Prefetch is not implemented by this server"));
-    }
-    void OnDone() override { delete this; }
-  };
-  return new Unimplemented();
+  return new PrefetchReactor(this, request);
 }
+
+bool ChunkdService::BeginPrefetch() {
+  int running = prefetches_.load();
+  do {
+    if (running >= kMaxConcurrentPrefetches) return false;
+  } while (!prefetches_.compare_exchange_weak(running, running + 1));
+  return true;
+}
+
+void ChunkdService::EndPrefetch() { prefetches_.fetch_sub(1); }
 
 }  // namespace chunkd::server

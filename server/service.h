@@ -79,8 +79,15 @@ class ChunkdService final : public ServiceBase {
       grpc::CallbackServerContext* context, const v1::PrefetchRequest* request) override;
 
   ChunkStore& store() { return *store_; }
+  // What ServerInfo answers: version, store, tiers, leases, counters (also for /metrics).
+  void FillServerInfo(v1::ServerInfoResponse* response);
   const ServiceOptions& options() const { return options_; }
   ServiceCounters& counters() { return counters_; }
+
+  // At most kMaxConcurrentPrefetches warm-ups run at once (each holds a thread).
+  static constexpr int kMaxConcurrentPrefetches = 4;
+  bool BeginPrefetch();
+  void EndPrefetch();
 
   // Put budget: reserve before buffering, release when the call ends.
   bool ReservePutBytes(uint64_t bytes);
@@ -91,6 +98,7 @@ class ChunkdService final : public ServiceBase {
   const ServiceOptions options_;
   ServiceCounters counters_;
   std::atomic<uint64_t> inflight_put_bytes_{0};
+  std::atomic<int> prefetches_{0};
 };
 
 }  // namespace chunkd::server

@@ -12,6 +12,7 @@ import grpc.aio
 from chunkd import _common as c
 from chunkd import _cuda, _shm
 from chunkd._address import DEFAULT_ADDRESS
+from chunkd._security import Security
 from chunkd._stubs import pb, pb_grpc
 from chunkd.errors import error_from_rpc
 
@@ -62,9 +63,24 @@ class AsyncClient:
         channel_options: list[tuple[str, Any]] | None = None,
         delivery: str = "inline",
         shm_dir: str = _shm.DEFAULT_SHM_DIR,
+        tls_ca: str | None = None,
+        tls: bool = False,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.address = address
         self.target = c.target_of(address)
+        # TLS and the bearer token (chunkd._security); token defaults to $CHUNKD_TOKEN.
+        self._security = Security.create(
+            tls_ca=tls_ca,
+            tls=tls,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
+            token=token,
+        )
         self.timeout = timeout
         self._retry = c.RetryPolicy(retries)
         self._options = list(c.CHANNEL_OPTIONS) + list(channel_options or [])
@@ -75,7 +91,13 @@ class AsyncClient:
         self.shm_dir = shm_dir
         # Shared-memory delivery (None when inline). Its lease keeper uses a blocking channel
         # on a thread of its own, so releases go on whichever event loop is running, if any.
-        self._shm = _shm.ShmDelivery.create(delivery, shm_dir, self.target, self._options)
+        self._shm = _shm.ShmDelivery.create(
+            delivery,
+            shm_dir,
+            self.target,
+            self._options,
+            channel_factory=self._security.channel_factory(self.target, self._options),
+        )
         # CUDA IPC delivery (chunkd._cuda), made by the first read with a ``device``.
         self._cuda: Any = None
 
@@ -88,7 +110,7 @@ class AsyncClient:
             if self._closed:
                 raise RuntimeError("chunkd.AsyncClient is closed")
             _pin_aio_runtime()
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            self._channel = self._security.aio_channel(self.target, self._options)
             self._stub = pb_grpc.ChunkdStub(self._channel)
         return self._stub
 

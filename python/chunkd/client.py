@@ -12,6 +12,7 @@ import grpc
 from chunkd import _common as c
 from chunkd import _shm
 from chunkd._address import DEFAULT_ADDRESS
+from chunkd._security import Security
 from chunkd._stubs import pb, pb_grpc
 from chunkd.errors import error_from_rpc
 
@@ -37,6 +38,13 @@ class Client:
             server cannot share memory with this process, values arrive inline all the same
             (``read(...).delivery`` says which). Needs numpy.
         shm_dir: this process's path of the server's ``--shm_dir`` (default ``/dev/shm``).
+        tls_ca: PEM file of the CA that signs the server's certificate: TLS for ``host:port``
+            addresses (``unix:`` sockets stay plaintext). ``tls=True``: TLS with the system's CAs.
+        tls_cert, tls_key: PEM files of this client's certificate and key, for a server that
+            requires one (``chunkd --tls_client_ca``).
+        tls_server_name: the name the server's certificate must hold, when not the address's.
+        token: bearer token for a server started with ``--auth_tokens``, sent with every call
+            (default: the ``CHUNKD_TOKEN`` environment variable).
 
     Errors: a missing key raises :class:`chunkd.NotFoundError` (a ``KeyError``), a bad key or
     range :class:`chunkd.InvalidArgument` (a ``ValueError``), a failed condition
@@ -52,9 +60,24 @@ class Client:
         channel_options: list[tuple[str, Any]] | None = None,
         delivery: str = "inline",
         shm_dir: str = _shm.DEFAULT_SHM_DIR,
+        tls_ca: str | None = None,
+        tls: bool = False,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.address = address
         self.target = c.target_of(address)
+        # TLS and the bearer token (chunkd._security); token defaults to $CHUNKD_TOKEN.
+        self._security = Security.create(
+            tls_ca=tls_ca,
+            tls=tls,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
+            token=token,
+        )
         self.timeout = timeout
         self._retry = c.RetryPolicy(retries)
         self._options = list(c.CHANNEL_OPTIONS) + list(channel_options or [])
@@ -65,7 +88,13 @@ class Client:
         self.delivery = delivery
         self.shm_dir = shm_dir
         # Shared-memory delivery (None when inline): request fields, receiver, lease keeper.
-        self._shm = _shm.ShmDelivery.create(delivery, shm_dir, self.target, self._options)
+        self._shm = _shm.ShmDelivery.create(
+            delivery,
+            shm_dir,
+            self.target,
+            self._options,
+            channel_factory=self._security.channel_factory(self.target, self._options),
+        )
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -81,7 +110,7 @@ class Client:
             if self._closed:
                 raise RuntimeError("chunkd.Client is closed")
             if self._stub is None:
-                self._channel = grpc.insecure_channel(self.target, options=self._options)
+                self._channel = self._security.channel(self.target, self._options)
                 self._stub = pb_grpc.ChunkdStub(self._channel)
             return self._stub
 
@@ -127,6 +156,7 @@ class Client:
             "options": self._options,
             "delivery": self.delivery,
             "shm_dir": self.shm_dir,
+            "security": self._security.arguments(),
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -136,6 +166,7 @@ class Client:
             retries=state["retries"],
             delivery=state.get("delivery", "inline"),
             shm_dir=state.get("shm_dir", _shm.DEFAULT_SHM_DIR),
+            **state.get("security", {}),
         )
         self._options = state["options"]
 

@@ -53,6 +53,7 @@ from zarr.core.buffer import Buffer, default_buffer_prototype
 from chunkd import _common as c
 from chunkd import _cuda, _shm
 from chunkd._address import DEFAULT_ADDRESS, parse_url, url_of
+from chunkd._security import Security
 from chunkd._stubs import pb
 from chunkd.aio import AsyncClient
 from chunkd.client import Client
@@ -135,6 +136,9 @@ class ChunkdStore(Store):
             lease on the server while zarr holds it); inline where the server cannot share
             memory with this process. Needs numpy.
         shm_dir: this process's path of the server's ``--shm_dir`` (default ``/dev/shm``).
+        tls_ca, tls, tls_cert, tls_key, tls_server_name, token: TLS and the bearer token, as
+            :class:`chunkd.Client` takes them (token defaults to ``$CHUNKD_TOKEN``). A pickled
+            store carries the certificates and the token it was made with.
     """
 
     supports_writes: bool = True
@@ -159,8 +163,23 @@ class ChunkdStore(Store):
         retries: int = c.DEFAULT_RETRIES,
         delivery: str = "inline",
         shm_dir: str = _shm.DEFAULT_SHM_DIR,
+        tls_ca: str | bytes | None = None,
+        tls: bool = False,
+        tls_cert: str | bytes | None = None,
+        tls_key: str | bytes | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(read_only=read_only)
+        # The clients' TLS and token arguments, files read once (chunkd._security).
+        self._security_args = Security.create(
+            tls_ca=tls_ca,
+            tls=tls,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
+            token=token,
+        ).arguments()
         target, url_path = parse_url(url)
         self.target = target
         self.path = _normalize_path("/".join(p for p in (url_path, path) if p))
@@ -211,6 +230,7 @@ class ChunkdStore(Store):
             "retries": self.retries,
             "delivery": self.delivery,
             "shm_dir": self.shm_dir,
+            **self._security_args,
         }
 
     def with_read_only(self, read_only: bool = False) -> Self:
@@ -246,6 +266,7 @@ class ChunkdStore(Store):
                         retries=self.retries,
                         delivery=self.delivery,
                         shm_dir=self.shm_dir,
+                        **self._security_args,
                     )
                     self._aio_clients[loop] = client
         return client
@@ -261,6 +282,7 @@ class ChunkdStore(Store):
                         retries=self.retries,
                         delivery=self.delivery,
                         shm_dir=self.shm_dir,
+                        **self._security_args,
                     )
                 client = self._sync_client
         return client

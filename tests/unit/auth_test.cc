@@ -1,0 +1,134 @@
+// Token files, rights per method, and the socket-mode and loopback helpers of the server's
+// security options.
+#include "server/auth.h"
+
+#include <string>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "chunkd/v1/chunkd.grpc.pb.h"
+#include "google/protobuf/descriptor.h"
+#include "gtest/gtest.h"
+#include "server/security.h"
+
+namespace chunkd::server {
+namespace {
+
+constexpr char kA[] = "aaaaaaaaaaaaaaaa-token";
+constexpr char kB[] = "bbbbbbbbbbbbbbbb-token";
+constexpr char kC[] = "cccccccccccccccc-token";
+
+Rights R(std::initializer_list<Right> rights) {
+  Rights out = 0;
+  for (Right r : rights) out |= static_cast<Rights>(r);
+  return out;
+}
+
+TEST(SecurityTokenTableTest, ParsesTokensRightsCommentsAndBlankLines) {
+  auto table =
+      TokenTable::Parse(absl::StrCat("# tokens of the loaders\n"
+                                     "\n",
+                                     kA, " read\n",  //
+                                     "   ", kB, "\tread,write  # trailing comment\n", kC,
+                                     " read, write,admin\r\n",  // CRLF, blanks
+                                     "   # indented comment\n"));
+  ASSERT_TRUE(table.ok()) << table.status();
+  EXPECT_EQ(table->size(), 3u);
+  EXPECT_EQ(table->Find(kA), R({Right::kRead}));
+  EXPECT_EQ(table->Find(kB), R({Right::kRead, Right::kWrite}));
+  EXPECT_EQ(table->Find(kC), R({Right::kRead, Right::kWrite, Right::kAdmin}));
+}
+
+TEST(SecurityTokenTableTest, UnknownPrefixesAndExtensionsOfTokensAreNotFound) {
+  auto table = TokenTable::Parse(absl::StrCat(kA, " read\n"));
+  ASSERT_TRUE(table.ok());
+  EXPECT_EQ(table->Find(""), std::nullopt);
+  EXPECT_EQ(table->Find("aaaaaaaaaaaaaaaa"), std::nullopt);
+  EXPECT_EQ(table->Find(absl::StrCat(kA, "x")), std::nullopt);
+  EXPECT_EQ(table->Find("AAAAAAAAAAAAAAAA-token"), std::nullopt);  // case matters
+  EXPECT_EQ(table->Find(kB), std::nullopt);
+}
+
+TEST(SecurityTokenTableTest, RepeatedRightsAreOneRight) {
+  auto table = TokenTable::Parse(absl::StrCat(kA, " read,read,,read\n"));
+  ASSERT_TRUE(table.ok()) << table.status();
+  EXPECT_EQ(table->Find(kA), R({Right::kRead}));
+}
+
+// The error names the origin and the line, and says what is wrong.
+void ExpectError(const std::string& text, int line, const std::string& what) {
+  auto table = TokenTable::Parse(text, "tokens.txt");
+  ASSERT_FALSE(table.ok()) << text;
+  EXPECT_TRUE(absl::IsInvalidArgument(table.status())) << table.status();
+  std::string message(table.status().message());
+  if (line > 0) {
+    EXPECT_TRUE(absl::StrContains(message, absl::StrCat("tokens.txt line ", line, ":"))) << message;
+  }
+  EXPECT_TRUE(absl::StrContains(message, what)) << message;
+}
+
+TEST(SecurityTokenTableTest, RejectsMalformedFilesNamingTheLine) {
+  ExpectError(absl::StrCat("# header\n", kA, "\n"), 2, "expected TOKEN RIGHTS");
+  ExpectError(absl::StrCat(kA, " read\n", kB, " read,wirte\n"), 2, "unknown right \"wirte\"");
+  ExpectError(absl::StrCat(kA, " READ\n"), 1, "unknown right \"READ\"");
+  ExpectError(absl::StrCat(kA, " ,\n"), 1, "no rights");
+  ExpectError("short read\n", 1, "at least 16");
+  ExpectError(absl::StrCat(kA, " read\n\n", kA, " write\n"), 3, "same token as on line 1");
+  ExpectError("t\xc3\xa9ll\xc3\xa9-0123456789abcdef read\n", 1, "printable ASCII");
+  ExpectError("", 0, "holds no tokens");
+  ExpectError("# only comments\n\n", 0, "holds no tokens");
+}
+
+TEST(SecurityTokenTableTest, LoadNamesAMissingFile) {
+  auto table = TokenTable::Load("/nonexistent/chunkd-tokens");
+  ASSERT_FALSE(table.ok());
+  EXPECT_TRUE(absl::StrContains(table.status().message(), "/nonexistent/chunkd-tokens"));
+}
+
+TEST(SecurityRightsTest, EveryMethodOfTheServiceHasARight) {
+  // A new RPC must be given a right here (server/auth.cc) before tokens admit it.
+  const google::protobuf::ServiceDescriptor* service =
+      google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(
+          v1::Chunkd::service_full_name());
+  ASSERT_NE(service, nullptr);
+  for (int i = 0; i < service->method_count(); ++i) {
+    EXPECT_TRUE(RequiredRight(service->method(i)->name()).has_value())
+        << service->method(i)->name() << " has no required right in server/auth.cc";
+  }
+}
+
+TEST(SecurityRightsTest, RightsPerMethod) {
+  for (const char* m : {"Get", "Stat", "List", "ServerInfo", "Release", "Renew"}) {
+    EXPECT_EQ(RequiredRight(m), Right::kRead) << m;
+  }
+  EXPECT_EQ(RequiredRight("Put"), Right::kWrite);
+  EXPECT_EQ(RequiredRight("Delete"), Right::kWrite);
+  EXPECT_EQ(RequiredRight("Prefetch"), Right::kAdmin);
+  EXPECT_EQ(RequiredRight("/chunkd.v1.Chunkd/Put"), Right::kWrite);
+  EXPECT_EQ(RequiredRight("Unknown"), std::nullopt);
+  EXPECT_EQ(RightsString(R({Right::kRead, Right::kAdmin})), "read,admin");
+  EXPECT_EQ(RightsString(0), "none");
+}
+
+TEST(SecurityOptionsTest, SocketModes) {
+  EXPECT_EQ(*ParseSocketMode("0660"), 0660u);
+  EXPECT_EQ(*ParseSocketMode("600"), 0600u);
+  EXPECT_EQ(*ParseSocketMode("0666"), 0666u);
+  for (const char* bad : {"", "0400", "0060", "0680", "01660", "rw", "0660x", "-1"}) {
+    EXPECT_FALSE(ParseSocketMode(bad).ok()) << bad;
+  }
+}
+
+TEST(SecurityOptionsTest, LoopbackAddresses) {
+  for (const char* a : {"127.0.0.1:7878", "127.1.2.3:0", "[::1]:7878", "localhost:7878",
+                        "unix:/run/chunkd.sock", "[::ffff:127.0.0.1]:1"}) {
+    EXPECT_TRUE(IsLoopbackAddress(a)) << a;
+  }
+  for (const char* a : {"0.0.0.0:7878", "[::]:7878", "10.0.0.5:7878", "chunkd.example:7878",
+                        "[2001:db8::1]:7878"}) {
+    EXPECT_FALSE(IsLoopbackAddress(a)) << a;
+  }
+}
+
+}  // namespace
+}  // namespace chunkd::server
