@@ -277,11 +277,11 @@ def test_chunkctl_flags_checked(tree):
     edit(tree / "deploy/k8s/sidecar.yaml", "--timeout=2s\", \"health\"]",
          "--deadline=2s\", \"health\"]")
     edit(tree / "deploy/compose.yaml", "  chunkctl --server=unix:/run/chunkd/chunkd.sock info",
-         "  chunkctl --server=unix:/run/chunkd/chunkd.sock status")
+         "  chunkctl --server=unix:/run/chunkd/chunkd.sock ping")
     rc, out, err = run_checker(tree, binaries=True)
     assert rc == 1
     assert re.search(r"container chunkd: startupProbe: --deadline is not a chunkctl flag", out), out
-    assert re.search(r"service client: chunkctl subcommand 'status' is not in chunkctl", out), out
+    assert re.search(r"service client: chunkctl subcommand 'ping' is not in chunkctl", out), out
 
 
 @needs_chunkd
