@@ -23,6 +23,7 @@
 #include "client/cuda_import.h"
 #include "client/credentials.h"
 #include "proto/wire/raw_message.h"
+#include "proto/wire/transport.h"
 
 namespace chunkd::client {
 namespace {
@@ -795,6 +796,13 @@ absl::StatusOr<ByteRange> ByteRange::Parse(absl::string_view text) {
 }
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
+  // Debian builds Abseil with its mutex deadlock detector on; gRPC's locks go through
+  // absl::Mutex too, and the detector's bookkeeping costs every call. Turn it off once.
+  static const bool detector_off = [] {
+    absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+    return true;
+  }();
+  (void)detector_off;
   if (options.address.empty()) return absl::InvalidArgumentError("server address is empty");
   if (std::find(options.accept.begin(), options.accept.end(), v1::DELIVERY_CUDA_IPC) !=
       options.accept.end()) {
@@ -803,6 +811,8 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(16 << 20);
   args.SetMaxSendMessageSize(16 << 20);
+  args.SetInt(wire::kStreamWindowArg, wire::kStreamWindowBytes);
+  args.SetInt(wire::kMaxFrameArg, wire::kMaxFrameBytes);
   auto channel = CreateChannel(options, args);  // TLS and token, when the options ask for them
   if (!channel.ok()) return channel.status();
   if (!*channel) {

@@ -16,6 +16,7 @@
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
 #include "server/byte_size.h"
+#include "proto/wire/transport.h"
 #include "server/log.h"
 
 namespace chunkd::server {
@@ -107,6 +108,8 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   grpc::ServerBuilder builder;
   // Put parts are at most 1 MiB by contract; allow slack for clients that send larger ones.
   builder.SetMaxReceiveMessageSize(8 << 20);
+  builder.AddChannelArgument(wire::kStreamWindowArg, wire::kStreamWindowBytes);
+  builder.AddChannelArgument(wire::kMaxFrameArg, wire::kMaxFrameBytes);
   server->security_->Configure(builder, server->service_.get());  // the service, tokens, limits
   std::vector<std::unique_ptr<int>> ports;
   if (config.listen.empty()) return absl::InvalidArgumentError("no address to listen on");
