@@ -236,45 +236,17 @@ class HttpBackend final : public Backend {
   absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
                                                 uint64_t length, ValueInfo* info) override {
     if (offset == 0 && length == kToEnd) return Read(key, info);
-    if (length == 0) {
-      auto stat = Stat(key);
-      if (!stat.ok()) return stat.status();
-      if (info) *info = *stat;
-      return buffer::cpu::Buffer();
-    }
-    HttpRequest request;
-    request.url = UrlFor(key);
-    request.allocator = allocator_;
-    // Ends past what servers parse (63 bits) read to the end.
-    if (length > (uint64_t{1} << 62) || offset > (uint64_t{1} << 62)) {
-      request.headers.push_back(absl::StrCat("Range: bytes=", offset, "-"));
-    } else {
-      request.headers.push_back(absl::StrCat("Range: bytes=", offset, "-", offset + length - 1));
-    }
-    auto r = transport_.Perform(request, What("GET", key));
-    if (!r.ok()) return r.status();
-    if (r->status == 416) {
-      // The range starts at or past the end: nothing, and the value's size and generation.
-      auto stat = Stat(key);
-      if (!stat.ok()) return stat.status();
-      if (info) *info = *stat;
-      return buffer::cpu::Buffer();
-    }
-    if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
-    if (r->status == 206) {
-      auto total = http::TotalFromContentRange(r->Header("content-range").value_or(""));
-      if (!total) {
-        return absl::InternalError(absl::StrCat("GET key ", QuoteKey(key),
-                                                ": a partial answer without a total size"));
-      }
-      if (info) *info = {*total, GenerationOf(*r, *total)};
-      return std::move(r->body);
-    }
-    // 200: the server sent the whole value.
-    uint64_t size = r->body.size();
-    if (info) *info = {size, GenerationOf(*r, size)};
-    if (offset >= size) return buffer::cpu::Buffer();
-    return r->body.Slice(offset, std::min(length, size - offset));
+    return http::RangedGet(
+        transport_, What("GET", key), offset, length, info,
+        [&] {
+          HttpRequest request;
+          request.url = UrlFor(key);
+          request.allocator = allocator_;
+          return request;
+        },
+        [&](const HttpResponse& r) { return CheckResponse(r, key, "GET"); },
+        [](const HttpResponse& r, uint64_t size) { return GenerationOf(r, size); },
+        [&] { return Stat(key); });
   }
 
   absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {

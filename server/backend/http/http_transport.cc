@@ -370,4 +370,48 @@ std::optional<uint64_t> TotalFromContentRange(absl::string_view content_range) {
   return total;
 }
 
+absl::StatusOr<buffer::cpu::Buffer> RangedGet(
+    HttpTransport& transport, absl::string_view what, uint64_t offset, uint64_t length,
+    ValueInfo* info, absl::FunctionRef<HttpRequest()> new_request,
+    absl::FunctionRef<absl::Status(const HttpResponse&)> check,
+    absl::FunctionRef<Generation(const HttpResponse&, uint64_t size)> generation,
+    absl::FunctionRef<absl::StatusOr<ValueInfo>()> stat) {
+  if (length == 0) {
+    auto stat_info = stat();
+    if (!stat_info.ok()) return stat_info.status();
+    if (info) *info = *stat_info;
+    return buffer::cpu::Buffer();
+  }
+  HttpRequest request = new_request();
+  // Ends past what servers parse (63 bits) read to the end.
+  if (length > (uint64_t{1} << 62) || offset > (uint64_t{1} << 62)) {
+    request.headers.push_back(absl::StrCat("Range: bytes=", offset, "-"));
+  } else {
+    request.headers.push_back(absl::StrCat("Range: bytes=", offset, "-", offset + length - 1));
+  }
+  auto r = transport.Perform(request, what);
+  if (!r.ok()) return r.status();
+  if (r->status == 416) {
+    // The range starts at or past the end: nothing, and the value's size and generation.
+    auto stat_info = stat();
+    if (!stat_info.ok()) return stat_info.status();
+    if (info) *info = *stat_info;
+    return buffer::cpu::Buffer();
+  }
+  if (absl::Status s = check(*r); !s.ok()) return s;
+  if (r->status == 206) {
+    auto total = TotalFromContentRange(r->Header("content-range").value_or(""));
+    if (!total) {
+      return absl::InternalError(absl::StrCat(what, ": a partial answer without a total size"));
+    }
+    if (info) *info = {*total, generation(*r, *total)};
+    return std::move(r->body);
+  }
+  // 200: the server sent the whole value.
+  uint64_t size = r->body.size();
+  if (info) *info = {size, generation(*r, size)};
+  if (offset >= size) return buffer::cpu::Buffer();
+  return r->body.Slice(offset, std::min(length, size - offset));
+}
+
 }  // namespace chunkd::server::http

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -98,6 +99,21 @@ Generation HashToGeneration(absl::string_view text);
 
 // Parses "bytes START-END/TOTAL" (or "bytes */TOTAL"); the TOTAL, or nullopt.
 std::optional<uint64_t> TotalFromContentRange(absl::string_view content_range);
+
+// Backend::ReadRange over HTTP for a range other than the whole value: a GET with a Range
+// header (ends past 2^62 read to the end). An empty range, or a 416 answer (the range starts at
+// or past the end), returns an empty buffer and `stat()`'s info; a 206 answer takes the size
+// from Content-Range; a 200 answer (the whole value) is sliced here. `what` names the GET for
+// messages ("GET key \"a/b\""). The hooks are what differs between backends: `new_request`
+// builds (and signs) the GET for the key with its body allocator set, `check` maps a response
+// that is not to be used to its error, `generation` derives the generation of a value of size
+// `size` from a response, `stat` looks up the value's size and generation.
+absl::StatusOr<buffer::cpu::Buffer> RangedGet(
+    HttpTransport& transport, absl::string_view what, uint64_t offset, uint64_t length,
+    ValueInfo* info, absl::FunctionRef<HttpRequest()> new_request,
+    absl::FunctionRef<absl::Status(const HttpResponse&)> check,
+    absl::FunctionRef<Generation(const HttpResponse&, uint64_t size)> generation,
+    absl::FunctionRef<absl::StatusOr<ValueInfo>()> stat);
 
 }  // namespace chunkd::server::http
 
