@@ -12,6 +12,7 @@
 #include <climits>
 #include <cstring>
 #include <ctime>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "server/backend/tree_walk.h"
 #include "server/key.h"
 
 namespace chunkd::server {
@@ -139,36 +141,24 @@ absl::Status ReservedKeyError(absl::string_view key) {
                                                  "' are reserved by the file store"));
 }
 
-struct Child {
-  std::string name;
-  bool is_dir = false;
-  uint64_t size = 0;
-  std::string sort_key;  // name, plus '/' for directories: sorts like the keys under it
-};
+using Child = TreeChild;
 
 class FileBackend;
 
-class FileListCursor final : public ListCursor {
+// Frames hold the directory's open descriptor.
+class FileListCursor final : public TreeWalkCursor<UniqueFd> {
  public:
   FileListCursor(const FileBackend* backend, std::string prefix, bool directory)
-      : backend_(backend), prefix_(std::move(prefix)), directory_(directory) {}
-  absl::StatusOr<bool> Next(size_t max_items, ListPage* page) override;
+      : TreeWalkCursor(std::move(prefix), directory), backend_(backend) {}
 
  private:
-  struct Frame {
-    UniqueFd fd;
-    std::string rel;  // key prefix of this directory: "" or "a/b/"
-    std::vector<Child> children;
-    size_t next = 0;
-  };
-  absl::Status Start();
+  absl::StatusOr<std::optional<Frame>> ReadFirst(std::string rel,
+                                                 absl::string_view name_filter) override;
+  absl::StatusOr<std::optional<Frame>> ReadChild(const Frame& parent, const Child& child,
+                                                 std::string rel) override;
   absl::StatusOr<Frame> ReadFrame(UniqueFd fd, std::string rel, absl::string_view name_filter);
 
   const FileBackend* backend_;
-  const std::string prefix_;
-  const bool directory_;
-  bool started_ = false;
-  std::vector<Frame> stack_;
 };
 
 class FileBackend final : public Backend {
@@ -425,20 +415,23 @@ class FileBackend final : public Backend {
   std::array<absl::Mutex, 64> write_locks_;
 };
 
-absl::Status FileListCursor::Start() {
-  started_ = true;
-  size_t slash = prefix_.rfind('/');
-  std::string rel = slash == std::string::npos ? "" : prefix_.substr(0, slash + 1);
-  std::string filter = prefix_.substr(rel.size());
-  auto fd = backend_->OpenDirectory(rel.empty() ? "" : rel.substr(0, rel.size() - 1), prefix_);
+absl::StatusOr<std::optional<FileListCursor::Frame>> FileListCursor::ReadFirst(
+    std::string rel, absl::string_view name_filter) {
+  auto fd = backend_->OpenDirectory(rel.empty() ? "" : rel.substr(0, rel.size() - 1), prefix());
   if (!fd.ok()) {
     // A prefix naming no directory lists nothing.
-    return absl::IsNotFound(fd.status()) ? absl::OkStatus() : fd.status();
+    if (absl::IsNotFound(fd.status())) return std::nullopt;
+    return fd.status();
   }
-  auto frame = ReadFrame(*std::move(fd), rel, filter);
-  if (!frame.ok()) return frame.status();
-  stack_.push_back(*std::move(frame));
-  return absl::OkStatus();
+  return ReadFrame(*std::move(fd), std::move(rel), name_filter);
+}
+
+absl::StatusOr<std::optional<FileListCursor::Frame>> FileListCursor::ReadChild(
+    const Frame& parent, const Child& child, std::string rel) {
+  UniqueFd fd(::openat(parent.dir.get(), child.name.c_str(),
+                       O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!fd.valid()) return std::nullopt;  // removed meanwhile
+  return ReadFrame(std::move(fd), std::move(rel), "");
 }
 
 absl::StatusOr<FileListCursor::Frame> FileListCursor::ReadFrame(UniqueFd fd, std::string rel,
@@ -479,39 +472,8 @@ absl::StatusOr<FileListCursor::Frame> FileListCursor::ReadFrame(UniqueFd fd, std
   ::closedir(dir);
   std::sort(frame.children.begin(), frame.children.end(),
             [](const Child& a, const Child& b) { return a.sort_key < b.sort_key; });
-  frame.fd = std::move(fd);
+  frame.dir = std::move(fd);
   return frame;
-}
-
-absl::StatusOr<bool> FileListCursor::Next(size_t max_items, ListPage* page) {
-  if (!started_) {
-    if (absl::Status s = Start(); !s.ok()) return s;
-  }
-  size_t added = 0;
-  while (!stack_.empty() && added < max_items) {
-    Frame& top = stack_.back();
-    if (top.next == top.children.size()) {
-      stack_.pop_back();
-      continue;
-    }
-    const Child& child = top.children[top.next++];
-    std::string key = top.rel + child.name;
-    if (!child.is_dir) {
-      page->entries.push_back({std::move(key), child.size});
-      ++added;
-    } else if (directory_) {
-      page->prefixes.push_back(key + "/");
-      ++added;
-    } else {
-      UniqueFd fd(::openat(top.fd.get(), child.name.c_str(),
-                           O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-      if (!fd.valid()) continue;  // removed meanwhile
-      auto frame = ReadFrame(std::move(fd), key + "/", "");
-      if (!frame.ok()) return frame.status();
-      stack_.push_back(*std::move(frame));  // `top` is invalid from here on
-    }
-  }
-  return !stack_.empty();
 }
 
 }  // namespace

@@ -3,13 +3,16 @@
 #include <algorithm>
 #include <cctype>
 #include <string>
+#include <optional>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "server/backend/http/http_transport.h"
+#include "server/backend/tree_walk.h"
 #include "server/key.h"
 
 namespace chunkd::server {
@@ -169,12 +172,7 @@ class IndexParser {
   size_t i_ = 0;
 };
 
-struct Child {
-  std::string name;
-  bool is_dir = false;
-  uint64_t size = 0;
-  std::string sort_key;  // name, plus '/' for directories: sorts like the keys under it
-};
+using Child = TreeChild;
 
 // The generation of the value a response describes.
 Generation GenerationOf(const HttpResponse& r, uint64_t size) {
@@ -189,25 +187,23 @@ Generation GenerationOf(const HttpResponse& r, uint64_t size) {
 
 class HttpBackend;
 
-class HttpListCursor final : public ListCursor {
+class HttpListCursor final : public TreeWalkCursor<std::monostate> {
  public:
   HttpListCursor(HttpBackend* backend, std::string prefix, bool directory)
-      : backend_(backend), prefix_(std::move(prefix)), directory_(directory) {}
-  absl::StatusOr<bool> Next(size_t max_items, ListPage* page) override;
+      : TreeWalkCursor(std::move(prefix), directory), backend_(backend) {}
 
  private:
-  struct Frame {
-    std::string rel;  // key prefix of this directory: "" or "a/b/"
-    std::vector<Child> children;
-    size_t next = 0;
-  };
+  absl::StatusOr<std::optional<Frame>> ReadFirst(std::string rel,
+                                                 absl::string_view name_filter) override {
+    return ReadFrame(std::move(rel), name_filter);
+  }
+  absl::StatusOr<std::optional<Frame>> ReadChild(const Frame& parent, const Child& child,
+                                                 std::string rel) override {
+    return ReadFrame(std::move(rel), "");
+  }
   absl::StatusOr<Frame> ReadFrame(std::string rel, absl::string_view name_filter);
 
   HttpBackend* backend_;
-  const std::string prefix_;
-  const bool directory_;
-  bool started_ = false;
-  std::vector<Frame> stack_;
 };
 
 class HttpBackend final : public Backend {
@@ -363,40 +359,6 @@ absl::StatusOr<HttpListCursor::Frame> HttpListCursor::ReadFrame(std::string rel,
     if (absl::StartsWith(child.sort_key, name_filter)) frame.children.push_back(std::move(child));
   }
   return frame;
-}
-
-absl::StatusOr<bool> HttpListCursor::Next(size_t max_items, ListPage* page) {
-  if (!started_) {
-    started_ = true;
-    size_t slash = prefix_.rfind('/');
-    std::string rel = slash == std::string::npos ? "" : prefix_.substr(0, slash + 1);
-    std::string filter = prefix_.substr(rel.size());
-    auto frame = ReadFrame(rel, filter);
-    if (!frame.ok()) return frame.status();
-    stack_.push_back(*std::move(frame));
-  }
-  size_t added = 0;
-  while (!stack_.empty() && added < max_items) {
-    Frame& top = stack_.back();
-    if (top.next == top.children.size()) {
-      stack_.pop_back();
-      continue;
-    }
-    const Child& child = top.children[top.next++];
-    std::string key = top.rel + child.name;
-    if (!child.is_dir) {
-      page->entries.push_back({std::move(key), child.size});
-      ++added;
-    } else if (directory_) {
-      page->prefixes.push_back(key + "/");
-      ++added;
-    } else {
-      auto frame = ReadFrame(key + "/", "");
-      if (!frame.ok()) return frame.status();
-      stack_.push_back(*std::move(frame));  // `top` is invalid from here on
-    }
-  }
-  return !stack_.empty();
 }
 
 }  // namespace
