@@ -813,6 +813,10 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   args.SetMaxSendMessageSize(16 << 20);
   args.SetInt(wire::kStreamWindowArg, wire::kStreamWindowBytes);
   args.SetInt(wire::kMaxFrameArg, wire::kMaxFrameBytes);
+  // Each Client gets connections of its own: gRPC otherwise shares one connection among every
+  // channel to an address in the process, so Clients made for parallelism would all queue on
+  // one socket.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   auto channel = CreateChannel(options, args);  // TLS and token, when the options ask for them
   if (!channel.ok()) return channel.status();
   if (!*channel) {
