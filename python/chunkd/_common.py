@@ -1,6 +1,7 @@
 """What the sync and asyncio clients share: options, request building, reply assembly, retries.
 
-Nothing here does I/O, so both clients stay thin loops around the same logic.
+Nothing here does I/O (beyond what ClientBase's constructor sets up: TLS files, shared
+memory), so both clients stay thin loops around the same logic.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any
 
 import grpc
 
-from chunkd._address import parse_url
+from chunkd import _shm
+from chunkd._address import DEFAULT_ADDRESS, parse_url
+from chunkd._security import Security
 from chunkd._stubs import pb
 from chunkd.errors import ChunkdError
 
@@ -384,3 +387,68 @@ def target_of(address: str) -> str:
             "the server's address only (the path is for chunkd.zarr.ChunkdStore)"
         )
     return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Options
+
+
+class ClientBase:
+    """The options and state both clients are made with (arguments: see :class:`chunkd.Client`).
+
+    Subclasses add their own state in ``_setup``, called last.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        channel_options: list[tuple[str, Any]] | None = None,
+        delivery: str = "inline",
+        shm_dir: str = _shm.DEFAULT_SHM_DIR,
+        tls_ca: str | None = None,
+        tls: bool = False,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.address = address
+        self.target = target_of(address)
+        # TLS and the bearer token (chunkd._security); token defaults to $CHUNKD_TOKEN.
+        self._security = Security.create(
+            tls_ca=tls_ca,
+            tls=tls,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
+            token=token,
+        )
+        self.timeout = timeout
+        self._retry = RetryPolicy(retries)
+        self._options = list(CHANNEL_OPTIONS) + list(channel_options or [])
+        self._channel: Any = None
+        self._stub: Any = None
+        self._closed = False
+        self.delivery = delivery
+        self.shm_dir = shm_dir
+        # Shared-memory delivery (None when inline): request fields, receiver, lease keeper. The
+        # lease keeper uses a blocking channel on a thread of its own (so the asyncio client's
+        # releases go on whichever event loop is running, if any).
+        self._shm = _shm.ShmDelivery.create(
+            delivery,
+            shm_dir,
+            self.target,
+            self._options,
+            channel_factory=self._security.channel_factory(self.target, self._options),
+        )
+        self._setup()
+
+    def _setup(self) -> None:
+        """The subclass's own state."""
+
+    @property
+    def retries(self) -> int:
+        return self._retry.retries

@@ -11,8 +11,6 @@ import grpc.aio
 
 from chunkd import _common as c
 from chunkd import _cuda, _shm
-from chunkd._address import DEFAULT_ADDRESS
-from chunkd._security import Security
 from chunkd._stubs import pb, pb_grpc
 from chunkd.errors import error_from_rpc
 
@@ -43,7 +41,7 @@ def _pin_aio_runtime() -> None:
         pass
 
 
-class AsyncClient:
+class AsyncClient(c.ClientBase):
     """An asyncio client of one chunkd server.
 
     A gRPC asyncio channel belongs to the event loop it is first used in: use one AsyncClient per
@@ -54,56 +52,11 @@ class AsyncClient:
     released and renewed from a thread of the client's own, not from the event loop.
     """
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        *,
-        timeout: float | None = c.DEFAULT_TIMEOUT,
-        retries: int = c.DEFAULT_RETRIES,
-        channel_options: list[tuple[str, Any]] | None = None,
-        delivery: str = "inline",
-        shm_dir: str = _shm.DEFAULT_SHM_DIR,
-        tls_ca: str | None = None,
-        tls: bool = False,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        tls_server_name: str | None = None,
-        token: str | None = None,
-    ) -> None:
-        self.address = address
-        self.target = c.target_of(address)
-        # TLS and the bearer token (chunkd._security); token defaults to $CHUNKD_TOKEN.
-        self._security = Security.create(
-            tls_ca=tls_ca,
-            tls=tls,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_server_name=tls_server_name,
-            token=token,
-        )
-        self.timeout = timeout
-        self._retry = c.RetryPolicy(retries)
-        self._options = list(c.CHANNEL_OPTIONS) + list(channel_options or [])
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: Any = None
-        self._closed = False
-        self.delivery = delivery
-        self.shm_dir = shm_dir
-        # Shared-memory delivery (None when inline). Its lease keeper uses a blocking channel
-        # on a thread of its own, so releases go on whichever event loop is running, if any.
-        self._shm = _shm.ShmDelivery.create(
-            delivery,
-            shm_dir,
-            self.target,
-            self._options,
-            channel_factory=self._security.channel_factory(self.target, self._options),
-        )
+    _channel: grpc.aio.Channel | None
+
+    def _setup(self) -> None:
         # CUDA IPC delivery (chunkd._cuda), made by the first read with a ``device``.
         self._cuda: Any = None
-
-    @property
-    def retries(self) -> int:
-        return self._retry.retries
 
     def _get_stub(self) -> Any:
         if self._stub is None:

@@ -11,15 +11,13 @@ import grpc
 
 from chunkd import _common as c
 from chunkd import _shm
-from chunkd._address import DEFAULT_ADDRESS
-from chunkd._security import Security
 from chunkd._stubs import pb, pb_grpc
 from chunkd.errors import error_from_rpc
 
 __all__ = ["Client"]
 
 
-class Client:
+class Client(c.ClientBase):
     """A blocking client of one chunkd server. Thread-safe: share one per process.
 
     Args:
@@ -51,56 +49,12 @@ class Client:
     :class:`chunkd.PreconditionFailed`, anything else :class:`chunkd.ChunkdError` with ``.code``.
     """
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        *,
-        timeout: float | None = c.DEFAULT_TIMEOUT,
-        retries: int = c.DEFAULT_RETRIES,
-        channel_options: list[tuple[str, Any]] | None = None,
-        delivery: str = "inline",
-        shm_dir: str = _shm.DEFAULT_SHM_DIR,
-        tls_ca: str | None = None,
-        tls: bool = False,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        tls_server_name: str | None = None,
-        token: str | None = None,
-    ) -> None:
-        self.address = address
-        self.target = c.target_of(address)
-        # TLS and the bearer token (chunkd._security); token defaults to $CHUNKD_TOKEN.
-        self._security = Security.create(
-            tls_ca=tls_ca,
-            tls=tls,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_server_name=tls_server_name,
-            token=token,
-        )
-        self.timeout = timeout
-        self._retry = c.RetryPolicy(retries)
-        self._options = list(c.CHANNEL_OPTIONS) + list(channel_options or [])
+    _channel: grpc.Channel | None
+
+    def _setup(self) -> None:
         self._lock = threading.Lock()
-        self._channel: grpc.Channel | None = None
-        self._stub: Any = None
-        self._closed = False
-        self.delivery = delivery
-        self.shm_dir = shm_dir
-        # Shared-memory delivery (None when inline): request fields, receiver, lease keeper.
-        self._shm = _shm.ShmDelivery.create(
-            delivery,
-            shm_dir,
-            self.target,
-            self._options,
-            channel_factory=self._security.channel_factory(self.target, self._options),
-        )
 
     # -- plumbing ------------------------------------------------------------------------------
-
-    @property
-    def retries(self) -> int:
-        return self._retry.retries
 
     def _get_stub(self) -> Any:
         stub = self._stub
