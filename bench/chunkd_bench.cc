@@ -15,7 +15,9 @@
 //
 // Peers (--peer) of `measure`: chunkd (--delivery=inline over TCP or a UNIX socket, by
 // --address; --delivery=shm once the client can ask for it), redis (hiredis GET), pread (the
-// values as files) and memcpy (copying the same bytes from this process's memory: the ceiling).
+// values as files), memcpy (copying the same bytes from this process's memory: the ceiling) and
+// s3 (a GET of the same objects straight from an S3 server, signed by libcurl: --s3_url).
+#include <curl/curl.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
 #include <sys/resource.h>
@@ -29,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -60,7 +63,7 @@
 #include "client/client.h"
 
 ABSL_FLAG(std::string, action, "measure", "load | measure | replay | single_flight | churn");
-ABSL_FLAG(std::string, peer, "chunkd", "measure: chunkd | redis | pread | memcpy");
+ABSL_FLAG(std::string, peer, "chunkd", "measure: chunkd | redis | pread | memcpy | s3");
 ABSL_FLAG(std::string, delivery, "inline", "chunkd: inline | shm (the transport follows --address)");
 ABSL_FLAG(std::string, address, "",
           "chunkd or Redis address: HOST:PORT or unix:/path. For chunkd, a comma-separated list: "
@@ -69,6 +72,12 @@ ABSL_FLAG(std::string, address, "",
           "own connection, as Redis clients have");
 ABSL_FLAG(std::string, dir, "", "directory holding the values as files: pread peer; load target; "
                                 "chunkd's store directory for single_flight");
+ABSL_FLAG(std::string, s3_url, "",
+          "s3 peer: base URL of the objects, path style (http://HOST:PORT/BUCKET/PREFIX); key K is "
+          "the object BASE/K, as chunkd --store=s3://BUCKET/PREFIX names it. Signed with AWS "
+          "Signature V4 (libcurl) from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+          "(/ AWS_SESSION_TOKEN); unsigned without them");
+ABSL_FLAG(std::string, s3_region, "us-east-1", "s3 peer: the region requests are signed for");
 ABSL_FLAG(std::string, redis, "", "load: Redis address (HOST:PORT or unix:/path) to SET into");
 ABSL_FLAG(std::string, prefix, "bench", "value i of the set has key PREFIX/%06d");
 ABSL_FLAG(int64_t, size, 65536, "bytes per value");
@@ -79,7 +88,9 @@ ABSL_FLAG(absl::Duration, duration, absl::Seconds(3),
           "timed phase; it goes on past this until --clients requests have completed (so a slow "
           "peer still gets one request per client counted), up to 10 times this");
 ABSL_FLAG(std::string, workload, "hit",
-          "hit: every key fetched once before timing, then uniform draws; zipf: Zipf draws");
+          "hit: every key fetched once before timing, then uniform draws; zipf: Zipf draws; "
+          "s3: uniform draws, 16 keys per client fetched and checked before timing (a remote "
+          "store is slow to read whole sets; bench/run warms chunkd with a pass of its own)");
 ABSL_FLAG(double, zipf_alpha, 0.99, "skew of the Zipf draws and traces");
 ABSL_FLAG(uint64_t, seed, 1, "seed of draws and traces (same seed: same trace)");
 ABSL_FLAG(int32_t, server_pid, 0, "pid of the server process (CPU and peak RSS); 0: none");
@@ -507,6 +518,79 @@ class MemcpySession final : public Session {
   std::vector<char> buffer_;
 };
 
+// A remote store read directly: one GET per value from an S3 server (path-style URL), signed
+// with AWS Signature V4 by libcurl. One easy handle per client thread, reused, so its
+// connection stays open between requests (as chunkd's own S3 backend does).
+class S3Session final : public Session {
+ public:
+  static absl::StatusOr<std::unique_ptr<Session>> Create(const std::string& base,
+                                                         const std::vector<std::string>* keys,
+                                                         size_t size) {
+    if (base.empty()) return absl::InvalidArgumentError("s3: give --s3_url");
+    CURL* curl = curl_easy_init();
+    if (curl == nullptr) return absl::InternalError("curl_easy_init failed");
+    auto s = std::unique_ptr<S3Session>(new S3Session(curl, base, keys, size));
+    const char* id = std::getenv("AWS_ACCESS_KEY_ID");
+    const char* secret = std::getenv("AWS_SECRET_ACCESS_KEY");
+    const char* token = std::getenv("AWS_SESSION_TOKEN");
+    curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(curl, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT, 10L);
+    curl_easy_setopt(curl, CURLOPT_TIMEOUT, 120L);
+    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, &S3Session::Write);
+    curl_easy_setopt(curl, CURLOPT_WRITEDATA, s.get());
+    if (id != nullptr && secret != nullptr && *id != '\0') {
+      s->sigv4_ = absl::StrCat("aws:amz:", absl::GetFlag(FLAGS_s3_region), ":s3");
+      s->userpwd_ = absl::StrCat(id, ":", secret);
+      curl_easy_setopt(curl, CURLOPT_AWS_SIGV4, s->sigv4_.c_str());
+      curl_easy_setopt(curl, CURLOPT_USERPWD, s->userpwd_.c_str());
+      if (token != nullptr && *token != '\0') {
+        s->headers_ = curl_slist_append(nullptr, absl::StrCat("x-amz-security-token: ", token).c_str());
+        curl_easy_setopt(curl, CURLOPT_HTTPHEADER, s->headers_);
+      }
+    }
+    return std::unique_ptr<Session>(std::move(s));
+  }
+  ~S3Session() override {
+    curl_easy_cleanup(curl_);
+    if (headers_) curl_slist_free_all(headers_);
+  }
+  absl::StatusOr<std::string_view> Fetch(int64_t i) override {
+    body_.clear();
+    std::string url = absl::StrCat(base_, "/", (*keys_)[i]);
+    curl_easy_setopt(curl_, CURLOPT_URL, url.c_str());
+    CURLcode rc = curl_easy_perform(curl_);
+    if (rc != CURLE_OK) {
+      return absl::UnavailableError(absl::StrCat("GET ", url, ": ", curl_easy_strerror(rc)));
+    }
+    long code = 0;
+    curl_easy_getinfo(curl_, CURLINFO_RESPONSE_CODE, &code);
+    if (code != 200) {
+      return absl::UnavailableError(absl::StrFormat("GET %s: HTTP %d %s", url, code,
+                                                    body_.substr(0, 200)));
+    }
+    return std::string_view(body_);
+  }
+
+ private:
+  S3Session(CURL* curl, const std::string& base, const std::vector<std::string>* keys,
+            size_t size)
+      : curl_(curl), base_(base), keys_(keys) {
+    while (!base_.empty() && base_.back() == '/') base_.pop_back();
+    body_.reserve(size + 1);
+  }
+  static size_t Write(char* data, size_t one, size_t n, void* self) {
+    static_cast<S3Session*>(self)->body_.append(data, one * n);
+    return one * n;
+  }
+  CURL* curl_;
+  std::string base_;
+  const std::vector<std::string>* keys_;
+  std::string sigv4_, userpwd_;
+  curl_slist* headers_ = nullptr;
+  std::string body_;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Actions.
 
@@ -621,6 +705,7 @@ std::string DeliveryLabel(const std::string& peer, const std::string& delivery,
   }
   if (peer == "redis") return unix_socket ? "unix" : "tcp";
   if (peer == "pread") return "file";
+  if (peer == "s3") return "http";
   return "memory";
 }
 
@@ -653,7 +738,9 @@ int Measure() {
   const int clients = absl::GetFlag(FLAGS_clients);
   const int pid = absl::GetFlag(FLAGS_server_pid);
   const uint64_t seed = absl::GetFlag(FLAGS_seed);
-  if (workload != "hit" && workload != "zipf") return Fail("--workload: hit or zipf");
+  if (workload != "hit" && workload != "zipf" && workload != "s3") {
+    return Fail("--workload: hit, zipf or s3");
+  }
   if (clients < 1 || n < 1 || size < 1) return Fail("--clients, --keys, --size must be positive");
 
   const std::vector<std::string> addresses = absl::StrSplit(address, ',', absl::SkipEmpty());
@@ -664,7 +751,7 @@ int Measure() {
   row.Str("workload", workload).Int("keys", n);
   if (peer == "chunkd") {
     row.Int("connections", std::min<int64_t>(clients, static_cast<int64_t>(addresses.size())));
-  } else if (peer == "redis") {
+  } else if (peer == "redis" || peer == "s3") {
     row.Int("connections", clients);
   }
 
@@ -713,8 +800,10 @@ int Measure() {
       s = std::unique_ptr<Session>(new PreadSession(dir, &keys, size));
     } else if (peer == "memcpy") {
       s = std::unique_ptr<Session>(new MemcpySession(&values, size));
+    } else if (peer == "s3") {
+      s = S3Session::Create(absl::GetFlag(FLAGS_s3_url), &keys, size);
     } else {
-      return Fail("--peer: chunkd, redis, pread or memcpy");
+      return Fail("--peer: chunkd, redis, pread, memcpy or s3");
     }
     if (!s.ok()) return Fail(std::string(s.status().message()));
     sessions.push_back(*std::move(s));
@@ -1095,6 +1184,7 @@ int main(int argc, char** argv) {
       "bench/README.md; bench/run drives it).");
   absl::ParseCommandLine(argc, argv);
   const std::string action = absl::GetFlag(FLAGS_action);
+  curl_global_init(CURL_GLOBAL_DEFAULT);
   if (action == "load") return Load();
   if (action == "measure") return Measure();
   if (action == "replay") return Replay();

@@ -16,8 +16,8 @@ import sys
 BASE_FIELDS = ["peer", "delivery", "workload", "size", "clients", "gbps", "rps", "p50_us",
                "p99_us", "server_cpu_s_per_gb", "peak_rss_mb"]
 PEER_ORDER = [("memcpy", "memory"), ("pread", "file"), ("redis", "tcp"), ("redis", "unix"),
-              ("chunkd", "inline-tcp"), ("chunkd", "inline-unix"), ("chunkd", "shm")]
-MEASURED = ("hit", "zipf")
+              ("chunkd", "inline-tcp"), ("chunkd", "inline-unix"), ("chunkd", "shm"), ("s3", "http")]
+MEASURED = ("hit", "zipf", "s3")
 
 
 def human_size(n):
@@ -110,6 +110,48 @@ def throughput_table(rows):
     return lines
 
 
+def s3_special(rows):
+    """chunkd (warm) against GETs of the same objects straight from the S3 server (moto)."""
+    pairs = sorted({(r["size"], r["clients"]) for r in rows if r.get("workload") == "s3"})
+    if not pairs:
+        return []
+    lines = ["### chunkd (warm) vs S3 directly", "",
+             "The same objects, driver, draws and clients: Gets through chunkd serving "
+             "`s3://BUCKET/bench` after one full warm pass, and GETs signed with AWS Signature V4 "
+             "(libcurl, one connection per client) straight from the S3 server. The server is "
+             "moto (Python, on loopback), much slower per request than real S3, so the ratio is "
+             "an upper bound, and what it says of a local cache against a remote store holds "
+             "only in spirit (real S3 adds network latency moto lacks; it is not a measurement "
+             "of AWS).", "",
+             "| size | clients | chunkd GB/s | S3 GB/s | chunkd ÷ S3 | chunkd p50 / p99 µs "
+             "| S3 p50 / p99 µs | chunkd backend reads while timed |",
+             "|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    summary = []
+    for size, clients in pairs:
+        c = find(rows, "s3", size, clients, "chunkd", "inline-tcp")
+        d = find(rows, "s3", size, clients, "s3", "http")
+        if not usable(c) or not usable(d) or not d["gbps"]:
+            why = "; ".join(f"{who}: {r.get('reason', 'not available') if r else 'no row'}"
+                            for r, who in ((c, "chunkd"), (d, "s3")) if not usable(r))
+            lines.append(f"| {human_size(size)} | {clients} | not available: {why} | | | | | |")
+            continue
+        ratio = c["gbps"] / d["gbps"]
+        reads = c.get("backend_reads")
+        warm = "" if reads in (None, 0) else " ⚠ not warm"
+        errs = sum((r.get("errors") or 0) + (r.get("mismatches") or 0) for r in (c, d))
+        lines.append(
+            f"| {human_size(size)} | {clients} | {num(c['gbps'])} | {num(d['gbps'])} "
+            f"| **{ratio:.1f}×** | {num(c['p50_us'])} / {num(c['p99_us'])} "
+            f"| {num(d['p50_us'])} / {num(d['p99_us'])} | {reads if reads is not None else '–'}"
+            f"{warm}{f' ⚠ {errs} errors' if errs else ''} |")
+        summary.append(f"{human_size(size)} × {clients}: {ratio:.1f}×")
+    lines.append("")
+    if summary:
+        lines += ["chunkd warm vs S3 direct (moto; an upper bound): " + ", ".join(summary) + ".",
+                  ""]
+    return lines
+
+
 def specials(rows):
     lines = []
     evictions = [r for r in rows if r.get("workload") == "eviction"]
@@ -151,6 +193,7 @@ def specials(rows):
                       f"{r.get('evictions')} evictions, {r['errors']} errors; chunkd's peak RSS "
                       f"{num(r['peak_rss_mb'])} MiB (at the end {num(r['rss_end_mb'])} MiB), "
                       f"limit budget × 1.1 + 64 MiB = {num(r['limit_mb'])} MiB.", ""]
+    lines += s3_special(rows)
     return lines
 
 
