@@ -29,6 +29,7 @@
 
 #include "gtest/gtest.h"
 #include "server/backend/backend.h"
+#include "tests/unit/forwarding_backend.h"
 #include "tests/support/test_support.h"
 
 namespace chunkd::testing {
@@ -46,44 +47,22 @@ struct BackendFactory {
 // What the suite sees of a read-only backend: writes without conditions go through the
 // factory's `seed` (then Stat tells the new size and generation); everything else is the
 // backend's own.
-class SeededBackend final : public server::Backend {
+class SeededBackend final : public ForwardingBackend {
  public:
   SeededBackend(std::unique_ptr<server::Backend> backend, const BackendFactory& factory,
                 TempDir& dir)
-      : backend_(std::move(backend)), factory_(factory), dir_(dir) {}
-  server::Backend& raw() { return *backend_; }
+      : ForwardingBackend(std::move(backend)), factory_(factory), dir_(dir) {}
+  server::Backend& raw() { return inner(); }
 
-  absl::string_view kind() const override { return backend_->kind(); }
-  std::string location() const override { return backend_->location(); }
-  absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key,
-                                           server::ValueInfo* info) override {
-    return backend_->Read(key, info);
-  }
-  absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
-                                                uint64_t length,
-                                                server::ValueInfo* info) override {
-    return backend_->ReadRange(key, offset, length, info);
-  }
-  absl::StatusOr<server::ValueInfo> Stat(absl::string_view key) override {
-    return backend_->Stat(key);
-  }
   absl::StatusOr<server::ValueInfo> Write(absl::string_view key, buffer::cpu::Buffer value,
                                           const server::Conditions& conditions) override {
-    if (!conditions.empty()) return backend_->Write(key, std::move(value), conditions);
+    if (!conditions.empty()) return inner_->Write(key, std::move(value), conditions);
     std::string k(key);
     if (absl::Status s = factory_.seed(dir_, k, std::string(value.view())); !s.ok()) return s;
-    return backend_->Stat(key);
-  }
-  absl::Status Delete(absl::string_view key, const server::Conditions& conditions) override {
-    return backend_->Delete(key, conditions);
-  }
-  absl::StatusOr<std::unique_ptr<server::ListCursor>> List(absl::string_view prefix,
-                                                           bool directory) override {
-    return backend_->List(prefix, directory);
+    return inner_->Stat(key);
   }
 
  private:
-  std::unique_ptr<server::Backend> backend_;
   const BackendFactory& factory_;
   TempDir& dir_;
 };

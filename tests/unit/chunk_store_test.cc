@@ -18,6 +18,7 @@
 #include "gtest/gtest.h"
 #include "server/backend/backend.h"
 #include "server/backend/memory/memory_backend.h"
+#include "tests/unit/forwarding_backend.h"
 
 namespace chunkd::server {
 namespace {
@@ -27,9 +28,9 @@ using buffer::cpu::Buffer;
 // Wraps a real backend: counts reads and can hold them. A held read has already read the
 // inner backend, so it returns the value as it was before anything that happens meanwhile.
 // Reports holds_values_in_memory() == false, so that the store puts a cache in front of it.
-class TestBackend final : public Backend {
+class TestBackend final : public testing::ForwardingBackend {
  public:
-  explicit TestBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
+  explicit TestBackend(std::unique_ptr<Backend> inner) : ForwardingBackend(std::move(inner)) {}
 
   absl::string_view kind() const override { return "test"; }
   std::string location() const override { return "test://"; }
@@ -44,21 +45,17 @@ class TestBackend final : public Backend {
         this));
     return result;
   }
-  absl::StatusOr<ValueInfo> Stat(absl::string_view key) override { return inner_->Stat(key); }
+  // Ranged reads go through Read above (counted, holdable), as the Backend default does.
+  absl::StatusOr<Buffer> ReadRange(absl::string_view key, uint64_t offset, uint64_t length,
+                                   ValueInfo* info) override {
+    return Backend::ReadRange(key, offset, length, info);
+  }
   absl::StatusOr<ValueInfo> Write(absl::string_view key, Buffer value,
                                   const Conditions& conditions) override {
     writes_.fetch_add(1);
     return inner_->Write(key, std::move(value), conditions);
   }
-  absl::Status Delete(absl::string_view key, const Conditions& conditions) override {
-    return inner_->Delete(key, conditions);
-  }
-  absl::StatusOr<std::unique_ptr<ListCursor>> List(absl::string_view prefix,
-                                                   bool directory) override {
-    return inner_->List(prefix, directory);
-  }
 
-  Backend& inner() { return *inner_; }
   int reads() const { return reads_.load(); }
   int writes() const { return writes_.load(); }
 
@@ -80,7 +77,6 @@ class TestBackend final : public Backend {
   }
 
  private:
-  std::unique_ptr<Backend> inner_;
   std::atomic<int> reads_{0}, writes_{0};
   absl::Mutex mu_;
   bool hold_ ABSL_GUARDED_BY(mu_) = false;

@@ -28,40 +28,15 @@ using Reply = ScriptedHttpServer::Reply;
 void SkipBecause(const std::string& reason) { GTEST_SKIP() << reason; }
 
 // A backend that forwards to another and keeps alive what that one needs (a server process).
-class OwningBackend : public server::Backend {
+class OwningBackend final : public ForwardingBackend {
  public:
   OwningBackend(std::shared_ptr<void> owned, std::unique_ptr<server::Backend> backend)
-      : owned_(std::move(owned)), backend_(std::move(backend)) {}
-  ~OwningBackend() override { backend_.reset(); }
-  absl::string_view kind() const override { return backend_->kind(); }
-  std::string location() const override { return backend_->location(); }
-  absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key,
-                                           server::ValueInfo* info) override {
-    return backend_->Read(key, info);
-  }
-  absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
-                                                uint64_t length,
-                                                server::ValueInfo* info) override {
-    return backend_->ReadRange(key, offset, length, info);
-  }
-  absl::StatusOr<server::ValueInfo> Stat(absl::string_view key) override {
-    return backend_->Stat(key);
-  }
-  absl::StatusOr<server::ValueInfo> Write(absl::string_view key, buffer::cpu::Buffer value,
-                                          const server::Conditions& conditions) override {
-    return backend_->Write(key, std::move(value), conditions);
-  }
-  absl::Status Delete(absl::string_view key, const server::Conditions& conditions) override {
-    return backend_->Delete(key, conditions);
-  }
-  absl::StatusOr<std::unique_ptr<server::ListCursor>> List(absl::string_view prefix,
-                                                           bool directory) override {
-    return backend_->List(prefix, directory);
-  }
+      : ForwardingBackend(std::move(backend)), owned_(std::move(owned)) {}
+  // The backend goes before what it needs (members die before the base class).
+  ~OwningBackend() override { inner_.reset(); }
 
  private:
   std::shared_ptr<void> owned_;
-  std::unique_ptr<server::Backend> backend_;
 };
 
 std::unique_ptr<server::Backend> MakeNginxBackend(TempDir& dir) {
