@@ -118,10 +118,15 @@ absl::StatusOr<CachedValue> ChunkStore::ReadAndWait(absl::string_view key) {
   return out;
 }
 
+std::optional<ValueInfo> ChunkStore::CachedInfo(absl::string_view key) {
+  if (!cache_) return std::nullopt;
+  auto hit = cache_->Peek(key);
+  if (!hit) return std::nullopt;
+  return ValueInfo{hit->value.size(), hit->generation};
+}
+
 absl::StatusOr<ValueInfo> ChunkStore::Stat(absl::string_view key) {
-  if (cache_) {
-    if (auto hit = cache_->Peek(key)) return ValueInfo{hit->value.size(), hit->generation};
-  }
+  if (std::optional<ValueInfo> cached = CachedInfo(key)) return *cached;
   return backend_->Stat(key);
 }
 

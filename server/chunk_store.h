@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -61,6 +62,9 @@ class ChunkStore {
 
   // Runs `task` on an I/O thread; UNAVAILABLE when the queue is full.
   absl::Status Submit(absl::AnyInvocable<void() &&> task);
+
+  // Size and generation of a cached value: a memory lookup, fine on any thread.
+  std::optional<ValueInfo> CachedInfo(absl::string_view key);
 
   // Blocking operations; call them on an I/O thread (through Submit).
   absl::StatusOr<ValueInfo> Stat(absl::string_view key);

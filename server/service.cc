@@ -653,6 +653,11 @@ grpc::ServerUnaryReactor* ChunkdService::Stat(grpc::CallbackServerContext* conte
     }
     reactor->Finish(grpc::Status::OK);
   };
+  // A cached value is answered here; only a miss asks the backend, on an I/O thread.
+  if (std::optional<ValueInfo> cached = store_->CachedInfo(request->key())) {
+    answer(*cached);
+    return reactor;
+  }
   absl::Status queued =
       store_->Submit([this, answer, key = request->key()] { answer(store_->Stat(key)); });
   if (!queued.ok()) reactor->Finish(ToGrpcStatus(queued));
