@@ -181,18 +181,13 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
       stopping_ = true;
     }
     thread_.join();
-    // Whatever is left goes out now, with a bounded wait: a call still in flight when the
-    // process exits would outlive gRPC itself.
+    // Whatever is left goes out now, with a short deadline: the process may be exiting.
     std::vector<uint64_t> rest;
     {
       absl::MutexLock lock(&mu_);
       rest.swap(to_release_);
     }
-    if (!rest.empty()) SendRelease(std::move(rest), nullptr);
-    absl::MutexLock lock(&in_flight_->mu);
-    in_flight_->mu.AwaitWithTimeout(absl::Condition(
-                                        +[](int* n) { return *n == 0; }, &in_flight_->calls),
-                                    absl::Seconds(2));
+    if (!rest.empty()) SendRelease(std::move(rest), absl::Seconds(2));
   }
 
   buffer::ShmImporter& importer() { return importer_; }
@@ -200,6 +195,7 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
   // A handle buffer holding lease `id` came to life.
   void Track(uint64_t id, absl::Duration ttl) {
     absl::MutexLock lock(&mu_);
+    rearm_ |= live_.empty();  // the keeper sleeps without a renewal deadline: give it one
     live_.insert(id);
     if (ttl < ttl_) ttl_ = ttl;
   }
@@ -220,93 +216,82 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
       absl::MutexLock lock(&mu_);
       ids.swap(to_release_);
     }
-    if (ids.empty()) return;
-    auto done = std::make_shared<absl::Notification>();
-    SendRelease(std::move(ids), done);
-    done->WaitForNotification();
+    if (!ids.empty()) SendRelease(std::move(ids), kCallTimeout);
   }
 
  private:
   static constexpr size_t kBatch = 256;
+  static constexpr absl::Duration kCallTimeout = absl::Seconds(10);
 
+  // Calls are blocking ones, made from this thread (or Flush's caller): gRPC's synchronous API
+  // starts no threads of its own, so a client that only reads starts none (see BlockingUnary).
   void Loop() {
     absl::MutexLock lock(&mu_);
     // Leases are renewed a few times per TTL (the smallest TTL seen), so they stay alive
     // while this process does, whatever the network's hiccups.
     absl::Time last_renew = absl::Now();
     while (!stopping_) {
-      // Releases go out every few milliseconds, or at once when a batch is full.
-      mu_.AwaitWithTimeout(absl::Condition(
-                               +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) {
-                                 return k->stopping_ || k->to_release_.size() >= kBatch;
-                               },
-                               this),
-                           absl::Milliseconds(5));
+      // Asleep until there is something to release or renew; releases then wait a few
+      // milliseconds for company, unless a batch is full.
+      absl::Time renew_at = live_.empty() ? absl::InfiniteFuture() : last_renew + ttl_ / 3;
+      mu_.AwaitWithDeadline(absl::Condition(
+                                +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) {
+                                  return k->stopping_ || k->rearm_ || !k->to_release_.empty();
+                                },
+                                this),
+                            renew_at);
       if (stopping_) break;
+      rearm_ = false;
+      if (!to_release_.empty()) {
+        mu_.AwaitWithTimeout(absl::Condition(
+                                 +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) {
+                                   return k->stopping_ || k->to_release_.size() >= kBatch;
+                                 },
+                                 this),
+                             absl::Milliseconds(5));
+      }
       std::vector<uint64_t> release;
       release.swap(to_release_);
       std::vector<uint64_t> renew;
-      if (absl::Now() >= last_renew + ttl_ / 3) {
+      if (!live_.empty() && absl::Now() >= last_renew + ttl_ / 3) {
         renew.assign(live_.begin(), live_.end());
         last_renew = absl::Now();
       }
+      if (live_.empty()) last_renew = absl::Now();
       mu_.Unlock();
-      if (!release.empty()) SendRelease(std::move(release), nullptr);
+      if (!release.empty()) SendRelease(std::move(release), kCallTimeout);
       if (!renew.empty()) SendRenew(std::move(renew));
       mu_.Lock();
     }
   }
 
-  void SendRelease(std::vector<uint64_t> ids, std::shared_ptr<absl::Notification> done) {
-    auto* call = new UnaryCall<v1::ReleaseRequest, v1::ReleaseResponse>();
-    call->context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
-    for (uint64_t id : ids) call->request.add_lease_ids(id);
-    auto in_flight = in_flight_;
-    {
-      absl::MutexLock lock(&in_flight->mu);
-      ++in_flight->calls;
-    }
-    stub_->async()->Release(&call->context, &call->request, &call->response,
-                            [call, done, in_flight](grpc::Status) {
-                              // A lost release is not lost memory: the lease expires.
-                              delete call;
-                              if (done) done->Notify();
-                              absl::MutexLock lock(&in_flight->mu);
-                              --in_flight->calls;
-                            });
+  // A lost release is not lost memory: the lease expires.
+  void SendRelease(std::vector<uint64_t> ids, absl::Duration timeout) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+    v1::ReleaseRequest request;
+    for (uint64_t id : ids) request.add_lease_ids(id);
+    v1::ReleaseResponse response;
+    stub_->Release(&context, request, &response).IgnoreError();
   }
 
   void SendRenew(std::vector<uint64_t> ids) {
-    auto* call = new UnaryCall<v1::RenewRequest, v1::RenewResponse>();
-    call->context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
-    for (uint64_t id : ids) call->request.add_lease_ids(id);
-    auto in_flight = in_flight_;
-    {
-      absl::MutexLock lock(&in_flight->mu);
-      ++in_flight->calls;
-    }
-    stub_->async()->Renew(&call->context, &call->request, &call->response,
-                          [call, in_flight](grpc::Status) {
-                            delete call;
-                            absl::MutexLock lock(&in_flight->mu);
-                            --in_flight->calls;
-                          });
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kCallTimeout));
+    v1::RenewRequest request;
+    for (uint64_t id : ids) request.add_lease_ids(id);
+    v1::RenewResponse response;
+    stub_->Renew(&context, request, &response).IgnoreError();
   }
 
   std::unique_ptr<v1::Chunkd::Stub> stub_;
   buffer::ShmImporter importer_;
-  // Release and Renew calls in flight; shared with their callbacks, which may run after the
-  // keeper is gone if the server does not answer in time.
-  struct InFlight {
-    absl::Mutex mu;
-    int calls ABSL_GUARDED_BY(mu) = 0;
-  };
-  std::shared_ptr<InFlight> in_flight_ = std::make_shared<InFlight>();
   mutable absl::Mutex mu_;
   absl::flat_hash_set<uint64_t> live_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> to_release_ ABSL_GUARDED_BY(mu_);
   absl::Duration ttl_ ABSL_GUARDED_BY(mu_) = absl::Seconds(30);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool rearm_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
 };
 
@@ -673,11 +658,11 @@ class ClientImpl final : public Client {
         [done](absl::StatusOr<Empty> r) { done(r.status()); });
   }
   absl::Status Delete(absl::string_view key, const Conditions& conditions) override {
-    return WaitFor<Empty>([&](Callback<Empty> cb) {
-             DeleteAsync(key, conditions, [cb](absl::Status s) {
-               cb(s.ok() ? absl::StatusOr<Empty>(Empty{}) : absl::StatusOr<Empty>(s));
-             });
-           })
+    v1::DeleteRequest request;
+    request.set_key(std::string(key));
+    ToProto(conditions, request.mutable_conditions());
+    return BlockingUnary<v1::DeleteRequest, v1::DeleteResponse, Empty>(
+               request, &v1::Chunkd::Stub::Delete, [](const v1::DeleteResponse&) { return Empty{}; })
         .status();
   }
 
@@ -692,7 +677,11 @@ class ClientImpl final : public Client {
         std::move(done));
   }
   absl::StatusOr<StatResult> Stat(absl::string_view key) override {
-    return WaitFor<StatResult>([&](Callback<StatResult> cb) { StatAsync(key, cb); });
+    v1::StatRequest request;
+    request.set_key(std::string(key));
+    return BlockingUnary<v1::StatRequest, v1::StatResponse, StatResult>(
+        request, &v1::Chunkd::Stub::Stat,
+        [](const v1::StatResponse& r) { return StatResult{r.exists(), r.size(), r.generation()}; });
   }
 
   void ListAsync(absl::string_view prefix, bool directory, Callback<ListResult> done) override {
@@ -716,8 +705,9 @@ class ClientImpl final : public Client {
         [](const v1::ServerInfoResponse& r) { return r; }, std::move(done));
   }
   absl::StatusOr<v1::ServerInfoResponse> ServerInfo() override {
-    return WaitFor<v1::ServerInfoResponse>(
-        [&](Callback<v1::ServerInfoResponse> cb) { ServerInfoAsync(cb); });
+    return BlockingUnary<v1::ServerInfoRequest, v1::ServerInfoResponse, v1::ServerInfoResponse>(
+        v1::ServerInfoRequest(), &v1::Chunkd::Stub::ServerInfo,
+        [](const v1::ServerInfoResponse& r) { return r; });
   }
 
  private:
@@ -763,6 +753,22 @@ class ClientImpl final : public Client {
                                     }));
         },
         std::move(done));
+  }
+
+  // The blocking form of Unary, on gRPC's synchronous API: the calling thread drives the call,
+  // and a process that only makes blocking calls starts none of the callback API's threads
+  // (which would take part in polling and hand every event to another thread).
+  template <typename Request, typename Response, typename T, typename Method, typename Convert>
+  absl::StatusOr<T> BlockingUnary(const Request& request, Method method, Convert convert) {
+    absl::Time deadline = Deadline(std::nullopt);
+    return RetryBlocking<T>(options_, deadline, [&]() -> absl::StatusOr<T> {
+      grpc::ClientContext context;
+      context.set_deadline(absl::ToChronoTime(deadline));
+      Response response;
+      grpc::Status status = (stub_.get()->*method)(&context, request, &response);
+      if (!status.ok()) return FromGrpc(status);
+      return convert(response);
+    });
   }
 
   std::shared_ptr<grpc::Channel> channel_;

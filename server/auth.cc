@@ -14,7 +14,6 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "server/service.h"
 
 namespace chunkd::server {
 namespace {
@@ -32,101 +31,6 @@ std::optional<Right> ParseRight(absl::string_view name) {
 absl::Status LineError(absl::string_view origin, int line, absl::string_view message) {
   return absl::InvalidArgumentError(absl::StrCat(origin, " line ", line, ": ", message));
 }
-
-// A reactor that only finishes the call with `status`.
-template <typename Reactor>
-class Refused final : public Reactor {
- public:
-  explicit Refused(grpc::Status status) { this->Finish(std::move(status)); }
-  void OnDone() override { delete this; }
-};
-
-// Checks the token, then forwards to the real service. Every method of chunkd.v1.Chunkd has an
-// override here; one that is missing answers UNIMPLEMENTED (the base class's default).
-class AuthorizingService final : public ServiceBase {
- public:
-  AuthorizingService(ChunkdService* service, std::shared_ptr<const TokenTable> tokens)
-      : service_(service), tokens_(std::move(tokens)) {}
-
-  grpc::ServerWriteReactor<grpc::ByteBuffer>* Get(grpc::CallbackServerContext* context,
-                                                  const grpc::ByteBuffer* request) override {
-    if (grpc::Status s = Check(context, "Get"); !s.ok()) {
-      return new Refused<grpc::ServerWriteReactor<grpc::ByteBuffer>>(std::move(s));
-    }
-    return service_->Get(context, request);
-  }
-  grpc::ServerReadReactor<v1::PutRequest>* Put(grpc::CallbackServerContext* context,
-                                               v1::PutResponse* response) override {
-    if (grpc::Status s = Check(context, "Put"); !s.ok()) {
-      return new Refused<grpc::ServerReadReactor<v1::PutRequest>>(std::move(s));
-    }
-    return service_->Put(context, response);
-  }
-  grpc::ServerUnaryReactor* Delete(grpc::CallbackServerContext* context,
-                                   const v1::DeleteRequest* request,
-                                   v1::DeleteResponse* response) override {
-    if (grpc::Status s = Check(context, "Delete"); !s.ok()) return Unary(context, std::move(s));
-    return service_->Delete(context, request, response);
-  }
-  grpc::ServerUnaryReactor* Stat(grpc::CallbackServerContext* context,
-                                 const v1::StatRequest* request,
-                                 v1::StatResponse* response) override {
-    if (grpc::Status s = Check(context, "Stat"); !s.ok()) return Unary(context, std::move(s));
-    return service_->Stat(context, request, response);
-  }
-  grpc::ServerWriteReactor<v1::ListResponse>* List(grpc::CallbackServerContext* context,
-                                                   const v1::ListRequest* request) override {
-    if (grpc::Status s = Check(context, "List"); !s.ok()) {
-      return new Refused<grpc::ServerWriteReactor<v1::ListResponse>>(std::move(s));
-    }
-    return service_->List(context, request);
-  }
-  grpc::ServerUnaryReactor* ServerInfo(grpc::CallbackServerContext* context,
-                                       const v1::ServerInfoRequest* request,
-                                       v1::ServerInfoResponse* response) override {
-    if (grpc::Status s = Check(context, "ServerInfo"); !s.ok()) return Unary(context, std::move(s));
-    return service_->ServerInfo(context, request, response);
-  }
-  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* context,
-                                    const v1::ReleaseRequest* request,
-                                    v1::ReleaseResponse* response) override {
-    if (grpc::Status s = Check(context, "Release"); !s.ok()) return Unary(context, std::move(s));
-    return service_->Release(context, request, response);
-  }
-  grpc::ServerUnaryReactor* Renew(grpc::CallbackServerContext* context,
-                                  const v1::RenewRequest* request,
-                                  v1::RenewResponse* response) override {
-    if (grpc::Status s = Check(context, "Renew"); !s.ok()) return Unary(context, std::move(s));
-    return service_->Renew(context, request, response);
-  }
-  grpc::ServerWriteReactor<v1::PrefetchResponse>* Prefetch(
-      grpc::CallbackServerContext* context, const v1::PrefetchRequest* request) override {
-    if (grpc::Status s = Check(context, "Prefetch"); !s.ok()) {
-      return new Refused<grpc::ServerWriteReactor<v1::PrefetchResponse>>(std::move(s));
-    }
-    return service_->Prefetch(context, request);
-  }
-
- private:
-  grpc::Status Check(grpc::CallbackServerContext* context, absl::string_view method) const {
-    std::optional<Right> needed = RequiredRight(method);
-    if (!needed) {
-      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
-                          absl::StrCat(method, " has no access rule"));
-    }
-    return Authorize(*tokens_, *context, method, *needed);
-  }
-
-  static grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* context,
-                                         grpc::Status status) {
-    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-    reactor->Finish(std::move(status));
-    return reactor;
-  }
-
-  ChunkdService* const service_;
-  const std::shared_ptr<const TokenTable> tokens_;
-};
 
 }  // namespace
 
@@ -292,9 +196,16 @@ grpc::Status Authorize(const TokenTable& tokens, const grpc::ServerContextBase& 
   return grpc::Status::OK;
 }
 
-std::unique_ptr<grpc::Service> MakeAuthorizingService(ChunkdService* service,
-                                                      std::shared_ptr<const TokenTable> tokens) {
-  return std::make_unique<AuthorizingService>(service, std::move(tokens));
+rpc::Authorizer MakeTokenAuthorizer(std::shared_ptr<const TokenTable> tokens) {
+  return [tokens = std::move(tokens)](const grpc::ServerContextBase& context,
+                                      absl::string_view method) {
+    std::optional<Right> needed = RequiredRight(method);
+    if (!needed) {
+      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                          absl::StrCat(method, " has no access rule"));
+    }
+    return Authorize(*tokens, context, method, *needed);
+  };
 }
 
 }  // namespace chunkd::server

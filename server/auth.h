@@ -24,13 +24,12 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "grpcpp/impl/service_type.h"
 #include "grpcpp/server_context.h"
 #include "grpcpp/support/status.h"
+#include "server/rpc_engine.h"
 
 namespace chunkd::server {
 
-class ChunkdService;
 
 enum class Right : uint8_t { kRead = 1, kWrite = 2, kAdmin = 4 };
 // A set of rights: the bits of Right.
@@ -83,12 +82,10 @@ absl::StatusOr<std::string> BearerToken(const grpc::ServerContextBase& context);
 grpc::Status Authorize(const TokenTable& tokens, const grpc::ServerContextBase& context,
                        absl::string_view method, Right needed);
 
-// A chunkd.v1.Chunkd service that checks each call's token (Authorize) and then hands the call
-// to `service`, or refuses it without `service` ever seeing it. A method this wrapper does not
-// forward answers UNIMPLEMENTED: a new RPC stays closed until it is given a right here.
-// `service` and `tokens` must outlive the result.
-std::unique_ptr<grpc::Service> MakeAuthorizingService(ChunkdService* service,
-                                                      std::shared_ptr<const TokenTable> tokens);
+// Checks each call of chunkd.v1.Chunkd before its handler sees it (rpc::Engine): the call's
+// token must hold the right its method needs (Authorize). A method without a rule here is
+// refused with PERMISSION_DENIED: a new RPC stays closed until it is given a right.
+rpc::Authorizer MakeTokenAuthorizer(std::shared_ptr<const TokenTable> tokens);
 
 }  // namespace chunkd::server
 

@@ -384,13 +384,10 @@ absl::StatusOr<std::unique_ptr<ServerSecurity>> ServerSecurity::Create(
 
 ServerSecurity::~ServerSecurity() = default;
 
-void ServerSecurity::Configure(grpc::ServerBuilder& builder, ChunkdService* service) {
-  if (tokens_) {
-    authorizing_service_ = MakeAuthorizingService(service, tokens_);
-    builder.RegisterService(authorizing_service_.get());
-  } else {
-    builder.RegisterService(service);
-  }
+void ServerSecurity::Configure(grpc::ServerBuilder& builder, ChunkdService* service,
+                               rpc::Engine* engine) {
+  builder.RegisterService(service);
+  if (tokens_) engine->set_authorizer(MakeTokenAuthorizer(tokens_));
   if (options_.max_concurrent_streams > 0) {
     builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options_.max_concurrent_streams);
   }

@@ -31,6 +31,9 @@
 namespace chunkd::server {
 
 class ChunkdService;
+namespace rpc {
+class Engine;
+}  // namespace rpc
 class TokenTable;
 class CallWatchdog;
 
@@ -73,9 +76,10 @@ class ServerSecurity {
                                                                 std::vector<std::string> listen);
   ~ServerSecurity();
 
-  // Registers `service` on `builder` (behind the token check when there are tokens), with the
-  // connection limits and the call-duration interceptor. `service` must outlive the server.
-  void Configure(grpc::ServerBuilder& builder, ChunkdService* service);
+  // Registers `service` on `builder` and, when there are tokens, puts the token check in front
+  // of it in `engine`; adds the connection limits and the call-duration interceptor. `service`
+  // must outlive the server.
+  void Configure(grpc::ServerBuilder& builder, ChunkdService* service, rpc::Engine* engine);
   // The credentials of one listening address: TLS for TCP when configured, else plaintext.
   std::shared_ptr<grpc::ServerCredentials> CredentialsFor(absl::string_view address) const;
   // builder.BuildAndStart(), with UNIX sockets created owner-only.
@@ -95,7 +99,6 @@ class ServerSecurity {
   std::string tls_cert_pem_, tls_key_pem_, tls_client_ca_pem_;
   std::optional<gid_t> socket_group_;
   std::shared_ptr<const TokenTable> tokens_;
-  std::unique_ptr<grpc::Service> authorizing_service_;
   std::unique_ptr<CallWatchdog> watchdog_;
 };
 

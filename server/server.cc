@@ -12,7 +12,6 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_cat.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
-#include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
 #include "server/byte_size.h"
@@ -103,14 +102,23 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   if (!security.ok()) return security.status();
   server->security_ = *std::move(security);
 
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  // Reflection is gRPC's synchronous service: its threads poll beside the engine's and cost
+  // every call a hand-off (server/rpc_engine.h), so it is there only when asked for.
+  if (config.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   // Put parts are at most 1 MiB by contract; allow slack for clients that send larger ones.
   builder.SetMaxReceiveMessageSize(8 << 20);
   builder.AddChannelArgument(wire::kStreamWindowArg, wire::kStreamWindowBytes);
   builder.AddChannelArgument(wire::kMaxFrameArg, wire::kMaxFrameBytes);
-  server->security_->Configure(builder, server->service_.get());  // the service, tokens, limits
+  int threads = config.rpc_threads > 0 ? config.rpc_threads : rpc::DefaultThreads();
+  server->engine_ = std::make_unique<rpc::Engine>(builder, threads);
+  // the service, tokens, limits
+  server->security_->Configure(builder, server->service_.get(), server->engine_.get());
+  server->service_->Serve(server->engine_.get());
+  server->health_ = std::make_unique<HealthService>(
+      std::vector<std::string>{v1::Chunkd::service_full_name()});
+  server->health_->Register(builder);
+  server->health_->Serve(server->engine_.get());
   std::vector<std::unique_ptr<int>> ports;
   if (config.listen.empty()) return absl::InvalidArgumentError("no address to listen on");
   for (const std::string& address : config.listen) {
@@ -127,6 +135,7 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
         "could not listen on ", absl::StrJoin(config.listen, ", "),
         " (address in use, or not an address of this host?)"));
   }
+  server->engine_->Start();
   for (size_t i = 0; i < config.listen.size(); ++i) {
     const std::string& address = config.listen[i];
     if (!UnixSocketPath(address).empty()) {
@@ -144,26 +153,27 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
     server->grpc_server_->Shutdown();
     return s;
   }
-  if (auto* health = server->grpc_server_->GetHealthCheckService()) {
-    health->SetServingStatus(true);
-    health->SetServingStatus(v1::Chunkd::service_full_name(), true);
-  }
+  server->health_->SetServing(true);
   return server;
 }
 
 void ChunkdServer::Shutdown(absl::Duration grace) {
   if (shut_down_) return;
   shut_down_ = true;
-  if (auto* health = grpc_server_->GetHealthCheckService()) health->SetServingStatus(false);
+  health_->Shutdown();
   grpc_server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  // Calls the server cancelled still finish through the engine's queues.
+  engine_->Shutdown();
   grpc_server_->Wait();
 }
 
 ChunkdServer::~ChunkdServer() {
   if (grpc_server_) Shutdown(absl::ZeroDuration());
-  // The service's reactors are all done once the server has shut down; the store's I/O
-  // threads finish what is queued as the store is destroyed.
+  // Every call has ended once the engine has shut down; the store's I/O threads finish what is
+  // queued as the store is destroyed. The engine's queues go after the server that used them.
   grpc_server_.reset();
+  engine_.reset();
+  health_.reset();
   service_.reset();
   store_.reset();
   device_tier_.reset();

@@ -13,7 +13,9 @@
 #include "buffer/shm_arena.h"
 #include "server/chunk_store.h"
 #include "server/device_tier.h"
+#include "server/health_service.h"
 #include "server/lease_table.h"
+#include "server/rpc_engine.h"
 #include "server/security.h"
 #include "server/service.h"
 
@@ -37,6 +39,10 @@ struct ServerConfig {
   DeviceTierOptions device_tier;
   // TLS, tokens, socket mode, connection and call limits (server/security.h).
   SecurityOptions security;
+  // Completion-queue threads that run the RPCs (server/rpc_engine.h); 0: rpc::DefaultThreads().
+  int rpc_threads = 0;
+  // gRPC server reflection (for grpcurl); off by default, see server.cc.
+  bool reflection = false;
 };
 
 class ChunkdServer {
@@ -67,6 +73,8 @@ class ChunkdServer {
   std::unique_ptr<ChunkStore> store_;
   std::unique_ptr<ChunkdService> service_;
   std::unique_ptr<ServerSecurity> security_;  // outlives grpc_server_ (its interceptors)
+  std::unique_ptr<HealthService> health_;
+  std::unique_ptr<rpc::Engine> engine_;       // its queues outlive grpc_server_
   std::unique_ptr<grpc::Server> grpc_server_;
   std::vector<std::string> addresses_;
   bool shut_down_ = false;

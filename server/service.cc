@@ -56,6 +56,62 @@ absl::StatusOr<ByteRange> RangeFromProto(const v1::GetRequest& request) {
   return range;
 }
 
+// Makes the call objects of one method: each arrival arms the next.
+template <class CallT>
+rpc::Engine::Spawner SpawnerOf(ChunkdService* service) {
+  return [service](rpc::Engine* engine, grpc::ServerCompletionQueue* queue) {
+    (new CallT(service, engine, queue))->Arm();
+  };
+}
+
+// A unary method: the service's handler fills the response in and calls `done`, there or
+// later from an I/O thread.
+template <class Req, class Resp>
+class UnaryMethodCall final : public rpc::UnaryCall<Req, Resp> {
+ public:
+  using RequestFn = void (ChunkdService::*)(grpc::ServerContext*, Req*,
+                                            grpc::ServerAsyncResponseWriter<Resp>*,
+                                            grpc::CompletionQueue*, grpc::ServerCompletionQueue*,
+                                            void*);
+  using HandlerFn = void (ChunkdService::*)(const Req&, Resp*, UnaryDone);
+
+  UnaryMethodCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue,
+                  const char* name, RequestFn request, HandlerFn handler)
+      : rpc::UnaryCall<Req, Resp>(engine, queue, name,
+                                  [=](rpc::Engine* e, grpc::ServerCompletionQueue* q) {
+                                    (new UnaryMethodCall(service, e, q, name, request, handler))
+                                        ->Arm();
+                                  }),
+        service_(service),
+        request_fn_(request),
+        handler_(handler) {}
+
+ private:
+  void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
+    (service_->*request_fn_)(&this->context_, &this->request_, &this->responder_, queue, queue,
+                             tag);
+  }
+  void OnStart() override {
+    (service_->*handler_)(this->request_, &this->response_,
+                          [this](grpc::Status status) { this->Finish(std::move(status)); });
+  }
+
+  ChunkdService* const service_;
+  const RequestFn request_fn_;
+  const HandlerFn handler_;
+};
+
+template <class Req, class Resp>
+void AddUnary(rpc::Engine* engine, ChunkdService* service, const char* name,
+              typename UnaryMethodCall<Req, Resp>::RequestFn request,
+              void (ChunkdService::*handler)(const Req&, Resp*, UnaryDone)) {
+  engine->AddMethod(
+      [=](rpc::Engine* e, grpc::ServerCompletionQueue* q) {
+        (new UnaryMethodCall<Req, Resp>(service, e, q, name, request, handler))->Arm();
+      },
+      1);
+}
+
 buffer::HostIdentity IdentityFromProto(const v1::ClientIdentity& proto) {
   buffer::HostIdentity id;
   id.boot_id = proto.boot_id();
@@ -68,15 +124,20 @@ buffer::HostIdentity IdentityFromProto(const v1::ClientIdentity& proto) {
 }
 
 // Streams one value (or range of it) as GetResponse messages, or hands out a handle.
-class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  GetReactor(ChunkdService* service, grpc::CallbackServerContext* context,
-             const grpc::ByteBuffer* raw_request)
-      : service_(service) {
+  GetCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue)
+      : ServerStreamCall(engine, queue, "Get", SpawnerOf<GetCall>(service)), service_(service) {}
+
+ private:
+  void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
+    service_->RequestGet(&context_, &request_, &writer_, queue, queue, tag);
+  }
+
+  void OnStart() override {
     service_->counters().gets.fetch_add(1, std::memory_order_relaxed);
     v1::GetRequest request;
-    grpc::ByteBuffer copy(*raw_request);  // Deserialize consumes its input; this copies refs
-    if (!grpc::SerializationTraits<v1::GetRequest>::Deserialize(&copy, &request).ok()) {
+    if (!grpc::SerializationTraits<v1::GetRequest>::Deserialize(&request_, &request).ok()) {
       FinishWith(Error(grpc::StatusCode::INVALID_ARGUMENT, "malformed GetRequest"));
       return;
     }
@@ -121,9 +182,7 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   }
 
   void OnCancel() override { cancelled_.store(true); }
-  void OnDone() override { delete this; }
 
- private:
   void FinishWith(grpc::Status status) {
     if (!status.ok()) service_->counters().get_errors.fetch_add(1, std::memory_order_relaxed);
     Finish(std::move(status));
@@ -305,11 +364,17 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 };
 
 // Receives a value in parts into memory sized from the header, then writes it through.
-class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
+class PutCall final : public rpc::ClientStreamCall<v1::PutRequest, v1::PutResponse> {
  public:
-  PutReactor(ChunkdService* service, grpc::CallbackServerContext* context,
-             v1::PutResponse* response)
-      : service_(service), context_(context), response_(response) {
+  PutCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue)
+      : ClientStreamCall(engine, queue, "Put", SpawnerOf<PutCall>(service)), service_(service) {}
+
+ private:
+  void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
+    service_->RequestPut(&context_, &reader_, queue, queue, tag);
+  }
+
+  void OnStart() override {
     if (service_->options().read_only) {
       Finish(Error(grpc::StatusCode::PERMISSION_DENIED,
                    "the server is read-only (--read_only); writes are refused"));
@@ -321,7 +386,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   void OnReadDone(bool ok) override {
     if (!ok) {
       // The client finished sending (or went away).
-      if (context_->IsCancelled()) {
+      if (context_.IsCancelled()) {
         Finish(Error(grpc::StatusCode::CANCELLED, "cancelled"));
       } else if (!have_header_) {
         Finish(Error(grpc::StatusCode::INVALID_ARGUMENT, "Put ended before its header"));
@@ -359,10 +424,8 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
 
   void OnDone() override {
     if (reserved_ > 0) service_->ReleasePutBytes(reserved_);
-    delete this;
   }
 
- private:
   grpc::Status StartValue() {
     if (!request_.has_header()) {
       return Error(grpc::StatusCode::INVALID_ARGUMENT,
@@ -397,8 +460,8 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
     absl::Status queued = service_->store().Submit([this, value = std::move(value)]() mutable {
       absl::StatusOr<ValueInfo> info = service_->store().Write(key_, std::move(value), conditions_);
       if (info.ok()) {
-        response_->set_generation(info->generation);
-        response_->set_size(info->size);
+        response_.set_generation(info->generation);
+        response_.set_size(info->size);
         service_->counters().puts.fetch_add(1, std::memory_order_relaxed);
         service_->counters().bytes_written.fetch_add(info->size, std::memory_order_relaxed);
       }
@@ -408,8 +471,6 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   }
 
   ChunkdService* const service_;
-  grpc::CallbackServerContext* const context_;
-  v1::PutResponse* const response_;
   v1::PutRequest request_;
   bool have_header_ = false;
   std::string key_;
@@ -422,15 +483,24 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
 
 // Streams a listing page by page; each page is read on an I/O thread after the previous one
 // was sent, so a slow reader holds one page, not the whole listing.
-class ListReactor final : public grpc::ServerWriteReactor<v1::ListResponse> {
+class ListCall final : public rpc::ServerStreamCall<v1::ListRequest, v1::ListResponse> {
  public:
-  ListReactor(ChunkdService* service, const v1::ListRequest* request) : service_(service) {
-    if (absl::Status s = ValidatePrefix(request->prefix()); !s.ok()) {
+  ListCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue)
+      : ServerStreamCall(engine, queue, "List", SpawnerOf<ListCall>(service)), service_(service) {}
+
+ private:
+  void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
+    service_->RequestList(&context_, &request_, &writer_, queue, queue, tag);
+  }
+
+  void OnStart() override {
+    service_->counters().lists.fetch_add(1, std::memory_order_relaxed);
+    if (absl::Status s = ValidatePrefix(request_.prefix()); !s.ok()) {
       Finish(ToGrpcStatus(s));
       return;
     }
-    prefix_ = request->prefix();
-    directory_ = request->directory();
+    prefix_ = request_.prefix();
+    directory_ = request_.directory();
     ScheduleNextPage();
   }
 
@@ -441,9 +511,7 @@ class ListReactor final : public grpc::ServerWriteReactor<v1::ListResponse> {
     }
     ScheduleNextPage();
   }
-  void OnDone() override { delete this; }
 
- private:
   void ScheduleNextPage() {
     absl::Status queued = service_->store().Submit([this] { NextPage(); });
     if (!queued.ok()) Finish(ToGrpcStatus(queued));
@@ -494,10 +562,19 @@ class ListReactor final : public grpc::ServerWriteReactor<v1::ListResponse> {
 
 // Warms keys on a thread of its own (reads block on the store) and streams progress; one write
 // is in flight at a time, so the thread waits for each progress message to be sent.
-class PrefetchReactor final : public grpc::ServerWriteReactor<v1::PrefetchResponse> {
+class PrefetchCall final : public rpc::ServerStreamCall<v1::PrefetchRequest, v1::PrefetchResponse> {
  public:
-  PrefetchReactor(ChunkdService* service, const v1::PrefetchRequest* request)
-      : service_(service) {
+  PrefetchCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue)
+      : ServerStreamCall(engine, queue, "Prefetch", SpawnerOf<PrefetchCall>(service)),
+        service_(service) {}
+
+ private:
+  void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
+    service_->RequestPrefetch(&context_, &request_, &writer_, queue, queue, tag);
+  }
+
+  void OnStart() override {
+    const v1::PrefetchRequest* request = &request_;
     for (const std::string& key : request->keys()) {
       if (absl::Status s = ValidateKey(key); !s.ok()) {
         Finish(ToGrpcStatus(s));
@@ -540,10 +617,8 @@ class PrefetchReactor final : public grpc::ServerWriteReactor<v1::PrefetchRespon
       }
       service_->EndPrefetch();
     }
-    delete this;
   }
 
- private:
   void Run() {
     absl::Status status = chunkd::server::Prefetch(
         service_->store(), keys_, prefix_, /*report_every=*/64,
@@ -565,7 +640,7 @@ class PrefetchReactor final : public grpc::ServerWriteReactor<v1::PrefetchRespon
     StartWrite(&response_);
     mu_.Lock();
     mu_.Await(absl::Condition(
-        +[](PrefetchReactor* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(r->mu_) {
+        +[](PrefetchCall* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(r->mu_) {
           return !r->writing_ || r->cancelled_;
         },
         this));
@@ -598,49 +673,49 @@ bool ChunkdService::ReservePutBytes(uint64_t bytes) {
 
 void ChunkdService::ReleasePutBytes(uint64_t bytes) { inflight_put_bytes_.fetch_sub(bytes); }
 
-grpc::ServerWriteReactor<grpc::ByteBuffer>* ChunkdService::Get(
-    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
-  return new GetReactor(this, context, request);
+void ChunkdService::Serve(rpc::Engine* engine) {
+  // Gets come in bursts from many clients: several wait on each queue, so that the next Get is
+  // matched at once rather than queued inside gRPC until a call object is re-armed.
+  engine->AddMethod(SpawnerOf<GetCall>(this), 8);
+  engine->AddMethod(SpawnerOf<PutCall>(this), 2);
+  engine->AddMethod(SpawnerOf<ListCall>(this), 1);
+  engine->AddMethod(SpawnerOf<PrefetchCall>(this), 1);
+  AddUnary(engine, this, "Delete", &ChunkdService::RequestDelete, &ChunkdService::Delete);
+  AddUnary(engine, this, "Stat", &ChunkdService::RequestStat, &ChunkdService::Stat);
+  AddUnary(engine, this, "ServerInfo", &ChunkdService::RequestServerInfo,
+           &ChunkdService::ServerInfo);
+  AddUnary(engine, this, "Release", &ChunkdService::RequestRelease, &ChunkdService::Release);
+  AddUnary(engine, this, "Renew", &ChunkdService::RequestRenew, &ChunkdService::Renew);
 }
 
-grpc::ServerReadReactor<v1::PutRequest>* ChunkdService::Put(grpc::CallbackServerContext* context,
-                                                            v1::PutResponse* response) {
-  return new PutReactor(this, context, response);
-}
-
-grpc::ServerUnaryReactor* ChunkdService::Delete(grpc::CallbackServerContext* context,
-                                                const v1::DeleteRequest* request,
-                                                v1::DeleteResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+void ChunkdService::Delete(const v1::DeleteRequest& request, v1::DeleteResponse* response,
+                           UnaryDone done) {
   if (options_.read_only) {
-    reactor->Finish(Error(grpc::StatusCode::PERMISSION_DENIED,
-                          "the server is read-only (--read_only); deletes are refused"));
-    return reactor;
+    done(Error(grpc::StatusCode::PERMISSION_DENIED,
+               "the server is read-only (--read_only); deletes are refused"));
+    return;
   }
-  if (absl::Status s = ValidateKey(request->key()); !s.ok()) {
-    reactor->Finish(ToGrpcStatus(s));
-    return reactor;
+  if (absl::Status s = ValidateKey(request.key()); !s.ok()) {
+    done(ToGrpcStatus(s));
+    return;
   }
   absl::Status queued = store_->Submit(
-      [this, reactor, key = request->key(), conditions = ConditionsFromProto(request->conditions())] {
+      [this, done, key = request.key(), conditions = ConditionsFromProto(request.conditions())] {
         absl::Status s = store_->Delete(key, conditions);
         if (s.ok()) counters_.deletes.fetch_add(1, std::memory_order_relaxed);
-        reactor->Finish(ToGrpcStatus(s));
+        done(ToGrpcStatus(s));
       });
-  if (!queued.ok()) reactor->Finish(ToGrpcStatus(queued));
-  return reactor;
+  if (!queued.ok()) done(ToGrpcStatus(queued));
 }
 
-grpc::ServerUnaryReactor* ChunkdService::Stat(grpc::CallbackServerContext* context,
-                                              const v1::StatRequest* request,
-                                              v1::StatResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+void ChunkdService::Stat(const v1::StatRequest& request, v1::StatResponse* response,
+                         UnaryDone done) {
   counters_.stats.fetch_add(1, std::memory_order_relaxed);
-  if (absl::Status s = ValidateKey(request->key()); !s.ok()) {
-    reactor->Finish(ToGrpcStatus(s));
-    return reactor;
+  if (absl::Status s = ValidateKey(request.key()); !s.ok()) {
+    done(ToGrpcStatus(s));
+    return;
   }
-  auto answer = [reactor, response](absl::StatusOr<ValueInfo> info) {
+  auto answer = [done, response](absl::StatusOr<ValueInfo> info) {
     if (info.ok()) {
       response->set_exists(true);
       response->set_size(info->size);
@@ -648,35 +723,25 @@ grpc::ServerUnaryReactor* ChunkdService::Stat(grpc::CallbackServerContext* conte
     } else if (absl::IsNotFound(info.status())) {
       response->set_exists(false);
     } else {
-      reactor->Finish(ToGrpcStatus(info.status()));
+      done(ToGrpcStatus(info.status()));
       return;
     }
-    reactor->Finish(grpc::Status::OK);
+    done(grpc::Status::OK);
   };
   // A cached value is answered here; only a miss asks the backend, on an I/O thread.
-  if (std::optional<ValueInfo> cached = store_->CachedInfo(request->key())) {
+  if (std::optional<ValueInfo> cached = store_->CachedInfo(request.key())) {
     answer(*cached);
-    return reactor;
+    return;
   }
   absl::Status queued =
-      store_->Submit([this, answer, key = request->key()] { answer(store_->Stat(key)); });
-  if (!queued.ok()) reactor->Finish(ToGrpcStatus(queued));
-  return reactor;
+      store_->Submit([this, answer, key = request.key()] { answer(store_->Stat(key)); });
+  if (!queued.ok()) done(ToGrpcStatus(queued));
 }
 
-grpc::ServerWriteReactor<v1::ListResponse>* ChunkdService::List(
-    grpc::CallbackServerContext* context, const v1::ListRequest* request) {
-  counters_.lists.fetch_add(1, std::memory_order_relaxed);
-  return new ListReactor(this, request);
-}
-
-grpc::ServerUnaryReactor* ChunkdService::ServerInfo(grpc::CallbackServerContext* context,
-                                                    const v1::ServerInfoRequest* request,
-                                                    v1::ServerInfoResponse* response) {
+void ChunkdService::ServerInfo(const v1::ServerInfoRequest& request,
+                               v1::ServerInfoResponse* response, UnaryDone done) {
   FillServerInfo(response);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  done(grpc::Status::OK);
 }
 
 void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
@@ -773,35 +838,24 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   }
 }
 
-grpc::ServerUnaryReactor* ChunkdService::Release(grpc::CallbackServerContext* context,
-                                                 const v1::ReleaseRequest* request,
-                                                 v1::ReleaseResponse* response) {
-  std::vector<uint64_t> ids(request->lease_ids().begin(), request->lease_ids().end());
+void ChunkdService::Release(const v1::ReleaseRequest& request, v1::ReleaseResponse* response,
+                            UnaryDone done) {
+  std::vector<uint64_t> ids(request.lease_ids().begin(), request.lease_ids().end());
   std::vector<uint64_t> unknown =
       options_.leases ? options_.leases->Release(ids) : std::move(ids);
   for (uint64_t id : unknown) response->add_unknown_lease_ids(id);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  done(grpc::Status::OK);
 }
 
-grpc::ServerUnaryReactor* ChunkdService::Renew(grpc::CallbackServerContext* context,
-                                               const v1::RenewRequest* request,
-                                               v1::RenewResponse* response) {
-  std::vector<uint64_t> ids(request->lease_ids().begin(), request->lease_ids().end());
+void ChunkdService::Renew(const v1::RenewRequest& request, v1::RenewResponse* response,
+                          UnaryDone done) {
+  std::vector<uint64_t> ids(request.lease_ids().begin(), request.lease_ids().end());
   std::vector<uint64_t> unknown = options_.leases ? options_.leases->Renew(ids) : std::move(ids);
   for (uint64_t id : unknown) response->add_unknown_lease_ids(id);
   if (options_.leases) {
     response->set_ttl_ms(absl::ToInt64Milliseconds(options_.leases->ttl()));
   }
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
-}
-
-grpc::ServerWriteReactor<v1::PrefetchResponse>* ChunkdService::Prefetch(
-    grpc::CallbackServerContext* context, const v1::PrefetchRequest* request) {
-  return new PrefetchReactor(this, request);
+  done(grpc::Status::OK);
 }
 
 bool ChunkdService::BeginPrefetch() {

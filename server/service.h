@@ -1,4 +1,6 @@
-// The chunkd.v1.Chunkd gRPC service, on gRPC's callback API.
+// The chunkd.v1.Chunkd gRPC service, on gRPC's asynchronous API (server/rpc_engine.h): every
+// call is handled on the completion-queue thread that received it, unless it must wait for the
+// backend.
 //
 // Get is served raw: each reply message is the protobuf encoding of a GetResponse assembled by
 // hand from a small header slice and a slice that points into the cached buffer, so a value's
@@ -10,6 +12,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -18,6 +21,7 @@
 #include "server/chunk_store.h"
 #include "server/device_tier.h"
 #include "server/lease_table.h"
+#include "server/rpc_engine.h"
 
 namespace chunkd::server {
 
@@ -48,35 +52,29 @@ struct ServiceCounters {
       cuda_unknown_gpu{0};
 };
 
-using ServiceBase = v1::Chunkd::WithRawCallbackMethod_Get<v1::Chunkd::CallbackService>;
+// Get is raw (replies are assembled by hand); the other methods are typed.
+using ServiceBase = v1::Chunkd::WithRawMethod_Get<v1::Chunkd::AsyncService>;
+
+// Ends a unary call: OK sends the response filled in, an error only the status. Called once,
+// from any thread.
+using UnaryDone = std::function<void(grpc::Status)>;
 
 class ChunkdService final : public ServiceBase {
  public:
   ChunkdService(ChunkStore* store, const ServiceOptions& options);
 
-  grpc::ServerWriteReactor<grpc::ByteBuffer>* Get(grpc::CallbackServerContext* context,
-                                                  const grpc::ByteBuffer* request) override;
-  grpc::ServerReadReactor<v1::PutRequest>* Put(grpc::CallbackServerContext* context,
-                                               v1::PutResponse* response) override;
-  grpc::ServerUnaryReactor* Delete(grpc::CallbackServerContext* context,
-                                   const v1::DeleteRequest* request,
-                                   v1::DeleteResponse* response) override;
-  grpc::ServerUnaryReactor* Stat(grpc::CallbackServerContext* context,
-                                 const v1::StatRequest* request,
-                                 v1::StatResponse* response) override;
-  grpc::ServerWriteReactor<v1::ListResponse>* List(grpc::CallbackServerContext* context,
-                                                   const v1::ListRequest* request) override;
-  grpc::ServerUnaryReactor* ServerInfo(grpc::CallbackServerContext* context,
-                                       const v1::ServerInfoRequest* request,
-                                       v1::ServerInfoResponse* response) override;
-  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* context,
-                                    const v1::ReleaseRequest* request,
-                                    v1::ReleaseResponse* response) override;
-  grpc::ServerUnaryReactor* Renew(grpc::CallbackServerContext* context,
-                                  const v1::RenewRequest* request,
-                                  v1::RenewResponse* response) override;
-  grpc::ServerWriteReactor<v1::PrefetchResponse>* Prefetch(
-      grpc::CallbackServerContext* context, const v1::PrefetchRequest* request) override;
+  // Registers every method with `engine` (before engine->Start()). Register the service with
+  // the grpc::ServerBuilder that `engine` was made with, too.
+  void Serve(rpc::Engine* engine);
+
+  // The unary methods' handlers.
+  void Delete(const v1::DeleteRequest& request, v1::DeleteResponse* response, UnaryDone done);
+  void Stat(const v1::StatRequest& request, v1::StatResponse* response, UnaryDone done);
+  void ServerInfo(const v1::ServerInfoRequest& request, v1::ServerInfoResponse* response,
+                  UnaryDone done);
+  void Release(const v1::ReleaseRequest& request, v1::ReleaseResponse* response,
+               UnaryDone done);
+  void Renew(const v1::RenewRequest& request, v1::RenewResponse* response, UnaryDone done);
 
   ChunkStore& store() { return *store_; }
   // What ServerInfo answers: version, store, tiers, leases, counters (also for /metrics).

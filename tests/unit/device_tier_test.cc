@@ -483,13 +483,17 @@ class CudaServiceTest : public ::testing::Test {
     int port = 0;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
     builder.RegisterService(service_.get());
+    engine_ = std::make_unique<server::rpc::Engine>(builder, 1);
+    service_->Serve(engine_.get());
     server_ = builder.BuildAndStart();
     ASSERT_NE(port, 0);
+    engine_->Start();
     stub_ = v1::Chunkd::NewStub(grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
                                                     grpc::InsecureChannelCredentials()));
   }
   void TearDown() override {
     if (server_) server_->Shutdown();
+    if (engine_) engine_->Shutdown();
   }
 
   void Put(const std::string& key, const std::string& value) {
@@ -563,6 +567,7 @@ class CudaServiceTest : public ::testing::Test {
   std::unique_ptr<LeaseTable> leases_;
   std::unique_ptr<server::ChunkStore> store_;
   std::unique_ptr<server::ChunkdService> service_;
+  std::unique_ptr<server::rpc::Engine> engine_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<v1::Chunkd::Stub> stub_;
 };
