@@ -5,6 +5,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -13,6 +14,8 @@
 #include "absl/strings/str_cat.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/security/server_credentials.h"
+#include "grpcpp/impl/server_builder_option.h"
+#include "grpcpp/impl/server_builder_plugin.h"
 #include "grpcpp/server_builder.h"
 #include "server/byte_size.h"
 #include "proto/wire/transport.h"
@@ -51,6 +54,18 @@ absl::Status ClearStaleSocket(const std::string& path) {
   ::unlink(path.c_str());
   return absl::OkStatus();
 }
+
+// Linking gRPC's reflection library registers its plugin with every ServerBuilder; this option
+// takes it out again when reflection was not asked for.
+class WithoutReflection final : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments*) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [](const auto& p) { return p->name() == "proto_server_reflection"; }),
+                   plugins->end());
+  }
+};
 
 }  // namespace
 
@@ -106,6 +121,7 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   // every call a hand-off (server/rpc_engine.h), so it is there only when asked for.
   if (config.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  if (!config.reflection) builder.SetOption(std::make_unique<WithoutReflection>());
   // Put parts are at most 1 MiB by contract; allow slack for clients that send larger ones.
   builder.SetMaxReceiveMessageSize(8 << 20);
   builder.AddChannelArgument(wire::kStreamWindowArg, wire::kStreamWindowBytes);

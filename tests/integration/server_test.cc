@@ -13,6 +13,8 @@
 #include "client/client.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/impl/client_unary_call.h"
+#include "grpcpp/support/sync_stream.h"
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
 
@@ -29,6 +31,32 @@ using testing::TempDir;
 
 buffer::cpu::Buffer Bytes(const std::string& s) { return buffer::cpu::Buffer::CopyOf(s); }
 std::string Str(const buffer::cpu::Buffer& b) { return std::string(b.view()); }
+
+// HealthCheckRequest { string service = 1; }, encoded by hand as the server decodes it.
+grpc::ByteBuffer HealthRequest(const std::string& service) {
+  std::string bytes;
+  if (!service.empty()) bytes = std::string("\x0a") + char(service.size()) + service;
+  grpc::Slice slice(bytes);
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+std::string Flat(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  EXPECT_TRUE(buffer.Dump(&slices).ok());
+  std::string bytes;
+  for (auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return bytes;
+}
+
+// A unary call of any method with raw messages, on the synchronous API.
+grpc::Status RawUnary(const std::shared_ptr<grpc::Channel>& channel, const char* method,
+                      const grpc::ByteBuffer& request, grpc::ByteBuffer* response) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  grpc::internal::RpcMethod rpc(method, grpc::internal::RpcMethod::NORMAL_RPC);
+  return grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(
+      channel.get(), rpc, &context, request, response);
+}
 
 std::unique_ptr<Client> Connect(const std::string& address) {
   ClientOptions options;
@@ -373,6 +401,23 @@ TEST_P(ServerTest, ReportsHealthAndInfo) {
   EXPECT_LE(info->tiers(0).used_bytes(), info->tiers(0).capacity_bytes());
 }
 
+TEST_P(ServerTest, HealthAnswersForTheServerAndItsServiceOnly) {
+  auto channel = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
+  grpc::ByteBuffer response;
+  grpc::Status status =
+      RawUnary(channel, "/grpc.health.v1.Health/Check", HealthRequest("chunkd.v1.Chunkd"),
+               &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(Flat(response), std::string("\x08\x01", 2));  // SERVING
+  status = RawUnary(channel, "/grpc.health.v1.Health/Check", HealthRequest("no.such.Service"),
+                    &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << status.error_message();
+  // A method no service has; reflection is off unless --reflection.
+  status = RawUnary(channel, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                    HealthRequest(""), &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED) << status.error_message();
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, ServerTest, ::testing::Values("tcp", "unix"),
                          [](const auto& info) { return info.param; });
 
@@ -449,6 +494,53 @@ TEST(ServerLifecycle, SigtermFinishesCallsInFlightAndExitsZero) {
   options.timeout = absl::Seconds(2);
   auto late = Client::Connect(options);
   EXPECT_EQ((*late)->Get("v").status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(ServerLifecycle, HealthWatchersHearNotServingAndEndWhenTheServerStops) {
+  TempDir dir;
+  auto server = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
+                                      "--shutdown_grace=30s"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto channel = grpc::CreateChannel((*server)->address(), grpc::InsecureChannelCredentials());
+  grpc::ClientContext context;
+  grpc::internal::RpcMethod watch("/grpc.health.v1.Health/Watch",
+                                  grpc::internal::RpcMethod::SERVER_STREAMING);
+  std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
+      grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(channel.get(), watch, &context,
+                                                                    HealthRequest("")));
+  grpc::ByteBuffer message;
+  ASSERT_TRUE(reader->Read(&message));
+  EXPECT_EQ(Flat(message), std::string("\x08\x01", 2));  // SERVING
+  absl::Time stopped = absl::Now();
+  ASSERT_EQ(::kill((*server)->pid(), SIGTERM), 0);
+  ASSERT_TRUE(reader->Read(&message));
+  EXPECT_EQ(Flat(message), std::string("\x08\x02", 2));  // NOT_SERVING
+  EXPECT_FALSE(reader->Read(&message));
+  EXPECT_TRUE(reader->Finish().ok());
+  // The open Watch did not hold the shutdown for its 30 s of grace.
+  EXPECT_EQ((*server)->Stop(SIGTERM), 0) << (*server)->log();
+  EXPECT_LT(absl::Now() - stopped, absl::Seconds(10));
+}
+
+TEST(ServerLifecycle, ReflectionOnlyWhenAskedFor) {
+  TempDir dir;
+  auto server = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
+                                      "--reflection"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto channel = grpc::CreateChannel((*server)->address(), grpc::InsecureChannelCredentials());
+  // ServerReflectionRequest { list_services = 7: "" }
+  std::string bytes("\x3a\x00", 2);
+  grpc::Slice slice(bytes);
+  grpc::ByteBuffer response;
+  grpc::Status status =
+      RawUnary(channel, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+               grpc::ByteBuffer(&slice, 1), &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_NE(Flat(response).find("chunkd.v1.Chunkd"), std::string::npos);
+  // The other services still answer beside it.
+  auto client = Connect((*server)->address());
+  ASSERT_TRUE(client->Put("k", Bytes("v")).ok());
+  EXPECT_EQ(Str(client->Get("k")->data), "v");
 }
 
 TEST(ServerLifecycle, ExplainsBadFlags) {
