@@ -29,6 +29,7 @@ namespace chunkd::client {
 namespace {
 
 constexpr char kGetMethod[] = "/chunkd.v1.Chunkd/Get";
+constexpr char kGetManyMethod[] = "/chunkd.v1.Chunkd/GetMany";
 constexpr char kPutMethod[] = "/chunkd.v1.Chunkd/Put";
 // Field numbers of GetResponse.header and PutRequest.header.
 constexpr uint32_t kHeaderField = 1;
@@ -303,38 +304,49 @@ class GetReply {
 
   absl::Status Absorb(const grpc::ByteBuffer& message) {
     wire::FieldReader reader(message);
-    const auto malformed = [] { return absl::DataLossError("malformed Get reply"); };
     while (!reader.done()) {
       uint32_t field, wire_type;
-      if (!reader.NextField(&field, &wire_type)) return malformed();
+      if (!reader.NextField(&field, &wire_type)) return Malformed();
       uint64_t length;
       if (field == kHeaderField && wire_type == 2) {
         std::string bytes;
-        if (have_header_ || !reader.ReadVarint(&length) || !reader.ReadString(length, &bytes) ||
-            !header_.ParseFromString(bytes)) {
-          return malformed();
-        }
-        have_header_ = true;
-        if (header_.delivery() == v1::DELIVERY_SHM ||
-            header_.delivery() == v1::DELIVERY_CUDA_IPC) {
-          continue;  // no bytes follow
-        }
-        auto value = buffer::cpu::MutableBuffer::Allocate(header_.length());
-        if (!value.ok()) return value.status();
-        value_ = *std::move(value);
+        if (!reader.ReadVarint(&length) || !reader.ReadString(length, &bytes)) return Malformed();
+        if (absl::Status s = TakeHeader(bytes); !s.ok()) return s;
       } else if (field == wire::kDataField && wire_type == 2) {
-        if (!have_header_ || !reader.ReadVarint(&length) ||
-            length > header_.length() - received_ ||
-            !reader.ReadBytes(value_.data() + received_, length)) {
-          return malformed();
-        }
-        received_ += length;
+        if (!reader.ReadVarint(&length)) return Malformed();
+        if (absl::Status s = TakeData(reader, length); !s.ok()) return s;
       } else if (!reader.SkipField(wire_type)) {
-        return malformed();
+        return Malformed();
       }
     }
     return absl::OkStatus();
   }
+
+  // The encoded GetHeader: sizes the value, or announces a handle.
+  absl::Status TakeHeader(const std::string& bytes) {
+    if (have_header_ || !header_.ParseFromString(bytes)) return Malformed();
+    have_header_ = true;
+    if (header_.delivery() == v1::DELIVERY_SHM || header_.delivery() == v1::DELIVERY_CUDA_IPC) {
+      return absl::OkStatus();  // no bytes follow
+    }
+    auto value = buffer::cpu::MutableBuffer::Allocate(header_.length());
+    if (!value.ok()) return value.status();
+    value_ = *std::move(value);
+    return absl::OkStatus();
+  }
+
+  // `length` bytes of data, next in `reader`: copied once, into the value.
+  absl::Status TakeData(wire::FieldReader& reader, uint64_t length) {
+    if (!have_header_ || length > header_.length() - received_ ||
+        !reader.ReadBytes(value_.data() + received_, length)) {
+      return Malformed();
+    }
+    received_ += length;
+    return absl::OkStatus();
+  }
+
+  static absl::Status Malformed() { return absl::DataLossError("malformed Get reply"); }
+  bool has_header() const { return have_header_; }
 
   // The result, once the call ended with `status`.
   absl::StatusOr<GetResult> Finish(const grpc::Status& status) {
@@ -412,6 +424,89 @@ class GetReply {
   v1::GetHeader header_;
   buffer::cpu::MutableBuffer value_;
   uint64_t received_ = 0;
+};
+
+// The reply of one GetMany: GetManyResponse messages walked field by field; each part goes to
+// its item's GetReply.
+class GetManyReply {
+ public:
+  GetManyReply(std::shared_ptr<LeaseKeeper> keeper, size_t items) {
+    replies_.reserve(items);
+    for (size_t i = 0; i < items; ++i) replies_.emplace_back(keeper);
+    errors_.resize(items);
+  }
+
+  absl::Status Absorb(const grpc::ByteBuffer& message) {
+    wire::FieldReader reader(message);
+    while (!reader.done()) {
+      uint32_t field, wire_type;
+      uint64_t length;
+      if (!reader.NextField(&field, &wire_type)) return Malformed();
+      if (field != 1 || wire_type != 2) {
+        if (!reader.SkipField(wire_type)) return Malformed();
+        continue;
+      }
+      if (!reader.ReadVarint(&length)) return Malformed();
+      if (absl::Status s = AbsorbPart(reader, reader.consumed() + length); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<GetManyResults> Finish() {
+    GetManyResults results;
+    results.reserve(replies_.size());
+    for (size_t i = 0; i < replies_.size(); ++i) {
+      if (errors_[i]) {
+        results.push_back(*errors_[i]);
+      } else if (!replies_[i].has_header()) {
+        results.push_back(absl::DataLossError(absl::StrCat("GetMany: no reply for item ", i)));
+      } else {
+        results.push_back(replies_[i].Finish(grpc::Status::OK));
+      }
+    }
+    return results;
+  }
+
+ private:
+  // One GetManyPart, which ends where the reader has consumed `end` bytes.
+  absl::Status AbsorbPart(wire::FieldReader& reader, uint64_t end) {
+    std::optional<uint64_t> index;
+    while (reader.consumed() < end) {
+      uint32_t field, wire_type;
+      uint64_t value;
+      if (!reader.NextField(&field, &wire_type)) return Malformed();
+      if (field == 1 && wire_type == 0) {
+        if (!reader.ReadVarint(&value) || value >= replies_.size()) return Malformed();
+        index = value;
+        continue;
+      }
+      // The index comes first: everything else belongs to it.
+      if (!index && (field == 2 || field == 3 || field == wire::kDataField)) return Malformed();
+      if ((field == 2 || field == 3) && wire_type == 2) {
+        std::string bytes;
+        if (!reader.ReadVarint(&value) || !reader.ReadString(value, &bytes)) return Malformed();
+        if (field == 2) {
+          if (absl::Status s = replies_[*index].TakeHeader(bytes); !s.ok()) return s;
+        } else {
+          v1::ItemError error;
+          if (!error.ParseFromString(bytes)) return Malformed();
+          errors_[*index] = FromGrpc(grpc::Status(static_cast<grpc::StatusCode>(error.code()),
+                                                  error.message()));
+        }
+      } else if (field == wire::kDataField && wire_type == 2) {
+        if (!reader.ReadVarint(&value)) return Malformed();
+        if (absl::Status s = replies_[*index].TakeData(reader, value); !s.ok()) return s;
+      } else if (!reader.SkipField(wire_type)) {
+        return Malformed();
+      }
+    }
+    return reader.consumed() == end ? absl::OkStatus() : Malformed();
+  }
+
+  static absl::Status Malformed() { return absl::DataLossError("malformed GetMany reply"); }
+
+  std::vector<GetReply> replies_;
+  std::vector<std::optional<absl::Status>> errors_;
 };
 
 // One asynchronous Get: the request goes out raw, replies are assembled by GetReply.
@@ -624,6 +719,45 @@ class ClientImpl final : public Client {
     });
   }
 
+  absl::StatusOr<GetManyResults> GetMany(const std::vector<GetManyItem>& items,
+                                         const GetOptions& options) override {
+    v1::GetManyRequest request;
+    for (const GetManyItem& item : items) {
+      GetOptions one;
+      one.range = item.range;
+      one.conditions = item.conditions;
+      v1::GetRequest r = MakeGetRequest(item.key, one);
+      r.clear_accept();
+      r.clear_client();
+      *request.add_items() = std::move(r);
+    }
+    v1::GetRequest shared = MakeGetRequest("", options);
+    *request.mutable_accept() = shared.accept();
+    if (shared.has_client()) *request.mutable_client() = shared.client();
+    grpc::ByteBuffer raw = Serialize(request);
+    absl::Time deadline = Deadline(options.timeout);
+    return RetryBlocking<GetManyResults>(options_, deadline,
+                                         [&]() -> absl::StatusOr<GetManyResults> {
+      grpc::ClientContext context;
+      context.set_deadline(absl::ToChronoTime(deadline));
+      std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
+          grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(
+              channel_.get(), get_many_method_, &context, raw));
+      GetManyReply reply(keeper_, items.size());
+      absl::Status error;
+      grpc::ByteBuffer message;
+      while (reader->Read(&message)) {
+        if (!error.ok()) continue;
+        error = reply.Absorb(message);
+        if (!error.ok()) context.TryCancel();
+      }
+      grpc::Status status = reader->Finish();
+      if (!error.ok()) return error;
+      if (!status.ok()) return FromGrpc(status);
+      return reply.Finish();
+    });
+  }
+
   void PutAsync(absl::string_view key, buffer::cpu::Buffer value, const Conditions& conditions,
                 Callback<PutResult> done) override {
     // A conditional write may have landed before the connection broke; retrying it could
@@ -778,6 +912,8 @@ class ClientImpl final : public Client {
   v1::ClientIdentity identity_;
   const grpc::internal::RpcMethod get_method_{kGetMethod,
                                               grpc::internal::RpcMethod::SERVER_STREAMING};
+  const grpc::internal::RpcMethod get_many_method_{kGetManyMethod,
+                                                   grpc::internal::RpcMethod::SERVER_STREAMING};
 };
 
 }  // namespace

@@ -114,6 +114,17 @@ struct GetResult {
   std::optional<buffer::gpu::Buffer> device_data;
 };
 
+// One item of GetMany.
+struct GetManyItem {
+  std::string key;
+  ByteRange range;
+  Conditions conditions;
+};
+
+// GetMany's results, one per item and in the items' order; an item's failure (NOT_FOUND, say)
+// is its own.
+using GetManyResults = std::vector<absl::StatusOr<GetResult>>;
+
 struct PutResult {
   uint64_t generation = 0;
   uint64_t size = 0;
@@ -151,6 +162,14 @@ class Client {
   virtual absl::StatusOr<GetResult> Get(absl::string_view key, const GetOptions& options = {}) = 0;
   virtual void GetAsync(absl::string_view key, const GetOptions& options,
                         Callback<GetResult> done) = 0;
+
+  // Many values in one call (at most 4096 items): the call's overhead is paid once for the
+  // batch, which is what small chunks and shared-memory handles need. Deliveries are inline or
+  // shared memory (options.accept; CUDA IPC is for Get); options.range and .conditions are
+  // unused, each item has its own. The error is the call's (UNAVAILABLE after the retries, too
+  // many items); items fail one by one inside the results.
+  virtual absl::StatusOr<GetManyResults> GetMany(const std::vector<GetManyItem>& items,
+                                                 const GetOptions& options = {}) = 0;
 
   // RESOURCE_EXHAUSTED: larger than the server's maximum, or the store is full.
   virtual absl::StatusOr<PutResult> Put(absl::string_view key, buffer::cpu::Buffer value,

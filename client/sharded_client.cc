@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <map>
 #include <set>
+#include <thread>
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
@@ -172,6 +173,47 @@ class ShardedClientImpl final : public ShardedClient {
                             c.GetAsync(key, options, std::move(cb));
                           },
                           std::move(done));
+  }
+
+  // Items go to their keys' servers, one GetMany per server, in parallel; a group whose server
+  // is down fails over as a whole, like its first key would (every server reads the same store).
+  absl::StatusOr<GetManyResults> GetMany(const std::vector<GetManyItem>& items,
+                                         const GetOptions& options) override {
+    std::vector<std::string> order;
+    absl::flat_hash_map<std::string, std::vector<size_t>> groups;
+    std::vector<std::string> live = servers();
+    for (size_t i = 0; i < items.size(); ++i) {
+      std::vector<std::string> ranked = RendezvousOrder(live, items[i].key);
+      std::string server = ranked.empty() ? "" : ranked.front();
+      auto [it, inserted] = groups.try_emplace(server);
+      if (inserted) order.push_back(server);
+      it->second.push_back(i);
+    }
+    GetManyResults results(items.size(), absl::UnknownError("not fetched"));
+    std::vector<absl::Status> failures(order.size());
+    auto fetch = [&](size_t g) {
+      const std::vector<size_t>& indexes = groups[order[g]];
+      std::vector<GetManyItem> group;
+      for (size_t i : indexes) group.push_back(items[i]);
+      auto got = Route<GetManyResults>(group.front().key, true,
+                                       [&](Client& c) { return c.GetMany(group, options); });
+      if (!got.ok()) {
+        failures[g] = got.status();
+        return;
+      }
+      for (size_t j = 0; j < indexes.size(); ++j) results[indexes[j]] = std::move((*got)[j]);
+    };
+    if (order.size() == 1) {
+      fetch(0);
+    } else {
+      std::vector<std::thread> threads;
+      for (size_t g = 0; g < order.size(); ++g) threads.emplace_back(fetch, g);
+      for (std::thread& t : threads) t.join();
+    }
+    for (const absl::Status& s : failures) {
+      if (!s.ok()) return s;
+    }
+    return results;
   }
 
   absl::StatusOr<PutResult> Put(absl::string_view key, buffer::cpu::Buffer value,

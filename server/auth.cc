@@ -58,7 +58,7 @@ std::string RightsString(Rights rights) {
 std::optional<Right> RequiredRight(absl::string_view method) {
   absl::ConsumePrefix(&method, kServicePrefix);
   static const auto* const kRights = new absl::flat_hash_map<std::string, Right>{
-      {"Get", Right::kRead},        {"Stat", Right::kRead},    {"List", Right::kRead},
+      {"Get", Right::kRead},        {"GetMany", Right::kRead}, {"Stat", Right::kRead},    {"List", Right::kRead},
       {"ServerInfo", Right::kRead}, {"Release", Right::kRead}, {"Renew", Right::kRead},
       {"Put", Right::kWrite},       {"Delete", Right::kWrite}, {"Prefetch", Right::kAdmin},
   };

@@ -123,6 +123,35 @@ buffer::HostIdentity IdentityFromProto(const v1::ClientIdentity& proto) {
   return id;
 }
 
+// Fills in a shared-memory handle and lease when `client` can map this server's segments and
+// `data` lives in one; false means inline delivery.
+bool OfferShm(ChunkdService* service, const buffer::HostIdentity& client,
+              const buffer::cpu::Buffer& data, v1::GetHeader* header) {
+  const ServiceOptions& options = service->options();
+  std::optional<buffer::ShmLocation> location = data.shm_location();
+  if (options.leases == nullptr || !location || data.empty() ||
+      !buffer::CanShareMemory(options.host, client)) {
+    service->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  absl::StatusOr<uint64_t> lease = options.leases->Grant(data);
+  if (!lease.ok()) {
+    service->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  header->set_delivery(v1::DELIVERY_SHM);
+  v1::ShmHandle* shm = header->mutable_shm();
+  shm->set_segment(location->segment);
+  shm->set_segment_size(location->segment_size);
+  shm->set_offset(location->offset);
+  shm->set_length(data.size());
+  header->mutable_lease()->set_id(*lease);
+  header->mutable_lease()->set_ttl_ms(absl::ToInt64Milliseconds(options.leases->ttl()));
+  service->counters().gets_shm.fetch_add(1, std::memory_order_relaxed);
+  service->counters().bytes_served_shm.fetch_add(data.size(), std::memory_order_relaxed);
+  return true;
+}
+
 // Streams one value (or range of it) as GetResponse messages, or hands out a handle.
 class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
@@ -292,7 +321,7 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
   // Shared memory when the client accepts it and can map it, else inline.
   void ReplyWithoutCuda(v1::GetResponse first) {
     v1::GetHeader* header = first.mutable_header();
-    if (wants_shm_ && OfferShm(header)) {
+    if (wants_shm_ && OfferShm(service_, client_, data_, header)) {
       // The handle is the whole reply: no bytes cross the connection.
       message_ = wire::EncodeWithData(first.SerializeAsString(), buffer::cpu::Buffer());
       StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
@@ -301,34 +330,6 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
     header->set_delivery(v1::DELIVERY_INLINE);
     prefix_ = first.SerializeAsString();
     WriteNext();
-  }
-
-  // Fills in a shared-memory handle and lease when the client can map this server's segments
-  // and the bytes live in one; false means inline delivery.
-  bool OfferShm(v1::GetHeader* header) {
-    const ServiceOptions& options = service_->options();
-    std::optional<buffer::ShmLocation> location = data_.shm_location();
-    if (options.leases == nullptr || !location || data_.empty() ||
-        !buffer::CanShareMemory(options.host, client_)) {
-      service_->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
-      return false;
-    }
-    absl::StatusOr<uint64_t> lease = options.leases->Grant(data_);
-    if (!lease.ok()) {
-      service_->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
-      return false;
-    }
-    header->set_delivery(v1::DELIVERY_SHM);
-    v1::ShmHandle* shm = header->mutable_shm();
-    shm->set_segment(location->segment);
-    shm->set_segment_size(location->segment_size);
-    shm->set_offset(location->offset);
-    shm->set_length(data_.size());
-    header->mutable_lease()->set_id(*lease);
-    header->mutable_lease()->set_ttl_ms(absl::ToInt64Milliseconds(options.leases->ttl()));
-    service_->counters().gets_shm.fetch_add(1, std::memory_order_relaxed);
-    service_->counters().bytes_served_shm.fetch_add(data_.size(), std::memory_order_relaxed);
-    return true;
   }
 
   // One write is in flight at a time: OnValue starts the chain, each OnWriteDone continues it,
@@ -360,6 +361,295 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
   buffer::cpu::Buffer data_;
   size_t sent_ = 0;
   std::string prefix_;
+  grpc::ByteBuffer message_;
+};
+
+// Serves a batch of Gets. Item reads run ahead of the sending, within a window (items and
+// bytes), so memory stays bounded whatever the batch size; ready items are sent in order, small
+// ones packed several to a message, large ones split into parts. One write is in flight at a
+// time. Everything shared between the launching thread, read callbacks (I/O threads, or inline
+// on a hit) and write completions is under `mu_`; gRPC operations start after it is dropped,
+// and Finish is always the last thing a thread does with the call.
+class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  GetManyCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue)
+      : ServerStreamCall(engine, queue, "GetMany", SpawnerOf<GetManyCall>(service)),
+        service_(service) {}
+
+  static constexpr int kMaxItems = 4096;
+  // Reads started but not yet sent: at most this many items, and no new read while this many
+  // bytes wait to be sent.
+  static constexpr size_t kWindowItems = 64;
+  static constexpr uint64_t kWindowBytes = 256ull << 20;
+
+ private:
+  struct Item {
+    std::string key;
+    ByteRange range;
+    Conditions conditions;
+    bool ready = false;
+    // Once ready: the encoded GetHeader or ItemError (field 2 or 3 of GetManyPart), and the
+    // bytes to send inline (empty for a handle or an error).
+    std::string first_fields;
+    buffer::cpu::Buffer data;
+    bool started = false;
+    size_t sent = 0;
+  };
+  enum class Action { kNothing, kWrite, kWriteAndFinish, kFinish };
+
+  void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
+    service_->RequestGetMany(&context_, &request_, &writer_, queue, queue, tag);
+  }
+
+  void OnStart() override {
+    v1::GetManyRequest request;
+    if (!grpc::SerializationTraits<v1::GetManyRequest>::Deserialize(&request_, &request).ok()) {
+      Finish(Error(grpc::StatusCode::INVALID_ARGUMENT, "malformed GetManyRequest"));
+      return;
+    }
+    if (request.items_size() > kMaxItems) {
+      Finish(Error(grpc::StatusCode::INVALID_ARGUMENT,
+                   absl::StrCat("GetMany of ", request.items_size(), " items; at most ",
+                                kMaxItems, " per call")));
+      return;
+    }
+    bool other = false, cuda = false;
+    for (int d : request.accept()) {
+      wants_shm_ |= d == v1::DELIVERY_SHM;
+      cuda |= d == v1::DELIVERY_CUDA_IPC;
+      other |= d != v1::DELIVERY_CUDA_IPC;
+    }
+    if (cuda && !other) {
+      Finish(Error(grpc::StatusCode::INVALID_ARGUMENT,
+                   "GetMany delivers inline or through shared memory; ask for CUDA IPC with Get"));
+      return;
+    }
+    if (wants_shm_) client_ = IdentityFromProto(request.client());
+    service_->counters().get_many_calls.fetch_add(1, std::memory_order_relaxed);
+    service_->counters().gets.fetch_add(request.items_size(), std::memory_order_relaxed);
+    items_.resize(request.items_size());
+    for (int i = 0; i < request.items_size(); ++i) {
+      const v1::GetRequest& r = request.items(i);
+      Item& item = items_[i];
+      if (absl::Status s = ValidateKey(r.key()); !s.ok()) {
+        item.first_fields = ErrorFields(ToGrpcStatus(s));
+        item.ready = true;
+        continue;
+      }
+      absl::StatusOr<ByteRange> range = RangeFromProto(r);
+      if (!range.ok()) {
+        item.first_fields = ErrorFields(ToGrpcStatus(range.status()));
+        item.ready = true;
+        continue;
+      }
+      item.key = r.key();
+      item.range = *range;
+      item.conditions = ConditionsFromProto(r.conditions());
+    }
+    LaunchReads();
+  }
+
+  // Starts the reads the window allows, then sends what is ready.
+  void LaunchReads() {
+    {
+      absl::MutexLock lock(&mu_);
+      ++pending_;  // nothing finishes the call while this runs
+    }
+    for (;;) {
+      size_t i;
+      {
+        absl::MutexLock lock(&mu_);
+        while (launched_ < items_.size() && items_[launched_].ready) ++launched_;  // refused
+        if (stopping() || launched_ == items_.size() || launched_ >= next_ + kWindowItems ||
+            unsent_bytes_ >= kWindowBytes) {
+          break;
+        }
+        i = launched_++;
+        ++pending_;
+      }
+      // The callback may run right here (a hit) or later on an I/O thread.
+      service_->store().Read(items_[i].key, [this, i](absl::StatusOr<CachedValue> value) {
+        OnValue(i, std::move(value));
+      });
+    }
+    Action action;
+    {
+      absl::MutexLock lock(&mu_);
+      --pending_;
+      action = PumpLocked();
+    }
+    Act(action);
+  }
+
+  void OnValue(size_t i, absl::StatusOr<CachedValue> value) {
+    Item& item = items_[i];
+    std::string fields;
+    buffer::cpu::Buffer data;
+    if (!value.ok()) {
+      fields = ErrorFields(ToGrpcStatus(value.status()));
+    } else if (absl::Status s = item.conditions.Check(item.key, value->generation); !s.ok()) {
+      fields = ErrorFields(ToGrpcStatus(s));
+    } else {
+      ResolvedRange r = Resolve(item.range, value->value.size());
+      buffer::cpu::Buffer bytes = value->value.Slice(r.start, r.length);
+      v1::GetHeader header;
+      header.set_total_size(value->value.size());
+      header.set_generation(value->generation);
+      header.set_range_start(r.start);
+      header.set_length(r.length);
+      if (!(wants_shm_ && OfferShm(service_, client_, bytes, &header))) {
+        header.set_delivery(v1::DELIVERY_INLINE);
+        data = std::move(bytes);
+      }
+      std::string encoded = header.SerializeAsString();
+      wire::AppendLengthDelimitedHeader(&fields, kPartHeaderField, encoded.size());
+      fields += encoded;
+    }
+    Action action;
+    {
+      absl::MutexLock lock(&mu_);
+      item.first_fields = std::move(fields);
+      unsent_bytes_ += data.size();
+      item.data = std::move(data);
+      item.ready = true;
+      --pending_;
+      action = PumpLocked();
+    }
+    Act(action);
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      write_failed_ |= !ok;
+    }
+    LaunchReads();  // items sent make room in the window; then the next message goes
+  }
+
+  void OnCancel() override {
+    Action action;
+    {
+      absl::MutexLock lock(&mu_);
+      cancelled_ = true;
+      action = PumpLocked();
+    }
+    Act(action);
+  }
+
+  bool stopping() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return cancelled_ || write_failed_; }
+
+  // Decides the next step: a message of the ready parts, the end, or nothing yet.
+  Action PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_) return Action::kNothing;
+    if (stopping()) {
+      // Reads still running call back into this object: it must outlive them.
+      if (pending_ > 0) return Action::kNothing;
+      finished_ = true;
+      status_ = Error(grpc::StatusCode::CANCELLED,
+                      cancelled_ ? "cancelled" : "the client stopped reading");
+      return Action::kFinish;
+    }
+    const size_t limit = service_->options().part_bytes;
+    std::string head;
+    std::vector<grpc::Slice> slices;
+    size_t data_bytes = 0;
+    while (next_ < items_.size() && items_[next_].ready && data_bytes < limit &&
+           head.size() < limit) {
+      Item& item = items_[next_];
+      size_t n = std::min(limit - data_bytes, item.data.size() - item.sent);
+      // GetManyPart: index, the header or error (first part only), then data.
+      std::string part;
+      wire::AppendVarint(&part, (1 << 3) | 0);
+      wire::AppendVarint(&part, next_);
+      if (!item.started) part += item.first_fields;
+      if (n > 0) wire::AppendLengthDelimitedHeader(&part, wire::kDataField, n);
+      wire::AppendLengthDelimitedHeader(&head, kPartsField, part.size() + n);
+      head += part;
+      if (n > 0) {
+        buffer::cpu::Buffer piece = item.data.Slice(item.sent, n);
+        if (n < kCopyBelow) {
+          head.append(piece.view());
+        } else {
+          slices.push_back(grpc::Slice(head));
+          head.clear();
+          slices.push_back(wire::ReferenceSlice(piece));
+        }
+        service_->counters().bytes_served_inline.fetch_add(n, std::memory_order_relaxed);
+      }
+      item.started = true;
+      item.sent += n;
+      data_bytes += n;
+      unsent_bytes_ -= n;
+      if (item.sent < item.data.size()) break;  // the message is full; the rest goes next
+      item.data = buffer::cpu::Buffer();
+      item.first_fields.clear();
+      ++next_;
+    }
+    if (!head.empty()) slices.push_back(grpc::Slice(head));
+    bool all_sent = next_ == items_.size() && pending_ == 0;
+    if (slices.empty()) {
+      if (!all_sent) return Action::kNothing;
+      finished_ = true;
+      status_ = grpc::Status::OK;
+      return Action::kFinish;
+    }
+    message_ = grpc::ByteBuffer(slices.data(), slices.size());
+    writing_ = true;
+    if (all_sent) {
+      finished_ = true;
+      return Action::kWriteAndFinish;
+    }
+    return Action::kWrite;
+  }
+
+  // Runs what PumpLocked decided, without the lock; the last thing the caller does.
+  void Act(Action action) {
+    switch (action) {
+      case Action::kNothing:
+        return;
+      case Action::kWrite:
+        StartWrite(&message_);
+        return;
+      case Action::kWriteAndFinish:
+        StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
+        return;
+      case Action::kFinish:
+        if (!status_.ok()) service_->counters().get_errors.fetch_add(1, std::memory_order_relaxed);
+        Finish(status_);
+        return;
+    }
+  }
+
+  // GetManyPart.error, encoded.
+  static std::string ErrorFields(const grpc::Status& status) {
+    v1::ItemError error;
+    error.set_code(status.error_code());
+    error.set_message(status.error_message());
+    std::string encoded = error.SerializeAsString(), fields;
+    wire::AppendLengthDelimitedHeader(&fields, kPartErrorField, encoded.size());
+    return fields + encoded;
+  }
+
+  static constexpr uint32_t kPartsField = 1;        // GetManyResponse.parts
+  static constexpr uint32_t kPartHeaderField = 2;   // GetManyPart.header
+  static constexpr uint32_t kPartErrorField = 3;    // GetManyPart.error
+  static constexpr size_t kCopyBelow = 16 << 10;    // smaller data is copied, not referenced
+
+  ChunkdService* const service_;
+  bool wants_shm_ = false;
+  buffer::HostIdentity client_;
+  std::vector<Item> items_;
+  absl::Mutex mu_;
+  size_t launched_ ABSL_GUARDED_BY(mu_) = 0;  // items whose read has started (or was refused)
+  size_t next_ ABSL_GUARDED_BY(mu_) = 0;      // the item being sent
+  int pending_ ABSL_GUARDED_BY(mu_) = 0;      // reads in flight, plus launchers running
+  uint64_t unsent_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool write_failed_ ABSL_GUARDED_BY(mu_) = false;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status status_;
   grpc::ByteBuffer message_;
 };
 
@@ -677,6 +967,7 @@ void ChunkdService::Serve(rpc::Engine* engine) {
   // Gets come in bursts from many clients: several wait on each queue, so that the next Get is
   // matched at once rather than queued inside gRPC until a call object is re-armed.
   engine->AddMethod(SpawnerOf<GetCall>(this), 8);
+  engine->AddMethod(SpawnerOf<GetManyCall>(this), 2);
   engine->AddMethod(SpawnerOf<PutCall>(this), 2);
   engine->AddMethod(SpawnerOf<ListCall>(this), 1);
   engine->AddMethod(SpawnerOf<PrefetchCall>(this), 1);
@@ -776,6 +1067,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   response->add_features("byte-ranges");
   response->add_features("single-flight");
   response->add_features("prefetch");
+  response->add_features("get-many");
   auto& counters = *response->mutable_counters();
   v1::CacheTierInfo* tier = response->add_tiers();
   tier->set_tier("host");
@@ -804,6 +1096,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   counters["single_flight_joins"] = c.single_flight_joins;
   counters["overloaded"] = c.overloaded;
   counters["gets"] = counters_.gets.load();
+  counters["get_many_calls"] = counters_.get_many_calls.load();
   counters["get_errors"] = counters_.get_errors.load();
   counters["bytes_served_inline"] = counters_.bytes_served_inline.load();
   counters["bytes_served_shm"] = counters_.bytes_served_shm.load();

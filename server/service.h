@@ -46,14 +46,15 @@ struct ServiceOptions {
 };
 
 struct ServiceCounters {
-  std::atomic<uint64_t> gets{0}, get_errors{0}, bytes_served_inline{0}, bytes_served_shm{0},
+  std::atomic<uint64_t> gets{0}, get_many_calls{0}, get_errors{0}, bytes_served_inline{0}, bytes_served_shm{0},
       gets_shm{0}, shm_fallbacks{0}, puts{0}, bytes_written{0}, deletes{0}, stats{0}, lists{0};
   std::atomic<uint64_t> gets_cuda{0}, bytes_served_cuda{0}, cuda_fallbacks{0},
       cuda_unknown_gpu{0};
 };
 
-// Get is raw (replies are assembled by hand); the other methods are typed.
-using ServiceBase = v1::Chunkd::WithRawMethod_Get<v1::Chunkd::AsyncService>;
+// Get and GetMany are raw (replies are assembled by hand); the other methods are typed.
+using ServiceBase =
+    v1::Chunkd::WithRawMethod_Get<v1::Chunkd::WithRawMethod_GetMany<v1::Chunkd::AsyncService>>;
 
 // Ends a unary call: OK sends the response filled in, an error only the status. Called once,
 // from any thread.

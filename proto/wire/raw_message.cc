@@ -59,6 +59,7 @@ bool FieldReader::ReadBytes(void* out, size_t length) {
       dst += n;
     }
     offset_ += n;
+    consumed_ += n;
     length -= n;
     if (offset_ == s.size()) ++slice_, offset_ = 0;
   }

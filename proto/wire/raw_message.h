@@ -42,6 +42,8 @@ class FieldReader {
   explicit FieldReader(const grpc::ByteBuffer& message);
 
   bool done() const { return slice_ == slices_.size(); }
+  // Bytes read or skipped so far (to find the end of a nested message).
+  uint64_t consumed() const { return consumed_; }
   // Reads the next field's number and wire type. False on malformed input.
   bool NextField(uint32_t* field, uint32_t* wire_type);
   bool ReadVarint(uint64_t* value);
@@ -55,6 +57,7 @@ class FieldReader {
   std::vector<grpc::Slice> slices_;
   size_t slice_ = 0;
   size_t offset_ = 0;  // within slices_[slice_]
+  uint64_t consumed_ = 0;
 };
 
 }  // namespace chunkd::wire

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 #include <vector>
 
@@ -399,6 +400,89 @@ TEST_P(ServerTest, ReportsHealthAndInfo) {
   ASSERT_GE(info->tiers_size(), 1);
   EXPECT_EQ(info->tiers(0).capacity_bytes(), 512u << 20);
   EXPECT_LE(info->tiers(0).used_bytes(), info->tiers(0).capacity_bytes());
+}
+
+TEST_P(ServerTest, GetManyAnswersEveryItemOnItsOwn) {
+  std::string big = testing::RandomBytes(3 << 20, 21);  // spans several messages
+  ASSERT_TRUE(client_->Put(Key("many/a"), Bytes("alpha")).ok());
+  ASSERT_TRUE(client_->Put(Key("many/big"), Bytes(big)).ok());
+  ASSERT_TRUE(client_->Put(Key("many/empty"), Bytes("")).ok());
+  auto a = client_->Stat(Key("many/a"));
+  ASSERT_TRUE(a.ok());
+  std::vector<client::GetManyItem> items(8);
+  items[0].key = Key("many/a");
+  items[1].key = Key("many/missing");
+  items[2].key = "../etc/passwd";
+  items[3].key = Key("many/big");
+  items[3].range = ByteRange::Bounded(1000, 2500000);
+  items[4].key = Key("many/empty");
+  items[5].key = Key("many/a");
+  items[5].conditions.if_generation_match = a->generation + 1;
+  items[6].key = Key("many/big");
+  items[7].key = Key("many/a");
+  items[7].range = ByteRange::Suffix(3);
+  auto got = client_->GetMany(items);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->size(), items.size());
+  const auto& r = *got;
+  ASSERT_TRUE(r[0].ok()) << r[0].status();
+  EXPECT_EQ(Str(r[0]->data), "alpha");
+  EXPECT_EQ(r[0]->generation, a->generation);
+  EXPECT_EQ(r[1].status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(r[2].status().code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(r[3].ok()) << r[3].status();
+  EXPECT_EQ(r[3]->range_start, 1000u);
+  EXPECT_EQ(r[3]->total_size, big.size());
+  EXPECT_TRUE(r[3]->data.view() == std::string_view(big).substr(1000, 2499000));
+  ASSERT_TRUE(r[4].ok()) << r[4].status();
+  EXPECT_EQ(r[4]->data.size(), 0u);
+  EXPECT_EQ(r[5].status().code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(r[6].ok()) << r[6].status();
+  EXPECT_TRUE(r[6]->data.view() == big);
+  ASSERT_TRUE(r[7].ok());
+  EXPECT_EQ(Str(r[7]->data), "pha");
+
+  // An empty batch is an empty answer; more than 4096 items is the call's error.
+  auto none = client_->GetMany({});
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_TRUE(none->empty());
+  std::vector<client::GetManyItem> too_many(4097, items[0]);
+  EXPECT_EQ(client_->GetMany(too_many).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_P(ServerTest, GetManyOfManySmallValuesComesBackInOrder) {
+  // More items than the server reads ahead, written behind the cache's back so that most
+  // are misses read on I/O threads and complete out of order.
+  std::vector<client::GetManyItem> items;
+  for (int i = 0; i < 1500; ++i) {
+    std::string key = Key(absl::StrCat("small/", i));
+    std::filesystem::create_directories(std::filesystem::path(StorePath(key)).parent_path());
+    std::ofstream(StorePath(key), std::ios::binary) << "value " << i;
+    items.push_back({key, {}, {}});
+  }
+  auto got = client_->GetMany(items);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->size(), items.size());
+  for (int i = 0; i < 1500; ++i) {
+    ASSERT_TRUE((*got)[i].ok()) << i << ": " << (*got)[i].status();
+    EXPECT_EQ(Str((*got)[i]->data), absl::StrCat("value ", i));
+  }
+}
+
+TEST_P(ServerTest, GetManyPastItsDeadlineEndsAndTheServerGoesOn) {
+  std::string big = testing::RandomBytes(4 << 20, 22);
+  ASSERT_TRUE(client_->Put(Key("late/big"), Bytes(big)).ok());
+  std::vector<client::GetManyItem> items(64, client::GetManyItem{Key("late/big"), {}, {}});
+  GetOptions hurried;
+  hurried.timeout = absl::Milliseconds(2);
+  for (int i = 0; i < 5; ++i) {
+    auto got = client_->GetMany(items, hurried);
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kDeadlineExceeded) << got.status();
+  }
+  auto after = client_->GetMany({{Key("late/big"), {}, {}}});
+  ASSERT_TRUE(after.ok()) << after.status();
+  ASSERT_TRUE((*after)[0].ok());
+  EXPECT_TRUE((*after)[0]->data.view() == big);
 }
 
 TEST_P(ServerTest, HealthAnswersForTheServerAndItsServiceOnly) {

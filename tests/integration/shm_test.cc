@@ -89,6 +89,37 @@ TEST_F(ShmTest, ColocatedClientReads64MiBWithoutTheServerCopyingIt) {
   EXPECT_EQ(reader->ServerInfo()->leases_active(), 0u);
 }
 
+TEST_F(ShmTest, GetManyHandsOutOneHandlePerItem) {
+  StartServer();
+  auto writer = Connect(false);
+  std::vector<std::string> values;
+  std::vector<client::GetManyItem> items;
+  for (int i = 0; i < 20; ++i) {
+    values.push_back(testing::RandomBytes((i + 1) << 16, 30 + i));
+    std::string key = absl::StrCat("many/c/", i);
+    ASSERT_TRUE(writer->Put(key, Bytes(values.back())).ok());
+    items.push_back({key, {}, {}});
+  }
+  items.push_back({"many/missing", {}, {}});
+  auto reader = Connect(true);
+  uint64_t inline_before = Counter(*reader, "bytes_served_inline");
+  auto got = reader->GetMany(items);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->size(), 21u);
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_TRUE((*got)[i].ok()) << (*got)[i].status();
+    EXPECT_EQ((*got)[i]->delivery, v1::DELIVERY_SHM);
+    EXPECT_TRUE((*got)[i]->data.view() == values[i]);
+  }
+  EXPECT_EQ((*got)[20].status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(Counter(*reader, "bytes_served_inline"), inline_before);
+  EXPECT_EQ(reader->ServerInfo()->leases_active(), 20u);
+  got->clear();
+  reader->FlushReleases();
+  EXPECT_EQ(reader->leases_held(), 0u);
+  EXPECT_EQ(reader->ServerInfo()->leases_active(), 0u);
+}
+
 TEST_F(ShmTest, UpdatesNeverChangeBytesALeaseHolderReads) {
   StartServer();
   auto c = Connect(true);
