@@ -83,6 +83,10 @@ ABSL_FLAG(std::string, prefix, "bench", "value i of the set has key PREFIX/%06d"
 ABSL_FLAG(int64_t, size, 65536, "bytes per value");
 ABSL_FLAG(int64_t, keys, 1024, "values in the set");
 ABSL_FLAG(int32_t, clients, 1, "concurrent clients (threads, each with its own connection)");
+ABSL_FLAG(int32_t, batch, 1,
+          "measure: values per request. chunkd: one GetMany of BATCH keys; redis: BATCH GETs "
+          "pipelined in one round trip. rps and GB/s count values; latencies are per request "
+          "(per batch)");
 ABSL_FLAG(absl::Duration, warmup, absl::Seconds(1), "untimed requests before the timed phase");
 ABSL_FLAG(absl::Duration, duration, absl::Seconds(3),
           "timed phase; it goes on past this until --clients requests have completed (so a slow "
@@ -357,6 +361,12 @@ class Session {
   virtual ~Session() = default;
   // Fetches value i. The view stays valid until the next Fetch.
   virtual absl::StatusOr<std::string_view> Fetch(int64_t i) = 0;
+  // Fetches values `indexes` in one request (--batch); the views stay valid until the next
+  // fetch. Peers without a batched form say so.
+  virtual absl::Status FetchMany(const std::vector<int64_t>& indexes,
+                                 std::vector<absl::StatusOr<std::string_view>>* out) {
+    return absl::UnimplementedError("this peer has no batched form (--batch)");
+  }
 };
 
 // Shared-memory delivery. The client library gains a way to ask for it (GetOptions::accept);
@@ -407,6 +417,30 @@ class ChunkdSession final : public Session {
     return last_.data.view();
   }
 
+  absl::Status FetchMany(const std::vector<int64_t>& indexes,
+                         std::vector<absl::StatusOr<std::string_view>>* out) override {
+    std::vector<chunkd::client::GetManyItem> items;
+    items.reserve(indexes.size());
+    for (int64_t i : indexes) items.push_back({(*keys_)[i], {}, {}});
+    last_many_.clear();  // the previous batch's leases go back before the next one
+    auto r = client_->GetMany(items, options_);
+    if (!r.ok()) return r.status();
+    last_many_ = *std::move(r);
+    out->clear();
+    for (auto& item : last_many_) {
+      if (!item.ok()) {
+        out->push_back(item.status());
+      } else if (item->delivery != want_) {
+        out->push_back(absl::InternalError(absl::StrFormat(
+            "asked for %s, got %s", chunkd::v1::Delivery_Name(want_),
+            chunkd::v1::Delivery_Name(item->delivery))));
+      } else {
+        out->push_back(item->data.view());
+      }
+    }
+    return absl::OkStatus();
+  }
+
  private:
   ChunkdSession(std::unique_ptr<Client> client, const std::vector<std::string>* keys)
       : client_(std::move(client)), keys_(keys) {}
@@ -415,6 +449,7 @@ class ChunkdSession final : public Session {
   chunkd::client::GetOptions options_;
   chunkd::v1::Delivery want_ = chunkd::v1::DELIVERY_INLINE;
   chunkd::client::GetResult last_;
+  chunkd::client::GetManyResults last_many_;
 };
 
 absl::StatusOr<redisContext*> ConnectRedis(const std::string& address) {
@@ -447,6 +482,7 @@ class RedisSession final : public Session {
     return std::unique_ptr<Session>(new RedisSession(*c, keys));
   }
   ~RedisSession() override {
+    FreeMany();
     if (last_) freeReplyObject(last_);
     redisFree(c_);
   }
@@ -461,11 +497,44 @@ class RedisSession final : public Session {
     return std::string_view(last_->str, last_->len);
   }
 
+  // Redis's own batching: the GETs are pipelined (written together, then the replies read).
+  absl::Status FetchMany(const std::vector<int64_t>& indexes,
+                         std::vector<absl::StatusOr<std::string_view>>* out) override {
+    FreeMany();
+    for (int64_t i : indexes) {
+      const std::string& key = (*keys_)[i];
+      if (redisAppendCommand(c_, "GET %b", key.data(), key.size()) != REDIS_OK) {
+        return absl::UnavailableError(absl::StrCat("redis: ", c_->errstr));
+      }
+    }
+    out->clear();
+    for (int64_t i : indexes) {
+      void* reply = nullptr;
+      if (redisGetReply(c_, &reply) != REDIS_OK || reply == nullptr) {
+        return absl::UnavailableError(absl::StrCat("redis: ", c_->errstr));
+      }
+      auto* r = static_cast<redisReply*>(reply);
+      many_.push_back(r);
+      if (r->type != REDIS_REPLY_STRING) {
+        out->push_back(absl::NotFoundError(
+            absl::StrFormat("redis GET %s: reply type %d", (*keys_)[i], r->type)));
+      } else {
+        out->push_back(std::string_view(r->str, r->len));
+      }
+    }
+    return absl::OkStatus();
+  }
+
  private:
   RedisSession(redisContext* c, const std::vector<std::string>* keys) : c_(c), keys_(keys) {}
+  void FreeMany() {
+    for (redisReply* r : many_) freeReplyObject(r);
+    many_.clear();
+  }
   redisContext* c_;
   const std::vector<std::string>* keys_;
   redisReply* last_ = nullptr;
+  std::vector<redisReply*> many_;
 };
 
 // The local-disk reference: open, pread the whole file, close, as a file store would.
@@ -747,8 +816,13 @@ int Measure() {
   if ((peer == "chunkd" || peer == "redis") && addresses.empty()) return Fail("give --address");
   const std::string label = DeliveryLabel(peer, delivery, address);
   Json row;
+  const int batch = absl::GetFlag(FLAGS_batch);
+  if (batch < 1 || batch > 4096) return Fail("--batch: 1 to 4096");
+  if (batch > 1 && peer != "chunkd" && peer != "redis") {
+    return Fail("--batch: chunkd (GetMany) and redis (pipelined GETs) only");
+  }
   row.Str("peer", peer).Str("delivery", label).Int("size", size).Int("clients", clients);
-  row.Str("workload", workload).Int("keys", n);
+  row.Str("workload", workload).Int("keys", n).Int("batch", batch);
   if (peer == "chunkd") {
     row.Int("connections", std::min<int64_t>(clients, static_cast<int64_t>(addresses.size())));
   } else if (peer == "redis" || peer == "s3") {
@@ -844,7 +918,43 @@ int Measure() {
       while (phase.load(std::memory_order_acquire) == 0) std::this_thread::yield();
       std::mt19937_64 rng(seed * 7919 + t);
       std::uniform_int_distribution<int64_t> uniform(0, n - 1);
-      while (true) {
+      std::vector<int64_t> indexes(batch);
+      std::vector<absl::StatusOr<std::string_view>> many;
+      while (batch > 1) {
+        int ph = phase.load(std::memory_order_acquire);
+        if (ph == 3) break;
+        for (int64_t& i : indexes) i = zipf ? (*zipf)(rng) : uniform(rng);
+        Clock::time_point t0 = Clock::now();
+        absl::Status call = session.FetchMany(indexes, &many);
+        Clock::time_point t1 = Clock::now();
+        int64_t good = 0, bytes = 0;
+        std::string why = call.ok() ? "" : std::string(call.message());
+        for (const auto& got : many) {
+          if (got.ok() && got->size() == static_cast<size_t>(size)) {
+            ++good;
+            bytes += static_cast<int64_t>(got->size());
+          } else if (why.empty()) {
+            why = got.ok() ? absl::StrFormat("value of %d bytes", got->size())
+                           : std::string(got.status().message());
+          }
+        }
+        bool ok = call.ok() && good == batch;
+        if (!ok && res.first_error.empty()) res.first_error = why;
+        if (ph != 2) {
+          if (!ok) ++res.warm_errors;
+          continue;
+        }
+        res.last_end = t1;
+        timed_done.fetch_add(1, std::memory_order_relaxed);
+        if (!ok) {
+          ++res.errors;
+          continue;
+        }
+        res.hist.Add(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count());
+        res.requests += batch;
+        res.bytes += bytes;
+      }
+      while (batch == 1) {
         int ph = phase.load(std::memory_order_acquire);
         if (ph == 3) break;
         int64_t i = zipf ? (*zipf)(rng) : uniform(rng);

@@ -17,7 +17,7 @@ BASE_FIELDS = ["peer", "delivery", "workload", "size", "clients", "gbps", "rps",
                "p99_us", "server_cpu_s_per_gb", "peak_rss_mb"]
 PEER_ORDER = [("memcpy", "memory"), ("pread", "file"), ("redis", "tcp"), ("redis", "unix"),
               ("chunkd", "inline-tcp"), ("chunkd", "inline-unix"), ("chunkd", "shm"), ("s3", "http")]
-MEASURED = ("hit", "zipf", "s3")
+MEASURED = ("hit", "batch", "zipf", "s3")
 
 
 def human_size(n):
@@ -90,7 +90,10 @@ def throughput_table(rows):
     measured.sort(key=lambda r: (MEASURED.index(r["workload"]), r["size"], r["clients"],
                                  peer_rank(r)))
     for r in measured:
-        head = f"| {r['workload']} | {human_size(r['size'])} | {r['clients']} | {r['peer']} " \
+        workload = r["workload"]
+        if workload == "batch":
+            workload = f"hit, {r.get('batch', '?')} per request"
+        head = f"| {workload} | {human_size(r['size'])} | {r['clients']} | {r['peer']} " \
                f"| {r['delivery']} "
         if not usable(r):
             lines.append(head + f"| not available: {r.get('reason', '')} | | | | | | | | |")
@@ -207,8 +210,9 @@ def targets(rows):
             verdict = "held" if held else "not held"
         out.append((name, value, verdict, detail))
 
-    def ratio(workload, size, clients, a, b, field):
-        ra, rb = find(rows, workload, size, clients, *a), find(rows, workload, size, clients, *b)
+    def ratio(workload, size, clients, a, b, field, workload_b=None):
+        ra = find(rows, workload, size, clients, *a)
+        rb = find(rows, workload_b or workload, size, clients, *b)
         if not usable(ra) or not usable(rb) or not rb[field]:
             why = []
             for r, who in ((ra, a), (rb, b)):
@@ -233,6 +237,18 @@ def targets(rows):
     v, d = ratio("hit", 4096, 1, ("chunkd", "inline-tcp"), ("redis", "tcp"), "rps")
     add("4 KiB, one client connection each: inline ≥ 0.5× Redis req/s",
         f"{v:.2f}×" if v is not None else "–", None if v is None else v >= 0.5, d)
+    # The same targets with batches (GetMany), beside the one-request-at-a-time ones above.
+    batch = next((r["batch"] for r in rows if r.get("workload") == "batch"), None)
+    if batch:
+        v, d = ratio("batch", mib, 4, ("chunkd", "shm"), ("redis", "tcp"), "gbps", "hit")
+        p, dp = ratio("batch", mib, 4, ("chunkd", "shm"), ("redis", "tcp"), "gbps")
+        add(f"1 MiB, 4 clients, shared memory, {batch} chunks per GetMany ≥ 10× Redis GET",
+            f"{v:.2f}×" if v is not None else "–", None if v is None else v >= 10.0,
+            d + (f"; {p:.1f}× Redis with {batch} GETs pipelined ({dp})" if p is not None else ""))
+        v, d = ratio("batch", 4096, 1, ("chunkd", "inline-tcp"), ("redis", "tcp"), "rps")
+        add(f"4 KiB, one connection each, {batch} values per request: GetMany ≥ 0.5× Redis "
+            f"with {batch} GETs pipelined",
+            f"{v:.2f}×" if v is not None else "–", None if v is None else v >= 0.5, d)
 
     sf = next((r for r in rows if r.get("workload") == "single_flight"), None)
     if sf is None or not sf.get("available", True):
@@ -347,6 +363,9 @@ def main():
         for r in rows:
             w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v
                         for k, v in r.items()})
+    for r in all_rows:
+        if r.get("batch", 1) > 1 and r.get("workload") == "hit":
+            r["workload"] = "batch"  # its own rows: compared with batched peers only
     rows = pick_repetitions(all_rows)
     repeat = env.get("repeat", 1)
 
