@@ -571,7 +571,7 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
         if (n < kCopyBelow) {
           head.append(piece.view());
         } else {
-          slices.push_back(grpc::Slice(head));
+          slices.push_back(wire::OwningSlice(std::move(head)));
           head.clear();
           slices.push_back(wire::ReferenceSlice(piece));
         }
@@ -586,7 +586,7 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
       item.first_fields.clear();
       ++next_;
     }
-    if (!head.empty()) slices.push_back(grpc::Slice(head));
+    if (!head.empty()) slices.push_back(wire::OwningSlice(std::move(head)));
     bool all_sent = next_ == items_.size() && pending_ == 0;
     if (slices.empty()) {
       if (!all_sent) return Action::kNothing;

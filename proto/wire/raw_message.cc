@@ -7,6 +7,7 @@ namespace chunkd::wire {
 namespace {
 
 void ReleaseBufferRef(void* user_data) { delete static_cast<buffer::cpu::Buffer*>(user_data); }
+void ReleaseString(void* user_data) { delete static_cast<std::string*>(user_data); }
 
 }  // namespace
 
@@ -28,15 +29,22 @@ grpc::Slice ReferenceSlice(const buffer::cpu::Buffer& bytes) {
   return grpc::Slice(const_cast<std::byte*>(ref->data()), ref->size(), &ReleaseBufferRef, ref);
 }
 
+grpc::Slice OwningSlice(std::string bytes) {
+  // Small strings live inside the object, and gRPC inlines small slices anyway: copy those.
+  if (bytes.size() < 256) return grpc::Slice(bytes);
+  auto* owned = new std::string(std::move(bytes));
+  return grpc::Slice(owned->data(), owned->size(), &ReleaseString, owned);
+}
+
 grpc::ByteBuffer EncodeWithData(std::string head, const buffer::cpu::Buffer& data,
                                 size_t copy_below) {
   if (!data.empty()) AppendLengthDelimitedHeader(&head, kDataField, data.size());
   if (data.size() < copy_below) {
     head.append(data.view());
-    grpc::Slice slice(head);
+    grpc::Slice slice = OwningSlice(std::move(head));
     return grpc::ByteBuffer(&slice, 1);
   }
-  grpc::Slice slices[2] = {grpc::Slice(head), ReferenceSlice(data)};
+  grpc::Slice slices[2] = {OwningSlice(std::move(head)), ReferenceSlice(data)};
   return grpc::ByteBuffer(slices, 2);
 }
 

@@ -29,6 +29,8 @@ void AppendLengthDelimitedHeader(std::string* out, uint32_t field, uint64_t leng
 
 // A slice that refers to `bytes` without copying; it keeps the buffer alive until gRPC is done.
 grpc::Slice ReferenceSlice(const buffer::cpu::Buffer& bytes);
+// A slice that takes `bytes` over (grpc::Slice(std::string) would copy them).
+grpc::Slice OwningSlice(std::string bytes);
 
 // `head` (already encoded fields) followed by field 15 holding `data`. Data smaller than
 // `copy_below` bytes is copied into one slice with the head (a reference costs more than
