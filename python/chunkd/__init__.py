@@ -15,6 +15,7 @@ says how to generate them.
 from chunkd._address import DEFAULT_ADDRESS, DEFAULT_PORT, parse_url
 from chunkd._common import (
     CacheTier,
+    GetItem,
     GetResult,
     ListEntry,
     Listing,
@@ -36,6 +37,7 @@ __all__ = [
     "CacheTier",
     "ChunkdError",
     "Client",
+    "GetItem",
     "GetResult",
     "InvalidArgument",
     "ListEntry",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,13 +18,15 @@ from chunkd import _shm
 from chunkd._address import DEFAULT_ADDRESS, parse_url
 from chunkd._security import Security
 from chunkd._stubs import pb
-from chunkd.errors import ChunkdError
+from chunkd.errors import ChunkdError, error_from_status
 
 # Values travel in parts of at most 1 MiB (the wire contract).
 PART_BYTES = 1 << 20
 # Get replies are one header plus a part; leave room for a server configured with larger parts.
 MAX_RECEIVE_MESSAGE_BYTES = 16 << 20
 MAX_SEND_MESSAGE_BYTES = 8 << 20
+# Items of one GetMany call (the server refuses more); get_many splits larger batches.
+MAX_GET_MANY_ITEMS = 4096
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_RETRIES = 4  # 5 attempts, as the C++ client's max_attempts
@@ -204,6 +206,63 @@ def get_request(key: str, rng: Any, conds: Any) -> Any:
     return request
 
 
+@dataclass(frozen=True, slots=True)
+class GetItem:
+    """One item of ``get_many``/``read_many``: a key, with the byte range and conditions that
+    :meth:`chunkd.Client.read` takes (``start``/``end``, or ``suffix``; ``if_generation_*``).
+
+    ``get_many`` also takes a plain key for ``GetItem(key)`` and a tuple ``(key, start)`` or
+    ``(key, start, end)`` for ``GetItem(key, start, end)``.
+    """
+
+    key: str
+    start: int | None = None
+    end: int | None = None
+    suffix: int | None = None
+    if_generation_match: int | None = None
+    if_generation_not_match: int | None = None
+
+
+ItemLike = str | tuple | GetItem
+
+
+def get_item(item: ItemLike) -> GetItem:
+    """A get_many item as a :class:`GetItem` (a key, a (key, start[, end]) tuple, a GetItem)."""
+    if isinstance(item, GetItem):
+        return item
+    if isinstance(item, str):
+        return GetItem(item)
+    if isinstance(item, tuple) and 1 <= len(item) <= 3:
+        return GetItem(*item)
+    raise TypeError(
+        "get_many items are keys (str), (key, start) or (key, start, end) tuples, or "
+        f"chunkd.GetItem; got {item!r}"
+    )
+
+
+def get_many_requests(items: Iterable[ItemLike]) -> list[tuple[list[str], Any]]:
+    """The GetManyRequests of a batch, at most MAX_GET_MANY_ITEMS items each, with the keys of
+    their items. Items are checked here (key type, range form), before anything is sent; the
+    server checks the rest (key syntax, negative ranges) item by item."""
+    batches: list[tuple[list[str], Any]] = []
+    keys: list[str] = []
+    request: Any = None
+    for raw in items:
+        item = get_item(raw)
+        if request is None or len(keys) == MAX_GET_MANY_ITEMS:
+            keys, request = [], pb.GetManyRequest(accept=ACCEPTED_DELIVERIES)
+            batches.append((keys, request))
+        one = request.items.add(key=encode_key(item.key))
+        rng = byte_range(item.start, item.end, item.suffix)
+        if rng is not None:
+            one.range.CopyFrom(rng)
+        conds = conditions(item.if_generation_match, item.if_generation_not_match)
+        if conds is not None:
+            one.conditions.CopyFrom(conds)
+        keys.append(item.key)
+    return batches
+
+
 def as_bytes_view(data: Any) -> memoryview:
     """A flat unsigned-byte view of any C-contiguous buffer (bytes, bytearray, numpy, ...)."""
     if isinstance(data, str):
@@ -332,6 +391,66 @@ class GetAssembler:
             range_start=int(h.range_start),
             delivery=int(h.delivery) or pb.DELIVERY_INLINE,
         )
+
+
+class GetManyAssembler:
+    """Turns the stream of GetManyResponse messages of one GetMany call into one result per
+    item, in order: a :class:`GetResult`, or the item's error as a :class:`ChunkdError` (a
+    :class:`chunkd.NotFoundError` for a missing key, and so on).
+
+    Each item's parts (its first carries the header or the error; inline data may span later
+    parts and messages) go to a :class:`GetAssembler` of its own, with the same receivers as a
+    Get. A reply that does not fit the items (an index out of range, data after an error) fails
+    the whole call."""
+
+    def __init__(self, keys: list[str], receivers: dict[int, Any] | None = None) -> None:
+        self.keys = keys
+        self.receivers = receivers
+        self.assemblers: list[GetAssembler | None] = [None] * len(keys)
+        self.errors: list[ChunkdError | None] = [None] * len(keys)
+
+    def _malformed(self, why: str) -> ChunkdError:
+        return ChunkdError(f"get_many: malformed reply ({why})", code=grpc.StatusCode.DATA_LOSS)
+
+    def feed(self, response: Any) -> None:
+        for part in response.parts:
+            i = part.index
+            if i >= len(self.keys):
+                raise self._malformed(f"item {i} of {len(self.keys)}")
+            if self.errors[i] is not None:
+                raise self._malformed(f"more parts for item {i} after its error")
+            assembler = self.assemblers[i]
+            if part.HasField("error"):
+                if assembler is not None or part.data:
+                    raise self._malformed(f"an error in a later part of item {i}")
+                error = part.error
+                self.errors[i] = error_from_status(error.code, error.message, self.keys[i])
+                continue
+            if assembler is None:
+                assembler = self.assemblers[i] = GetAssembler(self.keys[i], None, self.receivers)
+            assembler.feed(part)  # GetManyPart has GetResponse's header and data fields
+
+    def results(self) -> list[GetResult | ChunkdError]:
+        """One result per item. A handle that cannot be mapped raises (as for a Get: the call
+        is then retried inline); an item's own trouble is its result."""
+        results: list[GetResult | ChunkdError] = []
+        for i, key in enumerate(self.keys):
+            error = self.errors[i]
+            assembler = self.assemblers[i]
+            if error is None and assembler is None:
+                error = ChunkdError(
+                    f"get_many: no reply for item {i} ({key!r})",
+                    code=grpc.StatusCode.DATA_LOSS,
+                    key=key,
+                )
+            if error is None:
+                try:
+                    results.append(assembler.result())
+                    continue
+                except ChunkdError as e:
+                    error = e
+            results.append(error)
+        return results
 
 
 # ----------------------------------------------------------------------------------------------

@@ -544,11 +544,11 @@ class ShmDelivery:
         return cls(shm_dir, channel_factory=channel_factory, name=target)
 
     def request(self, request: Any) -> Any:
-        """The GetRequest to send: ``request`` (inline only) with shared memory accepted and
-        this process's identity, unless mapping failed before."""
+        """The GetRequest (or GetManyRequest) to send: ``request`` (inline only) with shared
+        memory accepted and this process's identity, unless mapping failed before."""
         if self.disabled is not None:
             return request
-        shm_request = pb.GetRequest()
+        shm_request = type(request)()
         shm_request.CopyFrom(request)
         del shm_request.accept[:]
         shm_request.accept.extend(ACCEPT_SHM)

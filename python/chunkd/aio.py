@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -12,7 +12,7 @@ import grpc.aio
 from chunkd import _common as c
 from chunkd import _cuda, _shm
 from chunkd._stubs import pb, pb_grpc
-from chunkd.errors import error_from_rpc
+from chunkd.errors import ChunkdError, error_from_rpc
 
 __all__ = ["AsyncClient"]
 
@@ -67,10 +67,14 @@ class AsyncClient(c.ClientBase):
             self._stub = pb_grpc.ChunkdStub(self._channel)
         return self._stub
 
-    async def _call(self, fn, key: str | None, *, idempotent: bool = True):
+    async def _call(
+        self, fn, key: str | None, *, idempotent: bool = True, deadline: c.Deadline | None = None
+    ):
         """Runs fn(stub, timeout) until it succeeds, fails for good, or the deadline (``timeout``
-        from now, retries included) passes; UNAVAILABLE is retried when ``idempotent``."""
-        deadline = c.Deadline(self.timeout)
+        from now, retries included, unless given) passes; UNAVAILABLE is retried when
+        ``idempotent``."""
+        if deadline is None:
+            deadline = c.Deadline(self.timeout)
         attempt = 0
         while True:
             try:
@@ -152,6 +156,33 @@ class AsyncClient(c.ClientBase):
     async def get(self, key: str, start: int | None = None, end: int | None = None, **kwargs: Any):
         """See :meth:`chunkd.Client.get`."""
         return (await self.read(key, start, end, **kwargs)).data
+
+    async def read_many(self, items: Iterable[c.ItemLike]) -> list[c.GetResult | ChunkdError]:
+        """See :meth:`chunkd.Client.read_many`: one result per item, an item's failure returned
+        in its place. Inline or shared-memory delivery (CUDA IPC is for :meth:`read`)."""
+        batches = c.get_many_requests(items)
+        shm = self._shm
+        deadline = c.Deadline(self.timeout)
+        results: list[c.GetResult | ChunkdError] = []
+        for keys, request in batches:
+
+            async def attempt(stub, timeout, keys=keys, request=request):
+                call = stub.GetMany(shm.request(request) if shm else request, timeout=timeout)
+                assembler = c.GetManyAssembler(keys, shm.receivers() if shm else None)
+                try:
+                    async for response in call:
+                        assembler.feed(response)
+                except BaseException:
+                    call.cancel()
+                    raise
+                return assembler.results()
+
+            results.extend(await self._call(attempt, None, deadline=deadline))
+        return results
+
+    async def get_many(self, items: Iterable[c.ItemLike]) -> list[Any]:
+        """See :meth:`chunkd.Client.get_many`."""
+        return [r if isinstance(r, Exception) else r.data for r in await self.read_many(items)]
 
     async def put(
         self,

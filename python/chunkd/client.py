@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -12,7 +12,7 @@ import grpc
 from chunkd import _common as c
 from chunkd import _shm
 from chunkd._stubs import pb, pb_grpc
-from chunkd.errors import error_from_rpc
+from chunkd.errors import ChunkdError, error_from_rpc
 
 __all__ = ["Client"]
 
@@ -68,10 +68,14 @@ class Client(c.ClientBase):
                 self._stub = pb_grpc.ChunkdStub(self._channel)
             return self._stub
 
-    def _call(self, fn, key: str | None, *, idempotent: bool = True):
+    def _call(
+        self, fn, key: str | None, *, idempotent: bool = True, deadline: c.Deadline | None = None
+    ):
         """Runs fn(stub, timeout) until it succeeds, fails for good, or the deadline (``timeout``
-        from now, retries included) passes; UNAVAILABLE is retried when ``idempotent``."""
-        deadline = c.Deadline(self.timeout)
+        from now, retries included, unless given) passes; UNAVAILABLE is retried when
+        ``idempotent``."""
+        if deadline is None:
+            deadline = c.Deadline(self.timeout)
         attempt = 0
         while True:
             try:
@@ -170,6 +174,52 @@ class Client(c.ClientBase):
         a ``memoryview`` of ``out`` when given. Raises :class:`chunkd.NotFoundError` (KeyError)
         when the key does not exist."""
         return self.read(key, start, end, **kwargs).data
+
+    def read_many(self, items: Iterable[c.ItemLike]) -> list[c.GetResult | ChunkdError]:
+        """Reads many values (or byte ranges of them) in one GetMany call per 4096 items.
+
+        ``items``: keys, ``(key, start)`` / ``(key, start, end)`` tuples (ranges as
+        :meth:`read` takes them), or :class:`chunkd.GetItem` (for ``suffix`` and conditions).
+
+        Returns one result per item, in order: its :class:`chunkd.GetResult`, or, when that
+        item failed, the exception a :meth:`read` of it would have raised, returned in its place
+        (not raised): :class:`chunkd.NotFoundError` for a missing key,
+        :class:`chunkd.InvalidArgument` for a bad key or range, :class:`chunkd.PreconditionFailed`
+        for a failed condition. Test with ``isinstance(result, Exception)``. What fails the
+        whole call (the server unreachable, the deadline, an item that is not a key or tuple)
+        raises. With ``delivery="shm"``, values arrive as they do from :meth:`read`, each with
+        its own lease. One deadline (``timeout``) covers every call of the batch.
+        """
+        batches = c.get_many_requests(items)
+        shm = self._shm
+        deadline = c.Deadline(self.timeout)
+        results: list[c.GetResult | ChunkdError] = []
+        for keys, request in batches:
+
+            def attempt(stub, timeout, keys=keys, request=request):
+                call = stub.GetMany(shm.request(request) if shm else request, timeout=timeout)
+                assembler = c.GetManyAssembler(keys, shm.receivers() if shm else None)
+                try:
+                    for response in call:
+                        assembler.feed(response)
+                except BaseException:
+                    call.cancel()
+                    raise
+                return assembler.results()
+
+            results.extend(self._call(attempt, None, deadline=deadline))
+        return results
+
+    def get_many(self, items: Iterable[c.ItemLike]) -> list[Any]:
+        """The bytes of many values or byte ranges (see :meth:`read_many` for ``items``): one
+        result per item, in order, each a ``bytearray`` (a ``memoryview`` with shared-memory
+        delivery), or the item's exception, returned in its place (e.g.
+        :class:`chunkd.NotFoundError` for a missing key)::
+
+            for key, value in zip(keys, client.get_many(keys)):
+                if isinstance(value, chunkd.NotFoundError): ...
+        """
+        return [r if isinstance(r, Exception) else r.data for r in self.read_many(items)]
 
     def put(
         self,

@@ -23,6 +23,7 @@ __all__ = [
     "NotFoundError",
     "PreconditionFailed",
     "error_from_rpc",
+    "error_from_status",
 ]
 
 
@@ -78,11 +79,24 @@ _BY_CODE: dict[grpc.StatusCode, type[ChunkdError]] = {
 }
 
 
+_CODE_BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_from_status(
+    code: int | grpc.StatusCode, details: str, key: str | None = None
+) -> ChunkdError:
+    """The chunkd exception for a status given as a code (a ``grpc.StatusCode`` or its number,
+    as a GetMany item's ``ItemError`` carries it) and a message."""
+    if not isinstance(code, grpc.StatusCode):
+        code = _CODE_BY_NUMBER.get(int(code), grpc.StatusCode.UNKNOWN)
+    details = details or code.name
+    return _BY_CODE.get(code, ChunkdError)(details, code=code, key=key)
+
+
 def error_from_rpc(error: grpc.RpcError, key: str | None = None) -> ChunkdError:
     """The chunkd exception for a failed gRPC call (sync or asyncio)."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     details = error.details() if callable(getattr(error, "details", None)) else str(error)
     if code is None:
         code = grpc.StatusCode.UNKNOWN
-    details = details or code.name
-    return _BY_CODE.get(code, ChunkdError)(details, code=code, key=key)
+    return error_from_status(code, details, key)

@@ -16,7 +16,9 @@ only that server's share of the keys.
 A call that fails with UNAVAILABLE goes on to the key's next server (conditional puts excepted:
 the first attempt may have landed). A server that fails ``failures_to_mark_down`` times in a row
 is skipped for ``down_backoff`` seconds, then tried again. ``list`` asks every server that is up
-and merges the answers (sorted, deduplicated).
+and merges the answers (sorted, deduplicated). ``get_many`` groups its items by home server and
+makes one call per server, in parallel; a group whose server is UNAVAILABLE goes on as a whole
+to its first key's next server (every server reads the same store).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -247,6 +250,40 @@ class ShardedClient:
 
     def get(self, key: str, *args: Any, **kwargs: Any):
         return self._route(key, lambda cl: cl.get(key, *args, **kwargs))
+
+    def read_many(self, items: Iterable[c.ItemLike]) -> list[c.GetResult | ChunkdError]:
+        """As :meth:`chunkd.Client.read_many` (one result per item, an item's failure returned
+        in its place), with one call per home server of the items, in parallel. A group that
+        fails as a whole (every candidate server UNAVAILABLE) raises."""
+        items = [c.get_item(item) for item in items]
+        if not items:
+            return []
+        hashed = [(server, hash64(server)) for server in self.servers]
+        groups: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            k = hash64(c.encode_key(item.key))  # its home: rendezvous_order(...)[0]
+            home = min(hashed, key=lambda sh: (-_mix64(k ^ sh[1]), sh[0]))[0]
+            groups.setdefault(home, []).append(i)
+        results: list[Any] = [None] * len(items)
+
+        def fetch(indexes: list[int]) -> None:
+            group = [items[i] for i in indexes]
+            got = self._route(group[0].key, lambda cl: cl.read_many(group))
+            for i, result in zip(indexes, got, strict=True):
+                results[i] = result
+
+        if len(groups) == 1:
+            fetch(next(iter(groups.values())))
+        else:
+            with ThreadPoolExecutor(len(groups), thread_name_prefix="chunkd-get-many") as pool:
+                futures = [pool.submit(fetch, indexes) for indexes in groups.values()]
+            for future in futures:  # every group has finished: the first failure raises
+                future.result()
+        return results
+
+    def get_many(self, items: Iterable[c.ItemLike]) -> list[Any]:
+        """As :meth:`chunkd.Client.get_many`, routed as :meth:`read_many`."""
+        return [r if isinstance(r, Exception) else r.data for r in self.read_many(items)]
 
     def put(self, key: str, data: Any, **kwargs: Any) -> c.PutResult:
         conditional = any(

@@ -15,6 +15,9 @@ URL forms (see :mod:`chunkd._address`):
 * ``chunkd+unix:///run/chunkd.sock`` — a Unix-domain socket (``path=`` names a sub-path);
 * a plain address: ``HOST:PORT`` or ``unix:/run/chunkd.sock``.
 
+``get_partial_values`` reads its whole batch in one GetMany call (per 4096 keys); ``get`` makes
+one Get per key.
+
 Values arrive inline (gRPC messages) by default. With ``delivery="shm"``, a store on the
 server's host asks for shared-memory delivery: each chunk arrives as a handle and the zarr
 ``Buffer`` views the server's memory in place (no copy; a GPU prototype copies it to the
@@ -359,10 +362,27 @@ class ChunkdStore(Store):
         prototype: BufferPrototype,
         key_ranges: Iterable[tuple[str, ByteRequest | None]],
     ) -> list[Buffer | None]:
-        # docstring inherited: all reads in flight at once over one channel.
-        return list(
-            await asyncio.gather(*(self.get(key, prototype, rng) for key, rng in key_ranges))
-        )
+        # docstring inherited: one GetMany call for the batch (per 4096 keys); a missing key is
+        # None, any other item's error raises, as get() would.
+        key_ranges = list(key_ranges)
+        if not key_ranges:
+            return []
+        if _gpu_device(prototype) is not None:
+            # CUDA IPC is Get's alone: each read asks for it, all in flight over one channel.
+            return list(
+                await asyncio.gather(*(self.get(key, prototype, rng) for key, rng in key_ranges))
+            )
+        await self._ensure_open()
+        items = [c.GetItem(self._key(key), **_range_kwargs(rng)) for key, rng in key_ranges]
+        buffers: list[Buffer | None] = []
+        for result in await self._aio().read_many(items):
+            if isinstance(result, NotFoundError):
+                buffers.append(None)
+            elif isinstance(result, Exception):
+                raise result
+            else:
+                buffers.append(self._to_buffer(result, prototype))
+        return buffers
 
     async def _get_many(self, requests):  # type: ignore[override]
         requests = list(requests)

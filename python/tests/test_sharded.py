@@ -132,3 +132,41 @@ def test_failover_to_the_next_server(pool_of_three):
     # Listing leaves the down server out.
     assert pool.list("arr/").keys == sorted(keys)
     pool.close()
+
+
+def test_get_many_one_call_per_server_and_failover(pool_of_three):
+    servers = pool_of_three
+    addresses = [s.address for s in servers]
+    pool = chunkd.ShardedClient(addresses, timeout=10, failures_to_mark_down=2, down_backoff=30)
+    keys = _keys(200)
+    values = {k: hash64(k).to_bytes(8, "little") * (1 + len(k)) for k in keys}
+    for k in keys:
+        pool.put(k, values[k])
+    missing = [f"nope/{i}" for i in range(20)]
+    items = [*keys, *missing, (keys[0], 2, 9)]
+
+    def calls():
+        out = {}
+        for s in servers:
+            if s.process.poll() is None:
+                with chunkd.Client(s.address) as c:
+                    out[s.address] = c.server_info().counters["get_many_calls"]
+        return out
+
+    before = calls()
+    results = pool.get_many(items)
+    after = calls()
+    homes = {pool.server_for(k if isinstance(k, str) else k[0]) for k in items}
+    assert {a: after[a] - before[a] for a in addresses} == {
+        a: int(a in homes) for a in addresses
+    }
+    assert results[: len(keys)] == [values[k] for k in keys]
+    assert all(isinstance(r, chunkd.NotFoundError) for r in results[len(keys) : -1])
+    assert results[-1] == values[keys[0]][2:9]
+    assert pool.get_many([]) == []
+
+    # A down server's group goes to the next server of its first key.
+    servers[0].stop()
+    results = pool.read_many(keys)
+    assert [bytes(r.data) for r in results] == [values[k] for k in keys]
+    pool.close()

@@ -257,6 +257,85 @@ def test_unmappable_handle_retries_inline(shm_client, shm_server, prefix, monkey
     # The lease of the refused handle was released (the fixture checks that none is left).
 
 
+def test_get_many_over_shared_memory(shm_client, shm_server, prefix):
+    """get_many: each value a handle with a lease of its own, released like get's; misses and
+    empty values as with get."""
+    values = {f"{prefix}/{i}": os.urandom(4 * KiB << (i % 9)) for i in range(30)}
+    values[f"{prefix}/big"] = os.urandom(4 * MiB + 1)
+    for key, value in values.items():
+        shm_client.put(key, value)
+    shm_client.put(f"{prefix}/empty", b"")
+    keys = list(values)
+    before = _info(shm_server).counters
+    items = [*keys, f"{prefix}/missing", f"{prefix}/empty", (keys[0], 10, 20)]
+    results = shm_client.read_many(items)
+    info = _info(shm_server)
+    assert info.counters["get_many_calls"] - before["get_many_calls"] == 1
+    assert info.counters["gets_shm"] - before["gets_shm"] == len(keys) + 1
+    assert info.leases_active == len(keys) + 1 and shm_client.leases_held == len(keys) + 1
+    for key, result in zip(keys, results, strict=False):
+        assert result.delivery == SHM, key
+        assert isinstance(result.data, memoryview) and result.data.readonly
+        assert result.data == values[key]
+    missing, empty, ranged = results[len(keys) :]
+    assert isinstance(missing, chunkd.NotFoundError)
+    assert empty.delivery == INLINE and empty.data == b""
+    assert ranged.delivery == SHM and ranged.data == values[keys[0]][10:20]
+    kept = results[3].data[5:50]  # a view keeps its value's lease alone
+    del results, result, missing, empty, ranged
+    _settle(shm_client)
+    assert _info(shm_server).leases_active == 1 and shm_client.leases_held == 1
+    assert kept == values[keys[3]][5:50]
+    del kept
+    _settle(shm_client)
+    assert _info(shm_server).leases_active == 0
+    # get_many hands out the views themselves.
+    got = shm_client.get_many(keys[:3])
+    assert got == [values[k] for k in keys[:3]] and all(v.readonly for v in got)
+    del got
+
+
+def test_get_many_unmappable_handle_retries_inline(shm_client, shm_server, prefix, monkeypatch):
+    """As for get: a handle the client cannot map sends the whole call again, inline, and the
+    leases of that first reply are given back (the fixture checks that none is left)."""
+    values = [os.urandom(64 * KiB + i) for i in range(5)]
+    for i, value in enumerate(values):
+        shm_client.put(f"{prefix}/{i}", value)
+    calls = []
+    real = _shm.map_segment
+
+    def refuse_the_third(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise PermissionError(13, "Permission denied", "segment")
+        return real(*args)
+
+    monkeypatch.setattr(_shm, "map_segment", refuse_the_third)
+    results = shm_client.read_many([f"{prefix}/{i}" for i in range(5)] + [f"{prefix}/x"])
+    assert [r.delivery for r in results[:5]] == [INLINE] * 5
+    assert [r.data for r in results[:5]] == values
+    assert isinstance(results[5], chunkd.NotFoundError)
+    assert shm_client._shm.disabled
+
+
+async def test_async_get_many_over_shared_memory(shm_server, prefix):
+    async with chunkd.AsyncClient(
+        shm_server.address, delivery="shm", shm_dir=shm_server.shm_dir
+    ) as client:
+        values = {f"{prefix}/{i}": os.urandom(8 * KiB * (i + 1)) for i in range(10)}
+        await asyncio.gather(*(client.put(k, v) for k, v in values.items()))
+        results = await client.read_many([*values, f"{prefix}/missing"])
+        assert [r.delivery for r in results[:-1]] == [SHM] * 10
+        assert [bytes(r.data) for r in results[:-1]] == list(values.values())
+        assert isinstance(results[-1], chunkd.NotFoundError)
+        assert client.leases_held == 10
+        del results
+        gc.collect()
+        assert await client.flush_releases()
+        assert client.leases_held == 0
+        assert (await client.server_info()).leases_active == 0
+
+
 def test_pickled_client_keeps_delivery(shm_server):
     client = chunkd.Client(shm_server.address, delivery="shm", shm_dir=shm_server.shm_dir)
     again = pickle.loads(pickle.dumps(client))
