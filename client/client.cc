@@ -1,6 +1,7 @@
 #include "client/client.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <random>
 #include <thread>
@@ -942,6 +943,14 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   // absl::Mutex too, and the detector's bookkeeping costs every call. Turn it off once.
   static const bool detector_off = [] {
     absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+    // gRPC's default polling engine (epoll1) has one thread at a time poll every connection of
+    // the process and hand each event to the thread that waits for it: with several threads
+    // making blocking calls, most events cost a thread hand-off. The `poll` engine lets each
+    // waiting thread poll its own connections; measured here, 4 threads of 4 KiB Gets went
+    // from 12-13.5 to 19-20 thousand per second, 1 MiB Gets 10-20% up. Read once, when gRPC
+    // starts: an application that set GRPC_POLL_STRATEGY, or started gRPC before its first
+    // Connect, keeps its choice.
+    if (std::getenv("GRPC_POLL_STRATEGY") == nullptr) ::setenv("GRPC_POLL_STRATEGY", "poll", 0);
     return true;
   }();
   (void)detector_off;
