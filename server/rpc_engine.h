@@ -29,6 +29,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "grpcpp/alarm.h"
 #include "grpcpp/server_builder.h"
 #include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/server_context.h"
@@ -36,6 +38,8 @@
 #include "grpcpp/support/async_unary_call.h"
 
 namespace chunkd::server::rpc {
+
+class AlarmTag;
 
 // Checks a call before its handler sees it (bearer tokens); OK lets it through.
 using Authorizer =
@@ -59,6 +63,11 @@ class Engine {
   // Before Start: a method to serve, with how many calls wait for it on each queue.
   void AddMethod(Spawner spawn, int waiting);
   void set_authorizer(Authorizer authorizer) { authorizer_ = std::move(authorizer); }
+  // Before Start: cancel calls of authorized methods (not the health service's, whose Watch
+  // may rightly last) running longer than `limit` (zero: never). Each queue's thread keeps its
+  // calls in arrival order, which is the order their time runs out, and looks at the oldest a
+  // few times per limit: no lock, no thread and no interceptor on any call's path.
+  void set_call_limit(absl::Duration limit) { call_limit_ = limit; }
 
   // After BuildAndStart: arms the calls and starts one thread per queue.
   void Start();
@@ -72,11 +81,20 @@ class Engine {
   grpc::Status Authorize(const grpc::ServerContextBase& context, absl::string_view method) const;
   int threads() const { return static_cast<int>(queues_.size()); }
 
+  // One completion queue, its thread's calls (for the call limit) and the limit's alarm.
+  struct Queue;
+
  private:
-  std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> queues_;
+  friend class Call;
+  friend class AlarmTag;
+  void ArmLimitCheck(Queue* queue);
+  void CheckLimit(Queue* queue);
+
+  std::vector<std::unique_ptr<Queue>> queues_;
   std::vector<std::pair<Spawner, int>> methods_;
   std::vector<std::thread> threads_;
   Authorizer authorizer_;
+  absl::Duration call_limit_ = absl::ZeroDuration();
   absl::Mutex mu_;
   int live_calls_ ABSL_GUARDED_BY(mu_) = 0;
   bool started_ = false;
@@ -128,6 +146,7 @@ class Call {
   class Tag;
   friend class Engine;
   void Completed(Event event, bool ok);
+  void WatchLimit();
   void Release(int n);
 
   class Tag final {
@@ -143,6 +162,12 @@ class Call {
   Engine* const engine_;
   grpc::ServerCompletionQueue* const queue_;
   const char* const method_;
+  // In its queue's list of calls under the call limit (touched by that queue's thread only).
+  Engine::Queue* limited_in_ = nullptr;
+  Call* older_ = nullptr;
+  Call* newer_ = nullptr;
+  absl::Time arrived_at_;
+  bool limit_cancelled_ = false;
   const Engine::Spawner spawn_;
   // One reference for the done notification and one until Finish completes, plus one per
   // read or write in flight.

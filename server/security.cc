@@ -15,7 +15,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <list>
 #include <sstream>
 #include <thread>
 #include <utility>
@@ -28,162 +27,13 @@
 #include "absl/synchronization/mutex.h"
 #include "grpc/grpc.h"
 #include "grpc/grpc_security_constants.h"
-#include "grpcpp/support/server_interceptor.h"
 #include "server/auth.h"
 #include "server/log.h"
 #include "server/service.h"
 
 namespace chunkd::server {
 
-// Cancels calls that run longer than a fixed limit. Calls are watched in the order they start,
-// which (the limit being the same for all) is the order their time runs out: a list with O(1)
-// removal, and one thread that sleeps until the oldest call's deadline.
-class CallWatchdog {
- public:
-  struct Call {
-    absl::Mutex mu;
-    // Null once the call has ended; TryCancel is only ever called with `mu` held and this set,
-    // and the call cannot end (its context cannot go away) while `mu` is held.
-    grpc::ServerContextBase* context ABSL_GUARDED_BY(mu);
-    std::string method;
-    absl::Time deadline;
-    std::list<std::shared_ptr<Call>>::iterator position;
-    bool queued = false;
-  };
-
-  explicit CallWatchdog(absl::Duration limit) : limit_(limit) {
-    thread_ = std::thread([this] { Loop(); });
-  }
-  ~CallWatchdog() {
-    {
-      absl::MutexLock lock(&mu_);
-      stopping_ = true;
-    }
-    thread_.join();
-  }
-
-  std::shared_ptr<Call> Watch(grpc::ServerContextBase* context, const char* method) {
-    auto call = std::make_shared<Call>();
-    call->context = context;
-    call->method = method ? method : "";
-    call->deadline = absl::Now() + limit_;
-    absl::MutexLock lock(&mu_);
-    calls_.push_back(call);
-    call->position = std::prev(calls_.end());
-    call->queued = true;
-    return call;
-  }
-
-  // The call ended: it must not be cancelled any more. Waits for a cancellation in progress.
-  void Done(const std::shared_ptr<Call>& call) {
-    if (cancelling_ == call.get()) {
-      // Reached from inside TryCancel on the watchdog's own thread, which holds call->mu.
-      call->mu.AssertHeld();
-      call->context = nullptr;
-    } else {
-      absl::MutexLock lock(&call->mu);
-      call->context = nullptr;
-    }
-    absl::MutexLock lock(&mu_);
-    if (call->queued) {
-      calls_.erase(call->position);
-      call->queued = false;
-    }
-  }
-
-  absl::Duration limit() const { return limit_; }
-
- private:
-  void Loop() {
-    absl::MutexLock lock(&mu_);
-    while (!stopping_) {
-      if (calls_.empty()) {
-        mu_.Await(absl::Condition(
-            +[](CallWatchdog* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) {
-              return self->stopping_ || !self->calls_.empty();
-            },
-            this));
-        continue;
-      }
-      absl::Time deadline = calls_.front()->deadline;
-      if (absl::Now() < deadline) {
-        // Wakes early when the watchdog stops; new calls only have later deadlines.
-        mu_.AwaitWithDeadline(absl::Condition(&stopping_), deadline);
-        continue;
-      }
-      std::shared_ptr<Call> call = std::move(calls_.front());
-      calls_.pop_front();
-      call->queued = false;
-      mu_.Unlock();
-      {
-        absl::MutexLock call_lock(&call->mu);
-        if (call->context != nullptr) {
-          Log("cancelling %s: it ran longer than --max_call_duration=%s", call->method,
-              absl::FormatDuration(limit_));
-          cancelling_ = call.get();
-          call->context->TryCancel();
-          cancelling_ = nullptr;
-        }
-      }
-      mu_.Lock();
-    }
-  }
-
-  const absl::Duration limit_;
-  absl::Mutex mu_;
-  std::list<std::shared_ptr<Call>> calls_ ABSL_GUARDED_BY(mu_);
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  static thread_local Call* cancelling_;
-  std::thread thread_;
-};
-
-thread_local CallWatchdog::Call* CallWatchdog::cancelling_ = nullptr;
-
 namespace {
-
-constexpr char kChunkdMethodPrefix[] = "/chunkd.v1.";
-
-// Watches one call from its start until the server has closed it (POST_RECV_CLOSE: sent its
-// status, or seen it cancelled), which comes before the call's context is destroyed.
-class CallLimitInterceptor final : public grpc::experimental::Interceptor {
- public:
-  CallLimitInterceptor(CallWatchdog* watchdog, grpc::experimental::ServerRpcInfo* info)
-      : watchdog_(watchdog), call_(watchdog->Watch(info->server_context(), info->method())) {}
-  ~CallLimitInterceptor() override { Finish(); }
-
-  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
-    if (methods->QueryInterceptionHookPoint(
-            grpc::experimental::InterceptionHookPoints::POST_RECV_CLOSE)) {
-      Finish();
-    }
-    methods->Proceed();
-  }
-
- private:
-  void Finish() {
-    if (call_) watchdog_->Done(call_);
-    call_.reset();
-  }
-
-  CallWatchdog* const watchdog_;
-  std::shared_ptr<CallWatchdog::Call> call_;
-};
-
-class CallLimitFactory final : public grpc::experimental::ServerInterceptorFactoryInterface {
- public:
-  explicit CallLimitFactory(CallWatchdog* watchdog) : watchdog_(watchdog) {}
-  grpc::experimental::Interceptor* CreateServerInterceptor(
-      grpc::experimental::ServerRpcInfo* info) override {
-    // Only chunkd's own calls: the health service's Watch streams may rightly last for ever.
-    if (info->method() == nullptr || !absl::StartsWith(info->method(), kChunkdMethodPrefix)) {
-      return nullptr;
-    }
-    return new CallLimitInterceptor(watchdog_, info);
-  }
-
- private:
-  CallWatchdog* const watchdog_;
-};
 
 std::string UnixPath(absl::string_view address) {
   if (absl::StartsWith(address, "unix://")) return std::string(address.substr(7));
@@ -409,10 +259,7 @@ void ServerSecurity::Configure(grpc::ServerBuilder& builder, ChunkdService* serv
                                ClampMillis(options_.max_connection_idle));
   }
   if (options_.max_call_duration > absl::ZeroDuration()) {
-    watchdog_ = std::make_unique<CallWatchdog>(options_.max_call_duration);
-    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> factories;
-    factories.push_back(std::make_unique<CallLimitFactory>(watchdog_.get()));
-    builder.experimental().SetInterceptorCreators(std::move(factories));
+    engine->set_call_limit(options_.max_call_duration);
   }
 }
 

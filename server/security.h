@@ -35,7 +35,6 @@ namespace rpc {
 class Engine;
 }  // namespace rpc
 class TokenTable;
-class CallWatchdog;
 
 struct SecurityOptions {
   // PEM files: the server's certificate chain and private key (TLS on TCP listeners), and a CA
@@ -77,8 +76,8 @@ class ServerSecurity {
   ~ServerSecurity();
 
   // Registers `service` on `builder` and, when there are tokens, puts the token check in front
-  // of it in `engine`; adds the connection limits and the call-duration interceptor. `service`
-  // must outlive the server.
+  // of it in `engine`; adds the connection limits and gives `engine` the call-duration limit.
+  // `service` must outlive the server.
   void Configure(grpc::ServerBuilder& builder, ChunkdService* service, rpc::Engine* engine);
   // The credentials of one listening address: TLS for TCP when configured, else plaintext.
   std::shared_ptr<grpc::ServerCredentials> CredentialsFor(absl::string_view address) const;
@@ -99,7 +98,6 @@ class ServerSecurity {
   std::string tls_cert_pem_, tls_key_pem_, tls_client_ca_pem_;
   std::optional<gid_t> socket_group_;
   std::shared_ptr<const TokenTable> tokens_;
-  std::unique_ptr<CallWatchdog> watchdog_;
 };
 
 }  // namespace chunkd::server

@@ -582,8 +582,9 @@ TEST(ServerLifecycle, SigtermFinishesCallsInFlightAndExitsZero) {
 
 TEST(ServerLifecycle, HealthWatchersHearNotServingAndEndWhenTheServerStops) {
   TempDir dir;
+  // The call limit is for chunkd's calls: a Watch outlives it.
   auto server = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
-                                      "--shutdown_grace=30s"});
+                                      "--shutdown_grace=30s", "--max_call_duration=1s"});
   ASSERT_TRUE(server.ok()) << server.status();
   auto channel = grpc::CreateChannel((*server)->address(), grpc::InsecureChannelCredentials());
   grpc::ClientContext context;
@@ -595,6 +596,7 @@ TEST(ServerLifecycle, HealthWatchersHearNotServingAndEndWhenTheServerStops) {
   grpc::ByteBuffer message;
   ASSERT_TRUE(reader->Read(&message));
   EXPECT_EQ(Flat(message), std::string("\x08\x01", 2));  // SERVING
+  absl::SleepFor(absl::Seconds(2.5));
   absl::Time stopped = absl::Now();
   ASSERT_EQ(::kill((*server)->pid(), SIGTERM), 0);
   ASSERT_TRUE(reader->Read(&message));
