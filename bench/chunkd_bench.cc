@@ -920,12 +920,17 @@ int Measure() {
       std::uniform_int_distribution<int64_t> uniform(0, n - 1);
       std::vector<int64_t> indexes(batch);
       std::vector<absl::StatusOr<std::string_view>> many;
-      while (batch > 1) {
+      while (true) {
         int ph = phase.load(std::memory_order_acquire);
         if (ph == 3) break;
         for (int64_t& i : indexes) i = zipf ? (*zipf)(rng) : uniform(rng);
         Clock::time_point t0 = Clock::now();
-        absl::Status call = session.FetchMany(indexes, &many);
+        absl::Status call = absl::OkStatus();
+        if (batch == 1) {
+          many.assign(1, session.Fetch(indexes[0]));
+        } else {
+          call = session.FetchMany(indexes, &many);
+        }
         Clock::time_point t1 = Clock::now();
         int64_t good = 0, bytes = 0;
         std::string why = call.ok() ? "" : std::string(call.message());
@@ -953,32 +958,6 @@ int Measure() {
         res.hist.Add(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count());
         res.requests += batch;
         res.bytes += bytes;
-      }
-      while (batch == 1) {
-        int ph = phase.load(std::memory_order_acquire);
-        if (ph == 3) break;
-        int64_t i = zipf ? (*zipf)(rng) : uniform(rng);
-        Clock::time_point t0 = Clock::now();
-        absl::StatusOr<std::string_view> got = session.Fetch(i);
-        Clock::time_point t1 = Clock::now();
-        bool ok = got.ok() && got->size() == static_cast<size_t>(size);
-        if (!ok && res.first_error.empty()) {
-          res.first_error = got.ok() ? absl::StrFormat("value of %d bytes", got->size())
-                                     : std::string(got.status().message());
-        }
-        if (ph != 2) {
-          if (!ok) ++res.warm_errors;
-          continue;
-        }
-        res.last_end = t1;
-        timed_done.fetch_add(1, std::memory_order_relaxed);
-        if (!ok) {
-          ++res.errors;
-          continue;
-        }
-        res.hist.Add(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count());
-        ++res.requests;
-        res.bytes += static_cast<int64_t>(got->size());
       }
     });
   }

@@ -703,22 +703,11 @@ class ClientImpl final : public Client {
     grpc::ByteBuffer request = Serialize(MakeGetRequest(key, options));
     absl::Time deadline = Deadline(options.timeout);
     return RetryBlocking<GetResult>(options_, deadline, [&]() -> absl::StatusOr<GetResult> {
-      grpc::ClientContext context;
-      context.set_deadline(absl::ToChronoTime(deadline));
-      std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
-          grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(
-              channel_.get(), get_method_, &context, request));
       GetReply reply(keeper_);
-      absl::Status error;
-      grpc::ByteBuffer message;
-      while (reader->Read(&message)) {
-        if (!error.ok()) continue;
-        error = reply.Absorb(message);
-        if (!error.ok()) context.TryCancel();
-      }
-      grpc::Status status = reader->Finish();
-      if (!error.ok()) return error;
-      return reply.Finish(status);
+      Streamed call = ReadStream(get_method_, deadline, request,
+                                 [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
+      if (!call.reply_error.ok()) return call.reply_error;
+      return reply.Finish(call.status);
     });
   }
 
@@ -741,22 +730,11 @@ class ClientImpl final : public Client {
     absl::Time deadline = Deadline(options.timeout);
     return RetryBlocking<GetManyResults>(options_, deadline,
                                          [&]() -> absl::StatusOr<GetManyResults> {
-      grpc::ClientContext context;
-      context.set_deadline(absl::ToChronoTime(deadline));
-      std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
-          grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(
-              channel_.get(), get_many_method_, &context, raw));
       GetManyReply reply(keeper_, items.size());
-      absl::Status error;
-      grpc::ByteBuffer message;
-      while (reader->Read(&message)) {
-        if (!error.ok()) continue;
-        error = reply.Absorb(message);
-        if (!error.ok()) context.TryCancel();
-      }
-      grpc::Status status = reader->Finish();
-      if (!error.ok()) return error;
-      if (!status.ok()) return FromGrpc(status);
+      Streamed call = ReadStream(get_many_method_, deadline, raw,
+                                 [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
+      if (!call.reply_error.ok()) return call.reply_error;
+      if (!call.status.ok()) return FromGrpc(call.status);
       return reply.Finish();
     });
   }
@@ -890,6 +868,34 @@ class ClientImpl final : public Client {
                                     }));
         },
         std::move(done));
+  }
+
+  // How a server-streaming call ended: the first error in its replies (the call was cancelled
+  // then), and the call's status.
+  struct Streamed {
+    absl::Status reply_error;
+    grpc::Status status;
+  };
+
+  // One server-streaming call of `method` on gRPC's synchronous API, each reply message handed
+  // to `absorb` (which returns an error for a malformed one).
+  template <typename Absorb>
+  Streamed ReadStream(const grpc::internal::RpcMethod& method, absl::Time deadline,
+                      const grpc::ByteBuffer& request, Absorb absorb) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(deadline));
+    std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
+        grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(channel_.get(), method,
+                                                                      &context, request));
+    Streamed out;
+    grpc::ByteBuffer message;
+    while (reader->Read(&message)) {
+      if (!out.reply_error.ok()) continue;
+      out.reply_error = absorb(message);
+      if (!out.reply_error.ok()) context.TryCancel();
+    }
+    out.status = reader->Finish();
+    return out;
   }
 
   // The blocking form of Unary, on gRPC's synchronous API: the calling thread drives the call,

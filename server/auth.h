@@ -4,14 +4,14 @@
 // and admin; '#' starts a comment, blank lines are ignored. Clients send
 // "authorization: Bearer TOKEN" metadata with every call.
 //
-// Each chunkd.v1.Chunkd method needs one right (RequiredRight): read for Get, Stat, List,
-// ServerInfo, Release and Renew; write for Put and Delete; admin for Prefetch. The rights are
+// Each chunkd.v1.Chunkd method needs one right (RequiredRight): read for Get, GetMany, Stat,
+// List, ServerInfo, Release and Renew; write for Put and Delete; admin for Prefetch. The rights are
 // independent: a token that should read and write lists both. Only chunkd.v1.Chunkd is checked:
 // the standard health service (probes) and server reflection stay open.
 //
-// The check wraps the service (MakeAuthorizingService) instead of living in each RPC: gRPC 1.51's
-// server interceptors cannot refuse a call, and AuthMetadataProcessor only runs on TLS
-// listeners, while tokens must also guard plaintext loopback and UNIX-socket listeners.
+// The check runs in the RPC engine before a call's handler (MakeTokenAuthorizer), not in each
+// RPC: gRPC 1.51's server interceptors cannot refuse a call, and AuthMetadataProcessor only
+// runs on TLS listeners, while tokens must also guard plaintext loopback and UNIX sockets.
 #ifndef CHUNKD_SERVER_AUTH_H_
 #define CHUNKD_SERVER_AUTH_H_
 

@@ -72,7 +72,7 @@ class ChunkdServer {
   std::unique_ptr<DeviceTier> device_tier_;
   std::unique_ptr<ChunkStore> store_;
   std::unique_ptr<ChunkdService> service_;
-  std::unique_ptr<ServerSecurity> security_;  // outlives grpc_server_ (its interceptors)
+  std::unique_ptr<ServerSecurity> security_;
   std::unique_ptr<HealthService> health_;
   std::unique_ptr<rpc::Engine> engine_;       // its queues outlive grpc_server_
   std::unique_ptr<grpc::Server> grpc_server_;
