@@ -15,8 +15,11 @@ URL forms (see :mod:`chunkd._address`):
 * ``chunkd+unix:///run/chunkd.sock`` — a Unix-domain socket (``path=`` names a sub-path);
 * a plain address: ``HOST:PORT`` or ``unix:/run/chunkd.sock``.
 
-``get_partial_values`` reads its whole batch in one GetMany call (per 4096 keys); ``get`` makes
-one Get per key.
+``get_partial_values`` reads its whole batch in one GetMany call (per 4096 keys). ``get``
+coalesces (``batch_gets=True``, the default): the gets an event loop issues in one iteration —
+zarr reads the chunks of a selection from concurrent tasks, each calling ``get`` — go out
+together as one GetMany call (at most ``_BATCH_MAX_ITEMS`` items; more start the next call), a
+get issued alone as one Get, without waiting for a timer. See :class:`_GetBatcher`.
 
 Values arrive inline (gRPC messages) by default. With ``delivery="shm"``, a store on the
 server's host asks for shared-memory delivery: each chunk arrives as a handle and the zarr
@@ -60,7 +63,7 @@ from chunkd._security import Security
 from chunkd._stubs import pb
 from chunkd.aio import AsyncClient
 from chunkd.client import Client
-from chunkd.errors import NotFoundError, PreconditionFailed
+from chunkd.errors import ChunkdError, NotFoundError, PreconditionFailed
 
 if TYPE_CHECKING:
     from zarr.core.buffer import BufferPrototype
@@ -71,6 +74,10 @@ __all__ = ["ChunkdStore"]
 _DELETE_CONCURRENCY = 64
 # Channel closes scheduled by close() on the running loop, kept alive until they finish.
 _closing: set[asyncio.Task] = set()
+# The most gets one GetMany call of the batcher carries; a batch this full goes out as is and
+# later gets of the same loop iteration start the next one. (The server takes up to 4096: 256
+# keeps a call's reply, and the wait for its last item, bounded while amortising the call.)
+_BATCH_MAX_ITEMS = 256
 
 
 def _normalize_path(path: str) -> str:
@@ -113,6 +120,119 @@ def _cuda_to_buffer(result: c.GetResult, prototype: BufferPrototype) -> Buffer:
     return prototype.buffer.from_array_like(result.data)
 
 
+def _for_key(error: BaseException, key: str) -> BaseException:
+    """The exception a waiting get raises when its whole batch call failed: a ChunkdError of
+    the same class and code naming the get's key, as the call of its own would have raised."""
+    if isinstance(error, ChunkdError):
+        return type(error)(error.details, code=error.code, key=key)
+    return error
+
+
+class _GetBatch:
+    """The gets of one GetMany call: (key, range kwargs) items and the futures awaiting them."""
+
+    __slots__ = ("items", "futures", "live", "task")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict[str, int]]] = []
+        self.futures: list[asyncio.Future] = []
+        self.live: list[asyncio.Future] = []  # the futures still awaited when the call went out
+        self.task: asyncio.Task | None = None
+
+    def waiter_done(self, future: asyncio.Future) -> None:
+        # A get cancelled while its call is in flight: when no get of the call is still
+        # waiting, the call itself is cancelled (its reply has nobody to go to).
+        if future.cancelled() and self.live and all(f.done() for f in self.live):
+            task = self.task
+            if task is not None and not task.done():
+                task.cancel()
+
+
+class _GetBatcher:
+    """Coalesces the gets one event loop issues in one iteration into GetMany calls.
+
+    ``get`` appends its item to the open batch and awaits a future. The first item of a batch
+    creates the batch's task, which starts on the loop's next iteration, after every task that
+    was ready in this one has run (zarr's reads of a selection wake together): it closes the
+    batch and sends it, as one Get when it holds one item (a lone get costs one call and no
+    timer) and as one GetMany otherwise, then hands each future its result. A batch closes
+    early at ``_BATCH_MAX_ITEMS``. Results are those of the per-key path: a ``GetResult``,
+    None for a missing key, an item's error raised by its own get only; a failure of the whole
+    call (UNAVAILABLE after the retries) raises from every get of the batch, with its key. A
+    cancelled get leaves the batch; a call none of whose gets still waits is cancelled.
+
+    One batcher per event loop (futures and channels belong to their loop); the client is the
+    store's client of that loop when the batch goes out.
+    """
+
+    def __init__(self, store: ChunkdStore) -> None:
+        self._store = store
+        self._open: _GetBatch | None = None
+        self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+    async def get(self, key: str, kwargs: dict[str, int]) -> c.GetResult | None:
+        # The checks the per-key path makes before sending (key type, range form): they raise
+        # here, from this get alone, and keep the batch's request valid.
+        c.encode_key(key)
+        c.byte_range(kwargs.get("start"), kwargs.get("end"), kwargs.get("suffix"))
+        loop = asyncio.get_running_loop()
+        batch = self._open
+        if batch is None:
+            batch = self._open = _GetBatch()
+            task = loop.create_task(self._send(batch))
+            batch.task = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        future = loop.create_future()
+        future.add_done_callback(batch.waiter_done)
+        batch.items.append((key, kwargs))
+        batch.futures.append(future)
+        if len(batch.items) >= _BATCH_MAX_ITEMS:
+            self._open = None
+        return await future
+
+    async def _send(self, batch: _GetBatch) -> None:
+        if self._open is batch:
+            self._open = None
+        live = [(i, f) for i, f in zip(batch.items, batch.futures, strict=True) if not f.done()]
+        batch.items, batch.futures = [], []
+        batch.live = [f for _, f in live]
+        if not live:
+            return
+        try:
+            client = self._store._aio()
+            if len(live) == 1:
+                (key, kwargs), future = live[0]
+                try:
+                    results: list[Any] = [await client.read(key, **kwargs)]
+                except ChunkdError as e:
+                    results = [e]
+            else:
+                results = await client.read_many(
+                    [c.GetItem(key, **kwargs) for (key, kwargs), _ in live]
+                )
+        except asyncio.CancelledError:
+            for _, future in live:
+                future.cancel()
+            raise
+        except BaseException as e:  # the whole call failed: every get raises it
+            for (key, _), future in live:
+                if not future.done():
+                    future.set_exception(_for_key(e, key))
+            if not isinstance(e, Exception):
+                raise
+            return
+        for ((key, _), future), result in zip(live, results, strict=True):
+            if future.done():  # cancelled meanwhile
+                continue
+            if isinstance(result, NotFoundError):
+                future.set_result(None)
+            elif isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
 def _gpu_device(prototype: BufferPrototype) -> int | None:
     """CuPy's current device when `prototype` makes GPU buffers and CUDA IPC is possible."""
     try:
@@ -142,6 +262,12 @@ class ChunkdStore(Store):
         tls_ca, tls, tls_cert, tls_key, tls_server_name, token: TLS and the bearer token, as
             :class:`chunkd.Client` takes them (token defaults to ``$CHUNKD_TOKEN``). A pickled
             store carries the certificates and the token it was made with.
+        batch_gets: coalesce concurrent ``get`` calls (default True): the gets issued in one
+            iteration of an event loop (zarr's concurrent chunk reads) go out as one GetMany
+            call of up to 256 items instead of one Get each; a get issued alone is still one
+            Get and waits for nothing. Results and errors are those of one Get per key (a
+            missing key is None; an item's error raises from its own get only). GPU
+            prototypes (CUDA IPC) always read per key. False: one Get per ``get``.
     """
 
     supports_writes: bool = True
@@ -172,6 +298,7 @@ class ChunkdStore(Store):
         tls_key: str | bytes | None = None,
         tls_server_name: str | None = None,
         token: str | None = None,
+        batch_gets: bool = True,
     ) -> None:
         super().__init__(read_only=read_only)
         # The clients' TLS and token arguments, files read once (chunkd._security).
@@ -196,6 +323,10 @@ class ChunkdStore(Store):
             weakref.WeakKeyDictionary()
         )
         self._sync_client: Client | None = None
+        self.batch_gets = bool(batch_gets)
+        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _GetBatcher] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # -- identity --------------------------------------------------------------------------------
 
@@ -233,6 +364,7 @@ class ChunkdStore(Store):
             "retries": self.retries,
             "delivery": self.delivery,
             "shm_dir": self.shm_dir,
+            "batch_gets": self.batch_gets,
             **self._security_args,
         }
 
@@ -273,6 +405,19 @@ class ChunkdStore(Store):
                     )
                     self._aio_clients[loop] = client
         return client
+
+    def _batcher(self) -> _GetBatcher:
+        """The get batcher of the running event loop (created on first use in that loop)."""
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is None:
+            with self._lock:
+                batcher = self._batchers.get(loop)
+                if batcher is None:
+                    for old in [old for old in self._batchers if old.is_closed()]:
+                        del self._batchers[old]
+                    batcher = self._batchers[loop] = _GetBatcher(self)
+        return batcher
 
     def _sync(self) -> Client:
         client = self._sync_client
@@ -352,6 +497,12 @@ class ChunkdStore(Store):
             device = _gpu_device(prototype)
             if device is not None:
                 kwargs["device"] = device
+            elif self.batch_gets:
+                # Coalesced with the gets of the same loop iteration (see _GetBatcher).
+                batched = await self._batcher().get(self._key(key), kwargs)
+                if batched is None:
+                    return None
+                return self._to_buffer(batched, prototype)
             result = await self._aio().read(self._key(key), **kwargs)
         except NotFoundError:
             return None
