@@ -209,12 +209,20 @@ class CudaDelivery:
         weakref.finalize(self, self.keeper.close)
 
     @classmethod
-    def create(cls, target: str, options: list[tuple[str, Any]]) -> CudaDelivery | None:
-        """None where CUDA IPC delivery is impossible (no CuPy, no device)."""
+    def create(
+        cls,
+        target: str,
+        options: list[tuple[str, Any]],
+        channel_factory: Callable[[], grpc.Channel] | None = None,
+    ) -> CudaDelivery | None:
+        """None where CUDA IPC delivery is impossible (no CuPy, no device). ``channel_factory``
+        makes the lease keeper's channel: the client's own (TLS, bearer token), so that its
+        Release and Renew calls pass the server's checks; plaintext without one."""
         if device_uuids() is None:
             return None
-        factory = functools.partial(grpc.insecure_channel, target, options=list(options))
-        return cls(channel_factory=factory, name=target)
+        if channel_factory is None:
+            channel_factory = functools.partial(grpc.insecure_channel, target, options=list(options))
+        return cls(channel_factory=channel_factory, name=target)
 
     def request(self, request: Any, device: int) -> Any:
         """The GetRequest to send for a chunk wanted on ``device`` (a CuPy device ordinal)."""

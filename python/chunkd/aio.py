@@ -133,7 +133,11 @@ class AsyncClient(c.ClientBase):
         cuda = None
         if device is not None and out is None:
             if self._cuda is None:
-                self._cuda = _cuda.CudaDelivery.create(self.target, self._options)
+                self._cuda = _cuda.CudaDelivery.create(
+                    self.target,
+                    self._options,
+                    channel_factory=self._security.channel_factory(self.target, self._options),
+                )
             cuda = self._cuda
 
         async def attempt(stub, timeout):

@@ -4,6 +4,7 @@ and CHUNKD_TOKEN. Certificates are made here with the openssl tool."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import shutil
@@ -219,6 +220,32 @@ def test_token_reaches_the_lease_keeper(secure_server):
         assert info.counters.get("leases_released", 0) == before + 1
         assert info.counters.get("leases_unknown", 0) == 0
         assert c.leases_held == 0
+
+
+def test_token_reaches_the_cuda_lease_keeper(secure_server, monkeypatch):
+    # The CUDA delivery's lease keeper must call the server through the client's own channel
+    # (token, TLS). No GPU is needed to see it: with a GPU made to appear, a Get for a device
+    # sets the delivery up (the Get itself then fails here, without CuPy or a device tier), and
+    # a Release of an id the server never granted counts as "unknown" only if the call got past
+    # the token check.
+    from chunkd import _cuda
+
+    monkeypatch.setattr(_cuda, "device_uuids", lambda: [bytes(16)])
+
+    async def main():
+        async with chunkd.AsyncClient(secure_server.unix_address, timeout=20, token=WRITE) as c:
+            await c.put("py/cuda/keeper", b"x")
+            before = (await c.server_info()).counters.get("leases_unknown", 0)
+            with contextlib.suppress(Exception):
+                await c.get("py/cuda/keeper", device=0)
+            delivery = c._cuda
+            assert delivery is not None
+            delivery.keeper.drop(0x5EED5EED, os.getpid())
+            assert delivery.keeper.flush(10)
+            after = (await c.server_info()).counters.get("leases_unknown", 0)
+            assert after == before + 1
+
+    asyncio.run(main())
 
 
 def test_tls_and_token_travel_with_a_pickled_client_and_store(secure_server, certs):
