@@ -964,11 +964,12 @@ bool ChunkdService::ReservePutBytes(uint64_t bytes) {
 void ChunkdService::ReleasePutBytes(uint64_t bytes) { inflight_put_bytes_.fetch_sub(bytes); }
 
 void ChunkdService::Serve(rpc::Engine* engine) {
-  // Gets come in bursts from many clients: several wait on each queue, so that the next Get is
-  // matched at once rather than queued inside gRPC until a call object is re-armed.
-  engine->AddMethod(SpawnerOf<GetCall>(this), 8);
-  engine->AddMethod(SpawnerOf<GetManyCall>(this), 2);
-  engine->AddMethod(SpawnerOf<PutCall>(this), 2);
+  // Reads come in bursts from many clients: several call objects wait on each queue, so that a
+  // call is matched at once. One that arrives while none waits is queued inside gRPC, and if
+  // the server shuts down then, gRPC drops it and its client sees a bare CANCELLED.
+  engine->AddMethod(SpawnerOf<GetCall>(this), 16);
+  engine->AddMethod(SpawnerOf<GetManyCall>(this), 8);
+  engine->AddMethod(SpawnerOf<PutCall>(this), 4);
   engine->AddMethod(SpawnerOf<ListCall>(this), 1);
   engine->AddMethod(SpawnerOf<PrefetchCall>(this), 1);
   AddUnary(engine, this, "Delete", &ChunkdService::RequestDelete, &ChunkdService::Delete);
