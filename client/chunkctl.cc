@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -34,7 +35,9 @@ ABSL_FLAG(std::string, server, "127.0.0.1:7878",
           "CHUNKD_SERVER "
           "environment variable sets it too; this flag wins.");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(60), "Deadline of the command's call.");
-ABSL_FLAG(std::string, o, "", "get: write the value to this file instead of standard output.");
+ABSL_FLAG(std::string, o, "",
+          "get: write the value to this file instead of standard output; with several keys, "
+          "the directory to write DIR/KEY files to.");
 ABSL_FLAG(std::string, range, "",
           "get: only these bytes. START-END (END exclusive, as Zarr's RangeByteRequest), START- "
           "(from START to the end) or -N (the last N bytes; write it --range=-N).");
@@ -150,6 +153,83 @@ absl::StatusOr<chunkd::client::Conditions> ConditionsFromFlags() {
   return conditions;
 }
 
+// Writes `data` to the file at `path`, or to standard output for "" or "-".
+absl::Status WriteOut(const std::string& path, const chunkd::buffer::cpu::Buffer& data) {
+  int fd = STDOUT_FILENO;
+  if (!path.empty() && path != "-") {
+    fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+      return absl::PermissionDeniedError(
+          absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
+    }
+  }
+  absl::Status written = WriteAll(fd, data.data(), data.size());
+  if (fd != STDOUT_FILENO && ::close(fd) != 0 && written.ok()) {
+    written = absl::UnavailableError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
+  }
+  return written;
+}
+
+// Several keys: one GetMany call per 4096 of them, each value written to DIR/KEY. Every key is
+// tried; the exit status is the worst outcome (not found: 2, another error: 1).
+int GetMany(Client& client, const std::vector<std::string>& keys) {
+  const std::string dir = absl::GetFlag(FLAGS_o);
+  if (dir.empty() || dir == "-") {
+    return Usage("get of several keys writes one file per key: give -o DIR");
+  }
+  if (!absl::GetFlag(FLAGS_range).empty() || !absl::GetFlag(FLAGS_if_generation_match).empty()) {
+    return Usage("--range and --if_generation_match are for a get of one key");
+  }
+  int exit_code = kExitOk;
+  const auto failed = [&](const std::string& key, const absl::Status& status) {
+    std::fprintf(stderr, "chunkctl: %s: %s\n", key.c_str(), std::string(status.message()).c_str());
+    if (absl::IsNotFound(status) && exit_code == kExitOk) {
+      exit_code = kExitNotFound;
+    } else if (!absl::IsNotFound(status)) {
+      exit_code = kExitError;
+    }
+  };
+  constexpr size_t kPerCall = 4096;
+  for (size_t first = 0; first < keys.size(); first += kPerCall) {
+    std::vector<chunkd::client::GetManyItem> items;
+    for (size_t i = first; i < std::min(keys.size(), first + kPerCall); ++i) {
+      items.push_back({keys[i], {}, {}});
+    }
+    absl::Time start = absl::Now();
+    auto results = client.GetMany(items);
+    if (!results.ok()) return Report(results.status());
+    absl::Duration took = absl::Now() - start;
+    for (size_t j = 0; j < items.size(); ++j) {
+      const std::string& key = items[j].key;
+      const auto& r = (*results)[j];
+      if (!r.ok()) {
+        failed(key, r.status());
+        continue;
+      }
+      // The server refused keys with "..", empty segments or a leading "/": the path stays in
+      // DIR.
+      std::string path = absl::StrCat(dir, "/", key);
+      std::error_code ec;
+      std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+      if (absl::Status s = WriteOut(path, r->data); !s.ok()) {
+        failed(key, s);
+        continue;
+      }
+      if (absl::GetFlag(FLAGS_v)) {
+        std::fprintf(stderr, "chunkctl: %s: %zu bytes to %s, generation %llu, delivery %s\n",
+                     key.c_str(), r->data.size(), path.c_str(),
+                     static_cast<unsigned long long>(r->generation),
+                     chunkd::v1::Delivery_Name(r->delivery).c_str());
+      }
+    }
+    if (absl::GetFlag(FLAGS_v)) {
+      std::fprintf(stderr, "chunkctl: %zu keys in one GetMany, %s\n", items.size(),
+                   absl::FormatDuration(took).c_str());
+    }
+  }
+  return exit_code;
+}
+
 int Get(Client& client, const std::string& key) {
   chunkd::client::GetOptions options;
   if (std::string range = absl::GetFlag(FLAGS_range); !range.empty()) {
@@ -170,20 +250,9 @@ int Get(Client& client, const std::string& key) {
     if (!host.ok()) return Report(host.status());
     result->data = *std::move(host);
   }
-  std::string out_path = absl::GetFlag(FLAGS_o);
-  int fd = STDOUT_FILENO;
-  if (!out_path.empty() && out_path != "-") {
-    fd = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-      return Report(absl::PermissionDeniedError(
-          absl::StrCat("cannot write ", out_path, ": ", std::strerror(errno))));
-    }
+  if (absl::Status written = WriteOut(absl::GetFlag(FLAGS_o), result->data); !written.ok()) {
+    return Report(written);
   }
-  absl::Status written = WriteAll(fd, result->data.data(), result->data.size());
-  if (fd != STDOUT_FILENO && ::close(fd) != 0 && written.ok()) {
-    written = absl::UnavailableError(absl::StrCat("cannot write ", out_path, ": ", std::strerror(errno)));
-  }
-  if (!written.ok()) return Report(written);
   if (absl::GetFlag(FLAGS_v)) {
     std::fprintf(stderr,
                  "chunkctl: %s: %zu bytes at offset %llu of %llu, generation %llu, delivery %s, "
@@ -301,6 +370,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "the command-line client of chunkd.\n\n"
       "  chunkctl [--server=ADDR] get KEY [-o FILE] [--range=START-END|START-|-N] [-v]\n"
+      "  chunkctl [--server=ADDR] get KEY KEY... -o DIR   (one GetMany; writes DIR/KEY each)\n"
       "  chunkctl [--server=ADDR] put KEY FILE|-      (- reads standard input)\n"
       "  chunkctl [--server=ADDR] rm KEY\n"
       "  chunkctl [--server=ADDR] ls [PREFIX] [--dir] [-l]\n"
@@ -370,7 +440,10 @@ int main(int argc, char** argv) {
     Usage(absl::StrCat("usage: chunkctl ", command, " ", form));
     return false;
   };
-  if (command == "get") return need(1, "KEY") ? Get(**client, operands[0]) : kExitError;
+  if (command == "get") {
+    if (operands.empty()) return Usage("usage: chunkctl get KEY [-o FILE] | get KEY KEY... -o DIR");
+    return operands.size() == 1 ? Get(**client, operands[0]) : GetMany(**client, operands);
+  }
   if (command == "put") return need(2, "KEY FILE|-") ? Put(**client, operands[0], operands[1]) : kExitError;
   if (command == "rm") return need(1, "KEY") ? Remove(**client, operands[0]) : kExitError;
   if (command == "stat") return need(1, "KEY") ? Stat(**client, operands[0]) : kExitError;

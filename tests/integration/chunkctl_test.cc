@@ -76,6 +76,34 @@ TEST_F(ChunkctlTest, StdinStdoutAndRanges) {
   EXPECT_EQ(bad.exit_code, 1);
 }
 
+TEST_F(ChunkctlTest, GetOfSeveralKeysWritesOneFilePerKey) {
+  ASSERT_EQ(Ctl({"put", "many/a", "-"}, "alpha").exit_code, 0);
+  ASSERT_EQ(Ctl({"put", "many/c/0/1", "-"}, "chunk").exit_code, 0);
+  std::string out = dir_->Join("many-out");
+  CommandResult got = Ctl({"get", "many/a", "many/c/0/1", "-o", out, "-v"});
+  ASSERT_EQ(got.exit_code, 0) << got.err;
+  EXPECT_EQ(testing::ReadFile(out + "/many/a"), "alpha");
+  EXPECT_EQ(testing::ReadFile(out + "/many/c/0/1"), "chunk");
+  EXPECT_NE(got.err.find("2 keys in one GetMany"), std::string::npos) << got.err;
+
+  // Every key is tried; a missing one makes the status 2, a refused one 1, and neither is
+  // written anywhere.
+  std::string out2 = dir_->Join("many-out2");
+  CommandResult partial = Ctl({"get", "many/a", "many/missing", "-o", out2});
+  EXPECT_EQ(partial.exit_code, 2) << partial.err;
+  EXPECT_EQ(testing::ReadFile(out2 + "/many/a"), "alpha");
+  EXPECT_FALSE(testing::PathExists(out2 + "/many/missing"));
+  EXPECT_NE(partial.err.find("many/missing"), std::string::npos) << partial.err;
+  CommandResult refused = Ctl({"get", "many/missing", "../escape", "many/a", "-o", out2});
+  EXPECT_EQ(refused.exit_code, 1) << refused.err;
+  EXPECT_FALSE(testing::PathExists(dir_->Join("escape")));
+
+  // Several keys need a directory.
+  CommandResult no_dir = Ctl({"get", "many/a", "many/c/0/1"});
+  EXPECT_EQ(no_dir.exit_code, 1);
+  EXPECT_NE(no_dir.err.find("-o DIR"), std::string::npos) << no_dir.err;
+}
+
 TEST_F(ChunkctlTest, ExitCodes) {
   CommandResult missing = Ctl({"get", "no/such/key"});
   EXPECT_EQ(missing.exit_code, 2);
