@@ -345,6 +345,27 @@ RECEIVERS: dict[int, type] = {
 ACCEPTED_DELIVERIES = [pb.DELIVERY_INLINE]
 
 
+def feed_all(call: Any, assembler: Any) -> None:
+    """Feeds every message of a server-streaming ``call`` to ``assembler`` (``feed``); cancels
+    the call when anything (a malformed message, an interrupt) stops the reading."""
+    try:
+        for response in call:
+            assembler.feed(response)
+    except BaseException:
+        call.cancel()
+        raise
+
+
+async def feed_all_async(call: Any, assembler: Any) -> None:
+    """:func:`feed_all` for an asyncio call."""
+    try:
+        async for response in call:
+            assembler.feed(response)
+    except BaseException:
+        call.cancel()
+        raise
+
+
 class GetAssembler:
     """Turns the stream of GetResponse messages into a :class:`GetResult`."""
 

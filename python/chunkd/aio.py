@@ -147,12 +147,7 @@ class AsyncClient(c.ClientBase):
             else:
                 call = stub.Get(shm.request(request) if shm else request, timeout=timeout)
                 assembler = c.GetAssembler(key, out, shm.receivers() if shm else None)
-            try:
-                async for response in call:
-                    assembler.feed(response)
-            except BaseException:
-                call.cancel()
-                raise
+            await c.feed_all_async(call, assembler)
             return assembler.result()
 
         return await self._call(attempt, key)
@@ -173,12 +168,7 @@ class AsyncClient(c.ClientBase):
             async def attempt(stub, timeout, keys=keys, request=request):
                 call = stub.GetMany(shm.request(request) if shm else request, timeout=timeout)
                 assembler = c.GetManyAssembler(keys, shm.receivers() if shm else None)
-                try:
-                    async for response in call:
-                        assembler.feed(response)
-                except BaseException:
-                    call.cancel()
-                    raise
+                await c.feed_all_async(call, assembler)
                 return assembler.results()
 
             results.extend(await self._call(attempt, None, deadline=deadline))

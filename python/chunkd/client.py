@@ -159,12 +159,7 @@ class Client(c.ClientBase):
         def attempt(stub, timeout):
             call = stub.Get(shm.request(request) if shm else request, timeout=timeout)
             assembler = c.GetAssembler(key, out, shm.receivers() if shm else None)
-            try:
-                for response in call:
-                    assembler.feed(response)
-            except BaseException:
-                call.cancel()
-                raise
+            c.feed_all(call, assembler)
             return assembler.result()
 
         return self._call(attempt, key)
@@ -199,12 +194,7 @@ class Client(c.ClientBase):
             def attempt(stub, timeout, keys=keys, request=request):
                 call = stub.GetMany(shm.request(request) if shm else request, timeout=timeout)
                 assembler = c.GetManyAssembler(keys, shm.receivers() if shm else None)
-                try:
-                    for response in call:
-                        assembler.feed(response)
-                except BaseException:
-                    call.cancel()
-                    raise
+                c.feed_all(call, assembler)
                 return assembler.results()
 
             results.extend(self._call(attempt, None, deadline=deadline))
