@@ -59,11 +59,16 @@
 #include "absl/strings/ascii.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "bench/grpc_floor.h"
 #include "buffer/cpu/buffer.h"
 #include "client/client.h"
 
-ABSL_FLAG(std::string, action, "measure", "load | measure | replay | single_flight | churn");
-ABSL_FLAG(std::string, peer, "chunkd", "measure: chunkd | redis | pread | memcpy | s3");
+ABSL_FLAG(std::string, action, "measure",
+          "load | measure | replay | single_flight | churn | grpc_floor_server");
+ABSL_FLAG(std::string, ready_file, "",
+          "grpc_floor_server: write the bound address here once serving");
+ABSL_FLAG(std::string, peer, "chunkd",
+          "measure: chunkd | redis | grpc (the gRPC floor, bench/grpc_floor.h) | pread | memcpy | s3");
 ABSL_FLAG(std::string, delivery, "inline", "chunkd: inline | shm (the transport follows --address)");
 ABSL_FLAG(std::string, address, "",
           "chunkd or Redis address: HOST:PORT or unix:/path. For chunkd, a comma-separated list: "
@@ -537,6 +542,17 @@ class RedisSession final : public Session {
   std::vector<redisReply*> many_;
 };
 
+// The gRPC floor (bench/grpc_floor.h): the same call with no chunkd code in it.
+class GrpcFloorSession final : public Session {
+ public:
+  explicit GrpcFloorSession(std::unique_ptr<chunkd::bench::GrpcFloorClient> client)
+      : client_(std::move(client)) {}
+  absl::StatusOr<std::string_view> Fetch(int64_t) override { return client_->Fetch(); }
+
+ private:
+  std::unique_ptr<chunkd::bench::GrpcFloorClient> client_;
+};
+
 // The local-disk reference: open, pread the whole file, close, as a file store would.
 class PreadSession final : public Session {
  public:
@@ -775,6 +791,7 @@ std::string DeliveryLabel(const std::string& peer, const std::string& delivery,
   if (peer == "redis") return unix_socket ? "unix" : "tcp";
   if (peer == "pread") return "file";
   if (peer == "s3") return "http";
+  if (peer == "grpc") return "floor";
   return "memory";
 }
 
@@ -813,7 +830,9 @@ int Measure() {
   if (clients < 1 || n < 1 || size < 1) return Fail("--clients, --keys, --size must be positive");
 
   const std::vector<std::string> addresses = absl::StrSplit(address, ',', absl::SkipEmpty());
-  if ((peer == "chunkd" || peer == "redis") && addresses.empty()) return Fail("give --address");
+  if ((peer == "chunkd" || peer == "redis" || peer == "grpc") && addresses.empty()) {
+    return Fail("give --address");
+  }
   const std::string label = DeliveryLabel(peer, delivery, address);
   Json row;
   const int batch = absl::GetFlag(FLAGS_batch);
@@ -825,7 +844,7 @@ int Measure() {
   row.Str("workload", workload).Int("keys", n).Int("batch", batch);
   if (peer == "chunkd") {
     row.Int("connections", std::min<int64_t>(clients, static_cast<int64_t>(addresses.size())));
-  } else if (peer == "redis" || peer == "s3") {
+  } else if (peer == "redis" || peer == "s3" || peer == "grpc") {
     row.Int("connections", clients);
   }
 
@@ -869,6 +888,10 @@ int Measure() {
       s = ChunkdSession::Create(addresses[t % addresses.size()], delivery, &keys);
     } else if (peer == "redis") {
       s = RedisSession::Create(addresses[t % addresses.size()], &keys);
+    } else if (peer == "grpc") {
+      auto floor = chunkd::bench::GrpcFloorClient::Connect(addresses[t % addresses.size()], t);
+      if (floor.ok()) s = std::unique_ptr<Session>(new GrpcFloorSession(*std::move(floor)));
+      else s = floor.status();
     } else if (peer == "pread") {
       if (dir.empty()) return Fail("pread: give --dir");
       s = std::unique_ptr<Session>(new PreadSession(dir, &keys, size));
@@ -877,7 +900,7 @@ int Measure() {
     } else if (peer == "s3") {
       s = S3Session::Create(absl::GetFlag(FLAGS_s3_url), &keys, size);
     } else {
-      return Fail("--peer: chunkd, redis, pread, memcpy or s3");
+      return Fail("--peer: chunkd, redis, grpc, pread, memcpy or s3");
     }
     if (!s.ok()) return Fail(std::string(s.status().message()));
     sessions.push_back(*std::move(s));
@@ -901,6 +924,11 @@ int Measure() {
         if (!got.ok()) {
           ++res.warm_errors;
           if (res.first_error.empty()) res.first_error = std::string(got.status().message());
+          return;
+        }
+        // The gRPC floor's replies are filler of the right size, not the stored values.
+        if (peer == "grpc") {
+          if (got->size() != static_cast<size_t>(size)) ++res.mismatches;
           return;
         }
         FillValue(prefix, i, expected.data(), size);
@@ -1279,5 +1307,13 @@ int main(int argc, char** argv) {
   if (action == "replay") return Replay();
   if (action == "single_flight") return SingleFlight();
   if (action == "churn") return Churn();
+  if (action == "grpc_floor_server") {
+    if (absl::GetFlag(FLAGS_ready_file).empty()) return Fail("grpc_floor_server: give --ready_file");
+    return chunkd::bench::RunGrpcFloorServer(static_cast<size_t>(absl::GetFlag(FLAGS_size)),
+                                             absl::GetFlag(FLAGS_address).empty()
+                                                 ? "127.0.0.1:0"
+                                                 : absl::GetFlag(FLAGS_address),
+                                             absl::GetFlag(FLAGS_ready_file));
+  }
   return Fail("--action: load, measure, replay, single_flight or churn");
 }

@@ -16,7 +16,7 @@ import sys
 BASE_FIELDS = ["peer", "delivery", "workload", "size", "clients", "gbps", "rps", "p50_us",
                "p99_us", "server_cpu_s_per_gb", "peak_rss_mb"]
 PEER_ORDER = [("memcpy", "memory"), ("pread", "file"), ("redis", "tcp"), ("redis", "unix"),
-              ("chunkd", "inline-tcp"), ("chunkd", "inline-unix"), ("chunkd", "shm"), ("s3", "http")]
+              ("grpc", "floor"), ("chunkd", "inline-tcp"), ("chunkd", "inline-unix"), ("chunkd", "shm"), ("s3", "http")]
 MEASURED = ("hit", "batch", "zipf", "s3")
 
 
@@ -227,16 +227,23 @@ def targets(rows):
             f"{fmt.format(ra[field])} vs {fmt.format(rb[field])}"
             + (f"; {errs} errors" if errs else ""))
 
+    def floor(size, clients, field):
+        # What a bare gRPC call reaches against Redis in the same run (bench/grpc_floor.h).
+        f, _ = ratio("hit", size, clients, ("grpc", "floor"), ("redis", "tcp"), field)
+        return f"; the gRPC floor: {f:.2f}× Redis" if f is not None else ""
+
     mib = 1 << 20
     v, d = ratio("hit", mib, 4, ("chunkd", "inline-tcp"), ("redis", "tcp"), "gbps")
     add("1 MiB, 4 clients, inline TCP ≥ 1.0× Redis GET throughput",
-        f"{v:.2f}×" if v is not None else "–", None if v is None else v >= 1.0, d)
+        f"{v:.2f}×" if v is not None else "–", None if v is None else v >= 1.0,
+        d + floor(mib, 4, "gbps"))
     v, d = ratio("hit", mib, 4, ("chunkd", "shm"), ("redis", "tcp"), "gbps")
     add("1 MiB, 4 clients, shared memory ≥ 10× Redis GET throughput",
         f"{v:.2f}×" if v is not None else "–", None if v is None else v >= 10.0, d)
     v, d = ratio("hit", 4096, 1, ("chunkd", "inline-tcp"), ("redis", "tcp"), "rps")
     add("4 KiB, one client connection each: inline ≥ 0.5× Redis req/s",
-        f"{v:.2f}×" if v is not None else "–", None if v is None else v >= 0.5, d)
+        f"{v:.2f}×" if v is not None else "–", None if v is None else v >= 0.5,
+        d + floor(4096, 1, "rps"))
     # The same targets with batches (GetMany), beside the one-request-at-a-time ones above.
     batch = next((r["batch"] for r in rows if r.get("workload") == "batch"), None)
     if batch:
