@@ -7,10 +7,10 @@
 namespace chunkd::server::rpc {
 
 // The alarm's completions come back through this tag.
-class AlarmTag final {
+class AlarmTag final : public CompletionTag {
  public:
   AlarmTag(Engine* engine, Engine::Queue* queue) : engine_(engine), queue_(queue) {}
-  void Completed(bool ok);
+  void Completed(bool ok) override;
 
  private:
   Engine* const engine_;
@@ -59,16 +59,7 @@ void Engine::Start() {
     threads_.emplace_back([this, cq] {
       void* tag;
       bool ok;
-      while (cq->Next(&tag, &ok)) {
-        // Alarm tags are the queues' own objects; everything else is a call's.
-        bool alarm = false;
-        for (auto& q : queues_) alarm |= tag == q->alarm_tag.get();
-        if (alarm) {
-          static_cast<AlarmTag*>(tag)->Completed(ok);
-        } else {
-          static_cast<Call::Tag*>(tag)->Completed(ok);
-        }
-      }
+      while (cq->Next(&tag, &ok)) static_cast<CompletionTag*>(tag)->Completed(ok);
     });
   }
 }
@@ -97,7 +88,7 @@ void Engine::Shutdown() {
       void* tag;
       bool ok;
       while (queue->completion_queue->Next(&tag, &ok)) {
-        if (tag != queue->alarm_tag.get()) static_cast<Call::Tag*>(tag)->Completed(ok);
+        static_cast<CompletionTag*>(tag)->Completed(ok);
       }
     }
   }
@@ -112,7 +103,7 @@ void Engine::ArmLimitCheck(Queue* queue) {
   absl::MutexLock lock(&queue->mu);
   if (queue->stopping) return;
   queue->alarm.Set(queue->completion_queue.get(), absl::ToChronoTime(absl::Now() + period),
-                   queue->alarm_tag.get());
+                   static_cast<CompletionTag*>(queue->alarm_tag.get()));
 }
 
 void Engine::CheckLimit(Queue* queue) {
@@ -153,8 +144,8 @@ Call::Call(Engine* engine, grpc::ServerCompletionQueue* queue, const char* metho
 
 void Call::Arm() {
   // Delivered once the call has ended, if it ever starts (server_context.h).
-  context_.AsyncNotifyWhenDone(&done_);
-  Request(queue_, &arrived_);
+  context_.AsyncNotifyWhenDone(static_cast<CompletionTag*>(&done_));
+  Request(queue_, static_cast<CompletionTag*>(&arrived_));
 }
 
 void Call::Completed(Event event, bool ok) {

@@ -41,6 +41,15 @@ namespace chunkd::server::rpc {
 
 class AlarmTag;
 
+// What every completion-queue tag points at: a call's event or a queue's alarm.
+class CompletionTag {
+ public:
+  virtual void Completed(bool ok) = 0;
+
+ protected:
+  ~CompletionTag() = default;
+};
+
 // Checks a call before its handler sees it (bearer tokens); OK lets it through.
 using Authorizer =
     std::function<grpc::Status(const grpc::ServerContextBase& context, absl::string_view method)>;
@@ -134,9 +143,10 @@ class Call {
 
   // Around every operation started: the object lives until each has completed.
   void BeginOp() { refs_.fetch_add(1, std::memory_order_relaxed); }
-  void* read_tag() { return &read_; }
-  void* write_tag() { return &write_; }
-  void* finish_tag() { return &finish_; }
+  // Tags go to gRPC as CompletionTag pointers, which is what the queue threads cast them back to.
+  void* read_tag() { return static_cast<CompletionTag*>(&read_); }
+  void* write_tag() { return static_cast<CompletionTag*>(&write_); }
+  void* finish_tag() { return static_cast<CompletionTag*>(&finish_); }
 
   // A generic context (a ServerContext that also knows its method) serves every kind of call.
   grpc::GenericServerContext context_;
@@ -149,10 +159,10 @@ class Call {
   void WatchLimit();
   void Release(int n);
 
-  class Tag final {
+  class Tag final : public CompletionTag {
    public:
     Tag(Call* call, Event event) : call_(call), event_(event) {}
-    void Completed(bool ok) { call_->Completed(event_, ok); }
+    void Completed(bool ok) override { call_->Completed(event_, ok); }
 
    private:
     Call* const call_;
