@@ -123,6 +123,22 @@ buffer::HostIdentity IdentityFromProto(const v1::ClientIdentity& proto) {
   return id;
 }
 
+// The header of one Get's reply to `value` (conditions checked, range resolved), and in
+// `bytes` the part of the value it describes. Delivery and handle are the caller's to fill.
+absl::StatusOr<v1::GetHeader> HeaderFor(const CachedValue& value, const std::string& key,
+                                        const ByteRange& range, const Conditions& conditions,
+                                        buffer::cpu::Buffer* bytes) {
+  if (absl::Status s = conditions.Check(key, value.generation); !s.ok()) return s;
+  ResolvedRange r = Resolve(range, value.value.size());
+  *bytes = value.value.Slice(r.start, r.length);
+  v1::GetHeader header;
+  header.set_total_size(value.value.size());
+  header.set_generation(value.generation);
+  header.set_range_start(r.start);
+  header.set_length(r.length);
+  return header;
+}
+
 // Fills in a shared-memory handle and lease when `client` can map this server's segments and
 // `data` lives in one; false means inline delivery.
 bool OfferShm(ChunkdService* service, const buffer::HostIdentity& client,
@@ -226,19 +242,14 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
       FinishWith(ToGrpcStatus(value.status()));
       return;
     }
-    if (absl::Status s = conditions_.Check(key_, value->generation); !s.ok()) {
-      FinishWith(ToGrpcStatus(s));
+    absl::StatusOr<v1::GetHeader> header = HeaderFor(*value, key_, range_, conditions_, &data_);
+    if (!header.ok()) {
+      FinishWith(ToGrpcStatus(header.status()));
       return;
     }
-    ResolvedRange r = Resolve(range_, value->value.size());
-    data_ = value->value.Slice(r.start, r.length);
     if (cuda_.wanted) whole_ = value->value;
     v1::GetResponse first;
-    v1::GetHeader* header = first.mutable_header();
-    header->set_total_size(value->value.size());
-    header->set_generation(value->generation);
-    header->set_range_start(r.start);
-    header->set_length(r.length);
+    *first.mutable_header() = *std::move(header);
     if (cuda_.wanted && TryCuda(first, value->generation)) return;
     ReplyWithoutCuda(std::move(first));
   }
@@ -485,23 +496,18 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
     Item& item = items_[i];
     std::string fields;
     buffer::cpu::Buffer data;
-    if (!value.ok()) {
-      fields = ErrorFields(ToGrpcStatus(value.status()));
-    } else if (absl::Status s = item.conditions.Check(item.key, value->generation); !s.ok()) {
-      fields = ErrorFields(ToGrpcStatus(s));
+    buffer::cpu::Buffer bytes;
+    absl::StatusOr<v1::GetHeader> header =
+        value.ok() ? HeaderFor(*value, item.key, item.range, item.conditions, &bytes)
+                   : absl::StatusOr<v1::GetHeader>(value.status());
+    if (!header.ok()) {
+      fields = ErrorFields(ToGrpcStatus(header.status()));
     } else {
-      ResolvedRange r = Resolve(item.range, value->value.size());
-      buffer::cpu::Buffer bytes = value->value.Slice(r.start, r.length);
-      v1::GetHeader header;
-      header.set_total_size(value->value.size());
-      header.set_generation(value->generation);
-      header.set_range_start(r.start);
-      header.set_length(r.length);
-      if (!(wants_shm_ && OfferShm(service_, client_, bytes, &header))) {
-        header.set_delivery(v1::DELIVERY_INLINE);
+      if (!(wants_shm_ && OfferShm(service_, client_, bytes, &*header))) {
+        header->set_delivery(v1::DELIVERY_INLINE);
         data = std::move(bytes);
       }
-      std::string encoded = header.SerializeAsString();
+      std::string encoded = header->SerializeAsString();
       wire::AppendLengthDelimitedHeader(&fields, kPartHeaderField, encoded.size());
       fields += encoded;
     }
