@@ -4,8 +4,15 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 build_type="${CHUNKD_BUILD_TYPE:-RelWithDebInfo}"
+launcher=()
+# ccache (installed by install-deps.sh) makes rebuilds after a fresh clone cheap; CCACHE_BASEDIR
+# lets clones at different paths share the cache.
+if command -v ccache >/dev/null; then
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
+  export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$root}"
+fi
 if [ ! -f "$root/build/build.ninja" ]; then
-  cmake -S "$root" -B "$root/build" -G Ninja -DCMAKE_BUILD_TYPE="$build_type"
+  cmake -S "$root" -B "$root/build" -G Ninja -DCMAKE_BUILD_TYPE="$build_type" "${launcher[@]}"
 fi
 # Compiling gRPC code takes about 1 GiB of memory per job; cap jobs at the cores there are.
 ninja -C "$root/build" -j "$(nproc)" "$@"

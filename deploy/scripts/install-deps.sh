@@ -14,7 +14,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 
 runtime_pkgs=(libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 libcurl4 libpugixml1v5 libcpp-httplib0.11 ca-certificates)
-build_pkgs=(build-essential cmake ninja-build pkg-config git
+build_pkgs=(build-essential cmake ninja-build pkg-config git ccache
   libgrpc++-dev libgrpc-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
   libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev
   libcurl4-openssl-dev libpugixml-dev libcpp-httplib-dev libssl-dev)

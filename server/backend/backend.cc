@@ -8,7 +8,7 @@
 #include "server/backend/http/http_backend.h"
 #include "server/backend/memory/memory_backend.h"
 #include "server/backend/s3/s3_backend.h"
-#include "server/key.h"
+#include "server/common/key.h"
 
 namespace chunkd::server {
 

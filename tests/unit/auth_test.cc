@@ -1,6 +1,6 @@
 // Token files, rights per method, and the socket-mode and loopback helpers of the server's
 // security options.
-#include "server/auth.h"
+#include "server/rpc/auth.h"
 
 #include <string>
 
@@ -9,7 +9,7 @@
 #include "chunkd/v1/chunkd.grpc.pb.h"
 #include "google/protobuf/descriptor.h"
 #include "gtest/gtest.h"
-#include "server/security.h"
+#include "server/rpc/security.h"
 
 namespace chunkd::server {
 namespace {
@@ -86,14 +86,14 @@ TEST(SecurityTokenTableTest, LoadNamesAMissingFile) {
 }
 
 TEST(SecurityRightsTest, EveryMethodOfTheServiceHasARight) {
-  // A new RPC must be given a right here (server/auth.cc) before tokens admit it.
+  // A new RPC must be given a right here (server/rpc/auth.cc) before tokens admit it.
   const google::protobuf::ServiceDescriptor* service =
       google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(
           v1::Chunkd::service_full_name());
   ASSERT_NE(service, nullptr);
   for (int i = 0; i < service->method_count(); ++i) {
     EXPECT_TRUE(RequiredRight(service->method(i)->name()).has_value())
-        << service->method(i)->name() << " has no required right in server/auth.cc";
+        << service->method(i)->name() << " has no required right in server/rpc/auth.cc";
   }
 }
 

@@ -1,5 +1,5 @@
-// Tests of server/byte_range.h: validation and Zarr's range semantics.
-#include "server/byte_range.h"
+// Tests of server/common/byte_range.h: validation and Zarr's range semantics.
+#include "server/common/byte_range.h"
 
 #include <cstdint>
 #include <limits>

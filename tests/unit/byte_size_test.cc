@@ -1,5 +1,5 @@
-// Tests of server/byte_size.h: the byte count flag type.
-#include "server/byte_size.h"
+// Tests of server/common/byte_size.h: the byte count flag type.
+#include "server/common/byte_size.h"
 
 #include <cstdint>
 #include <string>

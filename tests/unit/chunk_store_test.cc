@@ -1,6 +1,6 @@
-// Tests of server/chunk_store.h: single flight, hits and misses, write-through, stale reads
+// Tests of server/store/chunk_store.h: single flight, hits and misses, write-through, stale reads
 // that must not be cached, deletes, and the bounded I/O queue.
-#include "server/chunk_store.h"
+#include "server/store/chunk_store.h"
 
 #include <atomic>
 #include <memory>

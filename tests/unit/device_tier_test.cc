@@ -19,9 +19,9 @@
 #include "grpcpp/server_builder.h"
 #include "gtest/gtest.h"
 #include "server/backend/memory/memory_backend.h"
-#include "server/device_tier.h"
-#include "server/lease_table.h"
-#include "server/service.h"
+#include "server/store/device_tier.h"
+#include "server/store/lease_table.h"
+#include "server/services/chunkd_service.h"
 #include "tests/support/test_support.h"
 
 namespace chunkd {

@@ -20,7 +20,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/backend/backend.h"
-#include "server/key.h"
+#include "server/common/key.h"
 #include "tests/support/test_support.h"
 
 namespace chunkd::server {

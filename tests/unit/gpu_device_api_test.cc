@@ -9,8 +9,8 @@
 #include "buffer/gpu/buffer.h"
 #include "buffer/gpu/device_api.h"
 #include "gtest/gtest.h"
-#include "server/device_tier.h"
-#include "server/lease_table.h"
+#include "server/store/device_tier.h"
+#include "server/store/lease_table.h"
 #include "tests/support/test_support.h"
 
 namespace chunkd {

@@ -1,6 +1,6 @@
-// Tests of server/cache/host_cache.h: byte budget, admission, eviction order of both policies,
+// Tests of server/store/host_cache.h: byte budget, admission, eviction order of both policies,
 // S3-FIFO's scan resistance and miss ratio on a Zipf trace, and concurrent use.
-#include "server/cache/host_cache.h"
+#include "server/store/host_cache.h"
 
 #include <algorithm>
 #include <atomic>

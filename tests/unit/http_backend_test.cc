@@ -14,7 +14,7 @@
 #include "server/backend/backend.h"
 #include "server/backend/http/http_backend.h"
 #include "server/backend/http/http_transport.h"
-#include "server/chunk_store.h"
+#include "server/store/chunk_store.h"
 #include "tests/support/test_support.h"
 #include "tests/unit/backend_conformance.h"
 #include "tests/unit/http_s3_test_servers.h"

@@ -1,5 +1,5 @@
-// Tests of server/key.h: which keys and prefixes are accepted, and the messages of refusals.
-#include "server/key.h"
+// Tests of server/common/key.h: which keys and prefixes are accepted, and the messages of refusals.
+#include "server/common/key.h"
 
 #include <string>
 

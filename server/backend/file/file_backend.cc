@@ -21,7 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "server/backend/tree_walk.h"
-#include "server/key.h"
+#include "server/common/key.h"
 
 namespace chunkd::server {
 namespace {

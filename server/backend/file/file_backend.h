@@ -2,7 +2,7 @@
 //
 // Writes are atomic: a temporary file in the key's directory, fsync, rename, fsync of the
 // directory. No key can reach outside the root: keys never hold "." or ".." segments (see
-// server/key.h), and every file or directory opened is checked to resolve beneath the root, so
+// server/common/key.h), and every file or directory opened is checked to resolve beneath the root, so
 // a symbolic link inside the store that points out of it is refused (PERMISSION_DENIED).
 // Links that stay inside the root are followed when reading. Listings do not descend into
 // linked directories.

@@ -13,7 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/backend/http/http_transport.h"
 #include "server/backend/tree_walk.h"
-#include "server/key.h"
+#include "server/common/key.h"
 
 namespace chunkd::server {
 namespace {

@@ -19,8 +19,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "server/backend/http/http_transport.h"
-#include "server/key.h"
-#include "server/log.h"
+#include "server/common/key.h"
+#include "server/common/log.h"
 
 extern char** environ;
 

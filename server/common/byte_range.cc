@@ -1,0 +1,73 @@
+#include "server/common/byte_range.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
+namespace chunkd::server {
+
+absl::Status ByteRange::Validate() const {
+  switch (kind) {
+    case Kind::kAll:
+      return absl::OkStatus();
+    case Kind::kBounded:
+      if (start < 0 || end < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("byte range ", ToString(), " is negative"));
+      }
+      if (end < start) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("byte range ", ToString(), " ends before it starts"));
+      }
+      return absl::OkStatus();
+    case Kind::kOffset:
+      if (start < 0) {
+        return absl::InvalidArgumentError(absl::StrCat("byte offset ", start, " is negative"));
+      }
+      return absl::OkStatus();
+    case Kind::kSuffix:
+      if (suffix < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("suffix length ", suffix, " is negative"));
+      }
+      return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError("unknown byte range kind");
+}
+
+std::string ByteRange::ToString() const {
+  switch (kind) {
+    case Kind::kAll:
+      return "all";
+    case Kind::kBounded:
+      return absl::StrCat("[", start, ", ", end, ")");
+    case Kind::kOffset:
+      return absl::StrCat("[", start, ", end)");
+    case Kind::kSuffix:
+      return absl::StrCat("last ", suffix, " bytes");
+  }
+  return "?";
+}
+
+ResolvedRange Resolve(const ByteRange& range, uint64_t size) {
+  switch (range.kind) {
+    case ByteRange::Kind::kAll:
+      return {0, size};
+    case ByteRange::Kind::kBounded: {
+      uint64_t start = std::min<uint64_t>(range.start, size);
+      uint64_t end = std::min<uint64_t>(range.end, size);
+      return {start, end - start};
+    }
+    case ByteRange::Kind::kOffset: {
+      uint64_t start = std::min<uint64_t>(range.start, size);
+      return {start, size - start};
+    }
+    case ByteRange::Kind::kSuffix: {
+      uint64_t n = std::min<uint64_t>(range.suffix, size);
+      return {size - n, n};
+    }
+  }
+  return {0, 0};
+}
+
+}  // namespace chunkd::server

@@ -1,0 +1,41 @@
+// Byte ranges with the semantics of Zarr's stores.
+#ifndef CHUNKD_SERVER_COMMON_BYTE_RANGE_H_
+#define CHUNKD_SERVER_COMMON_BYTE_RANGE_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+
+namespace chunkd::server {
+
+// What a client asked for. Values are signed so that a negative request can be refused.
+struct ByteRange {
+  enum class Kind { kAll, kBounded, kOffset, kSuffix };
+  Kind kind = Kind::kAll;
+  int64_t start = 0;   // kBounded: first byte; kOffset: offset
+  int64_t end = 0;     // kBounded: one past the last byte
+  int64_t suffix = 0;  // kSuffix: number of bytes at the end
+
+  static ByteRange All() { return {}; }
+  static ByteRange Bounded(int64_t start, int64_t end) { return {Kind::kBounded, start, end, 0}; }
+  static ByteRange FromOffset(int64_t offset) { return {Kind::kOffset, offset, 0, 0}; }
+  static ByteRange Suffix(int64_t n) { return {Kind::kSuffix, 0, 0, n}; }
+
+  // INVALID_ARGUMENT for negative values or end < start.
+  absl::Status Validate() const;
+  std::string ToString() const;
+};
+
+// The bytes a valid range selects from a value of `size` bytes: a range past the end selects
+// what exists (possibly nothing), a suffix longer than the value selects all of it.
+struct ResolvedRange {
+  uint64_t start = 0;
+  uint64_t length = 0;
+};
+// REQUIRES: range.Validate().ok().
+ResolvedRange Resolve(const ByteRange& range, uint64_t size);
+
+}  // namespace chunkd::server
+
+#endif  // CHUNKD_SERVER_COMMON_BYTE_RANGE_H_

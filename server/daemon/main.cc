@@ -1,0 +1,331 @@
+// chunkd: serves chunk buffers from a cache in front of a store, over gRPC.
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/marshalling.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "server/common/byte_size.h"
+#include "server/common/log.h"
+#include "server/daemon/metrics.h"
+#include "server/daemon/security_flags.h"
+#include "server/store/prefetch.h"
+#include "server/daemon/server.h"
+
+using chunkd::server::ByteSize;
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:7878",
+          "Comma-separated addresses to serve on: HOST:PORT (port 0 picks a free port), "
+          "[::1]:PORT, or unix:/path/to/socket. Loopback by default; before serving other hosts, "
+          "see --tls_cert and --auth_tokens (README: Security).");
+ABSL_FLAG(std::string, store, "chunkd-data",
+          "Where values are stored: a directory (or file:///path) in Zarr's layout, or memory:// "
+          "for a store that lives only in memory (bounded by --host_cache_bytes), or "
+          "s3://BUCKET/PREFIX (see --s3_*), or http(s)://HOST/PATH (read-only; see --http_*). The "
+          "default directory is created in the working directory if missing.");
+ABSL_FLAG(ByteSize, host_cache_bytes, ByteSize{1ull << 30},
+          "Budget of the host cache (for memory://, of the store itself). Units: KiB, MiB, GiB "
+          "(powers of 1024) or kB, MB, GB.");
+ABSL_FLAG(ByteSize, max_value_bytes, ByteSize{256ull << 20},
+          "Largest value a Put may store; larger ones are refused with RESOURCE_EXHAUSTED before "
+          "any byte is buffered.");
+ABSL_FLAG(bool, read_only, false, "Refuse every write and delete (PERMISSION_DENIED).");
+ABSL_FLAG(std::string, eviction, "s3fifo",
+          "Eviction policy of the host cache: s3fifo (scan-resistant, lock-free hits) or lru.");
+ABSL_FLAG(double, cache_max_entry_fraction, 0.25,
+          "Values larger than this fraction of the cache budget are served without being cached, "
+          "so one huge value cannot flush the cache.");
+ABSL_FLAG(int32_t, io_threads, 8, "Threads that do backend I/O (file reads, writes, listings).");
+ABSL_FLAG(int32_t, rpc_threads, 0,
+          "Threads that run gRPC calls, each polling its own completion queue and handling the "
+          "calls it receives without handing them to another thread (0: half the cores, 1 to "
+          "8). One is fastest for small values; more spread large transfers over cores.");
+ABSL_FLAG(bool, reflection, false,
+          "Serve gRPC server reflection (for grpcurl without the .proto). Off by default: it "
+          "runs on gRPC's synchronous threads, which slow every other call.");
+ABSL_FLAG(int32_t, max_queued_io, 4096,
+          "Backend operations that may wait for an I/O thread; past this, requests fail fast with "
+          "UNAVAILABLE instead of queueing without bound.");
+ABSL_FLAG(ByteSize, part_bytes, ByteSize{1ull << 20},
+          "Size of the data parts of a Get reply (at most 1 MiB).");
+ABSL_FLAG(ByteSize, max_inflight_put_bytes, ByteSize{1ull << 30},
+          "Bytes of Put values being received at once, all clients together; past it new Puts "
+          "fail with RESOURCE_EXHAUSTED.");
+ABSL_FLAG(bool, fsync, true,
+          "fsync files and directories on every write (file store). Turn off only for scratch "
+          "data: a crash can then lose acknowledged writes.");
+ABSL_FLAG(std::string, s3_endpoint, "",
+          "S3 store (--store=s3://BUCKET/PREFIX): base URL of the S3 API of an S3-compatible "
+          "store (http://127.0.0.1:9000 for MinIO or moto). Empty: AWS, "
+          "https://s3.REGION.amazonaws.com. Credentials come from AWS_ACCESS_KEY_ID / "
+          "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or ~/.aws/credentials.");
+ABSL_FLAG(std::string, s3_region, "us-east-1", "S3 store: the region requests are signed for.");
+ABSL_FLAG(std::string, s3_addressing, "auto",
+          "S3 store: path (ENDPOINT/BUCKET/KEY), virtual (BUCKET.HOST/KEY) or auto (path for "
+          "--s3_endpoint, virtual-hosted for AWS).");
+ABSL_FLAG(std::string, s3_profile, "",
+          "S3 store: profile of the credentials file (empty: $AWS_PROFILE, else default).");
+ABSL_FLAG(ByteSize, s3_multipart_threshold, ByteSize{64ull << 20},
+          "S3 store: values larger than this are uploaded in parts (multipart upload).");
+ABSL_FLAG(ByteSize, s3_multipart_part_size, ByteSize{16ull << 20},
+          "S3 store: size of the parts of a multipart upload (at least 5MiB).");
+ABSL_FLAG(absl::Duration, http_connect_timeout, absl::Seconds(10),
+          "http(s):// and s3:// stores: limit of establishing a connection.");
+ABSL_FLAG(absl::Duration, http_timeout, absl::Seconds(120),
+          "http(s):// and s3:// stores: limit of one request attempt, transfer included.");
+ABSL_FLAG(absl::Duration, http_stall_timeout, absl::Seconds(20),
+          "http(s):// and s3:// stores: an attempt that moves no byte for this long is given up.");
+ABSL_FLAG(int32_t, http_max_attempts, 4,
+          "http(s):// and s3:// stores: attempts of a request that fails with a connection error, "
+          "a timeout, a truncated body or a 5xx answer (with exponential backoff); then the "
+          "request fails with UNAVAILABLE.");
+ABSL_FLAG(bool, shm, true,
+          "Shared-memory delivery: keep chunks in segments under --shm_dir and give colocated "
+          "clients that ask for it (chunkctl --delivery=shm) a handle and a lease instead of the "
+          "bytes. Off, or when the directory is unusable, chunks are served inline only.");
+ABSL_FLAG(std::string, shm_dir, "/dev/shm",
+          "Directory for shared-memory segments (a tmpfs: /dev/shm, or a memory-backed volume "
+          "shared with client containers).");
+ABSL_FLAG(ByteSize, shm_segment_bytes, ByteSize{1ull << 30},
+          "Address space of each shared-memory segment; memory is used only as chunks are.");
+ABSL_FLAG(std::string, shm_mode, "0600",
+          "File mode of shared-memory segments: 0600 (this user's clients only) or 0640 with "
+          "--shm_group.");
+ABSL_FLAG(int32_t, shm_group, -1, "Group id given to shared-memory segments (-1: unchanged).");
+ABSL_FLAG(absl::Duration, lease_ttl, absl::Seconds(30),
+          "How long a handle's lease pins its chunk without renewal; memory of a client that "
+          "dies holding leases comes back within about this long.");
+ABSL_FLAG(ByteSize, device_cache_bytes, ByteSize{0},
+          "CUDA IPC delivery: budget of the device tier on each GPU (0: off). Colocated GPU "
+          "clients that ask for it (chunkctl --delivery=cuda) get chunks copied into GPU memory "
+          "and handed out as CUDA IPC handles with leases. Without a CUDA driver or device the "
+          "server says so once and serves host-only.");
+ABSL_FLAG(std::string, cuda_device, "all",
+          "Device tier: the GPUs to use, \"all\" or comma-separated ordinals as this process "
+          "sees them (after CUDA_VISIBLE_DEVICES). Clients name GPUs by UUID.");
+ABSL_FLAG(ByteSize, device_segment_bytes, ByteSize{256ull << 20},
+          "Device tier: size of each GPU memory segment. Each segment is exported once as a CUDA "
+          "IPC handle that clients open once; larger values get a segment of their own.");
+ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(10),
+          "On SIGTERM or SIGINT, how long calls in flight may run before they are cancelled.");
+ABSL_FLAG(std::vector<std::string>, warm, {},
+          "Prefixes to warm the cache with at start (comma-separated; \"\" for everything): "
+          "their keys are read in the background while the server already serves.");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "HOST:PORT for Prometheus metrics over HTTP (GET /metrics; /healthz). Off when empty. "
+          "Metrics carry no chunk data, but keep the port on a trusted network.");
+ABSL_FLAG(std::string, ready_file, "",
+          "When set, the bound addresses (one per line) are written to this file once the server "
+          "accepts calls: useful with port 0.");
+
+namespace {
+
+using chunkd::server::Log;
+
+constexpr char kDefaultStore[] = "chunkd-data";
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "chunkd: %s\n", message.c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Debian builds Abseil with its mutex deadlock detector on; gRPC's locks go through
+  // absl::Mutex too, and the detector's graph bookkeeping shows in profiles of every call.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  absl::SetProgramUsageMessage(
+      "serves chunk buffers (Zarr chunks) from a host cache in front of a store, over gRPC.\n\n"
+      "  chunkd [--listen=127.0.0.1:7878] [--store=DIR|file:///DIR|memory://|s3://BUCKET/PREFIX|"
+      "https://HOST/PATH] [flags]\n\n"
+      "Examples:\n"
+      "  chunkd --store=/data/era5.zarr --host_cache_bytes=8GiB\n"
+      "  chunkd --listen=unix:/run/chunkd.sock --store=memory://\n\n"
+      "Talk to it with chunkctl (chunkctl --help). Flags:");
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view path) {
+    return absl::StrContains(path, "server/daemon/main.cc") ||
+           absl::StrContains(path, "server/daemon/security_flags.cc");
+  };
+  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage_config);
+  std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  if (positional.size() > 1) {
+    return Fail(absl::StrCat("unexpected argument '", positional[1],
+                             "' (flags take the form --name=value; see --help)"));
+  }
+
+  // SIGTERM and SIGINT are taken by sigwait below, on this thread; block them before any other
+  // thread starts so that every thread inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // A client that vanishes mid-write must not kill the server.
+  signal(SIGPIPE, SIG_IGN);
+
+  chunkd::server::ServerConfig config;
+  config.listen = absl::StrSplit(absl::GetFlag(FLAGS_listen), ',', absl::SkipWhitespace());
+  config.store = absl::GetFlag(FLAGS_store);
+  if (config.store == kDefaultStore && ::mkdir(kDefaultStore, 0755) == 0) {
+    Log("created the default store directory ./%s", kDefaultStore);
+  }
+  uint64_t cache_bytes = absl::GetFlag(FLAGS_host_cache_bytes).bytes;
+  config.backend.memory_capacity_bytes = cache_bytes;
+  config.backend.fsync = absl::GetFlag(FLAGS_fsync);
+  config.backend.s3.endpoint = absl::GetFlag(FLAGS_s3_endpoint);
+  config.backend.s3.region = absl::GetFlag(FLAGS_s3_region);
+  config.backend.s3.addressing = absl::GetFlag(FLAGS_s3_addressing);
+  config.backend.s3.profile = absl::GetFlag(FLAGS_s3_profile);
+  config.backend.s3.multipart_threshold_bytes = absl::GetFlag(FLAGS_s3_multipart_threshold).bytes;
+  config.backend.s3.multipart_part_bytes = absl::GetFlag(FLAGS_s3_multipart_part_size).bytes;
+  config.backend.http.connect_timeout = absl::GetFlag(FLAGS_http_connect_timeout);
+  config.backend.http.timeout = absl::GetFlag(FLAGS_http_timeout);
+  config.backend.http.stall_timeout = absl::GetFlag(FLAGS_http_stall_timeout);
+  config.backend.http.max_attempts = absl::GetFlag(FLAGS_http_max_attempts);
+  if (config.backend.http.max_attempts < 1) return Fail("--http_max_attempts must be at least 1");
+  config.store_options.cache.capacity_bytes = cache_bytes;
+  config.store_options.cache.max_entry_fraction = absl::GetFlag(FLAGS_cache_max_entry_fraction);
+  auto policy = chunkd::server::ParseEvictionPolicy(absl::GetFlag(FLAGS_eviction));
+  if (!policy) {
+    return Fail(absl::StrCat("--eviction=", absl::GetFlag(FLAGS_eviction),
+                             " is not a policy (s3fifo or lru)"));
+  }
+  config.store_options.cache.policy = *policy;
+  if (absl::GetFlag(FLAGS_io_threads) < 1 || absl::GetFlag(FLAGS_max_queued_io) < 1) {
+    return Fail("--io_threads and --max_queued_io must be at least 1");
+  }
+  config.store_options.io_threads = absl::GetFlag(FLAGS_io_threads);
+  if (absl::GetFlag(FLAGS_rpc_threads) < 0) return Fail("--rpc_threads must be 0 (auto) or more");
+  config.rpc_threads = absl::GetFlag(FLAGS_rpc_threads);
+  config.reflection = absl::GetFlag(FLAGS_reflection);
+  config.store_options.max_queued_io = absl::GetFlag(FLAGS_max_queued_io);
+  config.service.max_value_bytes = absl::GetFlag(FLAGS_max_value_bytes).bytes;
+  config.service.read_only = absl::GetFlag(FLAGS_read_only);
+  config.service.part_bytes = absl::GetFlag(FLAGS_part_bytes).bytes;
+  if (config.service.part_bytes < 1024 || config.service.part_bytes > (1u << 20)) {
+    return Fail("--part_bytes must be between 1KiB and 1MiB");
+  }
+  config.service.max_inflight_put_bytes = absl::GetFlag(FLAGS_max_inflight_put_bytes).bytes;
+
+  config.shm = absl::GetFlag(FLAGS_shm);
+  config.shm_arena.directory = absl::GetFlag(FLAGS_shm_dir);
+  config.shm_arena.segment_bytes = absl::GetFlag(FLAGS_shm_segment_bytes).bytes;
+  {
+    std::string mode = absl::GetFlag(FLAGS_shm_mode);
+    char* end = nullptr;
+    long parsed = std::strtol(mode.c_str(), &end, 8);
+    if (mode.empty() || *end != '\0' || (parsed & ~0660) != 0 || (parsed & 0600) != 0600) {
+      return Fail(absl::StrCat("--shm_mode=", mode,
+                               " must be an octal mode no wider than 0660 that the owner can "
+                               "read and write (0600, 0640 or 0660)"));
+    }
+    config.shm_arena.mode = static_cast<mode_t>(parsed);
+  }
+  config.shm_arena.group = static_cast<gid_t>(absl::GetFlag(FLAGS_shm_group));
+  config.leases.ttl = absl::GetFlag(FLAGS_lease_ttl);
+  if (config.leases.ttl < absl::Milliseconds(100)) return Fail("--lease_ttl must be at least 100ms");
+  config.device_tier.capacity_bytes = absl::GetFlag(FLAGS_device_cache_bytes).bytes;
+  config.device_tier.segment_bytes = absl::GetFlag(FLAGS_device_segment_bytes).bytes;
+  if (config.device_tier.segment_bytes < (1u << 20)) {
+    return Fail("--device_segment_bytes must be at least 1MiB");
+  }
+  if (auto devices = chunkd::server::ParseCudaDevices(absl::GetFlag(FLAGS_cuda_device));
+      devices.ok()) {
+    config.device_tier.devices = *std::move(devices);
+  } else {
+    return Fail(std::string(devices.status().message()));
+  }
+
+  auto security = chunkd::server::SecurityOptionsFromFlags();
+  if (!security.ok()) return Fail(std::string(security.status().message()));
+  config.security = *std::move(security);
+
+  auto server = chunkd::server::ChunkdServer::Start(config);
+  if (!server.ok()) return Fail(std::string(server.status().message()));
+  Log("serving %s store %s on %s (host cache %s, %s, max value %s%s%s)",
+      std::string((*server)->store().backend().kind()), (*server)->store().backend().location(),
+      absl::StrJoin((*server)->addresses(), ", "), chunkd::server::FormatBytes(cache_bytes),
+      absl::GetFlag(FLAGS_eviction), chunkd::server::FormatBytes(config.service.max_value_bytes),
+      config.service.read_only ? ", read-only" : "",
+      (*server)->arena() ? ", shared memory in " + config.shm_arena.directory : ", inline only");
+  std::unique_ptr<chunkd::server::MetricsServer> metrics;
+  if (std::string address = absl::GetFlag(FLAGS_metrics_listen); !address.empty()) {
+    chunkd::server::ChunkdServer* s = server->get();
+    auto started = chunkd::server::MetricsServer::Start(address, [s] {
+      chunkd::v1::ServerInfoResponse info;
+      s->service().FillServerInfo(&info);
+      return info;
+    });
+    if (!started.ok()) return Fail(std::string(started.status().message()));
+    metrics = *std::move(started);
+    Log("metrics on http://%s/metrics", metrics->address());
+  }
+
+  if (std::string ready = absl::GetFlag(FLAGS_ready_file); !ready.empty()) {
+    std::string temp = ready + ".tmp";
+    {
+      std::ofstream out(temp);
+      for (const std::string& address : (*server)->addresses()) out << address << "\n";
+    }
+    if (std::rename(temp.c_str(), ready.c_str()) != 0) {
+      return Fail(absl::StrCat("cannot write --ready_file ", ready, ": ", std::strerror(errno)));
+    }
+  }
+
+  // Warm-up in the background; stopped (between keys) at shutdown.
+  std::atomic<bool> stop_warming{false};
+  std::thread warmer;
+  if (std::vector<std::string> prefixes = absl::GetFlag(FLAGS_warm); !prefixes.empty()) {
+    warmer = std::thread([&, prefixes] {
+      for (const std::string& prefix : prefixes) {
+        absl::Time start = absl::Now();
+        chunkd::server::PrefetchProgress last;
+        absl::Status s = chunkd::server::Prefetch(
+            (*server)->store(), {}, prefix, 256, [&](const chunkd::server::PrefetchProgress& p) {
+              last = p;
+              return !stop_warming.load();
+            });
+        Log("warmed prefix \"%s\": %d keys, %s, %d failed, in %s%s", prefix, last.keys_done,
+            chunkd::server::FormatBytes(last.bytes_loaded), last.keys_failed,
+            absl::FormatDuration(absl::Now() - start),
+            s.ok() ? "" : absl::StrCat(" (", s.message(), ")"));
+        if (stop_warming.load()) break;
+      }
+    });
+  }
+
+  int signal_number = 0;
+  while (sigwait(&signals, &signal_number) != 0) {
+  }
+  absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
+  Log("received %s: finishing calls in flight (up to %s)", strsignal(signal_number),
+      absl::FormatDuration(grace));
+  stop_warming = true;
+  (*server)->Shutdown(grace);
+  if (warmer.joinable()) warmer.join();
+  metrics.reset();
+  server->reset();
+  Log("stopped");
+  return 0;
+}

@@ -1,0 +1,93 @@
+#include "server/daemon/metrics.h"
+
+#include <algorithm>
+#include <set>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "httplib.h"
+
+namespace chunkd::server {
+namespace {
+
+// Counters in ServerInfo that are levels, not running totals.
+const std::set<std::string>& Gauges() {
+  static const auto* gauges = new std::set<std::string>{"detached_pinned_bytes"};
+  return *gauges;
+}
+
+void Metric(std::string* out, const std::string& name, const char* type, const std::string& help,
+            const std::vector<std::pair<std::string, uint64_t>>& samples) {
+  absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n");
+  for (const auto& [labels, value] : samples) absl::StrAppend(out, name, labels, " ", value, "\n");
+}
+
+}  // namespace
+
+std::string PrometheusText(const v1::ServerInfoResponse& info) {
+  std::string out;
+  Metric(&out, "chunkd_info", "gauge", "Version, backend and store of this server.",
+         {{absl::StrCat("{version=\"", info.version(), "\",backend=\"", info.backend(), "\"}"),
+           1}});
+  std::vector<std::pair<std::string, uint64_t>> capacity, used, entries;
+  for (const auto& tier : info.tiers()) {
+    std::string label = absl::StrCat("{tier=\"", tier.tier(), "\"}");
+    capacity.emplace_back(label, tier.capacity_bytes());
+    used.emplace_back(label, tier.used_bytes());
+    entries.emplace_back(label, tier.entries());
+  }
+  Metric(&out, "chunkd_cache_capacity_bytes", "gauge", "Budget of each cache tier.", capacity);
+  Metric(&out, "chunkd_cache_used_bytes", "gauge", "Bytes held by each cache tier.", used);
+  Metric(&out, "chunkd_cache_entries", "gauge", "Values held by each cache tier.", entries);
+  Metric(&out, "chunkd_leases_active", "gauge", "Leases on handle deliveries now held.",
+         {{"", info.leases_active()}});
+  Metric(&out, "chunkd_leased_bytes", "gauge", "Bytes pinned by leases.",
+         {{"", info.leased_bytes()}});
+  std::vector<std::pair<std::string, uint64_t>> counters(info.counters().begin(),
+                                                         info.counters().end());
+  std::sort(counters.begin(), counters.end());
+  for (const auto& [name, value] : counters) {
+    bool gauge = Gauges().count(name) > 0;
+    Metric(&out, absl::StrCat("chunkd_", name, gauge ? "" : "_total"), gauge ? "gauge" : "counter",
+           absl::StrCat("chunkd counter ", name, " (see README: Metrics)."), {{"", value}});
+  }
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
+    const std::string& address, std::function<v1::ServerInfoResponse()> collect) {
+  size_t colon = address.rfind(':');
+  int port;
+  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port) ||
+      port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--metrics_listen=", address, " is not HOST:PORT"));
+  }
+  std::string host = address.substr(0, colon);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  std::unique_ptr<MetricsServer> server(new MetricsServer());
+  server->http_ = std::make_unique<httplib::Server>();
+  server->http_->Get("/metrics", [collect](const httplib::Request&, httplib::Response& res) {
+    res.set_content(PrometheusText(collect()), "text/plain; version=0.0.4; charset=utf-8");
+  });
+  server->http_->Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("ok\n", "text/plain");
+  });
+  int bound = port == 0 ? server->http_->bind_to_any_port(host) : 
+                          (server->http_->bind_to_port(host, port) ? port : -1);
+  if (bound < 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", address, " for metrics"));
+  }
+  server->address_ = absl::StrCat(address.substr(0, colon), ":", bound);
+  httplib::Server* http = server->http_.get();
+  server->thread_ = std::thread([http] { http->listen_after_bind(); });
+  return server;
+}
+
+MetricsServer::~MetricsServer() {
+  if (http_) http_->stop();
+  if (thread_.joinable()) thread_.join();
+}
+
+}  // namespace chunkd::server

@@ -1,0 +1,202 @@
+#include "server/daemon/server.h"
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_cat.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/impl/server_builder_option.h"
+#include "grpcpp/impl/server_builder_plugin.h"
+#include "grpcpp/server_builder.h"
+#include "server/common/byte_size.h"
+#include "proto/wire/transport.h"
+#include "server/common/log.h"
+
+namespace chunkd::server {
+namespace {
+
+// The filesystem path of a "unix:" address, or empty for other addresses.
+std::string UnixSocketPath(absl::string_view address) {
+  if (absl::StartsWith(address, "unix://")) return std::string(address.substr(7));
+  if (absl::StartsWith(address, "unix:")) return std::string(address.substr(5));
+  return "";
+}
+
+// A socket file left behind by a server that died is removed so the address can be bound
+// again; a socket some live process still accepts on is left alone (binding then fails).
+absl::Status ClearStaleSocket(const std::string& path) {
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) return absl::OkStatus();
+  if (!S_ISSOCK(st.st_mode)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot listen on unix:", path, ": the path exists and is not a socket"));
+  }
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return absl::OkStatus();
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  bool live = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  ::close(fd);
+  if (live) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot listen on unix:", path, ": another server is listening there"));
+  }
+  ::unlink(path.c_str());
+  return absl::OkStatus();
+}
+
+// Linking gRPC's reflection library registers its plugin with every ServerBuilder; this option
+// takes it out again when reflection was not asked for.
+class WithoutReflection final : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments*) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [](const auto& p) { return p->name() == "proto_server_reflection"; }),
+                   plugins->end());
+  }
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig config) {
+  std::unique_ptr<ChunkdServer> server(new ChunkdServer());
+  if (config.shm) {
+    auto arena = buffer::ShmArena::Create(config.shm_arena);
+    if (arena.ok()) {
+      server->arena_ = *std::move(arena);
+      server->allocator_ = std::make_unique<buffer::FallbackAllocator>(server->arena_);
+      server->leases_ = std::make_unique<LeaseTable>(config.leases);
+      config.backend.allocator = server->allocator_.get();
+      config.service.leases = server->leases_.get();
+      config.service.host = buffer::CurrentHostIdentity(config.shm_arena.directory);
+    } else {
+      Log("shared-memory delivery is off: %s", std::string(arena.status().message()));
+    }
+  }
+  if (config.device_tier.capacity_bytes > 0) {
+    // Without a CUDA driver or device the server runs host-only, and says so once, here.
+    absl::StatusOr<buffer::gpu::DeviceApi*> api = buffer::gpu::CudaDeviceApi();
+    if (!api.ok()) {
+      Log("CUDA IPC delivery is off, serving host-only: %s", std::string(api.status().message()));
+    } else {
+      auto tier = DeviceTier::Create(*api, config.device_tier);
+      if (!tier.ok()) return tier.status();
+      server->device_tier_ = *std::move(tier);
+      if (!server->leases_) server->leases_ = std::make_unique<LeaseTable>(config.leases);
+      config.service.leases = server->leases_.get();
+      config.service.device_tier = server->device_tier_.get();
+      if (config.service.host.boot_id.empty()) {
+        config.service.host = buffer::CurrentHostIdentity(config.shm_arena.directory);
+      }
+      std::string gpus;
+      for (const auto& d : server->device_tier_->devices()) {
+        absl::StrAppend(&gpus, gpus.empty() ? "" : ", ", d.ordinal, " ", d.name, " ",
+                        buffer::gpu::UuidToString(d.uuid));
+      }
+      Log("CUDA IPC delivery: device tier of %s per GPU on %s",
+          FormatBytes(config.device_tier.capacity_bytes), gpus);
+    }
+  }
+  auto backend = OpenBackend(config.store, config.backend);
+  if (!backend.ok()) return backend.status();
+  server->store_ = std::make_unique<ChunkStore>(*std::move(backend), config.store_options);
+  config.service.allocator = config.backend.allocator;
+  server->service_ = std::make_unique<ChunkdService>(server->store_.get(), config.service);
+  auto security = ServerSecurity::Create(config.security, config.listen);
+  if (!security.ok()) return security.status();
+  server->security_ = *std::move(security);
+
+  // Reflection is gRPC's synchronous service: its threads poll beside the engine's and cost
+  // every call a hand-off (server/rpc/rpc_engine.h), so it is there only when asked for.
+  if (config.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  if (!config.reflection) builder.SetOption(std::make_unique<WithoutReflection>());
+  // Put parts are at most 1 MiB by contract; allow slack for clients that send larger ones.
+  builder.SetMaxReceiveMessageSize(8 << 20);
+  builder.AddChannelArgument(wire::kStreamWindowArg, wire::kStreamWindowBytes);
+  builder.AddChannelArgument(wire::kMaxFrameArg, wire::kMaxFrameBytes);
+  int threads = config.rpc_threads > 0 ? config.rpc_threads : rpc::DefaultThreads();
+  server->engine_ = std::make_unique<rpc::Engine>(builder, threads);
+  // the service, tokens, limits
+  builder.RegisterService(server->service_.get());
+  server->security_->Configure(builder, server->engine_.get());
+  server->service_->Serve(server->engine_.get());
+  server->health_ = std::make_unique<HealthService>(
+      std::vector<std::string>{v1::Chunkd::service_full_name()});
+  server->health_->Register(builder);
+  server->health_->Serve(server->engine_.get());
+  std::vector<std::unique_ptr<int>> ports;
+  if (config.listen.empty()) return absl::InvalidArgumentError("no address to listen on");
+  for (const std::string& address : config.listen) {
+    if (std::string path = UnixSocketPath(address); !path.empty()) {
+      if (absl::Status s = ClearStaleSocket(path); !s.ok()) return s;
+    }
+    ports.push_back(std::make_unique<int>(0));
+    builder.AddListeningPort(address, server->security_->CredentialsFor(address),
+                             ports.back().get());
+  }
+  server->grpc_server_ = server->security_->BuildAndStart(builder);
+  if (!server->grpc_server_) {
+    return absl::UnavailableError(absl::StrCat(
+        "could not listen on ", absl::StrJoin(config.listen, ", "),
+        " (address in use, or not an address of this host?)"));
+  }
+  server->engine_->Start();
+  for (size_t i = 0; i < config.listen.size(); ++i) {
+    const std::string& address = config.listen[i];
+    if (!UnixSocketPath(address).empty()) {
+      server->addresses_.push_back(address);
+      continue;
+    }
+    if (*ports[i] == 0) {
+      server->grpc_server_->Shutdown();
+      return absl::UnavailableError(absl::StrCat("could not listen on ", address));
+    }
+    size_t colon = address.rfind(':');
+    server->addresses_.push_back(absl::StrCat(address.substr(0, colon), ":", *ports[i]));
+  }
+  if (absl::Status s = server->security_->Started(); !s.ok()) {
+    server->grpc_server_->Shutdown();
+    return s;
+  }
+  server->health_->SetServing(true);
+  return server;
+}
+
+void ChunkdServer::Shutdown(absl::Duration grace) {
+  if (shut_down_) return;
+  shut_down_ = true;
+  health_->Shutdown();
+  grpc_server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  // Calls the server cancelled still finish through the engine's queues.
+  engine_->Shutdown();
+  grpc_server_->Wait();
+}
+
+ChunkdServer::~ChunkdServer() {
+  if (grpc_server_) Shutdown(absl::ZeroDuration());
+  // Every call has ended once the engine has shut down; the store's I/O threads finish what is
+  // queued as the store is destroyed. The engine's queues go after the server that used them.
+  grpc_server_.reset();
+  engine_.reset();
+  health_.reset();
+  service_.reset();
+  store_.reset();
+  device_tier_.reset();
+  leases_.reset();
+  allocator_.reset();
+  arena_.reset();
+}
+
+}  // namespace chunkd::server

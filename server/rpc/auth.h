@@ -1,0 +1,92 @@
+// Bearer tokens and the rights they grant (--auth_tokens).
+//
+// A token file holds one "TOKEN RIGHTS" per line, RIGHTS a comma-separated list of read, write
+// and admin; '#' starts a comment, blank lines are ignored. Clients send
+// "authorization: Bearer TOKEN" metadata with every call.
+//
+// Each chunkd.v1.Chunkd method needs one right (RequiredRight): read for Get, GetMany, Stat,
+// List, ServerInfo, Release and Renew; write for Put and Delete; admin for Prefetch. The rights are
+// independent: a token that should read and write lists both. Only chunkd.v1.Chunkd is checked:
+// the standard health service (probes) and server reflection stay open.
+//
+// The check runs in the RPC engine before a call's handler (MakeTokenAuthorizer), not in each
+// RPC: gRPC 1.51's server interceptors cannot refuse a call, and AuthMetadataProcessor only
+// runs on TLS listeners, while tokens must also guard plaintext loopback and UNIX sockets.
+#ifndef CHUNKD_SERVER_RPC_AUTH_H_
+#define CHUNKD_SERVER_RPC_AUTH_H_
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "grpcpp/server_context.h"
+#include "grpcpp/support/status.h"
+#include "server/rpc/rpc_engine.h"
+
+namespace chunkd::server {
+
+
+enum class Right : uint8_t { kRead = 1, kWrite = 2, kAdmin = 4 };
+// A set of rights: the bits of Right.
+using Rights = uint8_t;
+
+// "read", "write", "admin".
+absl::string_view RightName(Right right);
+// "read,write", or "none".
+std::string RightsString(Rights rights);
+
+// The right a call of chunkd.v1.Chunkd's `method` ("Get", or the full "/chunkd.v1.Chunkd/Get")
+// needs; nullopt for a method this table does not know (such calls are refused).
+std::optional<Right> RequiredRight(absl::string_view method);
+
+// The tokens of a token file. Tokens are kept only as SHA-256 digests; a lookup compares the
+// digest of the presented token with every entry in constant time, so neither the time a
+// lookup takes nor its memory accesses depend on which stored token (or which byte) matched.
+class TokenTable {
+ public:
+  // Parses the text of a token file; errors name `origin` and the line ("tokens.txt line 3:
+  // ..."). Rules: one TOKEN and its RIGHTS per line, separated by blanks; RIGHTS is a comma list
+  // of read, write, admin (blanks after commas are allowed); a field starting with '#' ends the
+  // line; tokens are at least 16 printable ASCII characters and unique; at least one token.
+  static absl::StatusOr<TokenTable> Parse(absl::string_view text,
+                                          absl::string_view origin = "token file");
+  // Reads and parses the file at `path`. The error names the file and, for syntax, the line.
+  static absl::StatusOr<TokenTable> Load(const std::string& path);
+
+  // The rights of `token`; nullopt when no entry holds it.
+  std::optional<Rights> Find(absl::string_view token) const;
+  size_t size() const { return entries_.size(); }
+
+ private:
+  using Digest = std::array<unsigned char, 32>;
+  struct Entry {
+    Digest digest;
+    Rights rights;
+  };
+  static Digest Hash(absl::string_view token);
+
+  std::vector<Entry> entries_;
+};
+
+// The bearer token in a call's metadata: OK with the token, or UNAUTHENTICATED ("missing bearer
+// token") when there is no usable "authorization: Bearer ..." entry.
+absl::StatusOr<std::string> BearerToken(const grpc::ServerContextBase& context);
+
+// OK when the call's token holds `needed`; UNAUTHENTICATED for a missing or unknown token,
+// PERMISSION_DENIED (naming the right needed) otherwise. `method` is for the message.
+grpc::Status Authorize(const TokenTable& tokens, const grpc::ServerContextBase& context,
+                       absl::string_view method, Right needed);
+
+// Checks each call of chunkd.v1.Chunkd before its handler sees it (rpc::Engine): the call's
+// token must hold the right its method needs (Authorize). A method without a rule here is
+// refused with PERMISSION_DENIED: a new RPC stays closed until it is given a right.
+rpc::Authorizer MakeTokenAuthorizer(std::shared_ptr<const TokenTable> tokens);
+
+}  // namespace chunkd::server
+
+#endif  // CHUNKD_SERVER_RPC_AUTH_H_

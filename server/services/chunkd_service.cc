@@ -1,0 +1,1171 @@
+#include "server/services/chunkd_service.h"
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/support/byte_buffer.h"
+#include "grpcpp/support/proto_buffer_reader.h"
+#include "proto/wire/raw_message.h"
+#include "server/common/byte_range.h"
+#include "server/rpc/grpc_status.h"
+#include "server/common/key.h"
+#include "server/store/prefetch.h"
+
+namespace chunkd::server {
+namespace {
+
+constexpr char kVersion[] = "0.1.0";
+// Entries and prefixes per List reply message.
+constexpr size_t kListPageItems = 1000;
+
+grpc::Status Error(grpc::StatusCode code, std::string message) {
+  return grpc::Status(code, std::move(message));
+}
+
+Conditions ConditionsFromProto(const v1::Conditions& proto) {
+  Conditions conditions;
+  if (proto.has_if_generation_match()) conditions.if_generation_match = proto.if_generation_match();
+  if (proto.has_if_generation_not_match()) {
+    conditions.if_generation_not_match = proto.if_generation_not_match();
+  }
+  return conditions;
+}
+
+absl::StatusOr<ByteRange> RangeFromProto(const v1::GetRequest& request) {
+  if (!request.has_range()) return ByteRange::All();
+  const v1::ByteRange& r = request.range();
+  ByteRange range;
+  switch (r.kind_case()) {
+    case v1::ByteRange::kBounded:
+      range = ByteRange::Bounded(r.bounded().start(), r.bounded().end());
+      break;
+    case v1::ByteRange::kOffset:
+      range = ByteRange::FromOffset(r.offset());
+      break;
+    case v1::ByteRange::kSuffix:
+      range = ByteRange::Suffix(r.suffix());
+      break;
+    case v1::ByteRange::KIND_NOT_SET:
+      range = ByteRange::All();
+      break;
+  }
+  if (absl::Status s = range.Validate(); !s.ok()) return s;
+  return range;
+}
+
+// Makes the call objects of one method: each arrival arms the next.
+template <class CallT>
+rpc::Engine::Spawner SpawnerOf(ChunkdService* service) {
+  return [service](rpc::Engine* engine, grpc::ServerCompletionQueue* queue) {
+    (new CallT(service, engine, queue))->Arm();
+  };
+}
+
+// A unary method: the service's handler fills the response in and calls `done`, there or
+// later from an I/O thread.
+template <class Req, class Resp>
+class UnaryMethodCall final : public rpc::UnaryCall<Req, Resp> {
+ public:
+  using RequestFn = void (ChunkdService::*)(grpc::ServerContext*, Req*,
+                                            grpc::ServerAsyncResponseWriter<Resp>*,
+                                            grpc::CompletionQueue*, grpc::ServerCompletionQueue*,
+                                            void*);
+  using HandlerFn = void (ChunkdService::*)(const Req&, Resp*, UnaryDone);
+
+  UnaryMethodCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue,
+                  const char* name, RequestFn request, HandlerFn handler)
+      : rpc::UnaryCall<Req, Resp>(engine, queue, name,
+                                  [=](rpc::Engine* e, grpc::ServerCompletionQueue* q) {
+                                    (new UnaryMethodCall(service, e, q, name, request, handler))
+                                        ->Arm();
+                                  }),
+        service_(service),
+        request_fn_(request),
+        handler_(handler) {}
+
+ private:
+  void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
+    (service_->*request_fn_)(&this->context_, &this->request_, &this->responder_, queue, queue,
+                             tag);
+  }
+  void OnStart() override {
+    (service_->*handler_)(this->request_, &this->response_,
+                          [this](grpc::Status status) { this->Finish(std::move(status)); });
+  }
+
+  ChunkdService* const service_;
+  const RequestFn request_fn_;
+  const HandlerFn handler_;
+};
+
+template <class Req, class Resp>
+void AddUnary(rpc::Engine* engine, ChunkdService* service, const char* name,
+              typename UnaryMethodCall<Req, Resp>::RequestFn request,
+              void (ChunkdService::*handler)(const Req&, Resp*, UnaryDone)) {
+  engine->AddMethod(
+      [=](rpc::Engine* e, grpc::ServerCompletionQueue* q) {
+        (new UnaryMethodCall<Req, Resp>(service, e, q, name, request, handler))->Arm();
+      },
+      1);
+}
+
+buffer::HostIdentity IdentityFromProto(const v1::ClientIdentity& proto) {
+  buffer::HostIdentity id;
+  id.boot_id = proto.boot_id();
+  id.ipc_namespace = proto.ipc_namespace();
+  id.mount_namespace = proto.mount_namespace();
+  id.shm_dir = proto.shm_dir();
+  id.shm_dir_dev = proto.shm_dir_dev();
+  id.shm_dir_ino = proto.shm_dir_ino();
+  return id;
+}
+
+// The header of one Get's reply to `value` (conditions checked, range resolved), and in
+// `bytes` the part of the value it describes. Delivery and handle are the caller's to fill.
+absl::StatusOr<v1::GetHeader> HeaderFor(const CachedValue& value, const std::string& key,
+                                        const ByteRange& range, const Conditions& conditions,
+                                        buffer::cpu::Buffer* bytes) {
+  if (absl::Status s = conditions.Check(key, value.generation); !s.ok()) return s;
+  ResolvedRange r = Resolve(range, value.value.size());
+  *bytes = value.value.Slice(r.start, r.length);
+  v1::GetHeader header;
+  header.set_total_size(value.value.size());
+  header.set_generation(value.generation);
+  header.set_range_start(r.start);
+  header.set_length(r.length);
+  return header;
+}
+
+// Fills in a shared-memory handle and lease when `client` can map this server's segments and
+// `data` lives in one; false means inline delivery.
+bool OfferShm(ChunkdService* service, const buffer::HostIdentity& client,
+              const buffer::cpu::Buffer& data, v1::GetHeader* header) {
+  const ServiceOptions& options = service->options();
+  std::optional<buffer::ShmLocation> location = data.shm_location();
+  if (options.leases == nullptr || !location || data.empty() ||
+      !buffer::CanShareMemory(options.host, client)) {
+    service->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  absl::StatusOr<uint64_t> lease = options.leases->Grant(data);
+  if (!lease.ok()) {
+    service->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  header->set_delivery(v1::DELIVERY_SHM);
+  v1::ShmHandle* shm = header->mutable_shm();
+  shm->set_segment(location->segment);
+  shm->set_segment_size(location->segment_size);
+  shm->set_offset(location->offset);
+  shm->set_length(data.size());
+  header->mutable_lease()->set_id(*lease);
+  header->mutable_lease()->set_ttl_ms(absl::ToInt64Milliseconds(options.leases->ttl()));
+  service->counters().gets_shm.fetch_add(1, std::memory_order_relaxed);
+  service->counters().bytes_served_shm.fetch_add(data.size(), std::memory_order_relaxed);
+  return true;
+}
+
+// Streams one value (or range of it) as GetResponse messages, or hands out a handle.
+class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  GetCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue)
+      : ServerStreamCall(engine, queue, "Get", SpawnerOf<GetCall>(service)), service_(service) {}
+
+ private:
+  void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
+    service_->RequestGet(&context_, &request_, &writer_, queue, queue, tag);
+  }
+
+  void OnStart() override {
+    service_->counters().gets.fetch_add(1, std::memory_order_relaxed);
+    v1::GetRequest request;
+    if (!grpc::SerializationTraits<v1::GetRequest>::Deserialize(&request_, &request).ok()) {
+      FinishWith(Error(grpc::StatusCode::INVALID_ARGUMENT, "malformed GetRequest"));
+      return;
+    }
+    if (absl::Status s = ValidateKey(request.key()); !s.ok()) {
+      FinishWith(ToGrpcStatus(s));
+      return;
+    }
+    absl::StatusOr<ByteRange> range = RangeFromProto(request);
+    if (!range.ok()) {
+      FinishWith(ToGrpcStatus(range.status()));
+      return;
+    }
+    range_ = *range;
+    key_ = request.key();
+    conditions_ = ConditionsFromProto(request.conditions());
+    wants_shm_ = std::find(request.accept().begin(), request.accept().end(),
+                           v1::DELIVERY_SHM) != request.accept().end();
+    if (wants_shm_) client_ = IdentityFromProto(request.client());
+    for (int d : request.accept()) {
+      cuda_.wanted |= d == v1::DELIVERY_CUDA_IPC;
+      other_deliveries_ |= d != v1::DELIVERY_CUDA_IPC;
+    }
+    cuda_.only = cuda_.wanted && !other_deliveries_;
+    cuda_.gpu_uuid = request.gpu_uuid();
+    cuda_.client_boot_id = request.client().boot_id();
+    // The callback may run right here (a cache hit) or later on an I/O thread.
+    service_->store().Read(key_, [this](absl::StatusOr<CachedValue> value) {
+      OnValue(std::move(value));
+    });
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      FinishWith(Error(grpc::StatusCode::CANCELLED, "the client stopped reading"));
+      return;
+    }
+    if (cancelled_.load()) {
+      FinishWith(Error(grpc::StatusCode::CANCELLED, "cancelled"));
+      return;
+    }
+    WriteNext();
+  }
+
+  void OnCancel() override { cancelled_.store(true); }
+
+  void FinishWith(grpc::Status status) {
+    if (!status.ok()) service_->counters().get_errors.fetch_add(1, std::memory_order_relaxed);
+    Finish(std::move(status));
+  }
+
+  void OnValue(absl::StatusOr<CachedValue> value) {
+    if (cancelled_.load()) {
+      FinishWith(Error(grpc::StatusCode::CANCELLED, "cancelled"));
+      return;
+    }
+    if (!value.ok()) {
+      FinishWith(ToGrpcStatus(value.status()));
+      return;
+    }
+    absl::StatusOr<v1::GetHeader> header = HeaderFor(*value, key_, range_, conditions_, &data_);
+    if (!header.ok()) {
+      FinishWith(ToGrpcStatus(header.status()));
+      return;
+    }
+    if (cuda_.wanted) whole_ = value->value;
+    v1::GetResponse first;
+    *first.mutable_header() = *std::move(header);
+    if (cuda_.wanted && TryCuda(first, value->generation)) return;
+    ReplyWithoutCuda(std::move(first));
+  }
+
+  // CUDA IPC: true when the reply is taken care of here (a handle now or after a promotion on
+  // an I/O thread, or an error for a client that accepts nothing else); false: go on with the
+  // other deliveries.
+  bool TryCuda(const v1::GetResponse& first, uint64_t generation) {
+    const ServiceOptions& options = service_->options();
+    CudaChoice choice = ChooseCudaDelivery(options.leases ? options.device_tier : nullptr,
+                                           options.host.boot_id, cuda_);
+    if (choice.unknown_gpu) {
+      service_->counters().cuda_unknown_gpu.fetch_add(1, std::memory_order_relaxed);
+    }
+    if (choice.decision == CudaChoice::kRefuse) {
+      FinishWith(ToGrpcStatus(choice.why));
+      return true;
+    }
+    if (choice.decision == CudaChoice::kFallback) {
+      service_->counters().cuda_fallbacks.fetch_add(1, std::memory_order_relaxed);
+      return false;
+    }
+    DeviceTier* tier = options.device_tier;
+    if (std::optional<DeviceChunk> hit = tier->Lookup(choice.device, key_, generation)) {
+      ReplyCuda(first, *hit);
+      return true;
+    }
+    // A miss copies the value to the device: on an I/O thread, not on gRPC's.
+    absl::Status queued = service_->store().Submit(
+        [this, first, generation, device = choice.device, whole = whole_]() mutable {
+          auto chunk = service_->options().device_tier->Promote(device, key_, generation, whole);
+          if (chunk.ok()) {
+            ReplyCuda(first, *chunk);
+          } else if (cuda_.only) {
+            FinishWith(ToGrpcStatus(chunk.status()));
+          } else {
+            service_->counters().cuda_fallbacks.fetch_add(1, std::memory_order_relaxed);
+            ReplyWithoutCuda(std::move(first));
+          }
+        });
+    if (queued.ok()) return true;
+    if (cuda_.only) {
+      FinishWith(ToGrpcStatus(queued));
+      return true;
+    }
+    service_->counters().cuda_fallbacks.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+
+  // Replies with the chunk's CUDA IPC handle and a lease on its device block.
+  void ReplyCuda(v1::GetResponse first, const DeviceChunk& chunk) {
+    const ServiceOptions& options = service_->options();
+    v1::GetHeader* header = first.mutable_header();
+    absl::StatusOr<uint64_t> lease =
+        options.leases->Grant(chunk.buffer.block(), header->length());
+    if (!lease.ok()) {
+      if (cuda_.only) {
+        FinishWith(ToGrpcStatus(lease.status()));
+        return;
+      }
+      service_->counters().cuda_fallbacks.fetch_add(1, std::memory_order_relaxed);
+      ReplyWithoutCuda(std::move(first));
+      return;
+    }
+    header->set_delivery(v1::DELIVERY_CUDA_IPC);
+    v1::CudaIpcHandle* cuda = header->mutable_cuda();
+    cuda->set_ipc_handle(buffer::gpu::IpcHandleBytes(chunk.ipc_handle));
+    cuda->set_segment(chunk.segment);
+    cuda->set_offset(chunk.offset + header->range_start());
+    cuda->set_length(header->length());
+    cuda->set_device_uuid(buffer::gpu::UuidBytes(chunk.device_uuid));
+    header->mutable_lease()->set_id(*lease);
+    header->mutable_lease()->set_ttl_ms(absl::ToInt64Milliseconds(options.leases->ttl()));
+    service_->counters().gets_cuda.fetch_add(1, std::memory_order_relaxed);
+    service_->counters().bytes_served_cuda.fetch_add(header->length(), std::memory_order_relaxed);
+    message_ = wire::EncodeWithData(first.SerializeAsString(), buffer::cpu::Buffer());
+    StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
+  }
+
+  // Shared memory when the client accepts it and can map it, else inline.
+  void ReplyWithoutCuda(v1::GetResponse first) {
+    v1::GetHeader* header = first.mutable_header();
+    if (wants_shm_ && OfferShm(service_, client_, data_, header)) {
+      // The handle is the whole reply: no bytes cross the connection.
+      message_ = wire::EncodeWithData(first.SerializeAsString(), buffer::cpu::Buffer());
+      StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
+      return;
+    }
+    header->set_delivery(v1::DELIVERY_INLINE);
+    prefix_ = first.SerializeAsString();
+    WriteNext();
+  }
+
+  // One write is in flight at a time: OnValue starts the chain, each OnWriteDone continues it,
+  // so the fields below are only touched by one thread at a time.
+  void WriteNext() {
+    size_t part = std::min(service_->options().part_bytes, data_.size() - sent_);
+    // The header goes with the first part; later messages carry data only.
+    message_ = wire::EncodeWithData(std::move(prefix_), data_.Slice(sent_, part));
+    prefix_.clear();
+    sent_ += part;
+    service_->counters().bytes_served_inline.fetch_add(part, std::memory_order_relaxed);
+    if (sent_ == data_.size()) {
+      StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
+    } else {
+      StartWrite(&message_);
+    }
+  }
+
+  ChunkdService* const service_;
+  std::string key_;
+  ByteRange range_;
+  Conditions conditions_;
+  bool wants_shm_ = false;
+  buffer::HostIdentity client_;
+  CudaRequest cuda_;
+  bool other_deliveries_ = false;
+  buffer::cpu::Buffer whole_;  // the whole value, for a promotion to the device tier
+  std::atomic<bool> cancelled_{false};
+  buffer::cpu::Buffer data_;
+  size_t sent_ = 0;
+  std::string prefix_;
+  grpc::ByteBuffer message_;
+};
+
+// Serves a batch of Gets. Item reads run ahead of the sending, within a window (items and
+// bytes), so memory stays bounded whatever the batch size; ready items are sent in order, small
+// ones packed several to a message, large ones split into parts. One write is in flight at a
+// time. Everything shared between the launching thread, read callbacks (I/O threads, or inline
+// on a hit) and write completions is under `mu_`; gRPC operations start after it is dropped,
+// and Finish is always the last thing a thread does with the call.
+class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  GetManyCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue)
+      : ServerStreamCall(engine, queue, "GetMany", SpawnerOf<GetManyCall>(service)),
+        service_(service) {}
+
+  static constexpr int kMaxItems = 4096;
+  // Reads started but not yet sent: at most this many items, and no new read while this many
+  // bytes wait to be sent.
+  static constexpr size_t kWindowItems = 64;
+  static constexpr uint64_t kWindowBytes = 256ull << 20;
+
+ private:
+  struct Item {
+    std::string key;
+    ByteRange range;
+    Conditions conditions;
+    bool ready = false;
+    // Once ready: the encoded GetHeader or ItemError (field 2 or 3 of GetManyPart), and the
+    // bytes to send inline (empty for a handle or an error).
+    std::string first_fields;
+    buffer::cpu::Buffer data;
+    bool started = false;
+    size_t sent = 0;
+  };
+  enum class Action { kNothing, kWrite, kWriteAndFinish, kFinish };
+
+  void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
+    service_->RequestGetMany(&context_, &request_, &writer_, queue, queue, tag);
+  }
+
+  void OnStart() override {
+    v1::GetManyRequest request;
+    if (!grpc::SerializationTraits<v1::GetManyRequest>::Deserialize(&request_, &request).ok()) {
+      Finish(Error(grpc::StatusCode::INVALID_ARGUMENT, "malformed GetManyRequest"));
+      return;
+    }
+    if (request.items_size() > kMaxItems) {
+      Finish(Error(grpc::StatusCode::INVALID_ARGUMENT,
+                   absl::StrCat("GetMany of ", request.items_size(), " items; at most ",
+                                kMaxItems, " per call")));
+      return;
+    }
+    bool other = false, cuda = false;
+    for (int d : request.accept()) {
+      wants_shm_ |= d == v1::DELIVERY_SHM;
+      cuda |= d == v1::DELIVERY_CUDA_IPC;
+      other |= d != v1::DELIVERY_CUDA_IPC;
+    }
+    if (cuda && !other) {
+      Finish(Error(grpc::StatusCode::INVALID_ARGUMENT,
+                   "GetMany delivers inline or through shared memory; ask for CUDA IPC with Get"));
+      return;
+    }
+    if (wants_shm_) client_ = IdentityFromProto(request.client());
+    service_->counters().get_many_calls.fetch_add(1, std::memory_order_relaxed);
+    service_->counters().gets.fetch_add(request.items_size(), std::memory_order_relaxed);
+    items_.resize(request.items_size());
+    for (int i = 0; i < request.items_size(); ++i) {
+      const v1::GetRequest& r = request.items(i);
+      Item& item = items_[i];
+      if (absl::Status s = ValidateKey(r.key()); !s.ok()) {
+        item.first_fields = ErrorFields(ToGrpcStatus(s));
+        item.ready = true;
+        continue;
+      }
+      absl::StatusOr<ByteRange> range = RangeFromProto(r);
+      if (!range.ok()) {
+        item.first_fields = ErrorFields(ToGrpcStatus(range.status()));
+        item.ready = true;
+        continue;
+      }
+      item.key = r.key();
+      item.range = *range;
+      item.conditions = ConditionsFromProto(r.conditions());
+    }
+    LaunchReads();
+  }
+
+  // Starts the reads the window allows, then sends what is ready.
+  void LaunchReads() {
+    {
+      absl::MutexLock lock(&mu_);
+      ++pending_;  // nothing finishes the call while this runs
+    }
+    for (;;) {
+      size_t i;
+      {
+        absl::MutexLock lock(&mu_);
+        while (launched_ < items_.size() && items_[launched_].ready) ++launched_;  // refused
+        if (stopping() || launched_ == items_.size() || launched_ >= next_ + kWindowItems ||
+            unsent_bytes_ >= kWindowBytes) {
+          break;
+        }
+        i = launched_++;
+        ++pending_;
+      }
+      // The callback may run right here (a hit) or later on an I/O thread.
+      service_->store().Read(items_[i].key, [this, i](absl::StatusOr<CachedValue> value) {
+        OnValue(i, std::move(value));
+      });
+    }
+    Action action;
+    {
+      absl::MutexLock lock(&mu_);
+      --pending_;
+      action = PumpLocked();
+    }
+    Act(action);
+  }
+
+  void OnValue(size_t i, absl::StatusOr<CachedValue> value) {
+    Item& item = items_[i];
+    std::string fields;
+    buffer::cpu::Buffer data;
+    buffer::cpu::Buffer bytes;
+    absl::StatusOr<v1::GetHeader> header =
+        value.ok() ? HeaderFor(*value, item.key, item.range, item.conditions, &bytes)
+                   : absl::StatusOr<v1::GetHeader>(value.status());
+    if (!header.ok()) {
+      fields = ErrorFields(ToGrpcStatus(header.status()));
+    } else {
+      if (!(wants_shm_ && OfferShm(service_, client_, bytes, &*header))) {
+        header->set_delivery(v1::DELIVERY_INLINE);
+        data = std::move(bytes);
+      }
+      std::string encoded = header->SerializeAsString();
+      wire::AppendLengthDelimitedHeader(&fields, kPartHeaderField, encoded.size());
+      fields += encoded;
+    }
+    Action action;
+    {
+      absl::MutexLock lock(&mu_);
+      item.first_fields = std::move(fields);
+      unsent_bytes_ += data.size();
+      item.data = std::move(data);
+      item.ready = true;
+      --pending_;
+      action = PumpLocked();
+    }
+    Act(action);
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      write_failed_ |= !ok;
+    }
+    LaunchReads();  // items sent make room in the window; then the next message goes
+  }
+
+  void OnCancel() override {
+    Action action;
+    {
+      absl::MutexLock lock(&mu_);
+      cancelled_ = true;
+      action = PumpLocked();
+    }
+    Act(action);
+  }
+
+  bool stopping() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return cancelled_ || write_failed_; }
+
+  // Decides the next step: a message of the ready parts, the end, or nothing yet.
+  Action PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_) return Action::kNothing;
+    if (stopping()) {
+      // Reads still running call back into this object: it must outlive them.
+      if (pending_ > 0) return Action::kNothing;
+      finished_ = true;
+      status_ = Error(grpc::StatusCode::CANCELLED,
+                      cancelled_ ? "cancelled" : "the client stopped reading");
+      return Action::kFinish;
+    }
+    const size_t limit = service_->options().part_bytes;
+    std::string head;
+    std::vector<grpc::Slice> slices;
+    size_t data_bytes = 0;
+    while (next_ < items_.size() && items_[next_].ready && data_bytes < limit &&
+           head.size() < limit) {
+      Item& item = items_[next_];
+      size_t n = std::min(limit - data_bytes, item.data.size() - item.sent);
+      // GetManyPart: index, the header or error (first part only), then data.
+      std::string part;
+      wire::AppendVarint(&part, (1 << 3) | 0);
+      wire::AppendVarint(&part, next_);
+      if (!item.started) part += item.first_fields;
+      if (n > 0) wire::AppendLengthDelimitedHeader(&part, wire::kDataField, n);
+      wire::AppendLengthDelimitedHeader(&head, kPartsField, part.size() + n);
+      head += part;
+      if (n > 0) {
+        buffer::cpu::Buffer piece = item.data.Slice(item.sent, n);
+        if (n < kCopyBelow) {
+          head.append(piece.view());
+        } else {
+          slices.push_back(wire::OwningSlice(std::move(head)));
+          head.clear();
+          slices.push_back(wire::ReferenceSlice(piece));
+        }
+        service_->counters().bytes_served_inline.fetch_add(n, std::memory_order_relaxed);
+      }
+      item.started = true;
+      item.sent += n;
+      data_bytes += n;
+      unsent_bytes_ -= n;
+      if (item.sent < item.data.size()) break;  // the message is full; the rest goes next
+      item.data = buffer::cpu::Buffer();
+      item.first_fields.clear();
+      ++next_;
+    }
+    if (!head.empty()) slices.push_back(wire::OwningSlice(std::move(head)));
+    bool all_sent = next_ == items_.size() && pending_ == 0;
+    if (slices.empty()) {
+      if (!all_sent) return Action::kNothing;
+      finished_ = true;
+      status_ = grpc::Status::OK;
+      return Action::kFinish;
+    }
+    message_ = grpc::ByteBuffer(slices.data(), slices.size());
+    writing_ = true;
+    if (all_sent) {
+      finished_ = true;
+      return Action::kWriteAndFinish;
+    }
+    return Action::kWrite;
+  }
+
+  // Runs what PumpLocked decided, without the lock; the last thing the caller does.
+  void Act(Action action) {
+    switch (action) {
+      case Action::kNothing:
+        return;
+      case Action::kWrite:
+        StartWrite(&message_);
+        return;
+      case Action::kWriteAndFinish:
+        StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
+        return;
+      case Action::kFinish:
+        if (!status_.ok()) service_->counters().get_errors.fetch_add(1, std::memory_order_relaxed);
+        Finish(status_);
+        return;
+    }
+  }
+
+  // GetManyPart.error, encoded.
+  static std::string ErrorFields(const grpc::Status& status) {
+    v1::ItemError error;
+    error.set_code(status.error_code());
+    error.set_message(status.error_message());
+    std::string encoded = error.SerializeAsString(), fields;
+    wire::AppendLengthDelimitedHeader(&fields, kPartErrorField, encoded.size());
+    return fields + encoded;
+  }
+
+  static constexpr uint32_t kPartsField = 1;        // GetManyResponse.parts
+  static constexpr uint32_t kPartHeaderField = 2;   // GetManyPart.header
+  static constexpr uint32_t kPartErrorField = 3;    // GetManyPart.error
+  static constexpr size_t kCopyBelow = 16 << 10;    // smaller data is copied, not referenced
+
+  ChunkdService* const service_;
+  bool wants_shm_ = false;
+  buffer::HostIdentity client_;
+  std::vector<Item> items_;
+  absl::Mutex mu_;
+  size_t launched_ ABSL_GUARDED_BY(mu_) = 0;  // items whose read has started (or was refused)
+  size_t next_ ABSL_GUARDED_BY(mu_) = 0;      // the item being sent
+  int pending_ ABSL_GUARDED_BY(mu_) = 0;      // reads in flight, plus launchers running
+  uint64_t unsent_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool write_failed_ ABSL_GUARDED_BY(mu_) = false;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status status_;
+  grpc::ByteBuffer message_;
+};
+
+// Receives a value in parts into memory sized from the header, then writes it through.
+class PutCall final : public rpc::ClientStreamCall<v1::PutRequest, v1::PutResponse> {
+ public:
+  PutCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue)
+      : ClientStreamCall(engine, queue, "Put", SpawnerOf<PutCall>(service)), service_(service) {}
+
+ private:
+  void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
+    service_->RequestPut(&context_, &reader_, queue, queue, tag);
+  }
+
+  void OnStart() override {
+    if (service_->options().read_only) {
+      Finish(Error(grpc::StatusCode::PERMISSION_DENIED,
+                   "the server is read-only (--read_only); writes are refused"));
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      // The client finished sending (or went away).
+      if (context_.IsCancelled()) {
+        Finish(Error(grpc::StatusCode::CANCELLED, "cancelled"));
+      } else if (!have_header_) {
+        Finish(Error(grpc::StatusCode::INVALID_ARGUMENT, "Put ended before its header"));
+      } else if (received_ != size_) {
+        Finish(Error(grpc::StatusCode::INVALID_ARGUMENT,
+                     absl::StrCat("Put of key ", QuoteKey(key_), " ended after ", received_,
+                                  " of its ", size_, " bytes")));
+      } else {
+        Commit();
+      }
+      return;
+    }
+    if (!have_header_) {
+      if (grpc::Status s = StartValue(); !s.ok()) {
+        Finish(std::move(s));
+        return;
+      }
+    } else if (request_.has_header()) {
+      Finish(Error(grpc::StatusCode::INVALID_ARGUMENT,
+                   "only the first Put message may carry a header"));
+      return;
+    }
+    const std::string& data = request_.data();
+    if (data.size() > size_ - received_) {
+      Finish(Error(grpc::StatusCode::INVALID_ARGUMENT,
+                   absl::StrCat("Put of key ", QuoteKey(key_), " sent more than the ", size_,
+                                " bytes its header declared")));
+      return;
+    }
+    if (!data.empty()) std::memcpy(value_.data() + received_, data.data(), data.size());
+    received_ += data.size();
+    request_.Clear();
+    StartRead(&request_);
+  }
+
+  void OnDone() override {
+    if (reserved_ > 0) service_->ReleasePutBytes(reserved_);
+  }
+
+  grpc::Status StartValue() {
+    if (!request_.has_header()) {
+      return Error(grpc::StatusCode::INVALID_ARGUMENT,
+                   "the first Put message must carry the header (key and size)");
+    }
+    const v1::PutHeader& header = request_.header();
+    if (absl::Status s = ValidateKey(header.key()); !s.ok()) return ToGrpcStatus(s);
+    key_ = header.key();
+    size_ = header.size();
+    conditions_ = ConditionsFromProto(header.conditions());
+    uint64_t max = service_->options().max_value_bytes;
+    if (size_ > max) {
+      return Error(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                   absl::StrCat("value for key ", QuoteKey(key_), " is ", size_,
+                                " bytes, more than the server's maximum of ", max,
+                                " (--max_value_bytes)"));
+    }
+    if (!service_->ReservePutBytes(size_)) {
+      return Error(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                   "too many bytes of writes in flight on the server; try again later");
+    }
+    reserved_ = size_;
+    auto value = buffer::cpu::MutableBuffer::Allocate(size_, *service_->options().allocator);
+    if (!value.ok()) return ToGrpcStatus(value.status());
+    value_ = *std::move(value);
+    have_header_ = true;
+    return grpc::Status::OK;
+  }
+
+  void Commit() {
+    buffer::cpu::Buffer value = std::move(value_).Freeze();
+    absl::Status queued = service_->store().Submit([this, value = std::move(value)]() mutable {
+      absl::StatusOr<ValueInfo> info = service_->store().Write(key_, std::move(value), conditions_);
+      if (info.ok()) {
+        response_.set_generation(info->generation);
+        response_.set_size(info->size);
+        service_->counters().puts.fetch_add(1, std::memory_order_relaxed);
+        service_->counters().bytes_written.fetch_add(info->size, std::memory_order_relaxed);
+      }
+      Finish(ToGrpcStatus(info.status()));
+    });
+    if (!queued.ok()) Finish(ToGrpcStatus(queued));
+  }
+
+  ChunkdService* const service_;
+  v1::PutRequest request_;
+  bool have_header_ = false;
+  std::string key_;
+  uint64_t size_ = 0;
+  uint64_t received_ = 0;
+  uint64_t reserved_ = 0;
+  Conditions conditions_;
+  buffer::cpu::MutableBuffer value_;
+};
+
+// Streams a listing page by page; each page is read on an I/O thread after the previous one
+// was sent, so a slow reader holds one page, not the whole listing.
+class ListCall final : public rpc::ServerStreamCall<v1::ListRequest, v1::ListResponse> {
+ public:
+  ListCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue)
+      : ServerStreamCall(engine, queue, "List", SpawnerOf<ListCall>(service)), service_(service) {}
+
+ private:
+  void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
+    service_->RequestList(&context_, &request_, &writer_, queue, queue, tag);
+  }
+
+  void OnStart() override {
+    service_->counters().lists.fetch_add(1, std::memory_order_relaxed);
+    if (absl::Status s = ValidatePrefix(request_.prefix()); !s.ok()) {
+      Finish(ToGrpcStatus(s));
+      return;
+    }
+    prefix_ = request_.prefix();
+    directory_ = request_.directory();
+    ScheduleNextPage();
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(Error(grpc::StatusCode::CANCELLED, "the client stopped reading"));
+      return;
+    }
+    ScheduleNextPage();
+  }
+
+  void ScheduleNextPage() {
+    absl::Status queued = service_->store().Submit([this] { NextPage(); });
+    if (!queued.ok()) Finish(ToGrpcStatus(queued));
+  }
+
+  void NextPage() {
+    if (!cursor_) {
+      auto cursor = service_->store().List(prefix_, directory_);
+      if (!cursor.ok()) {
+        Finish(ToGrpcStatus(cursor.status()));
+        return;
+      }
+      cursor_ = *std::move(cursor);
+    }
+    ListPage page;
+    absl::StatusOr<bool> more = cursor_->Next(kListPageItems, &page);
+    if (!more.ok()) {
+      Finish(ToGrpcStatus(more.status()));
+      return;
+    }
+    response_.Clear();
+    for (ListEntry& entry : page.entries) {
+      v1::ListEntry* e = response_.add_entries();
+      e->set_key(std::move(entry.key));
+      e->set_size(entry.size);
+    }
+    for (std::string& prefix : page.prefixes) response_.add_prefixes(std::move(prefix));
+    bool empty = response_.entries_size() == 0 && response_.prefixes_size() == 0;
+    if (*more) {
+      if (empty) {
+        ScheduleNextPage();
+      } else {
+        StartWrite(&response_);
+      }
+    } else if (empty) {
+      Finish(grpc::Status::OK);
+    } else {
+      StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+    }
+  }
+
+  ChunkdService* const service_;
+  std::string prefix_;
+  bool directory_ = false;
+  std::unique_ptr<ListCursor> cursor_;
+  v1::ListResponse response_;
+};
+
+// Warms keys on a thread of its own (reads block on the store) and streams progress; one write
+// is in flight at a time, so the thread waits for each progress message to be sent.
+class PrefetchCall final : public rpc::ServerStreamCall<v1::PrefetchRequest, v1::PrefetchResponse> {
+ public:
+  PrefetchCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue)
+      : ServerStreamCall(engine, queue, "Prefetch", SpawnerOf<PrefetchCall>(service)),
+        service_(service) {}
+
+ private:
+  void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
+    service_->RequestPrefetch(&context_, &request_, &writer_, queue, queue, tag);
+  }
+
+  void OnStart() override {
+    const v1::PrefetchRequest* request = &request_;
+    for (const std::string& key : request->keys()) {
+      if (absl::Status s = ValidateKey(key); !s.ok()) {
+        Finish(ToGrpcStatus(s));
+        return;
+      }
+      keys_.push_back(key);
+    }
+    if (request->has_prefix()) {
+      if (absl::Status s = ValidatePrefix(request->prefix()); !s.ok()) {
+        Finish(ToGrpcStatus(s));
+        return;
+      }
+      prefix_ = request->prefix();
+    }
+    if (!service_->BeginPrefetch()) {
+      Finish(Error(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                   "too many prefetches running; try again when one has finished"));
+      return;
+    }
+    thread_ = std::thread([this] { Run(); });
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    write_ok_ = ok;
+    writing_ = false;
+  }
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    cancelled_ = true;
+  }
+  void OnDone() override {
+    if (thread_.joinable()) {
+      // OnDone may run on the warm-up thread itself (inside its Finish); it has nothing left
+      // to do then but return.
+      if (thread_.get_id() == std::this_thread::get_id()) {
+        thread_.detach();
+      } else {
+        thread_.join();
+      }
+      service_->EndPrefetch();
+    }
+  }
+
+  void Run() {
+    absl::Status status = chunkd::server::Prefetch(
+        service_->store(), keys_, prefix_, /*report_every=*/64,
+        [this](const PrefetchProgress& progress) { return Send(progress); });
+    Finish(ToGrpcStatus(status));
+  }
+
+  // Sends one progress message and waits until it is out; false when the client is gone.
+  bool Send(const PrefetchProgress& progress) {
+    absl::MutexLock lock(&mu_);
+    if (cancelled_ || !write_ok_) return false;
+    response_.set_keys_done(progress.keys_done);
+    response_.set_bytes_loaded(progress.bytes_loaded);
+    response_.set_keys_failed(progress.keys_failed);
+    response_.clear_errors();
+    for (const std::string& e : progress.errors) response_.add_errors(e);
+    writing_ = true;
+    mu_.Unlock();
+    StartWrite(&response_);
+    mu_.Lock();
+    mu_.Await(absl::Condition(
+        +[](PrefetchCall* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(r->mu_) {
+          return !r->writing_ || r->cancelled_;
+        },
+        this));
+    return write_ok_ && !cancelled_;
+  }
+
+  ChunkdService* const service_;
+  std::vector<std::string> keys_;
+  std::optional<std::string> prefix_;
+  absl::Mutex mu_;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool write_ok_ ABSL_GUARDED_BY(mu_) = true;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  v1::PrefetchResponse response_;
+  std::thread thread_;
+};
+
+}  // namespace
+
+ChunkdService::ChunkdService(ChunkStore* store, const ServiceOptions& options)
+    : store_(store), options_(options) {}
+
+bool ChunkdService::ReservePutBytes(uint64_t bytes) {
+  uint64_t used = inflight_put_bytes_.load();
+  do {
+    if (used + bytes > options_.max_inflight_put_bytes && used > 0) return false;
+  } while (!inflight_put_bytes_.compare_exchange_weak(used, used + bytes));
+  return true;
+}
+
+void ChunkdService::ReleasePutBytes(uint64_t bytes) { inflight_put_bytes_.fetch_sub(bytes); }
+
+void ChunkdService::Serve(rpc::Engine* engine) {
+  // Reads come in bursts from many clients: several call objects wait on each queue, so that a
+  // call is matched at once. One that arrives while none waits is queued inside gRPC, and if
+  // the server shuts down then, gRPC drops it and its client sees a bare CANCELLED.
+  engine->AddMethod(SpawnerOf<GetCall>(this), 16);
+  engine->AddMethod(SpawnerOf<GetManyCall>(this), 8);
+  engine->AddMethod(SpawnerOf<PutCall>(this), 4);
+  engine->AddMethod(SpawnerOf<ListCall>(this), 1);
+  engine->AddMethod(SpawnerOf<PrefetchCall>(this), 1);
+  AddUnary(engine, this, "Delete", &ChunkdService::RequestDelete, &ChunkdService::Delete);
+  AddUnary(engine, this, "Stat", &ChunkdService::RequestStat, &ChunkdService::Stat);
+  AddUnary(engine, this, "ServerInfo", &ChunkdService::RequestServerInfo,
+           &ChunkdService::ServerInfo);
+  AddUnary(engine, this, "Release", &ChunkdService::RequestRelease, &ChunkdService::Release);
+  AddUnary(engine, this, "Renew", &ChunkdService::RequestRenew, &ChunkdService::Renew);
+}
+
+void ChunkdService::Delete(const v1::DeleteRequest& request, v1::DeleteResponse* response,
+                           UnaryDone done) {
+  if (options_.read_only) {
+    done(Error(grpc::StatusCode::PERMISSION_DENIED,
+               "the server is read-only (--read_only); deletes are refused"));
+    return;
+  }
+  if (absl::Status s = ValidateKey(request.key()); !s.ok()) {
+    done(ToGrpcStatus(s));
+    return;
+  }
+  absl::Status queued = store_->Submit(
+      [this, done, key = request.key(), conditions = ConditionsFromProto(request.conditions())] {
+        absl::Status s = store_->Delete(key, conditions);
+        if (s.ok()) counters_.deletes.fetch_add(1, std::memory_order_relaxed);
+        done(ToGrpcStatus(s));
+      });
+  if (!queued.ok()) done(ToGrpcStatus(queued));
+}
+
+void ChunkdService::Stat(const v1::StatRequest& request, v1::StatResponse* response,
+                         UnaryDone done) {
+  counters_.stats.fetch_add(1, std::memory_order_relaxed);
+  if (absl::Status s = ValidateKey(request.key()); !s.ok()) {
+    done(ToGrpcStatus(s));
+    return;
+  }
+  auto answer = [done, response](absl::StatusOr<ValueInfo> info) {
+    if (info.ok()) {
+      response->set_exists(true);
+      response->set_size(info->size);
+      response->set_generation(info->generation);
+    } else if (absl::IsNotFound(info.status())) {
+      response->set_exists(false);
+    } else {
+      done(ToGrpcStatus(info.status()));
+      return;
+    }
+    done(grpc::Status::OK);
+  };
+  // A cached value is answered here; only a miss asks the backend, on an I/O thread.
+  if (std::optional<ValueInfo> cached = store_->CachedInfo(request.key())) {
+    answer(*cached);
+    return;
+  }
+  absl::Status queued =
+      store_->Submit([this, answer, key = request.key()] { answer(store_->Stat(key)); });
+  if (!queued.ok()) done(ToGrpcStatus(queued));
+}
+
+void ChunkdService::ServerInfo(const v1::ServerInfoRequest& request,
+                               v1::ServerInfoResponse* response, UnaryDone done) {
+  FillServerInfo(response);
+  done(grpc::Status::OK);
+}
+
+void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
+  Backend& backend = store_->backend();
+  response->set_version(kVersion);
+  response->set_backend(std::string(backend.kind()));
+  response->set_store(backend.location());
+  response->set_read_only(options_.read_only);
+  response->set_max_value_bytes(options_.max_value_bytes);
+  response->add_deliveries(v1::DELIVERY_INLINE);
+  if (options_.leases) {
+    if (options_.allocator->kind() == buffer::MemoryKind::kHostShared) {
+      response->add_deliveries(v1::DELIVERY_SHM);
+    }
+    if (options_.device_tier) response->add_deliveries(v1::DELIVERY_CUDA_IPC);
+    LeaseStats leases = options_.leases->stats();
+    response->set_leases_active(leases.active);
+    response->set_leased_bytes(leases.bytes);
+    v1::ClientIdentity* host = response->mutable_host();
+    host->set_boot_id(options_.host.boot_id);
+    host->set_ipc_namespace(options_.host.ipc_namespace);
+    host->set_mount_namespace(options_.host.mount_namespace);
+    host->set_shm_dir(options_.host.shm_dir);
+    host->set_shm_dir_dev(options_.host.shm_dir_dev);
+    host->set_shm_dir_ino(options_.host.shm_dir_ino);
+    (*response->mutable_counters())["leases_granted"] = leases.granted;
+    (*response->mutable_counters())["leases_released"] = leases.released;
+    (*response->mutable_counters())["leases_expired"] = leases.expired;
+    (*response->mutable_counters())["leases_unknown"] = leases.unknown;
+  }
+  response->add_features("conditional-writes");
+  response->add_features("byte-ranges");
+  response->add_features("single-flight");
+  response->add_features("prefetch");
+  response->add_features("get-many");
+  auto& counters = *response->mutable_counters();
+  v1::CacheTierInfo* tier = response->add_tiers();
+  tier->set_tier("host");
+  if (HostCache* cache = store_->cache()) {
+    HostCacheStats s = cache->stats();
+    tier->set_capacity_bytes(s.capacity_bytes);
+    tier->set_used_bytes(s.used_bytes);
+    tier->set_entries(s.entries);
+    counters["hits"] = s.hits;
+    counters["misses"] = s.misses;
+    counters["evictions"] = s.evictions;
+    counters["evicted_bytes"] = s.evicted_bytes;
+    counters["not_admitted"] = s.not_admitted;
+    counters["detached_pinned_bytes"] = s.detached_pinned_bytes;
+    response->add_features(absl::StrCat("eviction-", EvictionPolicyName(cache->policy())));
+  } else {
+    tier->set_capacity_bytes(backend.memory_capacity_bytes());
+    tier->set_used_bytes(backend.memory_used_bytes());
+    tier->set_entries(backend.entry_count());
+  }
+  ChunkStoreCounters c = store_->counters();
+  counters["backend_reads"] = c.backend_reads;
+  counters["backend_read_errors"] = c.backend_read_errors;
+  counters["backend_read_bytes"] = c.backend_read_bytes;
+  counters["backend_read_micros"] = c.backend_read_micros;
+  counters["single_flight_joins"] = c.single_flight_joins;
+  counters["overloaded"] = c.overloaded;
+  counters["gets"] = counters_.gets.load();
+  counters["get_many_calls"] = counters_.get_many_calls.load();
+  counters["get_errors"] = counters_.get_errors.load();
+  counters["bytes_served_inline"] = counters_.bytes_served_inline.load();
+  counters["bytes_served_shm"] = counters_.bytes_served_shm.load();
+  counters["gets_shm"] = counters_.gets_shm.load();
+  counters["shm_fallbacks"] = counters_.shm_fallbacks.load();
+  counters["puts"] = counters_.puts.load();
+  counters["bytes_written"] = counters_.bytes_written.load();
+  counters["deletes"] = counters_.deletes.load();
+  counters["stats"] = counters_.stats.load();
+  counters["lists"] = counters_.lists.load();
+  counters["gets_cuda"] = counters_.gets_cuda.load();
+  counters["bytes_served_cuda"] = counters_.bytes_served_cuda.load();
+  counters["cuda_fallbacks"] = counters_.cuda_fallbacks.load();
+  counters["cuda_unknown_gpu"] = counters_.cuda_unknown_gpu.load();
+  if (options_.device_tier) {
+    DeviceTierStats d = options_.device_tier->stats();
+    v1::CacheTierInfo* device = response->add_tiers();
+    device->set_tier("device");
+    device->set_capacity_bytes(d.capacity_bytes);
+    device->set_used_bytes(d.used_bytes);
+    device->set_entries(d.entries);
+    counters["device_hits"] = d.hits;
+    counters["device_promotions"] = d.promotions;
+    counters["device_promoted_bytes"] = d.promoted_bytes;
+    counters["device_promotion_failures"] = d.promotion_failures;
+    counters["device_evictions"] = d.evictions;
+    counters["device_evicted_bytes"] = d.evicted_bytes;
+    counters["device_not_admitted"] = d.not_admitted;
+    counters["device_segments"] = d.segments;
+    counters["device_segment_bytes"] = d.segment_bytes;
+    counters["device_ipc_exports"] = d.ipc_exports;
+  }
+}
+
+void ChunkdService::Release(const v1::ReleaseRequest& request, v1::ReleaseResponse* response,
+                            UnaryDone done) {
+  std::vector<uint64_t> ids(request.lease_ids().begin(), request.lease_ids().end());
+  std::vector<uint64_t> unknown =
+      options_.leases ? options_.leases->Release(ids) : std::move(ids);
+  for (uint64_t id : unknown) response->add_unknown_lease_ids(id);
+  done(grpc::Status::OK);
+}
+
+void ChunkdService::Renew(const v1::RenewRequest& request, v1::RenewResponse* response,
+                          UnaryDone done) {
+  std::vector<uint64_t> ids(request.lease_ids().begin(), request.lease_ids().end());
+  std::vector<uint64_t> unknown = options_.leases ? options_.leases->Renew(ids) : std::move(ids);
+  for (uint64_t id : unknown) response->add_unknown_lease_ids(id);
+  if (options_.leases) {
+    response->set_ttl_ms(absl::ToInt64Milliseconds(options_.leases->ttl()));
+  }
+  done(grpc::Status::OK);
+}
+
+bool ChunkdService::BeginPrefetch() {
+  int running = prefetches_.load();
+  do {
+    if (running >= kMaxConcurrentPrefetches) return false;
+  } while (!prefetches_.compare_exchange_weak(running, running + 1));
+  return true;
+}
+
+void ChunkdService::EndPrefetch() { prefetches_.fetch_sub(1); }
+
+}  // namespace chunkd::server
