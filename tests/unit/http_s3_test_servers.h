@@ -40,11 +40,8 @@
 namespace chunkd::testing {
 
 // The repository root (this header lives in tests/unit/).
-inline std::string SourceRoot() {
-  std::string here = __FILE__;
-  size_t at = here.rfind("/tests/unit/");
-  return at == std::string::npos ? "." : here.substr(0, at);
-}
+// (From CMake, not __FILE__: compiler caches rewrite source paths to relative ones.)
+inline std::string SourceRoot() { return CHUNKD_SOURCE_DIR; }
 
 // A TCP port on 127.0.0.1 that was free a moment ago.
 inline int FreeLoopbackPort() {
