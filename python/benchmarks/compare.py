@@ -690,7 +690,7 @@ def report(rows: list[dict], env: dict) -> str:
           "decoded into the array a zarr read returns. GB/s are 10⁹ bytes per second."]
     md += get_table(rows)
     md += zarr_tables(rows, env)
-    md += ["## Targets (issue 11)", "", *targets(rows, env), ""]
+    md += ["## Targets (issue 11)", "", *targets(rows), ""]
     return "\n".join(md) + "\n"
 
 
@@ -773,7 +773,7 @@ def zarr_tables(rows: list[dict], env: dict) -> list[str]:
     return lines
 
 
-def targets(rows: list[dict], env: dict) -> list[str]:
+def targets(rows: list[dict]) -> list[str]:
     out = ["| target | measured | result | from |", "|---|---|---|---|"]
 
     def add(name: str, value: float | None, held_if, detail: str) -> None:
