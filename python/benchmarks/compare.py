@@ -48,6 +48,7 @@ import multiprocessing as mp
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -552,6 +553,8 @@ def main() -> int:
     except ValueError as e:
         parser.error(str(e))
 
+    # SIGTERM unwinds like Ctrl-C, so the servers stop and the temporary directories go.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = benchlib.results_dir(args.out)
     ensure_peers()
     benchlib.ensure_built(["chunkd", "chunkd_bench"], build=not args.no_build,
