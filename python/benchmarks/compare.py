@@ -693,7 +693,7 @@ def report(rows: list[dict], env: dict) -> str:
           "decoded into the array a zarr read returns. GB/s are 10⁹ bytes per second."]
     md += get_table(rows)
     md += zarr_tables(rows, env)
-    md += ["## Targets (issue 11)", "", *targets(rows), ""]
+    md += ["", "## Targets (issue 11)", "", *targets(rows), ""]
     return "\n".join(md) + "\n"
 
 
