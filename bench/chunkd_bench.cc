@@ -14,9 +14,12 @@
 //                           peak RSS of the server against budget * 1.1 + 64 MiB
 //
 // Peers (--peer) of `measure`: chunkd (--delivery=inline over TCP or a UNIX socket, by
-// --address; --delivery=shm once the client can ask for it), redis (hiredis GET), pread (the
-// values as files), memcpy (copying the same bytes from this process's memory: the ceiling) and
-// s3 (a GET of the same objects straight from an S3 server, signed by libcurl: --s3_url).
+// --address; --delivery=shm: a handle to the server's shared memory, every byte of the value
+// then copied into a reused buffer, as an inline reader receives it; --delivery=shm-handles:
+// the handle and its mapped view only, no byte read: handles per second, not bytes), redis
+// (hiredis GET), pread (the values as files), memcpy (copying the same bytes from this
+// process's memory: the ceiling) and s3 (a GET of the same objects straight from an S3 server,
+// signed by libcurl: --s3_url).
 #include <curl/curl.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
@@ -69,7 +72,12 @@ ABSL_FLAG(std::string, ready_file, "",
           "grpc_floor_server: write the bound address here once serving");
 ABSL_FLAG(std::string, peer, "chunkd",
           "measure: chunkd | redis | grpc (the gRPC floor, bench/grpc_floor.h) | pread | memcpy | s3");
-ABSL_FLAG(std::string, delivery, "inline", "chunkd: inline | shm (the transport follows --address)");
+ABSL_FLAG(std::string, delivery, "inline",
+          "chunkd: inline | shm (every byte of each value copied out of the shared memory into "
+          "a reused buffer before the request counts) | shm-handles (the mapped view only, no "
+          "byte read: a count of handles, not of bytes). The transport follows --address");
+ABSL_FLAG(std::string, shm_dir, "/dev/shm",
+          "chunkd: this process's path of the server's --shm_dir (shm deliveries)");
 ABSL_FLAG(std::string, address, "",
           "chunkd or Redis address: HOST:PORT or unix:/path. For chunkd, a comma-separated list: "
           "client thread t uses address t % N. gRPC channels to the same address share one "
@@ -355,6 +363,7 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectChunkd(const std::string& address
   chunkd::client::ClientOptions options;
   options.address = address;
   options.timeout = absl::Seconds(30);
+  options.shm_dir = absl::GetFlag(FLAGS_shm_dir);
   return Client::Connect(options);
 }
 
@@ -401,11 +410,12 @@ class ChunkdSession final : public Session {
     auto s = std::unique_ptr<ChunkdSession>(new ChunkdSession(std::move(*client), keys));
     if (delivery == "inline") {
       s->want_ = chunkd::v1::DELIVERY_INLINE;
-    } else if (delivery == "shm") {
+    } else if (delivery == "shm" || delivery == "shm-handles") {
       s->want_ = chunkd::v1::DELIVERY_SHM;
+      s->read_bytes_ = delivery == "shm";
       AskForShm(s->options_);
     } else {
-      return absl::InvalidArgumentError("--delivery: inline or shm");
+      return absl::InvalidArgumentError("--delivery: inline, shm or shm-handles");
     }
     return std::unique_ptr<Session>(std::move(s));
   }
@@ -419,7 +429,13 @@ class ChunkdSession final : public Session {
                                                  chunkd::v1::Delivery_Name(r->delivery)));
     }
     last_ = std::move(*r);
-    return last_.data.view();
+    if (!read_bytes_) return last_.data.view();
+    // Inline bytes were all written by the socket into the client's buffer; a shared-memory
+    // view has had none of its bytes read. Copy them out (what a reader that keeps or
+    // transforms the value pays, and what the memcpy peer measures), then let the lease go.
+    std::string_view copy = CopyOut({last_.data.view()})[0];
+    last_ = {};
+    return copy;
   }
 
   absl::Status FetchMany(const std::vector<int64_t>& indexes,
@@ -432,6 +448,7 @@ class ChunkdSession final : public Session {
     if (!r.ok()) return r.status();
     last_many_ = *std::move(r);
     out->clear();
+    std::vector<std::string_view> views;
     for (auto& item : last_many_) {
       if (!item.ok()) {
         out->push_back(item.status());
@@ -441,7 +458,16 @@ class ChunkdSession final : public Session {
             chunkd::v1::Delivery_Name(item->delivery))));
       } else {
         out->push_back(item->data.view());
+        views.push_back(item->data.view());
       }
+    }
+    if (read_bytes_) {  // as in Fetch: every byte copied out, then the leases go back
+      std::vector<std::string_view> copies = CopyOut(views);
+      size_t k = 0;
+      for (auto& o : *out) {
+        if (o.ok()) o = copies[k++];
+      }
+      last_many_.clear();
     }
     return absl::OkStatus();
   }
@@ -449,10 +475,31 @@ class ChunkdSession final : public Session {
  private:
   ChunkdSession(std::unique_ptr<Client> client, const std::vector<std::string>* keys)
       : client_(std::move(client)), keys_(keys) {}
+
+  // Copies the values one after another into copy_ (a buffer reused from call to call, grown
+  // when needed: its pages are faulted in once, as the memcpy peer's are) and returns views of
+  // the copies.
+  std::vector<std::string_view> CopyOut(const std::vector<std::string_view>& values) {
+    size_t total = 0;
+    for (std::string_view v : values) total += v.size();
+    if (copy_.size() < total) copy_.resize(total);
+    std::vector<std::string_view> copies;
+    size_t at = 0;
+    for (std::string_view v : values) {
+      std::memcpy(copy_.data() + at, v.data(), v.size());
+      copies.emplace_back(copy_.data() + at, v.size());
+      at += v.size();
+    }
+    asm volatile("" : : "r"(copy_.data()) : "memory");
+    return copies;
+  }
+
   std::unique_ptr<Client> client_;
   const std::vector<std::string>* keys_;
   chunkd::client::GetOptions options_;
   chunkd::v1::Delivery want_ = chunkd::v1::DELIVERY_INLINE;
+  bool read_bytes_ = false;
+  std::vector<char> copy_;
   chunkd::client::GetResult last_;
   chunkd::client::GetManyResults last_many_;
 };
@@ -842,6 +889,9 @@ int Measure() {
   }
   row.Str("peer", peer).Str("delivery", label).Int("size", size).Int("clients", clients);
   row.Str("workload", workload).Int("keys", n).Int("batch", batch);
+  // What a request counts: the value's bytes delivered to (and so read by) the client, or only
+  // a handle to them (shm-handles: its gbps are bytes made readable, never read).
+  row.Str("counts", peer == "chunkd" && delivery == "shm-handles" ? "handles" : "bytes");
   if (peer == "chunkd") {
     row.Int("connections", std::min<int64_t>(clients, static_cast<int64_t>(addresses.size())));
   } else if (peer == "redis" || peer == "s3" || peer == "grpc") {
@@ -863,7 +913,7 @@ int Measure() {
     info_client = std::move(*c);
     auto info = info_client->ServerInfo();
     if (!info.ok()) return Fail(absl::StrCat("ServerInfo: ", info.status().message()));
-    if (delivery == "shm") {
+    if (delivery == "shm" || delivery == "shm-handles") {
       bool offered = std::find(info->deliveries().begin(), info->deliveries().end(),
                                chunkd::v1::DELIVERY_SHM) != info->deliveries().end();
       std::string why;

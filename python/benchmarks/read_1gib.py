@@ -39,9 +39,7 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +49,9 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import REPO_ROOT, ChunkdServer  # noqa: E402
+
 sys.path.insert(0, str(REPO_ROOT / "python"))
 
 import chunkd  # noqa: E402
@@ -89,39 +89,6 @@ def ensure_data(directory: Path) -> np.ndarray:
     return expected
 
 
-class Server:
-    def __init__(self, binary: Path, store: Path, workdir: Path, shm_dir: Path) -> None:
-        self.socket = workdir / "chunkd.sock"
-        ready = workdir / "ready"
-        self.log_path = workdir / "server.log"
-        self.args = [
-            str(binary),
-            f"--listen=127.0.0.1:0,unix:{self.socket}",
-            f"--ready_file={ready}",
-            f"--store={store}",
-            "--host_cache_bytes=2GiB",
-            f"--shm_dir={shm_dir}",
-            "--fsync=false",
-        ]
-        self.log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not (ready.is_file() and ready.read_text().strip()):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"chunkd did not start:\n{self.log_path.read_text()}")
-            time.sleep(0.02)
-        addresses = ready.read_text().split()
-        self.tcp = next(a for a in addresses if not a.startswith("unix:"))
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
-
-
 def read_all(store) -> np.ndarray:
     if isinstance(store, np.ndarray):  # the reference row: allocate and copy, nothing else
         out = np.empty_like(store)
@@ -141,7 +108,8 @@ def main() -> int:
     expected = ensure_data(args.data)
     workdir = Path(tempfile.mkdtemp(prefix="chunkd-bench-"))
     shm_dir = Path(tempfile.mkdtemp(prefix="chunkd-bench-", dir="/dev/shm"))
-    server = Server(args.binary, args.data, workdir, shm_dir)
+    server = ChunkdServer(args.binary, args.data, workdir, "--host_cache_bytes=2GiB",
+                          f"--shm_dir={shm_dir}", "--fsync=false")
     load_before = os.getloadavg()
     try:
         unix = f"chunkd+unix://{server.socket}"

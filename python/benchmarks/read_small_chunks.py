@@ -26,9 +26,7 @@ import asyncio
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import REPO_ROOT, ChunkdServer  # noqa: E402
+
 sys.path.insert(0, str(REPO_ROOT / "python"))
 
 import chunkd  # noqa: E402
@@ -48,38 +48,6 @@ CHUNKS = (32, 64)
 DTYPE = "float32"
 NCHUNKS = (SHAPE[0] // CHUNKS[0]) * (SHAPE[1] // CHUNKS[1])
 CHUNK_BYTES = CHUNKS[0] * CHUNKS[1] * np.dtype(DTYPE).itemsize
-
-
-class Server:
-    def __init__(self, binary: Path, workdir: Path) -> None:
-        self.socket = workdir / "chunkd.sock"
-        ready = workdir / "ready"
-        self.log_path = workdir / "server.log"
-        self.log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            [
-                str(binary),
-                f"--listen=127.0.0.1:0,unix:{self.socket}",
-                f"--ready_file={ready}",
-                "--store=memory://",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while not (ready.is_file() and ready.read_text().strip()):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"chunkd did not start:\n{self.log_path.read_text()}")
-            time.sleep(0.02)
-        self.tcp = next(a for a in ready.read_text().split() if not a.startswith("unix:"))
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
 
 
 def calls(client: chunkd.Client) -> tuple[int, int]:
@@ -111,7 +79,7 @@ def main() -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
     workdir = Path(tempfile.mkdtemp(prefix="chunkd-bench-"))
-    server = Server(args.binary, workdir)
+    server = ChunkdServer(args.binary, "memory://", workdir)
     load_before = os.getloadavg()
     rows = []
     lone_rows = []

@@ -1,0 +1,153 @@
+"""The benchmark harness's own logic (python/benchmarks/compare.py, benchlib.py) and the bench
+driver's shared-memory rows: what decides a figure must be right before any figure is read.
+No timing is asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "python" / "benchmarks"))
+
+import benchlib  # noqa: E402
+import compare  # noqa: E402
+from chunkd_testing import start_server  # noqa: E402
+
+
+@pytest.mark.parametrize("procs", [1, 2, 4, 8, 16])
+def test_slabs_cover_the_array_once_in_whole_chunks(procs):
+    seen = np.zeros(compare.SHAPE, dtype=np.int8)
+    for i in range(procs):
+        region = compare.slab(i, procs)
+        for s, chunk in zip(region, compare.CHUNKS):
+            assert s.start % chunk == 0 and s.stop % chunk == 0
+        seen[region] += 1
+    assert (seen == 1).all()
+
+
+def test_slabs_refuse_a_pool_that_does_not_divide_the_chunks():
+    with pytest.raises(ValueError, match="--procs 3"):
+        compare.slab(0, 3)
+
+
+def _get_row(client, transport, size, rps, p50, rep=1, **extra):
+    return {"section": "get", "client": client, "transport": transport, "size": size, "rep": rep,
+            "available": True, "rps": rps, "p50_us": p50, **extra}
+
+
+def _zarr_row(store, gbps, codec="uncompressed", procs=1, rep=1):
+    return {"section": "zarr", "store": store, "codec": codec, "procs": procs, "rep": rep,
+            "available": True, "gbps": gbps}
+
+
+def _verdicts(rows):
+    lines = compare.targets(rows)[2:]
+    return {line.split(" | ")[0].lstrip("| "): line.split(" | ")[2] for line in lines}
+
+
+def test_targets_use_the_medians_and_say_held_not_held_or_not_available():
+    rows = []
+    for size in compare.GET_SIZES:
+        for transport in ("tcp", "unix"):
+            # C++ 1000 req/s; Python's repetitions 700, 900, 850: median 850 -> 0.85x, held.
+            rows += [_get_row("c++", transport, size, 1000, 100, rep=r) for r in (1, 2, 3)]
+            rows += [_get_row("python", transport, size, v, 100, rep=r)
+                     for r, v in zip((1, 2, 3), (700, 900, 850))]
+    # One slow repetition of Python, TCP, 1 MiB: 700, 900, 100 -> median 700 -> 0.7x, not held.
+    next(r for r in rows if r["client"] == "python" and r["transport"] == "tcp"
+         and r["size"] == 1 << 20 and r["rep"] == 3)["rps"] = 100
+    rows += [_get_row("c++", "shm", 1 << 20, 5000, 200), _get_row("python", "shm", 1 << 20, 10, 300)]
+    rows += [_zarr_row("memory", 2.0), _zarr_row("chunkd-shm", 1.9), _zarr_row("local", 1.0),
+             _zarr_row("chunkd-unix", 1.0), _zarr_row("chunkd-tcp", 0.5),
+             _zarr_row("nginx-obstore", 0.5), _zarr_row("memory", 1.0, codec="zstd"),
+             {**_zarr_row("chunkd-shm", None, codec="zstd"), "available": False,
+              "reason": "it broke"},
+             _zarr_row("chunkd-tcp", 2.0, procs=8), _zarr_row("nginx-obstore", 1.0, procs=8),
+             _zarr_row("chunkd-shm", 1.0, procs=8), _zarr_row("local", 1.0, procs=8)]
+    v = _verdicts(rows)
+    assert v["Python `Client.get` inline UNIX, 4 KiB: ≥ 0.8× the C++ client's req/s"] == "**held**"
+    assert v["Python `Client.get` inline TCP, 1 MiB: ≥ 0.8× the C++ client's req/s"] == \
+        "**not held**"
+    assert v["Python shared-memory get, 1 MiB (every byte copied): p50 ≤ 1.25× the C++ "
+             "client's"] == "**not held**"  # 1.5x
+    assert v["Zarr, uncompressed, 1 process: ChunkdStore shared memory ≥ 0.9× MemoryStore"] == \
+        "**held**"  # 0.95x
+    assert v["Zarr, uncompressed, 1 process: ChunkdStore inline UNIX ≥ 1.0× LocalStore"] == \
+        "**held**"
+    assert v["Zarr, uncompressed, 1 process: ChunkdStore inline TCP ≥ 0.8× LocalStore"] == \
+        "**not held**"
+    assert v["Zarr, zstd, 1 process: ChunkdStore shared memory ≥ 0.95× MemoryStore"] == \
+        "**not available**"
+    assert v["Remote, uncompressed, 1 process: ChunkdStore inline TCP ≥ 1.5× nginx + obstore "
+             "HTTPStore"] == "**not held**"
+    assert v["Remote, uncompressed, 8 processes: ChunkdStore inline TCP ≥ 1.5× nginx + obstore "
+             "HTTPStore"] == "**held**"
+    assert v["Zarr, uncompressed, 8 processes: ChunkdStore shared memory ≥ 1.2× LocalStore"] == \
+        "**not held**"
+    # The reason of a row that failed reaches the target's line.
+    assert any("it broke" in line for line in compare.targets(rows))
+
+
+def test_nginx_serves_the_directory_and_stops(tmp_path):
+    if benchlib.nginx_binary() is None:
+        pytest.skip("nginx is not installed (deploy/scripts/install-deps.sh all)")
+    root = tmp_path / "root"
+    (root / "a" / "c").mkdir(parents=True)
+    payload = os.urandom(300_000)
+    (root / "a" / "c" / "0").write_bytes(payload)
+    nginx = benchlib.NginxServer(root, tmp_path / "nginx")
+    try:
+        with urllib.request.urlopen(f"{nginx.url}/a/c/0", timeout=10) as reply:
+            assert reply.read() == payload
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{nginx.url}/a/zarr.json", timeout=10)
+        assert missing.value.code == 404
+    finally:
+        nginx.stop()
+    assert nginx.process.returncode is not None
+    assert not nginx._answers()
+
+
+CHUNKD_BENCH = REPO_ROOT / "build" / "bench" / "chunkd_bench"
+
+
+@pytest.mark.parametrize("delivery,counts", [("shm", "bytes"), ("shm-handles", "handles")])
+def test_chunkd_bench_shm_rows_say_what_they_count(tmp_path, delivery, counts):
+    """chunkd_bench --delivery=shm copies every byte of each value (checked against the value
+    written: the copy is what the check reads), shm-handles counts views and says so."""
+    if not os.access(CHUNKD_BENCH, os.X_OK):
+        pytest.skip(f"{CHUNKD_BENCH} is not built (deploy/scripts/build.sh chunkd_bench)")
+    store = tmp_path / "store"
+    shm_dir = Path("/dev/shm")
+    if not shm_dir.is_dir():
+        pytest.skip("no /dev/shm")
+    segments = Path(tempfile.mkdtemp(prefix="chunkd-test-", dir=shm_dir))
+    try:
+        subprocess.run([str(CHUNKD_BENCH), "--action=load", f"--dir={store}", "--prefix=t",
+                        "--size=65536", "--keys=16"], check=True, capture_output=True)
+        socket = tmp_path / "chunkd.sock"
+        server = start_server(tmp_path, str(store), f"unix:{socket}", f"--shm_dir={segments}")
+        try:
+            done = subprocess.run(
+                [str(CHUNKD_BENCH), "--action=measure", "--peer=chunkd", f"--delivery={delivery}",
+                 f"--address=unix:{socket}", f"--shm_dir={segments}", "--prefix=t",
+                 "--size=65536", "--keys=16", "--clients=1", "--warmup=0s", "--duration=0.05s"],
+                capture_output=True, text=True, timeout=120)
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(segments, ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["delivery"] == delivery and row["counts"] == counts
+    assert row["requests"] > 0 and row["errors"] == 0 and row["mismatches"] == 0
