@@ -15,10 +15,10 @@
 //
 // Peers (--peer) of `measure`: chunkd (--delivery=inline over TCP or a UNIX socket, by
 // --address; --delivery=shm: a handle to the server's shared memory, every byte of the value
-// then copied into a reused buffer, as an inline reader receives it; --delivery=shm-handles:
-// the handle and its mapped view only, no byte read: handles per second, not bytes), redis
-// (hiredis GET), pread (the values as files), memcpy (copying the same bytes from this
-// process's memory: the ceiling) and s3 (a GET of the same objects straight from an S3 server,
+// then read in place (a checksum); --delivery=shm-handles: the handle and its mapped view
+// only, no byte read: handles per second, not bytes), redis (hiredis GET), pread (the values
+// as files), memcpy (copying the same bytes from this process's memory: the single-copy
+// ceiling), read (reading them in place: the ceiling of the shm rows) and s3 (a GET of the same objects straight from an S3 server,
 // signed by libcurl: --s3_url).
 #include <curl/curl.h>
 #include <fcntl.h>
@@ -71,10 +71,11 @@ ABSL_FLAG(std::string, action, "measure",
 ABSL_FLAG(std::string, ready_file, "",
           "grpc_floor_server: write the bound address here once serving");
 ABSL_FLAG(std::string, peer, "chunkd",
-          "measure: chunkd | redis | grpc (the gRPC floor, bench/grpc_floor.h) | pread | memcpy | s3");
+          "measure: chunkd | redis | grpc (the gRPC floor, bench/grpc_floor.h) | pread | memcpy | "
+          "read (every byte of in-process values read: the in-place reader's ceiling) | s3");
 ABSL_FLAG(std::string, delivery, "inline",
-          "chunkd: inline | shm (every byte of each value copied out of the shared memory into "
-          "a reused buffer before the request counts) | shm-handles (the mapped view only, no "
+          "chunkd: inline | shm (every byte of each value read in the shared memory, a "
+          "checksum, before the request counts) | shm-handles (the mapped view only, no "
           "byte read: a count of handles, not of bytes). The transport follows --address");
 ABSL_FLAG(std::string, shm_dir, "/dev/shm",
           "chunkd: this process's path of the server's --shm_dir (shm deliveries)");
@@ -370,6 +371,23 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectChunkd(const std::string& address
 // ---------------------------------------------------------------------------------------------
 // Sessions: one per client thread, each with its own connection.
 
+// Reads every byte of `v` once, writing nothing: a sum of its 64-bit words (four lanes, which
+// the compiler vectorises), kept from being optimised away. What a reader that decodes or
+// checks a value in place pays at the least; the shm rows and the `read` ceiling both use it.
+inline void ReadEveryByte(std::string_view v) {
+  uint64_t lane[4] = {0, 0, 0, 0};
+  const char* p = v.data();
+  size_t n = v.size(), i = 0;
+  for (; i + 32 <= n; i += 32) {
+    uint64_t w[4];
+    std::memcpy(w, p + i, 32);
+    for (int k = 0; k < 4; ++k) lane[k] += w[k];
+  }
+  for (; i < n; ++i) lane[0] += static_cast<unsigned char>(p[i]);
+  uint64_t sum = lane[0] + lane[1] + lane[2] + lane[3];
+  asm volatile("" : : "r"(sum));
+}
+
 class Session {
  public:
   virtual ~Session() = default;
@@ -429,13 +447,11 @@ class ChunkdSession final : public Session {
                                                  chunkd::v1::Delivery_Name(r->delivery)));
     }
     last_ = std::move(*r);
-    if (!read_bytes_) return last_.data.view();
     // Inline bytes were all written by the socket into the client's buffer; a shared-memory
-    // view has had none of its bytes read. Copy them out (what a reader that keeps or
-    // transforms the value pays, and what the memcpy peer measures), then let the lease go.
-    std::string_view copy = CopyOut({last_.data.view()})[0];
-    last_ = {};
-    return copy;
+    // view has had none of its bytes read: read them all (a checksum, as the `read` peer does)
+    // before the request counts. The lease goes back at the next fetch.
+    if (read_bytes_) ReadEveryByte(last_.data.view());
+    return last_.data.view();
   }
 
   absl::Status FetchMany(const std::vector<int64_t>& indexes,
@@ -448,7 +464,6 @@ class ChunkdSession final : public Session {
     if (!r.ok()) return r.status();
     last_many_ = *std::move(r);
     out->clear();
-    std::vector<std::string_view> views;
     for (auto& item : last_many_) {
       if (!item.ok()) {
         out->push_back(item.status());
@@ -457,17 +472,9 @@ class ChunkdSession final : public Session {
             "asked for %s, got %s", chunkd::v1::Delivery_Name(want_),
             chunkd::v1::Delivery_Name(item->delivery))));
       } else {
+        if (read_bytes_) ReadEveryByte(item->data.view());  // as in Fetch
         out->push_back(item->data.view());
-        views.push_back(item->data.view());
       }
-    }
-    if (read_bytes_) {  // as in Fetch: every byte copied out, then the leases go back
-      std::vector<std::string_view> copies = CopyOut(views);
-      size_t k = 0;
-      for (auto& o : *out) {
-        if (o.ok()) o = copies[k++];
-      }
-      last_many_.clear();
     }
     return absl::OkStatus();
   }
@@ -476,30 +483,11 @@ class ChunkdSession final : public Session {
   ChunkdSession(std::unique_ptr<Client> client, const std::vector<std::string>* keys)
       : client_(std::move(client)), keys_(keys) {}
 
-  // Copies the values one after another into copy_ (a buffer reused from call to call, grown
-  // when needed: its pages are faulted in once, as the memcpy peer's are) and returns views of
-  // the copies.
-  std::vector<std::string_view> CopyOut(const std::vector<std::string_view>& values) {
-    size_t total = 0;
-    for (std::string_view v : values) total += v.size();
-    if (copy_.size() < total) copy_.resize(total);
-    std::vector<std::string_view> copies;
-    size_t at = 0;
-    for (std::string_view v : values) {
-      std::memcpy(copy_.data() + at, v.data(), v.size());
-      copies.emplace_back(copy_.data() + at, v.size());
-      at += v.size();
-    }
-    asm volatile("" : : "r"(copy_.data()) : "memory");
-    return copies;
-  }
-
   std::unique_ptr<Client> client_;
   const std::vector<std::string>* keys_;
   chunkd::client::GetOptions options_;
   chunkd::v1::Delivery want_ = chunkd::v1::DELIVERY_INLINE;
   bool read_bytes_ = false;
-  std::vector<char> copy_;
   chunkd::client::GetResult last_;
   chunkd::client::GetManyResults last_many_;
 };
@@ -648,6 +636,20 @@ class MemcpySession final : public Session {
  private:
   const std::vector<std::string>* values_;
   std::vector<char> buffer_;
+};
+
+// The in-place reader's ceiling: every byte of the same values read (ReadEveryByte) in this
+// process's memory, as the shm rows read the server's.
+class ReadSession final : public Session {
+ public:
+  explicit ReadSession(const std::vector<std::string>* values) : values_(values) {}
+  absl::StatusOr<std::string_view> Fetch(int64_t i) override {
+    ReadEveryByte((*values_)[i]);
+    return std::string_view((*values_)[i]);
+  }
+
+ private:
+  const std::vector<std::string>* values_;
 };
 
 // A remote store read directly: one GET per value from an S3 server (path-style URL), signed
@@ -899,8 +901,8 @@ int Measure() {
   }
 
   const std::vector<std::string> keys = MakeKeys(prefix, n);
-  std::vector<std::string> values;  // memcpy's source
-  if (peer == "memcpy") {
+  std::vector<std::string> values;  // the source of memcpy and read
+  if (peer == "memcpy" || peer == "read") {
     values.resize(n);
     ParallelFor(n, 2, [&](int64_t i) { values[i] = MakeValue(prefix, i, size); });
   }
@@ -947,10 +949,12 @@ int Measure() {
       s = std::unique_ptr<Session>(new PreadSession(dir, &keys, size));
     } else if (peer == "memcpy") {
       s = std::unique_ptr<Session>(new MemcpySession(&values, size));
+    } else if (peer == "read") {
+      s = std::unique_ptr<Session>(new ReadSession(&values));
     } else if (peer == "s3") {
       s = S3Session::Create(absl::GetFlag(FLAGS_s3_url), &keys, size);
     } else {
-      return Fail("--peer: chunkd, redis, grpc, pread, memcpy or s3");
+      return Fail("--peer: chunkd, redis, grpc, pread, memcpy, read or s3");
     }
     if (!s.ok()) return Fail(std::string(s.status().message()));
     sessions.push_back(*std::move(s));
