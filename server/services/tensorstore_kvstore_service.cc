@@ -84,8 +84,14 @@ void SetStamp(absl::string_view generation, absl::Time time, ts::GenerationAndTi
   t->set_nanos(rest);
 }
 
-// INVALID_ARGUMENT for a Timestamp no time has (the range google.protobuf.Timestamp allows).
+// INVALID_ARGUMENT for a Timestamp that is no time: outside google.protobuf.Timestamp's range
+// and not one of the infinities TensorStore sends (seconds INT64_MAX or INT64_MIN, as its
+// tensorstore/proto/encode_time.cc encodes absl::InfiniteFuture and InfinitePast).
 absl::Status CheckTimestamp(const google::protobuf::Timestamp& t, absl::string_view what) {
+  if (t.seconds() == std::numeric_limits<int64_t>::max() ||
+      t.seconds() == std::numeric_limits<int64_t>::min()) {
+    return absl::OkStatus();
+  }
   constexpr int64_t kMinSeconds = -62135596800;  // 0001-01-01T00:00:00Z
   constexpr int64_t kMaxSeconds = 253402300799;  // 9999-12-31T23:59:59Z
   if (t.seconds() < kMinSeconds || t.seconds() > kMaxSeconds || t.nanos() < 0 ||
@@ -318,7 +324,10 @@ class WriteCall final : public rpc::ClientStreamCall<tskv::WriteRequest, tskv::W
     if (!part->empty()) {
       if (absl::Status s = service_->core().CheckValueSize(key_, received_ + part->size());
           !s.ok()) {
-        Finish(ToGrpcStatus(s));
+        // chunkd.v1 says RESOURCE_EXHAUSTED, but TensorStore's driver retries that code (up to
+        // 32 times, with backoff to 32 s) and this write can never succeed: INVALID_ARGUMENT,
+        // with the same message, ends it at once.
+        Finish(Error(grpc::StatusCode::INVALID_ARGUMENT, std::string(s.message())));
         return;
       }
       if (!service_->core().ReservePutBytes(part->size())) {
