@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ts = pytest.importorskip("tensorstore")
+import tensorstore as ts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "proto"
