@@ -64,10 +64,10 @@ absl::Status ServiceCore::CheckValueSize(absl::string_view key, uint64_t size) c
                    " (--max_value_bytes)"));
 }
 
-bool ServiceCore::ReservePutBytes(uint64_t bytes) {
+bool ServiceCore::ReservePutBytes(uint64_t bytes, uint64_t held) {
   uint64_t used = inflight_put_bytes_.load();
   do {
-    if (used + bytes > options_.max_inflight_put_bytes && used > 0) return false;
+    if (used + bytes > options_.max_inflight_put_bytes && used > held) return false;
   } while (!inflight_put_bytes_.compare_exchange_weak(used, used + bytes));
   return true;
 }

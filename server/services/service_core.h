@@ -100,9 +100,10 @@ class ServiceCore {
   // RESOURCE_EXHAUSTED for a value over --max_value_bytes.
   absl::Status CheckValueSize(absl::string_view key, uint64_t size) const;
   // The budget of bytes being received: reserve before buffering, release when the call ends.
-  // False (nothing reserved) when it would pass --max_inflight_put_bytes while others hold
-  // some of it.
-  bool ReservePutBytes(uint64_t bytes);
+  // False (nothing reserved) when it would pass --max_inflight_put_bytes while other calls hold
+  // some of it; `held` is what the caller already holds (a write that reserves part by part),
+  // so that a write alone on the server is always admitted, whatever its size.
+  bool ReservePutBytes(uint64_t bytes, uint64_t held = 0);
   void ReleasePutBytes(uint64_t bytes);
   // RESOURCE_EXHAUSTED, for a refused reservation.
   static absl::Status PutBudgetExhausted();

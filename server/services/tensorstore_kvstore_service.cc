@@ -330,7 +330,7 @@ class WriteCall final : public rpc::ClientStreamCall<tskv::WriteRequest, tskv::W
         Finish(Error(grpc::StatusCode::INVALID_ARGUMENT, std::string(s.message())));
         return;
       }
-      if (!service_->core().ReservePutBytes(part->size())) {
+      if (!service_->core().ReservePutBytes(part->size(), received_)) {
         Finish(ToGrpcStatus(ServiceCore::PutBudgetExhausted()));
         return;
       }

@@ -282,6 +282,23 @@ TEST(TensorStoreServiceLimits, RefusesValuesOverTheMaximum) {
   EXPECT_EQ((*server)->Stop(), 0);
 }
 
+TEST(TensorStoreServiceLimits, AWriteAloneMayExceedTheWriteBudget) {
+  // A Write reserves --max_inflight_put_bytes part by part as its parts arrive; alone on the
+  // server it is admitted whatever its size, as a Put is.
+  TempDir dir;
+  auto server = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
+                                      "--fsync=false", "--max_inflight_put_bytes=2MiB"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  {
+    TsClient ts((*server)->address());
+    std::string value = testing::RandomBytes(5 << 20, 3);
+    grpc::Status s = ts.Write("big", value, nullptr);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    EXPECT_TRUE(ts.Read("big").value == value);
+  }
+  EXPECT_EQ((*server)->Stop(), 0);
+}
+
 TEST(TensorStoreServiceLifecycle, SigtermFinishesReadsInFlightAndExitsZero) {
   TempDir dir;
   auto server = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),

@@ -78,9 +78,19 @@ TEST_F(ServiceCoreTest, PutBudgetIsSharedAndAlwaysAdmitsOneWrite) {
   EXPECT_TRUE(core.ReservePutBytes(60));
   EXPECT_FALSE(core.ReservePutBytes(60));
   core.ReleasePutBytes(60);
-  // Alone, a write larger than the budget still goes (it is bounded by max_value_bytes).
+  // Alone, a write larger than the budget still goes (it is bounded by max_value_bytes)...
   EXPECT_TRUE(core.ReservePutBytes(500));
   core.ReleasePutBytes(500);
+  // ... also when it reserves part by part.
+  EXPECT_TRUE(core.ReservePutBytes(80));
+  EXPECT_TRUE(core.ReservePutBytes(80, /*held=*/80));
+  EXPECT_TRUE(core.ReservePutBytes(80, /*held=*/160));
+  // Not while another write holds some: 240 held by the first, 10 by another.
+  EXPECT_FALSE(core.ReservePutBytes(10));
+  core.ReleasePutBytes(240);
+  EXPECT_TRUE(core.ReservePutBytes(10));
+  EXPECT_FALSE(core.ReservePutBytes(100, /*held=*/0));
+  core.ReleasePutBytes(10);
 }
 
 TEST_F(ServiceCoreTest, CountersOfEveryServiceExportUnderTheirPrefix) {
