@@ -33,9 +33,18 @@ EXPECTED = b"_kvstore_value_"
 OTHER = b"._-=+=-_."
 
 
+@pytest.fixture(params=["file", "memory"])
+def kv(request, prefix):
+    """A TensorStore kvstore over chunkd, rooted at a path of its own in a shared server: the
+    file store's, then the memory store's."""
+    server = request.getfixturevalue("server" if request.param == "file" else "memory_server")
+    return open_kvstore(server.address, f"{prefix}/")
+
+
 @pytest.fixture
-def kv(server, prefix):
-    """A TensorStore kvstore over chunkd, rooted at a path of its own in the shared server."""
+def file_kv(server, prefix):
+    """The same over the file store's server only (the tests that look at its directory or
+    its counters through `client`)."""
     return open_kvstore(server.address, f"{prefix}/")
 
 
@@ -49,7 +58,8 @@ def keys_of(kv, *args, **kwargs) -> set[bytes]:
 
 @pytest.mark.parametrize("size", [0, 1, 4096, (1 << 20) + 1, 64 << 20],
                          ids=["0B", "1B", "4KiB", "1MiB+1", "64MiB"])
-def test_values_of_every_size_round_trip(server, kv, prefix, client, size):
+def test_values_of_every_size_round_trip(server, file_kv, prefix, client, size):
+    kv = file_kv
     value = os.urandom(size)
     stamp = kv.write(b"c/0", value).result()
     assert is_regular(stamp.generation)
@@ -65,7 +75,8 @@ def test_values_of_every_size_round_trip(server, kv, prefix, client, size):
         assert_value(kv.read(b"c/0", byte_range=slice(-1, None)).result(), value[-1:])
 
 
-def test_value_written_through_chunkd_v1_reads_through_tensorstore(kv, prefix, client):
+def test_value_written_through_chunkd_v1_reads_through_tensorstore(file_kv, prefix, client):
+    kv = file_kv
     client.put(f"{prefix}/from-v1", b"bytes from chunkd.v1")
     assert_value(kv.read(b"from-v1").result(), b"bytes from chunkd.v1")
 
@@ -531,7 +542,8 @@ def test_a_server_with_tokens_answers_tensorstore_unauthenticated(tmp_path):
         assert server.stop() == 0
 
 
-def test_counters_are_kept_per_service(kv, client):
+def test_counters_are_kept_per_service(file_kv, client):
+    kv = file_kv
     def counters():
         return client.server_info().counters
 
