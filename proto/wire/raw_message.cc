@@ -38,7 +38,12 @@ grpc::Slice OwningSlice(std::string bytes) {
 
 grpc::ByteBuffer EncodeWithData(std::string head, const buffer::cpu::Buffer& data,
                                 size_t copy_below) {
-  if (!data.empty()) AppendLengthDelimitedHeader(&head, kDataField, data.size());
+  return EncodeWithField(std::move(head), kDataField, data, copy_below);
+}
+
+grpc::ByteBuffer EncodeWithField(std::string head, uint32_t field, const buffer::cpu::Buffer& data,
+                                 size_t copy_below) {
+  if (!data.empty()) AppendLengthDelimitedHeader(&head, field, data.size());
   if (data.size() < copy_below) {
     head.append(data.view());
     grpc::Slice slice = OwningSlice(std::move(head));
@@ -46,6 +51,18 @@ grpc::ByteBuffer EncodeWithData(std::string head, const buffer::cpu::Buffer& dat
   }
   grpc::Slice slices[2] = {OwningSlice(std::move(head)), ReferenceSlice(data)};
   return grpc::ByteBuffer(slices, 2);
+}
+
+PartSequence::PartSequence(buffer::cpu::Buffer value, uint32_t field, size_t part_bytes)
+    : value_(std::move(value)), field_(field), part_bytes_(std::max<size_t>(part_bytes, 1)) {}
+
+grpc::ByteBuffer PartSequence::Next(std::string head, size_t* part) {
+  size_t n = std::min(part_bytes_, value_.size() - sent_);
+  grpc::ByteBuffer message = EncodeWithField(std::move(head), field_, value_.Slice(sent_, n));
+  sent_ += n;
+  started_ = true;
+  if (part != nullptr) *part = n;
+  return message;
 }
 
 FieldReader::FieldReader(const grpc::ByteBuffer& message) {

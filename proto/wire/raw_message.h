@@ -1,9 +1,9 @@
-// Encoding and decoding of chunkd.v1 messages that carry value bytes (GetResponse.data,
-// PutRequest.data) straight from and into chunk buffers, without the copies that building or
-// parsing a protobuf message object would make.
+// Encoding and decoding of messages that carry value bytes (chunkd.v1's GetResponse.data and
+// PutRequest.data, TensorStore's ReadResponse.value_part) straight from and into chunk buffers,
+// without the copies that building or parsing a protobuf message object would make.
 //
 // Protobuf's wire format is a concatenation of fields, so a message is written as the encoded
-// small fields (a header) followed by field 15 (tag byte, length, bytes); the bytes travel as a
+// small fields (a header) followed by the data field (tag, length, bytes); the bytes travel as a
 // gRPC slice that refers to the buffer. The reader walks the fields of a received message
 // across gRPC's slices and copies a data field once, into the caller's memory.
 #ifndef CHUNKD_PROTO_WIRE_RAW_MESSAGE_H_
@@ -32,11 +32,39 @@ grpc::Slice ReferenceSlice(const buffer::cpu::Buffer& bytes);
 // A slice that takes `bytes` over (grpc::Slice(std::string) would copy them).
 grpc::Slice OwningSlice(std::string bytes);
 
-// `head` (already encoded fields) followed by field 15 holding `data`. Data smaller than
+// `head` (already encoded fields) followed by field `field` holding `data`. Data smaller than
 // `copy_below` bytes is copied into one slice with the head (a reference costs more than
 // copying a few KiB); larger data is referenced. Empty data adds no field.
+grpc::ByteBuffer EncodeWithField(std::string head, uint32_t field, const buffer::cpu::Buffer& data,
+                                 size_t copy_below = 16 << 10);
+// EncodeWithField with chunkd.v1's data field (15).
 grpc::ByteBuffer EncodeWithData(std::string head, const buffer::cpu::Buffer& data,
                                 size_t copy_below = 16 << 10);
+
+// A value sent as a series of messages, each carrying the next part of it (at most
+// `part_bytes`) in field `field`, as a slice that refers to the value. The first message
+// usually carries a header before its part; a value of 0 bytes still makes one message.
+//
+//   PartSequence parts(value, kDataField, 1 << 20);
+//   do { Send(parts.Next(first ? header : "")); } while (!parts.done());
+class PartSequence {
+ public:
+  PartSequence() = default;
+  PartSequence(buffer::cpu::Buffer value, uint32_t field, size_t part_bytes);
+
+  // The next message: `head` followed by the next part. `*part` (if given) gets the number of
+  // value bytes it carries.
+  grpc::ByteBuffer Next(std::string head, size_t* part = nullptr);
+  // True once every byte was handed out by Next (after the first Next for an empty value).
+  bool done() const { return started_ && sent_ == value_.size(); }
+
+ private:
+  buffer::cpu::Buffer value_;
+  uint32_t field_ = kDataField;
+  size_t part_bytes_ = 1 << 20;
+  size_t sent_ = 0;
+  bool started_ = false;
+};
 
 // Walks the fields of one received message.
 class FieldReader {

@@ -70,4 +70,27 @@ ResolvedRange Resolve(const ByteRange& range, uint64_t size) {
   return {0, 0};
 }
 
+absl::StatusOr<ResolvedRange> ResolveWithin(const ByteRange& range, uint64_t size) {
+  bool within = true;
+  switch (range.kind) {
+    case ByteRange::Kind::kAll:
+      break;
+    case ByteRange::Kind::kBounded:
+      within = static_cast<uint64_t>(range.end) <= size;
+      break;
+    case ByteRange::Kind::kOffset:
+      within = static_cast<uint64_t>(range.start) <= size;
+      break;
+    case ByteRange::Kind::kSuffix:
+      within = static_cast<uint64_t>(range.suffix) <= size;
+      break;
+  }
+  if (!within) {
+    return absl::OutOfRangeError(absl::StrCat("byte range ", range.ToString(),
+                                              " does not lie within the value of ", size,
+                                              " bytes"));
+  }
+  return Resolve(range, size);
+}
+
 }  // namespace chunkd::server

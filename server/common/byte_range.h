@@ -6,6 +6,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace chunkd::server {
 
@@ -35,6 +36,11 @@ struct ResolvedRange {
 };
 // REQUIRES: range.Validate().ok().
 ResolvedRange Resolve(const ByteRange& range, uint64_t size);
+
+// The bytes a valid range selects when it must lie within a value of `size` bytes, as
+// TensorStore's kvstores require: OUT_OF_RANGE when it starts or ends past the end, or a suffix
+// is longer than the value. REQUIRES: range.Validate().ok().
+absl::StatusOr<ResolvedRange> ResolveWithin(const ByteRange& range, uint64_t size);
 
 }  // namespace chunkd::server
 

@@ -125,4 +125,28 @@ absl::Status ValidatePrefix(absl::string_view prefix) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::string> PrefixOfKeyRange(absl::string_view inclusive_min,
+                                             absl::string_view exclusive_max) {
+  size_t n = 0;
+  if (exclusive_max.empty()) {
+    // No upper bound: keys from inclusive_min to the end share no prefix.
+  } else {
+    while (n < inclusive_min.size() && n < exclusive_max.size() &&
+           inclusive_min[n] == exclusive_max[n]) {
+      ++n;
+    }
+  }
+  absl::string_view prefix = inclusive_min.substr(0, n);
+  // Do not end inside a UTF-8 sequence: back off to the start of the last character when it
+  // is incomplete (continuation bytes are 10xxxxxx).
+  size_t last = prefix.size();
+  while (last > 0 && (static_cast<unsigned char>(prefix[last - 1]) & 0xC0) == 0x80) --last;
+  if (last > 0 && static_cast<unsigned char>(prefix[last - 1]) >= 0xC0 &&
+      Utf8SequenceLength(prefix, last - 1) == 0) {
+    prefix = prefix.substr(0, last - 1);
+  }
+  if (absl::Status s = ValidatePrefix(prefix); !s.ok()) return s;
+  return std::string(prefix);
+}
+
 }  // namespace chunkd::server

@@ -7,10 +7,12 @@
 #define CHUNKD_SERVER_COMMON_KEY_H_
 
 #include <cstddef>
+#include <string>
 #include <string_view>
 
 #include "absl/strings/string_view.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace chunkd::server {
 
@@ -23,6 +25,18 @@ absl::Status ValidateKey(absl::string_view key);
 
 // Prefixes for List: empty, or a string a key may start with (a trailing '/' allowed).
 absl::Status ValidatePrefix(absl::string_view prefix);
+
+// Keys in [inclusive_min, exclusive_max) (an empty exclusive_max: no upper bound), as
+// TensorStore's kvstores name a listing or a deletion: the longest prefix every key of the
+// range starts with that ValidatePrefix accepts (the bounds' common prefix, cut to whole UTF-8
+// characters), to list and then filter by InKeyRange. INVALID_ARGUMENT, from ValidatePrefix,
+// when that prefix can start no valid key ("/x", a control character).
+absl::StatusOr<std::string> PrefixOfKeyRange(absl::string_view inclusive_min,
+                                             absl::string_view exclusive_max);
+inline bool InKeyRange(absl::string_view key, absl::string_view inclusive_min,
+                       absl::string_view exclusive_max) {
+  return key >= inclusive_min && (exclusive_max.empty() || key < exclusive_max);
+}
 
 // Quotes `key` for an error message: printable ASCII as is, other bytes escaped, long keys cut.
 std::string QuoteKey(absl::string_view key);

@@ -160,7 +160,9 @@ int main(int argc, char** argv) {
       "Examples:\n"
       "  chunkd --store=/data/era5.zarr --host_cache_bytes=8GiB\n"
       "  chunkd --listen=unix:/run/chunkd.sock --store=memory://\n\n"
-      "Talk to it with chunkctl (chunkctl --help). Flags:");
+      "Talk to it with chunkctl (chunkctl --help), chunkd's Python and C++ clients, or\n"
+      "TensorStore's tsgrpc_kvstore driver (TensorStore's key-value protocol is served on the\n"
+      "same listeners). Flags:");
   absl::FlagsUsageConfig usage_config;
   usage_config.contains_help_flags = [](absl::string_view path) {
     return absl::StrContains(path, "server/daemon/main.cc") ||

@@ -112,7 +112,9 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   if (!backend.ok()) return backend.status();
   server->store_ = std::make_unique<ChunkStore>(*std::move(backend), config.store_options);
   config.service.allocator = config.backend.allocator;
-  server->service_ = std::make_unique<ChunkdService>(server->store_.get(), config.service);
+  server->core_ = std::make_unique<ServiceCore>(server->store_.get(), config.service);
+  server->service_ = std::make_unique<ChunkdService>(server->core_.get());
+  server->tensorstore_service_ = std::make_unique<TensorStoreKvStoreService>(server->core_.get());
   auto security = ServerSecurity::Create(config.security, config.listen);
   if (!security.ok()) return security.status();
   server->security_ = *std::move(security);
@@ -128,12 +130,15 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   builder.AddChannelArgument(wire::kMaxFrameArg, wire::kMaxFrameBytes);
   int threads = config.rpc_threads > 0 ? config.rpc_threads : rpc::DefaultThreads();
   server->engine_ = std::make_unique<rpc::Engine>(builder, threads);
-  // the service, tokens, limits
+  // the services, tokens, limits
   builder.RegisterService(server->service_.get());
+  builder.RegisterService(server->tensorstore_service_.get());
   server->security_->Configure(builder, server->engine_.get());
   server->service_->Serve(server->engine_.get());
-  server->health_ = std::make_unique<HealthService>(
-      std::vector<std::string>{v1::Chunkd::service_full_name()});
+  server->tensorstore_service_->Serve(server->engine_.get());
+  server->health_ = std::make_unique<HealthService>(std::vector<std::string>{
+      v1::Chunkd::service_full_name(),
+      tensorstore_grpc::kvstore::KvStoreService::service_full_name()});
   server->health_->Register(builder);
   server->health_->Serve(server->engine_.get());
   std::vector<std::unique_ptr<int>> ports;
@@ -191,7 +196,9 @@ ChunkdServer::~ChunkdServer() {
   grpc_server_.reset();
   engine_.reset();
   health_.reset();
+  tensorstore_service_.reset();
   service_.reset();
+  core_.reset();
   store_.reset();
   device_tier_.reset();
   leases_.reset();

@@ -1,5 +1,5 @@
-// A running chunkd: the store, the service and the gRPC server with health checking and
-// reflection, on one or more listening addresses.
+// A running chunkd: the store, the services (chunkd.v1 and TensorStore's key-value service) and
+// the gRPC server with health checking and reflection, on one or more listening addresses.
 #ifndef CHUNKD_SERVER_DAEMON_SERVER_H_
 #define CHUNKD_SERVER_DAEMON_SERVER_H_
 
@@ -18,6 +18,8 @@
 #include "server/rpc/rpc_engine.h"
 #include "server/rpc/security.h"
 #include "server/services/chunkd_service.h"
+#include "server/services/service_core.h"
+#include "server/services/tensorstore_kvstore_service.h"
 
 namespace chunkd::server {
 
@@ -55,6 +57,7 @@ class ChunkdServer {
   const std::vector<std::string>& addresses() const { return addresses_; }
   ChunkStore& store() { return *store_; }
   ChunkdService& service() { return *service_; }
+  TensorStoreKvStoreService& tensorstore_service() { return *tensorstore_service_; }
   // Null when shared-memory delivery is off.
   const buffer::ShmArena* arena() const { return arena_.get(); }
   // Null when CUDA IPC delivery is off.
@@ -71,7 +74,9 @@ class ChunkdServer {
   std::unique_ptr<LeaseTable> leases_;
   std::unique_ptr<DeviceTier> device_tier_;
   std::unique_ptr<ChunkStore> store_;
+  std::unique_ptr<ServiceCore> core_;
   std::unique_ptr<ChunkdService> service_;
+  std::unique_ptr<TensorStoreKvStoreService> tensorstore_service_;
   std::unique_ptr<ServerSecurity> security_;
   std::unique_ptr<HealthService> health_;
   std::unique_ptr<rpc::Engine> engine_;       // its queues outlive grpc_server_

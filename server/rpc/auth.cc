@@ -56,13 +56,25 @@ std::string RightsString(Rights rights) {
 }
 
 std::optional<Right> RequiredRight(absl::string_view method) {
-  absl::ConsumePrefix(&method, kServicePrefix);
+  // Full method names; chunkd.v1's calls name their method alone ("Get").
   static const auto* const kRights = new absl::flat_hash_map<std::string, Right>{
-      {"Get", Right::kRead},        {"GetMany", Right::kRead}, {"Stat", Right::kRead},    {"List", Right::kRead},
-      {"ServerInfo", Right::kRead}, {"Release", Right::kRead}, {"Renew", Right::kRead},
-      {"Put", Right::kWrite},       {"Delete", Right::kWrite}, {"Prefetch", Right::kAdmin},
+      {"/chunkd.v1.Chunkd/Get", Right::kRead},
+      {"/chunkd.v1.Chunkd/GetMany", Right::kRead},
+      {"/chunkd.v1.Chunkd/Stat", Right::kRead},
+      {"/chunkd.v1.Chunkd/List", Right::kRead},
+      {"/chunkd.v1.Chunkd/ServerInfo", Right::kRead},
+      {"/chunkd.v1.Chunkd/Release", Right::kRead},
+      {"/chunkd.v1.Chunkd/Renew", Right::kRead},
+      {"/chunkd.v1.Chunkd/Put", Right::kWrite},
+      {"/chunkd.v1.Chunkd/Delete", Right::kWrite},
+      {"/chunkd.v1.Chunkd/Prefetch", Right::kAdmin},
+      {"/tensorstore_grpc.kvstore.KvStoreService/Read", Right::kRead},
+      {"/tensorstore_grpc.kvstore.KvStoreService/List", Right::kRead},
+      {"/tensorstore_grpc.kvstore.KvStoreService/Write", Right::kWrite},
+      {"/tensorstore_grpc.kvstore.KvStoreService/Delete", Right::kWrite},
   };
-  auto it = kRights->find(method);
+  auto it = absl::StartsWith(method, "/") ? kRights->find(method)
+                                          : kRights->find(absl::StrCat(kServicePrefix, method));
   if (it == kRights->end()) return std::nullopt;
   return it->second;
 }

@@ -4,10 +4,12 @@
 // and admin; '#' starts a comment, blank lines are ignored. Clients send
 // "authorization: Bearer TOKEN" metadata with every call.
 //
-// Each chunkd.v1.Chunkd method needs one right (RequiredRight): read for Get, GetMany, Stat,
-// List, ServerInfo, Release and Renew; write for Put and Delete; admin for Prefetch. The rights are
-// independent: a token that should read and write lists both. Only chunkd.v1.Chunkd is checked:
-// the standard health service (probes) and server reflection stay open.
+// Each method of chunkd.v1.Chunkd and of TensorStore's tensorstore_grpc.kvstore.KvStoreService
+// needs one right (RequiredRight): read for Get, GetMany, Stat, List, ServerInfo, Release and
+// Renew, and TensorStore's Read and List; write for Put and Delete, and TensorStore's Write and
+// Delete (one key or a range); admin for Prefetch. The rights are independent: a token that
+// should read and write lists both. Only these two services are checked: the standard health
+// service (probes) and server reflection stay open.
 //
 // The check runs in the RPC engine before a call's handler (MakeTokenAuthorizer), not in each
 // RPC: gRPC 1.51's server interceptors cannot refuse a call, and AuthMetadataProcessor only
@@ -40,8 +42,9 @@ absl::string_view RightName(Right right);
 // "read,write", or "none".
 std::string RightsString(Rights rights);
 
-// The right a call of chunkd.v1.Chunkd's `method` ("Get", or the full "/chunkd.v1.Chunkd/Get")
-// needs; nullopt for a method this table does not know (such calls are refused).
+// The right a call of `method` needs: a full method name ("/chunkd.v1.Chunkd/Get",
+// "/tensorstore_grpc.kvstore.KvStoreService/Read"), or a chunkd.v1.Chunkd method's name alone
+// ("Get"); nullopt for a method this table does not know (such calls are refused).
 std::optional<Right> RequiredRight(absl::string_view method);
 
 // The tokens of a token file. Tokens are kept only as SHA-256 digests; a lookup compares the
@@ -82,7 +85,7 @@ absl::StatusOr<std::string> BearerToken(const grpc::ServerContextBase& context);
 grpc::Status Authorize(const TokenTable& tokens, const grpc::ServerContextBase& context,
                        absl::string_view method, Right needed);
 
-// Checks each call of chunkd.v1.Chunkd before its handler sees it (rpc::Engine): the call's
+// Checks each call of the services above before its handler sees it (rpc::Engine): the call's
 // token must hold the right its method needs (Authorize). A method without a rule here is
 // refused with PERMISSION_DENIED: a new RPC stays closed until it is given a right.
 rpc::Authorizer MakeTokenAuthorizer(std::shared_ptr<const TokenTable> tokens);

@@ -6,7 +6,8 @@
 // polling role from thread to thread. Measured on loopback, a 4 KiB Get cost the server about
 // five context switches on the callback API and one here; on a virtual machine, where a switch
 // costs tens of microseconds, that is most of a small call's time. So every service of the
-// server (chunkd.v1.Chunkd and grpc.health.v1.Health) runs on these queues, and nothing else
+// server (chunkd.v1.Chunkd, TensorStore's tensorstore_grpc.kvstore.KvStoreService and
+// grpc.health.v1.Health) runs on these queues, and nothing else
 // in the process polls gRPC: a callback or synchronous service would bring its own polling
 // threads back (server reflection is synchronous, hence opt-in).
 //

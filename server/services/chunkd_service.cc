@@ -9,6 +9,8 @@
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/proto_buffer_reader.h"
 #include "proto/wire/raw_message.h"
+#include "server/services/list_call.h"
+#include "server/services/service_core.h"
 #include "server/common/byte_range.h"
 #include "server/rpc/grpc_status.h"
 #include "server/common/key.h"
@@ -18,8 +20,6 @@ namespace chunkd::server {
 namespace {
 
 constexpr char kVersion[] = "0.1.0";
-// Entries and prefixes per List reply message.
-constexpr size_t kListPageItems = 1000;
 
 grpc::Status Error(grpc::StatusCode code, std::string message) {
   return grpc::Status(code, std::move(message));
@@ -56,62 +56,6 @@ absl::StatusOr<ByteRange> RangeFromProto(const v1::GetRequest& request) {
   return range;
 }
 
-// Makes the call objects of one method: each arrival arms the next.
-template <class CallT>
-rpc::Engine::Spawner SpawnerOf(ChunkdService* service) {
-  return [service](rpc::Engine* engine, grpc::ServerCompletionQueue* queue) {
-    (new CallT(service, engine, queue))->Arm();
-  };
-}
-
-// A unary method: the service's handler fills the response in and calls `done`, there or
-// later from an I/O thread.
-template <class Req, class Resp>
-class UnaryMethodCall final : public rpc::UnaryCall<Req, Resp> {
- public:
-  using RequestFn = void (ChunkdService::*)(grpc::ServerContext*, Req*,
-                                            grpc::ServerAsyncResponseWriter<Resp>*,
-                                            grpc::CompletionQueue*, grpc::ServerCompletionQueue*,
-                                            void*);
-  using HandlerFn = void (ChunkdService::*)(const Req&, Resp*, UnaryDone);
-
-  UnaryMethodCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue,
-                  const char* name, RequestFn request, HandlerFn handler)
-      : rpc::UnaryCall<Req, Resp>(engine, queue, name,
-                                  [=](rpc::Engine* e, grpc::ServerCompletionQueue* q) {
-                                    (new UnaryMethodCall(service, e, q, name, request, handler))
-                                        ->Arm();
-                                  }),
-        service_(service),
-        request_fn_(request),
-        handler_(handler) {}
-
- private:
-  void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
-    (service_->*request_fn_)(&this->context_, &this->request_, &this->responder_, queue, queue,
-                             tag);
-  }
-  void OnStart() override {
-    (service_->*handler_)(this->request_, &this->response_,
-                          [this](grpc::Status status) { this->Finish(std::move(status)); });
-  }
-
-  ChunkdService* const service_;
-  const RequestFn request_fn_;
-  const HandlerFn handler_;
-};
-
-template <class Req, class Resp>
-void AddUnary(rpc::Engine* engine, ChunkdService* service, const char* name,
-              typename UnaryMethodCall<Req, Resp>::RequestFn request,
-              void (ChunkdService::*handler)(const Req&, Resp*, UnaryDone)) {
-  engine->AddMethod(
-      [=](rpc::Engine* e, grpc::ServerCompletionQueue* q) {
-        (new UnaryMethodCall<Req, Resp>(service, e, q, name, request, handler))->Arm();
-      },
-      1);
-}
-
 buffer::HostIdentity IdentityFromProto(const v1::ClientIdentity& proto) {
   buffer::HostIdentity id;
   id.boot_id = proto.boot_id();
@@ -123,19 +67,20 @@ buffer::HostIdentity IdentityFromProto(const v1::ClientIdentity& proto) {
   return id;
 }
 
-// The header of one Get's reply to `value` (conditions checked, range resolved), and in
-// `bytes` the part of the value it describes. Delivery and handle are the caller's to fill.
+// The header of one Get's reply to `value` (conditions checked, range resolved: SliceForRead),
+// and in `bytes` the part of the value it describes. Delivery and handle are the caller's to
+// fill.
 absl::StatusOr<v1::GetHeader> HeaderFor(const CachedValue& value, const std::string& key,
                                         const ByteRange& range, const Conditions& conditions,
                                         buffer::cpu::Buffer* bytes) {
-  if (absl::Status s = conditions.Check(key, value.generation); !s.ok()) return s;
-  ResolvedRange r = Resolve(range, value.value.size());
-  *bytes = value.value.Slice(r.start, r.length);
+  absl::StatusOr<ReadSlice> slice = SliceForRead(value, key, range, conditions, RangeRule::kClip);
+  if (!slice.ok()) return slice.status();
   v1::GetHeader header;
-  header.set_total_size(value.value.size());
-  header.set_generation(value.generation);
-  header.set_range_start(r.start);
-  header.set_length(r.length);
+  header.set_total_size(slice->total_size);
+  header.set_generation(slice->generation);
+  header.set_range_start(slice->start);
+  header.set_length(slice->bytes.size());
+  *bytes = std::move(slice->bytes);
   return header;
 }
 
@@ -340,19 +285,19 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
     }
     header->set_delivery(v1::DELIVERY_INLINE);
     prefix_ = first.SerializeAsString();
+    parts_ = wire::PartSequence(std::move(data_), wire::kDataField, service_->options().part_bytes);
     WriteNext();
   }
 
   // One write is in flight at a time: OnValue starts the chain, each OnWriteDone continues it,
   // so the fields below are only touched by one thread at a time.
   void WriteNext() {
-    size_t part = std::min(service_->options().part_bytes, data_.size() - sent_);
+    size_t part;
     // The header goes with the first part; later messages carry data only.
-    message_ = wire::EncodeWithData(std::move(prefix_), data_.Slice(sent_, part));
+    message_ = parts_.Next(std::move(prefix_), &part);
     prefix_.clear();
-    sent_ += part;
     service_->counters().bytes_served_inline.fetch_add(part, std::memory_order_relaxed);
-    if (sent_ == data_.size()) {
+    if (parts_.done()) {
       StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
     } else {
       StartWrite(&message_);
@@ -370,7 +315,7 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
   buffer::cpu::Buffer whole_;  // the whole value, for a promotion to the device tier
   std::atomic<bool> cancelled_{false};
   buffer::cpu::Buffer data_;
-  size_t sent_ = 0;
+  wire::PartSequence parts_;
   std::string prefix_;
   grpc::ByteBuffer message_;
 };
@@ -671,9 +616,8 @@ class PutCall final : public rpc::ClientStreamCall<v1::PutRequest, v1::PutRespon
   }
 
   void OnStart() override {
-    if (service_->options().read_only) {
-      Finish(Error(grpc::StatusCode::PERMISSION_DENIED,
-                   "the server is read-only (--read_only); writes are refused"));
+    if (absl::Status s = service_->core().CheckWritable("writes"); !s.ok()) {
+      Finish(ToGrpcStatus(s));
       return;
     }
     StartRead(&request_);
@@ -719,7 +663,7 @@ class PutCall final : public rpc::ClientStreamCall<v1::PutRequest, v1::PutRespon
   }
 
   void OnDone() override {
-    if (reserved_ > 0) service_->ReleasePutBytes(reserved_);
+    if (reserved_ > 0) service_->core().ReleasePutBytes(reserved_);
   }
 
   grpc::Status StartValue() {
@@ -732,16 +676,11 @@ class PutCall final : public rpc::ClientStreamCall<v1::PutRequest, v1::PutRespon
     key_ = header.key();
     size_ = header.size();
     conditions_ = ConditionsFromProto(header.conditions());
-    uint64_t max = service_->options().max_value_bytes;
-    if (size_ > max) {
-      return Error(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                   absl::StrCat("value for key ", QuoteKey(key_), " is ", size_,
-                                " bytes, more than the server's maximum of ", max,
-                                " (--max_value_bytes)"));
+    if (absl::Status s = service_->core().CheckValueSize(key_, size_); !s.ok()) {
+      return ToGrpcStatus(s);
     }
-    if (!service_->ReservePutBytes(size_)) {
-      return Error(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                   "too many bytes of writes in flight on the server; try again later");
+    if (!service_->core().ReservePutBytes(size_)) {
+      return ToGrpcStatus(ServiceCore::PutBudgetExhausted());
     }
     reserved_ = size_;
     auto value = buffer::cpu::MutableBuffer::Allocate(size_, *service_->options().allocator);
@@ -752,18 +691,15 @@ class PutCall final : public rpc::ClientStreamCall<v1::PutRequest, v1::PutRespon
   }
 
   void Commit() {
-    buffer::cpu::Buffer value = std::move(value_).Freeze();
-    absl::Status queued = service_->store().Submit([this, value = std::move(value)]() mutable {
-      absl::StatusOr<ValueInfo> info = service_->store().Write(key_, std::move(value), conditions_);
-      if (info.ok()) {
-        response_.set_generation(info->generation);
-        response_.set_size(info->size);
-        service_->counters().puts.fetch_add(1, std::memory_order_relaxed);
-        service_->counters().bytes_written.fetch_add(info->size, std::memory_order_relaxed);
-      }
-      Finish(ToGrpcStatus(info.status()));
-    });
-    if (!queued.ok()) Finish(ToGrpcStatus(queued));
+    service_->core().SubmitWrite(key_, std::move(value_).Freeze(), conditions_,
+                                 &service_->counters(),
+                                 [this](absl::StatusOr<ValueInfo> info) {
+                                   if (info.ok()) {
+                                     response_.set_generation(info->generation);
+                                     response_.set_size(info->size);
+                                   }
+                                   Finish(ToGrpcStatus(info.status()));
+                                 });
   }
 
   ChunkdService* const service_;
@@ -777,12 +713,11 @@ class PutCall final : public rpc::ClientStreamCall<v1::PutRequest, v1::PutRespon
   buffer::cpu::MutableBuffer value_;
 };
 
-// Streams a listing page by page; each page is read on an I/O thread after the previous one
-// was sent, so a slow reader holds one page, not the whole listing.
-class ListCall final : public rpc::ServerStreamCall<v1::ListRequest, v1::ListResponse> {
+// Streams a listing page by page (PagedListCall).
+class ListCall final : public PagedListCall<v1::ListRequest, v1::ListResponse> {
  public:
   ListCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue)
-      : ServerStreamCall(engine, queue, "List", SpawnerOf<ListCall>(service)), service_(service) {}
+      : PagedListCall(engine, queue, "List", SpawnerOf<ListCall>(service)), service_(service) {}
 
  private:
   void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
@@ -795,65 +730,23 @@ class ListCall final : public rpc::ServerStreamCall<v1::ListRequest, v1::ListRes
       Finish(ToGrpcStatus(s));
       return;
     }
-    prefix_ = request_.prefix();
-    directory_ = request_.directory();
-    ScheduleNextPage();
+    StartListing(&service_->store(), request_.prefix(), request_.directory());
   }
 
-  void OnWriteDone(bool ok) override {
-    if (!ok) {
-      Finish(Error(grpc::StatusCode::CANCELLED, "the client stopped reading"));
-      return;
-    }
-    ScheduleNextPage();
-  }
-
-  void ScheduleNextPage() {
-    absl::Status queued = service_->store().Submit([this] { NextPage(); });
-    if (!queued.ok()) Finish(ToGrpcStatus(queued));
-  }
-
-  void NextPage() {
-    if (!cursor_) {
-      auto cursor = service_->store().List(prefix_, directory_);
-      if (!cursor.ok()) {
-        Finish(ToGrpcStatus(cursor.status()));
-        return;
-      }
-      cursor_ = *std::move(cursor);
-    }
-    ListPage page;
-    absl::StatusOr<bool> more = cursor_->Next(kListPageItems, &page);
-    if (!more.ok()) {
-      Finish(ToGrpcStatus(more.status()));
-      return;
-    }
-    response_.Clear();
+  bool AddPage(ListPage& page, v1::ListResponse* response) override {
     for (ListEntry& entry : page.entries) {
-      v1::ListEntry* e = response_.add_entries();
+      v1::ListEntry* e = response->add_entries();
       e->set_key(std::move(entry.key));
       e->set_size(entry.size);
     }
-    for (std::string& prefix : page.prefixes) response_.add_prefixes(std::move(prefix));
-    bool empty = response_.entries_size() == 0 && response_.prefixes_size() == 0;
-    if (*more) {
-      if (empty) {
-        ScheduleNextPage();
-      } else {
-        StartWrite(&response_);
-      }
-    } else if (empty) {
-      Finish(grpc::Status::OK);
-    } else {
-      StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
-    }
+    for (std::string& prefix : page.prefixes) response->add_prefixes(std::move(prefix));
+    return true;
+  }
+  bool Empty(const v1::ListResponse& response) const override {
+    return response.entries_size() == 0 && response.prefixes_size() == 0;
   }
 
   ChunkdService* const service_;
-  std::string prefix_;
-  bool directory_ = false;
-  std::unique_ptr<ListCursor> cursor_;
-  v1::ListResponse response_;
 };
 
 // Warms keys on a thread of its own (reads block on the store) and streams progress; one write
@@ -956,18 +849,9 @@ class PrefetchCall final : public rpc::ServerStreamCall<v1::PrefetchRequest, v1:
 
 }  // namespace
 
-ChunkdService::ChunkdService(ChunkStore* store, const ServiceOptions& options)
-    : store_(store), options_(options) {}
-
-bool ChunkdService::ReservePutBytes(uint64_t bytes) {
-  uint64_t used = inflight_put_bytes_.load();
-  do {
-    if (used + bytes > options_.max_inflight_put_bytes && used > 0) return false;
-  } while (!inflight_put_bytes_.compare_exchange_weak(used, used + bytes));
-  return true;
+ChunkdService::ChunkdService(ServiceCore* core) : core_(core) {
+  core_->AddCounters("", &counters_);
 }
-
-void ChunkdService::ReleasePutBytes(uint64_t bytes) { inflight_put_bytes_.fetch_sub(bytes); }
 
 void ChunkdService::Serve(rpc::Engine* engine) {
   // Reads come in bursts from many clients: several call objects wait on each queue, so that a
@@ -988,22 +872,16 @@ void ChunkdService::Serve(rpc::Engine* engine) {
 
 void ChunkdService::Delete(const v1::DeleteRequest& request, v1::DeleteResponse* response,
                            UnaryDone done) {
-  if (options_.read_only) {
-    done(Error(grpc::StatusCode::PERMISSION_DENIED,
-               "the server is read-only (--read_only); deletes are refused"));
+  if (absl::Status s = core_->CheckWritable("deletes"); !s.ok()) {
+    done(ToGrpcStatus(s));
     return;
   }
   if (absl::Status s = ValidateKey(request.key()); !s.ok()) {
     done(ToGrpcStatus(s));
     return;
   }
-  absl::Status queued = store_->Submit(
-      [this, done, key = request.key(), conditions = ConditionsFromProto(request.conditions())] {
-        absl::Status s = store_->Delete(key, conditions);
-        if (s.ok()) counters_.deletes.fetch_add(1, std::memory_order_relaxed);
-        done(ToGrpcStatus(s));
-      });
-  if (!queued.ok()) done(ToGrpcStatus(queued));
+  core_->SubmitDelete(request.key(), ConditionsFromProto(request.conditions()), &counters_,
+                      [done](absl::Status s) { done(ToGrpcStatus(s)); });
 }
 
 void ChunkdService::Stat(const v1::StatRequest& request, v1::StatResponse* response,
@@ -1027,12 +905,12 @@ void ChunkdService::Stat(const v1::StatRequest& request, v1::StatResponse* respo
     done(grpc::Status::OK);
   };
   // A cached value is answered here; only a miss asks the backend, on an I/O thread.
-  if (std::optional<ValueInfo> cached = store_->CachedInfo(request.key())) {
+  if (std::optional<ValueInfo> cached = store().CachedInfo(request.key())) {
     answer(*cached);
     return;
   }
   absl::Status queued =
-      store_->Submit([this, answer, key = request.key()] { answer(store_->Stat(key)); });
+      store().Submit([this, answer, key = request.key()] { answer(store().Stat(key)); });
   if (!queued.ok()) done(ToGrpcStatus(queued));
 }
 
@@ -1043,28 +921,28 @@ void ChunkdService::ServerInfo(const v1::ServerInfoRequest& request,
 }
 
 void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
-  Backend& backend = store_->backend();
+  Backend& backend = store().backend();
   response->set_version(kVersion);
   response->set_backend(std::string(backend.kind()));
   response->set_store(backend.location());
-  response->set_read_only(options_.read_only);
-  response->set_max_value_bytes(options_.max_value_bytes);
+  response->set_read_only(options().read_only);
+  response->set_max_value_bytes(options().max_value_bytes);
   response->add_deliveries(v1::DELIVERY_INLINE);
-  if (options_.leases) {
-    if (options_.allocator->kind() == buffer::MemoryKind::kHostShared) {
+  if (options().leases) {
+    if (options().allocator->kind() == buffer::MemoryKind::kHostShared) {
       response->add_deliveries(v1::DELIVERY_SHM);
     }
-    if (options_.device_tier) response->add_deliveries(v1::DELIVERY_CUDA_IPC);
-    LeaseStats leases = options_.leases->stats();
+    if (options().device_tier) response->add_deliveries(v1::DELIVERY_CUDA_IPC);
+    LeaseStats leases = options().leases->stats();
     response->set_leases_active(leases.active);
     response->set_leased_bytes(leases.bytes);
     v1::ClientIdentity* host = response->mutable_host();
-    host->set_boot_id(options_.host.boot_id);
-    host->set_ipc_namespace(options_.host.ipc_namespace);
-    host->set_mount_namespace(options_.host.mount_namespace);
-    host->set_shm_dir(options_.host.shm_dir);
-    host->set_shm_dir_dev(options_.host.shm_dir_dev);
-    host->set_shm_dir_ino(options_.host.shm_dir_ino);
+    host->set_boot_id(options().host.boot_id);
+    host->set_ipc_namespace(options().host.ipc_namespace);
+    host->set_mount_namespace(options().host.mount_namespace);
+    host->set_shm_dir(options().host.shm_dir);
+    host->set_shm_dir_dev(options().host.shm_dir_dev);
+    host->set_shm_dir_ino(options().host.shm_dir_ino);
     (*response->mutable_counters())["leases_granted"] = leases.granted;
     (*response->mutable_counters())["leases_released"] = leases.released;
     (*response->mutable_counters())["leases_expired"] = leases.expired;
@@ -1078,7 +956,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   auto& counters = *response->mutable_counters();
   v1::CacheTierInfo* tier = response->add_tiers();
   tier->set_tier("host");
-  if (HostCache* cache = store_->cache()) {
+  if (HostCache* cache = store().cache()) {
     HostCacheStats s = cache->stats();
     tier->set_capacity_bytes(s.capacity_bytes);
     tier->set_used_bytes(s.used_bytes);
@@ -1095,31 +973,28 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
     tier->set_used_bytes(backend.memory_used_bytes());
     tier->set_entries(backend.entry_count());
   }
-  ChunkStoreCounters c = store_->counters();
+  ChunkStoreCounters c = store().counters();
   counters["backend_reads"] = c.backend_reads;
   counters["backend_read_errors"] = c.backend_read_errors;
   counters["backend_read_bytes"] = c.backend_read_bytes;
   counters["backend_read_micros"] = c.backend_read_micros;
   counters["single_flight_joins"] = c.single_flight_joins;
   counters["overloaded"] = c.overloaded;
-  counters["gets"] = counters_.gets.load();
+  // Calls of every service (chunkd.v1's unprefixed), then chunkd.v1's own.
+  core_->ExportCounters([&counters](const std::string& name, uint64_t value) {
+    counters[name] = value;
+  });
   counters["get_many_calls"] = counters_.get_many_calls.load();
-  counters["get_errors"] = counters_.get_errors.load();
-  counters["bytes_served_inline"] = counters_.bytes_served_inline.load();
   counters["bytes_served_shm"] = counters_.bytes_served_shm.load();
   counters["gets_shm"] = counters_.gets_shm.load();
   counters["shm_fallbacks"] = counters_.shm_fallbacks.load();
-  counters["puts"] = counters_.puts.load();
-  counters["bytes_written"] = counters_.bytes_written.load();
-  counters["deletes"] = counters_.deletes.load();
   counters["stats"] = counters_.stats.load();
-  counters["lists"] = counters_.lists.load();
   counters["gets_cuda"] = counters_.gets_cuda.load();
   counters["bytes_served_cuda"] = counters_.bytes_served_cuda.load();
   counters["cuda_fallbacks"] = counters_.cuda_fallbacks.load();
   counters["cuda_unknown_gpu"] = counters_.cuda_unknown_gpu.load();
-  if (options_.device_tier) {
-    DeviceTierStats d = options_.device_tier->stats();
+  if (options().device_tier) {
+    DeviceTierStats d = options().device_tier->stats();
     v1::CacheTierInfo* device = response->add_tiers();
     device->set_tier("device");
     device->set_capacity_bytes(d.capacity_bytes);
@@ -1142,7 +1017,7 @@ void ChunkdService::Release(const v1::ReleaseRequest& request, v1::ReleaseRespon
                             UnaryDone done) {
   std::vector<uint64_t> ids(request.lease_ids().begin(), request.lease_ids().end());
   std::vector<uint64_t> unknown =
-      options_.leases ? options_.leases->Release(ids) : std::move(ids);
+      options().leases ? options().leases->Release(ids) : std::move(ids);
   for (uint64_t id : unknown) response->add_unknown_lease_ids(id);
   done(grpc::Status::OK);
 }
@@ -1150,10 +1025,10 @@ void ChunkdService::Release(const v1::ReleaseRequest& request, v1::ReleaseRespon
 void ChunkdService::Renew(const v1::RenewRequest& request, v1::RenewResponse* response,
                           UnaryDone done) {
   std::vector<uint64_t> ids(request.lease_ids().begin(), request.lease_ids().end());
-  std::vector<uint64_t> unknown = options_.leases ? options_.leases->Renew(ids) : std::move(ids);
+  std::vector<uint64_t> unknown = options().leases ? options().leases->Renew(ids) : std::move(ids);
   for (uint64_t id : unknown) response->add_unknown_lease_ids(id);
-  if (options_.leases) {
-    response->set_ttl_ms(absl::ToInt64Milliseconds(options_.leases->ttl()));
+  if (options().leases) {
+    response->set_ttl_ms(absl::ToInt64Milliseconds(options().leases->ttl()));
   }
   done(grpc::Status::OK);
 }

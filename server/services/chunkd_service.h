@@ -22,32 +22,15 @@
 #include "server/store/device_tier.h"
 #include "server/store/lease_table.h"
 #include "server/rpc/rpc_engine.h"
+#include "server/services/method_calls.h"
+#include "server/services/service_core.h"
 
 namespace chunkd::server {
 
-struct ServiceOptions {
-  // Values larger than this are refused with RESOURCE_EXHAUSTED before any byte is buffered.
-  uint64_t max_value_bytes = 256ull << 20;
-  bool read_only = false;
-  // Size of the data parts of a Get reply (at most 1 MiB).
-  size_t part_bytes = 1u << 20;
-  // Bytes of Put values being received at once, all calls together; past it new Puts fail
-  // with RESOURCE_EXHAUSTED instead of growing memory without bound.
-  uint64_t max_inflight_put_bytes = 1ull << 30;
-  // Where value memory comes from.
-  buffer::HostAllocator* allocator = &buffer::HeapAllocator();
-  // Shared-memory delivery: on when `leases` is set. Handles are offered to clients whose
-  // identity shows they can map this server's segments (see buffer/host_identity.h).
-  LeaseTable* leases = nullptr;
-  buffer::HostIdentity host;
-  // CUDA IPC delivery: on when `device_tier` (and `leases`) is set. Offered to clients with
-  // the same boot id as `host` that name one of the tier's GPUs by UUID (server/store/device_tier.h).
-  DeviceTier* device_tier = nullptr;
-};
-
-struct ServiceCounters {
-  std::atomic<uint64_t> gets{0}, get_many_calls{0}, get_errors{0}, bytes_served_inline{0}, bytes_served_shm{0},
-      gets_shm{0}, shm_fallbacks{0}, puts{0}, bytes_written{0}, deletes{0}, stats{0}, lists{0};
+// chunkd.v1's own counters, beside the calls counted as for every service (CallCounters).
+struct ServiceCounters : CallCounters {
+  std::atomic<uint64_t> get_many_calls{0}, bytes_served_shm{0}, gets_shm{0}, shm_fallbacks{0},
+      stats{0};
   std::atomic<uint64_t> gets_cuda{0}, bytes_served_cuda{0}, cuda_fallbacks{0},
       cuda_unknown_gpu{0};
 };
@@ -56,13 +39,10 @@ struct ServiceCounters {
 using ServiceBase =
     v1::Chunkd::WithRawMethod_Get<v1::Chunkd::WithRawMethod_GetMany<v1::Chunkd::AsyncService>>;
 
-// Ends a unary call: OK sends the response filled in, an error only the status. Called once,
-// from any thread.
-using UnaryDone = std::function<void(grpc::Status)>;
-
 class ChunkdService final : public ServiceBase {
  public:
-  ChunkdService(ChunkStore* store, const ServiceOptions& options);
+  // `core` (the store, limits and write budget every service shares) outlives the service.
+  explicit ChunkdService(ServiceCore* core);
 
   // Registers every method with `engine` (before engine->Start()). Register the service with
   // the grpc::ServerBuilder that `engine` was made with, too.
@@ -77,10 +57,12 @@ class ChunkdService final : public ServiceBase {
                UnaryDone done);
   void Renew(const v1::RenewRequest& request, v1::RenewResponse* response, UnaryDone done);
 
-  ChunkStore& store() { return *store_; }
-  // What ServerInfo answers: version, store, tiers, leases, counters (also for /metrics).
+  ChunkStore& store() { return core_->store(); }
+  ServiceCore& core() { return *core_; }
+  // What ServerInfo answers: version, store, tiers, leases, the counters of every service of
+  // the server (also for /metrics).
   void FillServerInfo(v1::ServerInfoResponse* response);
-  const ServiceOptions& options() const { return options_; }
+  const ServiceOptions& options() const { return core_->options(); }
   ServiceCounters& counters() { return counters_; }
 
   // At most kMaxConcurrentPrefetches warm-ups run at once (each holds a thread).
@@ -88,15 +70,9 @@ class ChunkdService final : public ServiceBase {
   bool BeginPrefetch();
   void EndPrefetch();
 
-  // Put budget: reserve before buffering, release when the call ends.
-  bool ReservePutBytes(uint64_t bytes);
-  void ReleasePutBytes(uint64_t bytes);
-
  private:
-  ChunkStore* const store_;
-  const ServiceOptions options_;
+  ServiceCore* const core_;
   ServiceCounters counters_;
-  std::atomic<uint64_t> inflight_put_bytes_{0};
   std::atomic<int> prefetches_{0};
 };
 

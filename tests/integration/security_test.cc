@@ -20,6 +20,8 @@
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "gtest/gtest.h"
+#include "tensorstore_grpc/kvstore/kvstore.grpc.pb.h"
+#include "tests/support/tensorstore_client.h"
 #include "tests/support/test_support.h"
 
 namespace chunkd {
@@ -414,17 +416,49 @@ TEST_P(SecurityTokenTest, EveryMethodReachesTheServiceWithTheRightToken) {
   auto open = *client::CreateChannel(Options((*plain)->address()), grpc::ChannelArguments());
   auto guarded = *client::CreateChannel(With(kAllToken), grpc::ChannelArguments());
   auto anonymous = *client::CreateChannel(With(""), grpc::ChannelArguments());
-  const google::protobuf::ServiceDescriptor* service =
-      google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(
-          v1::Chunkd::service_full_name());
-  ASSERT_NE(service, nullptr);
-  for (int i = 0; i < service->method_count(); ++i) {
-    std::string method =
-        absl::StrCat("/", v1::Chunkd::service_full_name(), "/", service->method(i)->name());
-    SCOPED_TRACE(method);
-    EXPECT_EQ(CallWithEmptyRequest(guarded, method), CallWithEmptyRequest(open, method));
-    EXPECT_EQ(CallWithEmptyRequest(anonymous, method), grpc::StatusCode::UNAUTHENTICATED);
+  for (const char* name : {v1::Chunkd::service_full_name(),
+                           tensorstore_grpc::kvstore::KvStoreService::service_full_name()}) {
+    const google::protobuf::ServiceDescriptor* service =
+        google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(name);
+    ASSERT_NE(service, nullptr) << name;
+    for (int i = 0; i < service->method_count(); ++i) {
+      std::string method = absl::StrCat("/", name, "/", service->method(i)->name());
+      SCOPED_TRACE(method);
+      EXPECT_EQ(CallWithEmptyRequest(guarded, method), CallWithEmptyRequest(open, method));
+      EXPECT_EQ(CallWithEmptyRequest(anonymous, method), grpc::StatusCode::UNAUTHENTICATED);
+    }
   }
+}
+
+TEST_P(SecurityTokenTest, TensorStoreServiceTakesTheSameTokensAndRights) {
+  using testing::TsClient;
+  std::string key = Key("ts");
+  auto channel = [&](const std::string& token) {
+    return *client::CreateChannel(With(token), grpc::ChannelArguments());
+  };
+  TsClient writer(channel(kWriteToken), kWriteToken);
+  ASSERT_TRUE(writer.Write(key, "readable", nullptr).ok());
+  // A read token reads and lists, and can neither write nor delete.
+  TsClient reader(channel(kReadToken), kReadToken);
+  EXPECT_EQ(reader.Read(key).value, "readable");
+  std::vector<std::string> keys;
+  EXPECT_TRUE(reader.List(key, "", &keys).ok());
+  grpc::Status write = reader.Write(key, "overwritten", nullptr);
+  EXPECT_EQ(write.error_code(), grpc::StatusCode::PERMISSION_DENIED) << write.error_message();
+  EXPECT_TRUE(absl::StrContains(write.error_message(), "write right")) << write.error_message();
+  EXPECT_EQ(reader.Delete(key).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(reader.DeleteRange(key, "").error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(reader.Read(key).value, "readable");
+  // Admin alone does not read; no token, or an unknown one, is unauthenticated.
+  TsClient admin(channel(kAdminToken), kAdminToken);
+  EXPECT_EQ(admin.Read(key).status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  TsClient anonymous(channel(""));
+  testing::TsRead r = anonymous.Read(key);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(absl::StrContains(r.status.error_message(), "missing bearer token"));
+  TsClient unknown(channel(""), "not-a-token-0123456789abcdef");
+  EXPECT_EQ(unknown.Write(key, "x", nullptr).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(writer.Delete(key).ok());
 }
 
 TEST_P(SecurityTokenTest, HealthServiceAnswersWithoutAToken) {
@@ -648,6 +682,61 @@ TEST(SecurityCallLimitTest, StalledReaderIsCancelledAtTheLongestCallDuration) {
   auto again = client->Get("big/value", {.range = client::ByteRange::Bounded(0, 4096)});
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->data.size(), 4096u);
+}
+
+// The same for TensorStore's Read: a reader that stops reading a 64 MiB value is cancelled at
+// --max_call_duration.
+TEST(SecurityCallLimitTest, StalledTensorStoreReaderIsCancelledAtTheLongestCallDuration) {
+  TempDir dir;
+  std::filesystem::create_directories(dir.Join("store"));
+  auto server =
+      ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.Join("store"), "--fsync=false",
+                            "--shm=false", "--host_cache_bytes=128MiB", "--max_call_duration=3s"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  const size_t size = 64 << 20;
+  testing::TsClient ts((*server)->address());
+  ASSERT_TRUE(ts.Write("big/value", testing::RandomBytes(size, 7), nullptr).ok());
+  auto client = MustConnect(Options((*server)->address()));
+
+  grpc::ClientContext context;  // no deadline of its own: only the server's limit ends it
+  tensorstore_grpc::kvstore::ReadRequest request;
+  request.set_key("big/value");
+  absl::Time start = absl::Now();
+  auto reader = ts.stub().Read(&context, request);
+  tensorstore_grpc::kvstore::ReadResponse first;
+  ASSERT_TRUE(reader->Read(&first));
+  EXPECT_EQ(first.state(), tensorstore_grpc::kvstore::ReadResponse::VALUE);
+
+  // The reader stops here. The server must give up on it once the limit has passed.
+  absl::Time cancelled_at = absl::InfinitePast();
+  uint64_t served_when_cancelled = 0;
+  while (absl::Now() - start < absl::Seconds(20)) {
+    auto info = client->ServerInfo();
+    ASSERT_TRUE(info.ok()) << info.status();
+    if (Counter(*info, "tensorstore_get_errors") > 0) {
+      cancelled_at = absl::Now();
+      served_when_cancelled = Counter(*info, "tensorstore_bytes_served_inline");
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  ASSERT_NE(cancelled_at, absl::InfinitePast()) << "the stalled Read was never cancelled\n"
+                                                << (*server)->log();
+  EXPECT_GE(cancelled_at - start, absl::Seconds(2.5));
+  EXPECT_LT(cancelled_at - start, absl::Seconds(8));
+  EXPECT_LT(served_when_cancelled, size) << "the test's reader did not stall the server";
+  EXPECT_TRUE(absl::StrContains((*server)->log(),
+                                "cancelling a /tensorstore_grpc.kvstore.KvStoreService/Read call"))
+      << (*server)->log();
+  tensorstore_grpc::kvstore::ReadResponse part;
+  while (reader->Read(&part)) {
+  }
+  grpc::Status status = reader->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+  // The server still serves.
+  testing::TsRead again = ts.Read("big/value", testing::TsReadOptions::Range(0, 4096));
+  ASSERT_TRUE(again.status.ok()) << again.status.error_message();
+  EXPECT_EQ(again.value.size(), 4096u);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include "google/protobuf/descriptor.h"
 #include "gtest/gtest.h"
 #include "server/rpc/security.h"
+#include "tensorstore_grpc/kvstore/kvstore.grpc.pb.h"
 
 namespace chunkd::server {
 namespace {
@@ -85,16 +86,32 @@ TEST(SecurityTokenTableTest, LoadNamesAMissingFile) {
   EXPECT_TRUE(absl::StrContains(table.status().message(), "/nonexistent/chunkd-tokens"));
 }
 
-TEST(SecurityRightsTest, EveryMethodOfTheServiceHasARight) {
+TEST(SecurityRightsTest, EveryMethodOfEveryServiceHasARight) {
   // A new RPC must be given a right here (server/rpc/auth.cc) before tokens admit it.
-  const google::protobuf::ServiceDescriptor* service =
-      google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(
-          v1::Chunkd::service_full_name());
-  ASSERT_NE(service, nullptr);
-  for (int i = 0; i < service->method_count(); ++i) {
-    EXPECT_TRUE(RequiredRight(service->method(i)->name()).has_value())
-        << service->method(i)->name() << " has no required right in server/rpc/auth.cc";
+  for (const char* name : {v1::Chunkd::service_full_name(),
+                           tensorstore_grpc::kvstore::KvStoreService::service_full_name()}) {
+    const google::protobuf::ServiceDescriptor* service =
+        google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(name);
+    ASSERT_NE(service, nullptr) << name;
+    for (int i = 0; i < service->method_count(); ++i) {
+      std::string method = absl::StrCat("/", name, "/", service->method(i)->name());
+      EXPECT_TRUE(RequiredRight(method).has_value())
+          << method << " has no required right in server/rpc/auth.cc";
+    }
   }
+  // chunkd.v1's calls name their method alone.
+  EXPECT_EQ(RequiredRight("Get"), Right::kRead);
+}
+
+TEST(SecurityRightsTest, TensorStoreMethodsNeedTheRightsOfTheirChunkdCounterparts) {
+  constexpr char kService[] = "/tensorstore_grpc.kvstore.KvStoreService/";
+  EXPECT_EQ(RequiredRight(absl::StrCat(kService, "Read")), Right::kRead);
+  EXPECT_EQ(RequiredRight(absl::StrCat(kService, "List")), Right::kRead);
+  EXPECT_EQ(RequiredRight(absl::StrCat(kService, "Write")), Right::kWrite);
+  EXPECT_EQ(RequiredRight(absl::StrCat(kService, "Delete")), Right::kWrite);
+  EXPECT_EQ(RequiredRight(absl::StrCat(kService, "Unknown")), std::nullopt);
+  // A bare name is chunkd.v1's: "Read" is no chunkd.v1 method.
+  EXPECT_EQ(RequiredRight("Read"), std::nullopt);
 }
 
 TEST(SecurityRightsTest, RightsPerMethod) {

@@ -94,5 +94,26 @@ TEST(ByteRangeTest, ResolveHugeValue) {
   ExpectResolves(ByteRange::Bounded(size - 10, size + 10), size, size - 10, 10);
 }
 
+// TensorStore's rule: a range must lie within the value.
+TEST(ByteRangeTest, ResolveWithinRequiresTheRangeInsideTheValue) {
+  auto within = [](const ByteRange& range, uint64_t size) { return ResolveWithin(range, size); };
+  EXPECT_EQ(within(ByteRange::All(), 10)->length, 10u);
+  EXPECT_EQ(within(ByteRange::Bounded(1, 3), 10)->start, 1u);
+  EXPECT_EQ(within(ByteRange::Bounded(1, 3), 10)->length, 2u);
+  EXPECT_EQ(within(ByteRange::Bounded(10, 10), 10)->length, 0u);
+  EXPECT_EQ(within(ByteRange::FromOffset(10), 10)->length, 0u);
+  EXPECT_EQ(within(ByteRange::Suffix(10), 10)->start, 0u);
+  EXPECT_EQ(within(ByteRange::Suffix(0), 10)->start, 10u);
+  EXPECT_EQ(within(ByteRange::All(), 0)->length, 0u);
+  for (const ByteRange& range : {ByteRange::Bounded(1, 11), ByteRange::Bounded(11, 12),
+                                 ByteRange::FromOffset(11), ByteRange::Suffix(11)}) {
+    absl::StatusOr<ResolvedRange> r = within(range, 10);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kOutOfRange) << range.ToString();
+    EXPECT_THAT(std::string(r.status().message()), HasSubstr("10 bytes"));
+  }
+  EXPECT_EQ(within(ByteRange::Suffix(std::numeric_limits<int64_t>::max()), 10).status().code(),
+            absl::StatusCode::kOutOfRange);
+}
+
 }  // namespace
 }  // namespace chunkd::server

@@ -478,7 +478,8 @@ class CudaServiceTest : public ::testing::Test {
     options.leases = leases_.get();
     options.device_tier = tier_.get();
     options.host = buffer::CurrentHostIdentity();
-    service_ = std::make_unique<server::ChunkdService>(store_.get(), options);
+    core_ = std::make_unique<server::ServiceCore>(store_.get(), options);
+    service_ = std::make_unique<server::ChunkdService>(core_.get());
     grpc::ServerBuilder builder;
     int port = 0;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
@@ -566,6 +567,7 @@ class CudaServiceTest : public ::testing::Test {
   std::unique_ptr<DeviceTier> tier_;
   std::unique_ptr<LeaseTable> leases_;
   std::unique_ptr<server::ChunkStore> store_;
+  std::unique_ptr<server::ServiceCore> core_;
   std::unique_ptr<server::ChunkdService> service_;
   std::unique_ptr<server::rpc::Engine> engine_;
   std::unique_ptr<grpc::Server> server_;

@@ -123,6 +123,41 @@ TEST(ValidatePrefixTest, AcceptsAndRefuses) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
 }
 
+TEST(PrefixOfKeyRangeTest, CommonPrefixOfTheBounds) {
+  EXPECT_EQ(*PrefixOfKeyRange("a/c/", "a/c0"), "a/c");
+  EXPECT_EQ(*PrefixOfKeyRange("arr/c/1", "arr/c/3"), "arr/c/");
+  EXPECT_EQ(*PrefixOfKeyRange("a/b", "b/aa"), "");
+  EXPECT_EQ(*PrefixOfKeyRange("", "a/c/aa"), "");
+  // No upper bound: nothing is common.
+  EXPECT_EQ(*PrefixOfKeyRange("a/b", ""), "");
+  EXPECT_EQ(*PrefixOfKeyRange("", ""), "");
+  // Equal bounds (an empty range) share themselves.
+  EXPECT_EQ(*PrefixOfKeyRange("k/1", "k/1"), "k/1");
+}
+
+TEST(PrefixOfKeyRangeTest, EndsOnAWholeUtf8Character) {
+  // "é" is C3 A9, "ê" C3 AA: they share their first byte only.
+  EXPECT_EQ(*PrefixOfKeyRange("a/\xc3\xa9", "a/\xc3\xaa"), "a/");
+  // "€" is E2 82 AC, "₭" E2 82 AD.
+  EXPECT_EQ(*PrefixOfKeyRange("x\xe2\x82\xac", "x\xe2\x82\xad"), "x");
+  EXPECT_EQ(*PrefixOfKeyRange("\xc3\xa9/a", "\xc3\xa9/b"), "\xc3\xa9/");
+}
+
+TEST(PrefixOfKeyRangeTest, RefusesPrefixesNoKeyCanStartWith) {
+  absl::StatusOr<std::string> p = PrefixOfKeyRange("/a/b", "/a/c");
+  EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(p.status().message()), HasSubstr("starts with '/'"));
+  p = PrefixOfKeyRange("a\x01x", "a\x01y");
+  EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(PrefixOfKeyRangeTest, InKeyRange) {
+  EXPECT_TRUE(InKeyRange("a/b", "a/b", "b"));
+  EXPECT_FALSE(InKeyRange("b", "a/b", "b"));
+  EXPECT_FALSE(InKeyRange("a/a", "a/b", "b"));
+  EXPECT_TRUE(InKeyRange("zzz", "a", ""));
+}
+
 TEST(QuoteKeyTest, EscapesAndCuts) {
   EXPECT_EQ(QuoteKey("arr/c/0"), "\"arr/c/0\"");
   EXPECT_EQ(QuoteKey(""), "\"\"");

@@ -194,6 +194,43 @@ TEST(RawMessageTest, CopyThresholdIsAParameter) {
   EXPECT_EQ(Flatten(EncodeWithData("", data, 0)), "\x7a\x0a" "0123456789");
 }
 
+TEST(RawMessageTest, PartSequenceCutsAValueIntoReferencedParts) {
+  std::string bytes = RandomBytes((3 << 20) + 5, 9);
+  Buffer value = Buffer::CopyOf(bytes);
+  PartSequence parts(value, /*field=*/4, /*part_bytes=*/1 << 20);
+  std::string joined;
+  std::vector<size_t> sizes;
+  bool first = true;
+  while (!parts.done()) {
+    size_t part = 0;
+    grpc::ByteBuffer message = parts.Next(first ? std::string("\x18\x02") : "", &part);
+    std::vector<grpc::Slice> slices = Slices(message);
+    // Large parts travel as a slice that points into the value (small ones are copied).
+    if (part >= (16 << 10)) {
+      EXPECT_EQ(reinterpret_cast<const std::byte*>(slices.back().begin()),
+                value.data() + joined.size());
+    }
+    std::string flat = Flatten(message);
+    std::string head = first ? std::string("\x18\x02") : "";
+    AppendLengthDelimitedHeader(&head, 4, part);
+    ASSERT_EQ(flat.substr(0, head.size()), head);
+    joined += flat.substr(head.size());
+    sizes.push_back(part);
+    first = false;
+  }
+  EXPECT_EQ(joined, bytes);
+  EXPECT_EQ(sizes, (std::vector<size_t>{1 << 20, 1 << 20, 1 << 20, 5}));
+}
+
+TEST(RawMessageTest, PartSequenceOfAnEmptyValueIsOneMessage) {
+  PartSequence parts(Buffer(), kDataField, 1 << 20);
+  EXPECT_FALSE(parts.done());
+  size_t part = 7;
+  EXPECT_EQ(Flatten(parts.Next("head", &part)), "head");
+  EXPECT_EQ(part, 0u);
+  EXPECT_TRUE(parts.done());
+}
+
 TEST(RawMessageTest, PutRequestParses) {
   v1::PutHeader header;
   header.set_key("arr/c/0/0");
