@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "cli/version.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/proto_buffer_reader.h"
 #include "proto/wire/raw_message.h"
@@ -17,7 +18,6 @@
 namespace chunkd::server {
 namespace {
 
-constexpr char kVersion[] = "0.1.0";
 // Entries and prefixes per List reply message.
 constexpr size_t kListPageItems = 1000;
 
@@ -1044,7 +1044,7 @@ void ChunkdService::ServerInfo(const v1::ServerInfoRequest& request,
 
 void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   Backend& backend = store_->backend();
-  response->set_version(kVersion);
+  response->set_version(CHUNKD_VERSION);
   response->set_backend(std::string(backend.kind()));
   response->set_store(backend.location());
   response->set_read_only(options_.read_only);
