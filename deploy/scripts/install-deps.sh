@@ -27,9 +27,10 @@ build_pkgs=(build-essential cmake ninja-build pkg-config git ccache
 test_pkgs=(redis-server libhiredis-dev nginx-light openssl procps iproute2
   python3 python3-venv python3-dev)
 # Rootful podman with Debian's runc (podman's default, crun, fails on some VMs' cgroups; see
-# deploy/podman/containers.conf), its netavark network stack with iptables for published ports,
-# and debootstrap for base images where no registry is reachable.
-image_pkgs=(podman runc netavark aardvark-dns iptables debootstrap debian-archive-keyring)
+# deploy/podman/containers.conf), catatonit (the pause process of pods: podman kube play), its
+# netavark network stack with iptables for published ports, and debootstrap for base images
+# where no registry is reachable.
+image_pkgs=(podman runc catatonit netavark aardvark-dns iptables debootstrap debian-archive-keyring)
 
 case "$mode" in
   runtime) pkgs=("${runtime_pkgs[@]}") ;;
