@@ -4,6 +4,7 @@
 # script as a developer machine, and a slim runtime stage with only their shared libraries.
 #
 #   docker build -t chunkd:0.1.0 .
+#   deploy/scripts/build-image.sh        (no Docker: podman, with base images from debootstrap)
 #   docker run --rm --shm-size=5g -p 127.0.0.1:7878:7878 -v chunkd-data:/data chunkd:0.1.0 \
 #     --listen=0.0.0.0:7878 --store=/data --host_cache_bytes=4GiB
 #

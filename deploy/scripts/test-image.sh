@@ -8,7 +8,8 @@
 #
 # 1. The container as a user runs it: the image's non-root user, a read-only root filesystem, no
 #    capabilities; the image's HEALTHCHECK passes; chunkctl on the host puts and gets through
-#    the published port and through the UNIX socket in a volume the host shares.
+#    the published port and through the UNIX socket in a volume the host shares; with a /dev/shm
+#    it cannot write, chunkd serves inline (and says so) instead of failing Puts.
 # 2. SIGTERM (podman stop): a Get still streaming when the signal comes finishes, and chunkd
 #    exits 0 within its --shutdown_grace.
 # 3. The sidecar, deploy/k8s/sidecar.yaml, through `podman kube play`: the application container
@@ -48,7 +49,7 @@ work="$(mktemp -d /var/tmp/chunkd-image-test.XXXXXX)"
 name="chunkd-test-$$"
 kube="$work/sidecar.yaml"
 cleanup() {
-  podman rm -f -t 0 "$name" >/dev/null 2>&1 || true
+  podman rm -f -t 0 "$name" "$name-noshm" >/dev/null 2>&1 || true
   if [ -f "$kube" ]; then podman kube down "$kube" >/dev/null 2>&1 || true; fi
   rm -rf "$work"
 }
@@ -100,6 +101,20 @@ cmp "$work/value.bin" "$work/unix.bin" || fail "UNIX socket: the bytes read diff
 cmp "$work/big.bin" "$work/big-tcp.bin" || fail "a value put over the socket reads back differently over TCP"
 [ -S "$work/sock/chunkd.sock" ] && [ "$(stat -c %u "$work/sock/chunkd.sock")" = 10001 ] ||
   fail "the socket in the shared volume is not chunkd's (uid 10001)"
+
+# A /dev/shm that chunkd's user cannot write (a root-owned volume): shared memory is off from the
+# start, said once, and values are served inline; Puts do not fail.
+mkdir -p "$work/root-shm"
+podman run -d --name "$name-noshm" --health-interval=disable --read-only \
+  -v "$work/root-shm:/dev/shm" "$image" --listen=unix:/run/chunkd/chunkd.sock --store=memory:// \
+  > /dev/null
+for _ in $(seq 60); do podman exec "$name-noshm" chunkctl --server=unix:/run/chunkd/chunkd.sock health > /dev/null 2>&1 && break; sleep 0.5; done
+podman exec -i "$name-noshm" chunkctl --server=unix:/run/chunkd/chunkd.sock put k - < "$work/value.bin" ||
+  fail "a Put fails when /dev/shm is not writable"
+podman logs "$name-noshm" 2>&1 | grep -q "shared-memory delivery is off: shared-memory directory /dev/shm is not writable by uid 10001" ||
+  fail "chunkd did not say that shared memory is off: $(podman logs "$name-noshm" 2>&1 | tail -n 3)"
+podman rm -f -t 0 "$name-noshm" > /dev/null 2>&1
+log "an unwritable /dev/shm: shared memory off, said once, Puts work"
 
 # --- 2. SIGTERM while a Get streams -------------------------------------------------------------
 # A raw gRPC Get (the request is one protobuf field, key = 1) of the 48 MiB value, read slowly:
