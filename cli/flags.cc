@@ -67,6 +67,8 @@ void CheckFlags(int argc, char** argv, absl::string_view program) {
       if (i + 1 >= argc) Fail(program, absl::StrCat("flag --", name, " needs a value"));
       value = argv[++i];
     }
+    // Abseil expands these itself (their flags are read there, and complained about there).
+    if (name == "flagfile" || name == "fromenv" || name == "tryfromenv") continue;
     std::string error;
     if (!flag->ParseFrom(value, &error)) Fail(program, error);
   }

@@ -68,7 +68,7 @@ if [ ! -d /usr/local/cuda ] && ! command -v nvcc >/dev/null; then
 fi
 targets=(chunkd chunkctl chunkd_unit_tests chunkd_integration_tests chunkd_shm_reader chunkd_gpu_bench)
 if timeout 330 "$root/deploy/scripts/build.sh" "${targets[@]}" > "$out/build.log" 2>&1; then
-  if "$root/build/server/chunkd" --version | grep -q "CUDA built in"; then
+  if [[ "$("$root/build/server/chunkd" --version)" == *"CUDA built in"* ]]; then
     step build passed "${targets[*]}, CUDA device tier built in"
   else
     step build failed "built without the CUDA toolkit: the device tier is not in the binaries"

@@ -83,8 +83,11 @@ uid="$(podman exec "$name" id -u)"
 if podman exec "$name" sh -c 'echo x > /usr/local/bin/x' 2>/dev/null; then
   fail "wrote to the root filesystem"
 fi
-podman exec "$name" chunkd --version | grep -q "^chunkd $chunkd_version$" ||
-  fail "chunkd --version in the image does not say $chunkd_version"
+# (Output is captured before it is searched: with pipefail, grep -q closing the pipe early
+# would fail the pipeline.)
+version="$(podman exec "$name" chunkd --version)"
+grep -q "^chunkd $chunkd_version$" <<< "$version" ||
+  fail "chunkd --version in the image does not say $chunkd_version: $version"
 
 port="$(podman port "$name" 7878/tcp | head -n 1)"
 port="${port##*:}"
@@ -111,8 +114,9 @@ podman run -d --name "$name-noshm" --health-interval=disable --read-only \
 for _ in $(seq 60); do podman exec "$name-noshm" chunkctl --server=unix:/run/chunkd/chunkd.sock health > /dev/null 2>&1 && break; sleep 0.5; done
 podman exec -i "$name-noshm" chunkctl --server=unix:/run/chunkd/chunkd.sock put k - < "$work/value.bin" ||
   fail "a Put fails when /dev/shm is not writable"
-podman logs "$name-noshm" 2>&1 | grep -q "shared-memory delivery is off: shared-memory directory /dev/shm is not writable by uid 10001" ||
-  fail "chunkd did not say that shared memory is off: $(podman logs "$name-noshm" 2>&1 | tail -n 3)"
+noshm_log="$(podman logs "$name-noshm" 2>&1)"
+grep -q "shared-memory delivery is off: shared-memory directory /dev/shm is not writable by uid 10001" <<< "$noshm_log" ||
+  fail "chunkd did not say that shared memory is off: $noshm_log"
 podman rm -f -t 0 "$name-noshm" > /dev/null 2>&1
 log "an unwritable /dev/shm: shared memory off, said once, Puts work"
 
