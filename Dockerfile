@@ -4,6 +4,7 @@
 # script as a developer machine, and a slim runtime stage with only their shared libraries.
 #
 #   docker build -t chunkd:0.1.0 .
+#   deploy/scripts/build-image.sh        (no Docker: podman, with base images from debootstrap)
 #   docker run --rm --shm-size=5g -p 127.0.0.1:7878:7878 -v chunkd-data:/data chunkd:0.1.0 \
 #     --listen=0.0.0.0:7878 --store=/data --host_cache_bytes=4GiB
 #
@@ -31,8 +32,13 @@ WORKDIR /src
 COPY deploy/scripts/install-deps.sh deploy/scripts/install-deps.sh
 RUN bash deploy/scripts/install-deps.sh build && rm -rf /var/lib/apt/lists/*
 COPY . .
-RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+# The compiler cache lives in a build cache mount (BuildKit and podman/buildah): a rebuild after a
+# source edit recompiles only what changed.
+RUN --mount=type=cache,target=/var/cache/ccache \
+    export CCACHE_DIR=/var/cache/ccache CCACHE_BASEDIR=/src \
+ && cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DCHUNKD_BUILD_TESTS=OFF -DCHUNKD_BUILD_BENCH=OFF \
+      -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache \
  && ninja -C build chunkd chunkctl \
  && strip build/server/chunkd build/client/chunkctl
 

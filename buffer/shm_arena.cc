@@ -66,6 +66,13 @@ absl::StatusOr<std::shared_ptr<ShmArena>> ShmArena::Create(const ShmArenaOptions
     return absl::NotFoundError(absl::StrCat("shared-memory directory ", options.directory,
                                             " does not exist or is not a directory"));
   }
+  // Segments are created lazily: a directory this user cannot write (a volume that belongs to
+  // root, say) would otherwise fail every Put later instead of turning shared memory off now.
+  if (::access(options.directory.c_str(), W_OK | X_OK) != 0) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "shared-memory directory ", options.directory, " is not writable by uid ", ::geteuid(),
+        ": ", std::strerror(errno)));
+  }
   if (options.segment_bytes < kPage) {
     return absl::InvalidArgumentError("shared-memory segments must be at least one page");
   }

@@ -16,14 +16,13 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/time.h"
+#include "cli/flags.h"
 #include "client/client.h"
 #include "client/sharded_client.h"
 #include "client/credentials.h"
@@ -96,17 +95,23 @@ int Report(const absl::Status& status) {
   return absl::IsNotFound(status) ? kExitNotFound : kExitError;
 }
 
+// A local file that cannot be read or written: exit 1, like any error but a missing key, and
+// no "cannot reach chunkd" (which Report adds to UNAVAILABLE).
+absl::Status LocalFileError(absl::string_view what, const std::string& path) {
+  return absl::FailedPreconditionError(absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
+}
+
 int Usage(const std::string& problem) {
   std::fprintf(stderr, "chunkctl: %s (see chunkctl --help)\n", problem.c_str());
   return kExitError;
 }
 
-absl::Status WriteAll(int fd, const std::byte* data, size_t size) {
+absl::Status WriteAll(int fd, const std::byte* data, size_t size, const std::string& path) {
   while (size > 0) {
     ssize_t n = ::write(fd, data, size);
     if (n < 0) {
       if (errno == EINTR) continue;
-      return absl::UnavailableError(absl::StrCat("write failed: ", std::strerror(errno)));
+      return LocalFileError("cannot write", path);
     }
     data += n;
     size -= static_cast<size_t>(n);
@@ -117,9 +122,7 @@ absl::Status WriteAll(int fd, const std::byte* data, size_t size) {
 // Reads a whole file ("-": standard input) into a buffer.
 absl::StatusOr<chunkd::buffer::cpu::Buffer> ReadInput(const std::string& path) {
   int fd = path == "-" ? STDIN_FILENO : ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
-  }
+  if (fd < 0) return LocalFileError("cannot open", path);
   struct stat st;
   std::string bytes;
   if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) bytes.reserve(st.st_size);
@@ -128,9 +131,9 @@ absl::StatusOr<chunkd::buffer::cpu::Buffer> ReadInput(const std::string& path) {
     ssize_t n = ::read(fd, chunk, sizeof(chunk));
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
-      std::string error = std::strerror(errno);
+      absl::Status error = LocalFileError("cannot read", path);
       if (fd != STDIN_FILENO) ::close(fd);
-      return absl::UnavailableError(absl::StrCat("cannot read ", path, ": ", error));
+      return error;
     }
     if (n == 0) break;
     bytes.append(chunk, static_cast<size_t>(n));
@@ -158,14 +161,12 @@ absl::Status WriteOut(const std::string& path, const chunkd::buffer::cpu::Buffer
   int fd = STDOUT_FILENO;
   if (!path.empty() && path != "-") {
     fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-      return absl::PermissionDeniedError(
-          absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
-    }
+    if (fd < 0) return LocalFileError("cannot write", path);
   }
-  absl::Status written = WriteAll(fd, data.data(), data.size());
+  absl::Status written =
+      WriteAll(fd, data.data(), data.size(), fd == STDOUT_FILENO ? "standard output" : path);
   if (fd != STDOUT_FILENO && ::close(fd) != 0 && written.ok()) {
-    written = absl::UnavailableError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
+    written = LocalFileError("cannot write", path);
   }
   return written;
 }
@@ -379,13 +380,8 @@ int main(int argc, char** argv) {
       "  chunkctl [--server=ADDR] health      (gRPC health check; needs no token)\n\n"
       "ADDR is HOST:PORT (default 127.0.0.1:7878) or unix:/path/to/socket.\n"
       "Exit status: 0 success, 2 key not found, 1 any other error.\n\nFlags:");
-  absl::FlagsUsageConfig usage_config;
-  usage_config.contains_help_flags = [](absl::string_view path) {
-    return absl::StrContains(path, "client/chunkctl.cc");
-  };
-  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
-  absl::SetFlagsUsageConfig(usage_config);
-  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  std::vector<char*> args =
+      chunkd::cli::ParseCommandLine(argc, argv, "chunkctl", {"client/chunkctl.cc"});
   if (args.size() < 2) return Usage("no command given");
   std::string command = args[1];
   std::vector<std::string> operands(args.begin() + 2, args.end());

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's second command (and CI's): installs everything, builds, and runs every test:
-# the GoogleTest suites (ctest), the Python client and Zarr store tests (pytest), and the
-# deployment manifest checks.
+# the GoogleTest suites (ctest), the Python client and Zarr store tests (pytest), the
+# deployment manifest checks and the README's tour, then builds the container image and runs
+# it with podman (test-image.sh; one line says why where podman cannot run).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -19,4 +20,6 @@ if [ "${#py_tests[@]}" -gt 0 ]; then
   CHUNKD_BIN="$root/build/server/chunkd" CHUNKCTL_BIN="$root/build/client/chunkctl" \
     "$root/.venv/bin/python" -m pytest -q "${py_tests[@]}"
 fi
+echo "== Container image (podman: build, run, sidecar pod, SIGTERM)"
+"$root/deploy/scripts/test-image.sh"
 echo "== all tests passed"

@@ -15,14 +15,13 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/marshalling.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "cli/flags.h"
 #include "server/common/byte_size.h"
 #include "server/common/log.h"
 #include "server/daemon/metrics.h"
@@ -163,14 +162,8 @@ int main(int argc, char** argv) {
       "Talk to it with chunkctl (chunkctl --help), chunkd's Python and C++ clients, or\n"
       "TensorStore's tsgrpc_kvstore driver (TensorStore's key-value protocol is served on the\n"
       "same listeners). Flags:");
-  absl::FlagsUsageConfig usage_config;
-  usage_config.contains_help_flags = [](absl::string_view path) {
-    return absl::StrContains(path, "server/daemon/main.cc") ||
-           absl::StrContains(path, "server/daemon/security_flags.cc");
-  };
-  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
-  absl::SetFlagsUsageConfig(usage_config);
-  std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  std::vector<char*> positional = chunkd::cli::ParseCommandLine(
+      argc, argv, "chunkd", {"server/daemon/main.cc", "server/daemon/security_flags.cc"});
   if (positional.size() > 1) {
     return Fail(absl::StrCat("unexpected argument '", positional[1],
                              "' (flags take the form --name=value; see --help)"));

@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "cli/version.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/proto_buffer_reader.h"
 #include "proto/wire/raw_message.h"
@@ -19,7 +20,6 @@
 namespace chunkd::server {
 namespace {
 
-constexpr char kVersion[] = "0.1.0";
 
 grpc::Status Error(grpc::StatusCode code, std::string message) {
   return grpc::Status(code, std::move(message));
@@ -922,7 +922,7 @@ void ChunkdService::ServerInfo(const v1::ServerInfoRequest& request,
 
 void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   Backend& backend = store().backend();
-  response->set_version(kVersion);
+  response->set_version(CHUNKD_VERSION);
   response->set_backend(std::string(backend.kind()));
   response->set_store(backend.location());
   response->set_read_only(options().read_only);

@@ -118,7 +118,16 @@ TEST_F(ChunkctlTest, ExitCodes) {
   EXPECT_FALSE(testing::PathExists(dir_->Join("b")));
   EXPECT_EQ(Ctl({"frobnicate"}).exit_code, 1);
   EXPECT_EQ(Ctl({"get"}).exit_code, 1);
-  EXPECT_EQ(Ctl({"put", "k", dir_->Join("no-such-file")}).exit_code, 2);
+  // A local file that cannot be read is an error of its own (1), not a missing key (2).
+  CommandResult no_file = Ctl({"put", "k", dir_->Join("no-such-file")});
+  EXPECT_EQ(no_file.exit_code, 1);
+  EXPECT_EQ(no_file.err, "chunkctl: cannot open " + dir_->Join("no-such-file") +
+                             ": No such file or directory\n");
+  CommandResult no_dir = Ctl({"put", "k", "-"}, "v");
+  ASSERT_EQ(no_dir.exit_code, 0) << no_dir.err;
+  CommandResult unwritable = Ctl({"get", "k", "-o", dir_->Join("no/such/dir/out")});
+  EXPECT_EQ(unwritable.exit_code, 1);
+  EXPECT_EQ(unwritable.err.rfind("chunkctl: cannot write ", 0), 0u) << unwritable.err;
   CommandResult down = RunCommand(
       {testing::kChunkctlBinary, "--server=127.0.0.1:1", "--timeout=1s", "info"});
   EXPECT_EQ(down.exit_code, 1);
