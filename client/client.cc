@@ -1,8 +1,11 @@
 #include "client/client.h"
 
+#include <unistd.h>
+
 #include <algorithm>
-#include <cstdlib>
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <thread>
 #include <utility>
@@ -10,6 +13,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/cord.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "chunkd/v1/chunkd.grpc.pb.h"
@@ -39,6 +43,27 @@ absl::Status FromGrpc(const grpc::Status& s) {
   if (s.ok()) return absl::OkStatus();
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
+
+// A handle this process could not import (map a segment, open a CUDA IPC handle) fails its call
+// with a status that carries this payload: the client then turns that delivery off and makes
+// the call again, inline (see ClientImpl::DisableDelivery).
+constexpr char kImportFailedPayload[] = "chunkd/import-failed";
+
+absl::Status ImportFailed(const absl::Status& cause, v1::Delivery delivery) {
+  absl::Status s = absl::UnavailableError(cause.message());
+  s.SetPayload(kImportFailedPayload, absl::Cord(v1::Delivery_Name(delivery)));
+  return s;
+}
+
+// The delivery whose import failed, or DELIVERY_UNSPECIFIED for any other status.
+v1::Delivery ImportFailure(const absl::Status& s) {
+  auto payload = s.GetPayload(kImportFailedPayload);
+  v1::Delivery d = v1::DELIVERY_UNSPECIFIED;
+  if (payload) (void)v1::Delivery_Parse(std::string(*payload), &d);
+  return d;
+}
+
+std::atomic<int> fail_next_shm_imports{0};
 
 void ToProto(const Conditions& c, v1::Conditions* out) {
   if (c.if_generation_match) out->set_if_generation_match(*c.if_generation_match);
@@ -108,19 +133,25 @@ class Retrier : public std::enable_shared_from_this<Retrier<T>> {
   using Attempt = std::function<void(absl::Time deadline, Callback<T> done)>;
 
   static void Run(const ClientOptions& options, absl::Time deadline, bool retryable,
-                  Attempt attempt, Callback<T> done) {
+                  Attempt attempt, Callback<T> done,
+                  std::shared_ptr<Cancellation> cancellation = nullptr) {
     auto self = std::shared_ptr<Retrier>(new Retrier());
     self->attempt_ = std::move(attempt);
     self->done_ = std::move(done);
     self->deadline_ = deadline;
     self->attempts_left_ = retryable ? std::max(1, options.max_attempts) : 1;
     self->backoff_ = std::make_unique<Backoff>(options);
+    self->cancellation_ = std::move(cancellation);
     self->Next();
   }
 
  private:
   void Next() {
     auto self = this->shared_from_this();
+    if (cancellation_ && cancellation_->cancelled()) {
+      done_(absl::CancelledError("cancelled by the caller"));
+      return;
+    }
     attempt_(deadline_, [self](absl::StatusOr<T> result) {
       if (result.ok() || !absl::IsUnavailable(result.status()) || --self->attempts_left_ <= 0) {
         self->done_(std::move(result));
@@ -143,6 +174,7 @@ class Retrier : public std::enable_shared_from_this<Retrier<T>> {
   absl::Time deadline_;
   int attempts_left_ = 1;
   std::unique_ptr<Backoff> backoff_;
+  std::shared_ptr<Cancellation> cancellation_;
   absl::Mutex mu_;
   // Kept until the whole call is over: an alarm must outlive its callback.
   std::vector<std::unique_ptr<grpc::Alarm>> alarms_;
@@ -171,13 +203,21 @@ struct UnaryCall {
 // Returns the leases of dropped handle buffers to the server in batches, and renews the
 // leases of buffers still alive, from one background thread. The client and every handle
 // buffer share it, so a buffer that outlives its client still returns its lease.
+//
+// Fork: a child process inherits the keeper's memory but not its thread, and the leases stay
+// its parent's. Buffers dropped in a child release nothing (Drop checks the process id), and a
+// keeper destroyed in a child is left as it is (its thread and channel are the parent's).
 class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
  public:
   LeaseKeeper(std::shared_ptr<grpc::Channel> channel, const std::string& shm_dir)
-      : stub_(v1::Chunkd::NewStub(channel)), importer_(shm_dir) {
+      : stub_(v1::Chunkd::NewStub(channel)), importer_(shm_dir), pid_(getpid()) {
     thread_ = std::thread([this] { Loop(); });
   }
   ~LeaseKeeper() {
+    if (getpid() != pid_) {
+      thread_.detach();  // the parent's thread: nothing to join here
+      return;
+    }
     {
       absl::MutexLock lock(&mu_);
       stopping_ = true;
@@ -201,24 +241,40 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
     live_.insert(id);
     if (ttl < ttl_) ttl_ = ttl;
   }
-  // Its last copy is gone: release the lease with the next batch.
+  // Its last copy is gone: release the lease with the next batch (in the process that took
+  // it: a forked child's copies of the parent's buffers release nothing).
   void Drop(uint64_t id) {
+    if (getpid() != pid_) return;
     absl::MutexLock lock(&mu_);
-    live_.erase(id);
+    if (!live_.erase(id) && exited_) return;  // released at exit already
     to_release_.push_back(id);
   }
   size_t held() const {
     absl::MutexLock lock(&mu_);
     return live_.size();
   }
-  // Sends pending releases now and waits for the server's answer.
-  void Flush() {
+  // Sends pending releases now and waits for the server's answer; false if the call failed.
+  bool Flush() {
     std::vector<uint64_t> ids;
     {
       absl::MutexLock lock(&mu_);
       ids.swap(to_release_);
     }
-    if (!ids.empty()) SendRelease(std::move(ids), kCallTimeout);
+    return ids.empty() || SendRelease(std::move(ids), kCallTimeout);
+  }
+  // The process is exiting: every lease still held goes back now, in one call with a short
+  // deadline, rather than pinning the server's memory for a TTL.
+  void ReleaseAllAtExit() {
+    if (getpid() != pid_) return;
+    std::vector<uint64_t> ids;
+    {
+      absl::MutexLock lock(&mu_);
+      ids.swap(to_release_);
+      ids.insert(ids.end(), live_.begin(), live_.end());
+      live_.clear();
+      exited_ = true;
+    }
+    if (!ids.empty()) SendRelease(std::move(ids), absl::Seconds(1));
   }
 
  private:
@@ -270,13 +326,13 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
   }
 
   // A lost release is not lost memory: the lease expires.
-  void SendRelease(std::vector<uint64_t> ids, absl::Duration timeout) {
+  bool SendRelease(std::vector<uint64_t> ids, absl::Duration timeout) {
     grpc::ClientContext context;
     context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
     v1::ReleaseRequest request;
     for (uint64_t id : ids) request.add_lease_ids(id);
     v1::ReleaseResponse response;
-    stub_->Release(&context, request, &response).IgnoreError();
+    return stub_->Release(&context, request, &response).ok();
   }
 
   void SendRenew(std::vector<uint64_t> ids) {
@@ -290,14 +346,33 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
 
   std::unique_ptr<v1::Chunkd::Stub> stub_;
   buffer::ShmImporter importer_;
+  const pid_t pid_;
   mutable absl::Mutex mu_;
   absl::flat_hash_set<uint64_t> live_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> to_release_ ABSL_GUARDED_BY(mu_);
   absl::Duration ttl_ ABSL_GUARDED_BY(mu_) = absl::Seconds(30);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool rearm_ ABSL_GUARDED_BY(mu_) = false;
+  bool exited_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
 };
+
+// Every keeper of the process, for ReleaseLeasesAtExit.
+absl::Mutex keepers_mu(absl::kConstInit);
+std::vector<std::weak_ptr<LeaseKeeper>>& Keepers() {
+  static auto* keepers = new std::vector<std::weak_ptr<LeaseKeeper>>();
+  return *keepers;
+}
+
+std::shared_ptr<LeaseKeeper> NewLeaseKeeper(std::shared_ptr<grpc::Channel> channel,
+                                            const std::string& shm_dir) {
+  auto keeper = std::make_shared<LeaseKeeper>(std::move(channel), shm_dir);
+  absl::MutexLock lock(&keepers_mu);
+  auto& keepers = Keepers();
+  std::erase_if(keepers, [](const std::weak_ptr<LeaseKeeper>& k) { return k.expired(); });
+  keepers.push_back(keeper);
+  return keeper;
+}
 
 // The reply of one Get, assembled from its raw messages: each is decoded field by field and its
 // data copied once, from the received slices into the result; a handle reply is imported.
@@ -376,14 +451,20 @@ class GetReply {
   absl::StatusOr<GetResult> ImportShm() {
     const v1::ShmHandle& shm = header_.shm();
     uint64_t lease = header_.lease().id();
-    std::weak_ptr<LeaseKeeper> weak = keeper_;
-    auto data = keeper_->importer().Import(
-        shm.segment(), shm.segment_size(), shm.offset(), shm.length(), [weak, lease] {
-          if (auto keeper = weak.lock()) keeper->Drop(lease);
-        });
+    // The buffer holds the keeper: one that outlives its client still returns its lease.
+    absl::StatusOr<buffer::cpu::Buffer> data;
+    if (fail_next_shm_imports.load(std::memory_order_relaxed) > 0 &&
+        fail_next_shm_imports.fetch_sub(1) > 0) {
+      data = absl::PermissionDeniedError(
+          absl::StrCat("cannot map ", shm.segment(), ": permission denied (injected by a test)"));
+    } else {
+      data = keeper_->importer().Import(
+          shm.segment(), shm.segment_size(), shm.offset(), shm.length(),
+          [keeper = keeper_, lease] { keeper->Drop(lease); });
+    }
     if (!data.ok()) {
       keeper_->Drop(lease);
-      return data.status();
+      return ImportFailed(data.status(), v1::DELIVERY_SHM);
     }
     keeper_->Track(lease, absl::Milliseconds(header_.lease().ttl_ms()));
     GetResult r;
@@ -403,13 +484,11 @@ class GetReply {
     absl::StatusOr<CudaImporter*> importer = CudaImporter::ForProcess();
     absl::StatusOr<buffer::gpu::Buffer> data =
         importer.ok() ? (*importer)->Import(header_.cuda(),
-                                            [weak = std::weak_ptr<LeaseKeeper>(keeper_), lease] {
-                                              if (auto keeper = weak.lock()) keeper->Drop(lease);
-                                            })
+                                            [keeper = keeper_, lease] { keeper->Drop(lease); })
                       : importer.status();
     if (!data.ok()) {
       keeper_->Drop(lease);
-      return data.status();
+      return ImportFailed(data.status(), v1::DELIVERY_CUDA_IPC);
     }
     keeper_->Track(lease, absl::Milliseconds(header_.lease().ttl_ms()));
     GetResult r;
@@ -465,6 +544,12 @@ class GetManyReply {
         results.push_back(absl::DataLossError(absl::StrCat("GetMany: no reply for item ", i)));
       } else {
         results.push_back(replies_[i].Finish(grpc::Status::OK));
+        // A handle this process cannot import fails the whole call, which is made again
+        // inline; the leases of the other items go back as `results` is dropped.
+        if (!results.back().ok() &&
+            ImportFailure(results.back().status()) != v1::DELIVERY_UNSPECIFIED) {
+          return results.back().status();
+        }
       }
     }
     return results;
@@ -512,14 +597,30 @@ class GetManyReply {
   std::vector<std::optional<absl::Status>> errors_;
 };
 
-// One asynchronous Get: the request goes out raw, replies are assembled by GetReply.
-class GetCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+absl::StatusOr<GetResult> FinishReply(GetReply& reply, const grpc::Status& status) {
+  return reply.Finish(status);
+}
+absl::StatusOr<GetManyResults> FinishReply(GetManyReply& reply, const grpc::Status& status) {
+  if (!status.ok()) return FromGrpc(status);
+  return reply.Finish();
+}
+
+// One asynchronous server-streaming call, Get or GetMany (`Reply`: GetReply or GetManyReply):
+// the request goes out raw, the replies are assembled as they arrive.
+template <typename Reply, typename T>
+class StreamCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  GetCall(grpc::GenericStub* stub, std::shared_ptr<LeaseKeeper> keeper,
-          const grpc::ByteBuffer& request, absl::Time deadline, Callback<GetResult> done)
-      : done_(std::move(done)), request_(request), reply_(std::move(keeper)) {
-    context_.set_deadline(absl::ToChronoTime(deadline));
-    stub->PrepareBidiStreamingCall(&context_, kGetMethod, grpc::StubOptions(), this);
+  StreamCall(grpc::GenericStub* stub, const char* method, Reply reply,
+             const grpc::ByteBuffer& request, absl::Time deadline, Cancellation* cancellation,
+             Callback<T> done)
+      : done_(std::move(done)),
+        context_(std::make_shared<grpc::ClientContext>()),
+        request_(request),
+        reply_(std::move(reply)) {
+    context_->set_deadline(absl::ToChronoTime(deadline));
+    // A call cancelled before this attempt could start ends at once with CANCELLED.
+    if (cancellation != nullptr && !cancellation->Arm(context_)) context_->TryCancel();
+    stub->PrepareBidiStreamingCall(context_.get(), method, grpc::StubOptions(), this);
     StartWriteLast(&request_, grpc::WriteOptions());
     StartRead(&response_);
     StartCall();
@@ -529,26 +630,27 @@ class GetCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byt
     if (!ok) return;  // the stream ended; OnDone brings the status
     if (absl::Status s = reply_.Absorb(response_); !s.ok()) {
       error_ = s;
-      context_.TryCancel();
+      context_->TryCancel();
       return;
     }
     StartRead(&response_);
   }
 
   void OnDone(const grpc::Status& status) override {
-    absl::StatusOr<GetResult> result = error_.ok() ? reply_.Finish(status) : error_;
-    Callback<GetResult> done = std::move(done_);
+    absl::StatusOr<T> result = error_.ok() ? FinishReply(reply_, status) : error_;
+    Callback<T> done = std::move(done_);
     delete this;
     done(std::move(result));
   }
 
  private:
-  Callback<GetResult> done_;
-  grpc::ClientContext context_;
+  Callback<T> done_;
+  // Shared with the call's Cancellation, which may outlive this object.
+  std::shared_ptr<grpc::ClientContext> context_;
   grpc::ByteBuffer request_;
   grpc::ByteBuffer response_;
   absl::Status error_;
-  GetReply reply_;
+  Reply reply_;
 };
 
 // One Put: the header, then the value in parts that refer to the caller's buffer.
@@ -623,10 +725,11 @@ class PutCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byt
   bool got_response_ = false;
 };
 
+// One List call: the listing page by page, as the server streams it.
 class ListCall final : public grpc::ClientReadReactor<v1::ListResponse> {
  public:
   ListCall(v1::Chunkd::Stub* stub, absl::string_view prefix, bool directory, absl::Time deadline,
-           Callback<ListResult> done)
+           Callback<std::vector<ListResult>> done)
       : done_(std::move(done)) {
     context_.set_deadline(absl::ToChronoTime(deadline));
     request_.set_prefix(std::string(prefix));
@@ -638,29 +741,41 @@ class ListCall final : public grpc::ClientReadReactor<v1::ListResponse> {
 
   void OnReadDone(bool ok) override {
     if (!ok) return;
+    ListResult& page = pages_.emplace_back();
     for (v1::ListEntry& e : *response_.mutable_entries()) {
-      result_.entries.push_back({std::move(*e.mutable_key()), e.size()});
+      page.entries.push_back({std::move(*e.mutable_key()), e.size()});
     }
-    for (std::string& p : *response_.mutable_prefixes()) result_.prefixes.push_back(std::move(p));
+    for (std::string& p : *response_.mutable_prefixes()) page.prefixes.push_back(std::move(p));
     response_.Clear();
     StartRead(&response_);
   }
 
   void OnDone(const grpc::Status& status) override {
-    absl::StatusOr<ListResult> result = status.ok() ? absl::StatusOr<ListResult>(std::move(result_))
-                                                    : FromGrpc(status);
-    Callback<ListResult> done = std::move(done_);
+    absl::StatusOr<std::vector<ListResult>> result =
+        status.ok() ? absl::StatusOr<std::vector<ListResult>>(std::move(pages_))
+                    : FromGrpc(status);
+    Callback<std::vector<ListResult>> done = std::move(done_);
     delete this;
     done(std::move(result));
   }
 
  private:
-  Callback<ListResult> done_;
+  Callback<std::vector<ListResult>> done_;
   grpc::ClientContext context_;
   v1::ListRequest request_;
   v1::ListResponse response_;
-  ListResult result_;
+  std::vector<ListResult> pages_;
 };
+
+ListResult MergePages(std::vector<ListResult> pages) {
+  if (pages.size() == 1) return std::move(pages.front());
+  ListResult all;
+  for (ListResult& page : pages) {
+    std::move(page.entries.begin(), page.entries.end(), std::back_inserter(all.entries));
+    std::move(page.prefixes.begin(), page.prefixes.end(), std::back_inserter(all.prefixes));
+  }
+  return all;
+}
 
 struct Empty {};
 
@@ -671,7 +786,7 @@ class ClientImpl final : public Client {
         channel_(channel),
         stub_(v1::Chunkd::NewStub(channel)),
         generic_(std::make_unique<grpc::GenericStub>(channel)),
-        keeper_(std::make_shared<LeaseKeeper>(channel, options.shm_dir)) {
+        keeper_(NewLeaseKeeper(channel, options.shm_dir)) {
     buffer::HostIdentity id =
         options.identity ? *options.identity : buffer::CurrentHostIdentity(options.shm_dir);
     identity_.set_boot_id(id.boot_id);
@@ -683,60 +798,58 @@ class ClientImpl final : public Client {
   }
 
   size_t leases_held() const override { return keeper_->held(); }
-  void FlushReleases() override { keeper_->Flush(); }
+  bool FlushReleases() override { return keeper_->Flush(); }
+  std::string shm_disabled() const override {
+    absl::MutexLock lock(&disabled_mu_);
+    return shm_disabled_;
+  }
 
   void GetAsync(absl::string_view key, const GetOptions& options,
                 Callback<GetResult> done) override {
-    grpc::ByteBuffer request = Serialize(MakeGetRequest(key, options));
-    Retrier<GetResult>::Run(
-        options_, Deadline(options.timeout), /*retryable=*/true,
-        [this, request](absl::Time deadline, Callback<GetResult> attempt_done) {
-          new GetCall(generic_.get(), keeper_, request, deadline, std::move(attempt_done));
-        },
-        std::move(done));
+    GetAsyncOnce(std::string(key), options, /*import_retry=*/true, std::move(done));
   }
 
   // The blocking Get runs on gRPC's synchronous API: the calling thread drives the call
   // itself, which saves the hand-offs between threads that a callback call makes (they cost
   // more than the whole call for small values).
   absl::StatusOr<GetResult> Get(absl::string_view key, const GetOptions& options) override {
-    grpc::ByteBuffer request = Serialize(MakeGetRequest(key, options));
-    absl::Time deadline = Deadline(options.timeout);
-    return RetryBlocking<GetResult>(options_, deadline, [&]() -> absl::StatusOr<GetResult> {
-      GetReply reply(keeper_);
-      Streamed call = ReadStream(get_method_, deadline, request,
-                                 [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
-      if (!call.reply_error.ok()) return call.reply_error;
-      return reply.Finish(call.status);
-    });
+    for (bool import_retry = true;; import_retry = false) {
+      grpc::ByteBuffer request = Serialize(MakeGetRequest(key, options));
+      absl::Time deadline = Deadline(options.timeout);
+      absl::StatusOr<GetResult> result =
+          RetryBlocking<GetResult>(options_, deadline, [&]() -> absl::StatusOr<GetResult> {
+            GetReply reply(keeper_);
+            Streamed call = ReadStream(get_method_, deadline, request,
+                                       [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
+            if (!call.reply_error.ok()) return call.reply_error;
+            return reply.Finish(call.status);
+          });
+      if (!import_retry || !DisableDeliveryAfter(result.status())) return result;
+    }
   }
 
   absl::StatusOr<GetManyResults> GetMany(const std::vector<GetManyItem>& items,
                                          const GetOptions& options) override {
-    v1::GetManyRequest request;
-    for (const GetManyItem& item : items) {
-      GetOptions one;
-      one.range = item.range;
-      one.conditions = item.conditions;
-      v1::GetRequest r = MakeGetRequest(item.key, one);
-      r.clear_accept();
-      r.clear_client();
-      *request.add_items() = std::move(r);
+    for (bool import_retry = true;; import_retry = false) {
+      grpc::ByteBuffer raw = Serialize(MakeGetManyRequest(items, options));
+      absl::Time deadline = Deadline(options.timeout);
+      absl::StatusOr<GetManyResults> result = RetryBlocking<GetManyResults>(
+          options_, deadline, [&]() -> absl::StatusOr<GetManyResults> {
+            GetManyReply reply(keeper_, items.size());
+            Streamed call = ReadStream(get_many_method_, deadline, raw,
+                                       [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
+            if (!call.reply_error.ok()) return call.reply_error;
+            if (!call.status.ok()) return FromGrpc(call.status);
+            return reply.Finish();
+          });
+      if (!import_retry || !DisableDeliveryAfter(result.status())) return result;
     }
-    v1::GetRequest shared = MakeGetRequest("", options);
-    *request.mutable_accept() = shared.accept();
-    if (shared.has_client()) *request.mutable_client() = shared.client();
-    grpc::ByteBuffer raw = Serialize(request);
-    absl::Time deadline = Deadline(options.timeout);
-    return RetryBlocking<GetManyResults>(options_, deadline,
-                                         [&]() -> absl::StatusOr<GetManyResults> {
-      GetManyReply reply(keeper_, items.size());
-      Streamed call = ReadStream(get_many_method_, deadline, raw,
-                                 [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
-      if (!call.reply_error.ok()) return call.reply_error;
-      if (!call.status.ok()) return FromGrpc(call.status);
-      return reply.Finish();
-    });
+  }
+
+  void GetManyAsync(std::vector<GetManyItem> items, const GetOptions& options,
+                    Callback<GetManyResults> done) override {
+    GetManyAsyncOnce(std::make_shared<const std::vector<GetManyItem>>(std::move(items)), options,
+                     /*import_retry=*/true, std::move(done));
   }
 
   void PutAsync(absl::string_view key, buffer::cpu::Buffer value, const Conditions& conditions,
@@ -799,17 +912,31 @@ class ClientImpl final : public Client {
         [](const v1::StatResponse& r) { return StatResult{r.exists(), r.size(), r.generation()}; });
   }
 
-  void ListAsync(absl::string_view prefix, bool directory, Callback<ListResult> done) override {
-    Retrier<ListResult>::Run(
+  void ListPagesAsync(absl::string_view prefix, bool directory,
+                      Callback<std::vector<ListResult>> done) override {
+    Retrier<std::vector<ListResult>>::Run(
         options_, Deadline(std::nullopt), /*retryable=*/true,
-        [this, prefix = std::string(prefix), directory](absl::Time deadline,
-                                                        Callback<ListResult> attempt_done) {
+        [this, prefix = std::string(prefix), directory](
+            absl::Time deadline, Callback<std::vector<ListResult>> attempt_done) {
           new ListCall(stub_.get(), prefix, directory, deadline, std::move(attempt_done));
         },
         std::move(done));
   }
+  absl::StatusOr<std::vector<ListResult>> ListPages(absl::string_view prefix,
+                                                    bool directory) override {
+    return WaitFor<std::vector<ListResult>>(
+        [&](Callback<std::vector<ListResult>> cb) { ListPagesAsync(prefix, directory, cb); });
+  }
+  void ListAsync(absl::string_view prefix, bool directory, Callback<ListResult> done) override {
+    ListPagesAsync(prefix, directory, [done = std::move(done)](auto pages) {
+      if (!pages.ok()) return done(pages.status());
+      done(MergePages(*std::move(pages)));
+    });
+  }
   absl::StatusOr<ListResult> List(absl::string_view prefix, bool directory) override {
-    return WaitFor<ListResult>([&](Callback<ListResult> cb) { ListAsync(prefix, directory, cb); });
+    auto pages = ListPages(prefix, directory);
+    if (!pages.ok()) return pages.status();
+    return MergePages(*std::move(pages));
   }
 
   void ServerInfoAsync(Callback<v1::ServerInfoResponse> done) override {
@@ -836,15 +963,100 @@ class ClientImpl final : public Client {
     ToProto(options.range, &request);
     ToProto(options.conditions, request.mutable_conditions());
     bool handles = false, cuda = false;
+    bool shm_off, cuda_off;
+    {
+      absl::MutexLock lock(&disabled_mu_);
+      shm_off = !shm_disabled_.empty();
+      cuda_off = !cuda_disabled_.empty();
+    }
     for (v1::Delivery d : options.accept.value_or(options_.accept)) {
+      // A delivery this client could not import before is asked for no more.
+      if ((d == v1::DELIVERY_SHM && shm_off) || (d == v1::DELIVERY_CUDA_IPC && cuda_off)) continue;
       request.add_accept(d);
       handles |= d != v1::DELIVERY_INLINE;
       cuda |= d == v1::DELIVERY_CUDA_IPC;
     }
+    if (request.accept().empty()) request.add_accept(v1::DELIVERY_INLINE);
     if (handles) *request.mutable_client() = identity_;
     // The GPU by UUID; without a device the server falls back (or refuses a CUDA-only Get).
-    if (cuda) (void)PrepareCudaRequest(options_.cuda_device, &request);
+    if (cuda) (void)PrepareCudaRequest(options.cuda_device.value_or(options_.cuda_device), &request);
     return request;
+  }
+
+  v1::GetManyRequest MakeGetManyRequest(const std::vector<GetManyItem>& items,
+                                        const GetOptions& options) const {
+    v1::GetManyRequest request;
+    request.mutable_items()->Reserve(items.size());
+    for (const GetManyItem& item : items) {
+      v1::GetRequest* r = request.add_items();
+      r->set_key(item.key);
+      ToProto(item.range, r);
+      ToProto(item.conditions, r->mutable_conditions());
+    }
+    v1::GetRequest shared = MakeGetRequest("", options);
+    *request.mutable_accept() = shared.accept();
+    if (shared.has_client()) *request.mutable_client() = shared.client();
+    return request;
+  }
+
+  // After a call failed because this process could not import a handle (map a shared-memory
+  // segment, open a CUDA IPC handle): turns that delivery off for this client, with a log line,
+  // and says whether to make the call again (then inline).
+  bool DisableDeliveryAfter(const absl::Status& status) {
+    v1::Delivery failed = ImportFailure(status);
+    if (failed == v1::DELIVERY_UNSPECIFIED) return false;
+    absl::MutexLock lock(&disabled_mu_);
+    std::string& reason = failed == v1::DELIVERY_SHM ? shm_disabled_ : cuda_disabled_;
+    if (reason.empty()) {
+      reason = std::string(status.message());
+      std::fprintf(stderr, "chunkd client: %s delivery from %s is off: %s (values arrive inline)\n",
+                   failed == v1::DELIVERY_SHM ? "shared-memory" : "CUDA IPC",
+                   options_.address.c_str(), reason.c_str());
+    }
+    return true;
+  }
+
+  void GetAsyncOnce(std::string key, const GetOptions& options, bool import_retry,
+                    Callback<GetResult> done) {
+    grpc::ByteBuffer request = Serialize(MakeGetRequest(key, options));
+    Retrier<GetResult>::Run(
+        options_, Deadline(options.timeout), /*retryable=*/true,
+        [this, request, cancellation = options.cancellation](absl::Time deadline,
+                                                             Callback<GetResult> attempt_done) {
+          new StreamCall<GetReply, GetResult>(generic_.get(), kGetMethod, GetReply(keeper_),
+                                              request, deadline, cancellation.get(),
+                                              std::move(attempt_done));
+        },
+        [this, key = std::move(key), options, import_retry,
+         done = std::move(done)](absl::StatusOr<GetResult> result) mutable {
+          if (import_retry && DisableDeliveryAfter(result.status())) {
+            return GetAsyncOnce(std::move(key), options, false, std::move(done));
+          }
+          done(std::move(result));
+        },
+        options.cancellation);
+  }
+
+  void GetManyAsyncOnce(std::shared_ptr<const std::vector<GetManyItem>> items,
+                        const GetOptions& options, bool import_retry,
+                        Callback<GetManyResults> done) {
+    grpc::ByteBuffer request = Serialize(MakeGetManyRequest(*items, options));
+    Retrier<GetManyResults>::Run(
+        options_, Deadline(options.timeout), /*retryable=*/true,
+        [this, request, n = items->size(), cancellation = options.cancellation](
+            absl::Time deadline, Callback<GetManyResults> attempt_done) {
+          new StreamCall<GetManyReply, GetManyResults>(
+              generic_.get(), kGetManyMethod, GetManyReply(keeper_, n), request, deadline,
+              cancellation.get(), std::move(attempt_done));
+        },
+        [this, items, options, import_retry,
+         done = std::move(done)](absl::StatusOr<GetManyResults> result) mutable {
+          if (import_retry && DisableDeliveryAfter(result.status())) {
+            return GetManyAsyncOnce(std::move(items), options, false, std::move(done));
+          }
+          done(std::move(result));
+        },
+        options.cancellation);
   }
 
   // A unary call through the generated async stub, retried on UNAVAILABLE (every unary call
@@ -919,6 +1131,10 @@ class ClientImpl final : public Client {
   std::unique_ptr<grpc::GenericStub> generic_;
   std::shared_ptr<LeaseKeeper> keeper_;
   v1::ClientIdentity identity_;
+  // Why shared-memory / CUDA IPC delivery is off for this client ("": on).
+  mutable absl::Mutex disabled_mu_;
+  std::string shm_disabled_ ABSL_GUARDED_BY(disabled_mu_);
+  std::string cuda_disabled_ ABSL_GUARDED_BY(disabled_mu_);
   const grpc::internal::RpcMethod get_method_{kGetMethod,
                                               grpc::internal::RpcMethod::SERVER_STREAMING};
   const grpc::internal::RpcMethod get_many_method_{kGetManyMethod,
@@ -926,6 +1142,40 @@ class ClientImpl final : public Client {
 };
 
 }  // namespace
+
+void Cancellation::Cancel() {
+  std::shared_ptr<grpc::ClientContext> context;
+  {
+    absl::MutexLock lock(&mu_);
+    cancelled_ = true;
+    context = context_;
+  }
+  if (context) context->TryCancel();
+}
+
+bool Cancellation::cancelled() const {
+  absl::MutexLock lock(&mu_);
+  return cancelled_;
+}
+
+bool Cancellation::Arm(std::shared_ptr<grpc::ClientContext> context) {
+  absl::MutexLock lock(&mu_);
+  context_ = std::move(context);
+  return !cancelled_;
+}
+
+void ReleaseLeasesAtExit() {
+  std::vector<std::shared_ptr<LeaseKeeper>> keepers;
+  {
+    absl::MutexLock lock(&keepers_mu);
+    for (const auto& weak : Keepers()) {
+      if (auto keeper = weak.lock()) keepers.push_back(std::move(keeper));
+    }
+  }
+  for (const auto& keeper : keepers) keeper->ReleaseAllAtExit();
+}
+
+void FailNextShmImportsForTesting(int n) { fail_next_shm_imports.store(n); }
 
 absl::StatusOr<ByteRange> ByteRange::Parse(absl::string_view text) {
   const auto bad = [&] {

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import pickle
 
-import grpc
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
@@ -184,7 +183,7 @@ class TestChunkdStoreFile(_ChunkdStoreTests):
             store = ChunkdStore(s.address)
             with pytest.raises(chunkd.ChunkdError) as info:
                 asyncio.run(store.set("k", self.buffer_cls.from_bytes(b"v")))
-            assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+            assert info.value.code == chunkd.StatusCode.PERMISSION_DENIED
         finally:
             assert s.stop() == 0
 

@@ -9,7 +9,6 @@ import pickle
 import socket
 import threading
 
-import grpc
 import numpy as np
 import pytest
 import xarray as xr
@@ -265,7 +264,7 @@ async def test_call_failure_raises_from_every_get(calls):
     alone = await asyncio.gather(plain.get("a", PROTO), return_exceptions=True)
     for error, key in zip([*got, *alone], [*keys, "a"], strict=True):
         assert type(error) is chunkd.ChunkdError, error
-        assert error.code == grpc.StatusCode.UNAVAILABLE
+        assert error.code == chunkd.StatusCode.UNAVAILABLE
         assert error.key == f"p/{key}"
     assert len({id(e) for e in got}) == 3  # one exception each
     store.close()
