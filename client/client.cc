@@ -49,8 +49,10 @@ absl::Status FromGrpc(const grpc::Status& s) {
 // the call again, inline (see ClientImpl::DisableDelivery).
 constexpr char kImportFailedPayload[] = "chunkd/import-failed";
 
+// ABORTED, not UNAVAILABLE: the retry loops must not repeat the call as it was (it would ask
+// for the same delivery again).
 absl::Status ImportFailed(const absl::Status& cause, v1::Delivery delivery) {
-  absl::Status s = absl::UnavailableError(cause.message());
+  absl::Status s = absl::AbortedError(cause.message());
   s.SetPayload(kImportFailedPayload, absl::Cord(v1::Delivery_Name(delivery)));
   return s;
 }
@@ -253,14 +255,19 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
     absl::MutexLock lock(&mu_);
     return live_.size();
   }
-  // Sends pending releases now and waits for the server's answer; false if the call failed.
+  // Sends pending releases now and waits for the server's answer, and for the batch the
+  // keeper's thread may be sending; false if a call failed.
   bool Flush() {
     std::vector<uint64_t> ids;
     {
       absl::MutexLock lock(&mu_);
       ids.swap(to_release_);
     }
-    return ids.empty() || SendRelease(std::move(ids), kCallTimeout);
+    bool ok = ids.empty() || SendRelease(std::move(ids), kCallTimeout);
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(
+        +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) { return !k->sending_; }, this));
+    return ok && last_send_ok_;
   }
   // The process is exiting: every lease still held goes back now, in one call with a short
   // deadline, rather than pinning the server's memory for a TTL.
@@ -318,10 +325,13 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
         last_renew = absl::Now();
       }
       if (live_.empty()) last_renew = absl::Now();
+      sending_ = !release.empty();
       mu_.Unlock();
-      if (!release.empty()) SendRelease(std::move(release), kCallTimeout);
+      bool sent = release.empty() || SendRelease(std::move(release), kCallTimeout);
       if (!renew.empty()) SendRenew(std::move(renew));
       mu_.Lock();
+      if (sending_) last_send_ok_ = sent;
+      sending_ = false;
     }
   }
 
@@ -354,6 +364,9 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool rearm_ ABSL_GUARDED_BY(mu_) = false;
   bool exited_ ABSL_GUARDED_BY(mu_) = false;
+  // The thread is sending a batch of releases (Flush waits for it), and how the last went.
+  bool sending_ ABSL_GUARDED_BY(mu_) = false;
+  bool last_send_ok_ ABSL_GUARDED_BY(mu_) = true;
   std::thread thread_;
 };
 
@@ -537,6 +550,7 @@ class GetManyReply {
   absl::StatusOr<GetManyResults> Finish() {
     GetManyResults results;
     results.reserve(replies_.size());
+    absl::Status import_failed;
     for (size_t i = 0; i < replies_.size(); ++i) {
       if (errors_[i]) {
         results.push_back(*errors_[i]);
@@ -544,14 +558,16 @@ class GetManyReply {
         results.push_back(absl::DataLossError(absl::StrCat("GetMany: no reply for item ", i)));
       } else {
         results.push_back(replies_[i].Finish(grpc::Status::OK));
-        // A handle this process cannot import fails the whole call, which is made again
-        // inline; the leases of the other items go back as `results` is dropped.
-        if (!results.back().ok() &&
+        if (!results.back().ok() && import_failed.ok() &&
             ImportFailure(results.back().status()) != v1::DELIVERY_UNSPECIFIED) {
-          return results.back().status();
+          import_failed = results.back().status();
         }
       }
     }
+    // A handle this process cannot import fails the whole call, which is made again inline;
+    // every item was imported (or its lease dropped) first, so the leases of the others go
+    // back as `results` is dropped.
+    if (!import_failed.ok()) return import_failed;
     return results;
   }
 

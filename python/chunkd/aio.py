@@ -40,12 +40,15 @@ def completions(loop: asyncio.AbstractEventLoop) -> Any:
     return queue
 
 
-async def _wait(future: asyncio.Future, cancel: Any) -> Any:
+async def _wait(future: asyncio.Future, slot: list, cancel: Any) -> Any:
+    """A get's value: it arrives in ``slot`` (the future only says when), so that nothing but
+    the caller holds it (see chunkd_native.cc, Pending)."""
     try:
-        return await future
+        await future
     except asyncio.CancelledError:
         cancel.cancel()
         raise
+    return slot.pop()
 
 
 class AsyncClient(c.ClientBase):
@@ -131,13 +134,14 @@ class AsyncClient(c.ClientBase):
         native = self._native_client()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        slot: list = []
         if device is not None and not _cuda.possible(device):
             device = None  # no CuPy or no such device here: inline
         cancel = native.get_async(
-            completions(loop), future, key, start, end, suffix, out, match, not_match, device,
-            full,
+            completions(loop), future, slot, key, start, end, suffix, out, match, not_match,
+            device, full,
         )
-        return _wait(future, cancel)
+        return _wait(future, slot, cancel)
 
     async def read_many(self, items: Iterable[c.ItemLike]) -> list[c.GetResult | ChunkdError]:
         """See :meth:`chunkd.Client.read_many`: one result per item, an item's failure returned
@@ -154,8 +158,9 @@ class AsyncClient(c.ClientBase):
         results: list[Any] = []
         for group in c.batches(items):
             future = loop.create_future()
-            cancel = native.get_many_async(completions(loop), future, group, full)
-            results.extend(await _wait(future, cancel))
+            slot: list = []
+            cancel = native.get_many_async(completions(loop), future, slot, group, full)
+            results.extend(await _wait(future, slot, cancel))
         return results
 
     def _call(self, start, *args) -> Any:

@@ -13,8 +13,11 @@
 //   GIL: each completion is queued on the `Completions` of the caller's event loop, whose
 //   eventfd is written only when the queue goes from empty to non-empty; the loop (add_reader)
 //   then drains the queue and sets the futures (chunkd/aio.py).
-// - Fork: a client made in another process (a forked child's copy of its parent's) is never
-//   destroyed there: its gRPC state belongs to the parent.
+// - Fork: gRPC (Debian's, built without fork support) cannot be used in a child forked after
+//   it started: the child's copy of its threads is gone, and a call there hangs. So a client
+//   refuses to be made, or used, in a process forked from one where a client was made (a
+//   RuntimeError that says to use "spawn" or "forkserver"), and a parent's client is never
+//   destroyed in the child.
 #include <Python.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -478,10 +481,21 @@ nb::object ServerInfoDict(const v1::ServerInfoResponse& r) {
 
 // One call's way back: made with the GIL when the call starts (it holds the future and whatever
 // Python objects the call needs), filled on a gRPC thread, delivered with the GIL by Drain.
+//
+// A value goes into `slot` (a list the caller awaits the future for), not into the future
+// itself: asyncio keeps a completed future referenced until the end of the loop iteration that
+// resumes its waiter (the wake-up handle), and a future holding the value would keep a
+// shared-memory value's lease alive after the caller dropped it.
 class Pending {
  public:
-  explicit Pending(PyObject* future) : future_(future) { Py_INCREF(future_); }
-  virtual ~Pending() { Py_DECREF(future_); }  // with the GIL: only Drain destroys these
+  Pending(PyObject* future, PyObject* slot) : future_(future), slot_(slot) {
+    Py_INCREF(future_);
+    Py_XINCREF(slot_);
+  }
+  virtual ~Pending() {  // with the GIL: only Drain destroys these
+    Py_DECREF(future_);
+    Py_XDECREF(slot_);
+  }
   // The call's result: the value to set on the future. Raises for an error.
   virtual nb::object Result() = 0;
 
@@ -490,7 +504,12 @@ class Pending {
     if (nb::cast<bool>(future.attr("done")())) return;  // cancelled meanwhile
     try {
       nb::object value = Result();
-      future.attr("set_result")(value);
+      if (slot_ != nullptr) {
+        if (PyList_Append(slot_, value.ptr()) != 0) Throw();
+        future.attr("set_result")(nb::none());
+      } else {
+        future.attr("set_result")(value);
+      }
     } catch (nb::python_error& e) {
       future.attr("set_exception")(e.value());
     }
@@ -498,6 +517,7 @@ class Pending {
 
  private:
   PyObject* future_;
+  PyObject* slot_;
 };
 
 class Queue {
@@ -564,7 +584,7 @@ struct Completions {
 template <typename T>
 class PendingResult : public Pending {
  public:
-  using Pending::Pending;
+  explicit PendingResult(PyObject* future, PyObject* slot = nullptr) : Pending(future, slot) {}
   void Set(absl::StatusOr<T> r) { result_ = std::move(r); }
 
  protected:
@@ -584,8 +604,8 @@ client::Callback<T> Complete(std::shared_ptr<Queue> queue, P* pending,
 
 class PendingGet final : public PendingResult<GetResult> {
  public:
-  PendingGet(PyObject* future, PyObject* key, bool full)
-      : PendingResult(future), key_(nb::borrow(key)), full_(full) {}
+  PendingGet(PyObject* future, PyObject* slot, PyObject* key, bool full)
+      : PendingResult(future, slot), key_(nb::borrow(key)), full_(full) {}
   HeldBuffer out;
   OutCopy copy;
   void Set(absl::StatusOr<GetResult> r) {
@@ -611,8 +631,12 @@ class PendingGet final : public PendingResult<GetResult> {
 
 class PendingMany final : public PendingResult<GetManyResults> {
  public:
-  PendingMany(PyObject* future, nb::object items, std::vector<PyObject*> keys, bool full)
-      : PendingResult(future), items_(std::move(items)), keys_(std::move(keys)), full_(full) {}
+  PendingMany(PyObject* future, PyObject* slot, nb::object items, std::vector<PyObject*> keys,
+              bool full)
+      : PendingResult(future, slot),
+        items_(std::move(items)),
+        keys_(std::move(keys)),
+        full_(full) {}
   nb::object Result() override {
     if (!result_.ok()) Raise(result_.status(), nullptr);
     return ManyResults(*result_, full_, keys_);
@@ -655,6 +679,26 @@ struct Cancel {
   void Run() { cancellation->Cancel(); }
 };
 
+// The process where the first client was made (gRPC started there), 0 before.
+pid_t grpc_pid = 0;
+
+[[noreturn]] void RaiseForked() {
+  PyErr_SetString(PyExc_RuntimeError,
+                  "chunkd: this process was forked from one that had started gRPC (it made a "
+                  "chunkd client), and gRPC cannot be used in such a child: start worker "
+                  "processes with multiprocessing's \"spawn\" or \"forkserver\" method "
+                  "(dask and zarr's own pools do), or make the clients before any fork");
+  Throw();
+}
+
+void CheckNotForked() {
+  if (grpc_pid == 0) {
+    grpc_pid = getpid();
+  } else if (grpc_pid != getpid()) {
+    RaiseForked();
+  }
+}
+
 class PyClient {
  public:
   explicit PyClient(std::shared_ptr<client::Client> c) : client_(std::move(c)), pid_(getpid()) {}
@@ -664,6 +708,7 @@ class PyClient {
   }
 
   client::Client& c() {
+    if (getpid() != pid_) RaiseForked();
     if (!client_) {
       PyErr_SetString(PyExc_RuntimeError, "chunkd client is closed");
       Throw();
@@ -832,8 +877,7 @@ class PyClient {
 
   // -- asynchronous calls: the result goes to `future` through `queue` -----------------------
 
-  Cancel GetAsync(Completions& q, nb::handle future,
-                  nb::handle key, nb::handle start, nb::handle end, nb::handle suffix,
+  Cancel GetAsync(Completions& q, nb::handle future, nb::handle slot, nb::handle key, nb::handle start, nb::handle end, nb::handle suffix,
                   nb::handle out, nb::handle match, nb::handle not_match, nb::handle device,
                   bool full) {
     std::string k = KeyBytes(key.ptr());
@@ -841,7 +885,7 @@ class PyClient {
                            out.is_none() ? device.ptr() : nullptr);
     o.cancellation = std::make_shared<client::Cancellation>();
     auto keep = shared();
-    auto* pending = new PendingGet(future.ptr(), key.ptr(), full);
+    auto* pending = new PendingGet(future.ptr(), slot.ptr(), key.ptr(), full);
     if (!out.is_none()) {
       try {
         pending->out.HoldOut(out.ptr());
@@ -862,7 +906,7 @@ class PyClient {
     return cancel;
   }
 
-  Cancel GetManyAsync(Completions& q, nb::handle future, nb::handle items,
+  Cancel GetManyAsync(Completions& q, nb::handle future, nb::handle slot, nb::handle items,
                       bool full) {
     nb::list objects;
     std::vector<PyObject*> keys;
@@ -870,7 +914,7 @@ class PyClient {
     GetOptions o;
     o.cancellation = std::make_shared<client::Cancellation>();
     auto keep = shared();
-    auto* pending = new PendingMany(future.ptr(), objects, std::move(keys), full);
+    auto* pending = new PendingMany(future.ptr(), slot.ptr(), objects, std::move(keys), full);
     Cancel cancel{o.cancellation};
     {
       nb::gil_scoped_release release;
@@ -965,6 +1009,7 @@ client::ClientOptions MakeOptions(const std::string& address, nb::handle timeout
 }
 
 std::shared_ptr<client::Client> ConnectOrRaise(const client::ClientOptions& o) {
+  CheckNotForked();
   absl::StatusOr<std::unique_ptr<client::Client>> c;
   {
     nb::gil_scoped_release release;
@@ -991,6 +1036,7 @@ PyClient* ConnectSharded(const std::vector<std::string>& servers, int marks_down
                     const std::string& shm_dir, const std::string& tls_ca, bool tls,
                     const std::string& tls_cert, const std::string& tls_key,
                     const std::string& tls_server_name, const std::string& token) {
+  CheckNotForked();
   client::ShardedClientOptions o;
   o.servers = servers;
   o.failures_to_mark_down = marks_down;
@@ -1089,7 +1135,8 @@ NB_MODULE(_native, m) {
       .def("flush_releases", &PyClient::FlushReleases)
       .def_prop_ro("leases_held", &PyClient::leases_held)
       .def_prop_ro("shm_disabled", &PyClient::shm_disabled)
-      .def("get_async", &PyClient::GetAsync, nb::arg("queue"), nb::arg("future"), nb::arg("key"), nb::arg("start").none(),
+      .def("get_async", &PyClient::GetAsync, nb::arg("queue"), nb::arg("future"), nb::arg("slot"),
+           nb::arg("key"), nb::arg("start").none(),
            nb::arg("end").none(), nb::arg("suffix").none(), nb::arg("out").none(),
            nb::arg("match").none(), nb::arg("not_match").none(), nb::arg("device").none(),
            nb::arg("full"))
