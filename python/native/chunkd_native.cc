@@ -499,6 +499,11 @@ class Pending {
   // The call's result: the value to set on the future. Raises for an error.
   virtual nb::object Result() = 0;
 
+  // The client, held by the call until it is over, and then let go by Drain, on the loop's
+  // thread: never on one of gRPC's threads, where the last reference would destroy the client
+  // (its channel, its lease keeper) inside a gRPC callback.
+  std::shared_ptr<client::Client> keep;
+
   void Deliver() {
     nb::handle future(future_);
     if (nb::cast<bool>(future.attr("done")())) return;  // cancelled meanwhile
@@ -555,10 +560,17 @@ class Queue {
       absl::MutexLock lock(&mu_);
       batch.swap(queue_);
     }
+    std::vector<std::shared_ptr<client::Client>> clients;
+    clients.reserve(batch.size());
     for (Pending* p : batch) {
       p->Deliver();
+      clients.push_back(std::move(p->keep));
       delete p;
     }
+    // A client closed meanwhile may go here, and its last lease releases with it: not with
+    // the GIL held.
+    nb::gil_scoped_release release;
+    clients.clear();
   }
 
  private:
@@ -596,8 +608,9 @@ class PendingResult : public Pending {
 template <typename T, typename P>
 client::Callback<T> Complete(std::shared_ptr<Queue> queue, P* pending,
                              std::shared_ptr<client::Client> keep) {
-  return [queue = std::move(queue), pending, keep = std::move(keep)](absl::StatusOr<T> r) {
+  return [queue = std::move(queue), pending, keep = std::move(keep)](absl::StatusOr<T> r) mutable {
     pending->Set(std::move(r));
+    pending->keep = std::move(keep);
     queue->Push(pending);
   };
 }
@@ -898,10 +911,7 @@ class PyClient {
     {
       nb::gil_scoped_release release;
       keep->GetAsync(k, o,
-                     [q = q.queue, pending, keep](absl::StatusOr<GetResult> r) {
-                       pending->Set(std::move(r));
-                       q->Push(pending);
-                     });
+                     Complete<GetResult>(q.queue, pending, keep));
     }
     return cancel;
   }
@@ -950,10 +960,10 @@ class PyClient {
     auto* pending = NewSimple<Empty>(future.ptr(), key.ptr(),
                                      [](const Empty&) { return nb::none(); });
     nb::gil_scoped_release release;
-    keep->DeleteAsync(k, conds, [q = q.queue, pending, keep](absl::Status s) {
-      pending->Set(s.ok() ? absl::StatusOr<Empty>(Empty{}) : absl::StatusOr<Empty>(s));
-      q->Push(pending);
-    });
+    keep->DeleteAsync(k, conds,
+                      [done = Complete<Empty>(q.queue, pending, keep)](absl::Status s) mutable {
+                        done(s.ok() ? absl::StatusOr<Empty>(Empty{}) : absl::StatusOr<Empty>(s));
+                      });
   }
 
   void StatAsync(Completions& q, nb::handle future, nb::handle key) {
@@ -1059,6 +1069,11 @@ PyClient* ConnectSharded(const std::vector<std::string>& servers, int marks_down
 NB_MODULE(_native, m) {
   using namespace chunkd::python;
   namespace client = chunkd::client;
+
+  // Clients (and their classes) still referenced when the interpreter exits are not collected
+  // by Python's shutdown: nanobind would call that a leak. Their leases went back at exit
+  // (release_leases_at_exit), and the process's end takes the rest.
+  nb::set_leak_warnings(false);
 
   value_type = reinterpret_cast<PyTypeObject*>(PyType_FromSpec(&value_spec));
   if (value_type == nullptr) throw nb::python_error();
