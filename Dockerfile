@@ -32,7 +32,7 @@ COPY deploy/scripts/install-deps.sh deploy/scripts/install-deps.sh
 RUN bash deploy/scripts/install-deps.sh build && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
-      -DCHUNKD_BUILD_TESTS=OFF -DCHUNKD_BUILD_BENCH=OFF \
+      -DCHUNKD_BUILD_TESTS=OFF -DCHUNKD_BUILD_BENCH=OFF -DCHUNKD_BUILD_PYTHON=OFF \
  && ninja -C build chunkd chunkctl \
  && strip build/server/chunkd build/client/chunkctl
 
