@@ -438,6 +438,14 @@ class GetReply {
 
   static absl::Status Malformed() { return absl::DataLossError("malformed Get reply"); }
   bool has_header() const { return have_header_; }
+  // Every byte of the value (or its handle) has arrived.
+  bool complete() const {
+    if (!have_header_) return false;
+    if (header_.delivery() == v1::DELIVERY_SHM || header_.delivery() == v1::DELIVERY_CUDA_IPC) {
+      return true;
+    }
+    return received_ == header_.length();
+  }
 
   // The result, once the call ended with `status`.
   absl::StatusOr<GetResult> Finish(const grpc::Status& status) {
@@ -523,15 +531,60 @@ class GetReply {
 
 // The reply of one GetMany: GetManyResponse messages walked field by field; each part goes to
 // its item's GetReply.
+//
+// With `each` set, every item is handed to it as soon as it is complete (items are answered in
+// order), its index offset by `base`; Finish then hands over what is left and returns no
+// results. A handle that cannot be imported stops the handing over there: Absorb fails with
+// the import's status (the call is cancelled, and the rest read again inline).
 class GetManyReply {
  public:
-  GetManyReply(std::shared_ptr<LeaseKeeper> keeper, size_t items) {
+  GetManyReply(std::shared_ptr<LeaseKeeper> keeper, size_t items, ItemCallback each = nullptr,
+               size_t base = 0)
+      : each_(std::move(each)), base_(base) {
     replies_.reserve(items);
     for (size_t i = 0; i < items; ++i) replies_.emplace_back(keeper);
     errors_.resize(items);
   }
 
   absl::Status Absorb(const grpc::ByteBuffer& message) {
+    if (absl::Status s = AbsorbParts(message); !s.ok()) return s;
+    return each_ ? HandOver(/*finished=*/false) : absl::OkStatus();
+  }
+
+  // Items handed over to `each` so far.
+  size_t handed_over() const { return handed_over_; }
+
+ private:
+  // Hands the complete items from the next one on to `each` (all of them once `finished`).
+  absl::Status HandOver(bool finished) {
+    while (handed_over_ < replies_.size()) {
+      size_t i = handed_over_;
+      absl::StatusOr<GetResult> result;
+      if (errors_[i]) {
+        result = *errors_[i];
+      } else if (replies_[i].complete()) {
+        result = replies_[i].Finish(grpc::Status::OK);
+        if (!result.ok() && ImportFailure(result.status()) != v1::DELIVERY_UNSPECIFIED) {
+          return result.status();
+        }
+      } else if (finished) {
+        result = absl::DataLossError(absl::StrCat("GetMany: no whole reply for item ", i));
+      } else {
+        return absl::OkStatus();
+      }
+      ++handed_over_;
+      each_(base_ + i, std::move(result));
+    }
+    return absl::OkStatus();
+  }
+
+ public:
+  absl::StatusOr<GetManyResults> FinishEach() {
+    if (absl::Status s = HandOver(/*finished=*/true); !s.ok()) return s;
+    return GetManyResults();
+  }
+
+  absl::Status AbsorbParts(const grpc::ByteBuffer& message) {
     wire::FieldReader reader(message);
     while (!reader.done()) {
       uint32_t field, wire_type;
@@ -548,6 +601,7 @@ class GetManyReply {
   }
 
   absl::StatusOr<GetManyResults> Finish() {
+    if (each_) return FinishEach();
     GetManyResults results;
     results.reserve(replies_.size());
     absl::Status import_failed;
@@ -611,6 +665,9 @@ class GetManyReply {
 
   std::vector<GetReply> replies_;
   std::vector<std::optional<absl::Status>> errors_;
+  ItemCallback each_;
+  size_t base_ = 0;
+  size_t handed_over_ = 0;
 };
 
 absl::StatusOr<GetResult> FinishReply(GetReply& reply, const grpc::Status& status) {
@@ -868,6 +925,17 @@ class ClientImpl final : public Client {
                      /*import_retry=*/true, std::move(done));
   }
 
+  void GetManyEachAsync(std::vector<GetManyItem> items, const GetOptions& options,
+                        ItemCallback each, StatusCallback done) override {
+    auto call = std::make_shared<EachCall>();
+    call->items = std::move(items);
+    call->options = options;
+    call->each = std::move(each);
+    call->done = std::move(done);
+    call->deadline = Deadline(options.timeout);
+    GetManyEachAttempts(std::move(call), /*import_retry=*/true);
+  }
+
   void PutAsync(absl::string_view key, buffer::cpu::Buffer value, const Conditions& conditions,
                 Callback<PutResult> done) override {
     // A conditional write may have landed before the connection broke; retrying it could
@@ -1051,6 +1119,43 @@ class ClientImpl final : public Client {
           done(std::move(result));
         },
         options.cancellation);
+  }
+
+  // A GetManyEachAsync call: its items, and how many of them were handed over. Each attempt
+  // asks for the items from there on (so a retry repeats none), one attempt at a time.
+  struct EachCall {
+    std::vector<GetManyItem> items;
+    GetOptions options;
+    ItemCallback each;
+    StatusCallback done;
+    absl::Time deadline;
+    std::atomic<size_t> next{0};
+  };
+
+  void GetManyEachAttempts(std::shared_ptr<EachCall> call, bool import_retry) {
+    if (call->next == call->items.size()) return call->done(absl::OkStatus());
+    Retrier<GetManyResults>::Run(
+        options_, call->deadline, /*retryable=*/true,
+        [this, call](absl::Time deadline, Callback<GetManyResults> attempt_done) {
+          size_t base = call->next;
+          std::vector<GetManyItem> rest(call->items.begin() + base, call->items.end());
+          ItemCallback each = [call](size_t i, absl::StatusOr<GetResult> r) {
+            call->next = i + 1;
+            call->each(i, std::move(r));
+          };
+          new StreamCall<GetManyReply, GetManyResults>(
+              generic_.get(), kGetManyMethod,
+              GetManyReply(keeper_, rest.size(), std::move(each), base),
+              Serialize(MakeGetManyRequest(rest, call->options)), deadline,
+              call->options.cancellation.get(), std::move(attempt_done));
+        },
+        [this, call, import_retry](absl::StatusOr<GetManyResults> result) {
+          if (import_retry && DisableDeliveryAfter(result.status())) {
+            return GetManyEachAttempts(call, false);  // the rest, inline
+          }
+          call->done(result.status());
+        },
+        call->options.cancellation);
   }
 
   void GetManyAsyncOnce(std::shared_ptr<const std::vector<GetManyItem>> items,

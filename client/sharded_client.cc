@@ -252,6 +252,17 @@ class ShardedClientImpl final : public ShardedClient {
     }
   }
 
+  // Each group's items are handed over when its call ends (not item by item).
+  void GetManyEachAsync(std::vector<GetManyItem> items, const GetOptions& options,
+                        ItemCallback each, StatusCallback done) override {
+    GetManyAsync(std::move(items), options,
+                 [each = std::move(each), done = std::move(done)](absl::StatusOr<GetManyResults> r) {
+                   if (!r.ok()) return done(r.status());
+                   for (size_t i = 0; i < r->size(); ++i) each(i, std::move((*r)[i]));
+                   done(absl::OkStatus());
+                 });
+  }
+
   // The indexes of `items` grouped by their home server (groups in the order of their first item).
   std::vector<std::vector<size_t>> GroupByHome(const std::vector<GetManyItem>& items) {
     std::vector<std::vector<size_t>> groups;

@@ -40,15 +40,15 @@ def completions(loop: asyncio.AbstractEventLoop) -> Any:
     return queue
 
 
-async def _wait(future: asyncio.Future, slot: list, cancel: Any) -> Any:
-    """A get's value: it arrives in ``slot`` (the future only says when), so that nothing but
+async def _wait(future: asyncio.Future, cancel: Any) -> Any:
+    """A get's value: it arrives in a one-item list that is emptied here, so that nothing but
     the caller holds it (see chunkd_native.cc, Pending)."""
     try:
-        await future
+        box = await future
     except asyncio.CancelledError:
         cancel.cancel()
         raise
-    return slot.pop()
+    return box.pop()
 
 
 class AsyncClient(c.ClientBase):
@@ -134,14 +134,13 @@ class AsyncClient(c.ClientBase):
         native = self._native_client()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        slot: list = []
         if device is not None and not _cuda.possible(device):
             device = None  # no CuPy or no such device here: inline
         cancel = native.get_async(
-            completions(loop), future, slot, key, start, end, suffix, out, match, not_match,
-            device, full,
+            completions(loop), future, key, start, end, suffix, out, match, not_match, device,
+            full,
         )
-        return _wait(future, slot, cancel)
+        return _wait(future, cancel)
 
     async def read_many(self, items: Iterable[c.ItemLike]) -> list[c.GetResult | ChunkdError]:
         """See :meth:`chunkd.Client.read_many`: one result per item, an item's failure returned
@@ -158,10 +157,18 @@ class AsyncClient(c.ClientBase):
         results: list[Any] = []
         for group in c.batches(items):
             future = loop.create_future()
-            slot: list = []
-            cancel = native.get_many_async(completions(loop), future, slot, group, full)
-            results.extend(await _wait(future, slot, cancel))
+            cancel = native.get_many_async(completions(loop), future, group, full)
+            results.extend(await _wait(future, cancel))
         return results
+
+    def _read_many_each(self, items: list[c.ItemLike], futures: list[asyncio.Future]) -> Any:
+        """One GetMany call (at most 4096 items) whose items each complete their own future as
+        soon as they have arrived, with a one-item list holding the item's GetResult (emptied by
+        the waiter), or with the exception a read of the item would raise (a failure of the
+        whole call: each with its own key). Returns the call's canceller. For ChunkdStore's
+        batcher: each get resumes as its chunk arrives, while the later ones are on their way."""
+        loop = asyncio.get_running_loop()
+        return self._native_client().get_many_each_async(completions(loop), futures, items)
 
     def _call(self, start, *args) -> Any:
         loop = asyncio.get_running_loop()

@@ -114,8 +114,8 @@ def _cuda_to_buffer(result: c.GetResult, prototype: BufferPrototype) -> Buffer:
 
 
 def _for_key(error: BaseException, key: str) -> BaseException:
-    """The exception a waiting get raises when its whole batch call failed: a ChunkdError of
-    the same class and code naming the get's key, as the call of its own would have raised."""
+    """The exception a lone get raises when its call failed as a whole: a ChunkdError of the
+    same class and code naming the get's key, as the call of its own would have raised."""
     if isinstance(error, ChunkdError):
         return type(error)(error.details, code=error.code, key=key)
     return error
@@ -124,38 +124,38 @@ def _for_key(error: BaseException, key: str) -> BaseException:
 class _GetBatch:
     """The gets of one GetMany call: (key, range kwargs) items and the futures awaiting them."""
 
-    __slots__ = ("items", "futures", "live", "task")
+    __slots__ = ("items", "futures", "live", "cancel")
 
     def __init__(self) -> None:
         self.items: list[tuple[str, dict[str, int]]] = []
         self.futures: list[asyncio.Future] = []
         self.live: list[asyncio.Future] = []  # the futures still awaited when the call went out
-        self.task: asyncio.Task | None = None
+        self.cancel: Any = None  # the call's canceller once it went out
 
     def waiter_done(self, future: asyncio.Future) -> None:
         # A get cancelled while its call is in flight: when no get of the call is still
         # waiting, the call itself is cancelled (its reply has nobody to go to).
         if future.cancelled() and self.live and all(f.done() for f in self.live):
-            task = self.task
-            if task is not None and not task.done():
-                task.cancel()
+            if self.cancel is not None:
+                self.cancel.cancel()
 
 
 class _GetBatcher:
     """Coalesces the gets one event loop issues in one iteration into GetMany calls.
 
     ``get`` appends its item to the open batch and awaits a future. The first item of a batch
-    creates the batch's task, which starts on the loop's next iteration, after every task that
-    was ready in this one has run (zarr's reads of a selection wake together): it closes the
-    batch and sends it, as one Get when it holds one item (a lone get costs one call and no
-    timer) and as one GetMany otherwise, then hands each future its result. A batch closes
-    early at ``_BATCH_MAX_ITEMS``. Results are those of the per-key path: a ``GetResult``,
-    None for a missing key, an item's error raised by its own get only; a failure of the whole
-    call (UNAVAILABLE after the retries) raises from every get of the batch, with its key. A
+    schedules the batch's sending with ``loop.call_soon``, which runs on the loop's next
+    iteration, after every task that was ready in this one has run (zarr's reads of a selection
+    wake together): it closes the batch and sends it, as one Get when it holds one item (a lone
+    get costs one call and no timer) and as one GetMany otherwise. A batch closes early at
+    ``_BATCH_MAX_ITEMS``. The GetMany hands each item to its get as soon as that item has
+    arrived (items come in order), so zarr decodes the first chunks while the later ones are
+    still on their way. Results are those of the per-key path: a ``GetResult``, None for a
+    missing key, an item's error raised by its own get only; a failure of the whole call
+    (UNAVAILABLE after the retries) raises from every get still waiting, with its key. A
     cancelled get leaves the batch; a call none of whose gets still waits is cancelled.
 
-    One batcher per event loop (futures and channels belong to their loop); the client is the
-    store's client of that loop when the batch goes out.
+    One batcher per event loop (futures belong to their loop).
     """
 
     def __init__(self, store: ChunkdStore) -> None:
@@ -171,19 +171,20 @@ class _GetBatcher:
         batch = self._open
         if batch is None:
             batch = self._open = _GetBatch()
-            task = loop.create_task(self._send(batch))
-            batch.task = task
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            loop.call_soon(self._send, batch)
         future = loop.create_future()
         future.add_done_callback(batch.waiter_done)
         batch.items.append((key, kwargs))
         batch.futures.append(future)
         if len(batch.items) >= _BATCH_MAX_ITEMS:
             self._open = None
-        return await future
+        try:
+            result = await future
+        except NotFoundError:
+            return None
+        return result.pop()  # the value came in a one-item list (see chunkd.aio._wait)
 
-    async def _send(self, batch: _GetBatch) -> None:
+    def _send(self, batch: _GetBatch) -> None:
         if self._open is batch:
             self._open = None
         live = [(i, f) for i, f in zip(batch.items, batch.futures, strict=True) if not f.done()]
@@ -195,34 +196,34 @@ class _GetBatcher:
             client = self._store._aio()
             if len(live) == 1:
                 (key, kwargs), future = live[0]
-                try:
-                    results: list[Any] = [await client.read(key, **kwargs)]
-                except ChunkdError as e:
-                    results = [e]
-            else:
-                results = await client.read_many(
-                    [c.GetItem(key, **kwargs) for (key, kwargs), _ in live]
-                )
-        except asyncio.CancelledError:
-            for _, future in live:
-                future.cancel()
-            raise
-        except BaseException as e:  # the whole call failed: every get raises it
+                loop = asyncio.get_running_loop()
+                task = loop.create_task(self._send_one(client, key, kwargs, future))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                batch.cancel = task
+                return
+            items = [c.GetItem(key, **kwargs) for (key, kwargs), _ in live]
+            batch.cancel = client._read_many_each(items, [f for _, f in live])
+        except Exception as e:  # noqa: BLE001 - the call could not start: every get raises it
             for (key, _), future in live:
                 if not future.done():
                     future.set_exception(_for_key(e, key))
+
+    @staticmethod
+    async def _send_one(client: AsyncClient, key: str, kwargs: dict[str, int], future) -> None:
+        try:
+            result = await client.read(key, **kwargs)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as e:  # noqa: BLE001 - handed to the get
+            if not future.done():
+                future.set_exception(e)
             if not isinstance(e, Exception):
                 raise
             return
-        for ((key, _), future), result in zip(live, results, strict=True):
-            if future.done():  # cancelled meanwhile
-                continue
-            if isinstance(result, NotFoundError):
-                future.set_result(None)
-            elif isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        if not future.done():
+            future.set_result([result])
 
 
 def _gpu_device(prototype: BufferPrototype) -> int | None:

@@ -482,20 +482,15 @@ nb::object ServerInfoDict(const v1::ServerInfoResponse& r) {
 // One call's way back: made with the GIL when the call starts (it holds the future and whatever
 // Python objects the call needs), filled on a gRPC thread, delivered with the GIL by Drain.
 //
-// A value goes into `slot` (a list the caller awaits the future for), not into the future
-// itself: asyncio keeps a completed future referenced until the end of the loop iteration that
-// resumes its waiter (the wake-up handle), and a future holding the value would keep a
-// shared-memory value's lease alive after the caller dropped it.
+// With `boxed`, a value reaches the future in a one-item list, which the caller empties: asyncio
+// keeps a completed future referenced until the end of the loop iteration that resumes its
+// waiter (the wake-up handle), and a future holding the value itself would keep a
+// shared-memory value's lease alive after the caller dropped it. A Pending without a future
+// only carries `keep` to the loop's thread.
 class Pending {
  public:
-  Pending(PyObject* future, PyObject* slot) : future_(future), slot_(slot) {
-    Py_INCREF(future_);
-    Py_XINCREF(slot_);
-  }
-  virtual ~Pending() {  // with the GIL: only Drain destroys these
-    Py_DECREF(future_);
-    Py_XDECREF(slot_);
-  }
+  Pending(PyObject* future, bool boxed) : future_(future), boxed_(boxed) { Py_XINCREF(future_); }
+  virtual ~Pending() { Py_XDECREF(future_); }  // with the GIL: only Drain destroys these
   // The call's result: the value to set on the future. Raises for an error.
   virtual nb::object Result() = 0;
 
@@ -505,16 +500,17 @@ class Pending {
   std::shared_ptr<client::Client> keep;
 
   void Deliver() {
+    if (future_ == nullptr) return;
     nb::handle future(future_);
     if (nb::cast<bool>(future.attr("done")())) return;  // cancelled meanwhile
     try {
       nb::object value = Result();
-      if (slot_ != nullptr) {
-        if (PyList_Append(slot_, value.ptr()) != 0) Throw();
-        future.attr("set_result")(nb::none());
-      } else {
-        future.attr("set_result")(value);
+      if (boxed_) {
+        nb::list box;
+        box.append(value);
+        value = std::move(box);
       }
+      future.attr("set_result")(value);
     } catch (nb::python_error& e) {
       future.attr("set_exception")(e.value());
     }
@@ -522,7 +518,18 @@ class Pending {
 
  private:
   PyObject* future_;
-  PyObject* slot_;
+  bool boxed_;
+};
+
+// Carries the last references of a call to the loop's thread (see Pending::keep): the client,
+// and Python objects (`held`) the call needed until its end.
+class KeepOnly final : public Pending {
+ public:
+  explicit KeepOnly(nb::object held) : Pending(nullptr, false), held_(std::move(held)) {}
+  nb::object Result() override { return nb::none(); }
+
+ private:
+  nb::object held_;
 };
 
 class Queue {
@@ -596,7 +603,7 @@ struct Completions {
 template <typename T>
 class PendingResult : public Pending {
  public:
-  explicit PendingResult(PyObject* future, PyObject* slot = nullptr) : Pending(future, slot) {}
+  explicit PendingResult(PyObject* future, bool boxed = false) : Pending(future, boxed) {}
   void Set(absl::StatusOr<T> r) { result_ = std::move(r); }
 
  protected:
@@ -617,8 +624,8 @@ client::Callback<T> Complete(std::shared_ptr<Queue> queue, P* pending,
 
 class PendingGet final : public PendingResult<GetResult> {
  public:
-  PendingGet(PyObject* future, PyObject* slot, PyObject* key, bool full)
-      : PendingResult(future, slot), key_(nb::borrow(key)), full_(full) {}
+  PendingGet(PyObject* future, PyObject* key, bool full)
+      : PendingResult(future, /*boxed=*/true), key_(nb::borrow(key)), full_(full) {}
   HeldBuffer out;
   OutCopy copy;
   void Set(absl::StatusOr<GetResult> r) {
@@ -644,9 +651,8 @@ class PendingGet final : public PendingResult<GetResult> {
 
 class PendingMany final : public PendingResult<GetManyResults> {
  public:
-  PendingMany(PyObject* future, PyObject* slot, nb::object items, std::vector<PyObject*> keys,
-              bool full)
-      : PendingResult(future, slot),
+  PendingMany(PyObject* future, nb::object items, std::vector<PyObject*> keys, bool full)
+      : PendingResult(future, /*boxed=*/true),
         items_(std::move(items)),
         keys_(std::move(keys)),
         full_(full) {}
@@ -659,6 +665,23 @@ class PendingMany final : public PendingResult<GetManyResults> {
   nb::object items_;  // keeps the keys alive
   std::vector<PyObject*> keys_;
   bool full_;
+};
+
+// One item of a GetManyEachAsync call: its own future, set as soon as the item has arrived.
+class PendingItem final : public PendingResult<GetResult> {
+ public:
+  PendingItem(PyObject* future, PyObject* key) : PendingResult(future, /*boxed=*/true), key_(key) {}
+  nb::object Result() override { return chunkd::python::Result(result_, /*full=*/true, key_); }
+
+ private:
+  PyObject* key_;  // borrowed: the call's item list holds it
+};
+
+// The items of a GetManyEachAsync call not handed over yet, and what goes last. No Python object
+// here: the callbacks that hold this may be destroyed on gRPC's threads.
+struct PendingItems {
+  std::vector<PendingItem*> pending;
+  KeepOnly* last;  // holds the item list (the keys the items borrow)
 };
 
 template <typename T, typename Convert>
@@ -890,7 +913,7 @@ class PyClient {
 
   // -- asynchronous calls: the result goes to `future` through `queue` -----------------------
 
-  Cancel GetAsync(Completions& q, nb::handle future, nb::handle slot, nb::handle key, nb::handle start, nb::handle end, nb::handle suffix,
+  Cancel GetAsync(Completions& q, nb::handle future, nb::handle key, nb::handle start, nb::handle end, nb::handle suffix,
                   nb::handle out, nb::handle match, nb::handle not_match, nb::handle device,
                   bool full) {
     std::string k = KeyBytes(key.ptr());
@@ -898,7 +921,7 @@ class PyClient {
                            out.is_none() ? device.ptr() : nullptr);
     o.cancellation = std::make_shared<client::Cancellation>();
     auto keep = shared();
-    auto* pending = new PendingGet(future.ptr(), slot.ptr(), key.ptr(), full);
+    auto* pending = new PendingGet(future.ptr(), key.ptr(), full);
     if (!out.is_none()) {
       try {
         pending->out.HoldOut(out.ptr());
@@ -916,21 +939,66 @@ class PyClient {
     return cancel;
   }
 
-  Cancel GetManyAsync(Completions& q, nb::handle future, nb::handle slot, nb::handle items,
-                      bool full) {
+  Cancel GetManyAsync(Completions& q, nb::handle future, nb::handle items, bool full) {
     nb::list objects;
     std::vector<PyObject*> keys;
     std::vector<GetManyItem> parsed = Items(items, &objects, &keys);
     GetOptions o;
     o.cancellation = std::make_shared<client::Cancellation>();
     auto keep = shared();
-    auto* pending = new PendingMany(future.ptr(), slot.ptr(), objects, std::move(keys), full);
+    auto* pending = new PendingMany(future.ptr(), objects, std::move(keys), full);
     Cancel cancel{o.cancellation};
     {
       nb::gil_scoped_release release;
       keep->GetManyAsync(std::move(parsed), o,
                          Complete<GetManyResults>(q.queue, pending, keep));
     }
+    return cancel;
+  }
+
+  // One GetMany whose items each complete their own future (`futures`, one per item) as soon as
+  // they arrive; a failure of the whole call fails the items not handed over yet, each with its
+  // own key.
+  Cancel GetManyEachAsync(Completions& q, nb::handle futures, nb::handle items) {
+    nb::list objects;
+    std::vector<PyObject*> keys;
+    std::vector<GetManyItem> parsed = Items(items, &objects, &keys);
+    if (!PyList_Check(futures.ptr()) ||
+        static_cast<size_t>(PyList_GET_SIZE(futures.ptr())) != parsed.size()) {
+      PyErr_SetString(PyExc_ValueError, "get_many_each_async: one future per item");
+      Throw();
+    }
+    std::vector<PendingItem*> pending;
+    pending.reserve(parsed.size());
+    for (size_t i = 0; i < parsed.size(); ++i) {
+      pending.push_back(new PendingItem(PyList_GET_ITEM(futures.ptr(), i), keys[i]));
+    }
+    auto state = std::make_shared<PendingItems>(PendingItems{std::move(pending),
+                                                             new KeepOnly(std::move(objects))});
+    GetOptions o;
+    o.cancellation = std::make_shared<client::Cancellation>();
+    auto keep = shared();
+    Cancel cancel{o.cancellation};
+    std::shared_ptr<Queue> queue = q.queue;
+    nb::gil_scoped_release release;
+    keep->GetManyEachAsync(
+        std::move(parsed), o,
+        [queue, state](size_t i, absl::StatusOr<GetResult> r) {
+          PendingItem* p = std::exchange(state->pending[i], nullptr);
+          p->Set(std::move(r));
+          queue->Push(p);
+        },
+        [queue, state, keep](absl::Status status) mutable {
+          for (PendingItem*& p : state->pending) {
+            if (p == nullptr) continue;
+            p->Set(status.ok() ? absl::DataLossError("GetMany: no reply for the item") : status);
+            queue->Push(std::exchange(p, nullptr));
+          }
+          // The item list and the client go last, on the loop's thread.
+          KeepOnly* last = std::exchange(state->last, nullptr);
+          last->keep = std::move(keep);
+          queue->Push(last);
+        });
     return cancel;
   }
 
@@ -1150,8 +1218,8 @@ NB_MODULE(_native, m) {
       .def("flush_releases", &PyClient::FlushReleases)
       .def_prop_ro("leases_held", &PyClient::leases_held)
       .def_prop_ro("shm_disabled", &PyClient::shm_disabled)
-      .def("get_async", &PyClient::GetAsync, nb::arg("queue"), nb::arg("future"), nb::arg("slot"),
-           nb::arg("key"), nb::arg("start").none(),
+      .def("get_many_each_async", &PyClient::GetManyEachAsync)
+      .def("get_async", &PyClient::GetAsync, nb::arg("queue"), nb::arg("future"), nb::arg("key"), nb::arg("start").none(),
            nb::arg("end").none(), nb::arg("suffix").none(), nb::arg("out").none(),
            nb::arg("match").none(), nb::arg("not_match").none(), nb::arg("device").none(),
            nb::arg("full"))

@@ -61,8 +61,18 @@ def calls(monkeypatch) -> Calls:
             counter.items += len(items)
         return await read_many(self, items)
 
+    read_many_each = AsyncClient._read_many_each
+
+    def counted_read_many_each(self, items, futures):
+        # The batcher's GetMany, whose items complete their gets one by one.
+        with counter.lock:
+            counter.read_many += 1
+            counter.items += len(items)
+        return read_many_each(self, items, futures)
+
     monkeypatch.setattr(AsyncClient, "read", counted_read)
     monkeypatch.setattr(AsyncClient, "read_many", counted_read_many)
+    monkeypatch.setattr(AsyncClient, "_read_many_each", counted_read_many_each)
     return counter
 
 
