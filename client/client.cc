@@ -389,6 +389,34 @@ std::shared_ptr<LeaseKeeper> NewLeaseKeeper(std::shared_ptr<grpc::Channel> chann
 
 // The reply of one Get, assembled from its raw messages: each is decoded field by field and its
 // data copied once, from the received slices into the result; a handle reply is imported.
+// A lease a reply announced that no buffer has taken over yet: given back when the reply goes
+// unfinished (a failed or cancelled call, a GetMany item after one that could not be
+// imported), rather than left to expire.
+class UnclaimedLease {
+ public:
+  UnclaimedLease() = default;
+  UnclaimedLease(std::shared_ptr<LeaseKeeper> keeper, uint64_t id)
+      : keeper_(std::move(keeper)), id_(id) {}
+  UnclaimedLease(UnclaimedLease&& other) noexcept
+      : keeper_(std::move(other.keeper_)), id_(std::exchange(other.id_, 0)) {}
+  UnclaimedLease& operator=(UnclaimedLease&& other) noexcept {
+    Drop();
+    keeper_ = std::move(other.keeper_);
+    id_ = std::exchange(other.id_, 0);
+    return *this;
+  }
+  ~UnclaimedLease() { Drop(); }
+  // The lease is someone else's to give back now.
+  void Claim() { id_ = 0; }
+
+ private:
+  void Drop() {
+    if (id_ != 0 && keeper_) keeper_->Drop(std::exchange(id_, 0));
+  }
+  std::shared_ptr<LeaseKeeper> keeper_;
+  uint64_t id_ = 0;
+};
+
 class GetReply {
  public:
   explicit GetReply(std::shared_ptr<LeaseKeeper> keeper) : keeper_(std::move(keeper)) {}
@@ -418,6 +446,7 @@ class GetReply {
     if (have_header_ || !header_.ParseFromString(bytes)) return Malformed();
     have_header_ = true;
     if (header_.delivery() == v1::DELIVERY_SHM || header_.delivery() == v1::DELIVERY_CUDA_IPC) {
+      if (header_.lease().id() != 0) unclaimed_ = UnclaimedLease(keeper_, header_.lease().id());
       return absl::OkStatus();  // no bytes follow
     }
     auto value = buffer::cpu::MutableBuffer::Allocate(header_.length());
@@ -472,6 +501,7 @@ class GetReply {
   absl::StatusOr<GetResult> ImportShm() {
     const v1::ShmHandle& shm = header_.shm();
     uint64_t lease = header_.lease().id();
+    unclaimed_.Claim();  // the buffer returns it, or the failure below
     // The buffer holds the keeper: one that outlives its client still returns its lease.
     absl::StatusOr<buffer::cpu::Buffer> data;
     if (fail_next_shm_imports.load(std::memory_order_relaxed) > 0 &&
@@ -502,6 +532,7 @@ class GetReply {
   // buffer that views the chunk and releases its lease when the last copy goes.
   absl::StatusOr<GetResult> ImportCuda() {
     uint64_t lease = header_.lease().id();
+    unclaimed_.Claim();  // the buffer returns it, or the failure below
     absl::StatusOr<CudaImporter*> importer = CudaImporter::ForProcess();
     absl::StatusOr<buffer::gpu::Buffer> data =
         importer.ok() ? (*importer)->Import(header_.cuda(),
@@ -525,6 +556,7 @@ class GetReply {
   std::shared_ptr<LeaseKeeper> keeper_;
   bool have_header_ = false;
   v1::GetHeader header_;
+  UnclaimedLease unclaimed_;
   buffer::cpu::MutableBuffer value_;
   uint64_t received_ = 0;
 };
@@ -534,8 +566,9 @@ class GetReply {
 //
 // With `each` set, every item is handed to it as soon as it is complete (items are answered in
 // order), its index offset by `base`; Finish then hands over what is left and returns no
-// results. A handle that cannot be imported stops the handing over there: Absorb fails with
-// the import's status (the call is cancelled, and the rest read again inline).
+// results. A handle that cannot be imported stops the handing over there: the reply is still
+// read to its end (so that every later item's lease is known, and given back as the reply
+// goes), and Finish fails with the import's status (the rest is read again inline).
 class GetManyReply {
  public:
   GetManyReply(std::shared_ptr<LeaseKeeper> keeper, size_t items, ItemCallback each = nullptr,
@@ -557,6 +590,7 @@ class GetManyReply {
  private:
   // Hands the complete items from the next one on to `each` (all of them once `finished`).
   absl::Status HandOver(bool finished) {
+    if (!import_failed_.ok()) return finished ? import_failed_ : absl::OkStatus();
     while (handed_over_ < replies_.size()) {
       size_t i = handed_over_;
       absl::StatusOr<GetResult> result;
@@ -565,7 +599,8 @@ class GetManyReply {
       } else if (replies_[i].complete()) {
         result = replies_[i].Finish(grpc::Status::OK);
         if (!result.ok() && ImportFailure(result.status()) != v1::DELIVERY_UNSPECIFIED) {
-          return result.status();
+          import_failed_ = result.status();
+          return finished ? import_failed_ : absl::OkStatus();
         }
       } else if (finished) {
         result = absl::DataLossError(absl::StrCat("GetMany: no whole reply for item ", i));
@@ -668,6 +703,7 @@ class GetManyReply {
   ItemCallback each_;
   size_t base_ = 0;
   size_t handed_over_ = 0;
+  absl::Status import_failed_;
 };
 
 absl::StatusOr<GetResult> FinishReply(GetReply& reply, const grpc::Status& status) {

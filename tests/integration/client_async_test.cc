@@ -91,6 +91,69 @@ TEST_F(ClientAsyncTest, GetManyAsyncAgreesWithGetMany) {
   EXPECT_EQ((*async)[21]->data.view(), values[3].substr(5, 45));
 }
 
+// GetManyEachAsync: every item once, in order, before `done`.
+struct Handed {
+  absl::Mutex mu;
+  std::vector<std::pair<size_t, absl::StatusOr<GetResult>>> items;
+  absl::Notification done;
+  absl::Status status;
+};
+
+void GetEach(Client& c, const std::vector<GetManyItem>& items, Handed* out) {
+  c.GetManyEachAsync(
+      items, {},
+      [out](size_t i, absl::StatusOr<GetResult> r) {
+        absl::MutexLock lock(&out->mu);
+        out->items.emplace_back(i, std::move(r));
+      },
+      [out](absl::Status s) {
+        out->status = s;
+        out->done.Notify();
+      });
+  out->done.WaitForNotification();
+}
+
+TEST_F(ClientAsyncTest, GetManyEachHandsOverEveryItemInOrder) {
+  auto c = Connect(false);
+  std::vector<std::string> values;
+  std::vector<GetManyItem> items;
+  for (int i = 0; i < 12; ++i) {
+    values.push_back(testing::RandomBytes(3 << 20, 20 + i));  // several parts each
+    ASSERT_TRUE(c->Put("e/" + std::to_string(i), Bytes(values.back())).ok());
+    items.push_back({"e/" + std::to_string(i), {}, {}});
+  }
+  items.push_back({"e/missing", {}, {}});
+  Handed handed;
+  GetEach(*c, items, &handed);
+  EXPECT_TRUE(handed.status.ok()) << handed.status;
+  ASSERT_EQ(handed.items.size(), items.size());
+  for (size_t i = 0; i < 12; ++i) {
+    EXPECT_EQ(handed.items[i].first, i);
+    ASSERT_TRUE(handed.items[i].second.ok());
+    EXPECT_TRUE(handed.items[i].second->data.view() == values[i]);
+  }
+  EXPECT_EQ(handed.items[12].first, 12u);
+  EXPECT_TRUE(absl::IsNotFound(handed.items[12].second.status()));
+
+  // A handle that cannot be mapped: that item and the rest again, inline, each handed once.
+  auto s = Connect(true);
+  ASSERT_EQ(s->Get("e/0")->delivery, v1::DELIVERY_SHM);
+  client::FailNextShmImportsForTesting(1);
+  Handed again;
+  GetEach(*s, items, &again);
+  EXPECT_TRUE(again.status.ok()) << again.status;
+  ASSERT_EQ(again.items.size(), items.size());
+  for (size_t i = 0; i < 12; ++i) {
+    EXPECT_EQ(again.items[i].first, i);
+    ASSERT_TRUE(again.items[i].second.ok());
+    EXPECT_EQ(again.items[i].second->delivery, v1::DELIVERY_INLINE);
+    EXPECT_TRUE(again.items[i].second->data.view() == values[i]);
+  }
+  again.items.clear();
+  EXPECT_TRUE(s->FlushReleases());
+  EXPECT_EQ(LeasesActive(), 0u);
+}
+
 TEST_F(ClientAsyncTest, CancellationEndsTheCall) {
   auto c = Connect(false);
   ASSERT_TRUE(c->Put("big", Bytes(testing::RandomBytes(64 << 20, 3))).ok());
