@@ -467,6 +467,7 @@ class GetReply {
 
   static absl::Status Malformed() { return absl::DataLossError("malformed Get reply"); }
   bool has_header() const { return have_header_; }
+  uint64_t length() const { return have_header_ ? header_.length() : 0; }
   // Every byte of the value (or its handle) has arrived.
   bool complete() const {
     if (!have_header_) return false;
@@ -571,7 +572,7 @@ class GetReply {
 // goes), and Finish fails with the import's status (the rest is read again inline).
 class GetManyReply {
  public:
-  GetManyReply(std::shared_ptr<LeaseKeeper> keeper, size_t items, ItemCallback each = nullptr,
+  GetManyReply(std::shared_ptr<LeaseKeeper> keeper, size_t items, ItemsCallback each = nullptr,
                size_t base = 0)
       : each_(std::move(each)), base_(base) {
     replies_.reserve(items);
@@ -588,9 +589,33 @@ class GetManyReply {
   size_t handed_over() const { return handed_over_; }
 
  private:
-  // Hands the complete items from the next one on to `each` (all of them once `finished`).
+  // Hands the complete items from the next one on to `each`, together (all of them once
+  // `finished`). Before the end, only once they hold kHandOverBytes: small items go together
+  // (their caller's next requests then go together too), large ones one by one.
   absl::Status HandOver(bool finished) {
     if (!import_failed_.ok()) return finished ? import_failed_ : absl::OkStatus();
+    if (!finished && ReadyBytes() < kHandOverBytes) return absl::OkStatus();
+    size_t first = handed_over_;
+    std::vector<absl::StatusOr<GetResult>> results;
+    absl::Status status = CompleteItems(finished, &results);
+    if (!results.empty()) each_(base_ + first, std::move(results));
+    return status;
+  }
+
+  static constexpr uint64_t kHandOverBytes = 256 << 10;
+
+  // Bytes of the complete items not handed over yet.
+  uint64_t ReadyBytes() const {
+    uint64_t bytes = 0;
+    for (size_t i = handed_over_; i < replies_.size() && bytes < kHandOverBytes; ++i) {
+      if (errors_[i]) continue;
+      if (!replies_[i].complete()) break;
+      bytes += replies_[i].length();
+    }
+    return bytes;
+  }
+
+  absl::Status CompleteItems(bool finished, std::vector<absl::StatusOr<GetResult>>* results) {
     while (handed_over_ < replies_.size()) {
       size_t i = handed_over_;
       absl::StatusOr<GetResult> result;
@@ -608,7 +633,7 @@ class GetManyReply {
         return absl::OkStatus();
       }
       ++handed_over_;
-      each_(base_ + i, std::move(result));
+      results->push_back(std::move(result));
     }
     return absl::OkStatus();
   }
@@ -700,7 +725,7 @@ class GetManyReply {
 
   std::vector<GetReply> replies_;
   std::vector<std::optional<absl::Status>> errors_;
-  ItemCallback each_;
+  ItemsCallback each_;
   size_t base_ = 0;
   size_t handed_over_ = 0;
   absl::Status import_failed_;
@@ -962,7 +987,7 @@ class ClientImpl final : public Client {
   }
 
   void GetManyEachAsync(std::vector<GetManyItem> items, const GetOptions& options,
-                        ItemCallback each, StatusCallback done) override {
+                        ItemsCallback each, StatusCallback done) override {
     auto call = std::make_shared<EachCall>();
     call->items = std::move(items);
     call->options = options;
@@ -1162,7 +1187,7 @@ class ClientImpl final : public Client {
   struct EachCall {
     std::vector<GetManyItem> items;
     GetOptions options;
-    ItemCallback each;
+    ItemsCallback each;
     StatusCallback done;
     absl::Time deadline;
     std::atomic<size_t> next{0};
@@ -1175,9 +1200,10 @@ class ClientImpl final : public Client {
         [this, call](absl::Time deadline, Callback<GetManyResults> attempt_done) {
           size_t base = call->next;
           std::vector<GetManyItem> rest(call->items.begin() + base, call->items.end());
-          ItemCallback each = [call](size_t i, absl::StatusOr<GetResult> r) {
-            call->next = i + 1;
-            call->each(i, std::move(r));
+          ItemsCallback each = [call](size_t first,
+                                      std::vector<absl::StatusOr<GetResult>> results) {
+            call->next = first + results.size();
+            call->each(first, std::move(results));
           };
           new StreamCall<GetManyReply, GetManyResults>(
               generic_.get(), kGetManyMethod,

@@ -175,8 +175,9 @@ struct ListResult {
 template <typename T>
 using Callback = std::function<void(absl::StatusOr<T>)>;
 using StatusCallback = std::function<void(absl::Status)>;
-// One GetMany item's result, with the item's index.
-using ItemCallback = std::function<void(size_t index, absl::StatusOr<GetResult> result)>;
+// The results of GetMany items [first, first + results.size()), in order.
+using ItemsCallback =
+    std::function<void(size_t first, std::vector<absl::StatusOr<GetResult>> results)>;
 
 class Client {
  public:
@@ -200,15 +201,15 @@ class Client {
                                                  const GetOptions& options = {}) = 0;
   virtual void GetManyAsync(std::vector<GetManyItem> items, const GetOptions& options,
                             Callback<GetManyResults> done) = 0;
-  // GetMany handing each item's result to `each` as soon as that item has arrived whole (items
-  // are answered in order; `each` runs on gRPC's threads, in the items' order), so a caller can
-  // use the first values while the later ones are on their way; then `done` with the call's
-  // status: OK once every item was handed over, else the error that ended the call (the items
-  // not handed over failed with it). An attempt that fails with UNAVAILABLE is retried for the
-  // items not handed over yet; an item whose handle cannot be imported is read again, with the
-  // rest, inline.
+  // GetMany handing items' results to `each` as soon as they have arrived whole (items are
+  // answered in order; `each` runs on gRPC's threads, once per reply message that completed
+  // items, with those items), so a caller can use the first values while the later ones are on
+  // their way; then `done` with the call's status: OK once every item was handed over, else
+  // the error that ended the call (the items not handed over failed with it). An attempt that
+  // fails with UNAVAILABLE is retried for the items not handed over yet; an item whose handle
+  // cannot be imported is read again, with the rest, inline.
   virtual void GetManyEachAsync(std::vector<GetManyItem> items, const GetOptions& options,
-                                ItemCallback each, StatusCallback done) = 0;
+                                ItemsCallback each, StatusCallback done) = 0;
 
   // RESOURCE_EXHAUSTED: larger than the server's maximum, or the store is full.
   virtual absl::StatusOr<PutResult> Put(absl::string_view key, buffer::cpu::Buffer value,

@@ -252,13 +252,13 @@ class ShardedClientImpl final : public ShardedClient {
     }
   }
 
-  // Each group's items are handed over when its call ends (not item by item).
+  // The items are handed over together when every group's call has ended.
   void GetManyEachAsync(std::vector<GetManyItem> items, const GetOptions& options,
-                        ItemCallback each, StatusCallback done) override {
+                        ItemsCallback each, StatusCallback done) override {
     GetManyAsync(std::move(items), options,
                  [each = std::move(each), done = std::move(done)](absl::StatusOr<GetManyResults> r) {
                    if (!r.ok()) return done(r.status());
-                   for (size_t i = 0; i < r->size(); ++i) each(i, std::move((*r)[i]));
+                   if (!r->empty()) each(0, *std::move(r));
                    done(absl::OkStatus());
                  });
   }

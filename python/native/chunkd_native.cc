@@ -542,12 +542,13 @@ class Queue {
   int fd() const { return fd_; }
 
   // Any thread, without the GIL.
-  void Push(Pending* p) {
+  void Push(Pending* p) { Push(std::vector<Pending*>{p}); }
+  void Push(std::vector<Pending*> ps) {
     bool wake;
     {
       absl::MutexLock lock(&mu_);
       wake = queue_.empty();
-      queue_.push_back(p);
+      queue_.insert(queue_.end(), ps.begin(), ps.end());
     }
     if (wake) {
       uint64_t one = 1;
@@ -983,21 +984,30 @@ class PyClient {
     nb::gil_scoped_release release;
     keep->GetManyEachAsync(
         std::move(parsed), o,
-        [queue, state](size_t i, absl::StatusOr<GetResult> r) {
-          PendingItem* p = std::exchange(state->pending[i], nullptr);
-          p->Set(std::move(r));
-          queue->Push(p);
+        [queue, state](size_t first, std::vector<absl::StatusOr<GetResult>> results) {
+          // The items one reply message completed reach the loop together (one wake-up, one
+          // drain), so their gets resume in the same iteration and their next reads batch.
+          std::vector<Pending*> ready;
+          ready.reserve(results.size());
+          for (size_t j = 0; j < results.size(); ++j) {
+            PendingItem* p = std::exchange(state->pending[first + j], nullptr);
+            p->Set(std::move(results[j]));
+            ready.push_back(p);
+          }
+          queue->Push(std::move(ready));
         },
         [queue, state, keep](absl::Status status) mutable {
+          std::vector<Pending*> rest;
           for (PendingItem*& p : state->pending) {
             if (p == nullptr) continue;
             p->Set(status.ok() ? absl::DataLossError("GetMany: no reply for the item") : status);
-            queue->Push(std::exchange(p, nullptr));
+            rest.push_back(std::exchange(p, nullptr));
           }
           // The item list and the client go last, on the loop's thread.
           KeepOnly* last = std::exchange(state->last, nullptr);
           last->keep = std::move(keep);
-          queue->Push(last);
+          rest.push_back(last);
+          queue->Push(std::move(rest));
         });
     return cancel;
   }

@@ -102,9 +102,9 @@ struct Handed {
 void GetEach(Client& c, const std::vector<GetManyItem>& items, Handed* out) {
   c.GetManyEachAsync(
       items, {},
-      [out](size_t i, absl::StatusOr<GetResult> r) {
+      [out](size_t first, std::vector<absl::StatusOr<GetResult>> results) {
         absl::MutexLock lock(&out->mu);
-        out->items.emplace_back(i, std::move(r));
+        for (auto& r : results) out->items.emplace_back(first++, std::move(r));
       },
       [out](absl::Status s) {
         out->status = s;
