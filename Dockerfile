@@ -37,7 +37,7 @@ COPY . .
 RUN --mount=type=cache,target=/var/cache/ccache \
     export CCACHE_DIR=/var/cache/ccache CCACHE_BASEDIR=/src \
  && cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
-      -DCHUNKD_BUILD_TESTS=OFF -DCHUNKD_BUILD_BENCH=OFF \
+      -DCHUNKD_BUILD_TESTS=OFF -DCHUNKD_BUILD_BENCH=OFF -DCHUNKD_BUILD_PYTHON=OFF \
       -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache \
  && ninja -C build chunkd chunkctl \
  && strip build/server/chunkd build/client/chunkctl

@@ -18,6 +18,10 @@ constexpr size_t kMaxIdleMappings = 64;
 struct ShmImporter::Mapping {
   std::byte* base = nullptr;
   uint64_t size = 0;
+  // The file mapped: a segment recreated under the same name (a restarted server with the same
+  // pid, as in a container) is another file, and must be mapped afresh.
+  dev_t dev = 0;
+  ino_t ino = 0;
   ~Mapping() {
     if (base != nullptr) ::munmap(base, size);
   }
@@ -53,12 +57,18 @@ absl::StatusOr<cpu::Buffer> ShmImporter::Import(const std::string& segment, uint
                                                    ") lies outside segment ", segment));
   }
   std::shared_ptr<Mapping> mapping;
+  std::string path = directory_ + "/" + segment;
+  struct stat now;
+  if (::lstat(path.c_str(), &now) != 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot open shared-memory segment ", path, ": ", std::strerror(errno)));
+  }
   {
     absl::MutexLock lock(&mu_);
     auto it = mappings_.find(segment);
     if (it != mappings_.end()) mapping = it->second;
-    if (mapping == nullptr || mapping->size != segment_size) {
-      std::string path = directory_ + "/" + segment;
+    if (mapping == nullptr || mapping->size != segment_size || mapping->dev != now.st_dev ||
+        mapping->ino != now.st_ino) {
       int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
       if (fd < 0) {
         return absl::UnavailableError(
@@ -78,6 +88,8 @@ absl::StatusOr<cpu::Buffer> ShmImporter::Import(const std::string& segment, uint
       mapping = std::make_shared<Mapping>();
       mapping->base = static_cast<std::byte*>(base);
       mapping->size = segment_size;
+      mapping->dev = st.st_dev;
+      mapping->ino = st.st_ino;
       if (mappings_.size() >= kMaxIdleMappings) {
         for (auto i = mappings_.begin(); i != mappings_.end();) {
           if (i->second.use_count() == 1) {

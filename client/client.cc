@@ -1,8 +1,11 @@
 #include "client/client.h"
 
+#include <unistd.h>
+
 #include <algorithm>
-#include <cstdlib>
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <thread>
 #include <utility>
@@ -10,6 +13,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/cord.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "chunkd/v1/chunkd.grpc.pb.h"
@@ -39,6 +43,29 @@ absl::Status FromGrpc(const grpc::Status& s) {
   if (s.ok()) return absl::OkStatus();
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
+
+// A handle this process could not import (map a segment, open a CUDA IPC handle) fails its call
+// with a status that carries this payload: the client then turns that delivery off and makes
+// the call again, inline (see ClientImpl::DisableDelivery).
+constexpr char kImportFailedPayload[] = "chunkd/import-failed";
+
+// ABORTED, not UNAVAILABLE: the retry loops must not repeat the call as it was (it would ask
+// for the same delivery again).
+absl::Status ImportFailed(const absl::Status& cause, v1::Delivery delivery) {
+  absl::Status s = absl::AbortedError(cause.message());
+  s.SetPayload(kImportFailedPayload, absl::Cord(v1::Delivery_Name(delivery)));
+  return s;
+}
+
+// The delivery whose import failed, or DELIVERY_UNSPECIFIED for any other status.
+v1::Delivery ImportFailure(const absl::Status& s) {
+  auto payload = s.GetPayload(kImportFailedPayload);
+  v1::Delivery d = v1::DELIVERY_UNSPECIFIED;
+  if (payload) (void)v1::Delivery_Parse(std::string(*payload), &d);
+  return d;
+}
+
+std::atomic<int> fail_next_shm_imports{0};
 
 void ToProto(const Conditions& c, v1::Conditions* out) {
   if (c.if_generation_match) out->set_if_generation_match(*c.if_generation_match);
@@ -108,19 +135,25 @@ class Retrier : public std::enable_shared_from_this<Retrier<T>> {
   using Attempt = std::function<void(absl::Time deadline, Callback<T> done)>;
 
   static void Run(const ClientOptions& options, absl::Time deadline, bool retryable,
-                  Attempt attempt, Callback<T> done) {
+                  Attempt attempt, Callback<T> done,
+                  std::shared_ptr<Cancellation> cancellation = nullptr) {
     auto self = std::shared_ptr<Retrier>(new Retrier());
     self->attempt_ = std::move(attempt);
     self->done_ = std::move(done);
     self->deadline_ = deadline;
     self->attempts_left_ = retryable ? std::max(1, options.max_attempts) : 1;
     self->backoff_ = std::make_unique<Backoff>(options);
+    self->cancellation_ = std::move(cancellation);
     self->Next();
   }
 
  private:
   void Next() {
     auto self = this->shared_from_this();
+    if (cancellation_ && cancellation_->cancelled()) {
+      done_(absl::CancelledError("cancelled by the caller"));
+      return;
+    }
     attempt_(deadline_, [self](absl::StatusOr<T> result) {
       if (result.ok() || !absl::IsUnavailable(result.status()) || --self->attempts_left_ <= 0) {
         self->done_(std::move(result));
@@ -143,6 +176,7 @@ class Retrier : public std::enable_shared_from_this<Retrier<T>> {
   absl::Time deadline_;
   int attempts_left_ = 1;
   std::unique_ptr<Backoff> backoff_;
+  std::shared_ptr<Cancellation> cancellation_;
   absl::Mutex mu_;
   // Kept until the whole call is over: an alarm must outlive its callback.
   std::vector<std::unique_ptr<grpc::Alarm>> alarms_;
@@ -171,13 +205,21 @@ struct UnaryCall {
 // Returns the leases of dropped handle buffers to the server in batches, and renews the
 // leases of buffers still alive, from one background thread. The client and every handle
 // buffer share it, so a buffer that outlives its client still returns its lease.
+//
+// Fork: a child process inherits the keeper's memory but not its thread, and the leases stay
+// its parent's. Buffers dropped in a child release nothing (Drop checks the process id), and a
+// keeper destroyed in a child is left as it is (its thread and channel are the parent's).
 class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
  public:
   LeaseKeeper(std::shared_ptr<grpc::Channel> channel, const std::string& shm_dir)
-      : stub_(v1::Chunkd::NewStub(channel)), importer_(shm_dir) {
+      : stub_(v1::Chunkd::NewStub(channel)), importer_(shm_dir), pid_(getpid()) {
     thread_ = std::thread([this] { Loop(); });
   }
   ~LeaseKeeper() {
+    if (getpid() != pid_) {
+      thread_.detach();  // the parent's thread: nothing to join here
+      return;
+    }
     {
       absl::MutexLock lock(&mu_);
       stopping_ = true;
@@ -201,24 +243,45 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
     live_.insert(id);
     if (ttl < ttl_) ttl_ = ttl;
   }
-  // Its last copy is gone: release the lease with the next batch.
+  // Its last copy is gone: release the lease with the next batch (in the process that took
+  // it: a forked child's copies of the parent's buffers release nothing).
   void Drop(uint64_t id) {
+    if (getpid() != pid_) return;
     absl::MutexLock lock(&mu_);
-    live_.erase(id);
+    if (!live_.erase(id) && exited_) return;  // released at exit already
     to_release_.push_back(id);
   }
   size_t held() const {
     absl::MutexLock lock(&mu_);
     return live_.size();
   }
-  // Sends pending releases now and waits for the server's answer.
-  void Flush() {
+  // Sends pending releases now and waits for the server's answer, and for the batch the
+  // keeper's thread may be sending; false if a call failed.
+  bool Flush() {
     std::vector<uint64_t> ids;
     {
       absl::MutexLock lock(&mu_);
       ids.swap(to_release_);
     }
-    if (!ids.empty()) SendRelease(std::move(ids), kCallTimeout);
+    bool ok = ids.empty() || SendRelease(std::move(ids), kCallTimeout);
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(
+        +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) { return !k->sending_; }, this));
+    return ok && last_send_ok_;
+  }
+  // The process is exiting: every lease still held goes back now, in one call with a short
+  // deadline, rather than pinning the server's memory for a TTL.
+  void ReleaseAllAtExit() {
+    if (getpid() != pid_) return;
+    std::vector<uint64_t> ids;
+    {
+      absl::MutexLock lock(&mu_);
+      ids.swap(to_release_);
+      ids.insert(ids.end(), live_.begin(), live_.end());
+      live_.clear();
+      exited_ = true;
+    }
+    if (!ids.empty()) SendRelease(std::move(ids), absl::Seconds(1));
   }
 
  private:
@@ -262,21 +325,24 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
         last_renew = absl::Now();
       }
       if (live_.empty()) last_renew = absl::Now();
+      sending_ = !release.empty();
       mu_.Unlock();
-      if (!release.empty()) SendRelease(std::move(release), kCallTimeout);
+      bool sent = release.empty() || SendRelease(std::move(release), kCallTimeout);
       if (!renew.empty()) SendRenew(std::move(renew));
       mu_.Lock();
+      if (sending_) last_send_ok_ = sent;
+      sending_ = false;
     }
   }
 
   // A lost release is not lost memory: the lease expires.
-  void SendRelease(std::vector<uint64_t> ids, absl::Duration timeout) {
+  bool SendRelease(std::vector<uint64_t> ids, absl::Duration timeout) {
     grpc::ClientContext context;
     context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
     v1::ReleaseRequest request;
     for (uint64_t id : ids) request.add_lease_ids(id);
     v1::ReleaseResponse response;
-    stub_->Release(&context, request, &response).IgnoreError();
+    return stub_->Release(&context, request, &response).ok();
   }
 
   void SendRenew(std::vector<uint64_t> ids) {
@@ -290,17 +356,67 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
 
   std::unique_ptr<v1::Chunkd::Stub> stub_;
   buffer::ShmImporter importer_;
+  const pid_t pid_;
   mutable absl::Mutex mu_;
   absl::flat_hash_set<uint64_t> live_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> to_release_ ABSL_GUARDED_BY(mu_);
   absl::Duration ttl_ ABSL_GUARDED_BY(mu_) = absl::Seconds(30);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool rearm_ ABSL_GUARDED_BY(mu_) = false;
+  bool exited_ ABSL_GUARDED_BY(mu_) = false;
+  // The thread is sending a batch of releases (Flush waits for it), and how the last went.
+  bool sending_ ABSL_GUARDED_BY(mu_) = false;
+  bool last_send_ok_ ABSL_GUARDED_BY(mu_) = true;
   std::thread thread_;
 };
 
+// Every keeper of the process, for ReleaseLeasesAtExit.
+absl::Mutex keepers_mu(absl::kConstInit);
+std::vector<std::weak_ptr<LeaseKeeper>>& Keepers() {
+  static auto* keepers = new std::vector<std::weak_ptr<LeaseKeeper>>();
+  return *keepers;
+}
+
+std::shared_ptr<LeaseKeeper> NewLeaseKeeper(std::shared_ptr<grpc::Channel> channel,
+                                            const std::string& shm_dir) {
+  auto keeper = std::make_shared<LeaseKeeper>(std::move(channel), shm_dir);
+  absl::MutexLock lock(&keepers_mu);
+  auto& keepers = Keepers();
+  std::erase_if(keepers, [](const std::weak_ptr<LeaseKeeper>& k) { return k.expired(); });
+  keepers.push_back(keeper);
+  return keeper;
+}
+
 // The reply of one Get, assembled from its raw messages: each is decoded field by field and its
 // data copied once, from the received slices into the result; a handle reply is imported.
+// A lease a reply announced that no buffer has taken over yet: given back when the reply goes
+// unfinished (a failed or cancelled call, a GetMany item after one that could not be
+// imported), rather than left to expire.
+class UnclaimedLease {
+ public:
+  UnclaimedLease() = default;
+  UnclaimedLease(std::shared_ptr<LeaseKeeper> keeper, uint64_t id)
+      : keeper_(std::move(keeper)), id_(id) {}
+  UnclaimedLease(UnclaimedLease&& other) noexcept
+      : keeper_(std::move(other.keeper_)), id_(std::exchange(other.id_, 0)) {}
+  UnclaimedLease& operator=(UnclaimedLease&& other) noexcept {
+    Drop();
+    keeper_ = std::move(other.keeper_);
+    id_ = std::exchange(other.id_, 0);
+    return *this;
+  }
+  ~UnclaimedLease() { Drop(); }
+  // The lease is someone else's to give back now.
+  void Claim() { id_ = 0; }
+
+ private:
+  void Drop() {
+    if (id_ != 0 && keeper_) keeper_->Drop(std::exchange(id_, 0));
+  }
+  std::shared_ptr<LeaseKeeper> keeper_;
+  uint64_t id_ = 0;
+};
+
 class GetReply {
  public:
   explicit GetReply(std::shared_ptr<LeaseKeeper> keeper) : keeper_(std::move(keeper)) {}
@@ -330,6 +446,7 @@ class GetReply {
     if (have_header_ || !header_.ParseFromString(bytes)) return Malformed();
     have_header_ = true;
     if (header_.delivery() == v1::DELIVERY_SHM || header_.delivery() == v1::DELIVERY_CUDA_IPC) {
+      if (header_.lease().id() != 0) unclaimed_ = UnclaimedLease(keeper_, header_.lease().id());
       return absl::OkStatus();  // no bytes follow
     }
     auto value = buffer::cpu::MutableBuffer::Allocate(header_.length());
@@ -350,6 +467,15 @@ class GetReply {
 
   static absl::Status Malformed() { return absl::DataLossError("malformed Get reply"); }
   bool has_header() const { return have_header_; }
+  uint64_t length() const { return have_header_ ? header_.length() : 0; }
+  // Every byte of the value (or its handle) has arrived.
+  bool complete() const {
+    if (!have_header_) return false;
+    if (header_.delivery() == v1::DELIVERY_SHM || header_.delivery() == v1::DELIVERY_CUDA_IPC) {
+      return true;
+    }
+    return received_ == header_.length();
+  }
 
   // The result, once the call ended with `status`.
   absl::StatusOr<GetResult> Finish(const grpc::Status& status) {
@@ -376,14 +502,21 @@ class GetReply {
   absl::StatusOr<GetResult> ImportShm() {
     const v1::ShmHandle& shm = header_.shm();
     uint64_t lease = header_.lease().id();
-    std::weak_ptr<LeaseKeeper> weak = keeper_;
-    auto data = keeper_->importer().Import(
-        shm.segment(), shm.segment_size(), shm.offset(), shm.length(), [weak, lease] {
-          if (auto keeper = weak.lock()) keeper->Drop(lease);
-        });
+    unclaimed_.Claim();  // the buffer returns it, or the failure below
+    // The buffer holds the keeper: one that outlives its client still returns its lease.
+    absl::StatusOr<buffer::cpu::Buffer> data;
+    if (fail_next_shm_imports.load(std::memory_order_relaxed) > 0 &&
+        fail_next_shm_imports.fetch_sub(1) > 0) {
+      data = absl::PermissionDeniedError(
+          absl::StrCat("cannot map ", shm.segment(), ": permission denied (injected by a test)"));
+    } else {
+      data = keeper_->importer().Import(
+          shm.segment(), shm.segment_size(), shm.offset(), shm.length(),
+          [keeper = keeper_, lease] { keeper->Drop(lease); });
+    }
     if (!data.ok()) {
       keeper_->Drop(lease);
-      return data.status();
+      return ImportFailed(data.status(), v1::DELIVERY_SHM);
     }
     keeper_->Track(lease, absl::Milliseconds(header_.lease().ttl_ms()));
     GetResult r;
@@ -400,16 +533,15 @@ class GetReply {
   // buffer that views the chunk and releases its lease when the last copy goes.
   absl::StatusOr<GetResult> ImportCuda() {
     uint64_t lease = header_.lease().id();
+    unclaimed_.Claim();  // the buffer returns it, or the failure below
     absl::StatusOr<CudaImporter*> importer = CudaImporter::ForProcess();
     absl::StatusOr<buffer::gpu::Buffer> data =
         importer.ok() ? (*importer)->Import(header_.cuda(),
-                                            [weak = std::weak_ptr<LeaseKeeper>(keeper_), lease] {
-                                              if (auto keeper = weak.lock()) keeper->Drop(lease);
-                                            })
+                                            [keeper = keeper_, lease] { keeper->Drop(lease); })
                       : importer.status();
     if (!data.ok()) {
       keeper_->Drop(lease);
-      return data.status();
+      return ImportFailed(data.status(), v1::DELIVERY_CUDA_IPC);
     }
     keeper_->Track(lease, absl::Milliseconds(header_.lease().ttl_ms()));
     GetResult r;
@@ -425,21 +557,94 @@ class GetReply {
   std::shared_ptr<LeaseKeeper> keeper_;
   bool have_header_ = false;
   v1::GetHeader header_;
+  UnclaimedLease unclaimed_;
   buffer::cpu::MutableBuffer value_;
   uint64_t received_ = 0;
 };
 
 // The reply of one GetMany: GetManyResponse messages walked field by field; each part goes to
 // its item's GetReply.
+//
+// With `each` set, every item is handed to it as soon as it is complete (items are answered in
+// order), its index offset by `base`; Finish then hands over what is left and returns no
+// results. A handle that cannot be imported stops the handing over there: the reply is still
+// read to its end (so that every later item's lease is known, and given back as the reply
+// goes), and Finish fails with the import's status (the rest is read again inline).
 class GetManyReply {
  public:
-  GetManyReply(std::shared_ptr<LeaseKeeper> keeper, size_t items) {
+  GetManyReply(std::shared_ptr<LeaseKeeper> keeper, size_t items, ItemsCallback each = nullptr,
+               size_t base = 0)
+      : each_(std::move(each)), base_(base) {
     replies_.reserve(items);
     for (size_t i = 0; i < items; ++i) replies_.emplace_back(keeper);
     errors_.resize(items);
   }
 
   absl::Status Absorb(const grpc::ByteBuffer& message) {
+    if (absl::Status s = AbsorbParts(message); !s.ok()) return s;
+    return each_ ? HandOver(/*finished=*/false) : absl::OkStatus();
+  }
+
+  // Items handed over to `each` so far.
+  size_t handed_over() const { return handed_over_; }
+
+ private:
+  // Hands the complete items from the next one on to `each`, together (all of them once
+  // `finished`). Before the end, only once they hold kHandOverBytes: small items go together
+  // (their caller's next requests then go together too), large ones one by one.
+  absl::Status HandOver(bool finished) {
+    if (!import_failed_.ok()) return finished ? import_failed_ : absl::OkStatus();
+    if (!finished && ReadyBytes() < kHandOverBytes) return absl::OkStatus();
+    size_t first = handed_over_;
+    std::vector<absl::StatusOr<GetResult>> results;
+    absl::Status status = CompleteItems(finished, &results);
+    if (!results.empty()) each_(base_ + first, std::move(results));
+    return status;
+  }
+
+  static constexpr uint64_t kHandOverBytes = 256 << 10;
+
+  // Bytes of the complete items not handed over yet.
+  uint64_t ReadyBytes() const {
+    uint64_t bytes = 0;
+    for (size_t i = handed_over_; i < replies_.size() && bytes < kHandOverBytes; ++i) {
+      if (errors_[i]) continue;
+      if (!replies_[i].complete()) break;
+      bytes += replies_[i].length();
+    }
+    return bytes;
+  }
+
+  absl::Status CompleteItems(bool finished, std::vector<absl::StatusOr<GetResult>>* results) {
+    while (handed_over_ < replies_.size()) {
+      size_t i = handed_over_;
+      absl::StatusOr<GetResult> result;
+      if (errors_[i]) {
+        result = *errors_[i];
+      } else if (replies_[i].complete()) {
+        result = replies_[i].Finish(grpc::Status::OK);
+        if (!result.ok() && ImportFailure(result.status()) != v1::DELIVERY_UNSPECIFIED) {
+          import_failed_ = result.status();
+          return finished ? import_failed_ : absl::OkStatus();
+        }
+      } else if (finished) {
+        result = absl::DataLossError(absl::StrCat("GetMany: no whole reply for item ", i));
+      } else {
+        return absl::OkStatus();
+      }
+      ++handed_over_;
+      results->push_back(std::move(result));
+    }
+    return absl::OkStatus();
+  }
+
+ public:
+  absl::StatusOr<GetManyResults> FinishEach() {
+    if (absl::Status s = HandOver(/*finished=*/true); !s.ok()) return s;
+    return GetManyResults();
+  }
+
+  absl::Status AbsorbParts(const grpc::ByteBuffer& message) {
     wire::FieldReader reader(message);
     while (!reader.done()) {
       uint32_t field, wire_type;
@@ -456,8 +661,10 @@ class GetManyReply {
   }
 
   absl::StatusOr<GetManyResults> Finish() {
+    if (each_) return FinishEach();
     GetManyResults results;
     results.reserve(replies_.size());
+    absl::Status import_failed;
     for (size_t i = 0; i < replies_.size(); ++i) {
       if (errors_[i]) {
         results.push_back(*errors_[i]);
@@ -465,8 +672,16 @@ class GetManyReply {
         results.push_back(absl::DataLossError(absl::StrCat("GetMany: no reply for item ", i)));
       } else {
         results.push_back(replies_[i].Finish(grpc::Status::OK));
+        if (!results.back().ok() && import_failed.ok() &&
+            ImportFailure(results.back().status()) != v1::DELIVERY_UNSPECIFIED) {
+          import_failed = results.back().status();
+        }
       }
     }
+    // A handle this process cannot import fails the whole call, which is made again inline;
+    // every item was imported (or its lease dropped) first, so the leases of the others go
+    // back as `results` is dropped.
+    if (!import_failed.ok()) return import_failed;
     return results;
   }
 
@@ -510,16 +725,36 @@ class GetManyReply {
 
   std::vector<GetReply> replies_;
   std::vector<std::optional<absl::Status>> errors_;
+  ItemsCallback each_;
+  size_t base_ = 0;
+  size_t handed_over_ = 0;
+  absl::Status import_failed_;
 };
 
-// One asynchronous Get: the request goes out raw, replies are assembled by GetReply.
-class GetCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+absl::StatusOr<GetResult> FinishReply(GetReply& reply, const grpc::Status& status) {
+  return reply.Finish(status);
+}
+absl::StatusOr<GetManyResults> FinishReply(GetManyReply& reply, const grpc::Status& status) {
+  if (!status.ok()) return FromGrpc(status);
+  return reply.Finish();
+}
+
+// One asynchronous server-streaming call, Get or GetMany (`Reply`: GetReply or GetManyReply):
+// the request goes out raw, the replies are assembled as they arrive.
+template <typename Reply, typename T>
+class StreamCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  GetCall(grpc::GenericStub* stub, std::shared_ptr<LeaseKeeper> keeper,
-          const grpc::ByteBuffer& request, absl::Time deadline, Callback<GetResult> done)
-      : done_(std::move(done)), request_(request), reply_(std::move(keeper)) {
-    context_.set_deadline(absl::ToChronoTime(deadline));
-    stub->PrepareBidiStreamingCall(&context_, kGetMethod, grpc::StubOptions(), this);
+  StreamCall(grpc::GenericStub* stub, const char* method, Reply reply,
+             const grpc::ByteBuffer& request, absl::Time deadline, Cancellation* cancellation,
+             Callback<T> done)
+      : done_(std::move(done)),
+        context_(std::make_shared<grpc::ClientContext>()),
+        request_(request),
+        reply_(std::move(reply)) {
+    context_->set_deadline(absl::ToChronoTime(deadline));
+    // A call cancelled before this attempt could start ends at once with CANCELLED.
+    if (cancellation != nullptr && !cancellation->Arm(context_)) context_->TryCancel();
+    stub->PrepareBidiStreamingCall(context_.get(), method, grpc::StubOptions(), this);
     StartWriteLast(&request_, grpc::WriteOptions());
     StartRead(&response_);
     StartCall();
@@ -529,26 +764,27 @@ class GetCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byt
     if (!ok) return;  // the stream ended; OnDone brings the status
     if (absl::Status s = reply_.Absorb(response_); !s.ok()) {
       error_ = s;
-      context_.TryCancel();
+      context_->TryCancel();
       return;
     }
     StartRead(&response_);
   }
 
   void OnDone(const grpc::Status& status) override {
-    absl::StatusOr<GetResult> result = error_.ok() ? reply_.Finish(status) : error_;
-    Callback<GetResult> done = std::move(done_);
+    absl::StatusOr<T> result = error_.ok() ? FinishReply(reply_, status) : error_;
+    Callback<T> done = std::move(done_);
     delete this;
     done(std::move(result));
   }
 
  private:
-  Callback<GetResult> done_;
-  grpc::ClientContext context_;
+  Callback<T> done_;
+  // Shared with the call's Cancellation, which may outlive this object.
+  std::shared_ptr<grpc::ClientContext> context_;
   grpc::ByteBuffer request_;
   grpc::ByteBuffer response_;
   absl::Status error_;
-  GetReply reply_;
+  Reply reply_;
 };
 
 // One Put: the header, then the value in parts that refer to the caller's buffer.
@@ -623,10 +859,11 @@ class PutCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byt
   bool got_response_ = false;
 };
 
+// One List call: the listing page by page, as the server streams it.
 class ListCall final : public grpc::ClientReadReactor<v1::ListResponse> {
  public:
   ListCall(v1::Chunkd::Stub* stub, absl::string_view prefix, bool directory, absl::Time deadline,
-           Callback<ListResult> done)
+           Callback<std::vector<ListResult>> done)
       : done_(std::move(done)) {
     context_.set_deadline(absl::ToChronoTime(deadline));
     request_.set_prefix(std::string(prefix));
@@ -638,29 +875,41 @@ class ListCall final : public grpc::ClientReadReactor<v1::ListResponse> {
 
   void OnReadDone(bool ok) override {
     if (!ok) return;
+    ListResult& page = pages_.emplace_back();
     for (v1::ListEntry& e : *response_.mutable_entries()) {
-      result_.entries.push_back({std::move(*e.mutable_key()), e.size()});
+      page.entries.push_back({std::move(*e.mutable_key()), e.size()});
     }
-    for (std::string& p : *response_.mutable_prefixes()) result_.prefixes.push_back(std::move(p));
+    for (std::string& p : *response_.mutable_prefixes()) page.prefixes.push_back(std::move(p));
     response_.Clear();
     StartRead(&response_);
   }
 
   void OnDone(const grpc::Status& status) override {
-    absl::StatusOr<ListResult> result = status.ok() ? absl::StatusOr<ListResult>(std::move(result_))
-                                                    : FromGrpc(status);
-    Callback<ListResult> done = std::move(done_);
+    absl::StatusOr<std::vector<ListResult>> result =
+        status.ok() ? absl::StatusOr<std::vector<ListResult>>(std::move(pages_))
+                    : FromGrpc(status);
+    Callback<std::vector<ListResult>> done = std::move(done_);
     delete this;
     done(std::move(result));
   }
 
  private:
-  Callback<ListResult> done_;
+  Callback<std::vector<ListResult>> done_;
   grpc::ClientContext context_;
   v1::ListRequest request_;
   v1::ListResponse response_;
-  ListResult result_;
+  std::vector<ListResult> pages_;
 };
+
+ListResult MergePages(std::vector<ListResult> pages) {
+  if (pages.size() == 1) return std::move(pages.front());
+  ListResult all;
+  for (ListResult& page : pages) {
+    std::move(page.entries.begin(), page.entries.end(), std::back_inserter(all.entries));
+    std::move(page.prefixes.begin(), page.prefixes.end(), std::back_inserter(all.prefixes));
+  }
+  return all;
+}
 
 struct Empty {};
 
@@ -671,7 +920,7 @@ class ClientImpl final : public Client {
         channel_(channel),
         stub_(v1::Chunkd::NewStub(channel)),
         generic_(std::make_unique<grpc::GenericStub>(channel)),
-        keeper_(std::make_shared<LeaseKeeper>(channel, options.shm_dir)) {
+        keeper_(NewLeaseKeeper(channel, options.shm_dir)) {
     buffer::HostIdentity id =
         options.identity ? *options.identity : buffer::CurrentHostIdentity(options.shm_dir);
     identity_.set_boot_id(id.boot_id);
@@ -683,60 +932,69 @@ class ClientImpl final : public Client {
   }
 
   size_t leases_held() const override { return keeper_->held(); }
-  void FlushReleases() override { keeper_->Flush(); }
+  bool FlushReleases() override { return keeper_->Flush(); }
+  std::string shm_disabled() const override {
+    absl::MutexLock lock(&disabled_mu_);
+    return shm_disabled_;
+  }
 
   void GetAsync(absl::string_view key, const GetOptions& options,
                 Callback<GetResult> done) override {
-    grpc::ByteBuffer request = Serialize(MakeGetRequest(key, options));
-    Retrier<GetResult>::Run(
-        options_, Deadline(options.timeout), /*retryable=*/true,
-        [this, request](absl::Time deadline, Callback<GetResult> attempt_done) {
-          new GetCall(generic_.get(), keeper_, request, deadline, std::move(attempt_done));
-        },
-        std::move(done));
+    GetAsyncOnce(std::string(key), options, /*import_retry=*/true, std::move(done));
   }
 
   // The blocking Get runs on gRPC's synchronous API: the calling thread drives the call
   // itself, which saves the hand-offs between threads that a callback call makes (they cost
   // more than the whole call for small values).
   absl::StatusOr<GetResult> Get(absl::string_view key, const GetOptions& options) override {
-    grpc::ByteBuffer request = Serialize(MakeGetRequest(key, options));
-    absl::Time deadline = Deadline(options.timeout);
-    return RetryBlocking<GetResult>(options_, deadline, [&]() -> absl::StatusOr<GetResult> {
-      GetReply reply(keeper_);
-      Streamed call = ReadStream(get_method_, deadline, request,
-                                 [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
-      if (!call.reply_error.ok()) return call.reply_error;
-      return reply.Finish(call.status);
-    });
+    for (bool import_retry = true;; import_retry = false) {
+      grpc::ByteBuffer request = Serialize(MakeGetRequest(key, options));
+      absl::Time deadline = Deadline(options.timeout);
+      absl::StatusOr<GetResult> result =
+          RetryBlocking<GetResult>(options_, deadline, [&]() -> absl::StatusOr<GetResult> {
+            GetReply reply(keeper_);
+            Streamed call = ReadStream(get_method_, deadline, request,
+                                       [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
+            if (!call.reply_error.ok()) return call.reply_error;
+            return reply.Finish(call.status);
+          });
+      if (!import_retry || !DisableDeliveryAfter(result.status())) return result;
+    }
   }
 
   absl::StatusOr<GetManyResults> GetMany(const std::vector<GetManyItem>& items,
                                          const GetOptions& options) override {
-    v1::GetManyRequest request;
-    for (const GetManyItem& item : items) {
-      GetOptions one;
-      one.range = item.range;
-      one.conditions = item.conditions;
-      v1::GetRequest r = MakeGetRequest(item.key, one);
-      r.clear_accept();
-      r.clear_client();
-      *request.add_items() = std::move(r);
+    for (bool import_retry = true;; import_retry = false) {
+      grpc::ByteBuffer raw = Serialize(MakeGetManyRequest(items, options));
+      absl::Time deadline = Deadline(options.timeout);
+      absl::StatusOr<GetManyResults> result = RetryBlocking<GetManyResults>(
+          options_, deadline, [&]() -> absl::StatusOr<GetManyResults> {
+            GetManyReply reply(keeper_, items.size());
+            Streamed call = ReadStream(get_many_method_, deadline, raw,
+                                       [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
+            if (!call.reply_error.ok()) return call.reply_error;
+            if (!call.status.ok()) return FromGrpc(call.status);
+            return reply.Finish();
+          });
+      if (!import_retry || !DisableDeliveryAfter(result.status())) return result;
     }
-    v1::GetRequest shared = MakeGetRequest("", options);
-    *request.mutable_accept() = shared.accept();
-    if (shared.has_client()) *request.mutable_client() = shared.client();
-    grpc::ByteBuffer raw = Serialize(request);
-    absl::Time deadline = Deadline(options.timeout);
-    return RetryBlocking<GetManyResults>(options_, deadline,
-                                         [&]() -> absl::StatusOr<GetManyResults> {
-      GetManyReply reply(keeper_, items.size());
-      Streamed call = ReadStream(get_many_method_, deadline, raw,
-                                 [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
-      if (!call.reply_error.ok()) return call.reply_error;
-      if (!call.status.ok()) return FromGrpc(call.status);
-      return reply.Finish();
-    });
+  }
+
+  void GetManyAsync(std::vector<GetManyItem> items, const GetOptions& options,
+                    Callback<GetManyResults> done) override {
+    GetManyAsyncOnce(std::make_shared<const std::vector<GetManyItem>>(std::move(items)), options,
+                     /*import_retry=*/true, std::move(done));
+  }
+
+  void GetManyEachAsync(std::vector<GetManyItem> items, const GetOptions& options,
+                        ItemsCallback each, StatusCallback done) override {
+    auto call = std::make_shared<EachCall>();
+    call->items = std::move(items);
+    call->options = options;
+    call->each = std::move(each);
+    call->done = std::move(done);
+    call->deadline = Deadline(options.timeout);
+    GetManyEachAttempts(std::move(call), /*import_retry=*/true);
   }
 
   void PutAsync(absl::string_view key, buffer::cpu::Buffer value, const Conditions& conditions,
@@ -799,17 +1057,31 @@ class ClientImpl final : public Client {
         [](const v1::StatResponse& r) { return StatResult{r.exists(), r.size(), r.generation()}; });
   }
 
-  void ListAsync(absl::string_view prefix, bool directory, Callback<ListResult> done) override {
-    Retrier<ListResult>::Run(
+  void ListPagesAsync(absl::string_view prefix, bool directory,
+                      Callback<std::vector<ListResult>> done) override {
+    Retrier<std::vector<ListResult>>::Run(
         options_, Deadline(std::nullopt), /*retryable=*/true,
-        [this, prefix = std::string(prefix), directory](absl::Time deadline,
-                                                        Callback<ListResult> attempt_done) {
+        [this, prefix = std::string(prefix), directory](
+            absl::Time deadline, Callback<std::vector<ListResult>> attempt_done) {
           new ListCall(stub_.get(), prefix, directory, deadline, std::move(attempt_done));
         },
         std::move(done));
   }
+  absl::StatusOr<std::vector<ListResult>> ListPages(absl::string_view prefix,
+                                                    bool directory) override {
+    return WaitFor<std::vector<ListResult>>(
+        [&](Callback<std::vector<ListResult>> cb) { ListPagesAsync(prefix, directory, cb); });
+  }
+  void ListAsync(absl::string_view prefix, bool directory, Callback<ListResult> done) override {
+    ListPagesAsync(prefix, directory, [done = std::move(done)](auto pages) {
+      if (!pages.ok()) return done(pages.status());
+      done(MergePages(*std::move(pages)));
+    });
+  }
   absl::StatusOr<ListResult> List(absl::string_view prefix, bool directory) override {
-    return WaitFor<ListResult>([&](Callback<ListResult> cb) { ListAsync(prefix, directory, cb); });
+    auto pages = ListPages(prefix, directory);
+    if (!pages.ok()) return pages.status();
+    return MergePages(*std::move(pages));
   }
 
   void ServerInfoAsync(Callback<v1::ServerInfoResponse> done) override {
@@ -836,15 +1108,138 @@ class ClientImpl final : public Client {
     ToProto(options.range, &request);
     ToProto(options.conditions, request.mutable_conditions());
     bool handles = false, cuda = false;
+    bool shm_off, cuda_off;
+    {
+      absl::MutexLock lock(&disabled_mu_);
+      shm_off = !shm_disabled_.empty();
+      cuda_off = !cuda_disabled_.empty();
+    }
     for (v1::Delivery d : options.accept.value_or(options_.accept)) {
+      // A delivery this client could not import before is asked for no more.
+      if ((d == v1::DELIVERY_SHM && shm_off) || (d == v1::DELIVERY_CUDA_IPC && cuda_off)) continue;
       request.add_accept(d);
       handles |= d != v1::DELIVERY_INLINE;
       cuda |= d == v1::DELIVERY_CUDA_IPC;
     }
+    if (request.accept().empty()) request.add_accept(v1::DELIVERY_INLINE);
     if (handles) *request.mutable_client() = identity_;
     // The GPU by UUID; without a device the server falls back (or refuses a CUDA-only Get).
-    if (cuda) (void)PrepareCudaRequest(options_.cuda_device, &request);
+    if (cuda) (void)PrepareCudaRequest(options.cuda_device.value_or(options_.cuda_device), &request);
     return request;
+  }
+
+  v1::GetManyRequest MakeGetManyRequest(const std::vector<GetManyItem>& items,
+                                        const GetOptions& options) const {
+    v1::GetManyRequest request;
+    request.mutable_items()->Reserve(items.size());
+    for (const GetManyItem& item : items) {
+      v1::GetRequest* r = request.add_items();
+      r->set_key(item.key);
+      ToProto(item.range, r);
+      ToProto(item.conditions, r->mutable_conditions());
+    }
+    v1::GetRequest shared = MakeGetRequest("", options);
+    *request.mutable_accept() = shared.accept();
+    if (shared.has_client()) *request.mutable_client() = shared.client();
+    return request;
+  }
+
+  // After a call failed because this process could not import a handle (map a shared-memory
+  // segment, open a CUDA IPC handle): turns that delivery off for this client, with a log line,
+  // and says whether to make the call again (then inline).
+  bool DisableDeliveryAfter(const absl::Status& status) {
+    v1::Delivery failed = ImportFailure(status);
+    if (failed == v1::DELIVERY_UNSPECIFIED) return false;
+    absl::MutexLock lock(&disabled_mu_);
+    std::string& reason = failed == v1::DELIVERY_SHM ? shm_disabled_ : cuda_disabled_;
+    if (reason.empty()) {
+      reason = std::string(status.message());
+      std::fprintf(stderr, "chunkd client: %s delivery from %s is off: %s (values arrive inline)\n",
+                   failed == v1::DELIVERY_SHM ? "shared-memory" : "CUDA IPC",
+                   options_.address.c_str(), reason.c_str());
+    }
+    return true;
+  }
+
+  void GetAsyncOnce(std::string key, const GetOptions& options, bool import_retry,
+                    Callback<GetResult> done) {
+    grpc::ByteBuffer request = Serialize(MakeGetRequest(key, options));
+    Retrier<GetResult>::Run(
+        options_, Deadline(options.timeout), /*retryable=*/true,
+        [this, request, cancellation = options.cancellation](absl::Time deadline,
+                                                             Callback<GetResult> attempt_done) {
+          new StreamCall<GetReply, GetResult>(generic_.get(), kGetMethod, GetReply(keeper_),
+                                              request, deadline, cancellation.get(),
+                                              std::move(attempt_done));
+        },
+        [this, key = std::move(key), options, import_retry,
+         done = std::move(done)](absl::StatusOr<GetResult> result) mutable {
+          if (import_retry && DisableDeliveryAfter(result.status())) {
+            return GetAsyncOnce(std::move(key), options, false, std::move(done));
+          }
+          done(std::move(result));
+        },
+        options.cancellation);
+  }
+
+  // A GetManyEachAsync call: its items, and how many of them were handed over. Each attempt
+  // asks for the items from there on (so a retry repeats none), one attempt at a time.
+  struct EachCall {
+    std::vector<GetManyItem> items;
+    GetOptions options;
+    ItemsCallback each;
+    StatusCallback done;
+    absl::Time deadline;
+    std::atomic<size_t> next{0};
+  };
+
+  void GetManyEachAttempts(std::shared_ptr<EachCall> call, bool import_retry) {
+    if (call->next == call->items.size()) return call->done(absl::OkStatus());
+    Retrier<GetManyResults>::Run(
+        options_, call->deadline, /*retryable=*/true,
+        [this, call](absl::Time deadline, Callback<GetManyResults> attempt_done) {
+          size_t base = call->next;
+          std::vector<GetManyItem> rest(call->items.begin() + base, call->items.end());
+          ItemsCallback each = [call](size_t first,
+                                      std::vector<absl::StatusOr<GetResult>> results) {
+            call->next = first + results.size();
+            call->each(first, std::move(results));
+          };
+          new StreamCall<GetManyReply, GetManyResults>(
+              generic_.get(), kGetManyMethod,
+              GetManyReply(keeper_, rest.size(), std::move(each), base),
+              Serialize(MakeGetManyRequest(rest, call->options)), deadline,
+              call->options.cancellation.get(), std::move(attempt_done));
+        },
+        [this, call, import_retry](absl::StatusOr<GetManyResults> result) {
+          if (import_retry && DisableDeliveryAfter(result.status())) {
+            return GetManyEachAttempts(call, false);  // the rest, inline
+          }
+          call->done(result.status());
+        },
+        call->options.cancellation);
+  }
+
+  void GetManyAsyncOnce(std::shared_ptr<const std::vector<GetManyItem>> items,
+                        const GetOptions& options, bool import_retry,
+                        Callback<GetManyResults> done) {
+    grpc::ByteBuffer request = Serialize(MakeGetManyRequest(*items, options));
+    Retrier<GetManyResults>::Run(
+        options_, Deadline(options.timeout), /*retryable=*/true,
+        [this, request, n = items->size(), cancellation = options.cancellation](
+            absl::Time deadline, Callback<GetManyResults> attempt_done) {
+          new StreamCall<GetManyReply, GetManyResults>(
+              generic_.get(), kGetManyMethod, GetManyReply(keeper_, n), request, deadline,
+              cancellation.get(), std::move(attempt_done));
+        },
+        [this, items, options, import_retry,
+         done = std::move(done)](absl::StatusOr<GetManyResults> result) mutable {
+          if (import_retry && DisableDeliveryAfter(result.status())) {
+            return GetManyAsyncOnce(std::move(items), options, false, std::move(done));
+          }
+          done(std::move(result));
+        },
+        options.cancellation);
   }
 
   // A unary call through the generated async stub, retried on UNAVAILABLE (every unary call
@@ -919,6 +1314,10 @@ class ClientImpl final : public Client {
   std::unique_ptr<grpc::GenericStub> generic_;
   std::shared_ptr<LeaseKeeper> keeper_;
   v1::ClientIdentity identity_;
+  // Why shared-memory / CUDA IPC delivery is off for this client ("": on).
+  mutable absl::Mutex disabled_mu_;
+  std::string shm_disabled_ ABSL_GUARDED_BY(disabled_mu_);
+  std::string cuda_disabled_ ABSL_GUARDED_BY(disabled_mu_);
   const grpc::internal::RpcMethod get_method_{kGetMethod,
                                               grpc::internal::RpcMethod::SERVER_STREAMING};
   const grpc::internal::RpcMethod get_many_method_{kGetManyMethod,
@@ -926,6 +1325,40 @@ class ClientImpl final : public Client {
 };
 
 }  // namespace
+
+void Cancellation::Cancel() {
+  std::shared_ptr<grpc::ClientContext> context;
+  {
+    absl::MutexLock lock(&mu_);
+    cancelled_ = true;
+    context = context_;
+  }
+  if (context) context->TryCancel();
+}
+
+bool Cancellation::cancelled() const {
+  absl::MutexLock lock(&mu_);
+  return cancelled_;
+}
+
+bool Cancellation::Arm(std::shared_ptr<grpc::ClientContext> context) {
+  absl::MutexLock lock(&mu_);
+  context_ = std::move(context);
+  return !cancelled_;
+}
+
+void ReleaseLeasesAtExit() {
+  std::vector<std::shared_ptr<LeaseKeeper>> keepers;
+  {
+    absl::MutexLock lock(&keepers_mu);
+    for (const auto& weak : Keepers()) {
+      if (auto keeper = weak.lock()) keepers.push_back(std::move(keeper));
+    }
+  }
+  for (const auto& keeper : keepers) keeper->ReleaseAllAtExit();
+}
+
+void FailNextShmImportsForTesting(int n) { fail_next_shm_imports.store(n); }
 
 absl::StatusOr<ByteRange> ByteRange::Parse(absl::string_view text) {
   const auto bad = [&] {

@@ -28,7 +28,12 @@
 #include "buffer/cpu/buffer.h"
 #include "buffer/gpu/buffer.h"
 #include "buffer/host_identity.h"
+#include "absl/synchronization/mutex.h"
 #include "chunkd/v1/chunkd.pb.h"
+
+namespace grpc {
+class ClientContext;
+}
 
 namespace chunkd::client {
 
@@ -60,6 +65,7 @@ struct ClientOptions {
   int cuda_device = 0;
   // Security (client/credentials.h). TLS on TCP addresses: tls_ca is the PEM file of the CA that
   // signs the server's certificate (tls alone: the system's roots); "unix:" stays plaintext.
+  // tls_ca, tls_cert and tls_key may also hold the PEM text itself instead of a file's path.
   std::string tls_ca;
   bool tls = false;
   // The client's certificate and key (PEM files), for servers that require one (mutual TLS).
@@ -92,12 +98,32 @@ struct Conditions {
   std::optional<uint64_t> if_generation_not_match;
 };
 
+// Cancels an asynchronous call (GetOptions::cancellation): the attempt in flight is cancelled
+// and no further attempt starts, so the call ends with CANCELLED (unless it finished first).
+// Thread-safe; cancelling twice, or after the call ended, does nothing.
+class Cancellation {
+ public:
+  void Cancel();
+  bool cancelled() const;
+  // The client's side: the context of the attempt that starts now. False when the call was
+  // cancelled already (the attempt then must not start).
+  bool Arm(std::shared_ptr<grpc::ClientContext> context);
+
+ private:
+  mutable absl::Mutex mu_;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  std::shared_ptr<grpc::ClientContext> context_ ABSL_GUARDED_BY(mu_);
+};
+
 struct GetOptions {
   ByteRange range;
   Conditions conditions;
-  // Overrides ClientOptions::timeout / accept when set.
+  // Overrides ClientOptions::timeout / accept / cuda_device when set.
   std::optional<absl::Duration> timeout;
   std::optional<std::vector<v1::Delivery>> accept;
+  std::optional<int> cuda_device;
+  // GetAsync and GetManyAsync: cancels the call when cancelled (see Cancellation).
+  std::shared_ptr<Cancellation> cancellation;
 };
 
 struct GetResult {
@@ -149,6 +175,9 @@ struct ListResult {
 template <typename T>
 using Callback = std::function<void(absl::StatusOr<T>)>;
 using StatusCallback = std::function<void(absl::Status)>;
+// The results of GetMany items [first, first + results.size()), in order.
+using ItemsCallback =
+    std::function<void(size_t first, std::vector<absl::StatusOr<GetResult>> results)>;
 
 class Client {
  public:
@@ -170,6 +199,17 @@ class Client {
   // many items); items fail one by one inside the results.
   virtual absl::StatusOr<GetManyResults> GetMany(const std::vector<GetManyItem>& items,
                                                  const GetOptions& options = {}) = 0;
+  virtual void GetManyAsync(std::vector<GetManyItem> items, const GetOptions& options,
+                            Callback<GetManyResults> done) = 0;
+  // GetMany handing items' results to `each` as soon as they have arrived whole (items are
+  // answered in order; `each` runs on gRPC's threads, once per reply message that completed
+  // items, with those items), so a caller can use the first values while the later ones are on
+  // their way; then `done` with the call's status: OK once every item was handed over, else
+  // the error that ended the call (the items not handed over failed with it). An attempt that
+  // fails with UNAVAILABLE is retried for the items not handed over yet; an item whose handle
+  // cannot be imported is read again, with the rest, inline.
+  virtual void GetManyEachAsync(std::vector<GetManyItem> items, const GetOptions& options,
+                                ItemsCallback each, StatusCallback done) = 0;
 
   // RESOURCE_EXHAUSTED: larger than the server's maximum, or the store is full.
   virtual absl::StatusOr<PutResult> Put(absl::string_view key, buffer::cpu::Buffer value,
@@ -188,6 +228,11 @@ class Client {
 
   virtual absl::StatusOr<ListResult> List(absl::string_view prefix, bool directory = false) = 0;
   virtual void ListAsync(absl::string_view prefix, bool directory, Callback<ListResult> done) = 0;
+  // The listing as the server sent it, page by page (a pool's: one merged page).
+  virtual absl::StatusOr<std::vector<ListResult>> ListPages(absl::string_view prefix,
+                                                            bool directory = false) = 0;
+  virtual void ListPagesAsync(absl::string_view prefix, bool directory,
+                              Callback<std::vector<ListResult>> done) = 0;
 
   virtual absl::StatusOr<v1::ServerInfoResponse> ServerInfo() = 0;
   virtual void ServerInfoAsync(Callback<v1::ServerInfoResponse> done) = 0;
@@ -196,13 +241,27 @@ class Client {
 
   // Leases this client holds on handle deliveries (buffers alive), and mapped segments.
   virtual size_t leases_held() const = 0;
-  // Sends the releases of dropped buffers now instead of at the next batch.
-  virtual void FlushReleases() = 0;
+  // Sends the releases of dropped buffers now instead of at the next batch, and waits for the
+  // server's answer. False when a release call failed (the leases then expire).
+  virtual bool FlushReleases() = 0;
+  // Why shared-memory delivery is off for this client (a handle it could not map: the call was
+  // then made again inline, and every later one is inline), or "" while it is on.
+  virtual std::string shm_disabled() const = 0;
 
  protected:
   explicit Client(const ClientOptions& options) : options_(options) {}
   const ClientOptions options_;
 };
+
+// Returns every lease the process's clients hold (buffers still alive included) to their
+// servers now, in one call per client with a short deadline; buffers dropped afterwards release
+// nothing. For a process that is exiting (the Python package calls it from atexit): its leases
+// then do not pin the servers' memory for a TTL.
+void ReleaseLeasesAtExit();
+
+// Tests only: the next `n` shared-memory imports of this process fail as a segment that cannot
+// be mapped does (a permission error), to exercise the inline retry.
+void FailNextShmImportsForTesting(int n);
 
 }  // namespace chunkd::client
 

@@ -49,7 +49,10 @@ class TokenInterceptorFactory final : public grpc::experimental::ClientIntercept
   std::shared_ptr<const std::string> header_;
 };
 
+// The PEM text of `path`, or `path` itself when it is PEM text already (the Python package
+// passes the certificates it read, or was given as bytes, this way).
 absl::StatusOr<std::string> ReadFile(const std::string& path, absl::string_view what) {
+  if (absl::StrContains(path, "-----BEGIN ")) return path;
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     return absl::NotFoundError(

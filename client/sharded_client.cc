@@ -179,20 +179,11 @@ class ShardedClientImpl final : public ShardedClient {
   // is down fails over as a whole, like its first key would (every server reads the same store).
   absl::StatusOr<GetManyResults> GetMany(const std::vector<GetManyItem>& items,
                                          const GetOptions& options) override {
-    std::vector<std::string> order;
-    absl::flat_hash_map<std::string, std::vector<size_t>> groups;
-    std::vector<std::string> live = servers();
-    for (size_t i = 0; i < items.size(); ++i) {
-      std::vector<std::string> ranked = RendezvousOrder(live, items[i].key);
-      std::string server = ranked.empty() ? "" : ranked.front();
-      auto [it, inserted] = groups.try_emplace(server);
-      if (inserted) order.push_back(server);
-      it->second.push_back(i);
-    }
+    std::vector<std::vector<size_t>> groups = GroupByHome(items);
     GetManyResults results(items.size(), absl::UnknownError("not fetched"));
-    std::vector<absl::Status> failures(order.size());
+    std::vector<absl::Status> failures(groups.size());
     auto fetch = [&](size_t g) {
-      const std::vector<size_t>& indexes = groups[order[g]];
+      const std::vector<size_t>& indexes = groups[g];
       std::vector<GetManyItem> group;
       for (size_t i : indexes) group.push_back(items[i]);
       auto got = Route<GetManyResults>(group.front().key, true,
@@ -203,17 +194,88 @@ class ShardedClientImpl final : public ShardedClient {
       }
       for (size_t j = 0; j < indexes.size(); ++j) results[indexes[j]] = std::move((*got)[j]);
     };
-    if (order.size() == 1) {
+    if (groups.size() == 1) {
       fetch(0);
     } else {
       std::vector<std::thread> threads;
-      for (size_t g = 0; g < order.size(); ++g) threads.emplace_back(fetch, g);
+      for (size_t g = 0; g < groups.size(); ++g) threads.emplace_back(fetch, g);
       for (std::thread& t : threads) t.join();
     }
     for (const absl::Status& s : failures) {
       if (!s.ok()) return s;
     }
     return results;
+  }
+
+  // As GetMany, each group's call asynchronous; `done` runs once every group has finished.
+  void GetManyAsync(std::vector<GetManyItem> items, const GetOptions& options,
+                    Callback<GetManyResults> done) override {
+    if (items.empty()) return done(GetManyResults());
+    struct Batch {
+      absl::Mutex mu;
+      GetManyResults results;
+      absl::Status failure;
+      size_t pending;
+      Callback<GetManyResults> done;
+    };
+    std::vector<std::vector<size_t>> groups = GroupByHome(items);
+    auto batch = std::make_shared<Batch>();
+    batch->results.assign(items.size(), absl::UnknownError("not fetched"));
+    batch->pending = groups.size();
+    batch->done = std::move(done);
+    for (std::vector<size_t>& indexes : groups) {
+      std::vector<GetManyItem> group;
+      for (size_t i : indexes) group.push_back(items[i]);
+      std::string first = group.front().key;
+      RouteAsync<GetManyResults>(
+          first, true,
+          [group = std::move(group), options](Client& c, Callback<GetManyResults> cb) {
+            c.GetManyAsync(group, options, std::move(cb));
+          },
+          [batch, indexes = std::move(indexes)](absl::StatusOr<GetManyResults> got) {
+            bool last;
+            {
+              absl::MutexLock lock(&batch->mu);
+              if (!got.ok()) {
+                if (batch->failure.ok()) batch->failure = got.status();
+              } else {
+                for (size_t j = 0; j < indexes.size(); ++j) {
+                  batch->results[indexes[j]] = std::move((*got)[j]);
+                }
+              }
+              last = --batch->pending == 0;
+            }
+            if (!last) return;
+            if (!batch->failure.ok()) return batch->done(batch->failure);
+            batch->done(std::move(batch->results));
+          });
+    }
+  }
+
+  // The items are handed over together when every group's call has ended.
+  void GetManyEachAsync(std::vector<GetManyItem> items, const GetOptions& options,
+                        ItemsCallback each, StatusCallback done) override {
+    GetManyAsync(std::move(items), options,
+                 [each = std::move(each), done = std::move(done)](absl::StatusOr<GetManyResults> r) {
+                   if (!r.ok()) return done(r.status());
+                   if (!r->empty()) each(0, *std::move(r));
+                   done(absl::OkStatus());
+                 });
+  }
+
+  // The indexes of `items` grouped by their home server (groups in the order of their first item).
+  std::vector<std::vector<size_t>> GroupByHome(const std::vector<GetManyItem>& items) {
+    std::vector<std::vector<size_t>> groups;
+    absl::flat_hash_map<std::string, size_t> group_of;
+    std::vector<std::string> live = servers();
+    for (size_t i = 0; i < items.size(); ++i) {
+      std::vector<std::string> ranked = RendezvousOrder(live, items[i].key);
+      std::string server = ranked.empty() ? "" : ranked.front();
+      auto [it, inserted] = group_of.try_emplace(server, groups.size());
+      if (inserted) groups.emplace_back();
+      groups[it->second].push_back(i);
+    }
+    return groups;
   }
 
   absl::StatusOr<PutResult> Put(absl::string_view key, buffer::cpu::Buffer value,
@@ -266,6 +328,20 @@ class ShardedClientImpl final : public ShardedClient {
                              c.StatAsync(key, std::move(cb));
                            },
                            std::move(done));
+  }
+
+  absl::StatusOr<std::vector<ListResult>> ListPages(absl::string_view prefix,
+                                                    bool directory) override {
+    auto all = List(prefix, directory);
+    if (!all.ok()) return all.status();
+    return std::vector<ListResult>{*std::move(all)};
+  }
+  void ListPagesAsync(absl::string_view prefix, bool directory,
+                      Callback<std::vector<ListResult>> done) override {
+    ListAsync(prefix, directory, [done = std::move(done)](absl::StatusOr<ListResult> all) {
+      if (!all.ok()) return done(all.status());
+      done(std::vector<ListResult>{*std::move(all)});
+    });
   }
 
   absl::StatusOr<ListResult> List(absl::string_view prefix, bool directory) override {
@@ -349,9 +425,18 @@ class ShardedClientImpl final : public ShardedClient {
     for (const auto& [name, c] : clients_) n += c->leases_held();
     return n;
   }
-  void FlushReleases() override {
+  bool FlushReleases() override {
     absl::MutexLock lock(&mu_);
-    for (auto& [name, c] : clients_) c->FlushReleases();
+    bool ok = true;
+    for (auto& [name, c] : clients_) ok &= c->FlushReleases();
+    return ok;
+  }
+  std::string shm_disabled() const override {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [name, c] : clients_) {
+      if (std::string why = c->shm_disabled(); !why.empty()) return why;
+    }
+    return "";
   }
 
  private:

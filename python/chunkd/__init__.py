@@ -3,18 +3,19 @@
     import chunkd
     with chunkd.Client("127.0.0.1:7878") as client:
         client.put("a/b", b"hello")
-        client.get("a/b", 1, 3)          # bytearray(b"el")
+        bytes(client.get("a/b", 1, 3))   # b"el" (get returns a memoryview)
 
     from chunkd.zarr import ChunkdStore  # needs zarr>=3.1 (pip install chunkd[zarr])
 
-The gRPC stubs are generated from proto/chunkd/v1/chunkd.proto when the package is installed
-(deploy/scripts/setup-venv.sh); importing this package without them raises an ImportError that
-says how to generate them.
+The calls run in the C++ client library, through the native module chunkd._native (built by
+the repository's CMake build, or by `pip install ./python`); importing this package without it
+raises an ImportError that says how to build it.
 """
 
 from chunkd._address import DEFAULT_ADDRESS, DEFAULT_PORT, parse_url
 from chunkd._common import (
     CacheTier,
+    Delivery,
     GetItem,
     GetResult,
     ListEntry,
@@ -25,7 +26,13 @@ from chunkd._common import (
 )
 from chunkd.aio import AsyncClient
 from chunkd.client import Client
-from chunkd.errors import ChunkdError, InvalidArgument, NotFoundError, PreconditionFailed
+from chunkd.errors import (
+    ChunkdError,
+    InvalidArgument,
+    NotFoundError,
+    PreconditionFailed,
+    StatusCode,
+)
 from chunkd.sharded import ShardedClient
 
 __version__ = "0.1.0"
@@ -37,6 +44,7 @@ __all__ = [
     "CacheTier",
     "ChunkdError",
     "Client",
+    "Delivery",
     "GetItem",
     "GetResult",
     "InvalidArgument",
@@ -48,5 +56,6 @@ __all__ = [
     "ServerInfo",
     "ShardedClient",
     "Stat",
+    "StatusCode",
     "parse_url",
 ]

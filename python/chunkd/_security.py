@@ -6,21 +6,18 @@
   them. ``tls_cert=``/``tls_key=`` are the client's certificate for servers that require one
   (``--tls_client_ca``); ``tls_server_name=`` overrides the name the certificate must hold.
 - ``token=`` (default: the ``CHUNKD_TOKEN`` environment variable) goes with every call as
-  ``authorization: Bearer TOKEN`` metadata, added by a channel interceptor, so the lease
-  keeper's background calls carry it too.
+  ``authorization: Bearer TOKEN`` metadata, added by the C++ client's channel
+  (client/credentials.h), so the lease keeper's background calls carry it too.
+
+The files are read here, once, so that a wrong path fails at construction and a pickled client
+carries the certificates themselves; the native client takes the PEM text.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from collections import namedtuple
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-import grpc
-import grpc.aio
 
 __all__ = ["Security"]
 
@@ -108,127 +105,13 @@ class Security:
     def __repr__(self) -> str:  # never show the token
         return f"Security(tls={self.tls}, token={'set' if self.token else None})"
 
-    # -- channels ---------------------------------------------------------------------------------
-
-    def _credentials(self, target: str) -> grpc.ChannelCredentials | None:
-        if not self.tls or target.startswith(("unix:", "unix-abstract:")):
-            return None
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.root_certificates,
-            private_key=self.private_key,
-            certificate_chain=self.certificate_chain,
-        )
-
-    def _options(self, target: str, options: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        options = list(options)
-        if self.server_name and self._credentials(target) is not None:
-            options.append(("grpc.ssl_target_name_override", self.server_name))
-        return options
-
-    def channel(self, target: str, options: list[tuple[str, Any]]) -> grpc.Channel:
-        """A blocking channel to ``target``."""
-        credentials = self._credentials(target)
-        options = self._options(target, options)
-        if credentials is None:
-            channel = grpc.insecure_channel(target, options=options)
-        else:
-            channel = grpc.secure_channel(target, credentials, options=options)
-        if self.token:
-            channel = grpc.intercept_channel(channel, _TokenInterceptor(self.token))
-        return channel
-
-    def aio_channel(self, target: str, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
-        """An asyncio channel to ``target`` (belongs to the running event loop)."""
-        credentials = self._credentials(target)
-        options = self._options(target, options)
-        interceptors = _aio_interceptors(self.token) if self.token else None
-        if credentials is None:
-            return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
-        return grpc.aio.secure_channel(
-            target, credentials, options=options, interceptors=interceptors
-        )
-
-    def channel_factory(
-        self, target: str, options: list[tuple[str, Any]]
-    ) -> Callable[[], grpc.Channel]:
-        """Makes blocking channels like :meth:`channel` (for the lease keepers)."""
-        return functools.partial(self.channel, target, list(options))
-
-
-# ------------------------------------------------------------------------------------------------
-# The token, on every call
-
-
-class _CallDetails(
-    namedtuple(
-        "_CallDetails",
-        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
-    ),
-    grpc.ClientCallDetails,
-):
-    pass
-
-
-class _TokenInterceptor(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    def __init__(self, token: str) -> None:
-        self._entry = ("authorization", f"Bearer {token}")
-
-    def _details(self, d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return _CallDetails(
-            d.method,
-            d.timeout,
-            [*(d.metadata or ()), self._entry],
-            d.credentials,
-            getattr(d, "wait_for_ready", None),
-            getattr(d, "compression", None),
-        )
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)
-
-
-def _aio_details(
-    d: grpc.aio.ClientCallDetails, entry: tuple[str, str]
-) -> grpc.aio.ClientCallDetails:
-    metadata = grpc.aio.Metadata(*(tuple(d.metadata) if d.metadata else ()), entry)
-    return grpc.aio.ClientCallDetails(
-        d.method, d.timeout, metadata, d.credentials, d.wait_for_ready
-    )
-
-
-def _aio_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
-    entry = ("authorization", f"Bearer {token}")
-
-    class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-        async def intercept_unary_unary(self, continuation, client_call_details, request):
-            return await continuation(_aio_details(client_call_details, entry), request)
-
-    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-        async def intercept_unary_stream(self, continuation, client_call_details, request):
-            return await continuation(_aio_details(client_call_details, entry), request)
-
-    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-        async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-            return await continuation(_aio_details(client_call_details, entry), request_iterator)
-
-    class StreamStream(grpc.aio.StreamStreamClientInterceptor):
-        async def intercept_stream_stream(
-            self, continuation, client_call_details, request_iterator
-        ):
-            return await continuation(_aio_details(client_call_details, entry), request_iterator)
-
-    return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]
+    def native(self) -> dict[str, Any]:
+        """The native client's arguments (chunkd._native.Client): PEM text, "" where unset."""
+        return {
+            "tls_ca": (self.root_certificates or b"").decode("ascii", "replace"),
+            "tls": self.tls,
+            "tls_cert": (self.certificate_chain or b"").decode("ascii", "replace"),
+            "tls_key": (self.private_key or b"").decode("ascii", "replace"),
+            "tls_server_name": self.server_name or "",
+            "token": self.token or "",
+        }

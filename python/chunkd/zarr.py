@@ -24,7 +24,7 @@ get issued alone as one Get, without waiting for a timer. See :class:`_GetBatche
 Values arrive inline (gRPC messages) by default. With ``delivery="shm"``, a store on the
 server's host asks for shared-memory delivery: each chunk arrives as a handle and the zarr
 ``Buffer`` views the server's memory in place (no copy; a GPU prototype copies it to the
-device), holding a lease until zarr drops the buffer (see :mod:`chunkd._shm`). The conversion of
+device), holding a lease until zarr drops the buffer. The conversion of
 a reply to a zarr ``Buffer`` goes through :meth:`ChunkdStore._to_buffer`, keyed by the reply's
 delivery.
 
@@ -35,8 +35,9 @@ zarr ``gpu.Buffer`` without a copy, holding a lease while zarr holds it (see
 :mod:`chunkd._cuda`); other servers send the bytes inline, copied to the device.
 
 The store is picklable (it reconnects in the process that unpickles it), so it works with
-``multiprocessing`` (spawn) and dask. Each event loop that uses the store gets its own asyncio
-channel; the ``*_sync`` methods use one blocking channel.
+``multiprocessing`` (spawn) and dask. It holds two clients of the C++ core (``chunkd._native``):
+an :class:`chunkd.AsyncClient` for every event loop that uses it (calls complete through each
+loop's own completion queue) and a :class:`chunkd.Client` for the ``*_sync`` methods.
 """
 
 from __future__ import annotations
@@ -57,10 +58,9 @@ from zarr.abc.store import (
 from zarr.core.buffer import Buffer, default_buffer_prototype
 
 from chunkd import _common as c
-from chunkd import _cuda, _shm
+from chunkd import _cuda
 from chunkd._address import DEFAULT_ADDRESS, parse_url, url_of
 from chunkd._security import Security
-from chunkd._stubs import pb
 from chunkd.aio import AsyncClient
 from chunkd.client import Client
 from chunkd.errors import ChunkdError, NotFoundError, PreconditionFailed
@@ -72,8 +72,6 @@ __all__ = ["ChunkdStore"]
 
 # Deletes in flight at once in delete_dir / clear.
 _DELETE_CONCURRENCY = 64
-# Channel closes scheduled by close() on the running loop, kept alive until they finish.
-_closing: set[asyncio.Task] = set()
 # The most gets one GetMany call of the batcher carries; a batch this full goes out as is and
 # later gets of the same loop iteration start the next one. (The server takes up to 4096: 256
 # keeps a call's reply, and the wait for its last item, bounded while amortising the call.)
@@ -102,16 +100,11 @@ def _range_kwargs(byte_range: ByteRequest | None) -> dict[str, int]:
     raise TypeError(f"Unexpected byte_range, got {byte_range}.")
 
 
-def _inline_to_buffer(result: c.GetResult, prototype: BufferPrototype) -> Buffer:
-    # The bytearray was allocated for this reply alone: a CPU buffer wraps it without a copy,
-    # a GPU buffer copies it to the device.
-    return prototype.buffer.from_bytes(result.data)
-
-
-def _shm_to_buffer(result: c.GetResult, prototype: BufferPrototype) -> Buffer:
-    # result.data: a read-only memoryview of the server's shared memory. A CPU buffer wraps it
-    # without a copy (numpy.frombuffer), and it, every view zarr makes of it, keeps the lease's
-    # holder alive; a GPU buffer copies it to the device, and the lease goes with the view.
+def _host_to_buffer(result: c.GetResult, prototype: BufferPrototype) -> Buffer:
+    # result.data: a memoryview of the buffer the C++ client received the bytes into (inline,
+    # writable) or of the server's shared memory (read-only, holding the lease). A CPU buffer
+    # wraps it without a copy (numpy.frombuffer), and it and every view zarr makes of it keep
+    # that memory (and the lease) alive; a GPU buffer copies it to the device.
     return prototype.buffer.from_bytes(result.data)
 
 
@@ -121,8 +114,8 @@ def _cuda_to_buffer(result: c.GetResult, prototype: BufferPrototype) -> Buffer:
 
 
 def _for_key(error: BaseException, key: str) -> BaseException:
-    """The exception a waiting get raises when its whole batch call failed: a ChunkdError of
-    the same class and code naming the get's key, as the call of its own would have raised."""
+    """The exception a lone get raises when its call failed as a whole: a ChunkdError of the
+    same class and code naming the get's key, as the call of its own would have raised."""
     if isinstance(error, ChunkdError):
         return type(error)(error.details, code=error.code, key=key)
     return error
@@ -131,38 +124,38 @@ def _for_key(error: BaseException, key: str) -> BaseException:
 class _GetBatch:
     """The gets of one GetMany call: (key, range kwargs) items and the futures awaiting them."""
 
-    __slots__ = ("items", "futures", "live", "task")
+    __slots__ = ("items", "futures", "live", "cancel")
 
     def __init__(self) -> None:
         self.items: list[tuple[str, dict[str, int]]] = []
         self.futures: list[asyncio.Future] = []
         self.live: list[asyncio.Future] = []  # the futures still awaited when the call went out
-        self.task: asyncio.Task | None = None
+        self.cancel: Any = None  # the call's canceller once it went out
 
     def waiter_done(self, future: asyncio.Future) -> None:
         # A get cancelled while its call is in flight: when no get of the call is still
         # waiting, the call itself is cancelled (its reply has nobody to go to).
         if future.cancelled() and self.live and all(f.done() for f in self.live):
-            task = self.task
-            if task is not None and not task.done():
-                task.cancel()
+            if self.cancel is not None:
+                self.cancel.cancel()
 
 
 class _GetBatcher:
     """Coalesces the gets one event loop issues in one iteration into GetMany calls.
 
     ``get`` appends its item to the open batch and awaits a future. The first item of a batch
-    creates the batch's task, which starts on the loop's next iteration, after every task that
-    was ready in this one has run (zarr's reads of a selection wake together): it closes the
-    batch and sends it, as one Get when it holds one item (a lone get costs one call and no
-    timer) and as one GetMany otherwise, then hands each future its result. A batch closes
-    early at ``_BATCH_MAX_ITEMS``. Results are those of the per-key path: a ``GetResult``,
-    None for a missing key, an item's error raised by its own get only; a failure of the whole
-    call (UNAVAILABLE after the retries) raises from every get of the batch, with its key. A
+    schedules the batch's sending with ``loop.call_soon``, which runs on the loop's next
+    iteration, after every task that was ready in this one has run (zarr's reads of a selection
+    wake together): it closes the batch and sends it, as one Get when it holds one item (a lone
+    get costs one call and no timer) and as one GetMany otherwise. A batch closes early at
+    ``_BATCH_MAX_ITEMS``. The GetMany hands each item to its get as soon as that item has
+    arrived (items come in order), so zarr decodes the first chunks while the later ones are
+    still on their way. Results are those of the per-key path: a ``GetResult``, None for a
+    missing key, an item's error raised by its own get only; a failure of the whole call
+    (UNAVAILABLE after the retries) raises from every get still waiting, with its key. A
     cancelled get leaves the batch; a call none of whose gets still waits is cancelled.
 
-    One batcher per event loop (futures and channels belong to their loop); the client is the
-    store's client of that loop when the batch goes out.
+    One batcher per event loop (futures belong to their loop).
     """
 
     def __init__(self, store: ChunkdStore) -> None:
@@ -173,25 +166,25 @@ class _GetBatcher:
     async def get(self, key: str, kwargs: dict[str, int]) -> c.GetResult | None:
         # The checks the per-key path makes before sending (key type, range form): they raise
         # here, from this get alone, and keep the batch's request valid.
-        c.encode_key(key)
-        c.byte_range(kwargs.get("start"), kwargs.get("end"), kwargs.get("suffix"))
+        c.check_item(key, kwargs.get("start"), kwargs.get("end"), kwargs.get("suffix"))
         loop = asyncio.get_running_loop()
         batch = self._open
         if batch is None:
             batch = self._open = _GetBatch()
-            task = loop.create_task(self._send(batch))
-            batch.task = task
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            loop.call_soon(self._send, batch)
         future = loop.create_future()
         future.add_done_callback(batch.waiter_done)
         batch.items.append((key, kwargs))
         batch.futures.append(future)
         if len(batch.items) >= _BATCH_MAX_ITEMS:
             self._open = None
-        return await future
+        try:
+            result = await future
+        except NotFoundError:
+            return None
+        return result.pop()  # the value came in a one-item list (see chunkd.aio._wait)
 
-    async def _send(self, batch: _GetBatch) -> None:
+    def _send(self, batch: _GetBatch) -> None:
         if self._open is batch:
             self._open = None
         live = [(i, f) for i, f in zip(batch.items, batch.futures, strict=True) if not f.done()]
@@ -203,34 +196,34 @@ class _GetBatcher:
             client = self._store._aio()
             if len(live) == 1:
                 (key, kwargs), future = live[0]
-                try:
-                    results: list[Any] = [await client.read(key, **kwargs)]
-                except ChunkdError as e:
-                    results = [e]
-            else:
-                results = await client.read_many(
-                    [c.GetItem(key, **kwargs) for (key, kwargs), _ in live]
-                )
-        except asyncio.CancelledError:
-            for _, future in live:
-                future.cancel()
-            raise
-        except BaseException as e:  # the whole call failed: every get raises it
+                loop = asyncio.get_running_loop()
+                task = loop.create_task(self._send_one(client, key, kwargs, future))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                batch.cancel = task
+                return
+            items = [c.GetItem(key, **kwargs) for (key, kwargs), _ in live]
+            batch.cancel = client._read_many_each(items, [f for _, f in live])
+        except Exception as e:  # noqa: BLE001 - the call could not start: every get raises it
             for (key, _), future in live:
                 if not future.done():
                     future.set_exception(_for_key(e, key))
+
+    @staticmethod
+    async def _send_one(client: AsyncClient, key: str, kwargs: dict[str, int], future) -> None:
+        try:
+            result = await client.read(key, **kwargs)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as e:  # noqa: BLE001 - handed to the get
+            if not future.done():
+                future.set_exception(e)
             if not isinstance(e, Exception):
                 raise
             return
-        for ((key, _), future), result in zip(live, results, strict=True):
-            if future.done():  # cancelled meanwhile
-                continue
-            if isinstance(result, NotFoundError):
-                future.set_result(None)
-            elif isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        if not future.done():
+            future.set_result([result])
 
 
 def _gpu_device(prototype: BufferPrototype) -> int | None:
@@ -276,10 +269,10 @@ class ChunkdStore(Store):
 
     # How a reply's delivery becomes a zarr Buffer of the requested prototype.
     _BUFFER_FROM_DELIVERY = {
-        pb.DELIVERY_UNSPECIFIED: _inline_to_buffer,
-        pb.DELIVERY_INLINE: _inline_to_buffer,
-        pb.DELIVERY_SHM: _shm_to_buffer,
-        pb.DELIVERY_CUDA_IPC: _cuda_to_buffer,
+        c.Delivery.UNSPECIFIED: _host_to_buffer,
+        c.Delivery.INLINE: _host_to_buffer,
+        c.Delivery.SHM: _host_to_buffer,
+        c.Delivery.CUDA_IPC: _cuda_to_buffer,
     }
 
     def __init__(
@@ -291,7 +284,7 @@ class ChunkdStore(Store):
         timeout: float | None = c.DEFAULT_TIMEOUT,
         retries: int = c.DEFAULT_RETRIES,
         delivery: str = "inline",
-        shm_dir: str = _shm.DEFAULT_SHM_DIR,
+        shm_dir: str = c.DEFAULT_SHM_DIR,
         tls_ca: str | bytes | None = None,
         tls: bool = False,
         tls_cert: str | bytes | None = None,
@@ -315,13 +308,13 @@ class ChunkdStore(Store):
         self.path = _normalize_path("/".join(p for p in (url_path, path) if p))
         self.timeout = timeout
         self.retries = int(retries)
-        self.delivery = _shm.check_delivery(delivery)
+        self.delivery = c.check_delivery(delivery)
         self.shm_dir = shm_dir
         self._root = f"{self.path}/" if self.path else ""
         self._lock = threading.Lock()
-        self._aio_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Made on first use: one AsyncClient serves every event loop (each loop has its own
+        # completion queue, chunkd.aio), a Client the *_sync methods.
+        self._aio_client: AsyncClient | None = None
         self._sync_client: Client | None = None
         self.batch_gets = bool(batch_gets)
         self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _GetBatcher] = (
@@ -382,28 +375,23 @@ class ChunkdStore(Store):
 
     # -- connections -----------------------------------------------------------------------------
 
+    def _client_kwargs(self) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "delivery": self.delivery,
+            "shm_dir": self.shm_dir,
+            **self._security_args,
+        }
+
     def _aio(self) -> AsyncClient:
-        """The asyncio client of the running event loop (created on first use in that loop)."""
-        loop = asyncio.get_running_loop()
-        client = self._aio_clients.get(loop)
+        """The store's asyncio client (made on first use; it serves every event loop)."""
+        client = self._aio_client
         if client is None:
             with self._lock:
-                client = self._aio_clients.get(loop)
-                if client is None:
-                    # Drop the clients of loops that have closed (asyncio.run, pytest): their
-                    # channels close when collected. gRPC keeps every loop it served alive, so
-                    # the weak keys alone would never let them go.
-                    for old in [old for old in self._aio_clients if old.is_closed()]:
-                        del self._aio_clients[old]
-                    client = AsyncClient(
-                        self.target,
-                        timeout=self.timeout,
-                        retries=self.retries,
-                        delivery=self.delivery,
-                        shm_dir=self.shm_dir,
-                        **self._security_args,
-                    )
-                    self._aio_clients[loop] = client
+                if self._aio_client is None:
+                    self._aio_client = AsyncClient(self.target, **self._client_kwargs())
+                client = self._aio_client
         return client
 
     def _batcher(self) -> _GetBatcher:
@@ -424,53 +412,28 @@ class ChunkdStore(Store):
         if client is None:
             with self._lock:
                 if self._sync_client is None:
-                    self._sync_client = Client(
-                        self.target,
-                        timeout=self.timeout,
-                        retries=self.retries,
-                        delivery=self.delivery,
-                        shm_dir=self.shm_dir,
-                        **self._security_args,
-                    )
+                    self._sync_client = Client(self.target, **self._client_kwargs())
                 client = self._sync_client
         return client
 
     def close(self) -> None:
-        """Closes the store's channels (they reopen if the store is used again)."""
+        """Closes the store's clients (new ones are made if the store is used again)."""
         super().close()
         with self._lock:
-            clients = list(self._aio_clients.items())
-            self._aio_clients = weakref.WeakKeyDictionary()
-            sync_client, self._sync_client = self._sync_client, None
-        if sync_client is not None:
-            sync_client.close()
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        for loop, client in clients:
-            if loop.is_closed():
-                continue
-            if loop is running:
-                task = loop.create_task(client.close())
-                _closing.add(task)  # the loop keeps only a weak reference to its tasks
-                task.add_done_callback(_closing.discard)
-            elif loop.is_running():
-                asyncio.run_coroutine_threadsafe(client.close(), loop)
-            else:
-                try:
-                    loop.run_until_complete(client.close())
-                except RuntimeError:
-                    pass
+            clients = [self._aio_client, self._sync_client]
+            self._aio_client = self._sync_client = None
+        for client in clients:
+            if client is not None:
+                client._closed = True
+                client._n.close()
 
     def flush_releases(self, timeout: float | None = 5.0) -> bool:
         """Returns the leases of shared-memory buffers zarr has dropped so far to the server
         now and waits for its answer (they otherwise go in batches within milliseconds); False
-        if ``timeout`` passed first. Blocking; nothing to do with ``delivery="inline"``."""
+        if a release call failed. Blocking; nothing to do with ``delivery="inline"``."""
         with self._lock:
-            clients = [self._sync_client, *self._aio_clients.values()]
-        keepers = [client._shm.keeper for client in clients if client and client._shm]
-        return all([keeper.flush(timeout) for keeper in keepers])
+            clients = [self._aio_client, self._sync_client]
+        return all([client._n.flush_releases() for client in clients if client is not None])
 
     def _key(self, key: str) -> str:
         if not isinstance(key, str):

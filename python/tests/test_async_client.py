@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 
-import grpc
 import numpy as np
 import pytest
 
@@ -56,7 +55,7 @@ async def test_errors(aclient, prefix):
     with pytest.raises(KeyError) as info:
         await aclient.get(f"{prefix}/missing")
     assert isinstance(info.value, chunkd.NotFoundError)
-    assert info.value.code == grpc.StatusCode.NOT_FOUND
+    assert info.value.code == chunkd.StatusCode.NOT_FOUND
     assert await aclient.stat(f"{prefix}/missing") == chunkd.Stat(False)
     with pytest.raises(chunkd.NotFoundError):
         await aclient.delete(f"{prefix}/missing")
@@ -108,7 +107,7 @@ async def test_unavailable():
     c = chunkd.AsyncClient("127.0.0.1:1", retries=1, timeout=5)
     with pytest.raises(chunkd.ChunkdError) as info:
         await c.stat("x")
-    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert info.value.code == chunkd.StatusCode.UNAVAILABLE
     await c.close()
     with pytest.raises(RuntimeError, match="closed"):
         await c.stat("x")

@@ -15,7 +15,8 @@ from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteReques
 from zarr.core.buffer import cpu
 from zarr.testing.utils import gpu_test, has_cupy
 
-from chunkd import Client, _cuda
+from chunkd import Client
+from chunkd._common import _native
 from chunkd.zarr import ChunkdStore
 from chunkd_testing import start_server
 
@@ -108,14 +109,12 @@ async def test_cuda_ipc_reads_chunks_in_place(gpu_server, prefix):
     assert after.counters["gets_cuda"] - before.get("gets_cuda", 0) == 2
     assert after.counters.get("bytes_served_inline", 0) == before.get("bytes_served_inline", 0)
     assert after.leases_active == 2
-    assert _cuda.open_handles() == 1  # one segment, opened once for both chunks
+    assert _native.cuda_open_handles() == 1  # one segment, opened once for both chunks
     # Dropping the buffers returns the leases and closes the handle.
     del buf, part
     gc.collect()
-    for client in store._aio_clients.values():
-        if client._cuda is not None:
-            client._cuda.keeper.flush()
-    assert _cuda.open_handles() == 0
+    assert store.flush_releases()
+    assert _native.cuda_open_handles() == 0
     assert Client(gpu_server.address).server_info().leases_active == 0
 
 

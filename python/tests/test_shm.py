@@ -24,14 +24,13 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 
 import chunkd
-from chunkd import _shm
-from chunkd._stubs import pb
+from chunkd._common import _native
 from chunkd.zarr import ChunkdStore
 from chunkd_testing import REPO_ROOT, start_server
 
 KiB, MiB = 1 << 10, 1 << 20
-SHM = pb.DELIVERY_SHM
-INLINE = pb.DELIVERY_INLINE
+SHM = chunkd.Delivery.SHM
+INLINE = chunkd.Delivery.INLINE
 
 pytestmark = pytest.mark.skipif(
     not os.path.isdir("/dev/shm") or not sys.platform.startswith("linux"),
@@ -169,14 +168,6 @@ def test_many_values_then_gc(shm_client, shm_server, prefix):
     assert info.counters["leases_unknown"] == before["leases_unknown"]
 
 
-def test_segments_mapped_once(shm_client, prefix):
-    for i in range(20):
-        shm_client.put(f"{prefix}/{i}", os.urandom(64 * KiB))
-    values = [shm_client.get(f"{prefix}/{i}") for i in range(20)]
-    assert _shm.cached_mappings() <= 2  # a 1 GiB segment holds them all
-    del values
-
-
 def test_out_buffer_copies_and_releases(shm_client, shm_server, prefix):
     data = os.urandom(MiB + 7)
     shm_client.put(f"{prefix}/v", data)
@@ -224,7 +215,8 @@ def test_other_shm_dir_falls_back_to_inline(shm_server, prefix, tmp_path):
         with chunkd.Client(shm_server.address, delivery="shm", shm_dir=shm_dir) as other:
             result = other.read(f"{prefix}/v")
             assert result.delivery == INLINE, shm_dir
-            assert isinstance(result.data, bytearray) and result.data == data
+            assert isinstance(result.data, memoryview) and not result.data.readonly
+            assert result.data == data
             assert other.leases_held == 0
     assert _info(shm_server).counters["shm_fallbacks"] - before == 3
 
@@ -233,26 +225,24 @@ def test_inline_is_the_default(shm_server, prefix):
     with chunkd.Client(shm_server.address) as plain:
         plain.put(f"{prefix}/v", b"y" * 10000)
         result = plain.read(f"{prefix}/v")
-    assert result.delivery == INLINE and isinstance(result.data, bytearray)
+    assert result.delivery == INLINE and not result.data.readonly
     with pytest.raises(ValueError, match="delivery"):
         chunkd.Client(shm_server.address, delivery="carrier-pigeon")
     with pytest.raises(ValueError, match="delivery"):
         ChunkdStore(f"chunkd://{shm_server.address}", delivery="cuda-ipc-maybe")
 
 
-def test_unmappable_handle_retries_inline(shm_client, shm_server, prefix, monkeypatch):
-    """A handle the client cannot map (here: a permission error) is given back and the value
-    read again inline; shared memory stays off for that client."""
+def test_unmappable_handle_retries_inline(shm_client, shm_server, prefix):
+    """A handle the client cannot map (here: a permission error, injected into the C++
+    client's import) is given back and the value read again inline; shared memory stays off
+    for that client."""
     data = os.urandom(128 * KiB)
     shm_client.put(f"{prefix}/v", data)
-
-    def refuse(*args):
-        raise PermissionError(13, "Permission denied", "segment")
-
-    monkeypatch.setattr(_shm, "map_segment", refuse)
+    assert not shm_client.shm_disabled
+    _native.fail_next_shm_imports(1)
     result = shm_client.read(f"{prefix}/v")
     assert result.delivery == INLINE and result.data == data
-    assert shm_client._shm.disabled
+    assert "permission denied" in shm_client.shm_disabled
     assert shm_client.read(f"{prefix}/v").delivery == INLINE
     # The lease of the refused handle was released (the fixture checks that none is left).
 
@@ -295,27 +285,20 @@ def test_get_many_over_shared_memory(shm_client, shm_server, prefix):
     del got
 
 
-def test_get_many_unmappable_handle_retries_inline(shm_client, shm_server, prefix, monkeypatch):
+def test_get_many_unmappable_handle_retries_inline(shm_client, shm_server, prefix):
     """As for get: a handle the client cannot map sends the whole call again, inline, and the
-    leases of that first reply are given back (the fixture checks that none is left)."""
+    leases of that first reply (the items mapped before and after it) are given back (the
+    fixture checks that none is left)."""
     values = [os.urandom(64 * KiB + i) for i in range(5)]
     for i, value in enumerate(values):
         shm_client.put(f"{prefix}/{i}", value)
-    calls = []
-    real = _shm.map_segment
-
-    def refuse_the_third(*args):
-        calls.append(args)
-        if len(calls) == 3:
-            raise PermissionError(13, "Permission denied", "segment")
-        return real(*args)
-
-    monkeypatch.setattr(_shm, "map_segment", refuse_the_third)
+    assert shm_client.read(f"{prefix}/0").delivery == SHM
+    _native.fail_next_shm_imports(1)
     results = shm_client.read_many([f"{prefix}/{i}" for i in range(5)] + [f"{prefix}/x"])
     assert [r.delivery for r in results[:5]] == [INLINE] * 5
     assert [r.data for r in results[:5]] == values
     assert isinstance(results[5], chunkd.NotFoundError)
-    assert shm_client._shm.disabled
+    assert shm_client.shm_disabled
 
 
 async def test_async_get_many_over_shared_memory(shm_server, prefix):
@@ -461,13 +444,12 @@ async def test_async_value_outlives_client_and_loop(shm_server, prefix):
     client = chunkd.AsyncClient(shm_server.address, delivery="shm", shm_dir=shm_server.shm_dir)
     await client.put(f"{prefix}/v", b"z" * 70000)
     held = await client.get(f"{prefix}/v")
-    keeper = client._shm.keeper
     await client.close()
     assert held == b"z" * 70000 and _info(shm_server).leases_active == 1
     del held
     gc.collect()
-    assert await asyncio.to_thread(keeper.flush, 10)
-    assert _info(shm_server).leases_active == 0
+    # The value held the client's lease keeper: it returns the lease, then goes.
+    assert (await asyncio.to_thread(_wait_leases, shm_server, 0)).leases_active == 0
 
 
 # -- ChunkdStore ---------------------------------------------------------------------------------
@@ -616,25 +598,3 @@ def test_pool_of_spawned_shm_readers(shm_server, prefix):
     info = _wait_leases(shm_server, 0, timeout=5)
     assert info.counters["gets_shm"] - before >= chunks
     assert info.leases_active == 0
-
-
-def test_map_segment_remaps_a_recreated_segment():
-    """A segment recreated under the same name (a restarted server with the same pid, as in a
-    container) is a new file: the cached mapping of the old one must not be reused."""
-    directory = _fresh_shm_dir()
-    try:
-        path = directory / "chunkd-1-0"
-        path.write_bytes(b"a" * 8192)
-        first = _shm.map_segment(str(directory), "chunkd-1-0", 8192)
-        assert _shm.map_segment(str(directory), "chunkd-1-0", 8192) is first
-        path.unlink()
-        path.write_bytes(b"b" * 8192)
-        second = _shm.map_segment(str(directory), "chunkd-1-0", 8192)
-        assert second is not first and second[:1] == b"b" and first[:1] == b"a"
-        for bad in ("", "../etc", ".hidden", "a/b"):
-            with pytest.raises(ValueError):
-                _shm.map_segment(str(directory), bad, 8192)
-        with pytest.raises(OSError):
-            _shm.map_segment(str(directory), "chunkd-1-0", 1 << 20)  # larger than the file
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
