@@ -1,5 +1,7 @@
 #include "client/client.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <atomic>
@@ -680,6 +682,8 @@ class ClientImpl final : public Client {
     identity_.set_shm_dir(id.shm_dir);
     identity_.set_shm_dir_dev(id.shm_dir_dev);
     identity_.set_shm_dir_ino(id.shm_dir_ino);
+    // Tells this process apart from others on the same UNIX socket (the per-client cap).
+    identity_.set_process_id(static_cast<uint64_t>(::getpid()));
   }
 
   size_t leases_held() const override { return keeper_->held(); }

@@ -104,6 +104,10 @@ class CacheTier:
     capacity_bytes: int
     used_bytes: int
     entries: int
+    # Memory that leases on handles pin, and its caps (all clients, one client; 0: none).
+    pinned_bytes: int = 0
+    max_pinned_bytes: int = 0
+    max_client_pinned_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +133,18 @@ def server_info_from_proto(r: Any) -> ServerInfo:
         store=r.store,
         read_only=r.read_only,
         max_value_bytes=r.max_value_bytes,
-        tiers=[CacheTier(t.tier, t.capacity_bytes, t.used_bytes, t.entries) for t in r.tiers],
+        tiers=[
+            CacheTier(
+                t.tier,
+                t.capacity_bytes,
+                t.used_bytes,
+                t.entries,
+                t.pinned_bytes,
+                t.max_pinned_bytes,
+                t.max_client_pinned_bytes,
+            )
+            for t in r.tiers
+        ],
         features=list(r.features),
         deliveries=[pb.Delivery.Name(d) for d in r.deliveries],
         counters=dict(r.counters),

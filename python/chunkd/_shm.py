@@ -90,6 +90,9 @@ def client_identity(shm_dir: str) -> Any:
         ipc_namespace=_inode("/proc/self/ns/ipc"),
         mount_namespace=_inode("/proc/self/ns/mnt"),
         shm_dir=shm_dir,
+        # Tells this process apart from others on the same UNIX socket (the server's cap on
+        # the memory one client's leases pin).
+        process_id=os.getpid(),
     )
     try:
         st = os.stat(shm_dir)

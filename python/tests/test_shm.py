@@ -27,7 +27,7 @@ import chunkd
 from chunkd import _shm
 from chunkd._stubs import pb
 from chunkd.zarr import ChunkdStore
-from chunkd_testing import REPO_ROOT, start_server
+from chunkd_testing import REPO_ROOT, serve_with_shm
 
 KiB, MiB = 1 << 10, 1 << 20
 SHM = pb.DELIVERY_SHM
@@ -39,25 +39,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _fresh_shm_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="chunkd-pytest-", dir="/dev/shm"))
-
-
 def _server(tmp_path_factory, name: str, *extra: str):
-    shm_dir = _fresh_shm_dir()
-    workdir = tmp_path_factory.mktemp(name)
-    store = workdir / "store"
-    store.mkdir()
-    server = start_server(
-        workdir, str(store), "127.0.0.1:0", f"--shm_dir={shm_dir}", "--fsync=false", *extra
-    )
-    server.shm_dir = str(shm_dir)
-    try:
+    with serve_with_shm(tmp_path_factory.mktemp(name), *extra) as server:
         yield server
-    finally:
-        status = server.stop()
-        shutil.rmtree(shm_dir, ignore_errors=True)
-        assert status == 0, f"chunkd ({name}) exited with {status}:\n{server.log()}"
 
 
 @pytest.fixture(scope="module")
@@ -621,7 +605,7 @@ def test_pool_of_spawned_shm_readers(shm_server, prefix):
 def test_map_segment_remaps_a_recreated_segment():
     """A segment recreated under the same name (a restarted server with the same pid, as in a
     container) is a new file: the cached mapping of the old one must not be reused."""
-    directory = _fresh_shm_dir()
+    directory = Path(tempfile.mkdtemp(prefix="chunkd-pytest-", dir="/dev/shm"))
     try:
         path = directory / "chunkd-1-0"
         path.write_bytes(b"a" * 8192)

@@ -113,6 +113,15 @@ ABSL_FLAG(int32_t, shm_group, -1, "Group id given to shared-memory segments (-1:
 ABSL_FLAG(absl::Duration, lease_ttl, absl::Seconds(30),
           "How long a handle's lease pins its chunk without renewal; memory of a client that "
           "dies holding leases comes back within about this long.");
+ABSL_FLAG(double, max_pinned_fraction, 0.5,
+          "Leases (shared-memory and CUDA IPC handles) may pin at most this share of the tier's "
+          "budget (--host_cache_bytes; --device_cache_bytes per GPU), all clients together, "
+          "in the cache or already evicted. Past it, values are served inline (a client that "
+          "accepts only handles gets RESOURCE_EXHAUSTED naming the cap). 0 to 1.");
+ABSL_FLAG(double, max_client_pinned_fraction, 0.25,
+          "One client's leases may pin at most this share of the tier's budget; a client is a "
+          "bearer token when --auth_tokens is set, else a connection (on a UNIX socket, the "
+          "process the client states). Past it, that client gets values inline. 0 to 1.");
 ABSL_FLAG(ByteSize, device_cache_bytes, ByteSize{0},
           "CUDA IPC delivery: budget of the device tier on each GPU (0: off). Colocated GPU "
           "clients that ask for it (chunkctl --delivery=cuda) get chunks copied into GPU memory "
@@ -246,6 +255,23 @@ int main(int argc, char** argv) {
   config.leases.ttl = absl::GetFlag(FLAGS_lease_ttl);
   if (config.leases.ttl < absl::Milliseconds(100)) return Fail("--lease_ttl must be at least 100ms");
   config.device_tier.capacity_bytes = absl::GetFlag(FLAGS_device_cache_bytes).bytes;
+  {
+    double all = absl::GetFlag(FLAGS_max_pinned_fraction);
+    double one = absl::GetFlag(FLAGS_max_client_pinned_fraction);
+    if (!(all >= 0 && all <= 1) || !(one >= 0 && one <= 1)) {
+      return Fail("--max_pinned_fraction and --max_client_pinned_fraction must be between 0 and 1");
+    }
+    auto limits = [&](uint64_t budget, const char* budget_flag) {
+      chunkd::server::PinLimits l;
+      l.max_bytes = static_cast<uint64_t>(all * static_cast<double>(budget));
+      l.max_holder_bytes = static_cast<uint64_t>(one * static_cast<double>(budget));
+      l.origin = absl::StrCat("--max_pinned_fraction=", all, " of ", budget_flag);
+      l.holder_origin = absl::StrCat("--max_client_pinned_fraction=", one, " of ", budget_flag);
+      return l;
+    };
+    config.leases.host = limits(cache_bytes, "--host_cache_bytes");
+    config.leases.device = limits(config.device_tier.capacity_bytes, "--device_cache_bytes");
+  }
   config.device_tier.segment_bytes = absl::GetFlag(FLAGS_device_segment_bytes).bytes;
   if (config.device_tier.segment_bytes < (1u << 20)) {
     return Fail("--device_segment_bytes must be at least 1MiB");

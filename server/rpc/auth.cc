@@ -11,6 +11,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -71,6 +72,12 @@ TokenTable::Digest TokenTable::Hash(absl::string_view token) {
   Digest digest;
   SHA256(reinterpret_cast<const unsigned char*>(token.data()), token.size(), digest.data());
   return digest;
+}
+
+std::string TokenTable::Fingerprint(absl::string_view token) {
+  Digest digest = Hash(token);
+  return absl::BytesToHexString(
+      absl::string_view(reinterpret_cast<const char*>(digest.data()), 8));
 }
 
 absl::StatusOr<TokenTable> TokenTable::Parse(absl::string_view text, absl::string_view origin) {
@@ -194,6 +201,21 @@ grpc::Status Authorize(const TokenTable& tokens, const grpc::ServerContextBase& 
                                      " right; this token has ", RightsString(*rights)));
   }
   return grpc::Status::OK;
+}
+
+std::string CallerOf(const grpc::ServerContextBase& context, bool by_token,
+                     uint64_t stated_process_id, uint64_t stated_mount_namespace) {
+  if (by_token) {
+    // The authorizer let the call through, so it carries a token; digested, never kept.
+    absl::StatusOr<std::string> token = BearerToken(context);
+    return absl::StrCat("token:", TokenTable::Fingerprint(token.ok() ? *token : ""));
+  }
+  std::string peer = context.peer();
+  if (absl::StartsWith(peer, "unix:")) {
+    return absl::StrCat(peer, peer == "unix:" ? "" : " ", "pid=", stated_process_id, "@",
+                        stated_mount_namespace);
+  }
+  return peer;
 }
 
 rpc::Authorizer MakeTokenAuthorizer(std::shared_ptr<const TokenTable> tokens) {

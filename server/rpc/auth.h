@@ -61,6 +61,9 @@ class TokenTable {
   // The rights of `token`; nullopt when no entry holds it.
   std::optional<Rights> Find(absl::string_view token) const;
   size_t size() const { return entries_.size(); }
+  // The first 8 bytes of the token's SHA-256, in hex: names a token in maps and logs without
+  // keeping it.
+  static std::string Fingerprint(absl::string_view token);
 
  private:
   using Digest = std::array<unsigned char, 32>;
@@ -81,6 +84,15 @@ absl::StatusOr<std::string> BearerToken(const grpc::ServerContextBase& context);
 // PERMISSION_DENIED (naming the right needed) otherwise. `method` is for the message.
 grpc::Status Authorize(const TokenTable& tokens, const grpc::ServerContextBase& context,
                        absl::string_view method, Right needed);
+
+// Who a call comes from, for per-client limits (the caps on pinned memory,
+// server/store/lease_table.h). With `by_token` (the server has tokens): "token:" and the first
+// 8 bytes of the token's SHA-256 in hex (the token itself is not kept), so every connection of
+// one token is one client. Else the connection's peer ("ipv4:127.0.0.1:54321": one client per
+// connection); the peers of a UNIX socket have no address, so there the client is told apart by
+// the process it states (ClientIdentity.process_id and mount namespace): "unix:pid=N@MNT".
+std::string CallerOf(const grpc::ServerContextBase& context, bool by_token,
+                     uint64_t stated_process_id, uint64_t stated_mount_namespace);
 
 // Checks each call of chunkd.v1.Chunkd before its handler sees it (rpc::Engine): the call's
 // token must hold the right its method needs (Authorize). A method without a rule here is

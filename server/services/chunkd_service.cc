@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <thread>
 
@@ -10,6 +11,7 @@
 #include "grpcpp/support/proto_buffer_reader.h"
 #include "proto/wire/raw_message.h"
 #include "server/common/byte_range.h"
+#include "server/rpc/auth.h"
 #include "server/rpc/grpc_status.h"
 #include "server/common/key.h"
 #include "server/store/prefetch.h"
@@ -112,6 +114,19 @@ void AddUnary(rpc::Engine* engine, ChunkdService* service, const char* name,
       1);
 }
 
+// A tier's pinned memory and its caps (0: no cap), for ServerInfo.
+void SetPinned(const PinStats& pins, v1::CacheTierInfo* tier) {
+  auto cap = [](uint64_t bytes) {
+    return bytes == std::numeric_limits<uint64_t>::max() ? 0 : bytes;
+  };
+  tier->set_pinned_bytes(pins.pinned_bytes);
+  tier->set_max_pinned_bytes(cap(pins.max_bytes));
+  tier->set_max_client_pinned_bytes(cap(pins.max_holder_bytes));
+  tier->set_pinning_clients(pins.holders);
+  tier->set_pin_refusals_total_cap(pins.refused_total);
+  tier->set_pin_refusals_client_cap(pins.refused_holder);
+}
+
 buffer::HostIdentity IdentityFromProto(const v1::ClientIdentity& proto) {
   buffer::HostIdentity id;
   id.boot_id = proto.boot_id();
@@ -139,10 +154,25 @@ absl::StatusOr<v1::GetHeader> HeaderFor(const CachedValue& value, const std::str
   return header;
 }
 
+// Who holds the leases a call takes, for the per-client caps on pinned memory.
+std::string LeaseHolder(ChunkdService* service, const grpc::ServerContextBase& context,
+                        const v1::ClientIdentity& client) {
+  return CallerOf(context, service->options().clients_by_token, client.process_id(),
+                  client.mount_namespace());
+}
+
+// Whether a request's accepted deliveries include inline bytes (none listed: inline).
+bool AcceptsInline(const google::protobuf::RepeatedField<int>& accept) {
+  return accept.empty() ||
+         std::find(accept.begin(), accept.end(), v1::DELIVERY_INLINE) != accept.end();
+}
+
 // Fills in a shared-memory handle and lease when `client` can map this server's segments and
-// `data` lives in one; false means inline delivery.
-bool OfferShm(ChunkdService* service, const buffer::HostIdentity& client,
-              const buffer::cpu::Buffer& data, v1::GetHeader* header) {
+// `data` lives in one: true. False means inline delivery. An error (RESOURCE_EXHAUSTED, naming
+// the cap) when a cap on pinned memory refused the lease and the client accepts no inline bytes.
+absl::StatusOr<bool> OfferShm(ChunkdService* service, const buffer::HostIdentity& client,
+                              absl::string_view holder, bool inline_ok,
+                              const buffer::cpu::Buffer& data, v1::GetHeader* header) {
   const ServiceOptions& options = service->options();
   std::optional<buffer::ShmLocation> location = data.shm_location();
   if (options.leases == nullptr || !location || data.empty() ||
@@ -150,8 +180,9 @@ bool OfferShm(ChunkdService* service, const buffer::HostIdentity& client,
     service->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
-  absl::StatusOr<uint64_t> lease = options.leases->Grant(data);
+  absl::StatusOr<uint64_t> lease = options.leases->Grant(holder, data);
   if (!lease.ok()) {
+    if (!inline_ok) return lease.status();
     service->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
@@ -205,6 +236,8 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
       cuda_.wanted |= d == v1::DELIVERY_CUDA_IPC;
       other_deliveries_ |= d != v1::DELIVERY_CUDA_IPC;
     }
+    inline_ok_ = AcceptsInline(request.accept());
+    if (wants_shm_ || cuda_.wanted) holder_ = LeaseHolder(service_, context_, request.client());
     cuda_.only = cuda_.wanted && !other_deliveries_;
     cuda_.gpu_uuid = request.gpu_uuid();
     cuda_.client_boot_id = request.client().boot_id();
@@ -304,7 +337,7 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
     const ServiceOptions& options = service_->options();
     v1::GetHeader* header = first.mutable_header();
     absl::StatusOr<uint64_t> lease =
-        options.leases->Grant(chunk.buffer.block(), header->length());
+        options.leases->Grant(holder_, chunk.buffer.block(), header->length());
     if (!lease.ok()) {
       if (cuda_.only) {
         FinishWith(ToGrpcStatus(lease.status()));
@@ -332,7 +365,13 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
   // Shared memory when the client accepts it and can map it, else inline.
   void ReplyWithoutCuda(v1::GetResponse first) {
     v1::GetHeader* header = first.mutable_header();
-    if (wants_shm_ && OfferShm(service_, client_, data_, header)) {
+    absl::StatusOr<bool> shm =
+        wants_shm_ ? OfferShm(service_, client_, holder_, inline_ok_, data_, header) : false;
+    if (!shm.ok()) {
+      FinishWith(ToGrpcStatus(shm.status()));
+      return;
+    }
+    if (*shm) {
       // The handle is the whole reply: no bytes cross the connection.
       message_ = wire::EncodeWithData(first.SerializeAsString(), buffer::cpu::Buffer());
       StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
@@ -364,7 +403,9 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
   ByteRange range_;
   Conditions conditions_;
   bool wants_shm_ = false;
+  bool inline_ok_ = true;
   buffer::HostIdentity client_;
+  std::string holder_;  // of the leases, when a handle may be offered
   CudaRequest cuda_;
   bool other_deliveries_ = false;
   buffer::cpu::Buffer whole_;  // the whole value, for a promotion to the device tier
@@ -435,7 +476,11 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
                    "GetMany delivers inline or through shared memory; ask for CUDA IPC with Get"));
       return;
     }
-    if (wants_shm_) client_ = IdentityFromProto(request.client());
+    if (wants_shm_) {
+      client_ = IdentityFromProto(request.client());
+      holder_ = LeaseHolder(service_, context_, request.client());
+    }
+    inline_ok_ = AcceptsInline(request.accept());
     service_->counters().get_many_calls.fetch_add(1, std::memory_order_relaxed);
     service_->counters().gets.fetch_add(request.items_size(), std::memory_order_relaxed);
     items_.resize(request.items_size());
@@ -500,10 +545,15 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
     absl::StatusOr<v1::GetHeader> header =
         value.ok() ? HeaderFor(*value, item.key, item.range, item.conditions, &bytes)
                    : absl::StatusOr<v1::GetHeader>(value.status());
+    absl::StatusOr<bool> shm = false;
+    if (header.ok() && wants_shm_) {
+      shm = OfferShm(service_, client_, holder_, inline_ok_, bytes, &*header);
+      if (!shm.ok()) header = shm.status();
+    }
     if (!header.ok()) {
       fields = ErrorFields(ToGrpcStatus(header.status()));
     } else {
-      if (!(wants_shm_ && OfferShm(service_, client_, bytes, &*header))) {
+      if (!*shm) {
         header->set_delivery(v1::DELIVERY_INLINE);
         data = std::move(bytes);
       }
@@ -644,7 +694,9 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
 
   ChunkdService* const service_;
   bool wants_shm_ = false;
+  bool inline_ok_ = true;
   buffer::HostIdentity client_;
+  std::string holder_;
   std::vector<Item> items_;
   absl::Mutex mu_;
   size_t launched_ ABSL_GUARDED_BY(mu_) = 0;  // items whose read has started (or was refused)
@@ -1050,12 +1102,12 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   response->set_read_only(options_.read_only);
   response->set_max_value_bytes(options_.max_value_bytes);
   response->add_deliveries(v1::DELIVERY_INLINE);
+  LeaseStats leases = options_.leases ? options_.leases->stats() : LeaseStats();
   if (options_.leases) {
     if (options_.allocator->kind() == buffer::MemoryKind::kHostShared) {
       response->add_deliveries(v1::DELIVERY_SHM);
     }
     if (options_.device_tier) response->add_deliveries(v1::DELIVERY_CUDA_IPC);
-    LeaseStats leases = options_.leases->stats();
     response->set_leases_active(leases.active);
     response->set_leased_bytes(leases.bytes);
     v1::ClientIdentity* host = response->mutable_host();
@@ -1078,6 +1130,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   auto& counters = *response->mutable_counters();
   v1::CacheTierInfo* tier = response->add_tiers();
   tier->set_tier("host");
+  SetPinned(leases.host, tier);
   if (HostCache* cache = store_->cache()) {
     HostCacheStats s = cache->stats();
     tier->set_capacity_bytes(s.capacity_bytes);
@@ -1122,6 +1175,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
     DeviceTierStats d = options_.device_tier->stats();
     v1::CacheTierInfo* device = response->add_tiers();
     device->set_tier("device");
+    SetPinned(leases.device, device);
     device->set_capacity_bytes(d.capacity_bytes);
     device->set_used_bytes(d.used_bytes);
     device->set_entries(d.entries);
