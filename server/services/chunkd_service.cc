@@ -1151,6 +1151,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   ChunkStoreCounters c = store_->counters();
   counters["backend_reads"] = c.backend_reads;
   counters["backend_read_errors"] = c.backend_read_errors;
+  counters["backend_not_found"] = c.backend_not_found;
   counters["backend_read_bytes"] = c.backend_read_bytes;
   counters["backend_read_micros"] = c.backend_read_micros;
   counters["single_flight_joins"] = c.single_flight_joins;
