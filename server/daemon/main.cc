@@ -27,6 +27,8 @@
 #include "server/common/log.h"
 #include "server/daemon/metrics.h"
 #include "server/daemon/security_flags.h"
+#include "server/rpc/auth.h"
+#include "server/rpc/security.h"
 #include "server/store/prefetch.h"
 #include "server/daemon/server.h"
 
@@ -140,7 +142,14 @@ ABSL_FLAG(std::vector<std::string>, warm, {},
           "their keys are read in the background while the server already serves.");
 ABSL_FLAG(std::string, metrics_listen, "",
           "HOST:PORT for Prometheus metrics over HTTP (GET /metrics; /healthz). Off when empty. "
-          "Metrics carry no chunk data, but keep the port on a trusted network.");
+          "Metrics carry no chunk data, but they tell what is stored and how it is used: on an "
+          "address other hosts can reach, protect them with --metrics_token_file (the server "
+          "warns at start when it is missing) and keep the port on a trusted network.");
+ABSL_FLAG(std::string, metrics_token_file, "",
+          "A file holding one bearer token (at least 16 printable characters; the format of "
+          "Prometheus' credentials_file, so one file serves both): GET /metrics then needs "
+          "'Authorization: Bearer TOKEN' (401 otherwise). /healthz stays open for probes. The "
+          "token crosses plain HTTP.");
 ABSL_FLAG(std::string, ready_file, "",
           "When set, the bound addresses (one per line) are written to this file once the server "
           "accepts calls: useful with port 0.");
@@ -297,15 +306,35 @@ int main(int argc, char** argv) {
       (*server)->arena() ? ", shared memory in " + config.shm_arena.directory : ", inline only");
   std::unique_ptr<chunkd::server::MetricsServer> metrics;
   if (std::string address = absl::GetFlag(FLAGS_metrics_listen); !address.empty()) {
+    std::shared_ptr<const chunkd::server::TokenTable> token;
+    if (std::string path = absl::GetFlag(FLAGS_metrics_token_file); !path.empty()) {
+      auto loaded = chunkd::server::TokenTable::LoadSingle(path);
+      if (!loaded.ok()) {
+        return Fail(absl::StrCat("--metrics_token_file: ", loaded.status().message()));
+      }
+      token = std::make_shared<const chunkd::server::TokenTable>(*std::move(loaded));
+    }
     chunkd::server::ChunkdServer* s = server->get();
-    auto started = chunkd::server::MetricsServer::Start(address, [s] {
-      chunkd::v1::ServerInfoResponse info;
-      s->service().FillServerInfo(&info);
-      return info;
-    });
+    auto started = chunkd::server::MetricsServer::Start(
+        address,
+        [s] {
+          chunkd::v1::ServerInfoResponse info;
+          s->service().FillServerInfo(&info);
+          return info;
+        },
+        token);
     if (!started.ok()) return Fail(std::string(started.status().message()));
     metrics = *std::move(started);
-    Log("metrics on http://%s/metrics", metrics->address());
+    Log("metrics on http://%s/metrics%s", metrics->address(),
+        token ? " (bearer token required)" : "");
+    if (!token && !chunkd::server::IsLoopbackAddress(address)) {
+      Log("WARNING: metrics on %s are open to other hosts without authentication: anyone who "
+          "reaches the port can see what is stored and how it is used. Use "
+          "--metrics_token_file, or listen on loopback.",
+          address);
+    }
+  } else if (!absl::GetFlag(FLAGS_metrics_token_file).empty()) {
+    return Fail("--metrics_token_file needs --metrics_listen");
   }
 
   if (std::string ready = absl::GetFlag(FLAGS_ready_file); !ready.empty()) {

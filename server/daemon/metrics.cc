@@ -7,6 +7,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "httplib.h"
+#include "server/rpc/auth.h"
 
 namespace chunkd::server {
 namespace {
@@ -79,7 +80,8 @@ std::string PrometheusText(const v1::ServerInfoResponse& info) {
 }
 
 absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
-    const std::string& address, std::function<v1::ServerInfoResponse()> collect) {
+    const std::string& address, std::function<v1::ServerInfoResponse()> collect,
+    std::shared_ptr<const TokenTable> token) {
   size_t colon = address.rfind(':');
   int port;
   if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port) ||
@@ -91,7 +93,19 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
   if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
   std::unique_ptr<MetricsServer> server(new MetricsServer());
   server->http_ = std::make_unique<httplib::Server>();
-  server->http_->Get("/metrics", [collect](const httplib::Request&, httplib::Response& res) {
+  server->http_->Get("/metrics", [collect, token](const httplib::Request& req,
+                                                   httplib::Response& res) {
+    if (token) {
+      absl::StatusOr<std::string> presented = BearerTokenOf(req.get_header_value("Authorization"));
+      if (!presented.ok() || !token->Find(*presented)) {
+        res.status = 401;
+        res.set_header("WWW-Authenticate", "Bearer realm=\"chunkd metrics\"");
+        res.set_content(presented.ok() ? "unknown token\n"
+                                       : std::string(presented.status().message()) + "\n",
+                        "text/plain");
+        return;
+      }
+    }
     res.set_content(PrometheusText(collect()), "text/plain; version=0.0.4; charset=utf-8");
   });
   server->http_->Get("/healthz", [](const httplib::Request&, httplib::Response& res) {

@@ -57,6 +57,11 @@ class TokenTable {
                                           absl::string_view origin = "token file");
   // Reads and parses the file at `path`. The error names the file and, for syntax, the line.
   static absl::StatusOr<TokenTable> Load(const std::string& path);
+  // A table of the one token a file holds alone, as Prometheus' credentials_file (surrounding
+  // blanks and newlines ignored; the same rules as above): --metrics_token_file.
+  static absl::StatusOr<TokenTable> ParseSingle(absl::string_view text,
+                                                absl::string_view origin = "token file");
+  static absl::StatusOr<TokenTable> LoadSingle(const std::string& path);
 
   // The rights of `token`; nullopt when no entry holds it.
   std::optional<Rights> Find(absl::string_view token) const;
@@ -79,6 +84,8 @@ class TokenTable {
 // The bearer token in a call's metadata: OK with the token, or UNAUTHENTICATED ("missing bearer
 // token") when there is no usable "authorization: Bearer ..." entry.
 absl::StatusOr<std::string> BearerToken(const grpc::ServerContextBase& context);
+// The same from the value of an authorization header ("Bearer TOKEN"; the scheme in any case).
+absl::StatusOr<std::string> BearerTokenOf(absl::string_view authorization);
 
 // OK when the call's token holds `needed`; UNAUTHENTICATED for a missing or unknown token,
 // PERMISSION_DENIED (naming the right needed) otherwise. `method` is for the message.
