@@ -25,6 +25,7 @@
 #include "buffer/shm_import.h"
 #include "client/cuda_import.h"
 #include "client/credentials.h"
+#include "client/replies.h"
 #include "proto/wire/raw_message.h"
 #include "proto/wire/transport.h"
 
@@ -36,11 +37,6 @@ constexpr char kGetManyMethod[] = "/chunkd.v1.Chunkd/GetMany";
 constexpr char kPutMethod[] = "/chunkd.v1.Chunkd/Put";
 // Field numbers of GetResponse.header and PutRequest.header.
 constexpr uint32_t kHeaderField = 1;
-
-absl::Status FromGrpc(const grpc::Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-}
 
 void ToProto(const Conditions& c, v1::Conditions* out) {
   if (c.if_generation_match) out->set_if_generation_match(*c.if_generation_match);
@@ -173,7 +169,8 @@ struct UnaryCall {
 // Returns the leases of dropped handle buffers to the server in batches, and renews the
 // leases of buffers still alive, from one background thread. The client and every handle
 // buffer share it, so a buffer that outlives its client still returns its lease.
-class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
+class LeaseKeeper final : public HandleImporter,
+                          public std::enable_shared_from_this<LeaseKeeper> {
  public:
   LeaseKeeper(std::shared_ptr<grpc::Channel> channel, const std::string& shm_dir)
       : stub_(v1::Chunkd::NewStub(channel)), importer_(shm_dir) {
@@ -194,7 +191,11 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
     if (!rest.empty()) SendRelease(std::move(rest), absl::Seconds(2));
   }
 
-  buffer::ShmImporter& importer() { return importer_; }
+  // A handle reply: the segment mapped (or the IPC handle opened) and the lease kept.
+  absl::StatusOr<GetResult> Import(const v1::GetHeader& header) override {
+    return header.delivery() == v1::DELIVERY_CUDA_IPC ? ImportCuda(header) : ImportShm(header);
+  }
+
 
   // A handle buffer holding lease `id` came to life.
   void Track(uint64_t id, absl::Duration ttl) {
@@ -271,6 +272,57 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
     }
   }
 
+  // Maps the handle's segment (once per process) and returns a buffer that views the chunk
+  // and releases its lease when the last copy goes.
+  absl::StatusOr<GetResult> ImportShm(const v1::GetHeader& header) {
+    const v1::ShmHandle& shm = header.shm();
+    uint64_t lease = header.lease().id();
+    std::weak_ptr<LeaseKeeper> weak = weak_from_this();
+    auto data = importer_.Import(
+        shm.segment(), shm.segment_size(), shm.offset(), shm.length(), [weak, lease] {
+          if (auto keeper = weak.lock()) keeper->Drop(lease);
+        });
+    if (!data.ok()) {
+      Drop(lease);
+      return data.status();
+    }
+    Track(lease, absl::Milliseconds(header.lease().ttl_ms()));
+    GetResult r;
+    r.data = *std::move(data);
+    r.total_size = header.total_size();
+    r.generation = header.generation();
+    r.range_start = header.range_start();
+    r.delivery = v1::DELIVERY_SHM;
+    r.lease_id = lease;
+    return r;
+  }
+
+  // Opens the segment's IPC handle (once per process, client/cuda_import.h) and returns a device
+  // buffer that views the chunk and releases its lease when the last copy goes.
+  absl::StatusOr<GetResult> ImportCuda(const v1::GetHeader& header) {
+    uint64_t lease = header.lease().id();
+    absl::StatusOr<CudaImporter*> importer = CudaImporter::ForProcess();
+    absl::StatusOr<buffer::gpu::Buffer> data =
+        importer.ok() ? (*importer)->Import(header.cuda(),
+                                            [weak = weak_from_this(), lease] {
+                                              if (auto keeper = weak.lock()) keeper->Drop(lease);
+                                            })
+                      : importer.status();
+    if (!data.ok()) {
+      Drop(lease);
+      return data.status();
+    }
+    Track(lease, absl::Milliseconds(header.lease().ttl_ms()));
+    GetResult r;
+    r.device_data = *std::move(data);
+    r.total_size = header.total_size();
+    r.generation = header.generation();
+    r.range_start = header.range_start();
+    r.delivery = v1::DELIVERY_CUDA_IPC;
+    r.lease_id = lease;
+    return r;
+  }
+
   // A lost release is not lost memory: the lease expires.
   void SendRelease(std::vector<uint64_t> ids, absl::Duration timeout) {
     grpc::ClientContext context;
@@ -299,219 +351,6 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool rearm_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
-};
-
-// The reply of one Get, assembled from its raw messages: each is decoded field by field and its
-// data copied once, from the received slices into the result; a handle reply is imported.
-class GetReply {
- public:
-  explicit GetReply(std::shared_ptr<LeaseKeeper> keeper) : keeper_(std::move(keeper)) {}
-
-  absl::Status Absorb(const grpc::ByteBuffer& message) {
-    wire::FieldReader reader(message);
-    while (!reader.done()) {
-      uint32_t field, wire_type;
-      if (!reader.NextField(&field, &wire_type)) return Malformed();
-      uint64_t length;
-      if (field == kHeaderField && wire_type == 2) {
-        std::string bytes;
-        if (!reader.ReadVarint(&length) || !reader.ReadString(length, &bytes)) return Malformed();
-        if (absl::Status s = TakeHeader(bytes); !s.ok()) return s;
-      } else if (field == wire::kDataField && wire_type == 2) {
-        if (!reader.ReadVarint(&length)) return Malformed();
-        if (absl::Status s = TakeData(reader, length); !s.ok()) return s;
-      } else if (!reader.SkipField(wire_type)) {
-        return Malformed();
-      }
-    }
-    return absl::OkStatus();
-  }
-
-  // The encoded GetHeader: sizes the value, or announces a handle.
-  absl::Status TakeHeader(const std::string& bytes) {
-    if (have_header_ || !header_.ParseFromString(bytes)) return Malformed();
-    have_header_ = true;
-    if (header_.delivery() == v1::DELIVERY_SHM || header_.delivery() == v1::DELIVERY_CUDA_IPC) {
-      return absl::OkStatus();  // no bytes follow
-    }
-    auto value = buffer::cpu::MutableBuffer::Allocate(header_.length());
-    if (!value.ok()) return value.status();
-    value_ = *std::move(value);
-    return absl::OkStatus();
-  }
-
-  // `length` bytes of data, next in `reader`: copied once, into the value.
-  absl::Status TakeData(wire::FieldReader& reader, uint64_t length) {
-    if (!have_header_ || length > header_.length() - received_ ||
-        !reader.ReadBytes(value_.data() + received_, length)) {
-      return Malformed();
-    }
-    received_ += length;
-    return absl::OkStatus();
-  }
-
-  static absl::Status Malformed() { return absl::DataLossError("malformed Get reply"); }
-  bool has_header() const { return have_header_; }
-
-  // The result, once the call ended with `status`.
-  absl::StatusOr<GetResult> Finish(const grpc::Status& status) {
-    if (!status.ok()) return FromGrpc(status);
-    if (!have_header_) return absl::InternalError("Get reply carried no header");
-    if (header_.delivery() == v1::DELIVERY_SHM) return ImportShm();
-    if (header_.delivery() == v1::DELIVERY_CUDA_IPC) return ImportCuda();
-    if (received_ != header_.length()) {
-      return absl::DataLossError(
-          absl::StrCat("Get reply ended after ", received_, " of ", header_.length(), " bytes"));
-    }
-    GetResult r;
-    r.data = std::move(value_).Freeze();
-    r.total_size = header_.total_size();
-    r.generation = header_.generation();
-    r.range_start = header_.range_start();
-    r.delivery = header_.delivery();
-    return r;
-  }
-
- private:
-  // Maps the handle's segment (once per process) and returns a buffer that views the chunk
-  // and releases its lease when the last copy goes.
-  absl::StatusOr<GetResult> ImportShm() {
-    const v1::ShmHandle& shm = header_.shm();
-    uint64_t lease = header_.lease().id();
-    std::weak_ptr<LeaseKeeper> weak = keeper_;
-    auto data = keeper_->importer().Import(
-        shm.segment(), shm.segment_size(), shm.offset(), shm.length(), [weak, lease] {
-          if (auto keeper = weak.lock()) keeper->Drop(lease);
-        });
-    if (!data.ok()) {
-      keeper_->Drop(lease);
-      return data.status();
-    }
-    keeper_->Track(lease, absl::Milliseconds(header_.lease().ttl_ms()));
-    GetResult r;
-    r.data = *std::move(data);
-    r.total_size = header_.total_size();
-    r.generation = header_.generation();
-    r.range_start = header_.range_start();
-    r.delivery = v1::DELIVERY_SHM;
-    r.lease_id = lease;
-    return r;
-  }
-
-  // Opens the segment's IPC handle (once per process, client/cuda_import.h) and returns a device
-  // buffer that views the chunk and releases its lease when the last copy goes.
-  absl::StatusOr<GetResult> ImportCuda() {
-    uint64_t lease = header_.lease().id();
-    absl::StatusOr<CudaImporter*> importer = CudaImporter::ForProcess();
-    absl::StatusOr<buffer::gpu::Buffer> data =
-        importer.ok() ? (*importer)->Import(header_.cuda(),
-                                            [weak = std::weak_ptr<LeaseKeeper>(keeper_), lease] {
-                                              if (auto keeper = weak.lock()) keeper->Drop(lease);
-                                            })
-                      : importer.status();
-    if (!data.ok()) {
-      keeper_->Drop(lease);
-      return data.status();
-    }
-    keeper_->Track(lease, absl::Milliseconds(header_.lease().ttl_ms()));
-    GetResult r;
-    r.device_data = *std::move(data);
-    r.total_size = header_.total_size();
-    r.generation = header_.generation();
-    r.range_start = header_.range_start();
-    r.delivery = v1::DELIVERY_CUDA_IPC;
-    r.lease_id = lease;
-    return r;
-  }
-
-  std::shared_ptr<LeaseKeeper> keeper_;
-  bool have_header_ = false;
-  v1::GetHeader header_;
-  buffer::cpu::MutableBuffer value_;
-  uint64_t received_ = 0;
-};
-
-// The reply of one GetMany: GetManyResponse messages walked field by field; each part goes to
-// its item's GetReply.
-class GetManyReply {
- public:
-  GetManyReply(std::shared_ptr<LeaseKeeper> keeper, size_t items) {
-    replies_.reserve(items);
-    for (size_t i = 0; i < items; ++i) replies_.emplace_back(keeper);
-    errors_.resize(items);
-  }
-
-  absl::Status Absorb(const grpc::ByteBuffer& message) {
-    wire::FieldReader reader(message);
-    while (!reader.done()) {
-      uint32_t field, wire_type;
-      uint64_t length;
-      if (!reader.NextField(&field, &wire_type)) return Malformed();
-      if (field != 1 || wire_type != 2) {
-        if (!reader.SkipField(wire_type)) return Malformed();
-        continue;
-      }
-      if (!reader.ReadVarint(&length)) return Malformed();
-      if (absl::Status s = AbsorbPart(reader, reader.consumed() + length); !s.ok()) return s;
-    }
-    return absl::OkStatus();
-  }
-
-  absl::StatusOr<GetManyResults> Finish() {
-    GetManyResults results;
-    results.reserve(replies_.size());
-    for (size_t i = 0; i < replies_.size(); ++i) {
-      if (errors_[i]) {
-        results.push_back(*errors_[i]);
-      } else if (!replies_[i].has_header()) {
-        results.push_back(absl::DataLossError(absl::StrCat("GetMany: no reply for item ", i)));
-      } else {
-        results.push_back(replies_[i].Finish(grpc::Status::OK));
-      }
-    }
-    return results;
-  }
-
- private:
-  // One GetManyPart, which ends where the reader has consumed `end` bytes.
-  absl::Status AbsorbPart(wire::FieldReader& reader, uint64_t end) {
-    std::optional<uint64_t> index;
-    while (reader.consumed() < end) {
-      uint32_t field, wire_type;
-      uint64_t value;
-      if (!reader.NextField(&field, &wire_type)) return Malformed();
-      if (field == 1 && wire_type == 0) {
-        if (!reader.ReadVarint(&value) || value >= replies_.size()) return Malformed();
-        index = value;
-        continue;
-      }
-      // The index comes first: everything else belongs to it.
-      if (!index && (field == 2 || field == 3 || field == wire::kDataField)) return Malformed();
-      if ((field == 2 || field == 3) && wire_type == 2) {
-        std::string bytes;
-        if (!reader.ReadVarint(&value) || !reader.ReadString(value, &bytes)) return Malformed();
-        if (field == 2) {
-          if (absl::Status s = replies_[*index].TakeHeader(bytes); !s.ok()) return s;
-        } else {
-          v1::ItemError error;
-          if (!error.ParseFromString(bytes)) return Malformed();
-          errors_[*index] = FromGrpc(grpc::Status(static_cast<grpc::StatusCode>(error.code()),
-                                                  error.message()));
-        }
-      } else if (field == wire::kDataField && wire_type == 2) {
-        if (!reader.ReadVarint(&value)) return Malformed();
-        if (absl::Status s = replies_[*index].TakeData(reader, value); !s.ok()) return s;
-      } else if (!reader.SkipField(wire_type)) {
-        return Malformed();
-      }
-    }
-    return reader.consumed() == end ? absl::OkStatus() : Malformed();
-  }
-
-  static absl::Status Malformed() { return absl::DataLossError("malformed GetMany reply"); }
-
-  std::vector<GetReply> replies_;
-  std::vector<std::optional<absl::Status>> errors_;
 };
 
 // One asynchronous Get: the request goes out raw, replies are assembled by GetReply.

@@ -1,0 +1,151 @@
+#include "client/replies.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace chunkd::client {
+namespace {
+
+// Field number of GetResponse.header.
+constexpr uint32_t kHeaderField = 1;
+
+}  // namespace
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+absl::Status GetReply::Absorb(const grpc::ByteBuffer& message) {
+  wire::FieldReader reader(message);
+  while (!reader.done()) {
+    uint32_t field, wire_type;
+    if (!reader.NextField(&field, &wire_type)) return Malformed();
+    uint64_t length;
+    if (field == kHeaderField && wire_type == 2) {
+      std::string bytes;
+      if (!reader.ReadVarint(&length) || !reader.ReadString(length, &bytes)) return Malformed();
+      if (absl::Status s = TakeHeader(bytes); !s.ok()) return s;
+    } else if (field == wire::kDataField && wire_type == 2) {
+      if (!reader.ReadVarint(&length)) return Malformed();
+      if (absl::Status s = TakeData(reader, length); !s.ok()) return s;
+    } else if (!reader.SkipField(wire_type)) {
+      return Malformed();
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GetReply::TakeHeader(const std::string& bytes) {
+  if (have_header_ || !header_.ParseFromString(bytes)) return Malformed();
+  have_header_ = true;
+  if (header_.delivery() == v1::DELIVERY_SHM || header_.delivery() == v1::DELIVERY_CUDA_IPC) {
+    return absl::OkStatus();  // no bytes follow
+  }
+  auto value = buffer::cpu::MutableBuffer::Allocate(header_.length());
+  if (!value.ok()) return value.status();
+  value_ = *std::move(value);
+  return absl::OkStatus();
+}
+
+absl::Status GetReply::TakeData(wire::FieldReader& reader, uint64_t length) {
+  if (!have_header_ || length > header_.length() - received_ ||
+      !reader.ReadBytes(value_.data() + received_, length)) {
+    return Malformed();
+  }
+  received_ += length;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<GetResult> GetReply::Finish(const grpc::Status& status) {
+  if (!status.ok()) return FromGrpc(status);
+  if (!have_header_) return absl::InternalError("Get reply carried no header");
+  if (header_.delivery() == v1::DELIVERY_SHM || header_.delivery() == v1::DELIVERY_CUDA_IPC) {
+    return importer_->Import(header_);
+  }
+  if (received_ != header_.length()) {
+    return absl::DataLossError(
+        absl::StrCat("Get reply ended after ", received_, " of ", header_.length(), " bytes"));
+  }
+  GetResult r;
+  r.data = std::move(value_).Freeze();
+  r.total_size = header_.total_size();
+  r.generation = header_.generation();
+  r.range_start = header_.range_start();
+  r.delivery = header_.delivery();
+  return r;
+}
+
+GetManyReply::GetManyReply(std::shared_ptr<HandleImporter> importer, size_t items) {
+  replies_.reserve(items);
+  for (size_t i = 0; i < items; ++i) replies_.emplace_back(importer);
+  errors_.resize(items);
+}
+
+absl::Status GetManyReply::Absorb(const grpc::ByteBuffer& message) {
+  wire::FieldReader reader(message);
+  while (!reader.done()) {
+    uint32_t field, wire_type;
+    uint64_t length;
+    if (!reader.NextField(&field, &wire_type)) return Malformed();
+    if (field != 1 || wire_type != 2) {
+      if (!reader.SkipField(wire_type)) return Malformed();
+      continue;
+    }
+    if (!reader.ReadVarint(&length)) return Malformed();
+    if (absl::Status s = AbsorbPart(reader, reader.consumed() + length); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<GetManyResults> GetManyReply::Finish() {
+  GetManyResults results;
+  results.reserve(replies_.size());
+  for (size_t i = 0; i < replies_.size(); ++i) {
+    if (errors_[i]) {
+      results.push_back(*errors_[i]);
+    } else if (!replies_[i].has_header()) {
+      results.push_back(absl::DataLossError(absl::StrCat("GetMany: no reply for item ", i)));
+    } else {
+      results.push_back(replies_[i].Finish(grpc::Status::OK));
+    }
+  }
+  return results;
+}
+
+absl::Status GetManyReply::AbsorbPart(wire::FieldReader& reader, uint64_t end) {
+  std::optional<uint64_t> index;
+  while (reader.consumed() < end) {
+    uint32_t field, wire_type;
+    uint64_t value;
+    if (!reader.NextField(&field, &wire_type)) return Malformed();
+    if (field == 1 && wire_type == 0) {
+      if (!reader.ReadVarint(&value) || value >= replies_.size()) return Malformed();
+      index = value;
+      continue;
+    }
+    // The index comes first: everything else belongs to it.
+    if (!index && (field == 2 || field == 3 || field == wire::kDataField)) return Malformed();
+    if ((field == 2 || field == 3) && wire_type == 2) {
+      std::string bytes;
+      if (!reader.ReadVarint(&value) || !reader.ReadString(value, &bytes)) return Malformed();
+      if (field == 2) {
+        if (absl::Status s = replies_[*index].TakeHeader(bytes); !s.ok()) return s;
+      } else {
+        v1::ItemError error;
+        if (!error.ParseFromString(bytes)) return Malformed();
+        errors_[*index] = FromGrpc(
+            grpc::Status(static_cast<grpc::StatusCode>(error.code()), error.message()));
+      }
+    } else if (field == wire::kDataField && wire_type == 2) {
+      if (!reader.ReadVarint(&value)) return Malformed();
+      if (absl::Status s = replies_[*index].TakeData(reader, value); !s.ok()) return s;
+    } else if (!reader.SkipField(wire_type)) {
+      return Malformed();
+    }
+  }
+  return reader.consumed() == end ? absl::OkStatus() : Malformed();
+}
+
+}  // namespace chunkd::client
