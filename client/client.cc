@@ -356,9 +356,9 @@ class LeaseKeeper final : public HandleImporter,
 // One asynchronous Get: the request goes out raw, replies are assembled by GetReply.
 class GetCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  GetCall(grpc::GenericStub* stub, std::shared_ptr<LeaseKeeper> keeper,
+  GetCall(grpc::GenericStub* stub, std::shared_ptr<LeaseKeeper> keeper, uint64_t max_bytes,
           const grpc::ByteBuffer& request, absl::Time deadline, Callback<GetResult> done)
-      : done_(std::move(done)), request_(request), reply_(std::move(keeper)) {
+      : done_(std::move(done)), request_(request), reply_(std::move(keeper), max_bytes) {
     context_.set_deadline(absl::ToChronoTime(deadline));
     stub->PrepareBidiStreamingCall(&context_, kGetMethod, grpc::StubOptions(), this);
     StartWriteLast(&request_, grpc::WriteOptions());
@@ -534,7 +534,8 @@ class ClientImpl final : public Client {
     Retrier<GetResult>::Run(
         options_, Deadline(options.timeout), /*retryable=*/true,
         [this, request](absl::Time deadline, Callback<GetResult> attempt_done) {
-          new GetCall(generic_.get(), keeper_, request, deadline, std::move(attempt_done));
+          new GetCall(generic_.get(), keeper_, options_.max_value_bytes, request, deadline,
+                      std::move(attempt_done));
         },
         std::move(done));
   }
@@ -546,7 +547,7 @@ class ClientImpl final : public Client {
     grpc::ByteBuffer request = Serialize(MakeGetRequest(key, options));
     absl::Time deadline = Deadline(options.timeout);
     return RetryBlocking<GetResult>(options_, deadline, [&]() -> absl::StatusOr<GetResult> {
-      GetReply reply(keeper_);
+      GetReply reply(keeper_, options_.max_value_bytes);
       Streamed call = ReadStream(get_method_, deadline, request,
                                  [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
       if (!call.reply_error.ok()) return call.reply_error;
@@ -573,7 +574,7 @@ class ClientImpl final : public Client {
     absl::Time deadline = Deadline(options.timeout);
     return RetryBlocking<GetManyResults>(options_, deadline,
                                          [&]() -> absl::StatusOr<GetManyResults> {
-      GetManyReply reply(keeper_, items.size());
+      GetManyReply reply(keeper_, items.size(), options_.max_value_bytes);
       Streamed call = ReadStream(get_many_method_, deadline, raw,
                                  [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
       if (!call.reply_error.ok()) return call.reply_error;

@@ -40,8 +40,18 @@ absl::Status GetReply::Absorb(const grpc::ByteBuffer& message) {
 absl::Status GetReply::TakeHeader(const std::string& bytes) {
   if (have_header_ || !header_.ParseFromString(bytes)) return Malformed();
   have_header_ = true;
+  // The bytes announced lie within the value.
+  if (header_.range_start() > header_.total_size() ||
+      header_.length() > header_.total_size() - header_.range_start()) {
+    return Malformed();
+  }
   if (header_.delivery() == v1::DELIVERY_SHM || header_.delivery() == v1::DELIVERY_CUDA_IPC) {
     return absl::OkStatus();  // no bytes follow
+  }
+  if (header_.length() > max_bytes_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the Get reply announces ", header_.length(), " bytes, more than this client's maximum of ",
+        max_bytes_, " (ClientOptions::max_value_bytes)"));
   }
   auto value = buffer::cpu::MutableBuffer::Allocate(header_.length());
   if (!value.ok()) return value.status();
@@ -77,9 +87,10 @@ absl::StatusOr<GetResult> GetReply::Finish(const grpc::Status& status) {
   return r;
 }
 
-GetManyReply::GetManyReply(std::shared_ptr<HandleImporter> importer, size_t items) {
+GetManyReply::GetManyReply(std::shared_ptr<HandleImporter> importer, size_t items,
+                           uint64_t max_bytes) {
   replies_.reserve(items);
-  for (size_t i = 0; i < items; ++i) replies_.emplace_back(importer);
+  for (size_t i = 0; i < items; ++i) replies_.emplace_back(importer, max_bytes);
   errors_.resize(items);
 }
 

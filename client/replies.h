@@ -32,10 +32,11 @@ class HandleImporter {
   virtual absl::StatusOr<GetResult> Import(const v1::GetHeader& header) = 0;
 };
 
-// One Get's reply.
+// One Get's reply. `max_bytes`: the largest value it may announce (ClientOptions).
 class GetReply {
  public:
-  explicit GetReply(std::shared_ptr<HandleImporter> importer) : importer_(std::move(importer)) {}
+  GetReply(std::shared_ptr<HandleImporter> importer, uint64_t max_bytes)
+      : importer_(std::move(importer)), max_bytes_(max_bytes) {}
 
   // One received GetResponse message.
   absl::Status Absorb(const grpc::ByteBuffer& message);
@@ -51,6 +52,7 @@ class GetReply {
   static absl::Status Malformed() { return absl::DataLossError("malformed Get reply"); }
 
   std::shared_ptr<HandleImporter> importer_;
+  uint64_t max_bytes_;
   bool have_header_ = false;
   v1::GetHeader header_;
   buffer::cpu::MutableBuffer value_;
@@ -60,7 +62,7 @@ class GetReply {
 // One GetMany's reply: each GetManyPart goes to its item's GetReply.
 class GetManyReply {
  public:
-  GetManyReply(std::shared_ptr<HandleImporter> importer, size_t items);
+  GetManyReply(std::shared_ptr<HandleImporter> importer, size_t items, uint64_t max_bytes);
 
   // One received GetManyResponse message.
   absl::Status Absorb(const grpc::ByteBuffer& message);
