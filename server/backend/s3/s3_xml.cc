@@ -33,7 +33,8 @@ absl::StatusOr<S3ListPage> ParseS3ListPage(absl::string_view body, absl::string_
     std::string name = p.child_value("Prefix");
     if (!absl::StartsWith(name, root)) continue;
     name.erase(0, root.size());
-    if (name.size() < 2 || !ValidatePrefix(name).ok() ||
+    // With the delimiter '/', a prefix ends with it; one that does not is not a "directory".
+    if (name.size() < 2 || !absl::EndsWith(name, "/") || !ValidatePrefix(name).ok() ||
         !ValidateKey(name.substr(0, name.size() - 1)).ok()) {
       continue;
     }
