@@ -3,7 +3,7 @@
 # sanitized binaries: every ctest suite (the integration tests start the sanitized chunkd) and
 # the Python tests that drive the server binary (the Python client itself is not instrumented).
 #
-#   deploy/scripts/sanitize.sh asan|tsan [--build-only]
+#   deploy/scripts/sanitize.sh asan|tsan [--build-only [TARGET...]]
 #
 #   asan  AddressSanitizer + UndefinedBehaviorSanitizer (and LeakSanitizer), in build-asan/;
 #         the libFuzzer targets are built there too (deploy/scripts/fuzz.sh runs them)
@@ -19,12 +19,16 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 kind="${1:-}"
 build_only=false
-[ "${2:-}" = "--build-only" ] && build_only=true
+targets=(chunkd chunkctl chunkd_shm_reader chunkd_unit_tests chunkd_integration_tests)
 case "$kind" in
-  asan) sanitize=address; extra=(-DCHUNKD_BUILD_FUZZERS=ON) ;;
+  asan) sanitize=address; extra=(-DCHUNKD_BUILD_FUZZERS=ON); targets+=(chunkd_fuzzers) ;;
   tsan) sanitize=thread; extra=() ;;
-  *) echo "usage: $0 asan|tsan [--build-only]" >&2; exit 2 ;;
+  *) echo "usage: $0 asan|tsan [--build-only [TARGET...]]" >&2; exit 2 ;;
 esac
+if [ "${2:-}" = "--build-only" ]; then
+  build_only=true
+  [ $# -gt 2 ] && targets=("${@:3}")
+fi
 dir="$root/build-$kind"
 supp="$root/tests/sanitizers"
 
@@ -39,8 +43,6 @@ if [ ! -f "$dir/build.ninja" ]; then
     -DCHUNKD_SANITIZE="$sanitize" -DCHUNKD_BUILD_BENCH=OFF -DCHUNKD_WITH_CUDA=OFF \
     "${extra[@]}" "${launcher[@]}" >/dev/null
 fi
-targets=(chunkd chunkctl chunkd_shm_reader chunkd_unit_tests chunkd_integration_tests)
-[ "$kind" = asan ] && targets+=(chunkd_fuzzers)
 ninja -C "$dir" -j "$(nproc)" "${targets[@]}"
 echo "== $kind: built in $((SECONDS - start)) s"
 $build_only && exit 0
