@@ -116,31 +116,43 @@ def test_greedy_shm_reader_stays_within_the_budget(capped_server, ending):
             text=True,
             cwd=REPO_ROOT,
         )
+        ended = False
         try:
-            line = greedy.stdout.readline()
-            assert line.startswith("holding 200 shm "), line
-            shm = int(line.split()[3])
-            info = writer.server_info()
-            host = _host(info)
-            assert (host.max_pinned_bytes, host.max_client_pinned_bytes) == (32 * MiB, 16 * MiB)
-            # Handles up to the per-client cap, the rest inline.
-            assert 0 < shm <= 16, line
-            assert host.pinned_bytes <= 32 * MiB
-            assert info.raw.tiers[0].pin_refusals_client_cap >= 200 - shm
-            time.sleep(0.5)  # the others go on a little
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
-        assert others["ops"] > 0 and not others["errors"], others["errors"][:3]
-        assert peaks["rss"] <= limit, f"server RSS {peaks['rss'] / MiB:.1f} MiB"
-        assert peaks["shm"] <= limit, f"shared memory {peaks['shm'] / MiB:.1f} MiB"
+            try:
+                line = greedy.stdout.readline()
+                assert line.startswith("holding 200 shm "), line
+                shm = int(line.split()[3])
+                info = writer.server_info()
+                host = _host(info)
+                assert (host.max_pinned_bytes, host.max_client_pinned_bytes) == (
+                    32 * MiB,
+                    16 * MiB,
+                )
+                # Handles up to the per-client cap, the rest inline.
+                assert 0 < shm <= 16, line
+                assert host.pinned_bytes <= 32 * MiB
+                assert info.raw.tiers[0].pin_refusals_client_cap >= 200 - shm
+                time.sleep(0.5)  # the others go on a little
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+            assert others["ops"] > 0 and not others["errors"], others["errors"][:3]
+            # Under a sanitizer the server's own bookkeeping (ASan's quarantine and shadow,
+            # TSan's shadow) dwarfs the budget: its RSS is bounded in the plain build only.
+            if not os.environ.get("CHUNKD_SANITIZER"):
+                assert peaks["rss"] <= limit, f"server RSS {peaks['rss'] / MiB:.1f} MiB"
+            assert peaks["shm"] <= limit, f"shared memory {peaks['shm'] / MiB:.1f} MiB"
 
-        # The greedy reader goes; its leases end within the TTL (plus the sweep and slack).
-        if ending == "kill":
-            greedy.send_signal(signal.SIGKILL)
-        else:
-            greedy.stdin.close()
+            # The greedy reader goes; its leases end within the TTL (plus the sweep and slack).
+            if ending == "kill":
+                greedy.send_signal(signal.SIGKILL)
+            else:
+                greedy.stdin.close()
+            ended = True
+        finally:
+            if not ended:  # a failed check: the reader must not outlive the test
+                greedy.kill()
         assert greedy.wait(30) in (0, -signal.SIGKILL)
         start = time.monotonic()
         while time.monotonic() - start < TTL_S * 1.25 + 2:

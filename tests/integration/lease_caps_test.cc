@@ -176,7 +176,11 @@ TEST_F(LeaseCapsTest, AGreedyReaderCannotPushTheServerPastItsBudget) {
   others.join();
   EXPECT_GT(other_ops.load(), 0u);
   EXPECT_EQ(other_errors.load(), 0u);
-  EXPECT_LE(max_rss.load(), limit) << "server RSS " << max_rss.load() / kMiB << " MiB";
+  // Under a sanitizer the server's own bookkeeping (ASan's quarantine of freed memory and its
+  // shadow, TSan's shadow) dwarfs the budget: its RSS is bounded in the plain build only.
+  if (std::getenv("CHUNKD_SANITIZER") == nullptr) {
+    EXPECT_LE(max_rss.load(), limit) << "server RSS " << max_rss.load() / kMiB << " MiB";
+  }
   EXPECT_LE(max_shm.load(), limit) << "shared memory " << max_shm.load() / kMiB << " MiB";
   std::printf("peak server RSS %.1f MiB, shared memory %.1f MiB (limit %.1f MiB), %d of 200 "
               "values by shared memory, %llu reads and writes by others\n",
