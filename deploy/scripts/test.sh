@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The README's second command (and CI's): installs everything, builds, and runs every test:
 # the GoogleTest suites (ctest), the Python client and Zarr store tests (pytest), and the
-# deployment manifest checks.
+# deployment manifest checks. In CI (CI=true), or with CHUNKD_SANITIZERS=1, then the whole
+# suite again under AddressSanitizer+UndefinedBehaviorSanitizer and under ThreadSanitizer, and
+# every fuzz target for CHUNKD_FUZZ_SECONDS (20) each (deploy/scripts/sanitize.sh, fuzz.sh).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -18,5 +20,13 @@ compgen -G "$root/deploy/test_*.py" >/dev/null && py_tests+=("$root"/deploy/test
 if [ "${#py_tests[@]}" -gt 0 ]; then
   CHUNKD_BIN="$root/build/server/chunkd" CHUNKCTL_BIN="$root/build/client/chunkctl" \
     "$root/.venv/bin/python" -m pytest -q "${py_tests[@]}"
+fi
+if [ "${CI:-}" = true ] || [ "${CHUNKD_SANITIZERS:-0}" = 1 ]; then
+  echo "== AddressSanitizer + UndefinedBehaviorSanitizer"
+  "$root/deploy/scripts/sanitize.sh" asan
+  echo "== fuzz targets, ${CHUNKD_FUZZ_SECONDS:-20} s each"
+  "$root/deploy/scripts/fuzz.sh" all "${CHUNKD_FUZZ_SECONDS:-20}"
+  echo "== ThreadSanitizer"
+  "$root/deploy/scripts/sanitize.sh" tsan
 fi
 echo "== all tests passed"
