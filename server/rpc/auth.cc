@@ -42,19 +42,6 @@ std::string TokenProblem(absl::string_view token) {
   return "";
 }
 
-// The whole of a file.
-absl::StatusOr<std::string> ReadWhole(const std::string& path, absl::string_view what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return absl::NotFoundError(
-        absl::StrCat("cannot read ", what, " ", path, ": ", std::strerror(errno)));
-  }
-  std::stringstream text;
-  text << in.rdbuf();
-  if (in.bad()) return absl::UnavailableError(absl::StrCat("cannot read ", what, " ", path));
-  return text.str();
-}
-
 absl::Status LineError(absl::string_view origin, int line, absl::string_view message) {
   return absl::InvalidArgumentError(absl::StrCat(origin, " line ", line, ": ", message));
 }
@@ -158,7 +145,7 @@ absl::StatusOr<TokenTable> TokenTable::Parse(absl::string_view text, absl::strin
 }
 
 absl::StatusOr<TokenTable> TokenTable::Load(const std::string& path) {
-  absl::StatusOr<std::string> text = ReadWhole(path, "token file");
+  absl::StatusOr<std::string> text = ReadWholeFile(path, "token file ");
   if (!text.ok()) return text.status();
   return Parse(*text, absl::StrCat("token file ", path));
 }
@@ -175,7 +162,7 @@ absl::StatusOr<TokenTable> TokenTable::ParseSingle(absl::string_view text,
 }
 
 absl::StatusOr<TokenTable> TokenTable::LoadSingle(const std::string& path) {
-  absl::StatusOr<std::string> text = ReadWhole(path, "token file");
+  absl::StatusOr<std::string> text = ReadWholeFile(path, "token file ");
   if (!text.ok()) return text.status();
   return ParseSingle(*text, absl::StrCat("token file ", path));
 }
@@ -193,6 +180,18 @@ std::optional<Rights> TokenTable::Find(absl::string_view token) const {
   }
   if (!matched) return std::nullopt;
   return found;
+}
+
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path, absl::string_view what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::NotFoundError(
+        absl::StrCat("cannot read ", what, path, ": ", std::strerror(errno)));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  if (in.bad()) return absl::UnavailableError(absl::StrCat("cannot read ", what, path));
+  return text.str();
 }
 
 absl::StatusOr<std::string> BearerToken(const grpc::ServerContextBase& context) {

@@ -81,6 +81,10 @@ class TokenTable {
   std::vector<Entry> entries_;
 };
 
+// The whole of the file at `path`; the error names it: "cannot read WHAT PATH: reason" (`what`
+// ends with its own separator: "token file ", "--tls_cert=").
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path, absl::string_view what);
+
 // The bearer token in a call's metadata: OK with the token, or UNAUTHENTICATED ("missing bearer
 // token") when there is no usable "authorization: Bearer ..." entry.
 absl::StatusOr<std::string> BearerToken(const grpc::ServerContextBase& context);

@@ -3,12 +3,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
-#include <string>
 
 #include "chunkd/v1/chunkd.pb.h"
-#include "google/protobuf/stubs/logging.h"
 #include "server/common/key.h"
 #include "server/services/requests.h"
+#include "tests/fuzz/fuzz_support.h"
 
 namespace {
 
@@ -29,10 +28,8 @@ void Check(const chunkd::v1::GetRequest& request) {
 
 }  // namespace
 
-// protobuf logs every string field that is not UTF-8; the fuzzer makes many.
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  google::protobuf::SetLogHandler([](google::protobuf::LogLevel, const char*, int,
-                                     const std::string&) {});
+  chunkd::fuzz::SilenceProtobufLogs();
   return 0;
 }
 

@@ -10,9 +10,9 @@
 #include <vector>
 
 #include "client/replies.h"
-#include "google/protobuf/stubs/logging.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/slice.h"
+#include "tests/fuzz/fuzz_support.h"
 
 namespace {
 
@@ -53,10 +53,8 @@ std::vector<grpc::ByteBuffer> Messages(const uint8_t* data, size_t size, const u
 
 }  // namespace
 
-// protobuf logs every string field that is not UTF-8; the fuzzer makes many.
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  google::protobuf::SetLogHandler([](google::protobuf::LogLevel, const char*, int,
-                                     const std::string&) {});
+  chunkd::fuzz::SilenceProtobufLogs();
   return 0;
 }
 
