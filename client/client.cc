@@ -26,6 +26,7 @@
 #include "client/cuda_import.h"
 #include "client/credentials.h"
 #include "client/replies.h"
+#include "proto/wire/handoff.h"
 #include "proto/wire/raw_message.h"
 #include "proto/wire/transport.h"
 
@@ -131,8 +132,12 @@ class Retrier : public std::enable_shared_from_this<Retrier<T>> {
       }
       absl::MutexLock lock(&self->mu_);
       self->alarms_.push_back(std::make_unique<grpc::Alarm>());
-      self->alarms_.back()->Set(absl::ToChronoTime(absl::Now() + delay),
-                                [self](bool) { self->Next(); });
+      grpc::Alarm* alarm = self->alarms_.back().get();
+      wire::Started(alarm);
+      alarm->Set(absl::ToChronoTime(absl::Now() + delay), [self, alarm](bool) {
+        wire::Completed(alarm);
+        self->Next();
+      });
     });
   }
 
@@ -362,21 +367,29 @@ class GetCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byt
     context_.set_deadline(absl::ToChronoTime(deadline));
     stub->PrepareBidiStreamingCall(&context_, kGetMethod, grpc::StubOptions(), this);
     StartWriteLast(&request_, grpc::WriteOptions());
+    wire::Started(&response_);
     StartRead(&response_);
+    wire::Started(this);
     StartCall();
   }
 
+  // The reactor's callbacks run on gRPC's threads; wire::Started/Completed tell
+  // ThreadSanitizer what gRPC orders between them and the thread that started the operation.
   void OnReadDone(bool ok) override {
+    wire::Completed(&response_);
     if (!ok) return;  // the stream ended; OnDone brings the status
     if (absl::Status s = reply_.Absorb(response_); !s.ok()) {
       error_ = s;
       context_.TryCancel();
       return;
     }
+    wire::Started(&response_);
     StartRead(&response_);
   }
 
   void OnDone(const grpc::Status& status) override {
+    wire::Completed(this);
+    wire::Completed(&response_);
     absl::StatusOr<GetResult> result = error_.ok() ? reply_.Finish(status) : error_;
     Callback<GetResult> done = std::move(done_);
     delete this;
@@ -408,21 +421,29 @@ class PutCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byt
     wire::AppendLengthDelimitedHeader(&head, kHeaderField, header.ByteSizeLong());
     header.AppendToString(&head);
     stub->PrepareBidiStreamingCall(&context_, kPutMethod, grpc::StubOptions(), this);
+    wire::Started(&response_);
     StartRead(&response_);
     WriteNext(std::move(head));
+    wire::Started(this);
     StartCall();
   }
 
+  // On gRPC's threads; wire::Started/Completed as in GetCall.
   void OnWriteDone(bool ok) override {
+    wire::Completed(&message_);
     // When !ok the server ended the call (an error); OnDone brings its status.
     if (ok) WriteNext("");
   }
 
   void OnReadDone(bool ok) override {
+    wire::Completed(&response_);
     if (ok) got_response_ = true;
   }
 
   void OnDone(const grpc::Status& status) override {
+    wire::Completed(this);
+    wire::Completed(&response_);
+    wire::Completed(&message_);
     absl::StatusOr<PutResult> result;
     v1::PutResponse response;
     if (!status.ok()) {
@@ -447,8 +468,10 @@ class PutCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byt
     sent_ += part;
     if (sent_ == value_.size()) {
       finished_writing_ = true;
+      wire::Started(&message_);
       StartWriteLast(&message_, grpc::WriteOptions());
     } else {
+      wire::Started(&message_);
       StartWrite(&message_);
     }
   }
@@ -473,21 +496,28 @@ class ListCall final : public grpc::ClientReadReactor<v1::ListResponse> {
     request_.set_prefix(std::string(prefix));
     request_.set_directory(directory);
     stub->async()->List(&context_, &request_, this);
+    wire::Started(&response_);
     StartRead(&response_);
+    wire::Started(this);
     StartCall();
   }
 
+  // On gRPC's threads; wire::Started/Completed as in GetCall.
   void OnReadDone(bool ok) override {
+    wire::Completed(&response_);
     if (!ok) return;
     for (v1::ListEntry& e : *response_.mutable_entries()) {
       result_.entries.push_back({std::move(*e.mutable_key()), e.size()});
     }
     for (std::string& p : *response_.mutable_prefixes()) result_.prefixes.push_back(std::move(p));
     response_.Clear();
+    wire::Started(&response_);
     StartRead(&response_);
   }
 
   void OnDone(const grpc::Status& status) override {
+    wire::Completed(this);
+    wire::Completed(&response_);
     absl::StatusOr<ListResult> result = status.ok() ? absl::StatusOr<ListResult>(std::move(result_))
                                                     : FromGrpc(status);
     Callback<ListResult> done = std::move(done_);
@@ -702,8 +732,10 @@ class ClientImpl final : public Client {
           auto* call = new UnaryCall<Request, Response>();
           call->context.set_deadline(absl::ToChronoTime(deadline));
           call->request = request;
+          wire::Started(call);  // the callback runs on a gRPC thread
           method(stub_->async(), &call->context, &call->request, &call->response,
                  std::function<void(grpc::Status)>([call, convert, attempt_done](grpc::Status status) {
+                                      wire::Completed(call);
                                       absl::StatusOr<T> result =
                                           status.ok() ? absl::StatusOr<T>(convert(call->response))
                                                       : absl::StatusOr<T>(FromGrpc(status));
