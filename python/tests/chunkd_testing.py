@@ -53,7 +53,8 @@ class ServerProcess:
         self.address = self._wait_ready()
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # after stop() the file is closed, and complete
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def _wait_ready(self) -> str:
