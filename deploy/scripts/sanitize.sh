@@ -52,10 +52,13 @@ rm -rf "$reports"
 mkdir -p "$reports"
 # Reports go to files (one per process) and the processes go on, so that one report does not
 # hide the next; LeakSanitizer runs at every sanitized process's exit.
-export ASAN_OPTIONS="log_path=$reports/asan:detect_leaks=1:detect_stack_use_after_return=1:strict_string_checks=1:check_initialization_order=1"
-export UBSAN_OPTIONS="log_path=$reports/ubsan:print_stacktrace=1:suppressions=$supp/ubsan.supp"
-export LSAN_OPTIONS="suppressions=$supp/lsan.supp:print_suppressions=0"
-export TSAN_OPTIONS="log_path=$reports/tsan:suppressions=$supp/tsan.supp:second_deadlock_stack=1:print_suppressions=0"
+if [ "$kind" = asan ]; then
+  export ASAN_OPTIONS="log_path=$reports/asan:detect_leaks=1:detect_stack_use_after_return=1:strict_string_checks=1:check_initialization_order=1"
+  export UBSAN_OPTIONS="log_path=$reports/ubsan:print_stacktrace=1:suppressions=$supp/ubsan.supp"
+  export LSAN_OPTIONS="suppressions=$supp/lsan.supp:print_suppressions=0"
+else
+  export TSAN_OPTIONS="log_path=$reports/tsan:suppressions=$supp/tsan.supp:second_deadlock_stack=1:print_suppressions=0"
+fi
 # Tests that are too slow under a sanitizer trim themselves (each says why).
 export CHUNKD_SANITIZER="$kind"
 
