@@ -132,12 +132,17 @@ absl::Status GetManyReply::AbsorbPart(wire::FieldReader& reader, uint64_t end) {
     uint64_t value;
     if (!reader.NextField(&field, &wire_type)) return Malformed();
     if (field == 1 && wire_type == 0) {
-      if (!reader.ReadVarint(&value) || value >= replies_.size()) return Malformed();
+      // The index comes first, everything else belongs to it; once given, it stays.
+      if (index || !reader.ReadVarint(&value) || value >= replies_.size()) return Malformed();
       index = value;
       continue;
     }
-    // The index comes first: everything else belongs to it.
-    if (!index && (field == 2 || field == 3 || field == wire::kDataField)) return Malformed();
+    // No index before the header, error or data: it is 0, which protobuf's encoders leave out
+    // (chunkd's server writes it always).
+    if (!index && (field == 2 || field == 3 || field == wire::kDataField)) {
+      if (replies_.empty()) return Malformed();
+      index = 0;
+    }
     if ((field == 2 || field == 3) && wire_type == 2) {
       std::string bytes;
       if (!reader.ReadVarint(&value) || !reader.ReadString(value, &bytes)) return Malformed();

@@ -70,6 +70,36 @@ TEST(RepliesTest, AnnouncementsPastTheMaximumOrTheValueAreRefused) {
   EXPECT_EQ(many.Absorb(grpc::ByteBuffer(&slice, 1)).code(), absl::StatusCode::kResourceExhausted);
 }
 
+TEST(RepliesTest, PartsAsProtobufEncodesThemAreRead) {
+  // Item 0's index is 0, which protobuf does not write; a repeated index is malformed.
+  GetManyReply many(std::make_shared<NoHandles>(), 2, 1 << 20);
+  v1::GetManyResponse response;
+  for (int i : {0, 1}) {
+    v1::GetManyPart* part = response.add_parts();
+    part->set_index(i);
+    *part->mutable_header() = Header(3, 0, 3).header();
+    part->set_data(i == 0 ? "abc" : "xyz");
+  }
+  grpc::Slice slice(response.SerializeAsString());
+  ASSERT_TRUE(many.Absorb(grpc::ByteBuffer(&slice, 1)).ok());
+  auto results = many.Finish();
+  ASSERT_TRUE(results.ok());
+  EXPECT_EQ((*results)[0]->data.view(), "abc");
+  EXPECT_EQ((*results)[1]->data.view(), "xyz");
+
+  std::string twice;
+  wire::AppendVarint(&twice, (1 << 3) | 0);
+  wire::AppendVarint(&twice, 1);
+  wire::AppendVarint(&twice, (1 << 3) | 0);
+  wire::AppendVarint(&twice, 0);
+  std::string message;
+  wire::AppendLengthDelimitedHeader(&message, 1, twice.size());
+  message += twice;
+  GetManyReply again(std::make_shared<NoHandles>(), 2, 1 << 20);
+  grpc::Slice bad(message);
+  EXPECT_EQ(again.Absorb(grpc::ByteBuffer(&bad, 1)).code(), absl::StatusCode::kDataLoss);
+}
+
 TEST(RepliesTest, MoreDataThanAnnouncedIsMalformed) {
   GetReply reply(std::make_shared<NoHandles>(), 1 << 20);
   v1::GetResponse first = Header(3, 0, 3);
