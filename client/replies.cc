@@ -10,6 +10,18 @@ namespace {
 // Field number of GetResponse.header.
 constexpr uint32_t kHeaderField = 1;
 
+// An item's error from the wire. Its code is any int32 the sender wrote: one that is not a
+// failing gRPC code (OK, or past the codes there are) becomes UNKNOWN, since an item's error must
+// be an error and casting an unknown number to StatusCode is undefined.
+absl::Status ItemStatus(const v1::ItemError& error) {
+  int code = error.code();
+  if (code <= 0 || code > static_cast<int>(absl::StatusCode::kUnauthenticated)) {
+    return absl::UnknownError(
+        absl::StrCat("item failed with code ", code, ": ", error.message()));
+  }
+  return absl::Status(static_cast<absl::StatusCode>(code), error.message());
+}
+
 }  // namespace
 
 absl::Status FromGrpc(const grpc::Status& s) {
@@ -151,8 +163,7 @@ absl::Status GetManyReply::AbsorbPart(wire::FieldReader& reader, uint64_t end) {
       } else {
         v1::ItemError error;
         if (!error.ParseFromString(bytes)) return Malformed();
-        errors_[*index] = FromGrpc(
-            grpc::Status(static_cast<grpc::StatusCode>(error.code()), error.message()));
+        errors_[*index] = ItemStatus(error);
       }
     } else if (field == wire::kDataField && wire_type == 2) {
       if (!reader.ReadVarint(&value)) return Malformed();

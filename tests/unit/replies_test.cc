@@ -70,6 +70,29 @@ TEST(RepliesTest, AnnouncementsPastTheMaximumOrTheValueAreRefused) {
   EXPECT_EQ(many.Absorb(grpc::ByteBuffer(&slice, 1)).code(), absl::StatusCode::kResourceExhausted);
 }
 
+// Found by tests/fuzz/replies_fuzz.cc (UBSan): an item's error code of 45 was cast to
+// grpc::StatusCode, which has no such value; a code of 0 made an "error" that was OK. (Writing
+// this test found the next one: protobuf leaves item 0's index out, and such parts were refused.)
+TEST(RepliesTest, ItemErrorsWithCodesThatAreNotErrorsAreUnknown) {
+  GetManyReply many(std::make_shared<NoHandles>(), 3, 1 << 20);
+  v1::GetManyResponse response;
+  for (int i = 0; i < 3; ++i) {
+    v1::GetManyPart* part = response.add_parts();
+    part->set_index(i);
+    part->mutable_error()->set_code(i == 0 ? 45 : i == 1 ? 0 : 5);
+    part->mutable_error()->set_message("m");
+  }
+  grpc::Slice slice(response.SerializeAsString());
+  ASSERT_TRUE(many.Absorb(grpc::ByteBuffer(&slice, 1)).ok());
+  auto results = many.Finish();
+  ASSERT_TRUE(results.ok());
+  ASSERT_EQ(results->size(), 3u);
+  EXPECT_EQ((*results)[0].status().code(), absl::StatusCode::kUnknown);
+  EXPECT_NE((*results)[0].status().message().find("code 45"), std::string::npos);
+  EXPECT_EQ((*results)[1].status().code(), absl::StatusCode::kUnknown);
+  EXPECT_EQ((*results)[2].status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST(RepliesTest, PartsAsProtobufEncodesThemAreRead) {
   // Item 0's index is 0, which protobuf does not write; a repeated index is malformed.
   GetManyReply many(std::make_shared<NoHandles>(), 2, 1 << 20);
