@@ -1,7 +1,9 @@
 #include "buffer/memory.h"
 
+#include <cstdint>
 #include <cstdlib>
-#include <new>
+
+#include "absl/strings/str_cat.h"
 
 namespace chunkd::buffer {
 
@@ -32,11 +34,19 @@ class HeapBlock final : public Block {
 class HeapAllocatorImpl final : public HostAllocator {
  public:
   absl::StatusOr<std::shared_ptr<Block>> Allocate(size_t size) override {
+    // No allocation can hold more than PTRDIFF_MAX bytes; refusing those first also keeps the
+    // rounding below from wrapping around (which made a tiny block for a huge size).
+    if (size > static_cast<size_t>(PTRDIFF_MAX) - kAlignment) {
+      return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", size, " bytes"));
+    }
     // aligned_alloc wants a multiple of the alignment; a zero-byte block still gets a pointer.
     size_t rounded = (size + kAlignment - 1) / kAlignment * kAlignment;
     if (rounded == 0) rounded = kAlignment;
     void* p = std::aligned_alloc(kAlignment, rounded);
-    if (p == nullptr) throw std::bad_alloc();
+    if (p == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("out of memory allocating ", size, " bytes"));
+    }
     return std::make_shared<HeapBlock>(static_cast<std::byte*>(p), size);
   }
   MemoryKind kind() const override { return MemoryKind::kHost; }

@@ -75,7 +75,8 @@ class HostAllocator {
   virtual MemoryKind kind() const = 0;
 };
 
-// The process heap (64-byte aligned). Never fails short of std::bad_alloc.
+// The process heap (64-byte aligned). RESOURCE_EXHAUSTED when the heap cannot give the block
+// (sizes no allocation can have included).
 HostAllocator& HeapAllocator();
 
 // Allocates from `primary` and, when it has no room (RESOURCE_EXHAUSTED), from the heap; so a

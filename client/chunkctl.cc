@@ -338,6 +338,15 @@ int Info(Client& client) {
                 static_cast<unsigned long long>(tier.used_bytes()),
                 static_cast<unsigned long long>(tier.capacity_bytes()),
                 static_cast<unsigned long long>(tier.entries()));
+    // What leases on handles pin, and its caps (0: none).
+    std::printf("tier %s pinned: %llu bytes by %llu clients, cap %llu, per client %llu, "
+                "refused at the cap %llu, at the per-client cap %llu\n",
+                tier.tier().c_str(), static_cast<unsigned long long>(tier.pinned_bytes()),
+                static_cast<unsigned long long>(tier.pinning_clients()),
+                static_cast<unsigned long long>(tier.max_pinned_bytes()),
+                static_cast<unsigned long long>(tier.max_client_pinned_bytes()),
+                static_cast<unsigned long long>(tier.pin_refusals_total_cap()),
+                static_cast<unsigned long long>(tier.pin_refusals_client_cap()));
   }
   std::string deliveries;
   for (int d : info->deliveries()) {

@@ -13,7 +13,6 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/cord.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "chunkd/v1/chunkd.grpc.pb.h"
@@ -27,6 +26,8 @@
 #include "buffer/shm_import.h"
 #include "client/cuda_import.h"
 #include "client/credentials.h"
+#include "client/replies.h"
+#include "proto/wire/handoff.h"
 #include "proto/wire/raw_message.h"
 #include "proto/wire/transport.h"
 
@@ -36,34 +37,8 @@ namespace {
 constexpr char kGetMethod[] = "/chunkd.v1.Chunkd/Get";
 constexpr char kGetManyMethod[] = "/chunkd.v1.Chunkd/GetMany";
 constexpr char kPutMethod[] = "/chunkd.v1.Chunkd/Put";
-// Field numbers of GetResponse.header and PutRequest.header.
+// Field number of PutRequest.header.
 constexpr uint32_t kHeaderField = 1;
-
-absl::Status FromGrpc(const grpc::Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-}
-
-// A handle this process could not import (map a segment, open a CUDA IPC handle) fails its call
-// with a status that carries this payload: the client then turns that delivery off and makes
-// the call again, inline (see ClientImpl::DisableDelivery).
-constexpr char kImportFailedPayload[] = "chunkd/import-failed";
-
-// ABORTED, not UNAVAILABLE: the retry loops must not repeat the call as it was (it would ask
-// for the same delivery again).
-absl::Status ImportFailed(const absl::Status& cause, v1::Delivery delivery) {
-  absl::Status s = absl::AbortedError(cause.message());
-  s.SetPayload(kImportFailedPayload, absl::Cord(v1::Delivery_Name(delivery)));
-  return s;
-}
-
-// The delivery whose import failed, or DELIVERY_UNSPECIFIED for any other status.
-v1::Delivery ImportFailure(const absl::Status& s) {
-  auto payload = s.GetPayload(kImportFailedPayload);
-  v1::Delivery d = v1::DELIVERY_UNSPECIFIED;
-  if (payload) (void)v1::Delivery_Parse(std::string(*payload), &d);
-  return d;
-}
 
 std::atomic<int> fail_next_shm_imports{0};
 
@@ -166,8 +141,12 @@ class Retrier : public std::enable_shared_from_this<Retrier<T>> {
       }
       absl::MutexLock lock(&self->mu_);
       self->alarms_.push_back(std::make_unique<grpc::Alarm>());
-      self->alarms_.back()->Set(absl::ToChronoTime(absl::Now() + delay),
-                                [self](bool) { self->Next(); });
+      grpc::Alarm* alarm = self->alarms_.back().get();
+      wire::Started(alarm);  // the alarm's callback runs on a gRPC thread
+      alarm->Set(absl::ToChronoTime(absl::Now() + delay), [self, alarm](bool) {
+        wire::Completed(alarm);
+        self->Next();
+      });
     });
   }
 
@@ -209,7 +188,8 @@ struct UnaryCall {
 // Fork: a child process inherits the keeper's memory but not its thread, and the leases stay
 // its parent's. Buffers dropped in a child release nothing (Drop checks the process id), and a
 // keeper destroyed in a child is left as it is (its thread and channel are the parent's).
-class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
+class LeaseKeeper final : public HandleImporter,
+                          public std::enable_shared_from_this<LeaseKeeper> {
  public:
   LeaseKeeper(std::shared_ptr<grpc::Channel> channel, const std::string& shm_dir)
       : stub_(v1::Chunkd::NewStub(channel)), importer_(shm_dir), pid_(getpid()) {
@@ -234,7 +214,12 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
     if (!rest.empty()) SendRelease(std::move(rest), absl::Seconds(2));
   }
 
-  buffer::ShmImporter& importer() { return importer_; }
+  // HandleImporter: maps the segment (shared memory) or opens the IPC handle (CUDA) of a
+  // handle reply; the buffer holds the keeper, so one that outlives its client still returns
+  // its lease.
+  absl::StatusOr<GetResult> Import(const v1::GetHeader& header) override {
+    return header.delivery() == v1::DELIVERY_CUDA_IPC ? ImportCuda(header) : ImportShm(header);
+  }
 
   // A handle buffer holding lease `id` came to life.
   void Track(uint64_t id, absl::Duration ttl) {
@@ -245,7 +230,7 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
   }
   // Its last copy is gone: release the lease with the next batch (in the process that took
   // it: a forked child's copies of the parent's buffers release nothing).
-  void Drop(uint64_t id) {
+  void Drop(uint64_t id) override {
     if (getpid() != pid_) return;
     absl::MutexLock lock(&mu_);
     if (!live_.erase(id) && exited_) return;  // released at exit already
@@ -335,6 +320,60 @@ class LeaseKeeper : public std::enable_shared_from_this<LeaseKeeper> {
     }
   }
 
+  // Maps the handle's segment (once per process) and returns a buffer that views the chunk
+  // and releases its lease when the last copy goes.
+  absl::StatusOr<GetResult> ImportShm(const v1::GetHeader& header) {
+    const v1::ShmHandle& shm = header.shm();
+    uint64_t lease = header.lease().id();
+    absl::StatusOr<buffer::cpu::Buffer> data;
+    if (fail_next_shm_imports.load(std::memory_order_relaxed) > 0 &&
+        fail_next_shm_imports.fetch_sub(1) > 0) {
+      data = absl::PermissionDeniedError(
+          absl::StrCat("cannot map ", shm.segment(), ": permission denied (injected by a test)"));
+    } else {
+      data = importer_.Import(shm.segment(), shm.segment_size(), shm.offset(), shm.length(),
+                              [keeper = shared_from_this(), lease] { keeper->Drop(lease); });
+    }
+    if (!data.ok()) {
+      Drop(lease);
+      return ImportFailed(data.status(), v1::DELIVERY_SHM);
+    }
+    Track(lease, absl::Milliseconds(header.lease().ttl_ms()));
+    GetResult r;
+    r.data = *std::move(data);
+    r.total_size = header.total_size();
+    r.generation = header.generation();
+    r.range_start = header.range_start();
+    r.delivery = v1::DELIVERY_SHM;
+    r.lease_id = lease;
+    return r;
+  }
+
+  // Opens the segment's IPC handle (once per process, client/cuda_import.h) and returns a device
+  // buffer that views the chunk and releases its lease when the last copy goes.
+  absl::StatusOr<GetResult> ImportCuda(const v1::GetHeader& header) {
+    uint64_t lease = header.lease().id();
+    absl::StatusOr<CudaImporter*> importer = CudaImporter::ForProcess();
+    absl::StatusOr<buffer::gpu::Buffer> data =
+        importer.ok() ? (*importer)->Import(header.cuda(), [keeper = shared_from_this(), lease] {
+          keeper->Drop(lease);
+        })
+                      : importer.status();
+    if (!data.ok()) {
+      Drop(lease);
+      return ImportFailed(data.status(), v1::DELIVERY_CUDA_IPC);
+    }
+    Track(lease, absl::Milliseconds(header.lease().ttl_ms()));
+    GetResult r;
+    r.device_data = *std::move(data);
+    r.total_size = header.total_size();
+    r.generation = header.generation();
+    r.range_start = header.range_start();
+    r.delivery = v1::DELIVERY_CUDA_IPC;
+    r.lease_id = lease;
+    return r;
+  }
+
   // A lost release is not lost memory: the lease expires.
   bool SendRelease(std::vector<uint64_t> ids, absl::Duration timeout) {
     grpc::ClientContext context;
@@ -387,350 +426,6 @@ std::shared_ptr<LeaseKeeper> NewLeaseKeeper(std::shared_ptr<grpc::Channel> chann
   return keeper;
 }
 
-// The reply of one Get, assembled from its raw messages: each is decoded field by field and its
-// data copied once, from the received slices into the result; a handle reply is imported.
-// A lease a reply announced that no buffer has taken over yet: given back when the reply goes
-// unfinished (a failed or cancelled call, a GetMany item after one that could not be
-// imported), rather than left to expire.
-class UnclaimedLease {
- public:
-  UnclaimedLease() = default;
-  UnclaimedLease(std::shared_ptr<LeaseKeeper> keeper, uint64_t id)
-      : keeper_(std::move(keeper)), id_(id) {}
-  UnclaimedLease(UnclaimedLease&& other) noexcept
-      : keeper_(std::move(other.keeper_)), id_(std::exchange(other.id_, 0)) {}
-  UnclaimedLease& operator=(UnclaimedLease&& other) noexcept {
-    Drop();
-    keeper_ = std::move(other.keeper_);
-    id_ = std::exchange(other.id_, 0);
-    return *this;
-  }
-  ~UnclaimedLease() { Drop(); }
-  // The lease is someone else's to give back now.
-  void Claim() { id_ = 0; }
-
- private:
-  void Drop() {
-    if (id_ != 0 && keeper_) keeper_->Drop(std::exchange(id_, 0));
-  }
-  std::shared_ptr<LeaseKeeper> keeper_;
-  uint64_t id_ = 0;
-};
-
-class GetReply {
- public:
-  explicit GetReply(std::shared_ptr<LeaseKeeper> keeper) : keeper_(std::move(keeper)) {}
-
-  absl::Status Absorb(const grpc::ByteBuffer& message) {
-    wire::FieldReader reader(message);
-    while (!reader.done()) {
-      uint32_t field, wire_type;
-      if (!reader.NextField(&field, &wire_type)) return Malformed();
-      uint64_t length;
-      if (field == kHeaderField && wire_type == 2) {
-        std::string bytes;
-        if (!reader.ReadVarint(&length) || !reader.ReadString(length, &bytes)) return Malformed();
-        if (absl::Status s = TakeHeader(bytes); !s.ok()) return s;
-      } else if (field == wire::kDataField && wire_type == 2) {
-        if (!reader.ReadVarint(&length)) return Malformed();
-        if (absl::Status s = TakeData(reader, length); !s.ok()) return s;
-      } else if (!reader.SkipField(wire_type)) {
-        return Malformed();
-      }
-    }
-    return absl::OkStatus();
-  }
-
-  // The encoded GetHeader: sizes the value, or announces a handle.
-  absl::Status TakeHeader(const std::string& bytes) {
-    if (have_header_ || !header_.ParseFromString(bytes)) return Malformed();
-    have_header_ = true;
-    if (header_.delivery() == v1::DELIVERY_SHM || header_.delivery() == v1::DELIVERY_CUDA_IPC) {
-      if (header_.lease().id() != 0) unclaimed_ = UnclaimedLease(keeper_, header_.lease().id());
-      return absl::OkStatus();  // no bytes follow
-    }
-    auto value = buffer::cpu::MutableBuffer::Allocate(header_.length());
-    if (!value.ok()) return value.status();
-    value_ = *std::move(value);
-    return absl::OkStatus();
-  }
-
-  // `length` bytes of data, next in `reader`: copied once, into the value.
-  absl::Status TakeData(wire::FieldReader& reader, uint64_t length) {
-    if (!have_header_ || length > header_.length() - received_ ||
-        !reader.ReadBytes(value_.data() + received_, length)) {
-      return Malformed();
-    }
-    received_ += length;
-    return absl::OkStatus();
-  }
-
-  static absl::Status Malformed() { return absl::DataLossError("malformed Get reply"); }
-  bool has_header() const { return have_header_; }
-  uint64_t length() const { return have_header_ ? header_.length() : 0; }
-  // Every byte of the value (or its handle) has arrived.
-  bool complete() const {
-    if (!have_header_) return false;
-    if (header_.delivery() == v1::DELIVERY_SHM || header_.delivery() == v1::DELIVERY_CUDA_IPC) {
-      return true;
-    }
-    return received_ == header_.length();
-  }
-
-  // The result, once the call ended with `status`.
-  absl::StatusOr<GetResult> Finish(const grpc::Status& status) {
-    if (!status.ok()) return FromGrpc(status);
-    if (!have_header_) return absl::InternalError("Get reply carried no header");
-    if (header_.delivery() == v1::DELIVERY_SHM) return ImportShm();
-    if (header_.delivery() == v1::DELIVERY_CUDA_IPC) return ImportCuda();
-    if (received_ != header_.length()) {
-      return absl::DataLossError(
-          absl::StrCat("Get reply ended after ", received_, " of ", header_.length(), " bytes"));
-    }
-    GetResult r;
-    r.data = std::move(value_).Freeze();
-    r.total_size = header_.total_size();
-    r.generation = header_.generation();
-    r.range_start = header_.range_start();
-    r.delivery = header_.delivery();
-    return r;
-  }
-
- private:
-  // Maps the handle's segment (once per process) and returns a buffer that views the chunk
-  // and releases its lease when the last copy goes.
-  absl::StatusOr<GetResult> ImportShm() {
-    const v1::ShmHandle& shm = header_.shm();
-    uint64_t lease = header_.lease().id();
-    unclaimed_.Claim();  // the buffer returns it, or the failure below
-    // The buffer holds the keeper: one that outlives its client still returns its lease.
-    absl::StatusOr<buffer::cpu::Buffer> data;
-    if (fail_next_shm_imports.load(std::memory_order_relaxed) > 0 &&
-        fail_next_shm_imports.fetch_sub(1) > 0) {
-      data = absl::PermissionDeniedError(
-          absl::StrCat("cannot map ", shm.segment(), ": permission denied (injected by a test)"));
-    } else {
-      data = keeper_->importer().Import(
-          shm.segment(), shm.segment_size(), shm.offset(), shm.length(),
-          [keeper = keeper_, lease] { keeper->Drop(lease); });
-    }
-    if (!data.ok()) {
-      keeper_->Drop(lease);
-      return ImportFailed(data.status(), v1::DELIVERY_SHM);
-    }
-    keeper_->Track(lease, absl::Milliseconds(header_.lease().ttl_ms()));
-    GetResult r;
-    r.data = *std::move(data);
-    r.total_size = header_.total_size();
-    r.generation = header_.generation();
-    r.range_start = header_.range_start();
-    r.delivery = v1::DELIVERY_SHM;
-    r.lease_id = lease;
-    return r;
-  }
-
-  // Opens the segment's IPC handle (once per process, client/cuda_import.h) and returns a device
-  // buffer that views the chunk and releases its lease when the last copy goes.
-  absl::StatusOr<GetResult> ImportCuda() {
-    uint64_t lease = header_.lease().id();
-    unclaimed_.Claim();  // the buffer returns it, or the failure below
-    absl::StatusOr<CudaImporter*> importer = CudaImporter::ForProcess();
-    absl::StatusOr<buffer::gpu::Buffer> data =
-        importer.ok() ? (*importer)->Import(header_.cuda(),
-                                            [keeper = keeper_, lease] { keeper->Drop(lease); })
-                      : importer.status();
-    if (!data.ok()) {
-      keeper_->Drop(lease);
-      return ImportFailed(data.status(), v1::DELIVERY_CUDA_IPC);
-    }
-    keeper_->Track(lease, absl::Milliseconds(header_.lease().ttl_ms()));
-    GetResult r;
-    r.device_data = *std::move(data);
-    r.total_size = header_.total_size();
-    r.generation = header_.generation();
-    r.range_start = header_.range_start();
-    r.delivery = v1::DELIVERY_CUDA_IPC;
-    r.lease_id = lease;
-    return r;
-  }
-
-  std::shared_ptr<LeaseKeeper> keeper_;
-  bool have_header_ = false;
-  v1::GetHeader header_;
-  UnclaimedLease unclaimed_;
-  buffer::cpu::MutableBuffer value_;
-  uint64_t received_ = 0;
-};
-
-// The reply of one GetMany: GetManyResponse messages walked field by field; each part goes to
-// its item's GetReply.
-//
-// With `each` set, every item is handed to it as soon as it is complete (items are answered in
-// order), its index offset by `base`; Finish then hands over what is left and returns no
-// results. A handle that cannot be imported stops the handing over there: the reply is still
-// read to its end (so that every later item's lease is known, and given back as the reply
-// goes), and Finish fails with the import's status (the rest is read again inline).
-class GetManyReply {
- public:
-  GetManyReply(std::shared_ptr<LeaseKeeper> keeper, size_t items, ItemsCallback each = nullptr,
-               size_t base = 0)
-      : each_(std::move(each)), base_(base) {
-    replies_.reserve(items);
-    for (size_t i = 0; i < items; ++i) replies_.emplace_back(keeper);
-    errors_.resize(items);
-  }
-
-  absl::Status Absorb(const grpc::ByteBuffer& message) {
-    if (absl::Status s = AbsorbParts(message); !s.ok()) return s;
-    return each_ ? HandOver(/*finished=*/false) : absl::OkStatus();
-  }
-
-  // Items handed over to `each` so far.
-  size_t handed_over() const { return handed_over_; }
-
- private:
-  // Hands the complete items from the next one on to `each`, together (all of them once
-  // `finished`). Before the end, only once they hold kHandOverBytes: small items go together
-  // (their caller's next requests then go together too), large ones one by one.
-  absl::Status HandOver(bool finished) {
-    if (!import_failed_.ok()) return finished ? import_failed_ : absl::OkStatus();
-    if (!finished && ReadyBytes() < kHandOverBytes) return absl::OkStatus();
-    size_t first = handed_over_;
-    std::vector<absl::StatusOr<GetResult>> results;
-    absl::Status status = CompleteItems(finished, &results);
-    if (!results.empty()) each_(base_ + first, std::move(results));
-    return status;
-  }
-
-  static constexpr uint64_t kHandOverBytes = 256 << 10;
-
-  // Bytes of the complete items not handed over yet.
-  uint64_t ReadyBytes() const {
-    uint64_t bytes = 0;
-    for (size_t i = handed_over_; i < replies_.size() && bytes < kHandOverBytes; ++i) {
-      if (errors_[i]) continue;
-      if (!replies_[i].complete()) break;
-      bytes += replies_[i].length();
-    }
-    return bytes;
-  }
-
-  absl::Status CompleteItems(bool finished, std::vector<absl::StatusOr<GetResult>>* results) {
-    while (handed_over_ < replies_.size()) {
-      size_t i = handed_over_;
-      absl::StatusOr<GetResult> result;
-      if (errors_[i]) {
-        result = *errors_[i];
-      } else if (replies_[i].complete()) {
-        result = replies_[i].Finish(grpc::Status::OK);
-        if (!result.ok() && ImportFailure(result.status()) != v1::DELIVERY_UNSPECIFIED) {
-          import_failed_ = result.status();
-          return finished ? import_failed_ : absl::OkStatus();
-        }
-      } else if (finished) {
-        result = absl::DataLossError(absl::StrCat("GetMany: no whole reply for item ", i));
-      } else {
-        return absl::OkStatus();
-      }
-      ++handed_over_;
-      results->push_back(std::move(result));
-    }
-    return absl::OkStatus();
-  }
-
- public:
-  absl::StatusOr<GetManyResults> FinishEach() {
-    if (absl::Status s = HandOver(/*finished=*/true); !s.ok()) return s;
-    return GetManyResults();
-  }
-
-  absl::Status AbsorbParts(const grpc::ByteBuffer& message) {
-    wire::FieldReader reader(message);
-    while (!reader.done()) {
-      uint32_t field, wire_type;
-      uint64_t length;
-      if (!reader.NextField(&field, &wire_type)) return Malformed();
-      if (field != 1 || wire_type != 2) {
-        if (!reader.SkipField(wire_type)) return Malformed();
-        continue;
-      }
-      if (!reader.ReadVarint(&length)) return Malformed();
-      if (absl::Status s = AbsorbPart(reader, reader.consumed() + length); !s.ok()) return s;
-    }
-    return absl::OkStatus();
-  }
-
-  absl::StatusOr<GetManyResults> Finish() {
-    if (each_) return FinishEach();
-    GetManyResults results;
-    results.reserve(replies_.size());
-    absl::Status import_failed;
-    for (size_t i = 0; i < replies_.size(); ++i) {
-      if (errors_[i]) {
-        results.push_back(*errors_[i]);
-      } else if (!replies_[i].has_header()) {
-        results.push_back(absl::DataLossError(absl::StrCat("GetMany: no reply for item ", i)));
-      } else {
-        results.push_back(replies_[i].Finish(grpc::Status::OK));
-        if (!results.back().ok() && import_failed.ok() &&
-            ImportFailure(results.back().status()) != v1::DELIVERY_UNSPECIFIED) {
-          import_failed = results.back().status();
-        }
-      }
-    }
-    // A handle this process cannot import fails the whole call, which is made again inline;
-    // every item was imported (or its lease dropped) first, so the leases of the others go
-    // back as `results` is dropped.
-    if (!import_failed.ok()) return import_failed;
-    return results;
-  }
-
- private:
-  // One GetManyPart, which ends where the reader has consumed `end` bytes.
-  absl::Status AbsorbPart(wire::FieldReader& reader, uint64_t end) {
-    std::optional<uint64_t> index;
-    while (reader.consumed() < end) {
-      uint32_t field, wire_type;
-      uint64_t value;
-      if (!reader.NextField(&field, &wire_type)) return Malformed();
-      if (field == 1 && wire_type == 0) {
-        if (!reader.ReadVarint(&value) || value >= replies_.size()) return Malformed();
-        index = value;
-        continue;
-      }
-      // The index comes first: everything else belongs to it.
-      if (!index && (field == 2 || field == 3 || field == wire::kDataField)) return Malformed();
-      if ((field == 2 || field == 3) && wire_type == 2) {
-        std::string bytes;
-        if (!reader.ReadVarint(&value) || !reader.ReadString(value, &bytes)) return Malformed();
-        if (field == 2) {
-          if (absl::Status s = replies_[*index].TakeHeader(bytes); !s.ok()) return s;
-        } else {
-          v1::ItemError error;
-          if (!error.ParseFromString(bytes)) return Malformed();
-          errors_[*index] = FromGrpc(grpc::Status(static_cast<grpc::StatusCode>(error.code()),
-                                                  error.message()));
-        }
-      } else if (field == wire::kDataField && wire_type == 2) {
-        if (!reader.ReadVarint(&value)) return Malformed();
-        if (absl::Status s = replies_[*index].TakeData(reader, value); !s.ok()) return s;
-      } else if (!reader.SkipField(wire_type)) {
-        return Malformed();
-      }
-    }
-    return reader.consumed() == end ? absl::OkStatus() : Malformed();
-  }
-
-  static absl::Status Malformed() { return absl::DataLossError("malformed GetMany reply"); }
-
-  std::vector<GetReply> replies_;
-  std::vector<std::optional<absl::Status>> errors_;
-  ItemsCallback each_;
-  size_t base_ = 0;
-  size_t handed_over_ = 0;
-  absl::Status import_failed_;
-};
-
 absl::StatusOr<GetResult> FinishReply(GetReply& reply, const grpc::Status& status) {
   return reply.Finish(status);
 }
@@ -756,21 +451,29 @@ class StreamCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::
     if (cancellation != nullptr && !cancellation->Arm(context_)) context_->TryCancel();
     stub->PrepareBidiStreamingCall(context_.get(), method, grpc::StubOptions(), this);
     StartWriteLast(&request_, grpc::WriteOptions());
+    wire::Started(&response_);
     StartRead(&response_);
+    wire::Started(this);
     StartCall();
   }
 
+  // The reactor's callbacks run on gRPC's threads; wire::Started/Completed tell
+  // ThreadSanitizer of the order gRPC keeps between starting an operation and its callback.
   void OnReadDone(bool ok) override {
+    wire::Completed(&response_);
     if (!ok) return;  // the stream ended; OnDone brings the status
     if (absl::Status s = reply_.Absorb(response_); !s.ok()) {
       error_ = s;
       context_->TryCancel();
       return;
     }
+    wire::Started(&response_);
     StartRead(&response_);
   }
 
   void OnDone(const grpc::Status& status) override {
+    wire::Completed(this);
+    wire::Completed(&response_);
     absl::StatusOr<T> result = error_.ok() ? FinishReply(reply_, status) : error_;
     Callback<T> done = std::move(done_);
     delete this;
@@ -803,21 +506,29 @@ class PutCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byt
     wire::AppendLengthDelimitedHeader(&head, kHeaderField, header.ByteSizeLong());
     header.AppendToString(&head);
     stub->PrepareBidiStreamingCall(&context_, kPutMethod, grpc::StubOptions(), this);
+    wire::Started(&response_);
     StartRead(&response_);
     WriteNext(std::move(head));
+    wire::Started(this);
     StartCall();
   }
 
+  // On gRPC's threads; wire::Started/Completed as in StreamCall.
   void OnWriteDone(bool ok) override {
+    wire::Completed(&message_);
     // When !ok the server ended the call (an error); OnDone brings its status.
     if (ok) WriteNext("");
   }
 
   void OnReadDone(bool ok) override {
+    wire::Completed(&response_);
     if (ok) got_response_ = true;
   }
 
   void OnDone(const grpc::Status& status) override {
+    wire::Completed(this);
+    wire::Completed(&response_);
+    wire::Completed(&message_);
     absl::StatusOr<PutResult> result;
     v1::PutResponse response;
     if (!status.ok()) {
@@ -842,8 +553,10 @@ class PutCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byt
     sent_ += part;
     if (sent_ == value_.size()) {
       finished_writing_ = true;
+      wire::Started(&message_);
       StartWriteLast(&message_, grpc::WriteOptions());
     } else {
+      wire::Started(&message_);
       StartWrite(&message_);
     }
   }
@@ -869,11 +582,15 @@ class ListCall final : public grpc::ClientReadReactor<v1::ListResponse> {
     request_.set_prefix(std::string(prefix));
     request_.set_directory(directory);
     stub->async()->List(&context_, &request_, this);
+    wire::Started(&response_);
     StartRead(&response_);
+    wire::Started(this);
     StartCall();
   }
 
+  // On gRPC's threads; wire::Started/Completed as in StreamCall.
   void OnReadDone(bool ok) override {
+    wire::Completed(&response_);
     if (!ok) return;
     ListResult& page = pages_.emplace_back();
     for (v1::ListEntry& e : *response_.mutable_entries()) {
@@ -881,10 +598,13 @@ class ListCall final : public grpc::ClientReadReactor<v1::ListResponse> {
     }
     for (std::string& p : *response_.mutable_prefixes()) page.prefixes.push_back(std::move(p));
     response_.Clear();
+    wire::Started(&response_);
     StartRead(&response_);
   }
 
   void OnDone(const grpc::Status& status) override {
+    wire::Completed(this);
+    wire::Completed(&response_);
     absl::StatusOr<std::vector<ListResult>> result =
         status.ok() ? absl::StatusOr<std::vector<ListResult>>(std::move(pages_))
                     : FromGrpc(status);
@@ -929,6 +649,9 @@ class ClientImpl final : public Client {
     identity_.set_shm_dir(id.shm_dir);
     identity_.set_shm_dir_dev(id.shm_dir_dev);
     identity_.set_shm_dir_ino(id.shm_dir_ino);
+    // Tells this process apart from others on the same UNIX socket (the server's cap on the
+    // memory one client's leases pin, server/store/lease_table.h).
+    identity_.set_process_id(static_cast<uint64_t>(::getpid()));
   }
 
   size_t leases_held() const override { return keeper_->held(); }
@@ -952,7 +675,7 @@ class ClientImpl final : public Client {
       absl::Time deadline = Deadline(options.timeout);
       absl::StatusOr<GetResult> result =
           RetryBlocking<GetResult>(options_, deadline, [&]() -> absl::StatusOr<GetResult> {
-            GetReply reply(keeper_);
+            GetReply reply(keeper_, options_.max_value_bytes);
             Streamed call = ReadStream(get_method_, deadline, request,
                                        [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
             if (!call.reply_error.ok()) return call.reply_error;
@@ -969,7 +692,7 @@ class ClientImpl final : public Client {
       absl::Time deadline = Deadline(options.timeout);
       absl::StatusOr<GetManyResults> result = RetryBlocking<GetManyResults>(
           options_, deadline, [&]() -> absl::StatusOr<GetManyResults> {
-            GetManyReply reply(keeper_, items.size());
+            GetManyReply reply(keeper_, items.size(), options_.max_value_bytes);
             Streamed call = ReadStream(get_many_method_, deadline, raw,
                                        [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
             if (!call.reply_error.ok()) return call.reply_error;
@@ -1168,7 +891,8 @@ class ClientImpl final : public Client {
         options_, Deadline(options.timeout), /*retryable=*/true,
         [this, request, cancellation = options.cancellation](absl::Time deadline,
                                                              Callback<GetResult> attempt_done) {
-          new StreamCall<GetReply, GetResult>(generic_.get(), kGetMethod, GetReply(keeper_),
+          new StreamCall<GetReply, GetResult>(generic_.get(), kGetMethod,
+                                              GetReply(keeper_, options_.max_value_bytes),
                                               request, deadline, cancellation.get(),
                                               std::move(attempt_done));
         },
@@ -1207,7 +931,7 @@ class ClientImpl final : public Client {
           };
           new StreamCall<GetManyReply, GetManyResults>(
               generic_.get(), kGetManyMethod,
-              GetManyReply(keeper_, rest.size(), std::move(each), base),
+              GetManyReply(keeper_, rest.size(), options_.max_value_bytes, std::move(each), base),
               Serialize(MakeGetManyRequest(rest, call->options)), deadline,
               call->options.cancellation.get(), std::move(attempt_done));
         },
@@ -1229,7 +953,8 @@ class ClientImpl final : public Client {
         [this, request, n = items->size(), cancellation = options.cancellation](
             absl::Time deadline, Callback<GetManyResults> attempt_done) {
           new StreamCall<GetManyReply, GetManyResults>(
-              generic_.get(), kGetManyMethod, GetManyReply(keeper_, n), request, deadline,
+              generic_.get(), kGetManyMethod, GetManyReply(keeper_, n, options_.max_value_bytes),
+              request, deadline,
               cancellation.get(), std::move(attempt_done));
         },
         [this, items, options, import_retry,
@@ -1253,8 +978,10 @@ class ClientImpl final : public Client {
           auto* call = new UnaryCall<Request, Response>();
           call->context.set_deadline(absl::ToChronoTime(deadline));
           call->request = request;
+          wire::Started(call);  // the callback runs on a gRPC thread
           method(stub_->async(), &call->context, &call->request, &call->response,
                  std::function<void(grpc::Status)>([call, convert, attempt_done](grpc::Status status) {
+                                      wire::Completed(call);
                                       absl::StatusOr<T> result =
                                           status.ok() ? absl::StatusOr<T>(convert(call->response))
                                                       : absl::StatusOr<T>(FromGrpc(status));

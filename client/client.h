@@ -48,6 +48,10 @@ struct ClientOptions {
   absl::Duration max_backoff = absl::Seconds(2);
   // Size of the data parts a Put sends (at most 1 MiB).
   size_t put_part_bytes = 1u << 20;
+  // Largest value a Get or GetMany reply may announce; a larger one fails with
+  // RESOURCE_EXHAUSTED before any memory is set aside for it (inline values are received into
+  // memory sized from the reply's header).
+  uint64_t max_value_bytes = uint64_t{1} << 40;
   // Deliveries a Get asks for, in order of preference. Inline (the bytes over the connection)
   // is the default and always possible. With DELIVERY_SHM, a server on this host that shares
   // `shm_dir` answers with a handle: the result then views the server's memory (mapped

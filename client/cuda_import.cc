@@ -1,5 +1,7 @@
 #include "client/cuda_import.h"
 
+#include <unistd.h>
+
 #include "absl/strings/str_cat.h"
 #include "buffer/host_identity.h"
 
@@ -133,6 +135,8 @@ absl::StatusOr<CudaImporter*> PrepareCudaRequest(int ordinal, v1::GetRequest* re
     // The server matches CUDA IPC clients by boot id.
     client->set_boot_id(buffer::CurrentHostIdentity().boot_id);
   }
+  // Tells this process apart from others on the same UNIX socket (the per-client cap).
+  if (client->process_id() == 0) client->set_process_id(static_cast<uint64_t>(::getpid()));
   return importer;
 }
 

@@ -5,7 +5,8 @@
 #   deploy/scripts/install-deps.sh [build|runtime|all|image|wait-lock]
 #
 #   build      compilers, gRPC/protobuf/Abseil dev packages (default)
-#   all        build + test/bench peers (redis, nginx, openssl) + the Python virtual environment
+#   all        build + test/bench peers (redis, nginx, openssl), clang for the sanitizer and
+#              fuzz builds, and the Python virtual environment
 #   runtime    only the shared libraries the chunkd binary links (for slim images)
 #   image      podman, runc and debootstrap: build and test the container image without Docker
 #              (deploy/scripts/build-image.sh, test-image.sh)
@@ -25,7 +26,8 @@ build_pkgs=(build-essential cmake ninja-build pkg-config git ccache
   libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev
   libcurl4-openssl-dev libpugixml-dev libcpp-httplib-dev libssl-dev)
 test_pkgs=(redis-server libhiredis-dev nginx-light openssl procps iproute2
-  python3 python3-venv python3-dev)
+  python3 python3-venv python3-dev
+  clang-14 libclang-rt-14-dev llvm-14)  # sanitizer builds and libFuzzer (sanitize.sh, fuzz.sh)
 # Rootful podman with Debian's runc (podman's default, crun, fails on some VMs' cgroups; see
 # deploy/podman/containers.conf), catatonit (the pause process of pods: podman kube play), its
 # netavark network stack with iptables for published ports, and debootstrap for base images

@@ -2,7 +2,10 @@
 # The README's second command (and CI's): installs everything, builds, and runs every test:
 # the GoogleTest suites (ctest), the Python client and Zarr store tests (pytest), the
 # deployment manifest checks and the README's tour, then builds the container image and runs
-# it with podman (test-image.sh; one line says why where podman cannot run).
+# it with podman (test-image.sh; one line says why where podman cannot run). In CI (CI=true),
+# or with CHUNKD_SANITIZERS=1, then the whole suite again under AddressSanitizer with
+# UndefinedBehaviorSanitizer and under ThreadSanitizer, and every fuzz target for
+# CHUNKD_FUZZ_SECONDS (20) each (deploy/scripts/sanitize.sh, fuzz.sh).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -22,4 +25,12 @@ if [ "${#py_tests[@]}" -gt 0 ]; then
 fi
 echo "== Container image (podman: build, run, sidecar pod, SIGTERM)"
 "$root/deploy/scripts/test-image.sh"
+if [ "${CI:-}" = true ] || [ "${CHUNKD_SANITIZERS:-0}" = 1 ]; then
+  echo "== AddressSanitizer + UndefinedBehaviorSanitizer"
+  "$root/deploy/scripts/sanitize.sh" asan
+  echo "== fuzz targets, ${CHUNKD_FUZZ_SECONDS:-20} s each"
+  "$root/deploy/scripts/fuzz.sh" all "${CHUNKD_FUZZ_SECONDS:-20}"
+  echo "== ThreadSanitizer"
+  "$root/deploy/scripts/sanitize.sh" tsan
+fi
 echo "== all tests passed"

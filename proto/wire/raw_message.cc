@@ -71,9 +71,11 @@ FieldReader::FieldReader(const grpc::ByteBuffer& message) {
   slices_.erase(std::remove_if(slices_.begin(), slices_.end(),
                                [](const grpc::Slice& s) { return s.size() == 0; }),
                 slices_.end());
+  for (const grpc::Slice& s : slices_) size_ += s.size();
 }
 
 bool FieldReader::ReadBytes(void* out, size_t length) {
+  if (length > remaining()) return false;
   auto* dst = static_cast<std::byte*>(out);
   while (length > 0) {
     if (slice_ == slices_.size()) return false;
@@ -114,6 +116,7 @@ bool FieldReader::NextField(uint32_t* field, uint32_t* wire_type) {
 }
 
 bool FieldReader::ReadString(size_t length, std::string* out) {
+  if (length > remaining()) return false;
   out->resize(length);
   return ReadBytes(out->data(), length);
 }

@@ -74,11 +74,15 @@ class FieldReader {
   bool done() const { return slice_ == slices_.size(); }
   // Bytes read or skipped so far (to find the end of a nested message).
   uint64_t consumed() const { return consumed_; }
+  // Bytes of the message not read yet.
+  uint64_t remaining() const { return size_ - consumed_; }
   // Reads the next field's number and wire type. False on malformed input.
   bool NextField(uint32_t* field, uint32_t* wire_type);
   bool ReadVarint(uint64_t* value);
-  // Copies the next `length` bytes to `out`.
+  // Copies the next `length` bytes to `out`; false, reading nothing, when fewer remain.
   bool ReadBytes(void* out, size_t length);
+  // The same into `out`, which is sized only once the bytes are known to be there: a length
+  // field is whatever the sender wrote.
   bool ReadString(size_t length, std::string* out);
   // Skips the value of a field of `wire_type` (for fields this reader does not know).
   bool SkipField(uint32_t wire_type);
@@ -88,6 +92,7 @@ class FieldReader {
   size_t slice_ = 0;
   size_t offset_ = 0;  // within slices_[slice_]
   uint64_t consumed_ = 0;
+  uint64_t size_ = 0;  // of the whole message
 };
 
 }  // namespace chunkd::wire

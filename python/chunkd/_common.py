@@ -124,6 +124,18 @@ class CacheTier:
     capacity_bytes: int
     used_bytes: int
     entries: int
+    # Memory that leases on handles pin, its caps (all clients, one client; 0: none), the
+    # clients pinning some, and the handles refused at each cap (served inline instead).
+    pinned_bytes: int = 0
+    max_pinned_bytes: int = 0
+    max_client_pinned_bytes: int = 0
+    pinning_clients: int = 0
+    pin_refusals_total_cap: int = 0
+    pin_refusals_client_cap: int = 0
+    # Memory that leases on handles pin, and its caps (all clients, one client; 0: none).
+    pinned_bytes: int = 0
+    max_pinned_bytes: int = 0
+    max_client_pinned_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

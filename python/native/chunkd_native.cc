@@ -459,7 +459,10 @@ nb::object ServerInfoDict(const v1::ServerInfoResponse& r) {
   d["max_value_bytes"] = r.max_value_bytes();
   nb::list tiers, features, deliveries;
   for (const auto& t : r.tiers()) {
-    tiers.append(nb::make_tuple(t.tier(), t.capacity_bytes(), t.used_bytes(), t.entries()));
+    tiers.append(nb::make_tuple(t.tier(), t.capacity_bytes(), t.used_bytes(), t.entries(),
+                                t.pinned_bytes(), t.max_pinned_bytes(),
+                                t.max_client_pinned_bytes(), t.pinning_clients(),
+                                t.pin_refusals_total_cap(), t.pin_refusals_client_cap()));
   }
   for (const std::string& f : r.features()) features.append(nb::str(f.data(), f.size()));
   for (int delivery : r.deliveries()) {

@@ -8,9 +8,12 @@ CHUNKD_BIN). Build it:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +53,8 @@ class ServerProcess:
         self.address = self._wait_ready()
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # after stop() the file is closed, and complete
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def _wait_ready(self) -> str:
@@ -97,3 +101,22 @@ def _require_binary() -> None:
 def start_server(workdir: Path, store: str, listen: str = "127.0.0.1:0", *extra: str):
     _require_binary()
     return ServerProcess(workdir, store, listen, *extra)
+
+
+@contextlib.contextmanager
+def serve_with_shm(workdir: Path, *extra: str):
+    """A file-backed server on loopback with a shared-memory directory of its own (a fresh
+    directory under /dev/shm, ``.shm_dir``), stopped and removed on exit."""
+    shm_dir = Path(tempfile.mkdtemp(prefix="chunkd-pytest-", dir="/dev/shm"))
+    store = workdir / "store"
+    store.mkdir(parents=True)
+    server = start_server(
+        workdir, str(store), "127.0.0.1:0", f"--shm_dir={shm_dir}", "--fsync=false", *extra
+    )
+    server.shm_dir = str(shm_dir)
+    try:
+        yield server
+    finally:
+        status = server.stop()
+        shutil.rmtree(shm_dir, ignore_errors=True)
+        assert status == 0, f"chunkd exited with {status}:\n{server.log()}"

@@ -8,10 +8,8 @@ import gc
 import multiprocessing
 import os
 import pickle
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from zarr.core.buffer import default_buffer_prototype
 import chunkd
 from chunkd._common import _native
 from chunkd.zarr import ChunkdStore
-from chunkd_testing import REPO_ROOT, start_server
+from chunkd_testing import REPO_ROOT, serve_with_shm
 
 KiB, MiB = 1 << 10, 1 << 20
 SHM = chunkd.Delivery.SHM
@@ -38,25 +36,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _fresh_shm_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="chunkd-pytest-", dir="/dev/shm"))
-
-
 def _server(tmp_path_factory, name: str, *extra: str):
-    shm_dir = _fresh_shm_dir()
-    workdir = tmp_path_factory.mktemp(name)
-    store = workdir / "store"
-    store.mkdir()
-    server = start_server(
-        workdir, str(store), "127.0.0.1:0", f"--shm_dir={shm_dir}", "--fsync=false", *extra
-    )
-    server.shm_dir = str(shm_dir)
-    try:
+    with serve_with_shm(tmp_path_factory.mktemp(name), *extra) as server:
         yield server
-    finally:
-        status = server.stop()
-        shutil.rmtree(shm_dir, ignore_errors=True)
-        assert status == 0, f"chunkd ({name}) exited with {status}:\n{server.log()}"
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@
 #include "server/common/log.h"
 #include "server/daemon/metrics.h"
 #include "server/daemon/security_flags.h"
+#include "server/rpc/auth.h"
+#include "server/rpc/security.h"
 #include "server/store/prefetch.h"
 #include "server/daemon/server.h"
 
@@ -112,6 +114,15 @@ ABSL_FLAG(int32_t, shm_group, -1, "Group id given to shared-memory segments (-1:
 ABSL_FLAG(absl::Duration, lease_ttl, absl::Seconds(30),
           "How long a handle's lease pins its chunk without renewal; memory of a client that "
           "dies holding leases comes back within about this long.");
+ABSL_FLAG(double, max_pinned_fraction, 0.5,
+          "Leases (shared-memory and CUDA IPC handles) may pin at most this share of the tier's "
+          "budget (--host_cache_bytes; --device_cache_bytes per GPU), all clients together, "
+          "in the cache or already evicted. Past it, values are served inline (a client that "
+          "accepts only handles gets RESOURCE_EXHAUSTED naming the cap). 0 to 1.");
+ABSL_FLAG(double, max_client_pinned_fraction, 0.25,
+          "One client's leases may pin at most this share of the tier's budget; a client is a "
+          "bearer token when --auth_tokens is set, else a connection (on a UNIX socket, the "
+          "process the client states). Past it, that client gets values inline. 0 to 1.");
 ABSL_FLAG(ByteSize, device_cache_bytes, ByteSize{0},
           "CUDA IPC delivery: budget of the device tier on each GPU (0: off). Colocated GPU "
           "clients that ask for it (chunkctl --delivery=cuda) get chunks copied into GPU memory "
@@ -130,7 +141,14 @@ ABSL_FLAG(std::vector<std::string>, warm, {},
           "their keys are read in the background while the server already serves.");
 ABSL_FLAG(std::string, metrics_listen, "",
           "HOST:PORT for Prometheus metrics over HTTP (GET /metrics; /healthz). Off when empty. "
-          "Metrics carry no chunk data, but keep the port on a trusted network.");
+          "Metrics carry no chunk data, but they tell what is stored and how it is used: on an "
+          "address other hosts can reach, protect them with --metrics_token_file (the server "
+          "warns at start when it is missing) and keep the port on a trusted network.");
+ABSL_FLAG(std::string, metrics_token_file, "",
+          "A file holding one bearer token (at least 16 printable characters; the format of "
+          "Prometheus' credentials_file, so one file serves both): GET /metrics then needs "
+          "'Authorization: Bearer TOKEN' (401 otherwise). /healthz stays open for probes. The "
+          "token crosses plain HTTP.");
 ABSL_FLAG(std::string, ready_file, "",
           "When set, the bound addresses (one per line) are written to this file once the server "
           "accepts calls: useful with port 0.");
@@ -241,6 +259,23 @@ int main(int argc, char** argv) {
   config.leases.ttl = absl::GetFlag(FLAGS_lease_ttl);
   if (config.leases.ttl < absl::Milliseconds(100)) return Fail("--lease_ttl must be at least 100ms");
   config.device_tier.capacity_bytes = absl::GetFlag(FLAGS_device_cache_bytes).bytes;
+  {
+    double all = absl::GetFlag(FLAGS_max_pinned_fraction);
+    double one = absl::GetFlag(FLAGS_max_client_pinned_fraction);
+    if (!(all >= 0 && all <= 1) || !(one >= 0 && one <= 1)) {
+      return Fail("--max_pinned_fraction and --max_client_pinned_fraction must be between 0 and 1");
+    }
+    auto limits = [&](uint64_t budget, const char* budget_flag) {
+      chunkd::server::PinLimits l;
+      l.max_bytes = static_cast<uint64_t>(all * static_cast<double>(budget));
+      l.max_holder_bytes = static_cast<uint64_t>(one * static_cast<double>(budget));
+      l.origin = absl::StrCat("--max_pinned_fraction=", all, " of ", budget_flag);
+      l.holder_origin = absl::StrCat("--max_client_pinned_fraction=", one, " of ", budget_flag);
+      return l;
+    };
+    config.leases.host = limits(cache_bytes, "--host_cache_bytes");
+    config.leases.device = limits(config.device_tier.capacity_bytes, "--device_cache_bytes");
+  }
   config.device_tier.segment_bytes = absl::GetFlag(FLAGS_device_segment_bytes).bytes;
   if (config.device_tier.segment_bytes < (1u << 20)) {
     return Fail("--device_segment_bytes must be at least 1MiB");
@@ -266,15 +301,35 @@ int main(int argc, char** argv) {
       (*server)->arena() ? ", shared memory in " + config.shm_arena.directory : ", inline only");
   std::unique_ptr<chunkd::server::MetricsServer> metrics;
   if (std::string address = absl::GetFlag(FLAGS_metrics_listen); !address.empty()) {
+    std::shared_ptr<const chunkd::server::TokenTable> token;
+    if (std::string path = absl::GetFlag(FLAGS_metrics_token_file); !path.empty()) {
+      auto loaded = chunkd::server::TokenTable::LoadSingle(path);
+      if (!loaded.ok()) {
+        return Fail(absl::StrCat("--metrics_token_file: ", loaded.status().message()));
+      }
+      token = std::make_shared<const chunkd::server::TokenTable>(*std::move(loaded));
+    }
     chunkd::server::ChunkdServer* s = server->get();
-    auto started = chunkd::server::MetricsServer::Start(address, [s] {
-      chunkd::v1::ServerInfoResponse info;
-      s->service().FillServerInfo(&info);
-      return info;
-    });
+    auto started = chunkd::server::MetricsServer::Start(
+        address,
+        [s] {
+          chunkd::v1::ServerInfoResponse info;
+          s->service().FillServerInfo(&info);
+          return info;
+        },
+        token);
     if (!started.ok()) return Fail(std::string(started.status().message()));
     metrics = *std::move(started);
-    Log("metrics on http://%s/metrics", metrics->address());
+    Log("metrics on http://%s/metrics%s", metrics->address(),
+        token ? " (bearer token required)" : "");
+    if (!token && !chunkd::server::IsLoopbackAddress(address)) {
+      Log("WARNING: metrics on %s are open to other hosts without authentication: anyone who "
+          "reaches the port can see what is stored and how it is used. Use "
+          "--metrics_token_file, or listen on loopback.",
+          address);
+    }
+  } else if (!absl::GetFlag(FLAGS_metrics_token_file).empty()) {
+    return Fail("--metrics_token_file needs --metrics_listen");
   }
 
   if (std::string ready = absl::GetFlag(FLAGS_ready_file); !ready.empty()) {

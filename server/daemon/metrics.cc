@@ -7,6 +7,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "httplib.h"
+#include "server/rpc/auth.h"
 
 namespace chunkd::server {
 namespace {
@@ -30,16 +31,39 @@ std::string PrometheusText(const v1::ServerInfoResponse& info) {
   Metric(&out, "chunkd_info", "gauge", "Version, backend and store of this server.",
          {{absl::StrCat("{version=\"", info.version(), "\",backend=\"", info.backend(), "\"}"),
            1}});
-  std::vector<std::pair<std::string, uint64_t>> capacity, used, entries;
+  std::vector<std::pair<std::string, uint64_t>> capacity, used, entries, pinned, max_pinned,
+      max_client_pinned, pinning_clients, refusals;
   for (const auto& tier : info.tiers()) {
     std::string label = absl::StrCat("{tier=\"", tier.tier(), "\"}");
     capacity.emplace_back(label, tier.capacity_bytes());
     used.emplace_back(label, tier.used_bytes());
     entries.emplace_back(label, tier.entries());
+    pinned.emplace_back(label, tier.pinned_bytes());
+    max_pinned.emplace_back(label, tier.max_pinned_bytes());
+    max_client_pinned.emplace_back(label, tier.max_client_pinned_bytes());
+    pinning_clients.emplace_back(label, tier.pinning_clients());
+    refusals.emplace_back(absl::StrCat("{tier=\"", tier.tier(), "\",cap=\"total\"}"),
+                          tier.pin_refusals_total_cap());
+    refusals.emplace_back(absl::StrCat("{tier=\"", tier.tier(), "\",cap=\"client\"}"),
+                          tier.pin_refusals_client_cap());
   }
   Metric(&out, "chunkd_cache_capacity_bytes", "gauge", "Budget of each cache tier.", capacity);
   Metric(&out, "chunkd_cache_used_bytes", "gauge", "Bytes held by each cache tier.", used);
   Metric(&out, "chunkd_cache_entries", "gauge", "Values held by each cache tier.", entries);
+  Metric(&out, "chunkd_pinned_bytes", "gauge",
+         "Memory of each tier that leases on handles pin (in the cache or evicted).", pinned);
+  Metric(&out, "chunkd_max_pinned_bytes", "gauge",
+         "Cap on the memory leases pin, all clients together (device: per GPU; 0: none).",
+         max_pinned);
+  Metric(&out, "chunkd_max_client_pinned_bytes", "gauge",
+         "Cap on the memory one client's leases pin (device: per GPU; 0: none).",
+         max_client_pinned);
+  Metric(&out, "chunkd_pinning_clients", "gauge", "Clients whose leases pin memory now.",
+         pinning_clients);
+  Metric(&out, "chunkd_pin_refusals_total", "counter",
+         "Handles refused at a cap on pinned memory (served inline, or refused to clients that "
+         "accept only handles).",
+         refusals);
   Metric(&out, "chunkd_leases_active", "gauge", "Leases on handle deliveries now held.",
          {{"", info.leases_active()}});
   Metric(&out, "chunkd_leased_bytes", "gauge", "Bytes pinned by leases.",
@@ -56,7 +80,8 @@ std::string PrometheusText(const v1::ServerInfoResponse& info) {
 }
 
 absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
-    const std::string& address, std::function<v1::ServerInfoResponse()> collect) {
+    const std::string& address, std::function<v1::ServerInfoResponse()> collect,
+    std::shared_ptr<const TokenTable> token) {
   size_t colon = address.rfind(':');
   int port;
   if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port) ||
@@ -68,7 +93,19 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
   if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
   std::unique_ptr<MetricsServer> server(new MetricsServer());
   server->http_ = std::make_unique<httplib::Server>();
-  server->http_->Get("/metrics", [collect](const httplib::Request&, httplib::Response& res) {
+  server->http_->Get("/metrics", [collect, token](const httplib::Request& req,
+                                                   httplib::Response& res) {
+    if (token) {
+      absl::StatusOr<std::string> presented = BearerTokenOf(req.get_header_value("Authorization"));
+      if (!presented.ok() || !token->Find(*presented)) {
+        res.status = 401;
+        res.set_header("WWW-Authenticate", "Bearer realm=\"chunkd metrics\"");
+        res.set_content(presented.ok() ? "unknown token\n"
+                                       : std::string(presented.status().message()) + "\n",
+                        "text/plain");
+        return;
+      }
+    }
     res.set_content(PrometheusText(collect()), "text/plain; version=0.0.4; charset=utf-8");
   });
   server->http_->Get("/healthz", [](const httplib::Request&, httplib::Response& res) {

@@ -16,6 +16,8 @@ class Server;
 
 namespace chunkd::server {
 
+class TokenTable;
+
 // The metrics in Prometheus' text format (version 0.0.4), from a ServerInfo answer.
 std::string PrometheusText(const v1::ServerInfoResponse& info);
 
@@ -23,8 +25,11 @@ std::string PrometheusText(const v1::ServerInfoResponse& info);
 class MetricsServer {
  public:
   // `address` is HOST:PORT (port 0 picks one). `collect` runs on the HTTP thread per scrape.
+  // With `token`, GET /metrics needs "Authorization: Bearer TOKEN" with a token of the table
+  // (401 otherwise); /healthz stays open for probes.
   static absl::StatusOr<std::unique_ptr<MetricsServer>> Start(
-      const std::string& address, std::function<v1::ServerInfoResponse()> collect);
+      const std::string& address, std::function<v1::ServerInfoResponse()> collect,
+      std::shared_ptr<const TokenTable> token = nullptr);
   ~MetricsServer();
 
   // HOST:PORT actually bound.

@@ -112,6 +112,7 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   if (!backend.ok()) return backend.status();
   server->store_ = std::make_unique<ChunkStore>(*std::move(backend), config.store_options);
   config.service.allocator = config.backend.allocator;
+  config.service.clients_by_token = !config.security.auth_tokens.empty();
   server->core_ = std::make_unique<ServiceCore>(server->store_.get(), config.service);
   server->service_ = std::make_unique<ChunkdService>(server->core_.get());
   server->tensorstore_service_ = std::make_unique<TensorStoreKvStoreService>(server->core_.get());

@@ -11,6 +11,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -26,6 +27,19 @@ std::optional<Right> ParseRight(absl::string_view name) {
   if (name == "write") return Right::kWrite;
   if (name == "admin") return Right::kAdmin;
   return std::nullopt;
+}
+
+// Why `token` cannot be a token (empty when it can): tokens are at least 16 printable ASCII
+// characters.
+std::string TokenProblem(absl::string_view token) {
+  if (token.size() < kMinTokenLength) {
+    return absl::StrCat("the token is ", token.size(), " characters long; tokens need at least ",
+                        kMinTokenLength, " (make one with: openssl rand -hex 32)");
+  }
+  for (char c : token) {
+    if (c < 0x21 || c > 0x7e) return "the token holds a character that is not printable ASCII";
+  }
+  return "";
 }
 
 absl::Status LineError(absl::string_view origin, int line, absl::string_view message) {
@@ -85,6 +99,12 @@ TokenTable::Digest TokenTable::Hash(absl::string_view token) {
   return digest;
 }
 
+std::string TokenTable::Fingerprint(absl::string_view token) {
+  Digest digest = Hash(token);
+  return absl::BytesToHexString(
+      absl::string_view(reinterpret_cast<const char*>(digest.data()), 8));
+}
+
 absl::StatusOr<TokenTable> TokenTable::Parse(absl::string_view text, absl::string_view origin) {
   TokenTable table;
   absl::flat_hash_map<std::string, int> seen;  // digest -> line
@@ -104,18 +124,8 @@ absl::StatusOr<TokenTable> TokenTable::Parse(absl::string_view text, absl::strin
                        "expected TOKEN RIGHTS (RIGHTS: a comma list of read, write, admin), "
                        "found only a token");
     }
-    if (token.size() < kMinTokenLength) {
-      return LineError(origin, line_number,
-                       absl::StrCat("the token is ", token.size(),
-                                    " characters long; tokens "
-                                    "need at least ",
-                                    kMinTokenLength, " (make one with: openssl rand -hex 32)"));
-    }
-    for (char c : token) {
-      if (c < 0x21 || c > 0x7e) {
-        return LineError(origin, line_number,
-                         "the token holds a character that is not printable ASCII");
-      }
+    if (std::string problem = TokenProblem(token); !problem.empty()) {
+      return LineError(origin, line_number, problem);
     }
     Rights rights = 0;
     for (size_t i = 1; i < fields.size(); ++i) {
@@ -147,17 +157,26 @@ absl::StatusOr<TokenTable> TokenTable::Parse(absl::string_view text, absl::strin
 }
 
 absl::StatusOr<TokenTable> TokenTable::Load(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return absl::NotFoundError(
-        absl::StrCat("cannot read token file ", path, ": ", std::strerror(errno)));
+  absl::StatusOr<std::string> text = ReadWholeFile(path, "token file ");
+  if (!text.ok()) return text.status();
+  return Parse(*text, absl::StrCat("token file ", path));
+}
+
+absl::StatusOr<TokenTable> TokenTable::ParseSingle(absl::string_view text,
+                                                   absl::string_view origin) {
+  absl::string_view token = absl::StripAsciiWhitespace(text);
+  if (std::string problem = TokenProblem(token); !problem.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(origin, ": ", problem));
   }
-  std::stringstream text;
-  text << in.rdbuf();
-  if (in.bad()) {
-    return absl::UnavailableError(absl::StrCat("cannot read token file ", path));
-  }
-  return Parse(text.str(), absl::StrCat("token file ", path));
+  TokenTable table;
+  table.entries_.push_back(Entry{Hash(token), static_cast<Rights>(Right::kRead)});
+  return table;
+}
+
+absl::StatusOr<TokenTable> TokenTable::LoadSingle(const std::string& path) {
+  absl::StatusOr<std::string> text = ReadWholeFile(path, "token file ");
+  if (!text.ok()) return text.status();
+  return ParseSingle(*text, absl::StrCat("token file ", path));
 }
 
 std::optional<Rights> TokenTable::Find(absl::string_view token) const {
@@ -175,6 +194,18 @@ std::optional<Rights> TokenTable::Find(absl::string_view token) const {
   return found;
 }
 
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path, absl::string_view what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::NotFoundError(
+        absl::StrCat("cannot read ", what, path, ": ", std::strerror(errno)));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  if (in.bad()) return absl::UnavailableError(absl::StrCat("cannot read ", what, path));
+  return text.str();
+}
+
 absl::StatusOr<std::string> BearerToken(const grpc::ServerContextBase& context) {
   const auto& metadata = context.client_metadata();
   auto it = metadata.find("authorization");
@@ -182,12 +213,15 @@ absl::StatusOr<std::string> BearerToken(const grpc::ServerContextBase& context) 
     return absl::UnauthenticatedError(
         "missing bearer token (send it as 'authorization: Bearer TOKEN' metadata)");
   }
-  absl::string_view value(it->second.data(), it->second.size());
+  return BearerTokenOf(absl::string_view(it->second.data(), it->second.size()));
+}
+
+absl::StatusOr<std::string> BearerTokenOf(absl::string_view value) {
   constexpr absl::string_view kScheme = "bearer ";
   if (value.size() <= kScheme.size() ||
       !absl::EqualsIgnoreCase(value.substr(0, kScheme.size()), kScheme)) {
     return absl::UnauthenticatedError(
-        "missing bearer token (the authorization metadata is not 'Bearer TOKEN')");
+        "missing bearer token (the authorization is not 'Bearer TOKEN')");
   }
   return std::string(absl::StripAsciiWhitespace(value.substr(kScheme.size())));
 }
@@ -206,6 +240,21 @@ grpc::Status Authorize(const TokenTable& tokens, const grpc::ServerContextBase& 
                                      " right; this token has ", RightsString(*rights)));
   }
   return grpc::Status::OK;
+}
+
+std::string CallerOf(const grpc::ServerContextBase& context, bool by_token,
+                     uint64_t stated_process_id, uint64_t stated_mount_namespace) {
+  if (by_token) {
+    // The authorizer let the call through, so it carries a token; digested, never kept.
+    absl::StatusOr<std::string> token = BearerToken(context);
+    return absl::StrCat("token:", TokenTable::Fingerprint(token.ok() ? *token : ""));
+  }
+  std::string peer = context.peer();
+  if (absl::StartsWith(peer, "unix:")) {
+    return absl::StrCat(peer, peer == "unix:" ? "" : " ", "pid=", stated_process_id, "@",
+                        stated_mount_namespace);
+  }
+  return peer;
 }
 
 rpc::Authorizer MakeTokenAuthorizer(std::shared_ptr<const TokenTable> tokens) {

@@ -60,10 +60,18 @@ class TokenTable {
                                           absl::string_view origin = "token file");
   // Reads and parses the file at `path`. The error names the file and, for syntax, the line.
   static absl::StatusOr<TokenTable> Load(const std::string& path);
+  // A table of the one token a file holds alone, as Prometheus' credentials_file (surrounding
+  // blanks and newlines ignored; the same rules as above): --metrics_token_file.
+  static absl::StatusOr<TokenTable> ParseSingle(absl::string_view text,
+                                                absl::string_view origin = "token file");
+  static absl::StatusOr<TokenTable> LoadSingle(const std::string& path);
 
   // The rights of `token`; nullopt when no entry holds it.
   std::optional<Rights> Find(absl::string_view token) const;
   size_t size() const { return entries_.size(); }
+  // The first 8 bytes of the token's SHA-256, in hex: names a token in maps and logs without
+  // keeping it.
+  static std::string Fingerprint(absl::string_view token);
 
  private:
   using Digest = std::array<unsigned char, 32>;
@@ -76,14 +84,29 @@ class TokenTable {
   std::vector<Entry> entries_;
 };
 
+// The whole of the file at `path`; the error names it: "cannot read WHAT PATH: reason" (`what`
+// ends with its own separator: "token file ", "--tls_cert=").
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path, absl::string_view what);
+
 // The bearer token in a call's metadata: OK with the token, or UNAUTHENTICATED ("missing bearer
 // token") when there is no usable "authorization: Bearer ..." entry.
 absl::StatusOr<std::string> BearerToken(const grpc::ServerContextBase& context);
+// The same from the value of an authorization header ("Bearer TOKEN"; the scheme in any case).
+absl::StatusOr<std::string> BearerTokenOf(absl::string_view authorization);
 
 // OK when the call's token holds `needed`; UNAUTHENTICATED for a missing or unknown token,
 // PERMISSION_DENIED (naming the right needed) otherwise. `method` is for the message.
 grpc::Status Authorize(const TokenTable& tokens, const grpc::ServerContextBase& context,
                        absl::string_view method, Right needed);
+
+// Who a call comes from, for per-client limits (the caps on pinned memory,
+// server/store/lease_table.h). With `by_token` (the server has tokens): "token:" and the first
+// 8 bytes of the token's SHA-256 in hex (the token itself is not kept), so every connection of
+// one token is one client. Else the connection's peer ("ipv4:127.0.0.1:54321": one client per
+// connection); the peers of a UNIX socket have no address, so there the client is told apart by
+// the process it states (ClientIdentity.process_id and mount namespace): "unix:pid=N@MNT".
+std::string CallerOf(const grpc::ServerContextBase& context, bool by_token,
+                     uint64_t stated_process_id, uint64_t stated_mount_namespace);
 
 // Checks each call of the services above before its handler sees it (rpc::Engine): the call's
 // token must hold the right its method needs (Authorize). A method without a rule here is

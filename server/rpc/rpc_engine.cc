@@ -59,7 +59,10 @@ void Engine::Start() {
     threads_.emplace_back([this, cq] {
       void* tag;
       bool ok;
-      while (cq->Next(&tag, &ok)) static_cast<CompletionTag*>(tag)->Completed(ok);
+      while (cq->Next(&tag, &ok)) {
+        wire::Completed(tag);  // what its starter did happened before (ThreadSanitizer)
+        static_cast<CompletionTag*>(tag)->Completed(ok);
+      }
     });
   }
 }
@@ -88,6 +91,7 @@ void Engine::Shutdown() {
       void* tag;
       bool ok;
       while (queue->completion_queue->Next(&tag, &ok)) {
+        wire::Completed(tag);
         static_cast<CompletionTag*>(tag)->Completed(ok);
       }
     }
@@ -102,8 +106,9 @@ void Engine::ArmLimitCheck(Queue* queue) {
   absl::Duration period = std::clamp(call_limit_ / 4, absl::Milliseconds(10), absl::Seconds(1));
   absl::MutexLock lock(&queue->mu);
   if (queue->stopping) return;
-  queue->alarm.Set(queue->completion_queue.get(), absl::ToChronoTime(absl::Now() + period),
-                   static_cast<CompletionTag*>(queue->alarm_tag.get()));
+  CompletionTag* tag = queue->alarm_tag.get();
+  wire::Started(tag);
+  queue->alarm.Set(queue->completion_queue.get(), absl::ToChronoTime(absl::Now() + period), tag);
 }
 
 void Engine::CheckLimit(Queue* queue) {
@@ -144,8 +149,8 @@ Call::Call(Engine* engine, grpc::ServerCompletionQueue* queue, const char* metho
 
 void Call::Arm() {
   // Delivered once the call has ended, if it ever starts (server_context.h).
-  context_.AsyncNotifyWhenDone(static_cast<CompletionTag*>(&done_));
-  Request(queue_, static_cast<CompletionTag*>(&arrived_));
+  context_.AsyncNotifyWhenDone(Handed(&done_));
+  Request(queue_, Handed(&arrived_));
 }
 
 void Call::Completed(Event event, bool ok) {

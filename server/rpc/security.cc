@@ -51,15 +51,9 @@ std::string OpenSslError() {
 }
 
 absl::StatusOr<std::string> ReadPemFile(const std::string& path, absl::string_view flag) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return absl::NotFoundError(
-        absl::StrCat("cannot read --", flag, "=", path, ": ", std::strerror(errno)));
-  }
-  std::stringstream text;
-  text << in.rdbuf();
-  std::string pem = text.str();
-  if (!absl::StrContains(pem, "-----BEGIN ")) {
+  absl::StatusOr<std::string> pem = ReadWholeFile(path, absl::StrCat("--", flag, "="));
+  if (!pem.ok()) return pem.status();
+  if (!absl::StrContains(*pem, "-----BEGIN ")) {
     return absl::InvalidArgumentError(
         absl::StrCat("--", flag, "=", path, " holds no PEM block (-----BEGIN ...)"));
   }

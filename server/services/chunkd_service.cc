@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <thread>
 
@@ -13,7 +14,9 @@
 #include "server/services/list_call.h"
 #include "server/services/service_core.h"
 #include "server/common/byte_range.h"
+#include "server/rpc/auth.h"
 #include "server/rpc/grpc_status.h"
+#include "server/services/requests.h"
 #include "server/common/key.h"
 #include "server/store/prefetch.h"
 
@@ -25,35 +28,17 @@ grpc::Status Error(grpc::StatusCode code, std::string message) {
   return grpc::Status(code, std::move(message));
 }
 
-Conditions ConditionsFromProto(const v1::Conditions& proto) {
-  Conditions conditions;
-  if (proto.has_if_generation_match()) conditions.if_generation_match = proto.if_generation_match();
-  if (proto.has_if_generation_not_match()) {
-    conditions.if_generation_not_match = proto.if_generation_not_match();
-  }
-  return conditions;
-}
-
-absl::StatusOr<ByteRange> RangeFromProto(const v1::GetRequest& request) {
-  if (!request.has_range()) return ByteRange::All();
-  const v1::ByteRange& r = request.range();
-  ByteRange range;
-  switch (r.kind_case()) {
-    case v1::ByteRange::kBounded:
-      range = ByteRange::Bounded(r.bounded().start(), r.bounded().end());
-      break;
-    case v1::ByteRange::kOffset:
-      range = ByteRange::FromOffset(r.offset());
-      break;
-    case v1::ByteRange::kSuffix:
-      range = ByteRange::Suffix(r.suffix());
-      break;
-    case v1::ByteRange::KIND_NOT_SET:
-      range = ByteRange::All();
-      break;
-  }
-  if (absl::Status s = range.Validate(); !s.ok()) return s;
-  return range;
+// A tier's pinned memory and its caps (0: no cap), for ServerInfo.
+void SetPinned(const PinStats& pins, v1::CacheTierInfo* tier) {
+  auto cap = [](uint64_t bytes) {
+    return bytes == std::numeric_limits<uint64_t>::max() ? 0 : bytes;
+  };
+  tier->set_pinned_bytes(pins.pinned_bytes);
+  tier->set_max_pinned_bytes(cap(pins.max_bytes));
+  tier->set_max_client_pinned_bytes(cap(pins.max_holder_bytes));
+  tier->set_pinning_clients(pins.holders);
+  tier->set_pin_refusals_total_cap(pins.refused_total);
+  tier->set_pin_refusals_client_cap(pins.refused_holder);
 }
 
 buffer::HostIdentity IdentityFromProto(const v1::ClientIdentity& proto) {
@@ -84,10 +69,25 @@ absl::StatusOr<v1::GetHeader> HeaderFor(const CachedValue& value, const std::str
   return header;
 }
 
+// Who holds the leases a call takes, for the per-client caps on pinned memory.
+std::string LeaseHolder(ChunkdService* service, const grpc::ServerContextBase& context,
+                        const v1::ClientIdentity& client) {
+  return CallerOf(context, service->options().clients_by_token, client.process_id(),
+                  client.mount_namespace());
+}
+
+// Whether a request's accepted deliveries include inline bytes (none listed: inline).
+bool AcceptsInline(const google::protobuf::RepeatedField<int>& accept) {
+  return accept.empty() ||
+         std::find(accept.begin(), accept.end(), v1::DELIVERY_INLINE) != accept.end();
+}
+
 // Fills in a shared-memory handle and lease when `client` can map this server's segments and
-// `data` lives in one; false means inline delivery.
-bool OfferShm(ChunkdService* service, const buffer::HostIdentity& client,
-              const buffer::cpu::Buffer& data, v1::GetHeader* header) {
+// `data` lives in one: true. False means inline delivery. An error (RESOURCE_EXHAUSTED, naming
+// the cap) when a cap on pinned memory refused the lease and the client accepts no inline bytes.
+absl::StatusOr<bool> OfferShm(ChunkdService* service, const buffer::HostIdentity& client,
+                              absl::string_view holder, bool inline_ok,
+                              const buffer::cpu::Buffer& data, v1::GetHeader* header) {
   const ServiceOptions& options = service->options();
   std::optional<buffer::ShmLocation> location = data.shm_location();
   if (options.leases == nullptr || !location || data.empty() ||
@@ -95,8 +95,9 @@ bool OfferShm(ChunkdService* service, const buffer::HostIdentity& client,
     service->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
-  absl::StatusOr<uint64_t> lease = options.leases->Grant(data);
+  absl::StatusOr<uint64_t> lease = options.leases->Grant(holder, data);
   if (!lease.ok()) {
+    if (!inline_ok) return lease.status();
     service->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
@@ -150,6 +151,8 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
       cuda_.wanted |= d == v1::DELIVERY_CUDA_IPC;
       other_deliveries_ |= d != v1::DELIVERY_CUDA_IPC;
     }
+    inline_ok_ = AcceptsInline(request.accept());
+    if (wants_shm_ || cuda_.wanted) holder_ = LeaseHolder(service_, context_, request.client());
     cuda_.only = cuda_.wanted && !other_deliveries_;
     cuda_.gpu_uuid = request.gpu_uuid();
     cuda_.client_boot_id = request.client().boot_id();
@@ -249,7 +252,7 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
     const ServiceOptions& options = service_->options();
     v1::GetHeader* header = first.mutable_header();
     absl::StatusOr<uint64_t> lease =
-        options.leases->Grant(chunk.buffer.block(), header->length());
+        options.leases->Grant(holder_, chunk.buffer.block(), header->length());
     if (!lease.ok()) {
       if (cuda_.only) {
         FinishWith(ToGrpcStatus(lease.status()));
@@ -277,7 +280,13 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
   // Shared memory when the client accepts it and can map it, else inline.
   void ReplyWithoutCuda(v1::GetResponse first) {
     v1::GetHeader* header = first.mutable_header();
-    if (wants_shm_ && OfferShm(service_, client_, data_, header)) {
+    absl::StatusOr<bool> shm =
+        wants_shm_ ? OfferShm(service_, client_, holder_, inline_ok_, data_, header) : false;
+    if (!shm.ok()) {
+      FinishWith(ToGrpcStatus(shm.status()));
+      return;
+    }
+    if (*shm) {
       // The handle is the whole reply: no bytes cross the connection.
       message_ = wire::EncodeWithData(first.SerializeAsString(), buffer::cpu::Buffer());
       StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
@@ -309,7 +318,9 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
   ByteRange range_;
   Conditions conditions_;
   bool wants_shm_ = false;
+  bool inline_ok_ = true;
   buffer::HostIdentity client_;
+  std::string holder_;  // of the leases, when a handle may be offered
   CudaRequest cuda_;
   bool other_deliveries_ = false;
   buffer::cpu::Buffer whole_;  // the whole value, for a promotion to the device tier
@@ -380,7 +391,11 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
                    "GetMany delivers inline or through shared memory; ask for CUDA IPC with Get"));
       return;
     }
-    if (wants_shm_) client_ = IdentityFromProto(request.client());
+    if (wants_shm_) {
+      client_ = IdentityFromProto(request.client());
+      holder_ = LeaseHolder(service_, context_, request.client());
+    }
+    inline_ok_ = AcceptsInline(request.accept());
     service_->counters().get_many_calls.fetch_add(1, std::memory_order_relaxed);
     service_->counters().gets.fetch_add(request.items_size(), std::memory_order_relaxed);
     items_.resize(request.items_size());
@@ -445,10 +460,15 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
     absl::StatusOr<v1::GetHeader> header =
         value.ok() ? HeaderFor(*value, item.key, item.range, item.conditions, &bytes)
                    : absl::StatusOr<v1::GetHeader>(value.status());
+    absl::StatusOr<bool> shm = false;
+    if (header.ok() && wants_shm_) {
+      shm = OfferShm(service_, client_, holder_, inline_ok_, bytes, &*header);
+      if (!shm.ok()) header = shm.status();
+    }
     if (!header.ok()) {
       fields = ErrorFields(ToGrpcStatus(header.status()));
     } else {
-      if (!(wants_shm_ && OfferShm(service_, client_, bytes, &*header))) {
+      if (!*shm) {
         header->set_delivery(v1::DELIVERY_INLINE);
         data = std::move(bytes);
       }
@@ -589,7 +609,9 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
 
   ChunkdService* const service_;
   bool wants_shm_ = false;
+  bool inline_ok_ = true;
   buffer::HostIdentity client_;
+  std::string holder_;
   std::vector<Item> items_;
   absl::Mutex mu_;
   size_t launched_ ABSL_GUARDED_BY(mu_) = 0;  // items whose read has started (or was refused)
@@ -928,12 +950,12 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   response->set_read_only(options().read_only);
   response->set_max_value_bytes(options().max_value_bytes);
   response->add_deliveries(v1::DELIVERY_INLINE);
+  LeaseStats leases = options().leases ? options().leases->stats() : LeaseStats();
   if (options().leases) {
     if (options().allocator->kind() == buffer::MemoryKind::kHostShared) {
       response->add_deliveries(v1::DELIVERY_SHM);
     }
     if (options().device_tier) response->add_deliveries(v1::DELIVERY_CUDA_IPC);
-    LeaseStats leases = options().leases->stats();
     response->set_leases_active(leases.active);
     response->set_leased_bytes(leases.bytes);
     v1::ClientIdentity* host = response->mutable_host();
@@ -956,6 +978,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   auto& counters = *response->mutable_counters();
   v1::CacheTierInfo* tier = response->add_tiers();
   tier->set_tier("host");
+  SetPinned(leases.host, tier);
   if (HostCache* cache = store().cache()) {
     HostCacheStats s = cache->stats();
     tier->set_capacity_bytes(s.capacity_bytes);
@@ -976,6 +999,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   ChunkStoreCounters c = store().counters();
   counters["backend_reads"] = c.backend_reads;
   counters["backend_read_errors"] = c.backend_read_errors;
+  counters["backend_not_found"] = c.backend_not_found;
   counters["backend_read_bytes"] = c.backend_read_bytes;
   counters["backend_read_micros"] = c.backend_read_micros;
   counters["single_flight_joins"] = c.single_flight_joins;
@@ -997,6 +1021,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
     DeviceTierStats d = options().device_tier->stats();
     v1::CacheTierInfo* device = response->add_tiers();
     device->set_tier("device");
+    SetPinned(leases.device, device);
     device->set_capacity_bytes(d.capacity_bytes);
     device->set_used_bytes(d.used_bytes);
     device->set_entries(d.entries);

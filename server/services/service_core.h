@@ -43,6 +43,9 @@ struct ServiceOptions {
   // whose identity shows they can map this server's segments (see buffer/host_identity.h).
   LeaseTable* leases = nullptr;
   buffer::HostIdentity host;
+  // Whose memory a lease pins (the per-client cap, server/store/lease_table.h): by bearer
+  // token when the server has tokens, else by connection (rpc/auth.h CallerOf).
+  bool clients_by_token = false;
   // CUDA IPC delivery (chunkd.v1): on when `device_tier` (and `leases`) is set. Offered to
   // clients with the same boot id as `host` that name one of the tier's GPUs by UUID
   // (server/store/device_tier.h).

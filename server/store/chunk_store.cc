@@ -93,7 +93,9 @@ void ChunkStore::RunFlight(std::string key, std::shared_ptr<Flight> flight) {
     backend_read_bytes_.fetch_add(value->size(), std::memory_order_relaxed);
     result = CachedValue{*std::move(value), info.generation};
   } else {
-    backend_read_errors_.fetch_add(1, std::memory_order_relaxed);
+    // A missing key is an answer, not a failure of the store.
+    (absl::IsNotFound(value.status()) ? backend_not_found_ : backend_read_errors_)
+        .fetch_add(1, std::memory_order_relaxed);
     result = value.status();
   }
   std::vector<ReadCallback> waiters;
@@ -174,6 +176,7 @@ ChunkStoreCounters ChunkStore::counters() const {
   ChunkStoreCounters c;
   c.backend_reads = backend_reads_.load(std::memory_order_relaxed);
   c.backend_read_errors = backend_read_errors_.load(std::memory_order_relaxed);
+  c.backend_not_found = backend_not_found_.load(std::memory_order_relaxed);
   c.backend_read_bytes = backend_read_bytes_.load(std::memory_order_relaxed);
   c.backend_read_micros = backend_read_micros_.load(std::memory_order_relaxed);
   c.single_flight_joins = single_flight_joins_.load(std::memory_order_relaxed);

@@ -38,7 +38,8 @@ struct ChunkStoreOptions {
 
 struct ChunkStoreCounters {
   uint64_t backend_reads = 0;
-  uint64_t backend_read_errors = 0;
+  uint64_t backend_read_errors = 0;  // failed reads, missing keys not included
+  uint64_t backend_not_found = 0;    // reads of keys the store does not hold
   uint64_t backend_read_bytes = 0;
   uint64_t backend_read_micros = 0;  // total time spent in backend reads
   uint64_t single_flight_joins = 0;  // misses that waited on a read already in flight
@@ -105,7 +106,8 @@ class ChunkStore {
   // their updates in the same order. Readers never take these.
   std::array<absl::Mutex, 64> write_locks_;
 
-  std::atomic<uint64_t> backend_reads_{0}, backend_read_errors_{0}, backend_read_bytes_{0},
+  std::atomic<uint64_t> backend_reads_{0}, backend_read_errors_{0}, backend_not_found_{0},
+      backend_read_bytes_{0},
       backend_read_micros_{0}, single_flight_joins_{0}, writes_{0}, deletes_{0}, overloaded_{0};
 
   // Last member: destroyed first, so queued work finishes while the rest still exists.

@@ -5,6 +5,8 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "buffer/gpu/buffer.h"
+#include "server/common/byte_size.h"
 
 namespace chunkd::server {
 namespace {
@@ -17,9 +19,25 @@ uint64_t RandomId() {
   return id;
 }
 
+// Adds one lease on `block` to a count of leases per block; true when it is the block's first.
+template <class Map>
+bool CountIn(Map& blocks, const buffer::Block* block) {
+  return ++blocks[block] == 1;
+}
+
+// Removes one lease on `block`; true when it was the block's last.
+template <class Map>
+bool UncountIn(Map& blocks, const buffer::Block* block) {
+  auto it = blocks.find(block);
+  if (--it->second > 0) return false;
+  blocks.erase(it);
+  return true;
+}
+
 }  // namespace
 
 LeaseTable::LeaseTable(const LeaseTableOptions& options) : options_(options) {
+  host_pool_.limits = &options_.host;
   // Expired leases are swept a few times per TTL, so memory comes back within ~1.25 TTL.
   absl::Duration period = std::clamp(options_.ttl / 4, absl::Milliseconds(10), absl::Seconds(5));
   expiry_thread_ = std::thread([this, period] {
@@ -45,12 +63,22 @@ LeaseTable::~LeaseTable() {
   leases_.clear();
 }
 
-absl::StatusOr<uint64_t> LeaseTable::Grant(buffer::cpu::Buffer buffer) {
+absl::StatusOr<uint64_t> LeaseTable::Grant(absl::string_view holder, buffer::cpu::Buffer buffer) {
   // The lease holds the whole block the buffer views: the same memory stays alive and pinned.
-  return Grant(buffer.block(), buffer.size());
+  return Grant(holder, buffer.block(), buffer.size());
 }
 
-absl::StatusOr<uint64_t> LeaseTable::Grant(std::shared_ptr<const buffer::Block> block,
+LeaseTable::Pool& LeaseTable::PoolFor(const buffer::Block& block) {
+  if (block.kind() != buffer::MemoryKind::kDevice) return host_pool_;
+  int device = static_cast<const buffer::gpu::DeviceBlock&>(block).device();
+  Pool& pool = device_pools_[device];
+  pool.limits = &options_.device;
+  pool.device = true;
+  return pool;
+}
+
+absl::StatusOr<uint64_t> LeaseTable::Grant(absl::string_view holder,
+                                           std::shared_ptr<const buffer::Block> block,
                                            uint64_t bytes) {
   if (!block) return absl::InvalidArgumentError("cannot lease an empty buffer");
   absl::MutexLock lock(&mu_);
@@ -58,21 +86,61 @@ absl::StatusOr<uint64_t> LeaseTable::Grant(std::shared_ptr<const buffer::Block> 
     return absl::ResourceExhaustedError(
         absl::StrCat("too many leases outstanding (", leases_.size(), ")"));
   }
+  Pool& pool = PoolFor(*block);
+  const PinLimits& limits = *pool.limits;
+  // Only memory not pinned yet counts: a lease on a block that is pinned already (another
+  // reader of the same chunk) keeps nothing more alive.
+  auto holder_it = pool.holders.find(holder);
+  uint64_t added = pool.blocks.contains(block.get()) ? 0 : block->size();
+  uint64_t holder_bytes = holder_it == pool.holders.end() ? 0 : holder_it->second.bytes;
+  uint64_t holder_added =
+      holder_it != pool.holders.end() && holder_it->second.blocks.contains(block.get())
+          ? 0
+          : block->size();
+  const char* what = pool.device ? "GPU memory (CUDA IPC handles)"
+                                 : "host memory (shared-memory handles)";
+  if (added > 0 && pool.bytes + added > limits.max_bytes) {
+    ++pool.refused_total;
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "leases of all clients pin ", FormatBytes(pool.bytes), " of ", what, "; ",
+        FormatBytes(added), " more would pass the cap of ", FormatBytes(limits.max_bytes),
+        limits.origin.empty() ? "" : absl::StrCat(" (", limits.origin, ")")));
+  }
+  if (holder_added > 0 && holder_bytes + holder_added > limits.max_holder_bytes) {
+    ++pool.refused_holder;
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "this client's leases pin ", FormatBytes(holder_bytes), " of ", what, "; ",
+        FormatBytes(holder_added), " more would pass the cap of ",
+        FormatBytes(limits.max_holder_bytes), " per client",
+        limits.holder_origin.empty() ? "" : absl::StrCat(" (", limits.holder_origin, ")"),
+        "; release some (drop the buffers) and read again"));
+  }
   uint64_t id = RandomId();
   while (leases_.contains(id)) id = RandomId();
+  if (CountIn(pool.blocks, block.get())) pool.bytes += block->size();
+  Holder& h = pool.holders[holder];
+  if (CountIn(h.blocks, block.get())) h.bytes += block->size();
   block->Pin();
   stats_.bytes += bytes;
   ++stats_.granted;
-  leases_.emplace(id, Entry{std::move(block), bytes, absl::Now() + options_.ttl});
+  leases_.emplace(id, Entry{std::move(block), bytes, absl::Now() + options_.ttl, &pool,
+                            std::string(holder)});
   return id;
 }
 
 void LeaseTable::DropLocked(absl::flat_hash_map<uint64_t, Entry>::iterator it,
                             Dropped* dropped) {
-  it->second.block->Unpin();
-  stats_.bytes -= it->second.bytes;
+  Entry& entry = it->second;
+  Pool& pool = *entry.pool;
+  const buffer::Block* block = entry.block.get();
+  if (UncountIn(pool.blocks, block)) pool.bytes -= block->size();
+  auto holder = pool.holders.find(entry.holder);
+  if (UncountIn(holder->second.blocks, block)) holder->second.bytes -= block->size();
+  if (holder->second.blocks.empty()) pool.holders.erase(holder);
+  entry.block->Unpin();
+  stats_.bytes -= entry.bytes;
   // The block itself is released outside the lock: freeing arena memory takes its own lock.
-  dropped->push_back(std::move(it->second.block));
+  dropped->push_back(std::move(entry.block));
   leases_.erase(it);
 }
 
@@ -126,6 +194,18 @@ LeaseStats LeaseTable::stats() const {
   absl::MutexLock lock(&mu_);
   LeaseStats s = stats_;
   s.active = leases_.size();
+  auto add = [](PinStats& out, const Pool& pool) {
+    out.pinned_bytes += pool.bytes;
+    out.holders += pool.holders.size();
+    out.refused_total += pool.refused_total;
+    out.refused_holder += pool.refused_holder;
+  };
+  add(s.host, host_pool_);
+  for (const auto& [device, pool] : device_pools_) add(s.device, pool);
+  s.host.max_bytes = options_.host.max_bytes;
+  s.host.max_holder_bytes = options_.host.max_holder_bytes;
+  s.device.max_bytes = options_.device.max_bytes;
+  s.device.max_holder_bytes = options_.device.max_holder_bytes;
   return s;
 }
 

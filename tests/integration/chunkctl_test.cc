@@ -133,6 +133,15 @@ TEST_F(ChunkctlTest, ExitCodes) {
   EXPECT_EQ(down.exit_code, 1);
 }
 
+TEST_F(ChunkctlTest, AMissingKeyIsNotABackendReadError) {
+  EXPECT_EQ(Ctl({"get", "never/stored"}).exit_code, 2);
+  CommandResult info = Ctl({"info"});
+  EXPECT_EQ(info.exit_code, 0);
+  EXPECT_NE(info.out.find("counter backend_read_errors: 0\n"), std::string::npos) << info.out;
+  EXPECT_EQ(info.out.find("counter backend_not_found: 0\n"), std::string::npos) << info.out;
+  EXPECT_NE(info.out.find("counter backend_not_found: "), std::string::npos) << info.out;
+}
+
 TEST_F(ChunkctlTest, ListStatRemoveInfo) {
   for (const char* key : {"ls/zarr.json", "ls/c/0/0", "ls/c/0/1"}) {
     ASSERT_EQ(Ctl({"put", key, "-"}, "v").exit_code, 0);

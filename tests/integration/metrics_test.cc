@@ -42,7 +42,77 @@ TEST(Metrics, ServesPrometheusTextThatFollowsTheServer) {
   EXPECT_NE(body.find("chunkd_backend_read_micros_total"), std::string::npos);
   EXPECT_EQ(http.Get("/healthz")->status, 200);
   EXPECT_EQ(http.Get("/nothing")->status, 404);
+  // On loopback there is nothing to warn about.
+  EXPECT_EQ((*server)->log().find("WARNING: metrics"), std::string::npos) << (*server)->log();
   EXPECT_EQ((*server)->Stop(), 0);
+}
+
+// The port of the metrics endpoint from the server's log ("metrics on http://HOST:PORT/...").
+int MetricsPort(const std::string& log) {
+  size_t at = log.find("metrics on http://");
+  if (at == std::string::npos) return 0;
+  size_t colon = log.find(':', at + std::string("metrics on http://").size());
+  return colon == std::string::npos ? 0 : std::atoi(log.c_str() + colon + 1);
+}
+
+TEST(Metrics, WarnsWhenOtherHostsCanScrapeWithoutAToken) {
+  testing::TempDir dir;
+  auto server = testing::ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
+                                               "--metrics_listen=0.0.0.0:0"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_NE((*server)->log().find("WARNING: metrics on 0.0.0.0:0 are open to other hosts "
+                                  "without authentication"),
+            std::string::npos)
+      << (*server)->log();
+  EXPECT_NE((*server)->log().find("--metrics_token_file"), std::string::npos);
+}
+
+TEST(Metrics, ABearerTokenFileProtectsTheMetrics) {
+  testing::TempDir dir;
+  const std::string token = "0123456789abcdef0123456789abcdef";
+  testing::WriteFile(dir.Join("metrics.token"), token + "\n");
+  auto server = testing::ServerProcess::Start(
+      {"--listen=127.0.0.1:0", "--store=" + dir.path(), "--metrics_listen=0.0.0.0:0",
+       "--metrics_token_file=" + dir.Join("metrics.token")});
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::string log = (*server)->log();
+  EXPECT_EQ(log.find("WARNING: metrics"), std::string::npos) << log;
+  EXPECT_NE(log.find("(bearer token required)"), std::string::npos) << log;
+  int port = MetricsPort(log);
+  ASSERT_GT(port, 0) << log;
+
+  httplib::Client http("127.0.0.1", port);
+  auto none = http.Get("/metrics");
+  ASSERT_TRUE(none);
+  EXPECT_EQ(none->status, 401);
+  EXPECT_NE(none->get_header_value("WWW-Authenticate").find("Bearer"), std::string::npos);
+  EXPECT_EQ(none->body.find("chunkd_"), std::string::npos);
+  auto wrong = http.Get("/metrics", {{"Authorization", "Bearer not-the-token-0123456789"}});
+  ASSERT_TRUE(wrong);
+  EXPECT_EQ(wrong->status, 401);
+  auto right = http.Get("/metrics", {{"Authorization", "Bearer " + token}});
+  ASSERT_TRUE(right);
+  EXPECT_EQ(right->status, 200);
+  EXPECT_NE(right->body.find("chunkd_gets_total"), std::string::npos) << right->body;
+  // Probes need no token.
+  EXPECT_EQ(http.Get("/healthz")->status, 200);
+  EXPECT_EQ((*server)->Stop(), 0);
+}
+
+TEST(Metrics, RefusesABadTokenFile) {
+  testing::TempDir dir;
+  testing::WriteFile(dir.Join("short"), "tooshort\n");
+  auto result = testing::RunCommand(
+      {testing::kChunkdBinary, "--listen=127.0.0.1:0", "--store=" + dir.path(),
+       "--metrics_listen=127.0.0.1:0", "--metrics_token_file=" + dir.Join("short")});
+  EXPECT_EQ(result.exit_code, 1);
+  EXPECT_NE(result.err.find("--metrics_token_file"), std::string::npos) << result.err;
+  EXPECT_NE(result.err.find("at least 16"), std::string::npos) << result.err;
+  result = testing::RunCommand({testing::kChunkdBinary, "--listen=127.0.0.1:0",
+                                "--store=" + dir.path(),
+                                "--metrics_token_file=" + dir.Join("short")});
+  EXPECT_EQ(result.exit_code, 1);
+  EXPECT_NE(result.err.find("needs --metrics_listen"), std::string::npos) << result.err;
 }
 
 TEST(Metrics, RefusesABadAddress) {

@@ -566,7 +566,15 @@ TEST(ServerLifecycle, SigtermFinishesCallsInFlightAndExitsZero) {
       ++finished;
     });
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  // SIGTERM once the server has the Gets (a fixed sleep was not always enough on a loaded
+  // machine, or under a sanitizer).
+  auto observer = Connect((*server)->address());
+  absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (absl::Now() < deadline) {
+    auto info = observer->ServerInfo();
+    if (info.ok() && info->counters().at("gets") >= 4) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   EXPECT_EQ((*server)->Stop(SIGTERM), 0) << (*server)->log();
   for (auto& t : readers) t.join();
   EXPECT_EQ(finished.load(), 4);

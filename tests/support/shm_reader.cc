@@ -2,6 +2,10 @@
 //
 //   chunkd_shm_reader ADDRESS SHM_DIR hold KEY...       get each key (shm), print
 //                                     "holding N", then sleep holding the leases until killed
+//   chunkd_shm_reader ADDRESS SHM_DIR greedy KEY...     get each key (shm or inline, whichever
+//                                     the server gives), check each value's bytes are whole,
+//                                     print "holding N shm S inline I", then sleep holding every
+//                                     result until killed
 //   chunkd_shm_reader ADDRESS SHM_DIR read ITER KEY...  get the keys ITER times each, check that every
 //                                               value is whole (all bytes equal its first byte),
 //                                               print "reads R torn T shm S"; exit 1 if T > 0
@@ -16,7 +20,8 @@
 
 int main(int argc, char** argv) {
   if (argc < 5) {
-    std::fprintf(stderr, "usage: %s ADDRESS SHM_DIR hold KEY... | read ITER KEY...\n", argv[0]);
+    std::fprintf(stderr, "usage: %s ADDRESS SHM_DIR hold KEY... | greedy KEY... | read ITER KEY...\n",
+                 argv[0]);
     return 2;
   }
   chunkd::client::ClientOptions options;
@@ -39,6 +44,25 @@ int main(int argc, char** argv) {
       held.push_back(got->data);
     }
     std::printf("holding %zu\n", held.size());
+    std::fflush(stdout);
+    for (;;) ::pause();
+  }
+  if (mode == "greedy") {
+    std::vector<chunkd::client::GetResult> held;
+    long shm = 0;
+    for (int i = 3; i < argc; ++i) {
+      auto got = (*client)->Get(argv[i]);
+      std::string_view v = got.ok() ? got->data.view() : std::string_view();
+      if (!got.ok() || v.empty() || v.find_first_not_of(v[0]) != std::string_view::npos) {
+        std::fprintf(stderr, "get %s: %s\n", argv[i],
+                     got.ok() ? "torn value" : got.status().ToString().c_str());
+        return 1;
+      }
+      shm += got->delivery == chunkd::v1::DELIVERY_SHM;
+      held.push_back(*std::move(got));
+    }
+    std::printf("holding %zu shm %ld inline %ld\n", held.size(), shm,
+                static_cast<long>(held.size()) - shm);
     std::fflush(stdout);
     for (;;) ::pause();
   }

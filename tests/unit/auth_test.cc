@@ -86,6 +86,29 @@ TEST(SecurityTokenTableTest, LoadNamesAMissingFile) {
   EXPECT_TRUE(absl::StrContains(table.status().message(), "/nonexistent/chunkd-tokens"));
 }
 
+TEST(SecurityTokenTableTest, ASingleTokenFileHoldsTheTokenAlone) {
+  auto table = TokenTable::ParseSingle(absl::StrCat("  ", kA, "\n"), "metrics.token");
+  ASSERT_TRUE(table.ok()) << table.status();
+  EXPECT_TRUE(table->Find(kA).has_value());
+  EXPECT_FALSE(table->Find(kB).has_value());
+  for (std::string bad : {std::string(""), std::string("short\n"),
+                          absl::StrCat(kA, " read\n"), absl::StrCat(kA, "\x01")}) {
+    auto refused = TokenTable::ParseSingle(bad, "metrics.token");
+    ASSERT_FALSE(refused.ok()) << bad;
+    EXPECT_TRUE(absl::StartsWith(refused.status().message(), "metrics.token: "))
+        << refused.status();
+  }
+  EXPECT_FALSE(TokenTable::LoadSingle("/nonexistent/metrics.token").ok());
+}
+
+TEST(SecurityTokenTableTest, BearerTokenOfAnAuthorizationHeader) {
+  EXPECT_EQ(*BearerTokenOf("Bearer abc"), "abc");
+  EXPECT_EQ(*BearerTokenOf("bearer   abc  "), "abc");
+  EXPECT_FALSE(BearerTokenOf("").ok());
+  EXPECT_FALSE(BearerTokenOf("Basic abc").ok());
+  EXPECT_FALSE(BearerTokenOf("Bearer ").ok());
+}
+
 TEST(SecurityRightsTest, EveryMethodOfEveryServiceHasARight) {
   // A new RPC must be given a right here (server/rpc/auth.cc) before tokens admit it.
   for (const char* name : {v1::Chunkd::service_full_name(),

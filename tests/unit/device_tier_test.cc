@@ -208,7 +208,7 @@ TEST_F(DeviceTierTest, BudgetIsNeverExceeded) {
     auto chunk = Promote("k" + std::to_string(rng() % 40), value, i + 1);
     if (chunk.ok()) {
       EXPECT_EQ(chunk->buffer.size(), size);
-      if (rng() % 8 == 0) held.push_back(*leases.Grant(chunk->buffer.block(), size));
+      if (rng() % 8 == 0) held.push_back(*leases.Grant("test", chunk->buffer.block(), size));
     } else {
       EXPECT_EQ(chunk.status().code(), absl::StatusCode::kResourceExhausted) << chunk.status();
     }
@@ -231,7 +231,7 @@ TEST_F(DeviceTierTest, EvictionSkipsLeasedBlocksAndKeepsTheirBytes) {
   std::string a = testing::RandomBytes(64 * kKiB, 3);
   auto leased = Promote("a", a);
   ASSERT_TRUE(leased.ok());
-  auto lease = leases.Grant(leased->buffer.block(), a.size());
+  auto lease = leases.Grant("test", leased->buffer.block(), a.size());
   ASSERT_TRUE(lease.ok());
   DeviceChunk a_chunk = *leased;
   leased = absl::InternalError("dropped");  // only the lease holds it now, and the tier
@@ -261,7 +261,7 @@ TEST_F(DeviceTierTest, EveryBlockLeasedMeansResourceExhaustedNotOverBudget) {
   for (int i = 0; i < 4; ++i) {
     auto chunk = Promote("k" + std::to_string(i), std::string(64 * kKiB, 'x'));
     ASSERT_TRUE(chunk.ok());
-    ASSERT_TRUE(leases.Grant(chunk->buffer.block(), 64 * kKiB).ok());
+    ASSERT_TRUE(leases.Grant("test", chunk->buffer.block(), 64 * kKiB).ok());
   }
   auto more = Promote("one-more", std::string(64 * kKiB, 'y'));
   EXPECT_EQ(more.status().code(), absl::StatusCode::kResourceExhausted);

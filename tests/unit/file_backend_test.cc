@@ -2,11 +2,13 @@
 // files, symbolic links that lead out of the root, and opening stores by URL.
 #include "server/backend/file/file_backend.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <ctime>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -211,6 +213,51 @@ TEST(FileBackendTest, NoTemporaryFilesLeftOrListed) {
   absl::Status s = Put(*b, "d2/" + temp, "x");
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_EQ(ReadFile(root.Join("d2/" + temp)), "partial");
+}
+
+// Sets the modification time of `path` to `seconds` from now (a link itself, not its target).
+void Touch(const std::string& path, int seconds) {
+  struct timespec times[2] = {{0, UTIME_OMIT}, {std::time(nullptr) + seconds, 0}};
+  ASSERT_EQ(::utimensat(AT_FDCWD, path.c_str(), times, AT_SYMLINK_NOFOLLOW), 0) << path;
+}
+
+TEST(FileBackendTest, TemporaryFilesOfInterruptedWritesAreSweptAtStart) {
+  TempDir root, outside;
+  std::string prefix(kFileBackendTempPrefix);
+  ASSERT_EQ(::mkdir(root.Join("a").c_str(), 0755), 0);
+  ASSERT_EQ(::mkdir(root.Join("a/b").c_str(), 0755), 0);
+  // Left by writes that a crash interrupted: older than this start.
+  for (const std::string& stale : {prefix + "4242-0", "a/b/" + prefix + "4242-7"}) {
+    WriteFile(root.Join(stale), "partial");
+    Touch(root.Join(stale), -3600);
+  }
+  // Kept: a write in progress (touched after the start), names chunkd does not make, what is
+  // not a regular file, and anything beyond a link.
+  WriteFile(root.Join(prefix + "4242-9"), "in progress");
+  Touch(root.Join(prefix + "4242-9"), 3600);
+  std::vector<std::string> kept = {prefix + "4242-9", prefix + "notours", prefix + "1-2-3",
+                                   prefix + "12-", "a/b/c", "a/link/" + prefix + "7-7"};
+  for (const std::string& name : {prefix + "notours", prefix + "1-2-3", prefix + "12-",
+                                  std::string("a/b/c")}) {
+    WriteFile(root.Join(name), "x");
+    Touch(root.Join(name), -3600);
+  }
+  ASSERT_EQ(::mkdir(root.Join(prefix + "5-5").c_str(), 0755), 0);
+  kept.push_back(prefix + "5-5");
+  ASSERT_EQ(::symlink("a/b/c", root.Join(prefix + "6-6").c_str()), 0);
+  Touch(root.Join(prefix + "6-6"), -3600);
+  kept.push_back(prefix + "6-6");
+  WriteFile(outside.Join(prefix + "7-7"), "beyond a link");
+  Touch(outside.Join(prefix + "7-7"), -3600);
+  ASSERT_EQ(::symlink(outside.path().c_str(), root.Join("a/link").c_str()), 0);
+
+  auto b = Open(root.path());
+  ASSERT_NE(b, nullptr);
+  EXPECT_FALSE(PathExists(root.Join(prefix + "4242-0")));
+  EXPECT_FALSE(PathExists(root.Join("a/b/" + prefix + "4242-7")));
+  for (const std::string& name : kept) EXPECT_TRUE(PathExists(root.Join(name))) << name;
+  EXPECT_EQ(*Get(*b, "a/b/c"), "x");
+  EXPECT_THAT(ListKeys(*b), ElementsAre("a/b/c"));
 }
 
 TEST(FileBackendTest, TemporaryFilesCannotBeReadOrDeleted) {

@@ -99,7 +99,7 @@ TEST(GpuDeviceTierTest, PromotionsShareOneExportedSegment) {
   for (const auto& c : chunks) EXPECT_EQ(c.ipc_handle, chunks[0].ipc_handle);
   // Eviction keeps the budget and skips leased blocks.
   server::LeaseTable leases({});
-  ASSERT_TRUE(leases.Grant(chunks[0].buffer.block(), chunks[0].buffer.size()).ok());
+  ASSERT_TRUE(leases.Grant("test", chunks[0].buffer.block(), chunks[0].buffer.size()).ok());
   chunks.clear();
   for (int i = 0; i < 64; ++i) {
     ASSERT_TRUE((*tier)->Promote(0, "m" + std::to_string(i), 1,

@@ -325,5 +325,26 @@ TEST(RawMessageTest, RejectsMalformedInput) {
   EXPECT_TRUE(FieldReader(empty).done());
 }
 
+// Found by tests/fuzz/replies_fuzz.cc: a length field of 2^56 made ReadString size its string
+// to it (allocating, or throwing) before finding the message far shorter.
+TEST(RawMessageTest, ALengthPastTheMessageAllocatesNothing) {
+  std::string bytes;
+  AppendLengthDelimitedHeader(&bytes, 1, uint64_t{1} << 56);
+  bytes += "abc";
+  FieldReader reader(FromBytes(bytes, 2));
+  uint32_t field, wire_type;
+  uint64_t length;
+  ASSERT_TRUE(reader.NextField(&field, &wire_type));
+  ASSERT_TRUE(reader.ReadVarint(&length));
+  EXPECT_EQ(reader.remaining(), 3u);
+  std::string out;
+  EXPECT_FALSE(reader.ReadString(length, &out));
+  EXPECT_LT(out.capacity(), 1024u);
+  EXPECT_EQ(reader.remaining(), 3u);  // a failed read takes nothing
+  EXPECT_TRUE(reader.ReadString(3, &out));
+  EXPECT_EQ(out, "abc");
+  EXPECT_TRUE(reader.done());
+}
+
 }  // namespace
 }  // namespace chunkd::wire

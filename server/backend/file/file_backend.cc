@@ -19,9 +19,14 @@
 #include "absl/hash/hash.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "server/backend/tree_walk.h"
+#include "server/common/byte_size.h"
 #include "server/common/key.h"
+#include "server/common/log.h"
 
 namespace chunkd::server {
 namespace {
@@ -132,6 +137,69 @@ std::vector<absl::string_view> Segments(absl::string_view path) {
 }
 
 bool IsTempName(absl::string_view name) { return absl::StartsWith(name, kFileBackendTempPrefix); }
+
+// Whether `name` is a temporary file as WriteOnce names them: the prefix, the writer's pid, '-'
+// and a counter. Other names with the prefix are not chunkd's to remove.
+bool IsWriteTempName(absl::string_view name) {
+  if (!absl::ConsumePrefix(&name, kFileBackendTempPrefix)) return false;
+  size_t dash = name.find('-');
+  auto digits = [](absl::string_view s) {
+    return !s.empty() && s.size() <= 20 &&
+           std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+  };
+  return dash != absl::string_view::npos && digits(name.substr(0, dash)) &&
+         digits(name.substr(dash + 1));
+}
+
+struct SweepResult {
+  uint64_t files = 0;
+  uint64_t bytes = 0;
+  int errors = 0;
+};
+
+// Removes, in the directory `dir` and below it (never through a link), the temporary files of
+// writes that a crash interrupted: regular files named as WriteOnce names them and last
+// modified before `before`. A write running now (this server's, or another's on the same
+// directory) has touched its file since.
+void SweepTempFiles(int dir, const struct timespec& before, SweepResult* result) {
+  int dup_fd = ::fcntl(dir, F_DUPFD_CLOEXEC, 0);
+  DIR* listing = dup_fd >= 0 ? ::fdopendir(dup_fd) : nullptr;
+  if (listing == nullptr) {
+    if (dup_fd >= 0) ::close(dup_fd);
+    ++result->errors;
+    return;
+  }
+  std::vector<std::string> subdirs;
+  while (struct dirent* e = ::readdir(listing)) {
+    absl::string_view name = e->d_name;
+    if (name == "." || name == "..") continue;
+    struct stat st;
+    bool is_dir = e->d_type == DT_DIR;
+    if (e->d_type == DT_UNKNOWN) {  // some file systems do not say: ask
+      is_dir = ::fstatat(dir, e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode);
+    }
+    if (is_dir) {
+      subdirs.emplace_back(name);
+      continue;
+    }
+    if (!IsWriteTempName(name)) continue;
+    if (::fstatat(dir, e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode)) continue;
+    bool older = st.st_mtim.tv_sec < before.tv_sec ||
+                 (st.st_mtim.tv_sec == before.tv_sec && st.st_mtim.tv_nsec < before.tv_nsec);
+    if (!older) continue;
+    if (::unlinkat(dir, e->d_name, 0) == 0) {
+      ++result->files;
+      result->bytes += static_cast<uint64_t>(st.st_size);
+    } else {
+      ++result->errors;
+    }
+  }
+  ::closedir(listing);
+  for (const std::string& name : subdirs) {
+    UniqueFd child(::openat(dir, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (child.valid()) SweepTempFiles(child.get(), before, result);
+  }
+}
 
 // Keys naming a temporary file are refused: such a file may be half written (reading it would
 // return a torn value) and belongs to a write in progress (deleting it would break that write).
@@ -487,10 +555,23 @@ absl::StatusOr<std::unique_ptr<Backend>> OpenFileBackend(absl::string_view path,
     return absl::NotFoundError(
         absl::StrCat("file store ", p, ": ", std::strerror(errno), " (create the directory first)"));
   }
+  struct timespec start;
+  clock_gettime(CLOCK_REALTIME, &start);
   UniqueFd fd(::open(real, O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!fd.valid()) {
     return absl::FailedPreconditionError(
         absl::StrCat("file store ", p, " is not a directory: ", std::strerror(errno)));
+  }
+  // A crash between creating a write's temporary file and renaming it leaves the file behind;
+  // nothing else would ever remove it.
+  absl::Time sweep_start = absl::Now();
+  SweepResult swept;
+  SweepTempFiles(fd.get(), start, &swept);
+  if (swept.files > 0 || swept.errors > 0) {
+    Log("file store %s: removed %d temporary files (%s) of interrupted writes in %s%s", real,
+        swept.files, FormatBytes(swept.bytes), absl::FormatDuration(absl::Now() - sweep_start),
+        swept.errors > 0 ? absl::StrCat("; ", swept.errors, " could not be read or removed")
+                         : std::string());
   }
   return std::make_unique<FileBackend>(std::move(fd), std::string(real), options);
 }

@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "server/backend/http/http_transport.h"
+#include "server/backend/http/nginx_index.h"
 #include "server/backend/tree_walk.h"
 #include "server/common/key.h"
 
@@ -21,156 +22,6 @@ namespace {
 using http::HttpRequest;
 using http::HttpResponse;
 using http::HttpTransport;
-
-// A minimal reader of nginx's JSON directory index: an array of flat objects whose values are
-// strings, numbers, booleans or null.
-class IndexParser {
- public:
-  struct Item {
-    std::string name;
-    std::string type;
-    uint64_t size = 0;
-  };
-  explicit IndexParser(absl::string_view text) : s_(text) {}
-
-  bool Parse(std::vector<Item>* items) {
-    Skip();
-    if (!Eat('[')) return false;
-    Skip();
-    if (Eat(']')) return AtEnd();
-    while (true) {
-      Item item;
-      if (!ParseObject(&item)) return false;
-      items->push_back(std::move(item));
-      Skip();
-      if (Eat(']')) return AtEnd();
-      if (!Eat(',')) return false;
-    }
-  }
-
- private:
-  bool AtEnd() {
-    Skip();
-    return i_ == s_.size();
-  }
-  void Skip() {
-    while (i_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[i_]))) ++i_;
-  }
-  bool Eat(char c) {
-    Skip();
-    if (i_ < s_.size() && s_[i_] == c) {
-      ++i_;
-      return true;
-    }
-    return false;
-  }
-  static void AppendUtf8(uint32_t cp, std::string* out) {
-    if (cp < 0x80) {
-      out->push_back(static_cast<char>(cp));
-    } else if (cp < 0x800) {
-      out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    } else if (cp < 0x10000) {
-      out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    } else {
-      out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-      out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    }
-  }
-  bool Hex4(uint32_t* v) {
-    if (i_ + 4 > s_.size()) return false;
-    *v = 0;
-    for (int k = 0; k < 4; ++k) {
-      char c = s_[i_++];
-      *v <<= 4;
-      if (c >= '0' && c <= '9') {
-        *v |= c - '0';
-      } else if (c >= 'a' && c <= 'f') {
-        *v |= c - 'a' + 10;
-      } else if (c >= 'A' && c <= 'F') {
-        *v |= c - 'A' + 10;
-      } else {
-        return false;
-      }
-    }
-    return true;
-  }
-  bool ParseString(std::string* out) {
-    if (!Eat('"')) return false;
-    while (i_ < s_.size()) {
-      char c = s_[i_++];
-      if (c == '"') return true;
-      if (c != '\\') {
-        out->push_back(c);
-        continue;
-      }
-      if (i_ >= s_.size()) return false;
-      char e = s_[i_++];
-      switch (e) {
-        case '"': out->push_back('"'); break;
-        case '\\': out->push_back('\\'); break;
-        case '/': out->push_back('/'); break;
-        case 'b': out->push_back('\b'); break;
-        case 'f': out->push_back('\f'); break;
-        case 'n': out->push_back('\n'); break;
-        case 'r': out->push_back('\r'); break;
-        case 't': out->push_back('\t'); break;
-        case 'u': {
-          uint32_t cp;
-          if (!Hex4(&cp)) return false;
-          if (cp >= 0xD800 && cp < 0xDC00 && i_ + 1 < s_.size() && s_[i_] == '\\' &&
-              s_[i_ + 1] == 'u') {
-            i_ += 2;
-            uint32_t low;
-            if (!Hex4(&low)) return false;
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
-          }
-          AppendUtf8(cp, out);
-          break;
-        }
-        default:
-          return false;
-      }
-    }
-    return false;
-  }
-  bool ParseScalar(std::string* out) {
-    Skip();
-    if (i_ < s_.size() && s_[i_] == '"') return ParseString(out);
-    size_t start = i_;
-    while (i_ < s_.size() && s_[i_] != ',' && s_[i_] != '}' && s_[i_] != ']' &&
-           !std::isspace(static_cast<unsigned char>(s_[i_]))) {
-      ++i_;
-    }
-    *out = std::string(s_.substr(start, i_ - start));
-    return i_ > start;
-  }
-  bool ParseObject(Item* item) {
-    if (!Eat('{')) return false;
-    if (Eat('}')) return true;
-    while (true) {
-      std::string key, value;
-      Skip();
-      if (!ParseString(&key) || !Eat(':') || !ParseScalar(&value)) return false;
-      if (key == "name") {
-        item->name = std::move(value);
-      } else if (key == "type") {
-        item->type = std::move(value);
-      } else if (key == "size") {
-        if (!absl::SimpleAtoi(value, &item->size)) return false;
-      }
-      if (Eat('}')) return true;
-      if (!Eat(',')) return false;
-    }
-  }
-
-  absl::string_view s_;
-  size_t i_ = 0;
-};
 
 using Child = TreeChild;
 
@@ -293,15 +144,15 @@ class HttpBackend final : public Backend {
           "reads consolidated metadata instead of listing."));
     }
     if (r->status != 200) return http::StatusForHttpError(r->status, what, "");
-    std::vector<IndexParser::Item> items;
-    if (!IndexParser(r->BodyText()).Parse(&items)) {
+    std::vector<NginxIndexEntry> items;
+    if (!ParseNginxIndex(r->BodyText(), &items)) {
       return absl::UnimplementedError(absl::StrCat(
           what, ": the server's directory index is not JSON. Listing an http:// store needs "
           "nginx's autoindex_format json (or the same format from another server); reading "
           "keys works without it."));
     }
     std::vector<Child> children;
-    for (IndexParser::Item& item : items) {
+    for (NginxIndexEntry& item : items) {
       if (item.name.empty() || item.name == "." || item.name == "..") continue;
       Child child;
       child.is_dir = item.type == "directory";

@@ -10,8 +10,6 @@
 #include <utility>
 #include <vector>
 
-#include <pugixml.hpp>
-
 #include "absl/hash/hash.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -19,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "server/backend/http/http_transport.h"
+#include "server/backend/s3/s3_xml.h"
 #include "server/common/key.h"
 #include "server/common/log.h"
 
@@ -34,18 +33,7 @@ using http::HttpTransport;
 constexpr char kGenerationHeader[] = "x-amz-meta-chunkd-generation";
 
 // S3's error code and message from an error response body, for messages.
-std::string ErrorDetail(const HttpResponse& r) {
-  absl::string_view body = r.BodyText();
-  if (body.empty()) return "";
-  pugi::xml_document doc;
-  if (!doc.load_buffer(body.data(), body.size())) return "";
-  pugi::xml_node error = doc.child("Error");
-  if (!error) return "";
-  std::string code = error.child_value("Code");
-  std::string message = error.child_value("Message");
-  if (message.empty()) return code;
-  return absl::StrCat(code, ": ", message);
-}
+std::string ErrorDetail(const HttpResponse& r) { return S3ErrorDetail(r.BodyText()); }
 
 Generation GenerationOf(const HttpResponse& r) {
   if (auto g = r.Header(kGenerationHeader)) {
@@ -207,15 +195,8 @@ class S3Backend final : public Backend {
     return std::make_unique<S3ListCursor>(this, std::string(prefix), directory);
   }
 
-  struct ListResult {
-    std::vector<ListEntry> entries;
-    std::vector<std::string> prefixes;
-    bool truncated = false;
-    std::string next_token;
-  };
-
   // One ListObjectsV2 request: keys under root_ + `prefix`, relative to root_.
-  absl::StatusOr<ListResult> ListObjects(absl::string_view prefix, bool directory,
+  absl::StatusOr<S3ListPage> ListObjects(absl::string_view prefix, bool directory,
                                          const std::string& token, size_t max_keys) {
     // The query in canonical form (parameters sorted, values encoded), as Signature V4 signs it.
     std::string query;
@@ -230,41 +211,7 @@ class S3Backend final : public Backend {
     auto r = transport_.Perform(request, what);
     if (!r.ok()) return r.status();
     if (r->status != 200) return BucketError(*r, what);
-    pugi::xml_document doc;
-    absl::string_view body = r->BodyText();
-    pugi::xml_node result;
-    if (doc.load_buffer(body.data(), body.size())) result = doc.child("ListBucketResult");
-    if (!result) {
-      return absl::InternalError(absl::StrCat(what, ": the answer is not a ListBucketResult"));
-    }
-    ListResult out;
-    for (pugi::xml_node c : result.children("Contents")) {
-      std::string key = c.child_value("Key");
-      if (!absl::StartsWith(key, root_)) continue;
-      key.erase(0, root_.size());
-      // "Directory markers" (keys ending in '/') and names that are not valid keys are skipped.
-      if (!ValidateKey(key).ok()) continue;
-      uint64_t size = 0;
-      if (!absl::SimpleAtoi(c.child_value("Size"), &size)) continue;
-      out.entries.push_back({std::move(key), size});
-    }
-    for (pugi::xml_node p : result.children("CommonPrefixes")) {
-      std::string name = p.child_value("Prefix");
-      if (!absl::StartsWith(name, root_)) continue;
-      name.erase(0, root_.size());
-      if (name.size() < 2 || !ValidatePrefix(name).ok() ||
-          !ValidateKey(name.substr(0, name.size() - 1)).ok()) {
-        continue;
-      }
-      out.prefixes.push_back(std::move(name));
-    }
-    out.truncated = absl::AsciiStrToLower(result.child_value("IsTruncated")) == "true";
-    out.next_token = result.child_value("NextContinuationToken");
-    if (out.truncated && out.next_token.empty()) {
-      return absl::InternalError(
-          absl::StrCat(what, ": a truncated listing without a continuation token"));
-    }
-    return out;
+    return ParseS3ListPage(r->BodyText(), root_, what);
   }
 
   // Checks that the bucket can be listed.
@@ -365,12 +312,7 @@ class S3Backend final : public Backend {
     auto r = transport_.Perform(create, What("create a multipart upload of", key));
     if (!r.ok()) return r.status();
     if (absl::Status s = CheckResponse(*r, key, "POST ?uploads"); !s.ok()) return s;
-    pugi::xml_document doc;
-    absl::string_view body = r->BodyText();
-    std::string upload_id;
-    if (doc.load_buffer(body.data(), body.size())) {
-      upload_id = doc.child("InitiateMultipartUploadResult").child_value("UploadId");
-    }
+    std::string upload_id = S3UploadId(r->BodyText());
     if (upload_id.empty()) {
       return absl::InternalError(
           absl::StrCat("multipart upload of key ", QuoteKey(key), ": no UploadId in the answer"));
