@@ -404,7 +404,6 @@ int main(int argc, char** argv) {
   options.timeout = absl::GetFlag(FLAGS_timeout);
   g_server = options.address;
   options.shm_dir = absl::GetFlag(FLAGS_shm_dir);
-  options.shm_dir = absl::GetFlag(FLAGS_shm_dir);
   if (absl::Status s = chunkd::client::ApplySecurityFlags(
           {.tls_ca = absl::GetFlag(FLAGS_tls_ca),
            .tls = absl::GetFlag(FLAGS_tls),

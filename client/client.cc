@@ -334,18 +334,9 @@ class LeaseKeeper final : public HandleImporter,
       data = importer_.Import(shm.segment(), shm.segment_size(), shm.offset(), shm.length(),
                               [keeper = shared_from_this(), lease] { keeper->Drop(lease); });
     }
-    if (!data.ok()) {
-      Drop(lease);
-      return ImportFailed(data.status(), v1::DELIVERY_SHM);
-    }
-    Track(lease, absl::Milliseconds(header.lease().ttl_ms()));
-    GetResult r;
+    if (!data.ok()) return Failed(header, data.status());
+    GetResult r = Imported(header);
     r.data = *std::move(data);
-    r.total_size = header.total_size();
-    r.generation = header.generation();
-    r.range_start = header.range_start();
-    r.delivery = v1::DELIVERY_SHM;
-    r.lease_id = lease;
     return r;
   }
 
@@ -359,19 +350,28 @@ class LeaseKeeper final : public HandleImporter,
           keeper->Drop(lease);
         })
                       : importer.status();
-    if (!data.ok()) {
-      Drop(lease);
-      return ImportFailed(data.status(), v1::DELIVERY_CUDA_IPC);
-    }
-    Track(lease, absl::Milliseconds(header.lease().ttl_ms()));
-    GetResult r;
+    if (!data.ok()) return Failed(header, data.status());
+    GetResult r = Imported(header);
     r.device_data = *std::move(data);
+    return r;
+  }
+
+  // A handle imported: its lease is kept alive from now on, and given back with the buffer.
+  GetResult Imported(const v1::GetHeader& header) {
+    Track(header.lease().id(), absl::Milliseconds(header.lease().ttl_ms()));
+    GetResult r;
     r.total_size = header.total_size();
     r.generation = header.generation();
     r.range_start = header.range_start();
-    r.delivery = v1::DELIVERY_CUDA_IPC;
-    r.lease_id = lease;
+    r.delivery = header.delivery();
+    r.lease_id = header.lease().id();
     return r;
+  }
+
+  // A handle that could not be imported: its lease goes back now.
+  absl::Status Failed(const v1::GetHeader& header, const absl::Status& cause) {
+    Drop(header.lease().id());
+    return ImportFailed(cause, header.delivery());
   }
 
   // A lost release is not lost memory: the lease expires.

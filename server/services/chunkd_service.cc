@@ -115,10 +115,12 @@ absl::StatusOr<bool> OfferShm(ChunkdService* service, const buffer::HostIdentity
 }
 
 // Streams one value (or range of it) as GetResponse messages, or hands out a handle.
-class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteBuffer> {
+class GetCall final : public StreamedReadCall {
  public:
   GetCall(ChunkdService* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue)
-      : ServerStreamCall(engine, queue, "Get", SpawnerOf<GetCall>(service)), service_(service) {}
+      : StreamedReadCall(engine, queue, "Get", SpawnerOf<GetCall>(service),
+                         &service->counters().get_errors),
+        service_(service) {}
 
  private:
   void Request(grpc::ServerCompletionQueue* queue, void* tag) override {
@@ -162,27 +164,8 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
     });
   }
 
-  void OnWriteDone(bool ok) override {
-    if (!ok) {
-      FinishWith(Error(grpc::StatusCode::CANCELLED, "the client stopped reading"));
-      return;
-    }
-    if (cancelled_.load()) {
-      FinishWith(Error(grpc::StatusCode::CANCELLED, "cancelled"));
-      return;
-    }
-    WriteNext();
-  }
-
-  void OnCancel() override { cancelled_.store(true); }
-
-  void FinishWith(grpc::Status status) {
-    if (!status.ok()) service_->counters().get_errors.fetch_add(1, std::memory_order_relaxed);
-    Finish(std::move(status));
-  }
-
   void OnValue(absl::StatusOr<CachedValue> value) {
-    if (cancelled_.load()) {
+    if (cancelled()) {
       FinishWith(Error(grpc::StatusCode::CANCELLED, "cancelled"));
       return;
     }
@@ -300,7 +283,7 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
 
   // One write is in flight at a time: OnValue starts the chain, each OnWriteDone continues it,
   // so the fields below are only touched by one thread at a time.
-  void WriteNext() {
+  void WriteNext() override {
     size_t part;
     // The header goes with the first part; later messages carry data only.
     message_ = parts_.Next(std::move(prefix_), &part);
@@ -324,7 +307,6 @@ class GetCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteB
   CudaRequest cuda_;
   bool other_deliveries_ = false;
   buffer::cpu::Buffer whole_;  // the whole value, for a promotion to the device tier
-  std::atomic<bool> cancelled_{false};
   buffer::cpu::Buffer data_;
   wire::PartSequence parts_;
   std::string prefix_;

@@ -3,9 +3,12 @@
 #ifndef CHUNKD_SERVER_SERVICES_METHOD_CALLS_H_
 #define CHUNKD_SERVER_SERVICES_METHOD_CALLS_H_
 
+#include <atomic>
+#include <cstdint>
 #include <functional>
 #include <utility>
 
+#include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/status.h"
 #include "server/rpc/rpc_engine.h"
 
@@ -72,6 +75,43 @@ void AddUnary(rpc::Engine* engine, Service* service, const char* name,
       },
       1);
 }
+
+// A read that streams its value in parts, one write in flight at a time (chunkd.v1's Get,
+// TensorStore's Read): the subclass's WriteNext starts the next write once the last is done; a
+// client that stops reading, or cancels, ends the call with CANCELLED. Calls that end in an
+// error count in `errors`.
+class StreamedReadCall : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteBuffer> {
+ protected:
+  StreamedReadCall(rpc::Engine* engine, grpc::ServerCompletionQueue* queue, const char* name,
+                   rpc::Engine::Spawner spawner, std::atomic<uint64_t>* errors)
+      : ServerStreamCall(engine, queue, name, std::move(spawner)), errors_(errors) {}
+
+  virtual void WriteNext() = 0;
+  bool cancelled() const { return cancelled_.load(); }
+
+  void FinishWith(grpc::Status status) {
+    if (!status.ok()) errors_->fetch_add(1, std::memory_order_relaxed);
+    Finish(std::move(status));
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "the client stopped reading"));
+      return;
+    }
+    if (cancelled()) {
+      FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+      return;
+    }
+    WriteNext();
+  }
+
+  void OnCancel() override { cancelled_.store(true); }
+
+ private:
+  std::atomic<uint64_t>* const errors_;
+  std::atomic<bool> cancelled_{false};
+};
 
 }  // namespace chunkd::server
 

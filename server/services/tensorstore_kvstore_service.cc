@@ -131,12 +131,12 @@ absl::StatusOr<ByteRange> RangeFrom(const tskv::ReadRequest& request) {
 
 // Reads a value or a range of it. The first reply carries state, generation and time; the
 // value follows in parts that refer to the cached buffer.
-class ReadCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::ByteBuffer> {
+class ReadCall final : public StreamedReadCall {
  public:
   ReadCall(TensorStoreKvStoreService* service, rpc::Engine* engine,
            grpc::ServerCompletionQueue* queue)
-      : ServerStreamCall(engine, queue, TensorStoreKvStoreService::kRead,
-                         SpawnerOf<ReadCall>(service)),
+      : StreamedReadCall(engine, queue, TensorStoreKvStoreService::kRead,
+                         SpawnerOf<ReadCall>(service), &service->counters().get_errors),
         service_(service) {}
 
  private:
@@ -180,7 +180,7 @@ class ReadCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::Byte
   }
 
   void OnValue(absl::StatusOr<CachedValue> value) {
-    if (cancelled_.load()) {
+    if (cancelled()) {
       FinishWith(Error(grpc::StatusCode::CANCELLED, "cancelled"));
       return;
     }
@@ -229,7 +229,7 @@ class ReadCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::Byte
   }
 
   // One write in flight at a time: OnValue starts the chain, each OnWriteDone continues it.
-  void WriteNext() {
+  void WriteNext() override {
     size_t part;
     message_ = parts_.Next(std::move(head_), &part);
     head_.clear();
@@ -241,33 +241,11 @@ class ReadCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::Byte
     }
   }
 
-  void OnWriteDone(bool ok) override {
-    if (!ok) {
-      FinishWith(Error(grpc::StatusCode::CANCELLED, "the client stopped reading"));
-      return;
-    }
-    if (cancelled_.load()) {
-      FinishWith(Error(grpc::StatusCode::CANCELLED, "cancelled"));
-      return;
-    }
-    WriteNext();
-  }
-
-  void OnCancel() override { cancelled_.store(true); }
-
-  void FinishWith(grpc::Status status) {
-    if (!status.ok()) {
-      service_->counters().get_errors.fetch_add(1, std::memory_order_relaxed);
-    }
-    Finish(std::move(status));
-  }
-
   TensorStoreKvStoreService* const service_;
   absl::Time arrived_;
   std::string key_;
   ByteRange range_;
   tsgrpc::TsConditions conditions_;
-  std::atomic<bool> cancelled_{false};
   std::string head_;
   wire::PartSequence parts_;
   grpc::ByteBuffer message_;

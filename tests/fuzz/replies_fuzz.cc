@@ -20,11 +20,22 @@ namespace {
 // limit would: the fuzzer's 2 GB malloc limit would otherwise report any large announcement.
 constexpr uint64_t kMaxBytes = 1 << 20;
 
-// Handle replies are refused: there is no server whose memory could be mapped.
-class NoHandles final : public chunkd::client::HandleImporter {
+// Handle replies: an even lease "imports" (a result viewing nothing, as no server's memory is
+// here to map), an odd one fails as a segment this process cannot map does (the GetMany then
+// fails as a whole, to be read again inline).
+class FakeHandles final : public chunkd::client::HandleImporter {
  public:
-  absl::StatusOr<chunkd::client::GetResult> Import(const chunkd::v1::GetHeader&) override {
-    return absl::UnavailableError("no handles here");
+  absl::StatusOr<chunkd::client::GetResult> Import(const chunkd::v1::GetHeader& header) override {
+    uint64_t lease = header.lease().id();
+    if (lease % 2 == 1) {
+      Drop(lease);
+      return chunkd::client::ImportFailed(absl::PermissionDeniedError("cannot map"),
+                                          header.delivery());
+    }
+    chunkd::client::GetResult r;
+    r.delivery = header.delivery();
+    r.lease_id = lease;
+    return r;
   }
   void Drop(uint64_t) override {}
 };
@@ -67,20 +78,44 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 2 + controls) return 0;
   std::vector<grpc::ByteBuffer> messages =
       Messages(data + 2 + controls, size - 2 - controls, data + 2, controls);
-  auto importer = std::make_shared<NoHandles>();
+  auto importer = std::make_shared<FakeHandles>();
   if (many) {
-    chunkd::client::GetManyReply reply(importer, items, kMaxBytes);
-    for (const grpc::ByteBuffer& m : messages) {
-      if (!reply.Absorb(m).ok()) return 0;
+    // Half of the inputs hand the items over as they complete (GetManyEachAsync).
+    bool each = data[1] & 0x80;
+    size_t next = 0;
+    chunkd::client::ItemsCallback handed;
+    if (each) {
+      handed = [&next](size_t first, std::vector<absl::StatusOr<chunkd::client::GetResult>> r) {
+        if (first != next || r.empty()) std::abort();  // in order, none twice
+        next += r.size();
+      };
     }
-    auto results = reply.Finish();
-    if (results.ok() && results->size() != items) std::abort();
+    {
+      chunkd::client::GetManyReply reply(importer, items, kMaxBytes, handed);
+      bool absorbed = true;
+      for (const grpc::ByteBuffer& m : messages) {
+        if (!reply.Absorb(m).ok()) {
+          absorbed = false;
+          break;
+        }
+      }
+      if (absorbed) {
+        auto results = reply.Finish();
+        if (results.ok() && !each && results->size() != items) std::abort();
+        if (results.ok() && each && (!results->empty() || next != items)) std::abort();
+      }
+      if (next > items) std::abort();
+    }
   } else {
     chunkd::client::GetReply reply(importer, kMaxBytes);
+    bool absorbed = true;
     for (const grpc::ByteBuffer& m : messages) {
-      if (!reply.Absorb(m).ok()) return 0;
+      if (!reply.Absorb(m).ok()) {
+        absorbed = false;
+        break;
+      }
     }
-    (void)reply.Finish(grpc::Status::OK);
+    if (absorbed) (void)reply.Finish(grpc::Status::OK);
   }
   return 0;
 }

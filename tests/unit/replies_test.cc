@@ -3,6 +3,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "proto/wire/raw_message.h"
@@ -16,6 +17,16 @@ class NoHandles final : public HandleImporter {
     return absl::UnavailableError("no handles here");
   }
   void Drop(uint64_t) override {}
+};
+
+// Records the leases given back.
+class DroppedLeases final : public HandleImporter {
+ public:
+  absl::StatusOr<GetResult> Import(const v1::GetHeader&) override {
+    return absl::UnavailableError("not imported here");
+  }
+  void Drop(uint64_t lease) override { dropped.push_back(lease); }
+  std::vector<uint64_t> dropped;
 };
 
 grpc::ByteBuffer Message(const v1::GetResponse& response) {
@@ -129,6 +140,22 @@ TEST(RepliesTest, MoreDataThanAnnouncedIsMalformed) {
   v1::GetResponse first = Header(3, 0, 3);
   first.set_data("abcd");
   EXPECT_EQ(reply.Absorb(Message(first)).code(), absl::StatusCode::kDataLoss);
+}
+
+// A handle reply carries no bytes: data after its header was copied into the empty value (a
+// null pointer) before this check. The lease it announced goes back with the reply.
+TEST(RepliesTest, DataAfterAHandleIsMalformedAndItsLeaseGoesBack) {
+  auto leases = std::make_shared<DroppedLeases>();
+  {
+    GetReply reply(leases, 1 << 20);
+    v1::GetResponse first = Header(8, 0, 8);
+    first.mutable_header()->set_delivery(v1::DELIVERY_SHM);
+    first.mutable_header()->mutable_lease()->set_id(42);
+    first.set_data("abcd");
+    EXPECT_EQ(reply.Absorb(Message(first)).code(), absl::StatusCode::kDataLoss);
+    EXPECT_TRUE(leases->dropped.empty());  // not before the reply goes
+  }
+  EXPECT_EQ(leases->dropped, std::vector<uint64_t>{42});
 }
 
 }  // namespace
