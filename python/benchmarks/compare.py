@@ -804,7 +804,7 @@ def targets(rows: list[dict]) -> list[str]:
                     f"{fmt(py)} vs {fmt(cc)} req/s" if py and cc
                     else why_not(rows, section="get", transport=transport, size=size))
         py, cc = get("python", "shm", 1 << 20, "p50_us"), get("c++", "shm", 1 << 20, "p50_us")
-        add("Python shared-memory get, 1 MiB (every byte copied): p50 ≤ 1.25× the C++ "
+        add("Python shared-memory get, 1 MiB (every byte read): p50 ≤ 1.25× the C++ "
             "client's", ratio(py, cc), lambda v: v <= 1.25,
             f"{fmt(py)} vs {fmt(cc)} µs" if py and cc
             else why_not(rows, section="get", transport="shm", size=1 << 20))

@@ -402,9 +402,10 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
     LaunchReads();
   }
 
-  // Starts the reads the window allows, then sends what is ready.
-  void LaunchReads() {
-    {
+  // Starts the reads the window allows, then sends what is ready. `held`: the caller counted
+  // this launcher in pending_ already, in the critical section that let it run.
+  void LaunchReads(bool held = false) {
+    if (!held) {
       absl::MutexLock lock(&mu_);
       ++pending_;  // nothing finishes the call while this runs
     }
@@ -431,7 +432,7 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
       --pending_;
       action = PumpLocked();
     }
-    Act(action);
+    if (action != Action::kNothing) Act(action);
   }
 
   void OnValue(size_t i, absl::StatusOr<CachedValue> value) {
@@ -468,7 +469,7 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
       --pending_;
       action = PumpLocked();
     }
-    Act(action);
+    if (action != Action::kNothing) Act(action);
   }
 
   void OnWriteDone(bool ok) override {
@@ -476,8 +477,11 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
       absl::MutexLock lock(&mu_);
       writing_ = false;
       write_failed_ |= !ok;
+      // Counted before the lock goes: once writing_ is false, a read completing on another
+      // thread could otherwise finish the call, and the engine delete it, before LaunchReads.
+      ++pending_;
     }
-    LaunchReads();  // items sent make room in the window; then the next message goes
+    LaunchReads(/*held=*/true);  // items sent make room in the window; then the next message goes
   }
 
   void OnCancel() override {
@@ -487,7 +491,7 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
       cancelled_ = true;
       action = PumpLocked();
     }
-    Act(action);
+    if (action != Action::kNothing) Act(action);
   }
 
   bool stopping() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return cancelled_ || write_failed_; }
@@ -556,7 +560,9 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
     return Action::kWrite;
   }
 
-  // Runs what PumpLocked decided, without the lock; the last thing the caller does.
+  // Runs what PumpLocked decided, without the lock; the last thing the caller does. Called only
+  // with an action (not kNothing): once the lock is released after kNothing, another thread may
+  // finish the call and the engine delete this object, so the caller must not touch it again.
   void Act(Action action) {
     switch (action) {
       case Action::kNothing:
