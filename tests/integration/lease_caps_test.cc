@@ -256,10 +256,8 @@ TEST_F(LeaseCapsTest, HandleOnlyClientsGetResourceExhaustedNamingTheCap) {
   EXPECT_EQ(host.pin_refusals_client_cap(), 2u);
   EXPECT_EQ(host.pin_refusals_total_cap(), 2u);
 
-  std::string log = server_->log();
-  size_t at = log.find("metrics on http://127.0.0.1:");
-  ASSERT_NE(at, std::string::npos) << log;
-  int port = std::atoi(log.c_str() + at + std::string("metrics on http://127.0.0.1:").size());
+  int port = server_->metrics_port();
+  ASSERT_GT(port, 0) << server_->log();
   httplib::Client http("127.0.0.1", port);
   auto res = http.Get("/metrics");
   ASSERT_TRUE(res);

@@ -15,11 +15,8 @@ TEST(Metrics, ServesPrometheusTextThatFollowsTheServer) {
   auto server = testing::ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
                                                "--metrics_listen=127.0.0.1:0"});
   ASSERT_TRUE(server.ok()) << server.status();
-  std::string log = (*server)->log();
-  size_t at = log.find("metrics on http://127.0.0.1:");
-  ASSERT_NE(at, std::string::npos) << log;
-  int port = std::atoi(log.c_str() + at + std::string("metrics on http://127.0.0.1:").size());
-  ASSERT_GT(port, 0);
+  int port = (*server)->metrics_port();
+  ASSERT_GT(port, 0) << (*server)->log();
 
   client::ClientOptions options;
   options.address = (*server)->address();

@@ -382,10 +382,8 @@ TEST(TensorStoreServiceLifecycle, HealthAndMetricsNameTheService) {
     ASSERT_TRUE(ts.List("", "", &keys).ok());
     ASSERT_TRUE(ts.Delete("k").ok());
   }
-  std::string log = (*server)->log();
-  size_t at = log.find("metrics on http://127.0.0.1:");
-  ASSERT_NE(at, std::string::npos) << log;
-  int port = std::atoi(log.c_str() + at + std::string("metrics on http://127.0.0.1:").size());
+  int port = (*server)->metrics_port();
+  ASSERT_GT(port, 0) << (*server)->log();
   httplib::Client http("127.0.0.1", port);
   auto res = http.Get("/metrics");
   ASSERT_TRUE(res);

@@ -111,6 +111,13 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(std::vector<
 
 std::string ServerProcess::log() const { return ReadFile(dir_->Join("log")); }
 
+int ServerProcess::metrics_port() const {
+  const std::string kLine = "metrics on http://127.0.0.1:";
+  std::string text = log();
+  size_t at = text.find(kLine);
+  return at == std::string::npos ? 0 : std::atoi(text.c_str() + at + kLine.size());
+}
+
 int ServerProcess::Stop(int signal, absl::Duration wait) {
   if (pid_ < 0) return -1;
   ::kill(pid_, signal);

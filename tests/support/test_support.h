@@ -57,6 +57,9 @@ class ServerProcess {
   pid_t pid() const { return pid_; }
   // Everything the server wrote on stderr so far.
   std::string log() const;
+  // The port of the metrics endpoint a server started with --metrics_listen=127.0.0.1:0 names
+  // in its log; 0 when it names none.
+  int metrics_port() const;
 
   // Sends `signal` and waits for the exit; returns the exit status (128+N when killed by N).
   int Stop(int signal = 15, absl::Duration wait = absl::Seconds(30));
