@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -32,11 +31,6 @@ from chunkd.zarr import ChunkdStore  # noqa: E402
 GiB = 1 << 30
 
 
-def own_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def server_cpu(pids: list[int]) -> float:
     return sum(benchlib.process_cpu_seconds(p) or 0.0 for p in pids)
 
@@ -50,7 +44,7 @@ def nginx_pids(master: int) -> list[int]:
 def measure(name: str, store, reads: int, pids: list[int]) -> dict:
     array = zarr.open_array(store, path="a", mode="r")
     array[...]  # warm
-    c0, s0, t0 = own_cpu(), server_cpu(pids), time.perf_counter()
+    c0, s0, t0 = time.process_time(), server_cpu(pids), time.perf_counter()
     for _ in range(reads):
         array[...]
     wall = time.perf_counter() - t0
@@ -58,7 +52,7 @@ def measure(name: str, store, reads: int, pids: list[int]) -> dict:
     return {
         "store": name,
         "GB/s": reads * array.nbytes / wall / 1e9,
-        "reader CPU s/GiB": (own_cpu() - c0) / gib,
+        "reader CPU s/GiB": (time.process_time() - c0) / gib,
         "server CPU s/GiB": (server_cpu(pids) - s0) / gib,
         "wall s/GiB": wall / gib,
     }
