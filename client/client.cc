@@ -104,6 +104,14 @@ absl::StatusOr<T> RetryBlocking(const ClientOptions& options, absl::Time deadlin
 
 // Runs one attempt of a call after another while they fail with UNAVAILABLE, with
 // exponential backoff and jitter, until the call's deadline or the attempt limit.
+//
+// Lifetime: nothing owns a Retrier but the callbacks that will run it next (the attempt's
+// completion, or the alarm of the delay before the next attempt), so it and everything its
+// attempt holds (a Put's payload) go away as soon as the call has ended. Each delay's alarm
+// deletes itself from its own callback: gRPC keeps an alarm's callback, and what it captures,
+// until the alarm is destroyed, so an alarm the Retrier kept would keep the Retrier alive
+// through its own callback, for ever. (gRPC holds a reference of its own to the alarm's state
+// while the callback runs, so destroying the alarm there is safe.)
 template <typename T>
 class Retrier : public std::enable_shared_from_this<Retrier<T>> {
  public:
@@ -139,13 +147,14 @@ class Retrier : public std::enable_shared_from_this<Retrier<T>> {
         self->done_(std::move(result));
         return;
       }
-      absl::MutexLock lock(&self->mu_);
-      self->alarms_.push_back(std::make_unique<grpc::Alarm>());
-      grpc::Alarm* alarm = self->alarms_.back().get();
+      auto* alarm = new grpc::Alarm();
       wire::Started(alarm);  // the alarm's callback runs on a gRPC thread
-      alarm->Set(absl::ToChronoTime(absl::Now() + delay), [self, alarm](bool) {
+      alarm->Set(absl::ToChronoTime(absl::Now() + delay), [self, alarm](bool) mutable {
         wire::Completed(alarm);
-        self->Next();
+        delete alarm;
+        // The next attempt holds the Retrier from here on, not this (already spent) callback.
+        std::shared_ptr<Retrier> retrier = std::move(self);
+        retrier->Next();
       });
     });
   }
@@ -153,12 +162,10 @@ class Retrier : public std::enable_shared_from_this<Retrier<T>> {
   Attempt attempt_;
   Callback<T> done_;
   absl::Time deadline_;
+  // Touched by one attempt's completion at a time (attempts run one after another).
   int attempts_left_ = 1;
   std::unique_ptr<Backoff> backoff_;
   std::shared_ptr<Cancellation> cancellation_;
-  absl::Mutex mu_;
-  // Kept until the whole call is over: an alarm must outlive its callback.
-  std::vector<std::unique_ptr<grpc::Alarm>> alarms_;
 };
 
 template <typename T, typename Start>
