@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -62,6 +63,10 @@ void ToProto(const ByteRange& r, v1::GetRequest* out) {
       out->mutable_range()->set_suffix(r.suffix);
       break;
   }
+}
+
+int ClampMillis(absl::Duration d) {
+  return static_cast<int>(std::clamp<int64_t>(absl::ToInt64Milliseconds(d), 1, INT_MAX));
 }
 
 grpc::ByteBuffer Serialize(const google::protobuf::Message& message) {
@@ -787,6 +792,27 @@ class ClientImpl final : public Client {
         [](const v1::StatResponse& r) { return StatResult{r.exists(), r.size(), r.generation()}; });
   }
 
+  // A Stat that drops the server's cached copy first (StatRequest.invalidate).
+  void InvalidateAsync(absl::string_view key, StatusCallback done) override {
+    v1::StatRequest request;
+    request.set_key(std::string(key));
+    request.set_invalidate(true);
+    Unary<v1::StatRequest, v1::StatResponse, Empty>(
+        request, [](auto* async, auto* context, auto* req, auto* resp, auto cb) {
+          async->Stat(context, req, resp, std::move(cb));
+        },
+        [](const v1::StatResponse&) { return Empty{}; },
+        [done](absl::StatusOr<Empty> r) { done(r.status()); });
+  }
+  absl::Status Invalidate(absl::string_view key) override {
+    v1::StatRequest request;
+    request.set_key(std::string(key));
+    request.set_invalidate(true);
+    return BlockingUnary<v1::StatRequest, v1::StatResponse, Empty>(
+               request, &v1::Chunkd::Stub::Stat, [](const v1::StatResponse&) { return Empty{}; })
+        .status();
+  }
+
   void ListPagesAsync(absl::string_view prefix, bool directory,
                       Callback<std::vector<ListResult>> done) override {
     Retrier<std::vector<ListResult>>::Run(
@@ -1143,6 +1169,26 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   // channel to an address in the process, so Clients made for parallelism would all queue on
   // one socket.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  // A server whose host went silent (cut off, no reset) is found by pings, not by the calls'
+  // deadlines: a ping unanswered within keepalive_timeout closes the connection and fails its
+  // calls with UNAVAILABLE (gRPC also sets TCP_USER_TIMEOUT to it). Idle connections are
+  // pinged too, and with no cap on pings between data frames (a long Get waiting for a slow
+  // store sends none).
+  if (options.keepalive_time > absl::ZeroDuration()) {
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, ClampMillis(options.keepalive_time));
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ClampMillis(options.keepalive_timeout));
+    args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+    args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  }
+  // A connection attempt to a silent host gives up after connect_timeout (gRPC's default is
+  // 20 s, and grows with its reconnect backoff up to 2 minutes: calls wait for an attempt in
+  // progress). The backoff between attempts stays under it too.
+  if (options.connect_timeout > absl::ZeroDuration()) {
+    int connect_ms = ClampMillis(options.connect_timeout);
+    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, connect_ms);
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, connect_ms);
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, std::min(connect_ms, 1000));
+  }
   auto channel = CreateChannel(options, args);  // TLS and token, when the options ask for them
   if (!channel.ok()) return channel.status();
   if (!*channel) {
