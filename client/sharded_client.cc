@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -184,8 +185,10 @@ class ShardedClientImpl final : public ShardedClient {
       : ShardedClient(options.client), options_(options), host_(std::move(host)),
         port_(std::move(port)) {}
 
-  // Probes in flight use the clients: cancel them and wait.
+  // Probes in flight use the clients: cancel them and wait (in the process that started them:
+  // a forked child's copy of a probe in flight never ends, its thread is the parent's).
   ~ShardedClientImpl() override {
+    if (::getpid() != pid_) return;
     std::vector<std::shared_ptr<Cancellation>> probes;
     {
       absl::MutexLock lock(&mu_);
@@ -911,6 +914,7 @@ class ShardedClientImpl final : public ShardedClient {
   // Probes in flight, by server; the destructor cancels them and waits.
   absl::flat_hash_map<std::string, std::shared_ptr<Cancellation>> probes_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  const pid_t pid_ = ::getpid();
   // The deepest rank (in a key's rendezvous order) a call was served from; at least 1, the
   // next server, which any client may have failed over to.
   std::atomic<size_t> deepest_served_{1};
