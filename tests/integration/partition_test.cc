@@ -65,7 +65,9 @@ class Namespaces {
   std::string Add(const std::string& suffix) {
     std::string ns = prefix_ + suffix;
     CommandResult r = Ip({"netns", "add", ns});
-    if (r.exit_code != 0) return absl::StrCat("ip netns add ", ns, ": ", r.err);
+    if (r.exit_code != 0) {
+      return absl::StrCat("ip netns add ", ns, " exited with ", r.exit_code, ": ", r.err);
+    }
     created_.push_back(ns);
     return Run({"-n", ns, "link", "set", "lo", "up"});
   }
@@ -74,7 +76,7 @@ class Namespaces {
   static std::string Run(std::vector<std::string> args) {
     CommandResult r = Ip(args);
     if (r.exit_code == 0) return "";
-    return absl::StrCat("ip ", absl::StrJoin(args, " "), ": ", r.err);
+    return absl::StrCat("ip ", absl::StrJoin(args, " "), " exited with ", r.exit_code, ": ", r.err);
   }
 
  private:
