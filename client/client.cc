@@ -4,9 +4,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
-#include <random>
 #include <thread>
 #include <utility>
 
@@ -16,7 +16,6 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "chunkd/v1/chunkd.grpc.pb.h"
-#include "grpcpp/alarm.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/security/credentials.h"
@@ -27,6 +26,7 @@
 #include "client/cuda_import.h"
 #include "client/credentials.h"
 #include "client/replies.h"
+#include "client/retry.h"
 #include "proto/wire/handoff.h"
 #include "proto/wire/raw_message.h"
 #include "proto/wire/transport.h"
@@ -64,102 +64,16 @@ void ToProto(const ByteRange& r, v1::GetRequest* out) {
   }
 }
 
+int ClampMillis(absl::Duration d) {
+  return static_cast<int>(std::clamp<int64_t>(absl::ToInt64Milliseconds(d), 1, INT_MAX));
+}
+
 grpc::ByteBuffer Serialize(const google::protobuf::Message& message) {
   grpc::ByteBuffer out;
   bool own;
   (void)grpc::SerializationTraits<google::protobuf::Message>::Serialize(message, &out, &own);
   return out;
 }
-
-// The delays between attempts: exponential with jitter.
-class Backoff {
- public:
-  explicit Backoff(const ClientOptions& options)
-      : next_(options.initial_backoff), max_(options.max_backoff) {}
-  absl::Duration Next() {
-    static thread_local std::mt19937_64 rng{std::random_device{}()};
-    absl::Duration delay = next_ * std::uniform_real_distribution<double>(0.5, 1.0)(rng);
-    next_ = std::min(next_ * 2, max_);
-    return delay;
-  }
-
- private:
-  absl::Duration next_, max_;
-};
-
-// Runs `attempt` until it succeeds, fails with a status other than UNAVAILABLE, or the attempts
-// or the deadline run out; on the calling thread.
-template <typename T, typename Attempt>
-absl::StatusOr<T> RetryBlocking(const ClientOptions& options, absl::Time deadline,
-                                Attempt attempt) {
-  Backoff backoff(options);
-  for (int left = std::max(1, options.max_attempts);; --left) {
-    absl::StatusOr<T> result = attempt();
-    if (result.ok() || !absl::IsUnavailable(result.status()) || left <= 1) return result;
-    absl::Duration delay = backoff.Next();
-    if (absl::Now() + delay >= deadline) return result;
-    absl::SleepFor(delay);
-  }
-}
-
-// Runs one attempt of a call after another while they fail with UNAVAILABLE, with
-// exponential backoff and jitter, until the call's deadline or the attempt limit.
-template <typename T>
-class Retrier : public std::enable_shared_from_this<Retrier<T>> {
- public:
-  using Attempt = std::function<void(absl::Time deadline, Callback<T> done)>;
-
-  static void Run(const ClientOptions& options, absl::Time deadline, bool retryable,
-                  Attempt attempt, Callback<T> done,
-                  std::shared_ptr<Cancellation> cancellation = nullptr) {
-    auto self = std::shared_ptr<Retrier>(new Retrier());
-    self->attempt_ = std::move(attempt);
-    self->done_ = std::move(done);
-    self->deadline_ = deadline;
-    self->attempts_left_ = retryable ? std::max(1, options.max_attempts) : 1;
-    self->backoff_ = std::make_unique<Backoff>(options);
-    self->cancellation_ = std::move(cancellation);
-    self->Next();
-  }
-
- private:
-  void Next() {
-    auto self = this->shared_from_this();
-    if (cancellation_ && cancellation_->cancelled()) {
-      done_(absl::CancelledError("cancelled by the caller"));
-      return;
-    }
-    attempt_(deadline_, [self](absl::StatusOr<T> result) {
-      if (result.ok() || !absl::IsUnavailable(result.status()) || --self->attempts_left_ <= 0) {
-        self->done_(std::move(result));
-        return;
-      }
-      absl::Duration delay = self->backoff_->Next();
-      if (absl::Now() + delay >= self->deadline_) {
-        self->done_(std::move(result));
-        return;
-      }
-      absl::MutexLock lock(&self->mu_);
-      self->alarms_.push_back(std::make_unique<grpc::Alarm>());
-      grpc::Alarm* alarm = self->alarms_.back().get();
-      wire::Started(alarm);  // the alarm's callback runs on a gRPC thread
-      alarm->Set(absl::ToChronoTime(absl::Now() + delay), [self, alarm](bool) {
-        wire::Completed(alarm);
-        self->Next();
-      });
-    });
-  }
-
-  Attempt attempt_;
-  Callback<T> done_;
-  absl::Time deadline_;
-  int attempts_left_ = 1;
-  std::unique_ptr<Backoff> backoff_;
-  std::shared_ptr<Cancellation> cancellation_;
-  absl::Mutex mu_;
-  // Kept until the whole call is over: an alarm must outlive its callback.
-  std::vector<std::unique_ptr<grpc::Alarm>> alarms_;
-};
 
 template <typename T, typename Start>
 absl::StatusOr<T> WaitFor(Start start) {
@@ -780,6 +694,27 @@ class ClientImpl final : public Client {
         [](const v1::StatResponse& r) { return StatResult{r.exists(), r.size(), r.generation()}; });
   }
 
+  // A Stat that drops the server's cached copy first (StatRequest.invalidate).
+  void InvalidateAsync(absl::string_view key, StatusCallback done) override {
+    v1::StatRequest request;
+    request.set_key(std::string(key));
+    request.set_invalidate(true);
+    Unary<v1::StatRequest, v1::StatResponse, Empty>(
+        request, [](auto* async, auto* context, auto* req, auto* resp, auto cb) {
+          async->Stat(context, req, resp, std::move(cb));
+        },
+        [](const v1::StatResponse&) { return Empty{}; },
+        [done](absl::StatusOr<Empty> r) { done(r.status()); });
+  }
+  absl::Status Invalidate(absl::string_view key) override {
+    v1::StatRequest request;
+    request.set_key(std::string(key));
+    request.set_invalidate(true);
+    return BlockingUnary<v1::StatRequest, v1::StatResponse, Empty>(
+               request, &v1::Chunkd::Stub::Stat, [](const v1::StatResponse&) { return Empty{}; })
+        .status();
+  }
+
   void ListPagesAsync(absl::string_view prefix, bool directory,
                       Callback<std::vector<ListResult>> done) override {
     Retrier<std::vector<ListResult>>::Run(
@@ -1136,6 +1071,26 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   // channel to an address in the process, so Clients made for parallelism would all queue on
   // one socket.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  // A server whose host went silent (cut off, no reset) is found by pings, not by the calls'
+  // deadlines: a ping unanswered within keepalive_timeout closes the connection and fails its
+  // calls with UNAVAILABLE (gRPC also sets TCP_USER_TIMEOUT to it). Idle connections are
+  // pinged too, and with no cap on pings between data frames (a long Get waiting for a slow
+  // store sends none).
+  if (options.keepalive_time > absl::ZeroDuration()) {
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, ClampMillis(options.keepalive_time));
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ClampMillis(options.keepalive_timeout));
+    args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+    args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  }
+  // A connection attempt to a silent host gives up after connect_timeout (gRPC's default is
+  // 20 s, and grows with its reconnect backoff up to 2 minutes: calls wait for an attempt in
+  // progress). The backoff between attempts stays under it too.
+  if (options.connect_timeout > absl::ZeroDuration()) {
+    int connect_ms = ClampMillis(options.connect_timeout);
+    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, connect_ms);
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, connect_ms);
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, std::min(connect_ms, 1000));
+  }
   auto channel = CreateChannel(options, args);  // TLS and token, when the options ask for them
   if (!channel.ok()) return channel.status();
   if (!*channel) {

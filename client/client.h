@@ -79,6 +79,15 @@ struct ClientOptions {
   std::string tls_server_name;
   // Sent with every call as "authorization: Bearer TOKEN" (servers started with --auth_tokens).
   std::string token;
+  // Finding a server that went silent (its host cut off, no reset): the connection is pinged
+  // after keepalive_time without a ping (idle or not), and closed when the answer takes longer
+  // than keepalive_timeout (also the longest time sent bytes may go unacknowledged, Linux's
+  // TCP_USER_TIMEOUT); the calls on it then fail with UNAVAILABLE, which is retried or, in a
+  // pool, fails over. A connection attempt gives up after connect_timeout. chunkd servers
+  // accept pings every second or more; zero keepalive_time: no pings.
+  absl::Duration keepalive_time = absl::Seconds(5);
+  absl::Duration keepalive_timeout = absl::Seconds(5);
+  absl::Duration connect_timeout = absl::Seconds(5);
 };
 
 // A byte range in Zarr's three forms; END is exclusive.
@@ -229,6 +238,11 @@ class Client {
   // A missing key is not an error: exists is false.
   virtual absl::StatusOr<StatResult> Stat(absl::string_view key) = 0;
   virtual void StatAsync(absl::string_view key, Callback<StatResult> done) = 0;
+
+  // Drops the server's cached copy of `key`, if it holds one (the store is not touched): the
+  // next read of the key comes from the store. A pool drops every server's copy.
+  virtual absl::Status Invalidate(absl::string_view key) = 0;
+  virtual void InvalidateAsync(absl::string_view key, StatusCallback done) = 0;
 
   virtual absl::StatusOr<ListResult> List(absl::string_view prefix, bool directory = false) = 0;
   virtual void ListAsync(absl::string_view prefix, bool directory, Callback<ListResult> done) = 0;

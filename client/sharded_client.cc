@@ -3,8 +3,11 @@
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
 #include <map>
 #include <set>
 #include <thread>
@@ -12,6 +15,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -130,13 +134,75 @@ absl::StatusOr<std::vector<std::string>> Resolve(const std::string& host, const 
   return absl::NotFoundError(absl::StrCat("host name ", host, " does not resolve"));
 }
 
-bool FailsOver(const absl::Status& s) { return absl::IsUnavailable(s); }
+// A failure of the server rather than of the call: it counts towards marking the server down,
+// and a call that may be repeated goes on to the key's next server. UNAVAILABLE: down,
+// restarting, or its connection found dead (keepalive pings, connect timeout); DEADLINE_EXCEEDED:
+// a server that took the whole deadline (silent, or overloaded).
+bool ServerFailure(const absl::Status& s) {
+  return absl::IsUnavailable(s) || absl::IsDeadlineExceeded(s);
+}
 
+// Whether a call that may be repeated goes on to the next server after `s`. A deadline is
+// failed over once per call: the call then takes at most twice its timeout.
+bool FailsOver(const absl::Status& s, int* deadlines) {
+  if (absl::IsUnavailable(s)) return true;
+  return absl::IsDeadlineExceeded(s) && ++*deadlines <= 1;
+}
+
+// A write that failed with one of these was refused before anything changed: no copy went stale.
+bool RefusedBeforeWriting(const absl::Status& s) {
+  return absl::IsInvalidArgument(s) || absl::IsFailedPrecondition(s) ||
+         absl::IsPermissionDenied(s) || absl::IsUnauthenticated(s) || absl::IsResourceExhausted(s);
+}
+
+// Keys remembered per server for a later invalidation; past this, a warning (the rest rely on the
+// servers' own revalidation of their store).
+constexpr size_t kMaxStaleKeysPerServer = size_t{1} << 16;
+
+// Consistency of the copies (README "A pool of servers"). Every server of a pool reads one shared
+// store and caches what it read or was written; a server's copy of a key goes stale when the key
+// is written through another server (the writer's cache and the store get the new value). Calls
+// for a key go to its home server, so other servers hold a copy only where a call failed over to
+// them (the home was down or cut off, for this client or for another one). So after every write
+// (Put, Delete), whichever server took it, the pool drops the key's cached copy
+// (StatRequest.invalidate, one small call each)
+//   - on every server ranked before the writer in the key's rendezvous order: they were skipped,
+//     down or failing, and reads of the key go to them first once they are back; and
+//   - on the servers ranked after it, down to the deepest rank this client has seen a call
+//     served from, and at least the next one: where any client's calls for the key went while
+//     the writer could not be reached.
+// A server that cannot be reached for that is remembered with the key, and before it serves the
+// key again the pool drops its copy (or, if it still cannot, fails over). Reads cost nothing
+// extra; a write costs one more small call in the common case (the key's second server).
+// Left to the servers' own revalidation of their store (the file store checks every hit; S3 and
+// HTTP after an interval): copies left where another client's calls failed over past the second
+// server, and a partition that only some clients see (while this client writes a key through its
+// second server, a client that still reaches the home reads the home's old copy until this
+// client reaches the home again).
 class ShardedClientImpl final : public ShardedClient {
  public:
   ShardedClientImpl(const ShardedClientOptions& options, std::string host, std::string port)
       : ShardedClient(options.client), options_(options), host_(std::move(host)),
         port_(std::move(port)) {}
+
+  // Probes in flight use the clients: cancel them and wait (in the process that started them:
+  // a forked child's copy of a probe in flight never ends, its thread is the parent's).
+  ~ShardedClientImpl() override {
+    if (::getpid() != pid_) return;
+    std::vector<std::shared_ptr<Cancellation>> probes;
+    {
+      absl::MutexLock lock(&mu_);
+      closing_ = true;
+      for (auto& [name, cancel] : probes_) probes.push_back(cancel);
+    }
+    for (auto& cancel : probes) cancel->Cancel();
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(
+        +[](ShardedClientImpl* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
+          return p->probes_.empty();
+        },
+        this));
+  }
 
   absl::Status Init() {
     if (!host_.empty()) return Refresh(/*force=*/true);
@@ -160,7 +226,9 @@ class ShardedClientImpl final : public ShardedClient {
   bool IsDown(const std::string& server) override {
     absl::MutexLock lock(&mu_);
     auto it = states_.find(server);
-    return it != states_.end() && it->second.down_until > absl::Now();
+    // Down until a probe (or a call) had an answer from it, also after its down time.
+    if (it == states_.end()) return false;
+    return it->second.probing || it->second.down_until != absl::InfinitePast();
   }
 
   absl::StatusOr<GetResult> Get(absl::string_view key, const GetOptions& options) override {
@@ -175,81 +243,40 @@ class ShardedClientImpl final : public ShardedClient {
                           std::move(done));
   }
 
-  // Items go to their keys' servers, one GetMany per server, in parallel; a group whose server
-  // is down fails over as a whole, like its first key would (every server reads the same store).
+  // The pool's blocking GetMany waits for the asynchronous one: one implementation of the
+  // grouping and of the failover of each group.
   absl::StatusOr<GetManyResults> GetMany(const std::vector<GetManyItem>& items,
                                          const GetOptions& options) override {
-    std::vector<std::vector<size_t>> groups = GroupByHome(items);
-    GetManyResults results(items.size(), absl::UnknownError("not fetched"));
-    std::vector<absl::Status> failures(groups.size());
-    auto fetch = [&](size_t g) {
-      const std::vector<size_t>& indexes = groups[g];
-      std::vector<GetManyItem> group;
-      for (size_t i : indexes) group.push_back(items[i]);
-      auto got = Route<GetManyResults>(group.front().key, true,
-                                       [&](Client& c) { return c.GetMany(group, options); });
-      if (!got.ok()) {
-        failures[g] = got.status();
-        return;
-      }
-      for (size_t j = 0; j < indexes.size(); ++j) results[indexes[j]] = std::move((*got)[j]);
-    };
-    if (groups.size() == 1) {
-      fetch(0);
-    } else {
-      std::vector<std::thread> threads;
-      for (size_t g = 0; g < groups.size(); ++g) threads.emplace_back(fetch, g);
-      for (std::thread& t : threads) t.join();
-    }
-    for (const absl::Status& s : failures) {
-      if (!s.ok()) return s;
-    }
-    return results;
+    absl::Notification finished;
+    absl::StatusOr<GetManyResults> out;
+    GetManyAsync(items, options, [&](absl::StatusOr<GetManyResults> r) {
+      out = std::move(r);
+      finished.Notify();
+    });
+    finished.WaitForNotification();
+    return out;
   }
 
-  // As GetMany, each group's call asynchronous; `done` runs once every group has finished.
+  // Items go to their keys' servers, one GetMany per server, in parallel. The items of a server
+  // that fails (UNAVAILABLE, or a deadline once) go on together to each item's next server,
+  // grouped again; `done` runs once every item has an answer, or with the first error that
+  // ended a group.
   void GetManyAsync(std::vector<GetManyItem> items, const GetOptions& options,
                     Callback<GetManyResults> done) override {
     if (items.empty()) return done(GetManyResults());
-    struct Batch {
-      absl::Mutex mu;
-      GetManyResults results;
-      absl::Status failure;
-      size_t pending;
-      Callback<GetManyResults> done;
-    };
-    std::vector<std::vector<size_t>> groups = GroupByHome(items);
     auto batch = std::make_shared<Batch>();
-    batch->results.assign(items.size(), absl::UnknownError("not fetched"));
-    batch->pending = groups.size();
+    batch->items = std::move(items);
+    batch->options = options;
     batch->done = std::move(done);
-    for (std::vector<size_t>& indexes : groups) {
-      std::vector<GetManyItem> group;
-      for (size_t i : indexes) group.push_back(items[i]);
-      std::string first = group.front().key;
-      RouteAsync<GetManyResults>(
-          first, true,
-          [group = std::move(group), options](Client& c, Callback<GetManyResults> cb) {
-            c.GetManyAsync(group, options, std::move(cb));
-          },
-          [batch, indexes = std::move(indexes)](absl::StatusOr<GetManyResults> got) {
-            bool last;
-            {
-              absl::MutexLock lock(&batch->mu);
-              if (!got.ok()) {
-                if (batch->failure.ok()) batch->failure = got.status();
-              } else {
-                for (size_t j = 0; j < indexes.size(); ++j) {
-                  batch->results[indexes[j]] = std::move((*got)[j]);
-                }
-              }
-              last = --batch->pending == 0;
-            }
-            if (!last) return;
-            if (!batch->failure.ok()) return batch->done(batch->failure);
-            batch->done(std::move(batch->results));
-          });
+    std::vector<size_t> all(batch->items.size());
+    for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+    {
+      absl::MutexLock lock(&batch->mu);
+      batch->pending = 1;  // FetchGroups's own, ended just below
+      batch->results.assign(batch->items.size(), absl::UnknownError("not fetched"));
     }
+    FetchGroups(batch, std::move(all), {}, 0);
+    FinishOne(batch);
   }
 
   // The items are handed over together when every group's call has ended.
@@ -263,45 +290,38 @@ class ShardedClientImpl final : public ShardedClient {
                  });
   }
 
-  // The indexes of `items` grouped by their home server (groups in the order of their first item).
-  std::vector<std::vector<size_t>> GroupByHome(const std::vector<GetManyItem>& items) {
-    std::vector<std::vector<size_t>> groups;
-    absl::flat_hash_map<std::string, size_t> group_of;
-    std::vector<std::string> live = servers();
-    for (size_t i = 0; i < items.size(); ++i) {
-      std::vector<std::string> ranked = RendezvousOrder(live, items[i].key);
-      std::string server = ranked.empty() ? "" : ranked.front();
-      auto [it, inserted] = group_of.try_emplace(server, groups.size());
-      if (inserted) groups.emplace_back();
-      groups[it->second].push_back(i);
-    }
-    return groups;
-  }
-
   absl::StatusOr<PutResult> Put(absl::string_view key, buffer::cpu::Buffer value,
                                 const Conditions& conditions) override {
-    bool conditional = conditions.if_generation_match || conditions.if_generation_not_match;
-    return Route<PutResult>(key, !conditional,
-                            [&](Client& c) { return c.Put(key, value, conditions); });
+    absl::Notification finished;
+    absl::StatusOr<PutResult> out;
+    PutAsync(key, std::move(value), conditions, [&](absl::StatusOr<PutResult> r) {
+      out = std::move(r);
+      finished.Notify();
+    });
+    finished.WaitForNotification();
+    return out;
   }
   void PutAsync(absl::string_view key, buffer::cpu::Buffer value, const Conditions& conditions,
                 Callback<PutResult> done) override {
     bool conditional = conditions.if_generation_match || conditions.if_generation_not_match;
     RouteAsync<PutResult>(
         key, !conditional,
-        [key = std::string(key), value, conditions](Client& c, Callback<PutResult> cb) {
+        [key = std::string(key), value = std::move(value), conditions](Client& c,
+                                                                        Callback<PutResult> cb) {
           c.PutAsync(key, value, conditions, std::move(cb));
         },
-        std::move(done));
+        std::move(done), /*write=*/true);
   }
 
   absl::Status Delete(absl::string_view key, const Conditions& conditions) override {
-    auto r = Route<bool>(key, true, [&](Client& c) -> absl::StatusOr<bool> {
-      absl::Status s = c.Delete(key, conditions);
-      if (!s.ok()) return s;
-      return true;
+    absl::Notification finished;
+    absl::Status out;
+    DeleteAsync(key, conditions, [&](absl::Status s) {
+      out = std::move(s);
+      finished.Notify();
     });
-    return r.status();
+    finished.WaitForNotification();
+    return out;
   }
   void DeleteAsync(absl::string_view key, const Conditions& conditions,
                    StatusCallback done) override {
@@ -316,7 +336,7 @@ class ShardedClientImpl final : public ShardedClient {
             }
           });
         },
-        [done = std::move(done)](absl::StatusOr<bool> r) { done(r.status()); });
+        [done = std::move(done)](absl::StatusOr<bool> r) { done(r.status()); }, /*write=*/true);
   }
 
   absl::StatusOr<StatResult> Stat(absl::string_view key) override {
@@ -328,6 +348,23 @@ class ShardedClientImpl final : public ShardedClient {
                              c.StatAsync(key, std::move(cb));
                            },
                            std::move(done));
+  }
+
+  // Every server's copy: for a key changed in the store behind the pool's back. A server that
+  // cannot be reached drops its copy before it next serves the key.
+  absl::Status Invalidate(absl::string_view key) override {
+    absl::Notification finished;
+    absl::Status out;
+    InvalidateAsync(key, [&](absl::Status s) {
+      out = std::move(s);
+      finished.Notify();
+    });
+    finished.WaitForNotification();
+    return out;
+  }
+  void InvalidateAsync(absl::string_view key, StatusCallback done) override {
+    std::vector<std::string> targets = servers();
+    InvalidateAt(std::string(key), std::move(targets), std::move(done));
   }
 
   absl::StatusOr<std::vector<ListResult>> ListPages(absl::string_view prefix,
@@ -367,7 +404,7 @@ class ShardedClientImpl final : public ShardedClient {
       std::map<std::string, uint64_t> entries;
       std::set<std::string> prefixes;
       int answered = 0;
-      absl::Status first_error;      // other than UNAVAILABLE
+      absl::Status first_error;      // of the call, not of a server
       absl::Status first_unavailable;
       Callback<ListResult> done;
     };
@@ -385,7 +422,7 @@ class ShardedClientImpl final : public ShardedClient {
                               ++merge->answered;
                               for (ListEntry& e : r->entries) merge->entries.emplace(e.key, e.size);
                               for (std::string& p : r->prefixes) merge->prefixes.insert(p);
-                            } else if (FailsOver(r.status())) {
+                            } else if (ServerFailure(r.status())) {
                               if (merge->first_unavailable.ok()) merge->first_unavailable = r.status();
                             } else if (merge->first_error.ok()) {
                               merge->first_error = r.status();
@@ -412,7 +449,7 @@ class ShardedClientImpl final : public ShardedClient {
     for (auto& [name, client] : UpServers()) {
       auto r = client->ServerInfo();
       Record(name, r.status());
-      if (r.ok() || !FailsOver(r.status())) return r;
+      if (r.ok() || !ServerFailure(r.status())) return r;
       last = r.status();
     }
     return last;
@@ -442,7 +479,20 @@ class ShardedClientImpl final : public ShardedClient {
  private:
   struct State {
     int consecutive_failures = 0;
+    // Marked down until then (InfinitePast: up).
     absl::Time down_until = absl::InfinitePast();
+    // Its down time is over and a probe asks whether it is back; calls keep away meanwhile.
+    bool probing = false;
+    // Keys whose copy here may be older than the store's: dropped before it serves them again.
+    absl::flat_hash_set<std::string> stale;
+    bool stale_overflow_logged = false;
+  };
+
+  // One of a key's servers, with its place in the key's rendezvous order.
+  struct Candidate {
+    std::string name;
+    Client* client;
+    size_t rank;
   };
 
   absl::Status SetServersLocked(const std::vector<std::string>& servers)
@@ -475,34 +525,83 @@ class ShardedClientImpl final : public ShardedClient {
     return SetServersLocked(*resolved);
   }
 
-  // The key's servers in rendezvous order, those not down first (each group in rank order).
-  std::vector<std::pair<std::string, Client*>> Candidates(absl::string_view key) {
+  // Whether calls may go to `server` now. A server marked down is kept away from calls until its
+  // down time is over and then until a probe in the background has had an answer from it, so
+  // that no call waits for a server that is still cut off (a connection attempt to a silent host
+  // takes connect_timeout). Appends the server to `probes` when a probe is to start.
+  bool UsableLocked(const std::string& server, absl::Time now,
+                    std::vector<std::pair<std::string, Client*>>* probes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    State& state = states_[server];
+    if (state.probing) return false;
+    if (state.down_until == absl::InfinitePast()) return true;
+    if (state.down_until > now || closing_) return false;
+    state.probing = true;
+    probes->emplace_back(server, clients_.at(server).get());
+    return false;
+  }
+
+  // Asks `server` whether it is back: any answer from it (this Get of the empty key is refused
+  // as INVALID_ARGUMENT without touching the store) ends its down time; a failure starts another.
+  void StartProbes(std::vector<std::pair<std::string, Client*>> probes) {
+    for (auto& [name, client] : probes) {
+      auto cancel = std::make_shared<Cancellation>();
+      {
+        absl::MutexLock lock(&mu_);
+        probes_[name] = cancel;
+      }
+      GetOptions options;
+      options.cancellation = cancel;
+      options.timeout = std::min(options_.client.timeout,
+                                 std::max(absl::Seconds(1), 2 * options_.client.connect_timeout));
+      client->GetAsync("", options, [this, name = name](absl::StatusOr<GetResult> r) {
+        absl::MutexLock lock(&mu_);
+        State& state = states_[name];
+        state.probing = false;
+        if (r.ok() || (!ServerFailure(r.status()) && !absl::IsCancelled(r.status()))) {
+          state.consecutive_failures = 0;
+          state.down_until = absl::InfinitePast();
+        } else {
+          state.down_until = absl::Now() + options_.down_backoff;
+        }
+        probes_.erase(name);
+      });
+    }
+  }
+
+  // The key's servers in rendezvous order, those that calls may use first (each group in rank
+  // order).
+  std::vector<Candidate> Candidates(absl::string_view key) {
     (void)Refresh(false);
-    absl::MutexLock lock(&mu_);
-    std::vector<std::string> order = RendezvousOrder(current_, key);
-    absl::Time now = absl::Now();
-    std::vector<std::pair<std::string, Client*>> up, down;
-    for (std::string& s : order) {
-      Client* c = clients_.at(s).get();
-      if (states_[s].down_until > now) {
-        down.emplace_back(std::move(s), c);
-      } else {
-        up.emplace_back(std::move(s), c);
+    std::vector<Candidate> up, down;
+    std::vector<std::pair<std::string, Client*>> probes;
+    {
+      absl::MutexLock lock(&mu_);
+      std::vector<std::string> order = RendezvousOrder(current_, key);
+      absl::Time now = absl::Now();
+      for (size_t rank = 0; rank < order.size(); ++rank) {
+        Client* c = clients_.at(order[rank]).get();
+        bool usable = UsableLocked(order[rank], now, &probes);
+        (usable ? up : down).push_back({std::move(order[rank]), c, rank});
       }
     }
+    StartProbes(std::move(probes));
     up.insert(up.end(), down.begin(), down.end());
     return up;
   }
 
   std::vector<std::pair<std::string, Client*>> UpServers() {
     (void)Refresh(false);
-    absl::MutexLock lock(&mu_);
-    absl::Time now = absl::Now();
-    std::vector<std::pair<std::string, Client*>> up, all;
-    for (const std::string& s : current_) {
-      all.emplace_back(s, clients_.at(s).get());
-      if (states_[s].down_until <= now) up.emplace_back(s, clients_.at(s).get());
+    std::vector<std::pair<std::string, Client*>> up, all, probes;
+    {
+      absl::MutexLock lock(&mu_);
+      absl::Time now = absl::Now();
+      for (const std::string& s : current_) {
+        all.emplace_back(s, clients_.at(s).get());
+        if (UsableLocked(s, now, &probes)) up.emplace_back(s, clients_.at(s).get());
+      }
     }
+    StartProbes(std::move(probes));
     return up.empty() ? all : up;
   }
 
@@ -510,7 +609,7 @@ class ShardedClientImpl final : public ShardedClient {
   void Record(const std::string& server, const absl::Status& s) {
     absl::MutexLock lock(&mu_);
     State& state = states_[server];
-    if (!FailsOver(s)) {
+    if (!ServerFailure(s)) {
       state.consecutive_failures = 0;
       state.down_until = absl::InfinitePast();
       return;
@@ -520,43 +619,289 @@ class ShardedClientImpl final : public ShardedClient {
     }
   }
 
+  // A call was served by the key's server of rank `rank`: later writes drop copies down to there.
+  void NoteServedAt(size_t rank) {
+    size_t deepest = deepest_served_.load(std::memory_order_relaxed);
+    while (rank > deepest && !deepest_served_.compare_exchange_weak(deepest, rank)) {
+    }
+  }
+
+  void MarkStale(const std::string& server, const std::string& key) {
+    absl::MutexLock lock(&mu_);
+    State& state = states_[server];
+    if (state.stale.size() < kMaxStaleKeysPerServer) {
+      state.stale.insert(key);
+    } else if (!state.stale_overflow_logged) {
+      state.stale_overflow_logged = true;
+      std::fprintf(stderr,
+                   "chunkd pool: more than %zu keys written while %s was unreachable; copies it "
+                   "holds of the others are fresh again only when it revalidates its store\n",
+                   kMaxStaleKeysPerServer, server.c_str());
+    }
+  }
+
+  // Before `server` serves `keys`: drops its copies of those written elsewhere while it could not
+  // be reached. `then` gets OK, or the failure of an invalidation (the keys stay marked).
+  void Reconcile(const std::string& server, Client* client, std::vector<std::string> keys,
+                 StatusCallback then) {
+    std::vector<std::string> stale;
+    {
+      absl::MutexLock lock(&mu_);
+      State& state = states_[server];
+      if (!state.stale.empty()) {
+        for (std::string& k : keys) {
+          if (state.stale.erase(k)) stale.push_back(std::move(k));
+        }
+      }
+    }
+    if (stale.empty()) return then(absl::OkStatus());
+    struct Pending {
+      absl::Mutex mu;
+      size_t left;
+      absl::Status first_error;
+      StatusCallback then;
+    };
+    auto pending = std::make_shared<Pending>();
+    pending->left = stale.size();
+    pending->then = std::move(then);
+    for (std::string& key : stale) {
+      client->InvalidateAsync(key, [this, pending, server, key](absl::Status s) {
+        if (!s.ok()) MarkStale(server, key);
+        bool last;
+        {
+          absl::MutexLock lock(&pending->mu);
+          if (!s.ok() && pending->first_error.ok()) pending->first_error = s;
+          last = --pending->left == 0;
+        }
+        if (last) pending->then(pending->first_error);
+      });
+    }
+  }
+
+  // Drops `key`'s copies on `targets`; those that cannot be reached (or are down) drop theirs
+  // before they next serve the key. `done` gets OK, or an error other than a server's failure.
+  void InvalidateAt(std::string key, std::vector<std::string> targets, StatusCallback done) {
+    struct Pending {
+      absl::Mutex mu;
+      size_t left;
+      absl::Status first_error;
+      StatusCallback done;
+    };
+    auto pending = std::make_shared<Pending>();
+    pending->left = targets.size() + 1;
+    pending->done = std::move(done);
+    auto finish = [pending](const absl::Status& s) {
+      bool last;
+      {
+        absl::MutexLock lock(&pending->mu);
+        if (!s.ok() && pending->first_error.ok()) pending->first_error = s;
+        last = --pending->left == 0;
+      }
+      if (last) pending->done(pending->first_error);
+    };
+    for (const std::string& target : targets) {
+      Client* client;
+      {
+        absl::MutexLock lock(&mu_);
+        client = clients_.at(target).get();
+      }
+      if (IsDown(target)) {
+        MarkStale(target, key);
+        finish(absl::OkStatus());
+        continue;
+      }
+      client->InvalidateAsync(key, [this, target, key, finish](absl::Status s) {
+        Record(target, s);
+        if (ServerFailure(s)) {
+          MarkStale(target, key);
+          s = absl::OkStatus();
+        }
+        finish(s);
+      });
+    }
+    finish(absl::OkStatus());
+  }
+
+  // After a write of `key` that `writer` took (or may have taken): drops the copies of its old
+  // value (see the comment above the class).
+  // `failed`: servers that failed this write; they are marked without a call.
+  void AfterWrite(const std::string& key, const std::string& writer,
+                  const std::vector<std::string>& failed, StatusCallback done) {
+    std::vector<std::string> order = RankedServers(key);
+    size_t w = std::find(order.begin(), order.end(), writer) - order.begin();
+    size_t last = std::max(w == order.size() ? 0 : w + 1,
+                           deepest_served_.load(std::memory_order_relaxed));
+    std::vector<std::string> targets;
+    for (size_t rank = 0; rank <= last && rank < order.size(); ++rank) {
+      if (rank == w) continue;
+      if (std::find(failed.begin(), failed.end(), order[rank]) != failed.end()) {
+        MarkStale(order[rank], key);
+      } else {
+        targets.push_back(order[rank]);
+      }
+    }
+    InvalidateAt(key, std::move(targets), std::move(done));
+  }
+
   template <typename T, typename Call>
   absl::StatusOr<T> Route(absl::string_view key, bool fail_over, Call call) {
-    auto candidates = Candidates(key);
+    std::vector<Candidate> candidates = Candidates(key);
     absl::StatusOr<T> result = absl::UnavailableError("no chunkd server");
-    for (size_t i = 0; i < candidates.size(); ++i) {
-      result = call(*candidates[i].second);
-      Record(candidates[i].first, result.status());
-      if (!fail_over || !FailsOver(result.status())) return result;
+    int deadlines = 0;
+    for (const Candidate& c : candidates) {
+      absl::Notification reconciled;
+      absl::Status ready;
+      Reconcile(c.name, c.client, {std::string(key)}, [&](absl::Status s) {
+        ready = std::move(s);
+        reconciled.Notify();
+      });
+      reconciled.WaitForNotification();
+      result = ready.ok() ? call(*c.client) : absl::StatusOr<T>(ready);
+      Record(c.name, result.status());
+      if (result.ok()) NoteServedAt(c.rank);
+      if (!fail_over || !FailsOver(result.status(), &deadlines)) return result;
     }
     return result;
   }
 
+  // `write`: a Put or Delete, followed by AfterWrite.
   template <typename T, typename Start>
-  void RouteAsync(absl::string_view key, bool fail_over, Start start, Callback<T> done) {
+  void RouteAsync(absl::string_view key, bool fail_over, Start start, Callback<T> done,
+                  bool write = false) {
     struct Attempt {
-      std::vector<std::pair<std::string, Client*>> candidates;
+      std::string key;
+      std::vector<Candidate> candidates;
       size_t next = 0;
       bool fail_over;
+      bool write;
+      int deadlines = 0;
+      // Servers that failed this call (a write may have landed on them all the same).
+      std::vector<std::string> failed;
       Start start;
       Callback<T> done;
     };
-    auto attempt = std::make_shared<Attempt>(
-        Attempt{Candidates(key), 0, fail_over, std::move(start), std::move(done)});
+    auto attempt = std::make_shared<Attempt>(Attempt{std::string(key), Candidates(key), 0,
+                                                     fail_over, write, 0, {}, std::move(start),
+                                                     std::move(done)});
     Next<T>(std::move(attempt));
   }
 
   template <typename T, typename A>
   void Next(std::shared_ptr<A> a) {
-    auto [name, client] = a->candidates[a->next++];
-    a->start(*client, [this, a, name = name](absl::StatusOr<T> r) {
-      Record(name, r.status());
-      if (a->fail_over && FailsOver(r.status()) && a->next < a->candidates.size()) {
-        Next<T>(a);
-        return;
-      }
-      a->done(std::move(r));
+    const Candidate& c = a->candidates[a->next++];
+    Reconcile(c.name, c.client, {a->key}, [this, a, c](absl::Status ready) {
+      auto finish = [this, a, c](absl::StatusOr<T> r) {
+        Record(c.name, r.status());
+        if (r.ok()) NoteServedAt(c.rank);
+        if (ServerFailure(r.status())) a->failed.push_back(c.name);
+        if (a->fail_over && FailsOver(r.status(), &a->deadlines) &&
+            a->next < a->candidates.size()) {
+          Next<T>(a);
+          return;
+        }
+        if (!a->write || RefusedBeforeWriting(r.status())) return a->done(std::move(r));
+        // The write may have landed on any server tried; the last one tried is the writer.
+        AfterWrite(a->key, c.name, a->failed, [a, r = std::move(r)](absl::Status) mutable {
+          a->done(std::move(r));
+        });
+      };
+      if (!ready.ok()) return finish(ready);
+      a->start(*c.client, std::move(finish));
     });
+  }
+
+  // A GetMany in flight over the pool.
+  struct Batch {
+    std::vector<GetManyItem> items;
+    GetOptions options;
+    absl::Mutex mu;
+    GetManyResults results ABSL_GUARDED_BY(mu);
+    absl::Status failure ABSL_GUARDED_BY(mu);
+    size_t pending ABSL_GUARDED_BY(mu) = 0;
+    Callback<GetManyResults> done;
+  };
+
+  void FinishOne(const std::shared_ptr<Batch>& batch) {
+    absl::Status failure;
+    GetManyResults results;
+    {
+      absl::MutexLock lock(&batch->mu);
+      if (--batch->pending != 0) return;
+      failure = batch->failure;
+      results = std::move(batch->results);
+    }
+    if (!failure.ok()) return batch->done(failure);
+    batch->done(std::move(results));
+  }
+
+  // Sends the items `indexes` of `batch` to their keys' first servers not in `tried`, one
+  // GetMany per server.
+  void FetchGroups(const std::shared_ptr<Batch>& batch, std::vector<size_t> indexes,
+                   std::set<std::string> tried, int deadlines) {
+    struct Group {
+      Candidate server;
+      std::vector<size_t> indexes;
+      std::vector<size_t> ranks;
+      bool last_resort = false;  // every other server was tried
+    };
+    std::vector<Group> groups;
+    absl::flat_hash_map<std::string, size_t> group_of;
+    for (size_t i : indexes) {
+      // Every key's candidates are all the servers of the pool, in its own order.
+      std::vector<Candidate> candidates = Candidates(batch->items[i].key);
+      auto it = std::find_if(candidates.begin(), candidates.end(),
+                             [&](const Candidate& c) { return !tried.contains(c.name); });
+      if (it == candidates.end()) {  // the pool shrank meanwhile (a host name resolved again)
+        absl::MutexLock lock(&batch->mu);
+        batch->results[i] = absl::UnavailableError("no chunkd server of the pool is left");
+        continue;
+      }
+      auto [g, inserted] = group_of.try_emplace(it->name, groups.size());
+      if (inserted) groups.push_back({*it, {}, {}, tried.size() + 1 >= candidates.size()});
+      Group& group = groups[g->second];
+      group.indexes.push_back(i);
+      group.ranks.push_back(it->rank);
+    }
+    {
+      absl::MutexLock lock(&batch->mu);
+      batch->pending += groups.size();
+    }
+    for (Group& group : groups) {
+      std::vector<std::string> keys;
+      std::vector<GetManyItem> sub;
+      for (size_t i : group.indexes) {
+        keys.push_back(batch->items[i].key);
+        sub.push_back(batch->items[i]);
+      }
+      Candidate server = group.server;
+      Reconcile(server.name, server.client, std::move(keys),
+                [this, batch, group = std::move(group), sub = std::move(sub), tried,
+                 deadlines](absl::Status ready) mutable {
+                  auto finish = [this, batch, group, tried,
+                                 deadlines](absl::StatusOr<GetManyResults> got) mutable {
+                    Record(group.server.name, got.status());
+                    if (got.ok()) {
+                      absl::MutexLock lock(&batch->mu);
+                      for (size_t j = 0; j < group.indexes.size(); ++j) {
+                        batch->results[group.indexes[j]] = std::move((*got)[j]);
+                      }
+                    }
+                    if (got.ok()) {
+                      for (size_t rank : group.ranks) NoteServedAt(rank);
+                    } else if (!group.last_resort && FailsOver(got.status(), &deadlines)) {
+                      tried.insert(group.server.name);
+                      FetchGroups(batch, std::move(group.indexes), std::move(tried), deadlines);
+                    } else {
+                      absl::MutexLock lock(&batch->mu);
+                      if (batch->failure.ok()) batch->failure = got.status();
+                    }
+                    FinishOne(batch);
+                  };
+                  if (!ready.ok()) return finish(ready);
+                  group.server.client->GetManyAsync(std::move(sub), batch->options,
+                                                    std::move(finish));
+                });
+    }
   }
 
   const ShardedClientOptions options_;
@@ -566,6 +911,13 @@ class ShardedClientImpl final : public ShardedClient {
   absl::flat_hash_map<std::string, std::unique_ptr<Client>> clients_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, State> states_ ABSL_GUARDED_BY(mu_);
   absl::Time next_resolve_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
+  // Probes in flight, by server; the destructor cancels them and waits.
+  absl::flat_hash_map<std::string, std::shared_ptr<Cancellation>> probes_ ABSL_GUARDED_BY(mu_);
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  const pid_t pid_ = ::getpid();
+  // The deepest rank (in a key's rendezvous order) a call was served from; at least 1, the
+  // next server, which any client may have failed over to.
+  std::atomic<size_t> deepest_served_{1};
 };
 
 }  // namespace

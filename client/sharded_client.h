@@ -16,11 +16,21 @@
 // computes the same scores, so both route every key to the same server.
 //
 // Failures: a call that fails with UNAVAILABLE goes on to the key's next server in rendezvous
-// order (conditional Puts excepted: their first attempt may have landed). A server that fails
-// `failures_to_mark_down` times in a row is marked down for `down_backoff` and skipped (its keys
-// go to their next server), then tried again. With a shared store behind the pool (a cache in
-// front of one S3 bucket, or one directory) the next server has the data; with servers that
-// each hold their own data (memory://), keys of a down server are missing until it returns.
+// order, and so does one that fails with DEADLINE_EXCEEDED, once per call (conditional Puts
+// excepted: their first attempt may have landed). A server that goes silent (its host cut off,
+// no reset) is found by the clients' keepalive pings and connect timeout
+// (ClientOptions::keepalive_time, keepalive_timeout, connect_timeout: within about 10 s by
+// default): its calls then fail with UNAVAILABLE. A server that fails `failures_to_mark_down`
+// times in a row is marked down for `down_backoff` and skipped (its keys go to their next
+// server); then a probe in the background asks it whether it is back, and calls go to it again
+// once it answered. With a shared store behind the pool (a cache in front of one S3 bucket, or
+// one directory) the next server has the data; with servers that each hold their own data
+// (memory://), keys of a down server are missing until it returns.
+//
+// Copies: after every write (Put, Delete) the pool drops the key's cached copy on the servers a
+// later call may read it from (those ranked before the one that took the write, and the next
+// one); a server it cannot reach for that drops its copy before it next serves the key. See
+// the comment of ShardedClientImpl (sharded_client.cc) for what this covers.
 //
 // List fans out to every server that is not down and merges the answers (sorted, deduplicated);
 // servers that are UNAVAILABLE are left out while at least one answers. ServerInfo asks the
@@ -51,7 +61,7 @@ struct ShardedClientOptions {
     o.max_attempts = 2;
     return o;
   }();
-  // Consecutive UNAVAILABLE failures after which a server is marked down.
+  // Consecutive failures (UNAVAILABLE, DEADLINE_EXCEEDED) after which a server is marked down.
   int failures_to_mark_down = 3;
   // How long a down server is skipped before it is tried again.
   absl::Duration down_backoff = absl::Seconds(5);
@@ -70,7 +80,8 @@ class ShardedClient : public Client {
   virtual std::vector<std::string> servers() = 0;
   // `key`'s servers in rendezvous order (the first is its home); down servers included.
   virtual std::vector<std::string> RankedServers(absl::string_view key) = 0;
-  // Whether `server` is marked down now.
+  // Whether `server` is marked down now: from its failures until a probe (or a call) had an
+  // answer from it again.
   virtual bool IsDown(const std::string& server) = 0;
 
  protected:

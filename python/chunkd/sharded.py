@@ -13,12 +13,15 @@ by the SplitMix64 finalizer ``mix64``; a key's servers in order of decreasing sc
 name) are its rendezvous order, and the first is its home. Adding or removing a server moves
 only that server's share of the keys.
 
-A call that fails with UNAVAILABLE goes on to the key's next server (conditional puts excepted:
-the first attempt may have landed). A server that fails ``failures_to_mark_down`` times in a row
-is skipped for ``down_backoff`` seconds, then tried again. ``list`` asks every server that is up
-and merges the answers (sorted, deduplicated). ``get_many`` groups its items by home server and
-makes one call per server, in parallel; a group whose server is UNAVAILABLE goes on as a whole
-to its first key's next server (every server reads the same store).
+A call that fails with UNAVAILABLE (or DEADLINE_EXCEEDED, once per call) goes on to the key's
+next server (conditional puts excepted: the first attempt may have landed); a server cut off
+silently is found by keepalive pings within about 10 seconds. A server that fails
+``failures_to_mark_down`` times in a row is skipped for ``down_backoff`` seconds, then used again
+once a probe in the background got an answer from it. ``list`` asks every server that is up and
+merges the answers (sorted, deduplicated). ``get_many`` groups its items by home server and
+makes one call per server, in parallel; the items of a server that fails go on, each to its own
+next server (every server reads the same store). After every write the pool drops the key's
+cached copies where a later read could find an old one (README: "Consistency of the copies").
 """
 
 from __future__ import annotations

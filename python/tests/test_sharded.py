@@ -170,3 +170,25 @@ def test_get_many_one_call_per_server_and_failover(pool_of_three):
     results = pool.read_many(keys)
     assert [bytes(r.data) for r in results] == [values[k] for k in keys]
     pool.close()
+
+
+def test_writes_leave_no_stale_copies(pool_of_three):
+    """Each server caches what it read; the store is shared. A copy on a key's second server (a
+    read that failed over there, by this client or another) is dropped when the key is written
+    at its home, so a read that fails over later gets the new value, not the old copy."""
+    servers = pool_of_three
+    by_address = {s.address: s for s in servers}
+    pool = chunkd.ShardedClient(list(by_address), timeout=10, failures_to_mark_down=1)
+    key = "arr/c/9/9"
+    home, second = pool.ranked_servers(key)[:2]
+    pool.put(key, b"one")
+    with chunkd.Client(second) as c:
+        assert bytes(c.get(key)) == b"one"  # the second server caches it
+    pool.put(key, b"two")
+    with chunkd.Client(second) as c:
+        assert bytes(c.get(key)) == b"two", "the second server's copy went stale"
+        assert c.server_info().counters["invalidations"] == 2  # one per write at the home
+    by_address[home].stop()
+    assert bytes(pool.get(key)) == b"two"
+    assert pool.is_down(home)
+    pool.close()

@@ -238,13 +238,19 @@ void ServerSecurity::Configure(grpc::ServerBuilder& builder, rpc::Engine* engine
                                ClampMillis(options_.keepalive_timeout));
     // Ping idle connections too (a dead client holds no call but still a connection), without
     // the default cap of two pings between data frames.
-    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
     builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   } else {
     builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, INT_MAX);
   }
-  // Clients may keep their own connections alive with pings every 10 seconds or more.
-  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+  // Also what lets clients ping a connection that has no call (without it, each such ping is a
+  // strike), with or without pings of the server's own.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  // Clients may ping every second or more (pings half a second apart still pass, for timers'
+  // jitter): chunkd's client pings every 5 s by default (also while a call waits for a slow
+  // store, when no data flows) to find a server cut off silently within seconds
+  // (ClientOptions::keepalive_time). More frequent pings count as strikes, and after gRPC's
+  // default two the connection is closed (GOAWAY "too_many_pings").
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 500);
   if (options_.max_connection_idle > absl::ZeroDuration()) {
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
                                ClampMillis(options_.max_connection_idle));

@@ -914,6 +914,11 @@ void ChunkdService::Stat(const v1::StatRequest& request, v1::StatResponse* respo
     }
     done(grpc::Status::OK);
   };
+  // A pool client's invalidation (StatRequest.invalidate): the answer then comes from the store.
+  if (request.invalidate()) {
+    store().Invalidate(request.key());
+    counters_.invalidations.fetch_add(1, std::memory_order_relaxed);
+  }
   // A cached value is answered here; only a miss asks the backend, on an I/O thread.
   if (std::optional<ValueInfo> cached = store().CachedInfo(request.key())) {
     answer(*cached);
@@ -1001,6 +1006,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   counters["gets_shm"] = counters_.gets_shm.load();
   counters["shm_fallbacks"] = counters_.shm_fallbacks.load();
   counters["stats"] = counters_.stats.load();
+  counters["invalidations"] = counters_.invalidations.load();
   counters["gets_cuda"] = counters_.gets_cuda.load();
   counters["bytes_served_cuda"] = counters_.bytes_served_cuda.load();
   counters["cuda_fallbacks"] = counters_.cuda_fallbacks.load();

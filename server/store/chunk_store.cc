@@ -167,6 +167,12 @@ absl::Status ChunkStore::Delete(absl::string_view key, const Conditions& conditi
   return status;
 }
 
+void ChunkStore::Invalidate(absl::string_view key) {
+  // Ordered with writes of the key, as a write's own invalidation is.
+  absl::MutexLock lock(&WriteLockFor(key));
+  InvalidateFlight(key);
+}
+
 absl::StatusOr<std::unique_ptr<ListCursor>> ChunkStore::List(absl::string_view prefix,
                                                              bool directory) {
   return backend_->List(prefix, directory);

@@ -72,6 +72,9 @@ class ChunkStore {
   absl::StatusOr<ValueInfo> Write(absl::string_view key, buffer::cpu::Buffer value,
                                   const Conditions& conditions);
   absl::Status Delete(absl::string_view key, const Conditions& conditions);
+  // Drops the cached copy of `key` (a read in flight does not put its value in the cache
+  // either): the next read goes to the backend. The backend is not touched. Any thread.
+  void Invalidate(absl::string_view key);
   absl::StatusOr<std::unique_ptr<ListCursor>> List(absl::string_view prefix, bool directory);
 
   Backend& backend() { return *backend_; }

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "client/client.h"
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
@@ -254,6 +255,35 @@ TEST_F(ClientAsyncTest, LeasesGoBackAtExit) {
   held = absl::InternalError("dropped");  // released already: nothing more goes out
   EXPECT_TRUE(c->FlushReleases());
   EXPECT_EQ(LeasesActive(), 0u);
+}
+
+// A retried call keeps nothing once it has ended: the payload of a Put whose attempts all
+// failed with UNAVAILABLE (nothing listens at the address) is freed. Before the fix, every
+// retry's alarm held the call's retry state, with the payload, for ever.
+TEST(ClientRetryTest, RetriedPutFreesItsPayload) {
+  ClientOptions options;
+  options.address = "127.0.0.1:1";  // refused at once: UNAVAILABLE
+  options.max_attempts = 3;
+  options.initial_backoff = absl::Milliseconds(10);
+  options.max_backoff = absl::Milliseconds(20);
+  options.timeout = absl::Seconds(30);
+  auto c = Client::Connect(options);
+  ASSERT_TRUE(c.ok()) << c.status();
+  std::weak_ptr<const buffer::Block> payload;
+  {
+    buffer::cpu::Buffer value = Bytes(std::string(1 << 20, 'x'));
+    payload = value.block();
+    auto put = (*c)->Put("k", std::move(value));
+    EXPECT_EQ(put.status().code(), absl::StatusCode::kUnavailable) << put.status();
+    auto async = Wait<client::PutResult>([&](client::Callback<client::PutResult> done) {
+      (*c)->PutAsync("k", Bytes("small"), {}, std::move(done));
+    });
+    EXPECT_EQ(async.status().code(), absl::StatusCode::kUnavailable) << async.status();
+  }
+  // The last references go on gRPC's threads just after the callback: wait for them.
+  absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while (!payload.expired() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(10));
+  EXPECT_TRUE(payload.expired()) << "the retried Put's payload is still held";
 }
 
 }  // namespace

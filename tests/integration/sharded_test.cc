@@ -1,9 +1,11 @@
 // ShardedClient over three real chunkd servers on loopback that share one file store directory
 // (as a pool of caches shares one S3 bucket): keys spread evenly, routing agrees with the Python
-// client (a golden list), and a server killed mid-run fails over to each key's next server with
-// every value read correct.
+// client (a golden list), a server killed mid-run fails over to each key's next server with
+// every value read correct, and failovers leave no stale copy in any server's cache.
+// (tests/integration/partition_test.cc: a server cut off by the network.)
 #include <signal.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "client/client.h"
 #include "client/sharded_client.h"
 #include "gtest/gtest.h"
@@ -50,6 +53,8 @@ TEST(RendezvousTest, GoldenListAgreesWithPython) {
 }
 
 std::string KeyOf(int i) { return absl::StrCat("arr/c/", i / 60, "/", i % 60); }
+
+buffer::cpu::Buffer Bytes(const std::string& s) { return buffer::cpu::Buffer::CopyOf(s); }
 
 TEST(RendezvousTest, AddingAServerMovesOnlyItsShare) {
   std::vector<std::string> three = {"a:1", "b:1", "c:1"}, four = {"a:1", "b:1", "c:1", "d:1"};
@@ -159,6 +164,106 @@ TEST_F(PoolTest, SpreadsKeysAndFailsOverWhenAServerDies) {
   auto after = pool->List("arr/c/0/", false);
   ASSERT_TRUE(after.ok()) << after.status();
   EXPECT_EQ(after->entries.size(), 60u);
+}
+
+// A pool that finds a silent server within seconds and probes it again soon.
+std::unique_ptr<ShardedClient> QuickPool(const std::vector<std::string>& servers) {
+  ShardedClientOptions options;
+  options.servers = servers;
+  options.client.timeout = absl::Seconds(20);
+  options.client.max_attempts = 1;
+  // Longer under the sanitizers, whose servers may take that long to answer a ping.
+  const absl::Duration quick =
+      std::getenv("CHUNKD_SANITIZER") != nullptr ? absl::Seconds(3) : absl::Seconds(1);
+  options.client.keepalive_time = absl::Seconds(1);
+  options.client.keepalive_timeout = quick;
+  options.client.connect_timeout = quick;
+  options.failures_to_mark_down = 1;
+  options.down_backoff = absl::Milliseconds(500);
+  auto pool = ShardedClient::Connect(options);
+  EXPECT_TRUE(pool.ok()) << pool.status();
+  return *std::move(pool);
+}
+
+// Waits until every thread of `pid` is stopped (SIGSTOP takes effect after kill returns).
+bool WaitStopped(pid_t pid) {
+  absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (absl::Now() < deadline) {
+    bool all = true;
+    std::error_code ec;
+    for (const auto& task :
+         std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/task"), ec)) {
+      std::string stat = testing::ReadFile(task.path().string() + "/stat");
+      size_t paren = stat.rfind(')');  // the state follows the command name
+      if (paren == std::string::npos || paren + 2 >= stat.size() ||
+          (stat[paren + 2] != 'T' && stat[paren + 2] != 't')) {
+        all = false;
+      }
+    }
+    if (all && !ec) return true;
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  return false;
+}
+
+std::string Value(Client& c, const std::string& key) {
+  auto got = c.Get(key);
+  return got.ok() ? std::string(got->data.view()) : got.status().ToString();
+}
+
+// Copies stay consistent across failovers (issue 23, item 6). The store is shared, but each
+// server caches what it read or was written:
+// - a copy the key's second server holds (a read that failed over to it, by any client) is
+//   dropped when the key is written at its home;
+// - a write that failed over while the home was unreachable (its process stopped: silent,
+//   its cache kept) leaves the home's copy stale: the pool drops it before the home serves the
+//   key again, and no read through the pool ever sees the old value.
+TEST_F(PoolTest, WritesLeaveNoStaleCopies) {
+  auto pool = QuickPool(addresses_);
+  const std::string key = "arr/c/7/7";
+  std::vector<std::string> order = pool->RankedServers(key);
+  const std::string home = order[0], second = order[1];
+  ServerProcess* home_process = nullptr;
+  for (size_t i = 0; i < addresses_.size(); ++i) {
+    if (addresses_[i] == home) home_process = servers_[i].get();
+  }
+  ASSERT_NE(home_process, nullptr);
+
+  ASSERT_TRUE(pool->Put(key, Bytes("one")).ok());
+  EXPECT_EQ(Value(*Plain(second), key), "one");  // the second server caches it
+  ASSERT_TRUE(pool->Put(key, Bytes("two")).ok());
+  EXPECT_EQ(Value(*pool, key), "two");
+  EXPECT_EQ(Value(*Plain(second), key), "two") << "the second server's copy went stale";
+  EXPECT_EQ(Counter(*Plain(second), "invalidations"), 2u);  // after each write at home
+
+  // The home goes silent: a call for one of its keys finds it (keepalive) and marks it down.
+  ASSERT_EQ(::kill(home_process->pid(), SIGSTOP), 0);
+  ASSERT_TRUE(WaitStopped(home_process->pid())) << "chunkd did not stop";
+  std::string other;  // another key of the same home
+  for (int i = 0; other.empty(); ++i) {
+    if (pool->RankedServers(KeyOf(i))[0] == home && KeyOf(i) != key) other = KeyOf(i);
+  }
+  auto probe = pool->Stat(other);
+  EXPECT_TRUE(probe.ok()) << probe.status();  // failed over
+  EXPECT_TRUE(pool->IsDown(home));
+  auto put = pool->Put(key, Bytes("three"));  // to the second server
+  ASSERT_TRUE(put.ok()) << put.status();
+  EXPECT_EQ(Value(*pool, key), "three");
+  ASSERT_EQ(::kill(home_process->pid(), SIGCONT), 0);
+
+  // The home comes back (a probe finds it): every read through the pool is the new value, and
+  // the home serves the key again once it has dropped its copy.
+  absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (pool->IsDown(home) && absl::Now() < deadline) {
+    ASSERT_EQ(Value(*pool, key), "three");
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ASSERT_FALSE(pool->IsDown(home)) << "no probe found the home server again";
+  uint64_t home_gets = Counter(*Plain(home), "gets");
+  EXPECT_EQ(Value(*pool, key), "three");
+  EXPECT_EQ(Counter(*Plain(home), "gets"), home_gets + 1) << "the home server was not used again";
+  EXPECT_EQ(Counter(*Plain(home), "invalidations"), 1u);
+  EXPECT_EQ(Value(*Plain(home), key), "three");
 }
 
 TEST_F(PoolTest, ChunkctlTakesAServerList) {

@@ -68,14 +68,15 @@ std::string RandomBytes(size_t n, uint64_t seed) {
   return out;
 }
 
-absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(std::vector<std::string> flags,
-                                                                    absl::Duration wait) {
+absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
+    std::vector<std::string> flags, absl::Duration wait, const std::vector<std::string>& launcher) {
   std::unique_ptr<ServerProcess> server(new ServerProcess());
   server->dir_ = std::make_unique<TempDir>();
   std::string ready = server->dir_->Join("ready");
   std::string log = server->dir_->Join("log");
   flags.push_back("--ready_file=" + ready);
-  std::vector<std::string> argv = {kChunkdBinary};
+  std::vector<std::string> argv = launcher;
+  argv.push_back(kChunkdBinary);
   argv.insert(argv.end(), flags.begin(), flags.end());
   pid_t pid = ::fork();
   if (pid < 0) return absl::InternalError("fork failed");
@@ -86,7 +87,7 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(std::vector<
     std::vector<char*> cargv;
     for (std::string& a : argv) cargv.push_back(a.data());
     cargv.push_back(nullptr);
-    ::execv(cargv[0], cargv.data());
+    ::execvp(cargv[0], cargv.data());
     std::_Exit(127);
   }
   server->pid_ = pid;
@@ -158,7 +159,7 @@ CommandResult RunCommand(const std::vector<std::string>& argv, const std::string
     std::vector<char*> cargv;
     for (std::string& a : copy) cargv.push_back(a.data());
     cargv.push_back(nullptr);
-    ::execv(cargv[0], cargv.data());
+    ::execvp(cargv[0], cargv.data());
     std::_Exit(127);
   }
   int status = 0;
@@ -179,7 +180,7 @@ pid_t StartProcess(const std::vector<std::string>& argv, const std::string& out_
     std::vector<char*> cargv;
     for (std::string& a : copy) cargv.push_back(a.data());
     cargv.push_back(nullptr);
-    ::execv(cargv[0], cargv.data());
+    ::execvp(cargv[0], cargv.data());
     std::_Exit(127);
   }
   return pid;

@@ -46,8 +46,11 @@ std::string RandomBytes(size_t n, uint64_t seed);
 // A real chunkd process. Start() passes `flags` plus --ready_file and waits until it serves.
 class ServerProcess {
  public:
-  static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(std::vector<std::string> flags,
-                                                              absl::Duration wait = absl::Seconds(20));
+  // `launcher`: a command that runs chunkd (with its arguments) in some other setting, e.g.
+  // {"ip", "netns", "exec", "NAME"}; it must exec chunkd in its own process.
+  static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(
+      std::vector<std::string> flags, absl::Duration wait = absl::Seconds(20),
+      const std::vector<std::string>& launcher = {});
   // Stops the server (SIGTERM, then SIGKILL after a while) if it still runs.
   ~ServerProcess();
 
