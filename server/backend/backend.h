@@ -15,6 +15,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/string_view.h"
@@ -31,6 +32,11 @@ namespace chunkd::server {
 using Generation = uint64_t;
 
 struct ValueInfo {
+  ValueInfo() = default;
+  // Not an aggregate, so that {size, generation} (no validator) says all it means.
+  ValueInfo(uint64_t size, Generation generation, std::string etag = {})
+      : size(size), generation(generation), etag(std::move(etag)) {}
+
   uint64_t size = 0;
   Generation generation = 0;
   // The store's validator of this version for conditional reads (an HTTP ETag, quoted as the

@@ -41,6 +41,14 @@ std::optional<EvictionPolicy> ParseEvictionPolicy(absl::string_view name);
 const char* EvictionPolicyName(EvictionPolicy policy);
 
 struct CachedValue {
+  CachedValue() = default;
+  CachedValue(buffer::cpu::Buffer value, Generation generation,
+              absl::Time validated = absl::InfinitePast(), std::string etag = {})
+      : value(std::move(value)),
+        generation(generation),
+        validated(validated),
+        etag(std::move(etag)) {}
+
   buffer::cpu::Buffer value;
   Generation generation = 0;
   // When the store last said this is its current version: the start of the read that fetched
