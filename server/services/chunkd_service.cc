@@ -1014,6 +1014,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   counters["revalidations"] = c.revalidations;
   counters["revalidations_not_modified"] = c.revalidations_not_modified;
   counters["stale_invalidations"] = c.stale_invalidations;
+  counters["revalidation_errors"] = c.revalidation_errors;
   counters["failed_write_invalidations"] = c.failed_write_invalidations;
   // Calls of every service (chunkd.v1's unprefixed), then chunkd.v1's own.
   core_->ExportCounters([&counters](const std::string& name, uint64_t value) {

@@ -200,9 +200,12 @@ void ChunkStore::RunFlight(std::string key, std::shared_ptr<Flight> flight) {
       result = changed.status();
       update = Update::kErase;
     } else {
-      // The store cannot say: the read fails (its bound cannot be met) and the copy stays.
-      backend_read_errors_.fetch_add(1, std::memory_order_relaxed);
-      result = changed.status();
+      // The store cannot say (unreachable, refusing): the cached copy is served as it is,
+      // its validation time unchanged (TensorStore's timestamp shows its age), so that an
+      // outage of the store does not fail reads that the cache can answer. The next read
+      // past the bound asks again.
+      revalidation_errors_.fetch_add(1, std::memory_order_relaxed);
+      result = cached;
     }
   } else {
     absl::StatusOr<buffer::cpu::Buffer> value = backend_->Read(key, &info);
@@ -347,6 +350,7 @@ ChunkStoreCounters ChunkStore::counters() const {
   c.revalidations = revalidations_.load(std::memory_order_relaxed);
   c.revalidations_not_modified = revalidations_not_modified_.load(std::memory_order_relaxed);
   c.stale_invalidations = stale_invalidations_.load(std::memory_order_relaxed);
+  c.revalidation_errors = revalidation_errors_.load(std::memory_order_relaxed);
   c.failed_write_invalidations = failed_write_invalidations_.load(std::memory_order_relaxed);
   return c;
 }

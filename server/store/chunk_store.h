@@ -90,6 +90,9 @@ struct ChunkStoreCounters {
   uint64_t revalidations = 0;
   uint64_t revalidations_not_modified = 0;
   uint64_t stale_invalidations = 0;
+  // Revalidations the store could not answer (unreachable, 5xx after retries): the cached
+  // copy was served as it was.
+  uint64_t revalidation_errors = 0;
   // Writes and deletes that failed and so dropped the cached copy (outcome possibly unknown).
   uint64_t failed_write_invalidations = 0;
 };
@@ -181,7 +184,7 @@ class ChunkStore {
       backend_read_bytes_{0},
       backend_read_micros_{0}, single_flight_joins_{0}, writes_{0}, deletes_{0}, overloaded_{0};
   std::atomic<uint64_t> revalidations_{0}, revalidations_not_modified_{0},
-      stale_invalidations_{0}, failed_write_invalidations_{0};
+      stale_invalidations_{0}, revalidation_errors_{0}, failed_write_invalidations_{0};
 
   // Last member: destroyed first, so queued work finishes while the rest still exists.
   std::unique_ptr<Executor> io_;

@@ -73,7 +73,9 @@ class TestBackend final : public testing::ForwardingBackend {
                                                       const ValueInfo& cached,
                                                       ValueInfo* info) override {
     revalidations_.fetch_add(1);
-    auto result = inner_->ReadIfChanged(key, cached, info);
+    auto result = store_down_.load()
+                      ? absl::StatusOr<std::optional<Buffer>>(absl::UnavailableError("store down"))
+                      : inner_->ReadIfChanged(key, cached, info);
     absl::MutexLock lock(&mu_);
     ++reads_entered_;
     mu_.Await(absl::Condition(
@@ -84,6 +86,8 @@ class TestBackend final : public testing::ForwardingBackend {
 
   // Writes and deletes land, then report a failure (an outcome the caller cannot know).
   void FailAfterLanding(bool on) { fail_after_landing_ = on; }
+  // Revalidations fail as with an unreachable store.
+  void StoreDown(bool on) { store_down_ = on; }
   int revalidations() const { return revalidations_.load(); }
   int reads() const { return reads_.load(); }
   int writes() const { return writes_.load(); }
@@ -107,7 +111,7 @@ class TestBackend final : public testing::ForwardingBackend {
 
  private:
   std::atomic<int> reads_{0}, writes_{0}, revalidations_{0};
-  std::atomic<bool> fail_after_landing_{false};
+  std::atomic<bool> fail_after_landing_{false}, store_down_{false};
   absl::Mutex mu_;
   bool hold_ ABSL_GUARDED_BY(mu_) = false;
   int reads_entered_ ABSL_GUARDED_BY(mu_) = 0;
@@ -606,6 +610,23 @@ TEST(ChunkStoreTest, HitIsRevalidatedOnlyWhenOlderThanTheBound) {
   EXPECT_EQ(f.store->ReadAndWait("k", ReadOptions{absl::Now()}).status().code(),
             absl::StatusCode::kNotFound);
   EXPECT_FALSE(f.store->cache()->Peek("k").has_value());
+}
+
+// A store that cannot answer a revalidation does not fail reads the cache can answer.
+TEST(ChunkStoreTest, RevalidationErrorServesTheCachedCopy) {
+  Fixture f;
+  f.Seed("k", "v1");
+  auto first = f.store->ReadAndWait("k");
+  ASSERT_TRUE(first.ok());
+  f.backend->StoreDown(true);
+  auto read = f.store->ReadAndWait("k", ReadOptions{absl::Now()});
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->value.view(), "v1");
+  EXPECT_EQ(read->validated, first->validated);  // its age shows
+  EXPECT_EQ(f.store->counters().revalidation_errors, 1u);
+  f.backend->StoreDown(false);
+  f.Seed("k", "v2");
+  EXPECT_EQ(f.store->ReadAndWait("k", ReadOptions{absl::Now()})->value.view(), "v2");
 }
 
 TEST(ChunkStoreTest, ZeroIntervalRevalidatesEveryHit) {
