@@ -13,6 +13,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -327,13 +328,15 @@ TEST(FileBackendTest, CreatedDirectoriesAreSyncedIntoTheirParents) {
   };
   auto b = OpenFileBackend(root.path(), options);
   ASSERT_TRUE(b.ok()) << b.status();
+  auto take = [&] {
+    absl::MutexLock lock(&mu);
+    return std::exchange(synced, {});
+  };
   ASSERT_TRUE(Put(**b, "a/b/k", "v").ok());
-  absl::MutexLock lock(&mu);
   // root holds the new "a", a the new "b", a/b the renamed value.
-  EXPECT_THAT(synced, ElementsAre(base, base + "/a", base + "/a/b"));
-  synced.clear();
+  EXPECT_THAT(take(), ElementsAre(base, base + "/a", base + "/a/b"));
   ASSERT_TRUE(Put(**b, "a/b/k", "w").ok());  // nothing created: only the value's directory
-  EXPECT_THAT(synced, ElementsAre(base + "/a/b"));
+  EXPECT_THAT(take(), ElementsAre(base + "/a/b"));
 }
 
 TEST(FileBackendTest, FailedDirectorySyncFailsTheWriteAndDelete) {
