@@ -92,3 +92,33 @@ def test_max_staleness_passes_through(server, prefix):
         assert bytes(strict.get(key)) == b"two"
     store = ChunkdStore(server.address, max_staleness=3600)
     assert store.max_staleness == 3600
+
+
+def test_tensorstore_staleness_bound_is_measured_against_validation(tmp_path):
+    """A file store with validation every hour: the stamp of a cached value is the time it was
+    last validated (not the call's arrival), and a later staleness_bound makes chunkd look."""
+    ts_testing = pytest.importorskip("tensorstore_testing")
+    from chunkd_testing import start_server
+
+    store = tmp_path / "store"
+    store.mkdir()
+    server = start_server(tmp_path / "server", str(store), "127.0.0.1:0", "--revalidate_after=1h")
+    try:
+        kv = ts_testing.open_kvstore(server.address, "")
+        (store / "k").write_bytes(b"one")
+        first = kv.read(b"k").result()
+        assert first.value == b"one"
+        _next_tick()
+        (store / "k").write_bytes(b"two!")
+        time.sleep(0.05)
+        # Within the policy: the cached copy, stamped with when it was read from the store.
+        cached = kv.read(b"k").result()
+        assert cached.value == b"one"
+        assert cached.stamp.time == first.stamp.time
+        # A bound after that time: validated now, the change is seen.
+        bound = time.time()
+        fresh = kv.read(b"k", staleness_bound=bound).result()
+        assert fresh.value == b"two!"
+        assert fresh.stamp.time >= bound - 0.01
+    finally:
+        assert server.stop() == 0
