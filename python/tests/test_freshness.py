@@ -86,9 +86,11 @@ def test_max_staleness_passes_through(server, prefix):
         _next_tick()
         (root / "k").write_bytes(b"two")
         assert bytes(lax.get(key)) == b"one"
+        assert [bytes(v) for v in lax.get_many([key])] == [b"one"]  # GetMany too
         assert _counters(lax)["revalidations"] == before
     # 0: validate now.
     with chunkd.Client(server.address, max_staleness=0) as strict:
+        assert [bytes(v) for v in strict.get_many([key])] == [b"two"]
         assert bytes(strict.get(key)) == b"two"
     store = ChunkdStore(server.address, max_staleness=3600)
     assert store.max_staleness == 3600
