@@ -319,11 +319,21 @@ int main(int argc, char** argv) {
 
   auto server = chunkd::server::ChunkdServer::Start(config);
   if (!server.ok()) return Fail(std::string(server.status().message()));
-  Log("serving %s store %s on %s (host cache %s, %s, max value %s%s%s)",
+  // Freshness: how long a cached value is served before the store is asked again.
+  std::string fresh;
+  if ((*server)->store().backend().validation() != chunkd::server::Validation::kNone) {
+    fresh = absl::StrCat(", revalidate after ",
+                         absl::FormatDuration((*server)->store().revalidate_after()));
+    if (!config.store_options.freshness.immutable_prefixes.empty()) {
+      absl::StrAppend(&fresh, " (immutable: ",
+                      absl::StrJoin(config.store_options.freshness.immutable_prefixes, ","), ")");
+    }
+  }
+  Log("serving %s store %s on %s (host cache %s, %s, max value %s%s%s%s)",
       std::string((*server)->store().backend().kind()), (*server)->store().backend().location(),
       absl::StrJoin((*server)->addresses(), ", "), chunkd::server::FormatBytes(cache_bytes),
       absl::GetFlag(FLAGS_eviction), chunkd::server::FormatBytes(config.service.max_value_bytes),
-      config.service.read_only ? ", read-only" : "",
+      fresh, config.service.read_only ? ", read-only" : "",
       (*server)->arena() ? ", shared memory in " + config.shm_arena.directory : ", inline only");
   std::unique_ptr<chunkd::server::MetricsServer> metrics;
   if (std::string address = absl::GetFlag(FLAGS_metrics_listen); !address.empty()) {
