@@ -3,8 +3,11 @@
 // bodies).
 #include <unistd.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -371,6 +374,32 @@ TEST_F(HttpFreshnessTest, ChangeIsSeenAfterTheBoundAndUnchangedCostsA304) {
   ASSERT_EQ(::unlink(dir_.Join("a/c/0").c_str()), 0);
   auto gone = store->ReadAndWait("a/c/0", Now());
   EXPECT_EQ(gone.status().code(), absl::StatusCode::kNotFound) << gone.status();
+}
+
+// Eight readers of a copy past its interval: one conditional request between them.
+TEST_F(HttpFreshnessTest, EightReadersOneConditionalRequestPerInterval) {
+  server::FreshnessOptions freshness;
+  freshness.revalidate_after = absl::Seconds(1);
+  auto store = Store(freshness);
+  Put("a/c/0", "v1");
+  ASSERT_EQ(Read(*store, "a/c/0"), "v1");
+  absl::SleepFor(absl::Milliseconds(1100));  // the copy is now due
+  std::atomic<int> ready{0};
+  std::vector<std::thread> readers;
+  std::atomic<int> right{0};
+  for (int i = 0; i < 8; ++i) {
+    readers.emplace_back([&] {
+      ready.fetch_add(1);
+      while (ready.load() < 8) std::this_thread::yield();
+      if (Read(*store, "a/c/0") == "v1") right.fetch_add(1);
+    });
+  }
+  for (std::thread& t : readers) t.join();
+  EXPECT_EQ(right.load(), 8);
+  server::ChunkStoreCounters c = store->counters();
+  EXPECT_EQ(c.revalidations, 1u);
+  EXPECT_EQ(c.revalidations_not_modified, 1u);
+  EXPECT_EQ(c.backend_reads, 1u);  // the first miss only
 }
 
 TEST_F(HttpFreshnessTest, MetadataAlwaysFreshImmutablePrefixNeverAsked) {
