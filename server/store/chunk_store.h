@@ -14,7 +14,9 @@
 // (Validation::kLocal), else by one conditional request per key at a time on an I/O thread
 // (a revalidation flight, which readers of the key join as they join a miss). The bound is the
 // request's own when it gives one, else the policy (FreshnessOptions): Zarr metadata every
-// read, immutable prefixes never, other keys after `revalidate_after`.
+// read, immutable prefixes never, other keys after `revalidate_after`. A revalidation the store
+// cannot answer (unreachable) serves the cached copy with its old validation time, so an outage
+// of the store does not fail reads the cache can answer.
 #ifndef CHUNKD_SERVER_STORE_CHUNK_STORE_H_
 #define CHUNKD_SERVER_STORE_CHUNK_STORE_H_
 
