@@ -116,7 +116,9 @@ ABSL_FLAG(int64_t, requests, 100000, "replay: length of the trace");
 ABSL_FLAG(double, warm_fraction, 0.2, "replay: share of the trace replayed before counting");
 ABSL_FLAG(int32_t, rounds, 3, "single_flight: keys tried, one after another");
 ABSL_FLAG(int64_t, budget, 0, "churn: the server's --host_cache_bytes");
-ABSL_FLAG(std::string, label, "", "replay: a label for the row (the eviction policy)");
+ABSL_FLAG(std::string, label, "",
+          "replay: a label for the row (the eviction policy); measure: appended to the "
+          "delivery's name (\"shm\" + \"-novalidate\"), for a server run with other flags");
 
 namespace {
 
@@ -882,7 +884,8 @@ int Measure() {
   if ((peer == "chunkd" || peer == "redis" || peer == "grpc") && addresses.empty()) {
     return Fail("give --address");
   }
-  const std::string label = DeliveryLabel(peer, delivery, address);
+  const std::string label =
+      DeliveryLabel(peer, delivery, address) + absl::GetFlag(FLAGS_label);
   Json row;
   const int batch = absl::GetFlag(FLAGS_batch);
   if (batch < 1 || batch > 4096) return Fail("--batch: 1 to 4096");

@@ -56,6 +56,9 @@ ABSL_FLAG(int32_t, cuda_device, 0,
 ABSL_FLAG(std::string, shm_dir, "/dev/shm",
           "get --delivery=shm: where this host's shared-memory segments are (the server's "
           "--shm_dir as seen from here).");
+ABSL_FLAG(std::string, max_staleness, "",
+          "get/cat: serve a cached value only if the server's store confirmed it at most this "
+          "long ago (0: validate now; a duration such as 5s). Empty: the server's policy.");
 ABSL_FLAG(bool, v, false, "Say more: the delivery used, generation and timing of a get/put.");
 ABSL_FLAG(std::string, if_generation_match, "",
           "put, rm, get: only if the stored generation is this (0: put only if the key is new).");
@@ -424,6 +427,13 @@ int main(int argc, char** argv) {
     options.cuda_device = absl::GetFlag(FLAGS_cuda_device);
   } else if (delivery != "inline") {
     return Usage(absl::StrCat("--delivery=", delivery, " is not inline, shm or cuda"));
+  }
+  if (std::string staleness = absl::GetFlag(FLAGS_max_staleness); !staleness.empty()) {
+    absl::Duration d;
+    if (!absl::ParseDuration(staleness, &d) || d < absl::ZeroDuration()) {
+      return Usage(absl::StrCat("--max_staleness=", staleness, " is not a duration of 0 or more"));
+    }
+    options.max_staleness = d;
   }
   absl::StatusOr<std::unique_ptr<Client>> client;
   if (absl::StrContains(options.address, ',')) {

@@ -765,6 +765,11 @@ class ClientImpl final : public Client {
     request.set_key(std::string(key));
     ToProto(options.range, &request);
     ToProto(options.conditions, request.mutable_conditions());
+    if (std::optional<absl::Duration> staleness =
+            options.max_staleness ? options.max_staleness : options_.max_staleness) {
+      request.set_max_staleness_ms(static_cast<uint64_t>(
+          std::max<int64_t>(0, absl::ToInt64Milliseconds(*staleness))));
+    }
     bool handles = false, cuda = false;
     bool shm_off, cuda_off;
     {
@@ -799,6 +804,7 @@ class ClientImpl final : public Client {
     v1::GetRequest shared = MakeGetRequest("", options);
     *request.mutable_accept() = shared.accept();
     if (shared.has_client()) *request.mutable_client() = shared.client();
+    if (shared.has_max_staleness_ms()) request.set_max_staleness_ms(shared.max_staleness_ms());
     return request;
   }
 

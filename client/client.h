@@ -58,6 +58,10 @@ struct ClientOptions {
   // read-only, no copy) and holds a lease until the last copy of the buffer is dropped. Other
   // servers fall back to inline.
   std::vector<v1::Delivery> accept = {v1::DELIVERY_INLINE};
+  // Freshness of every Get and GetMany (GetOptions::max_staleness overrides): a cached value is
+  // served only if the server's store confirmed it at most this long before the request.
+  // Unset: the server's policy (--revalidate_after; the file store checks every read).
+  std::optional<absl::Duration> max_staleness;
   std::string shm_dir = "/dev/shm";
   // The identity the client presents; its own when unset (tests set another to see fallback).
   std::optional<buffer::HostIdentity> identity;
@@ -135,6 +139,9 @@ struct GetOptions {
   std::optional<absl::Duration> timeout;
   std::optional<std::vector<v1::Delivery>> accept;
   std::optional<int> cuda_device;
+  // Freshness: serve a cached value only if the server's store confirmed it at most this long
+  // before the request (zero: validate now). Unset: ClientOptions::max_staleness.
+  std::optional<absl::Duration> max_staleness;
   // GetAsync and GetManyAsync: cancels the call when cancelled (see Cancellation).
   std::shared_ptr<Cancellation> cancellation;
 };

@@ -259,6 +259,7 @@ class ClientBase:
         tls_key: str | bytes | None = None,
         tls_server_name: str | None = None,
         token: str | None = None,
+        max_staleness: float | None = None,
     ) -> None:
         self.address = address
         self.target = target_of(address)
@@ -277,6 +278,11 @@ class ClientBase:
         self.retries = int(retries)
         self.delivery = check_delivery(delivery)
         self.shm_dir = os.fspath(shm_dir)
+        # Seconds: a cached value is served only if the server's store confirmed it at most
+        # this long ago (0: validate every read). None: the server's policy.
+        if max_staleness is not None and max_staleness < 0:
+            raise ValueError("max_staleness must be >= 0 or None")
+        self.max_staleness = None if max_staleness is None else float(max_staleness)
         self._closed = False
         self._n = _native.Client(
             self.target,
@@ -284,6 +290,7 @@ class ClientBase:
             retries=self.retries,
             delivery=self.delivery,
             shm_dir=self.shm_dir,
+            max_staleness=self.max_staleness,
             **self._security.native(),
         )
 
@@ -299,6 +306,7 @@ class ClientBase:
             "retries": self.retries,
             "delivery": self.delivery,
             "shm_dir": self.shm_dir,
+            "max_staleness": self.max_staleness,
             "security": self._security.arguments(),
         }
 
@@ -311,6 +319,7 @@ class ClientBase:
             retries=state["retries"],
             delivery=state.get("delivery", "inline"),
             shm_dir=state.get("shm_dir", DEFAULT_SHM_DIR),
+            max_staleness=state.get("max_staleness"),
             **state.get("security", {}),
         )
 

@@ -261,6 +261,10 @@ class ChunkdStore(Store):
             Get and waits for nothing. Results and errors are those of one Get per key (a
             missing key is None; an item's error raises from its own get only). GPU
             prototypes (CUDA IPC) always read per key. False: one Get per ``get``.
+        max_staleness: seconds: a cached chunk is served only if the server's store confirmed
+            it at most this long ago (0: validate every read). None (default): the server's
+            policy (a file store checks every read; s3/http after ``--revalidate_after``, Zarr
+            metadata every read).
     """
 
     supports_writes: bool = True
@@ -292,6 +296,7 @@ class ChunkdStore(Store):
         tls_server_name: str | None = None,
         token: str | None = None,
         batch_gets: bool = True,
+        max_staleness: float | None = None,
     ) -> None:
         super().__init__(read_only=read_only)
         # The clients' TLS and token arguments, files read once (chunkd._security).
@@ -310,6 +315,7 @@ class ChunkdStore(Store):
         self.retries = int(retries)
         self.delivery = c.check_delivery(delivery)
         self.shm_dir = shm_dir
+        self.max_staleness = max_staleness
         self._root = f"{self.path}/" if self.path else ""
         self._lock = threading.Lock()
         # Made on first use: one AsyncClient serves every event loop (each loop has its own
@@ -358,6 +364,7 @@ class ChunkdStore(Store):
             "delivery": self.delivery,
             "shm_dir": self.shm_dir,
             "batch_gets": self.batch_gets,
+            "max_staleness": self.max_staleness,
             **self._security_args,
         }
 
@@ -381,6 +388,7 @@ class ChunkdStore(Store):
             "retries": self.retries,
             "delivery": self.delivery,
             "shm_dir": self.shm_dir,
+            "max_staleness": self.max_staleness,
             **self._security_args,
         }
 

@@ -1114,9 +1114,11 @@ void ConnectClient(PyClient* self, const std::string& address, nb::handle timeou
                    const std::string& delivery, const std::string& shm_dir,
                    const std::string& tls_ca, bool tls, const std::string& tls_cert,
                    const std::string& tls_key, const std::string& tls_server_name,
-                   const std::string& token) {
+                   const std::string& token, nb::handle max_staleness) {
   client::ClientOptions o = MakeOptions(address, timeout, retries, delivery, shm_dir, tls_ca, tls,
                                         tls_cert, tls_key, tls_server_name, token);
+  // Seconds; None: the server's freshness policy.
+  if (!max_staleness.is_none()) o.max_staleness = absl::Seconds(nb::cast<double>(max_staleness));
   std::shared_ptr<client::Client> c = ConnectOrRaise(o);
   new (self) PyClient(std::move(c));
 }
@@ -1199,7 +1201,7 @@ NB_MODULE(_native, m) {
       .def("__init__", &ConnectClient, nb::arg("address"), nb::arg("timeout").none(),
            nb::arg("retries"), nb::arg("delivery"), nb::arg("shm_dir"), nb::arg("tls_ca"),
            nb::arg("tls"), nb::arg("tls_cert"), nb::arg("tls_key"), nb::arg("tls_server_name"),
-           nb::arg("token"))
+           nb::arg("token"), nb::arg("max_staleness").none() = nb::none())
       .def_static(
           "sharded",
           [](const std::vector<std::string>& servers, int marks_down, double down_backoff,

@@ -37,6 +37,23 @@ absl::StatusOr<buffer::cpu::Buffer> Backend::ReadRange(absl::string_view key, ui
   return value->Slice(offset, std::min(length, size - offset));
 }
 
+absl::StatusOr<bool> Backend::IsCurrent(absl::string_view key, const ValueInfo& cached) {
+  auto now = Stat(key);
+  if (absl::IsNotFound(now.status())) return false;
+  if (!now.ok()) return now.status();
+  return now->generation == cached.generation;
+}
+
+absl::StatusOr<std::optional<buffer::cpu::Buffer>> Backend::ReadIfChanged(
+    absl::string_view key, const ValueInfo& cached, ValueInfo* info) {
+  auto current = IsCurrent(key, cached);
+  if (!current.ok()) return current.status();
+  if (*current) return std::nullopt;
+  auto value = Read(key, info);
+  if (!value.ok()) return value.status();
+  return std::optional<buffer::cpu::Buffer>(*std::move(value));
+}
+
 absl::Status KeyNotFoundError(absl::string_view key) {
   return absl::NotFoundError(absl::StrCat("key ", QuoteKey(key), " not found"));
 }

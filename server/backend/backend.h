@@ -10,10 +10,12 @@
 #define CHUNKD_SERVER_BACKEND_BACKEND_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/string_view.h"
@@ -30,8 +32,28 @@ namespace chunkd::server {
 using Generation = uint64_t;
 
 struct ValueInfo {
+  ValueInfo() = default;
+  // Not an aggregate, so that {size, generation} (no validator) says all it means.
+  ValueInfo(uint64_t size, Generation generation, std::string etag = {})
+      : size(size), generation(generation), etag(std::move(etag)) {}
+
   uint64_t size = 0;
   Generation generation = 0;
+  // The store's validator of this version for conditional reads (an HTTP ETag, quoted as the
+  // server sent it); empty when the backend has none.
+  std::string etag;
+};
+
+// How a backend tells whether a cached copy is still the stored version.
+enum class Validation {
+  // The backend is the cache (memory://): nothing to validate.
+  kNone,
+  // A metadata lookup on this host (the file store's stat): cheap enough for the caller's
+  // thread, see Backend::IsCurrent.
+  kLocal,
+  // A request to a remote store (a conditional GET): on an I/O thread, one per key at a time,
+  // see Backend::ReadIfChanged.
+  kRemote,
 };
 
 // Preconditions on the generation stored under a key when an operation runs.
@@ -96,6 +118,25 @@ class Backend {
   // Size and generation without reading the value. Thread-safe.
   virtual absl::StatusOr<ValueInfo> Stat(absl::string_view key) = 0;
 
+  // Freshness of cached copies (see server/store/chunk_store.h). How a copy is validated, and
+  // how long a copy may be served unvalidated when the operator sets no policy: the file store
+  // validates every read (a stat costs about a microsecond); remote stores revalidate after a
+  // minute (a conditional request costs a round trip).
+  virtual Validation validation() const { return Validation::kRemote; }
+  virtual absl::Duration default_revalidate_after() const { return absl::Seconds(60); }
+
+  // Whether `cached` is still the version stored under `key`: false when the key now holds
+  // another version or none. For Validation::kLocal backends this does no more I/O than a
+  // metadata lookup and may run on any thread. The default compares Stat's generation.
+  virtual absl::StatusOr<bool> IsCurrent(absl::string_view key, const ValueInfo& cached);
+
+  // Revalidates `cached`: nullopt when the stored version is still `cached` (an HTTP 304, no
+  // bytes moved), else the current value with `info` filled; NOT_FOUND when the key holds no
+  // value any more. Remote backends make one conditional request; the default is IsCurrent,
+  // then Read on a change. REQUIRES: ValidateKey(key).ok(). Thread-safe.
+  virtual absl::StatusOr<std::optional<buffer::cpu::Buffer>> ReadIfChanged(
+      absl::string_view key, const ValueInfo& cached, ValueInfo* info);
+
   // Stores `value` under `key` when `conditions` hold, atomically: a reader sees the old value
   // or the new one, never a mix; nothing is changed on failure. Returns the new generation.
   // Thread-safe; checking the conditions and writing is one atomic step.
@@ -149,6 +190,9 @@ struct BackendOptions {
   // Budget of the memory backend; writes that do not fit fail with RESOURCE_EXHAUSTED.
   uint64_t memory_capacity_bytes = 1ull << 30;
   bool fsync = true;
+  // File store, for tests: called instead of fsync(2) (on value files and on directories) when
+  // set. Lets a test see which directories are synced and make a sync fail.
+  std::function<int(int fd)> fsync_for_testing;
   HttpBackendOptions http;
   S3BackendOptions s3;
 };

@@ -73,6 +73,21 @@ ABSL_FLAG(ByteSize, max_inflight_put_bytes, ByteSize{1ull << 30},
 ABSL_FLAG(bool, fsync, true,
           "fsync files and directories on every write (file store). Turn off only for scratch "
           "data: a crash can then lose acknowledged writes.");
+ABSL_FLAG(std::string, revalidate_after, "",
+          "How long a cached value is served before it is validated against the store again "
+          "(a duration: 0, 500ms, 60s, inf). Empty: the store's default: 0 for the file store "
+          "(every read checks the file with one stat), 60s for s3:// and http:// (one "
+          "conditional request, If-None-Match, per key per interval). Keys named by "
+          "--always_revalidate_names and under --immutable_prefixes have their own rules; a "
+          "request's max_staleness overrides this.");
+ABSL_FLAG(std::vector<std::string>, always_revalidate_names,
+          std::vector<std::string>({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}),
+          "Keys whose last segment is one of these (Zarr metadata by default) are validated on "
+          "every read, whatever --revalidate_after says.");
+ABSL_FLAG(std::vector<std::string>, immutable_prefixes, {},
+          "Key prefixes whose values are never replaced (snapshot stores, content-addressed "
+          "chunks: e.g. icechunk's chunks/): their cached values are never validated, even when "
+          "a request asks for a maximum staleness.");
 ABSL_FLAG(std::string, s3_endpoint, "",
           "S3 store (--store=s3://BUCKET/PREFIX): base URL of the S3 API of an S3-compatible "
           "store (http://127.0.0.1:9000 for MinIO or moto). Empty: AWS, "
@@ -229,6 +244,17 @@ int main(int argc, char** argv) {
     return Fail("--io_threads and --max_queued_io must be at least 1");
   }
   config.store_options.io_threads = absl::GetFlag(FLAGS_io_threads);
+  if (std::string after = absl::GetFlag(FLAGS_revalidate_after); !after.empty()) {
+    absl::Duration d;
+    if (!absl::ParseDuration(after, &d) || d < absl::ZeroDuration()) {
+      return Fail(absl::StrCat("--revalidate_after=", after,
+                               " is not a duration of 0 or more (0, 500ms, 60s, inf)"));
+    }
+    config.store_options.freshness.revalidate_after = d;
+  }
+  config.store_options.freshness.always_revalidate_names =
+      absl::GetFlag(FLAGS_always_revalidate_names);
+  config.store_options.freshness.immutable_prefixes = absl::GetFlag(FLAGS_immutable_prefixes);
   if (absl::GetFlag(FLAGS_rpc_threads) < 0) return Fail("--rpc_threads must be 0 (auto) or more");
   config.rpc_threads = absl::GetFlag(FLAGS_rpc_threads);
   config.reflection = absl::GetFlag(FLAGS_reflection);
@@ -293,11 +319,21 @@ int main(int argc, char** argv) {
 
   auto server = chunkd::server::ChunkdServer::Start(config);
   if (!server.ok()) return Fail(std::string(server.status().message()));
-  Log("serving %s store %s on %s (host cache %s, %s, max value %s%s%s)",
+  // Freshness: how long a cached value is served before the store is asked again.
+  std::string fresh;
+  if ((*server)->store().backend().validation() != chunkd::server::Validation::kNone) {
+    fresh = absl::StrCat(", revalidate after ",
+                         absl::FormatDuration((*server)->store().revalidate_after()));
+    if (!config.store_options.freshness.immutable_prefixes.empty()) {
+      absl::StrAppend(&fresh, " (immutable: ",
+                      absl::StrJoin(config.store_options.freshness.immutable_prefixes, ","), ")");
+    }
+  }
+  Log("serving %s store %s on %s (host cache %s, %s, max value %s%s%s%s)",
       std::string((*server)->store().backend().kind()), (*server)->store().backend().location(),
       absl::StrJoin((*server)->addresses(), ", "), chunkd::server::FormatBytes(cache_bytes),
       absl::GetFlag(FLAGS_eviction), chunkd::server::FormatBytes(config.service.max_value_bytes),
-      config.service.read_only ? ", read-only" : "",
+      fresh, config.service.read_only ? ", read-only" : "",
       (*server)->arena() ? ", shared memory in " + config.shm_arena.directory : ", inline only");
   std::unique_ptr<chunkd::server::MetricsServer> metrics;
   if (std::string address = absl::GetFlag(FLAGS_metrics_listen); !address.empty()) {

@@ -69,6 +69,20 @@ absl::StatusOr<v1::GetHeader> HeaderFor(const CachedValue& value, const std::str
   return header;
 }
 
+// A request's max_staleness_ms as the store's read options: the copy served must have been
+// validated at or after the request's arrival minus the bound.
+ReadOptions ReadOptionsFor(bool has_max_staleness, uint64_t max_staleness_ms) {
+  ReadOptions options;
+  if (has_max_staleness) {
+    // Bounds beyond ~292 years saturate: any cached copy will do.
+    options.validated_since =
+        max_staleness_ms > (uint64_t{1} << 62) / 1000000
+            ? absl::InfinitePast()
+            : absl::Now() - absl::Milliseconds(static_cast<int64_t>(max_staleness_ms));
+  }
+  return options;
+}
+
 // Who holds the leases a call takes, for the per-client caps on pinned memory.
 std::string LeaseHolder(ChunkdService* service, const grpc::ServerContextBase& context,
                         const v1::ClientIdentity& client) {
@@ -159,9 +173,11 @@ class GetCall final : public StreamedReadCall {
     cuda_.gpu_uuid = request.gpu_uuid();
     cuda_.client_boot_id = request.client().boot_id();
     // The callback may run right here (a cache hit) or later on an I/O thread.
-    service_->store().Read(key_, [this](absl::StatusOr<CachedValue> value) {
-      OnValue(std::move(value));
-    });
+    service_->store().Read(key_, ReadOptionsFor(request.has_max_staleness_ms(),
+                                                request.max_staleness_ms()),
+                           [this](absl::StatusOr<CachedValue> value) {
+                             OnValue(std::move(value));
+                           });
   }
 
   void OnValue(absl::StatusOr<CachedValue> value) {
@@ -399,6 +415,7 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
       item.range = *range;
       item.conditions = ConditionsFromProto(r.conditions());
     }
+    read_options_ = ReadOptionsFor(request.has_max_staleness_ms(), request.max_staleness_ms());
     LaunchReads();
   }
 
@@ -422,9 +439,10 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
         ++pending_;
       }
       // The callback may run right here (a hit) or later on an I/O thread.
-      service_->store().Read(items_[i].key, [this, i](absl::StatusOr<CachedValue> value) {
-        OnValue(i, std::move(value));
-      });
+      service_->store().Read(items_[i].key, read_options_,
+                             [this, i](absl::StatusOr<CachedValue> value) {
+                               OnValue(i, std::move(value));
+                             });
     }
     Action action;
     {
@@ -601,6 +619,7 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
   buffer::HostIdentity client_;
   std::string holder_;
   std::vector<Item> items_;
+  ReadOptions read_options_;
   absl::Mutex mu_;
   size_t launched_ ABSL_GUARDED_BY(mu_) = 0;  // items whose read has started (or was refused)
   size_t next_ ABSL_GUARDED_BY(mu_) = 0;      // the item being sent
@@ -997,6 +1016,11 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   counters["backend_read_micros"] = c.backend_read_micros;
   counters["single_flight_joins"] = c.single_flight_joins;
   counters["overloaded"] = c.overloaded;
+  counters["revalidations"] = c.revalidations;
+  counters["revalidations_not_modified"] = c.revalidations_not_modified;
+  counters["stale_invalidations"] = c.stale_invalidations;
+  counters["revalidation_errors"] = c.revalidation_errors;
+  counters["failed_write_invalidations"] = c.failed_write_invalidations;
   // Calls of every service (chunkd.v1's unprefixed), then chunkd.v1's own.
   core_->ExportCounters([&counters](const std::string& name, uint64_t value) {
     counters[name] = value;

@@ -84,6 +84,13 @@ void SetStamp(absl::string_view generation, absl::Time time, ts::GenerationAndTi
   t->set_nanos(rest);
 }
 
+// A checked Timestamp (CheckTimestamp) as a time; the infinities as absl's.
+absl::Time TimeOf(const google::protobuf::Timestamp& t) {
+  if (t.seconds() == std::numeric_limits<int64_t>::max()) return absl::InfiniteFuture();
+  if (t.seconds() == std::numeric_limits<int64_t>::min()) return absl::InfinitePast();
+  return absl::FromUnixSeconds(t.seconds()) + absl::Nanoseconds(t.nanos());
+}
+
 // INVALID_ARGUMENT for a Timestamp that is no time: outside google.protobuf.Timestamp's range
 // and not one of the infinities TensorStore sends (seconds INT64_MAX or INT64_MIN, as its
 // tensorstore/proto/encode_time.cc encodes absl::InfiniteFuture and InfinitePast).
@@ -173,8 +180,14 @@ class ReadCall final : public StreamedReadCall {
     range_ = *range;
     conditions_ =
         tsgrpc::ConditionsFrom(request.generation_if_equal(), request.generation_if_not_equal());
+    // staleness_bound: a cached copy serves only if the store confirmed it at or after the
+    // bound (InfiniteFuture, "the latest": validated now); absent: the server's policy.
+    ReadOptions options;
+    if (request.has_staleness_bound()) {
+      options.validated_since = TimeOf(request.staleness_bound());
+    }
     // The callback may run right here (a cache hit) or later on an I/O thread.
-    service_->core().store().Read(key_, [this](absl::StatusOr<CachedValue> value) {
+    service_->core().store().Read(key_, options, [this](absl::StatusOr<CachedValue> value) {
       OnValue(std::move(value));
     });
   }
@@ -203,7 +216,7 @@ class ReadCall final : public StreamedReadCall {
     if (absl::IsFailedPrecondition(slice.status())) {
       // A condition did not hold: "aborted", with the generation that is stored.
       first.set_state(tskv::ReadResponse::UNSPECIFIED);
-      SetStamp(EncodeGeneration(value->generation), arrived_,
+      SetStamp(EncodeGeneration(value->generation), StampOf(*value),
                first.mutable_generation_and_timestamp());
       ReplyWhole(first);
       return;
@@ -213,12 +226,18 @@ class ReadCall final : public StreamedReadCall {
       return;
     }
     first.set_state(tskv::ReadResponse::VALUE);
-    SetStamp(EncodeGeneration(slice->generation), arrived_,
+    SetStamp(EncodeGeneration(slice->generation), StampOf(*value),
              first.mutable_generation_and_timestamp());
     head_ = first.SerializeAsString();
     parts_ = wire::PartSequence(std::move(slice->bytes), kValuePartField,
                                 service_->core().options().part_bytes);
     WriteNext();
+  }
+
+  // What a value is current as of: when the store last confirmed it, not the call's arrival
+  // (a cached copy may be older, a validation for this call later).
+  absl::Time StampOf(const CachedValue& value) const {
+    return value.validated == absl::InfinitePast() ? arrived_ : value.validated;
   }
 
   // A reply of one message without value bytes.

@@ -14,12 +14,13 @@
 //   missing key answers MISSING whatever its conditions, as TensorStore's own stores do.
 // - Byte ranges must lie within the value (OUT_OF_RANGE otherwise), as TensorStore's stores
 //   require; chunkd.v1 clips them as Zarr's stores do. The rule is applied by SliceForRead.
-// - Timestamps and staleness_bound. Every write and delete through chunkd updates its cache
-//   before it is acknowledged, so a Read answers with data current as of the moment the call
-//   arrived, and says so: that moment is its timestamp. Every staleness_bound is therefore met
-//   and none makes chunkd go to the store; a malformed one is INVALID_ARGUMENT. A store that is
-//   also written behind chunkd's back is not revalidated (as with chunkd.v1): those changes are
-//   seen once the cached copy is evicted.
+// - Timestamps and staleness_bound. A Read's timestamp is the time the store last confirmed
+//   the value (CachedValue::validated: the read that fetched it, or the last validation that
+//   found it unchanged), not the call's arrival. A staleness_bound is honoured against that
+//   time: a cached copy confirmed before the bound is validated first (a stat for the file
+//   store, a conditional request for s3/http; InfiniteFuture: now). Without a bound the
+//   server's freshness policy applies (see server/store/chunk_store.h). A malformed bound is
+//   INVALID_ARGUMENT.
 // - Delete of a range lists the range and deletes key by key (not atomically); List of a range
 //   lists the bounds' common prefix and keeps the keys within the range, stripping
 //   strip_prefix_length bytes from each.

@@ -4,13 +4,26 @@
 // Reads: a hit is answered from the cache on the caller's thread. Concurrent misses on one key
 // cause exactly one backend read (single flight); every waiter gets its result. Writes and
 // deletes go through to the backend before they are acknowledged, then update the cache; a
-// read that was in flight when a write landed does not put its (older) value in the cache.
+// read that was in flight when a write landed does not put its (older) value in the cache. A
+// write or delete that fails drops the cached copy too: its outcome may be unknown (a timeout
+// after the store acted), so the next read asks the store.
+//
+// Freshness: the store may change behind chunkd's back (other writers). Each cached value
+// remembers when the store last confirmed it (CachedValue::validated). A hit older than the
+// read's bound is validated first: on the caller's thread with a stat for the file store
+// (Validation::kLocal), else by one conditional request per key at a time on an I/O thread
+// (a revalidation flight, which readers of the key join as they join a miss). The bound is the
+// request's own when it gives one, else the policy (FreshnessOptions): Zarr metadata every
+// read, immutable prefixes never, other keys after `revalidate_after`. A revalidation the store
+// cannot answer (unreachable) serves the cached copy with its old validation time, so an outage
+// of the store does not fail reads the cache can answer.
 #ifndef CHUNKD_SERVER_STORE_CHUNK_STORE_H_
 #define CHUNKD_SERVER_STORE_CHUNK_STORE_H_
 
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <iterator>
 #include <memory>
 #include <optional>
 #include <string>
@@ -23,14 +36,41 @@
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "server/backend/backend.h"
 #include "server/store/host_cache.h"
 #include "server/common/executor.h"
 
 namespace chunkd::server {
 
+// Zarr v2 and v3 metadata: where a store changes shape; small, so validating them is cheap.
+inline constexpr const char* kZarrMetadataNames[] = {"zarr.json", ".zarray", ".zattrs",
+                                                     ".zgroup", ".zmetadata"};
+
+struct FreshnessOptions {
+  // How long a cached value is served without validating it against the store. nullopt: the
+  // backend's default (Backend::default_revalidate_after: file 0, i.e. every read; s3 and
+  // http 60 s). absl::InfiniteDuration(): never (served until evicted).
+  std::optional<absl::Duration> revalidate_after;
+  // Keys whose last segment is one of these are validated on every read.
+  std::vector<std::string> always_revalidate_names{std::begin(kZarrMetadataNames),
+                                                   std::end(kZarrMetadataNames)};
+  // Keys starting with one of these are never validated, whatever a request asks: the
+  // operator declares that values there are never replaced (snapshot stores, content-addressed
+  // chunks).
+  std::vector<std::string> immutable_prefixes;
+};
+
+// What one read accepts from the cache.
+struct ReadOptions {
+  // Serve a cached value only if the store confirmed it at or after this time. nullopt: the
+  // policy of FreshnessOptions for the key. absl::InfinitePast(): any cached value.
+  std::optional<absl::Time> validated_since;
+};
+
 struct ChunkStoreOptions {
   HostCacheOptions cache;
+  FreshnessOptions freshness;
   size_t io_threads = 8;
   // Backend operations waiting for an I/O thread; past this, new ones fail with UNAVAILABLE.
   size_t max_queued_io = 4096;
@@ -46,6 +86,17 @@ struct ChunkStoreCounters {
   uint64_t writes = 0;
   uint64_t deletes = 0;
   uint64_t overloaded = 0;  // operations refused because the I/O queue was full
+  // Freshness: validations of cached values (stats for the file store, conditional requests
+  // for remote ones), those that found the value unchanged (HTTP 304), and cached values found
+  // changed or removed behind chunkd's back (dropped or replaced).
+  uint64_t revalidations = 0;
+  uint64_t revalidations_not_modified = 0;
+  uint64_t stale_invalidations = 0;
+  // Revalidations the store could not answer (unreachable, 5xx after retries): the cached
+  // copy was served as it was.
+  uint64_t revalidation_errors = 0;
+  // Writes and deletes that failed and so dropped the cached copy (outcome possibly unknown).
+  uint64_t failed_write_invalidations = 0;
 };
 
 class ChunkStore {
@@ -56,10 +107,19 @@ class ChunkStore {
   ~ChunkStore();
 
   // Reads the whole value under `key` and calls `done` exactly once: on this thread for a
-  // cache hit, else on an I/O thread. REQUIRES: ValidateKey(key).ok().
-  void Read(absl::string_view key, ReadCallback done);
+  // cache hit (validated here when that is a stat), else on an I/O thread.
+  // REQUIRES: ValidateKey(key).ok().
+  void Read(absl::string_view key, ReadCallback done) { Read(key, ReadOptions(), std::move(done)); }
+  void Read(absl::string_view key, const ReadOptions& options, ReadCallback done);
   // Read, waiting for the result. Must not be called on an I/O thread.
-  absl::StatusOr<CachedValue> ReadAndWait(absl::string_view key);
+  absl::StatusOr<CachedValue> ReadAndWait(absl::string_view key,
+                                          const ReadOptions& options = ReadOptions());
+
+  // The time a cached value of `key` must have been validated at or after, under the policy
+  // (InfinitePast: any copy will do).
+  absl::Time PolicyValidatedSince(absl::string_view key, absl::Time now) const;
+  // The effective revalidation interval of keys without a rule of their own.
+  absl::Duration revalidate_after() const { return revalidate_after_; }
 
   // Runs `task` on an I/O thread; UNAVAILABLE when the queue is full.
   absl::Status Submit(absl::AnyInvocable<void() &&> task);
@@ -86,6 +146,10 @@ class ChunkStore {
   struct Flight {
     std::vector<ReadCallback> waiters;
     bool stale = false;  // a write or delete landed meanwhile: do not cache the result
+    // A revalidation: the cached copy to check (a miss when unset).
+    std::optional<CachedValue> cached;
+    // When the flight was started: its answer is current as of no earlier than this.
+    absl::Time started;
   };
   struct FlightShard {
     absl::Mutex mu;
@@ -95,6 +159,14 @@ class ChunkStore {
   FlightShard& FlightShardFor(absl::string_view key);
   absl::Mutex& WriteLockFor(absl::string_view key);
   void RunFlight(std::string key, std::shared_ptr<Flight> flight);
+  // Starts or joins the flight of `key`: a miss when `cached` is unset, else a revalidation.
+  void StartOrJoinFlight(absl::string_view key, std::optional<CachedValue> cached,
+                         absl::Time need, ReadCallback done);
+  // Whether a cached copy of `key` was validated recently enough for `need`; validates it on
+  // this thread when the backend can do so with a stat. False: it must be revalidated or read.
+  bool FreshEnough(absl::string_view key, CachedValue& hit, absl::Time need);
+  // Drops the cached copy after a write or delete failed.
+  void InvalidateAfterFailure(absl::string_view key);
   // Removes `flight` from the table if it is still the one registered for `key`.
   void EraseFlightLocked(FlightShard& shard, absl::string_view key,
                          const std::shared_ptr<Flight>& flight)
@@ -109,9 +181,15 @@ class ChunkStore {
   // their updates in the same order. Readers never take these.
   std::array<absl::Mutex, 64> write_locks_;
 
+  const FreshnessOptions freshness_;
+  const Validation validation_;
+  const absl::Duration revalidate_after_;
+
   std::atomic<uint64_t> backend_reads_{0}, backend_read_errors_{0}, backend_not_found_{0},
       backend_read_bytes_{0},
       backend_read_micros_{0}, single_flight_joins_{0}, writes_{0}, deletes_{0}, overloaded_{0};
+  std::atomic<uint64_t> revalidations_{0}, revalidations_not_modified_{0},
+      stale_invalidations_{0}, revalidation_errors_{0}, failed_write_invalidations_{0};
 
   // Last member: destroyed first, so queued work finishes while the rest still exists.
   std::unique_ptr<Executor> io_;

@@ -152,6 +152,30 @@ void HostCache::Erase(absl::string_view key) {
   RemoveLocked(node);
 }
 
+void HostCache::EraseIfGeneration(absl::string_view key, Generation generation) {
+  absl::MutexLock policy_lock(&policy_mu_);
+  Shard& shard = ShardFor(key);
+  Node* node = nullptr;
+  {
+    absl::MutexLock lock(&shard.mu);
+    auto it = shard.index.find(key);
+    if (it == shard.index.end() || it->second->value.generation != generation) return;
+    node = it->second;
+  }
+  RemoveLocked(node);
+}
+
+bool HostCache::MarkValidated(absl::string_view key, Generation generation, absl::Time when) {
+  Shard& shard = ShardFor(key);
+  absl::MutexLock lock(&shard.mu);
+  auto it = shard.index.find(key);
+  if (it == shard.index.end() || it->second->value.generation != generation) return false;
+  // Lookups copy the value under this lock, so the time is never read half written.
+  CachedValue& value = it->second->value;
+  value.validated = std::max(value.validated, when);
+  return true;
+}
+
 void HostCache::RemoveLocked(Node* node) {
   {
     Shard& shard = ShardFor(node->key);

@@ -28,6 +28,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "buffer/cpu/buffer.h"
 #include "server/backend/backend.h"
 
@@ -40,8 +41,22 @@ std::optional<EvictionPolicy> ParseEvictionPolicy(absl::string_view name);
 const char* EvictionPolicyName(EvictionPolicy policy);
 
 struct CachedValue {
+  CachedValue() = default;
+  CachedValue(buffer::cpu::Buffer value, Generation generation,
+              absl::Time validated = absl::InfinitePast(), std::string etag = {})
+      : value(std::move(value)),
+        generation(generation),
+        validated(validated),
+        etag(std::move(etag)) {}
+
   buffer::cpu::Buffer value;
   Generation generation = 0;
+  // When the store last said this is its current version: the start of the read that fetched
+  // it, or of the last validation that found it unchanged. What a read's staleness bound is
+  // measured against.
+  absl::Time validated = absl::InfinitePast();
+  // The store's validator (an HTTP ETag) for conditional requests; empty for other stores.
+  std::string etag;
 };
 
 struct HostCacheOptions {
@@ -86,6 +101,11 @@ class HostCache {
 
   // Removes `key` if present.
   void Erase(absl::string_view key);
+  // Removes `key` if its cached generation is `generation` (not a newer value put meanwhile).
+  void EraseIfGeneration(absl::string_view key, Generation generation);
+  // Records that the store still held `generation` under `key` at `when`, if that is the
+  // cached generation; returns whether it was.
+  bool MarkValidated(absl::string_view key, Generation generation, absl::Time when);
 
   // The size above which values are not admitted.
   uint64_t max_entry_bytes() const { return max_entry_bytes_; }

@@ -4,6 +4,8 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
 
@@ -158,6 +160,26 @@ TEST_F(ChunkctlTest, ListStatRemoveInfo) {
   EXPECT_NE(info.out.find("backend: file"), std::string::npos) << info.out;
   CommandResult help = RunCommand({testing::kChunkctlBinary, "--help"});
   EXPECT_NE(help.out.find("chunkctl [--server=ADDR] get KEY"), std::string::npos) << help.out;
+}
+
+// --max_staleness: a long bound takes the cached copy without asking the (file) store, 0 looks.
+TEST_F(ChunkctlTest, MaxStalenessIsPassedToTheServer) {
+  std::filesystem::create_directories(dir_->Join("store/fresh"));
+  testing::WriteFile(dir_->Join("store/fresh/k"), "one");
+  CommandResult first = Ctl({"get", "fresh/k"});
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  EXPECT_EQ(first.out, "one");
+  absl::SleepFor(absl::Milliseconds(20));  // past the file system clock's tick
+  testing::WriteFile(dir_->Join("store/fresh/k"), "two");
+  CommandResult lax = Ctl({"get", "fresh/k", "--max_staleness=1h"});
+  ASSERT_EQ(lax.exit_code, 0) << lax.err;
+  EXPECT_EQ(lax.out, "one");
+  CommandResult strict = Ctl({"get", "fresh/k", "--max_staleness=0"});
+  ASSERT_EQ(strict.exit_code, 0) << strict.err;
+  EXPECT_EQ(strict.out, "two");
+  CommandResult bad = Ctl({"get", "fresh/k", "--max_staleness=soon"});
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.err.find("--max_staleness"), std::string::npos) << bad.err;
 }
 
 }  // namespace

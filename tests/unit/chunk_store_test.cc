@@ -4,6 +4,8 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
+#include <cstdio>
 #include <string>
 #include <thread>
 #include <vector>
@@ -17,7 +19,9 @@
 #include "buffer/cpu/buffer.h"
 #include "gtest/gtest.h"
 #include "server/backend/backend.h"
+#include "server/backend/file/file_backend.h"
 #include "server/backend/memory/memory_backend.h"
+#include "tests/support/test_support.h"
 #include "tests/unit/forwarding_backend.h"
 
 namespace chunkd::server {
@@ -53,9 +57,38 @@ class TestBackend final : public testing::ForwardingBackend {
   absl::StatusOr<ValueInfo> Write(absl::string_view key, Buffer value,
                                   const Conditions& conditions) override {
     writes_.fetch_add(1);
-    return inner_->Write(key, std::move(value), conditions);
+    auto info = inner_->Write(key, std::move(value), conditions);
+    if (info.ok() && fail_after_landing_.load()) {
+      return absl::DeadlineExceededError("timed out (after the write landed)");
+    }
+    return info;
+  }
+  absl::Status Delete(absl::string_view key, const Conditions& conditions) override {
+    absl::Status s = inner_->Delete(key, conditions);
+    if (s.ok() && fail_after_landing_.load()) return absl::UnavailableError("connection lost");
+    return s;
+  }
+  // Revalidations are counted, and held like reads.
+  absl::StatusOr<std::optional<Buffer>> ReadIfChanged(absl::string_view key,
+                                                      const ValueInfo& cached,
+                                                      ValueInfo* info) override {
+    revalidations_.fetch_add(1);
+    auto result = store_down_.load()
+                      ? absl::StatusOr<std::optional<Buffer>>(absl::UnavailableError("store down"))
+                      : inner_->ReadIfChanged(key, cached, info);
+    absl::MutexLock lock(&mu_);
+    ++reads_entered_;
+    mu_.Await(absl::Condition(
+        +[](TestBackend* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) { return !self->hold_; },
+        this));
+    return result;
   }
 
+  // Writes and deletes land, then report a failure (an outcome the caller cannot know).
+  void FailAfterLanding(bool on) { fail_after_landing_ = on; }
+  // Revalidations fail as with an unreachable store.
+  void StoreDown(bool on) { store_down_ = on; }
+  int revalidations() const { return revalidations_.load(); }
   int reads() const { return reads_.load(); }
   int writes() const { return writes_.load(); }
 
@@ -77,7 +110,8 @@ class TestBackend final : public testing::ForwardingBackend {
   }
 
  private:
-  std::atomic<int> reads_{0}, writes_{0};
+  std::atomic<int> reads_{0}, writes_{0}, revalidations_{0};
+  std::atomic<bool> fail_after_landing_{false}, store_down_{false};
   absl::Mutex mu_;
   bool hold_ ABSL_GUARDED_BY(mu_) = false;
   int reads_entered_ ABSL_GUARDED_BY(mu_) = 0;
@@ -503,6 +537,202 @@ TEST(ChunkStoreTest, ConcurrentReadersAndWritersSeeWholeValues) {
     EXPECT_EQ(read->generation, info.generation) << key;
     EXPECT_EQ(read->value.view(), stored->view()) << key;
   }
+}
+
+// A write whose outcome is unknown (a timeout after it landed) must not leave the old value
+// cached: the next read asks the store.
+TEST(ChunkStoreTest, FailedWriteOrDeleteDropsTheCachedCopy) {
+  Fixture f;
+  f.Seed("k", "old");
+  ASSERT_EQ(f.store->ReadAndWait("k")->value.view(), "old");
+  f.backend->FailAfterLanding(true);
+  auto write = f.store->Write("k", Buffer::CopyOf("new"), {});
+  EXPECT_EQ(write.status().code(), absl::StatusCode::kDeadlineExceeded);
+  f.backend->FailAfterLanding(false);
+  auto read = f.store->ReadAndWait("k");
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->value.view(), "new");
+
+  f.backend->FailAfterLanding(true);
+  EXPECT_EQ(f.store->Delete("k", {}).code(), absl::StatusCode::kUnavailable);
+  f.backend->FailAfterLanding(false);
+  EXPECT_EQ(f.store->ReadAndWait("k").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(f.store->counters().failed_write_invalidations, 2u);
+}
+
+// A read in flight when a write fails must not cache what it read (it may predate the write).
+TEST(ChunkStoreTest, FailedWriteMarksTheReadInFlightStale) {
+  Fixture f;
+  f.Seed("k", "old");
+  f.backend->Hold();
+  Results results;
+  f.store->Read("k", results.Callback());
+  f.backend->AwaitReadsEntered(1);
+  f.backend->FailAfterLanding(true);
+  EXPECT_FALSE(f.store->Write("k", Buffer::CopyOf("new"), {}).ok());
+  f.backend->FailAfterLanding(false);
+  f.backend->Release();
+  ASSERT_EQ(results.Await(1).size(), 1u);
+  EXPECT_FALSE(f.store->cache()->Peek("k").has_value());
+  EXPECT_EQ(f.store->ReadAndWait("k")->value.view(), "new");
+}
+
+// Remote stores (the test backend validates as one): a cached copy is served until the policy's
+// interval has passed or a request's bound asks for a newer one; then one conditional request.
+TEST(ChunkStoreTest, HitIsRevalidatedOnlyWhenOlderThanTheBound) {
+  Fixture f;  // default policy: 60 s
+  f.Seed("k", "v1");
+  ASSERT_EQ(f.store->ReadAndWait("k")->value.view(), "v1");
+  f.Seed("k", "v2");  // behind the cache's back
+  EXPECT_EQ(f.store->ReadAndWait("k")->value.view(), "v1");  // within the interval
+  EXPECT_EQ(f.backend->revalidations(), 0);
+  // A bound older than the copy: served.
+  EXPECT_EQ(f.store->ReadAndWait("k", ReadOptions{absl::Now() - absl::Hours(1)})->value.view(),
+            "v1");
+  EXPECT_EQ(f.backend->revalidations(), 0);
+  // A bound of now: revalidated, the change is seen and cached.
+  absl::Time before = absl::Now();
+  auto fresh = f.store->ReadAndWait("k", ReadOptions{absl::Now()});
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_EQ(fresh->value.view(), "v2");
+  EXPECT_GE(fresh->validated, before);
+  EXPECT_EQ(f.backend->revalidations(), 1);
+  EXPECT_EQ(f.store->ReadAndWait("k")->value.view(), "v2");
+  // Unchanged: validated again, nothing read.
+  int reads = f.backend->reads();
+  EXPECT_EQ(f.store->ReadAndWait("k", ReadOptions{absl::Now()})->value.view(), "v2");
+  ChunkStoreCounters c = f.store->counters();
+  EXPECT_EQ(c.revalidations, 2u);
+  EXPECT_EQ(c.stale_invalidations, 1u);
+  EXPECT_EQ(f.backend->reads(), reads);
+  // Removed behind the cache's back.
+  ASSERT_TRUE(f.backend->inner().Delete("k", {}).ok());
+  EXPECT_EQ(f.store->ReadAndWait("k", ReadOptions{absl::Now()}).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_FALSE(f.store->cache()->Peek("k").has_value());
+}
+
+// A store that cannot answer a revalidation does not fail reads the cache can answer.
+TEST(ChunkStoreTest, RevalidationErrorServesTheCachedCopy) {
+  Fixture f;
+  f.Seed("k", "v1");
+  auto first = f.store->ReadAndWait("k");
+  ASSERT_TRUE(first.ok());
+  f.backend->StoreDown(true);
+  auto read = f.store->ReadAndWait("k", ReadOptions{absl::Now()});
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->value.view(), "v1");
+  EXPECT_EQ(read->validated, first->validated);  // its age shows
+  EXPECT_EQ(f.store->counters().revalidation_errors, 1u);
+  f.backend->StoreDown(false);
+  f.Seed("k", "v2");
+  EXPECT_EQ(f.store->ReadAndWait("k", ReadOptions{absl::Now()})->value.view(), "v2");
+}
+
+TEST(ChunkStoreTest, ZeroIntervalRevalidatesEveryHit) {
+  ChunkStoreOptions options = Fixture::DefaultOptions();
+  options.freshness.revalidate_after = absl::ZeroDuration();
+  Fixture f(options);
+  f.Seed("k", "v1");
+  ASSERT_EQ(f.store->ReadAndWait("k")->value.view(), "v1");
+  f.Seed("k", "v2");
+  EXPECT_EQ(f.store->ReadAndWait("k")->value.view(), "v2");
+  EXPECT_EQ(f.store->ReadAndWait("k")->value.view(), "v2");
+  EXPECT_EQ(f.backend->revalidations(), 2);
+}
+
+// Eight readers of a copy due for revalidation: one conditional request, every reader answered.
+TEST(ChunkStoreTest, ConcurrentRevalidationsOfOneKeyAreOneRequest) {
+  ChunkStoreOptions options = Fixture::DefaultOptions();
+  options.freshness.revalidate_after = absl::Milliseconds(200);
+  Fixture f(options);
+  f.Seed("k", "v1");
+  ASSERT_TRUE(f.store->ReadAndWait("k").ok());
+  absl::SleepFor(absl::Milliseconds(250));  // the copy is now due
+  f.Seed("k", "v2");
+  f.backend->Hold();
+  Results results;
+  f.store->Read("k", results.Callback());
+  f.backend->AwaitReadsEntered(2);  // the first miss, then this revalidation
+  for (int i = 1; i < 8; ++i) f.store->Read("k", results.Callback());
+  f.backend->Release();
+  auto all = results.Await(8);
+  ASSERT_EQ(all.size(), 8u);
+  for (const auto& r : all) {
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->value.view(), "v2");
+  }
+  EXPECT_EQ(f.backend->revalidations(), 1);
+  EXPECT_EQ(f.store->counters().single_flight_joins, 7u);
+}
+
+TEST(ChunkStoreTest, MetadataIsRevalidatedEveryReadAndImmutablePrefixesNever) {
+  ChunkStoreOptions options = Fixture::DefaultOptions();
+  options.freshness.revalidate_after = absl::InfiniteDuration();
+  options.freshness.immutable_prefixes = {"snap/"};
+  Fixture f(options);
+  for (const char* key : {"a/zarr.json", "a/.zarray", "a/c/0", "snap/zarr.json"}) {
+    f.Seed(key, "v1");
+    ASSERT_TRUE(f.store->ReadAndWait(key).ok());
+    f.Seed(key, "v2");
+  }
+  EXPECT_EQ(f.store->ReadAndWait("a/zarr.json")->value.view(), "v2");
+  EXPECT_EQ(f.store->ReadAndWait("a/.zarray")->value.view(), "v2");
+  EXPECT_EQ(f.store->ReadAndWait("a/c/0")->value.view(), "v1");  // interval: never
+  EXPECT_EQ(f.backend->revalidations(), 2);
+  // Immutable: not even a request's bound makes it ask.
+  EXPECT_EQ(f.store->ReadAndWait("snap/zarr.json", ReadOptions{absl::Now()})->value.view(), "v1");
+  EXPECT_EQ(f.backend->revalidations(), 2);
+}
+
+// The file store: fresh by default. Every change made behind chunkd's back is seen at the next
+// read; each hit costs one stat on the caller's thread.
+class FileStoreFreshness : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto backend = OpenFileBackend(dir_.path(), BackendOptions{});
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    store_ = std::make_unique<ChunkStore>(*std::move(backend), Fixture::DefaultOptions());
+  }
+  std::string Read(const std::string& key) {
+    auto v = store_->ReadAndWait(key);
+    return v.ok() ? std::string(v->value.view()) : std::string(v.status().message());
+  }
+  // File times come from a coarse clock (a few ms): a change within one tick of the previous
+  // one, same size, keeps the modification time. Wait one out, as a real writer's would.
+  static void NextTick() { absl::SleepFor(absl::Milliseconds(20)); }
+
+  chunkd::testing::TempDir dir_;
+  std::unique_ptr<ChunkStore> store_;
+};
+
+TEST_F(FileStoreFreshness, ChangesBehindChunkdsBackAreSeenAtTheNextRead) {
+  using chunkd::testing::WriteFile;
+  ASSERT_EQ(::mkdir(dir_.Join("a").c_str(), 0755), 0);
+  WriteFile(dir_.Join("a/k"), "first");
+  EXPECT_EQ(Read("a/k"), "first");
+  EXPECT_EQ(Read("a/k"), "first");  // a hit, validated
+  // Overwritten in place, same size.
+  NextTick();
+  WriteFile(dir_.Join("a/k"), "again");
+  EXPECT_EQ(Read("a/k"), "again");
+  // Replaced by rename.
+  WriteFile(dir_.Join("a/tmp"), "renamed in");
+  ASSERT_EQ(std::rename(dir_.Join("a/tmp").c_str(), dir_.Join("a/k").c_str()), 0);
+  EXPECT_EQ(Read("a/k"), "renamed in");
+  // Deleted.
+  ASSERT_EQ(::unlink(dir_.Join("a/k").c_str()), 0);
+  EXPECT_EQ(store_->ReadAndWait("a/k").status().code(), absl::StatusCode::kNotFound);
+  // A new key.
+  WriteFile(dir_.Join("a/new"), "new");
+  EXPECT_EQ(Read("a/new"), "new");
+  ChunkStoreCounters c = store_->counters();
+  EXPECT_EQ(c.stale_invalidations, 3u);
+  EXPECT_GE(c.revalidations_not_modified, 1u);
+  // A hit is not read again.
+  uint64_t reads = store_->counters().backend_reads;
+  EXPECT_EQ(Read("a/new"), "new");
+  EXPECT_EQ(store_->counters().backend_reads, reads);
 }
 
 }  // namespace

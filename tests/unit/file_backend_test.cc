@@ -13,11 +13,13 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "buffer/cpu/buffer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -227,7 +229,8 @@ TEST(FileBackendTest, TemporaryFilesOfInterruptedWritesAreSweptAtStart) {
   ASSERT_EQ(::mkdir(root.Join("a").c_str(), 0755), 0);
   ASSERT_EQ(::mkdir(root.Join("a/b").c_str(), 0755), 0);
   // Left by writes that a crash interrupted: older than this start.
-  for (const std::string& stale : {prefix + "4242-0", "a/b/" + prefix + "4242-7"}) {
+  for (const std::string& stale : {prefix + "4242-0", "a/b/" + prefix + "4242-7",
+                                   prefix + "4242-8-0123456789abcdef"}) {
     WriteFile(root.Join(stale), "partial");
     Touch(root.Join(stale), -3600);
   }
@@ -255,9 +258,111 @@ TEST(FileBackendTest, TemporaryFilesOfInterruptedWritesAreSweptAtStart) {
   ASSERT_NE(b, nullptr);
   EXPECT_FALSE(PathExists(root.Join(prefix + "4242-0")));
   EXPECT_FALSE(PathExists(root.Join("a/b/" + prefix + "4242-7")));
+  EXPECT_FALSE(PathExists(root.Join(prefix + "4242-8-0123456789abcdef")));
   for (const std::string& name : kept) EXPECT_TRUE(PathExists(root.Join(name))) << name;
   EXPECT_EQ(*Get(*b, "a/b/c"), "x");
   EXPECT_THAT(ListKeys(*b), ElementsAre("a/b/c"));
+}
+
+// Two containers whose writers are both pid 1 share a volume: a temporary name made of pid and
+// counter alone is the same for both. Here the other writer's temporary file (a write of its in
+// progress) has the name such a scheme gives this store's first write.
+TEST(FileBackendTest, TemporaryNamesDoNotCollideWithAnotherWriterOfTheSamePid) {
+  TempDir root;
+  auto b = Open(root.path());
+  ASSERT_NE(b, nullptr);
+  ASSERT_EQ(::mkdir(root.Join("d").c_str(), 0755), 0);
+  std::string theirs = root.Join(absl::StrCat("d/", kFileBackendTempPrefix, ::getpid(), "-0"));
+  WriteFile(theirs, "their write in progress");
+  ASSERT_TRUE(Put(*b, "d/k", "mine").ok());
+  EXPECT_EQ(*Get(*b, "d/k"), "mine");
+  EXPECT_EQ(ReadFile(theirs), "their write in progress");
+  // Two stores of one process (one pid) writing into one directory at once.
+  auto other = Open(root.path());
+  ASSERT_NE(other, nullptr);
+  std::atomic<int> failures{0};
+  std::vector<std::thread> writers;
+  for (Backend* store : {b.get(), other.get()}) {
+    writers.emplace_back([store, &failures] {
+      for (int i = 0; i < 50; ++i) {
+        if (!Put(*store, absl::StrCat("d/", reinterpret_cast<uintptr_t>(store) % 997, "-", i), "v")
+                 .ok()) {
+          failures.fetch_add(1);
+        }
+      }
+    });
+  }
+  for (std::thread& t : writers) t.join();
+  EXPECT_EQ(failures.load(), 0);
+}
+
+// The path a descriptor names, for the fsync seam.
+std::string PathOfFd(int fd) {
+  char link[64], real[4096];
+  std::snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+  ssize_t n = ::readlink(link, real, sizeof(real) - 1);
+  return n < 0 ? std::string() : std::string(real, static_cast<size_t>(n));
+}
+
+bool IsDirectoryFd(int fd) {
+  struct stat st;
+  return ::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+// What the seam shows: which directories the store asks to sync, in which order; not what
+// the disk does with it.
+TEST(FileBackendTest, CreatedDirectoriesAreSyncedIntoTheirParents) {
+  TempDir root;
+  char real[4096];
+  ASSERT_NE(::realpath(root.path().c_str(), real), nullptr);
+  std::string base = real;
+  absl::Mutex mu;
+  std::vector<std::string> synced;
+  BackendOptions options;
+  options.fsync_for_testing = [&](int fd) {
+    if (IsDirectoryFd(fd)) {
+      absl::MutexLock lock(&mu);
+      synced.push_back(PathOfFd(fd));
+    }
+    return ::fsync(fd);
+  };
+  auto b = OpenFileBackend(root.path(), options);
+  ASSERT_TRUE(b.ok()) << b.status();
+  auto take = [&] {
+    absl::MutexLock lock(&mu);
+    return std::exchange(synced, {});
+  };
+  ASSERT_TRUE(Put(**b, "a/b/k", "v").ok());
+  // root holds the new "a", a the new "b", a/b the renamed value.
+  EXPECT_THAT(take(), ElementsAre(base, base + "/a", base + "/a/b"));
+  ASSERT_TRUE(Put(**b, "a/b/k", "w").ok());  // nothing created: only the value's directory
+  EXPECT_THAT(take(), ElementsAre(base + "/a/b"));
+}
+
+TEST(FileBackendTest, FailedDirectorySyncFailsTheWriteAndDelete) {
+  TempDir root;
+  std::atomic<bool> fail{false};
+  BackendOptions options;
+  options.fsync_for_testing = [&](int fd) {
+    if (fail.load() && IsDirectoryFd(fd)) {
+      errno = EIO;
+      return -1;
+    }
+    return ::fsync(fd);
+  };
+  auto b = OpenFileBackend(root.path(), options);
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_TRUE(Put(**b, "k", "old").ok());
+  fail = true;
+  absl::Status put = Put(**b, "k", "new");
+  EXPECT_FALSE(put.ok());
+  EXPECT_THAT(std::string(put.message()), ::testing::HasSubstr("sync the directory"));
+  absl::Status del = (*b)->Delete("k", {});
+  EXPECT_FALSE(del.ok());
+  fail = false;
+  ASSERT_TRUE(Put(**b, "x/y", "v").ok());
+  fail = true;
+  EXPECT_FALSE(Put(**b, "z/y", "v").ok());  // the new directory z could not be synced
 }
 
 TEST(FileBackendTest, TemporaryFilesCannotBeReadOrDeleted) {

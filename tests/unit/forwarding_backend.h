@@ -4,6 +4,7 @@
 #define CHUNKD_TESTS_UNIT_FORWARDING_BACKEND_H_
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -30,6 +31,14 @@ class ForwardingBackend : public server::Backend {
   }
   absl::StatusOr<server::ValueInfo> Stat(absl::string_view key) override {
     return inner_->Stat(key);
+  }
+  absl::StatusOr<bool> IsCurrent(absl::string_view key,
+                                 const server::ValueInfo& cached) override {
+    return inner_->IsCurrent(key, cached);
+  }
+  absl::StatusOr<std::optional<buffer::cpu::Buffer>> ReadIfChanged(
+      absl::string_view key, const server::ValueInfo& cached, server::ValueInfo* info) override {
+    return inner_->ReadIfChanged(key, cached, info);
   }
   absl::StatusOr<server::ValueInfo> Write(absl::string_view key, buffer::cpu::Buffer value,
                                           const server::Conditions& conditions) override {

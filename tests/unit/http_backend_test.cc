@@ -1,8 +1,13 @@
 // The http:// backend: the conformance suite's read-only subset against a real nginx on
 // loopback, and faults from a scripted server (refused connections, silence, 5xx, truncated
 // bodies).
+#include <unistd.h>
+
+#include <atomic>
 #include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -311,6 +316,123 @@ TEST(HttpTransportTest, PercentEncodeAndHash) {
   EXPECT_EQ(server::http::TotalFromContentRange("bytes 0-9/1234"), 1234u);
   EXPECT_EQ(server::http::TotalFromContentRange("bytes */77"), 77u);
   EXPECT_FALSE(server::http::TotalFromContentRange("bytes 0-9/*").has_value());
+}
+
+// Freshness over HTTP (nginx serving a directory; its ETag is the file's mtime in seconds and
+// size, so each change here also changes the size): a cached copy is revalidated with
+// If-None-Match once it is older than the bound; a 304 moves no bytes.
+class HttpFreshnessTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto nginx = NginxServer::Start(dir_.path());
+    if (absl::IsNotFound(nginx.status())) GTEST_SKIP() << nginx.status().message();
+    ASSERT_TRUE(nginx.ok()) << nginx.status();
+    nginx_ = *std::move(nginx);
+  }
+  std::unique_ptr<server::ChunkStore> Store(server::FreshnessOptions freshness) {
+    auto backend = server::OpenBackend(nginx_->url(), server::BackendOptions{});
+    EXPECT_TRUE(backend.ok()) << backend.status();
+    server::ChunkStoreOptions options;
+    options.cache.capacity_bytes = 16 << 20;
+    options.io_threads = 2;
+    options.freshness = std::move(freshness);
+    return std::make_unique<server::ChunkStore>(*std::move(backend), options);
+  }
+  void Put(const std::string& key, const std::string& value) {
+    ASSERT_TRUE(WriteFileUnder(dir_.path(), key, value).ok());
+  }
+  static std::string Read(server::ChunkStore& store, const std::string& key,
+                          server::ReadOptions options = {}) {
+    auto v = store.ReadAndWait(key, options);
+    return v.ok() ? std::string(v->value.view()) : v.status().ToString();
+  }
+  static server::ReadOptions Now() { return server::ReadOptions{absl::Now()}; }
+
+  TempDir dir_;
+  std::unique_ptr<NginxServer> nginx_;
+};
+
+TEST_F(HttpFreshnessTest, ChangeIsSeenAfterTheBoundAndUnchangedCostsA304) {
+  auto store = Store({});  // default: 60 s
+  EXPECT_EQ(store->revalidate_after(), absl::Seconds(60));
+  Put("a/c/0", "v1");
+  EXPECT_EQ(Read(*store, "a/c/0"), "v1");
+  // Unchanged: one conditional request, answered 304.
+  EXPECT_EQ(Read(*store, "a/c/0", Now()), "v1");
+  server::ChunkStoreCounters c = store->counters();
+  EXPECT_EQ(c.revalidations, 1u);
+  EXPECT_EQ(c.revalidations_not_modified, 1u);
+  EXPECT_EQ(c.backend_reads, 1u);
+  // Changed behind chunkd's back: within the interval the copy is served, past the bound the
+  // change is seen.
+  Put("a/c/0", "v2-longer");
+  EXPECT_EQ(Read(*store, "a/c/0"), "v1");
+  EXPECT_EQ(Read(*store, "a/c/0", Now()), "v2-longer");
+  EXPECT_EQ(store->counters().stale_invalidations, 1u);
+  EXPECT_EQ(Read(*store, "a/c/0"), "v2-longer");
+  // Removed.
+  ASSERT_EQ(::unlink(dir_.Join("a/c/0").c_str()), 0);
+  auto gone = store->ReadAndWait("a/c/0", Now());
+  EXPECT_EQ(gone.status().code(), absl::StatusCode::kNotFound) << gone.status();
+}
+
+// Eight readers of a copy past its interval: one conditional request between them.
+TEST_F(HttpFreshnessTest, EightReadersOneConditionalRequestPerInterval) {
+  server::FreshnessOptions freshness;
+  freshness.revalidate_after = absl::Seconds(1);
+  auto store = Store(freshness);
+  Put("a/c/0", "v1");
+  ASSERT_EQ(Read(*store, "a/c/0"), "v1");
+  absl::SleepFor(absl::Milliseconds(1100));  // the copy is now due
+  std::atomic<int> ready{0};
+  std::vector<std::thread> readers;
+  std::atomic<int> right{0};
+  for (int i = 0; i < 8; ++i) {
+    readers.emplace_back([&] {
+      ready.fetch_add(1);
+      while (ready.load() < 8) std::this_thread::yield();
+      if (Read(*store, "a/c/0") == "v1") right.fetch_add(1);
+    });
+  }
+  for (std::thread& t : readers) t.join();
+  EXPECT_EQ(right.load(), 8);
+  server::ChunkStoreCounters c = store->counters();
+  EXPECT_EQ(c.revalidations, 1u);
+  EXPECT_EQ(c.revalidations_not_modified, 1u);
+  EXPECT_EQ(c.backend_reads, 1u);  // the first miss only
+}
+
+TEST_F(HttpFreshnessTest, MetadataAlwaysFreshImmutablePrefixNeverAsked) {
+  server::FreshnessOptions freshness;
+  freshness.revalidate_after = absl::ZeroDuration();
+  freshness.immutable_prefixes = {"snap/"};
+  auto store = Store(freshness);
+  Put("snap/c/0", "s1");
+  Put("snap/zarr.json", "{}");
+  EXPECT_EQ(Read(*store, "snap/c/0"), "s1");
+  EXPECT_EQ(Read(*store, "snap/zarr.json"), "{}");
+  Put("snap/c/0", "s2-longer");
+  Put("snap/zarr.json", "{\"x\":1}");
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(Read(*store, "snap/c/0"), "s1");
+    EXPECT_EQ(Read(*store, "snap/c/0", Now()), "s1");
+    EXPECT_EQ(Read(*store, "snap/zarr.json"), "{}");
+  }
+  EXPECT_EQ(store->counters().revalidations, 0u);
+
+  server::FreshnessOptions lax;
+  lax.revalidate_after = absl::InfiniteDuration();
+  auto other = Store(lax);
+  Put("arr/zarr.json", "{}");
+  Put("arr/.zarray", "{}");
+  Put("arr/c/0", "c1");
+  for (const char* key : {"arr/zarr.json", "arr/.zarray", "arr/c/0"}) ASSERT_NE(Read(*other, key), "");
+  Put("arr/zarr.json", "{\"shape\":[2]}");
+  Put("arr/.zarray", "{\"shape\":[2]}");
+  Put("arr/c/0", "c2-longer");
+  EXPECT_EQ(Read(*other, "arr/zarr.json"), "{\"shape\":[2]}");
+  EXPECT_EQ(Read(*other, "arr/.zarray"), "{\"shape\":[2]}");
+  EXPECT_EQ(Read(*other, "arr/c/0"), "c1");  // never revalidated: a chunk, interval infinite
 }
 
 }  // namespace

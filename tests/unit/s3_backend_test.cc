@@ -18,6 +18,7 @@
 #include "server/backend/backend.h"
 #include "server/backend/http/http_transport.h"
 #include "server/backend/s3/s3_backend.h"
+#include "server/store/chunk_store.h"
 #include "tests/support/test_support.h"
 #include "tests/unit/backend_conformance.h"
 #include "tests/unit/http_s3_test_servers.h"
@@ -352,6 +353,56 @@ TEST(S3CredentialsTest, CredentialsFileProfiles) {
   c = server::LoadS3Credentials({{"HOME", dir.path()}}, "");
   ASSERT_TRUE(c.ok());
   EXPECT_TRUE(c->empty());
+}
+
+// Freshness over S3: a value written by chunkd carries the ETag the PUT returned, so the next
+// revalidation is a conditional GET answered 304; an object replaced by another writer (here a
+// second backend on the same prefix) is seen once the bound has passed.
+TEST_F(S3BackendTest, RevalidationWithIfNoneMatch) {
+  std::string url = FreshUrl();
+  auto backend = Open(url, MotoOptions(moto_));
+  auto other = Open(url, MotoOptions(moto_));  // a writer behind chunkd's back
+  ASSERT_NE(backend, nullptr);
+  ASSERT_NE(other, nullptr);
+  server::ChunkStoreOptions options;
+  options.cache.capacity_bytes = 16 << 20;
+  options.io_threads = 2;
+  options.freshness.immutable_prefixes = {"snap/"};
+  server::ChunkStore store(std::move(backend), options);
+  EXPECT_EQ(store.revalidate_after(), absl::Seconds(60));
+  auto now = [] { return server::ReadOptions{absl::Now()}; };
+  auto read = [&](const std::string& key, server::ReadOptions o = {}) {
+    auto v = store.ReadAndWait(key, o);
+    return v.ok() ? std::string(v->value.view()) : v.status().ToString();
+  };
+  auto written = store.Write("arr/c/0", Buffer::CopyOf("v1"), {});
+  ASSERT_TRUE(written.ok()) << written.status();
+  EXPECT_FALSE(written->etag.empty());
+  // 304: nothing read.
+  EXPECT_EQ(read("arr/c/0", now()), "v1");
+  server::ChunkStoreCounters c = store.counters();
+  EXPECT_EQ(c.revalidations, 1u);
+  EXPECT_EQ(c.revalidations_not_modified, 1u);
+  EXPECT_EQ(c.backend_reads, 0u);
+  // Replaced by another writer: served within the interval, seen past the bound.
+  ASSERT_TRUE(other->Write("arr/c/0", Buffer::CopyOf("v2"), {}).ok());
+  EXPECT_EQ(read("arr/c/0"), "v1");
+  EXPECT_EQ(read("arr/c/0", now()), "v2");
+  EXPECT_EQ(store.counters().stale_invalidations, 1u);
+  // Zarr metadata: every read.
+  ASSERT_TRUE(store.Write("arr/zarr.json", Buffer::CopyOf("{}"), {}).ok());
+  ASSERT_TRUE(other->Write("arr/zarr.json", Buffer::CopyOf("{\"shape\":[1]}"), {}).ok());
+  EXPECT_EQ(read("arr/zarr.json"), "{\"shape\":[1]}");
+  // Immutable prefix: never asked, even with a bound of now.
+  ASSERT_TRUE(store.Write("snap/c/0", Buffer::CopyOf("s1"), {}).ok());
+  uint64_t before = store.counters().revalidations;
+  ASSERT_TRUE(other->Write("snap/c/0", Buffer::CopyOf("s2"), {}).ok());
+  EXPECT_EQ(read("snap/c/0", now()), "s1");
+  EXPECT_EQ(store.counters().revalidations, before);
+  // Deleted by the other writer.
+  ASSERT_TRUE(other->Delete("arr/c/0", {}).ok());
+  EXPECT_EQ(store.ReadAndWait("arr/c/0", now()).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_FALSE(store.cache()->Peek("arr/c/0").has_value());
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -19,6 +20,7 @@
 #include "absl/hash/hash.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
@@ -138,17 +140,38 @@ std::vector<absl::string_view> Segments(absl::string_view path) {
 
 bool IsTempName(absl::string_view name) { return absl::StartsWith(name, kFileBackendTempPrefix); }
 
-// Whether `name` is a temporary file as WriteOnce names them: the prefix, the writer's pid, '-'
-// and a counter. Other names with the prefix are not chunkd's to remove.
+// Whether `name` is a temporary file as WriteOnce names them: the prefix, the writer's pid, '-',
+// a counter, '-' and the store's 16 random hex digits (older versions: no random part). Other
+// names with the prefix are not chunkd's to remove.
 bool IsWriteTempName(absl::string_view name) {
   if (!absl::ConsumePrefix(&name, kFileBackendTempPrefix)) return false;
-  size_t dash = name.find('-');
-  auto digits = [](absl::string_view s) {
-    return !s.empty() && s.size() <= 20 &&
-           std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+  auto all = [](absl::string_view s, size_t max, auto pred) {
+    return !s.empty() && s.size() <= max && std::all_of(s.begin(), s.end(), pred);
   };
-  return dash != absl::string_view::npos && digits(name.substr(0, dash)) &&
-         digits(name.substr(dash + 1));
+  auto digit = [](char c) { return c >= '0' && c <= '9'; };
+  auto hex = [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); };
+  size_t dash = name.find('-');
+  if (dash == absl::string_view::npos || !all(name.substr(0, dash), 20, digit)) return false;
+  name.remove_prefix(dash + 1);
+  dash = name.find('-');
+  if (dash == absl::string_view::npos) return all(name, 20, digit);
+  return all(name.substr(0, dash), 20, digit) && name.size() - dash - 1 == 16 &&
+         all(name.substr(dash + 1), 16, hex);
+}
+
+// 64 random bits for this store's temporary names: two writers that share a volume can have the
+// same pid (two containers whose writer is pid 1), so the pid alone does not keep their names
+// apart.
+uint64_t RandomTempTag() {
+  uint64_t tag = 0;
+  if (::getrandom(&tag, sizeof(tag), 0) != static_cast<ssize_t>(sizeof(tag))) {
+    // No getrandom (very old kernels): the time in ns and the address of a stack variable.
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    tag = (static_cast<uint64_t>(now.tv_sec) * 1000000000 + now.tv_nsec) ^
+          reinterpret_cast<uintptr_t>(&tag);
+  }
+  return tag;
 }
 
 struct SweepResult {
@@ -235,10 +258,32 @@ class FileBackend final : public Backend {
       : root_fd_(std::move(root_fd)),
         root_path_(std::move(root_path)),
         allocator_(options.allocator),
-        fsync_(options.fsync) {}
+        fsync_(options.fsync),
+        fsync_hook_(options.fsync_for_testing),
+        temp_tag_(absl::StrFormat("%016x", RandomTempTag())) {}
 
   absl::string_view kind() const override { return "file"; }
   std::string location() const override { return absl::StrCat("file://", root_path_); }
+
+  // Every read checks its cached copy with one stat (about a microsecond, on the caller's
+  // thread): the file is replaced, rewritten or removed by other processes at any time.
+  Validation validation() const override { return Validation::kLocal; }
+  absl::Duration default_revalidate_after() const override { return absl::ZeroDuration(); }
+
+  // A stat of the path, following links as the open of a read does: the file still holds the
+  // cached generation (same device, inode, size and modification time in ns). A link that now
+  // leads elsewhere (even outside the root) shows another generation, and the read that
+  // follows checks where it leads.
+  absl::StatusOr<bool> IsCurrent(absl::string_view key, const ValueInfo& cached) override {
+    std::string path(key);
+    struct stat st;
+    if (::fstatat(root_fd_.get(), path.c_str(), &st, 0) != 0) {
+      int err = errno;
+      if (err == ENOENT || err == ENOTDIR || err == ELOOP) return false;
+      return ErrnoError(err, "stat", key);
+    }
+    return S_ISREG(st.st_mode) && GenerationOf(st) == cached.generation;
+  }
 
   absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key, ValueInfo* info) override {
     auto fd = OpenValue(key);
@@ -297,10 +342,18 @@ class FileBackend final : public Backend {
     if (!dirs.ok()) return dirs.status();
     int parent = dirs->back().get();
 
-    std::string temp_name =
-        absl::StrCat(kFileBackendTempPrefix, ::getpid(), "-", temp_counter_.fetch_add(1));
-    UniqueFd temp(::openat(parent, temp_name.c_str(),
-                           O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644));
+    // pid, counter and the store's random tag: unique among this store's writes, and apart from
+    // other writers' on the same volume even where they have the same pid. A name taken anyway
+    // (O_EXCL: never someone else's file) moves on to the next counter.
+    std::string temp_name;
+    UniqueFd temp;
+    for (int attempt = 0; attempt < 8 && !temp.valid(); ++attempt) {
+      temp_name = absl::StrCat(kFileBackendTempPrefix, ::getpid(), "-",
+                               temp_counter_.fetch_add(1), "-", temp_tag_);
+      temp = UniqueFd(::openat(parent, temp_name.c_str(),
+                               O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644));
+      if (!temp.valid() && errno != EEXIST) break;
+    }
     if (!temp.valid()) return ErrnoError(errno, "create a temporary file for", key);
     auto remove_temp = [&] { ::unlinkat(parent, temp_name.c_str(), 0); };
 
@@ -316,7 +369,7 @@ class FileBackend final : public Backend {
       done += static_cast<size_t>(n);
     }
     struct timespec times[2] = {{0, UTIME_OMIT}, UniqueModificationTime()};
-    if (::futimens(temp.get(), times) != 0 || (fsync_ && ::fsync(temp.get()) != 0)) {
+    if (::futimens(temp.get(), times) != 0 || Sync(temp.get()) != 0) {
       absl::Status s = ErrnoError(errno, "flush", key);
       remove_temp();
       return s;
@@ -331,7 +384,10 @@ class FileBackend final : public Backend {
       }
       return ErrnoError(err, "rename into place", key);
     }
-    if (fsync_) ::fsync(parent);
+    // The value is in place; until its directory entry is durable a crash may lose it. Say so:
+    // the caller must not report a durable write (and drops its cached copy: the outcome is
+    // unknown).
+    if (Sync(parent) != 0) return ErrnoError(errno, "sync the directory of", key);
     struct stat st;
     if (::fstat(temp.get(), &st) != 0) return ErrnoError(errno, "stat", key);
     return ValueInfo{static_cast<uint64_t>(st.st_size), GenerationOf(st)};
@@ -351,7 +407,7 @@ class FileBackend final : public Backend {
     if (::unlinkat(dirs->back().get(), leaf.c_str(), 0) != 0) {
       return errno == ENOENT ? KeyNotFoundError(key) : ErrnoError(errno, "delete", key);
     }
-    if (fsync_) ::fsync(dirs->back().get());
+    if (Sync(dirs->back().get()) != 0) return ErrnoError(errno, "sync the directory of", key);
     // Remove directories the delete left empty, so that listings show no empty "groups";
     // stop at the first one that still holds something.
     std::vector<absl::string_view> segments = Segments(key);
@@ -391,6 +447,12 @@ class FileBackend final : public Backend {
  private:
   absl::Mutex& LockFor(absl::string_view key) {
     return write_locks_[absl::HashOf(key) % write_locks_.size()];
+  }
+
+  // fsync(2) when syncing is on (0 when off): -1 with errno on failure.
+  int Sync(int fd) const {
+    if (!fsync_) return 0;
+    return fsync_hook_ ? fsync_hook_(fd) : ::fsync(fd);
   }
 
   // Refuses a descriptor whose real path is not the root or beneath it: a symbolic link
@@ -446,8 +508,11 @@ class FileBackend final : public Backend {
       int parent = chain.back().get();
       UniqueFd fd(::openat(parent, name.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
       if (!fd.valid() && errno == ENOENT && create) {
-        if (::mkdirat(parent, name.c_str(), 0755) != 0 && errno != EEXIST) {
-          return ErrnoError(errno, "create a directory for", key);
+        if (::mkdirat(parent, name.c_str(), 0755) != 0) {
+          if (errno != EEXIST) return ErrnoError(errno, "create a directory for", key);
+        } else if (Sync(parent) != 0) {
+          // The new directory's entry must be durable before a value in it is reported so.
+          return ErrnoError(errno, "sync the directory of", key);
         }
         fd = UniqueFd(::openat(parent, name.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
       }
@@ -477,6 +542,9 @@ class FileBackend final : public Backend {
   const std::string root_path_;
   buffer::HostAllocator* const allocator_;
   const bool fsync_;
+  const std::function<int(int)> fsync_hook_;
+  // 16 hex digits from getrandom(2), part of every temporary name of this store.
+  const std::string temp_tag_;
   std::atomic<uint64_t> temp_counter_{0};
   // Writers and deleters of one key are serialized (conditions are checked and acted on as
   // one step); readers never wait on these.

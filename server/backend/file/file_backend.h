@@ -1,7 +1,10 @@
 // file:// — a directory in Zarr's layout (v2 or v3); keys are relative paths under it.
 //
-// Writes are atomic: a temporary file in the key's directory, fsync, rename, fsync of the
-// directory. No key can reach outside the root: keys never hold "." or ".." segments (see
+// Writes are atomic: a temporary file in the key's directory (named with the pid, a counter
+// and 64 random bits of the store, so that writers of the same pid on one volume never
+// collide), fsync, rename, fsync of the directory; directories created for a key are synced
+// into their parents. A failed sync fails the write. Cached copies are validated with a stat
+// of the path (Validation::kLocal: device, inode, size, mtime in ns). No key can reach outside the root: keys never hold "." or ".." segments (see
 // server/common/key.h), and every file or directory opened is checked to resolve beneath the root, so
 // a symbolic link inside the store that points out of it is refused (PERMISSION_DENIED).
 // Links that stay inside the root are followed when reading. Listings do not descend into

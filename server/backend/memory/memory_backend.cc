@@ -41,6 +41,8 @@ class MemoryBackend final : public Backend {
   absl::string_view kind() const override { return "memory"; }
   std::string location() const override { return "memory://"; }
   bool holds_values_in_memory() const override { return true; }
+  // The store is this memory: no other copy to keep fresh.
+  Validation validation() const override { return Validation::kNone; }
   uint64_t memory_used_bytes() const override {
     absl::MutexLock lock(&mu_);
     return used_;

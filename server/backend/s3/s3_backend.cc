@@ -15,6 +15,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "absl/synchronization/mutex.h"
 #include "server/backend/http/http_transport.h"
 #include "server/backend/s3/s3_xml.h"
@@ -106,8 +107,23 @@ class S3Backend final : public Backend {
     auto r = transport_.Perform(request, What("GET", key));
     if (!r.ok()) return r.status();
     if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
-    if (info) *info = {r->body.size(), GenerationOf(*r)};
+    if (info) *info = {r->body.size(), GenerationOf(*r), r->Header("etag").value_or("")};
     return std::move(r->body);
+  }
+
+  // A GET with If-None-Match: the cached ETag. 304: unchanged, no bytes; 200: the new value.
+  absl::StatusOr<std::optional<buffer::cpu::Buffer>> ReadIfChanged(
+      absl::string_view key, const ValueInfo& cached, ValueInfo* info) override {
+    if (cached.etag.empty()) return Backend::ReadIfChanged(key, cached, info);
+    HttpRequest request = NewRequest("GET", ObjectUrl(key));
+    request.allocator = allocator_;
+    request.headers.push_back(absl::StrCat("If-None-Match: ", cached.etag));
+    auto r = transport_.Perform(request, What("conditional GET", key));
+    if (!r.ok()) return r.status();
+    if (r->status == 304) return std::nullopt;
+    if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
+    if (info) *info = {r->body.size(), GenerationOf(*r), r->Header("etag").value_or("")};
+    return std::optional<buffer::cpu::Buffer>(std::move(r->body));
   }
 
   absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
@@ -159,10 +175,10 @@ class S3Backend final : public Backend {
         headers.push_back("If-None-Match: *");
       }
     }
-    absl::Status s = value.size() > options_.multipart_threshold_bytes
+    absl::StatusOr<std::string> etag = value.size() > options_.multipart_threshold_bytes
                          ? MultipartUpload(key, value, headers, !conditions.empty())
                          : PutObject(key, value, headers, !conditions.empty());
-    if (absl::IsUnimplemented(s) && headers.size() > 1) {
+    if (absl::IsUnimplemented(etag.status()) && headers.size() > 1) {
       // The store refuses conditional writes: write without the guard from now on (the HEAD
       // under this backend's lock still orders writers through this server).
       if (conditional_writes_.exchange(false)) {
@@ -171,12 +187,13 @@ class S3Backend final : public Backend {
             location());
       }
       headers.resize(1);
-      s = value.size() > options_.multipart_threshold_bytes
-              ? MultipartUpload(key, value, headers, true)
-              : PutObject(key, value, headers, true);
+      etag = value.size() > options_.multipart_threshold_bytes
+                 ? MultipartUpload(key, value, headers, true)
+                 : PutObject(key, value, headers, true);
     }
-    if (!s.ok()) return s;
-    return ValueInfo{value.size(), generation};
+    if (!etag.ok()) return etag.status();
+    // The ETag the store gave the new object: what a later revalidation asks about.
+    return ValueInfo{value.size(), generation, *std::move(etag)};
   }
 
   absl::Status Delete(absl::string_view key, const Conditions& conditions) override {
@@ -288,10 +305,12 @@ class S3Backend final : public Backend {
       return absl::InternalError(
           absl::StrCat("HEAD key ", QuoteKey(key), ": the answer has no Content-Length"));
     }
-    return std::make_pair(ValueInfo{size, GenerationOf(*r)}, r->Header("etag").value_or(""));
+    std::string etag = r->Header("etag").value_or("");
+    return std::make_pair(ValueInfo{size, GenerationOf(*r), etag}, etag);
   }
 
-  absl::Status PutObject(absl::string_view key, const buffer::cpu::Buffer& value,
+  // The new object's ETag ("" when the store sends none).
+  absl::StatusOr<std::string> PutObject(absl::string_view key, const buffer::cpu::Buffer& value,
                          const std::vector<std::string>& headers, bool conditional) {
     HttpRequest request = NewRequest("PUT", ObjectUrl(key));
     request.headers.insert(request.headers.end(), headers.begin(), headers.end());
@@ -301,10 +320,11 @@ class S3Backend final : public Backend {
     request.idempotent = !conditional;
     auto r = transport_.Perform(request, What("PUT", key));
     if (!r.ok()) return r.status();
-    return CheckResponse(*r, key, "PUT");
+    if (absl::Status s = CheckResponse(*r, key, "PUT"); !s.ok()) return s;
+    return r->Header("etag").value_or("");
   }
 
-  absl::Status MultipartUpload(absl::string_view key, const buffer::cpu::Buffer& value,
+  absl::StatusOr<std::string> MultipartUpload(absl::string_view key, const buffer::cpu::Buffer& value,
                                const std::vector<std::string>& headers, bool conditional) {
     // 1. Create: the object's metadata goes here.
     HttpRequest create = NewRequest("POST", ObjectUrl(key, "uploads="));
@@ -362,7 +382,13 @@ class S3Backend final : public Backend {
                                  "multipart upload of key ", QuoteKey(key), ": ", detail));
       return abort(s);
     }
-    return absl::OkStatus();
+    // The ETag of the whole object, in the answer's XML (quotes escaped as &quot;).
+    absl::string_view body = fr->BodyText();
+    size_t open = body.find("<ETag>"), close = body.find("</ETag>");
+    if (open == absl::string_view::npos || close == absl::string_view::npos || close < open) {
+      return std::string();
+    }
+    return absl::StrReplaceAll(body.substr(open + 6, close - open - 6), {{"&quot;", "\""}});
   }
 
   const std::string bucket_;
