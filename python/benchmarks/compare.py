@@ -287,7 +287,7 @@ def open_store(kind: str, setup: dict):
 
     data = Path(setup["data"])
     if kind == "memory":
-        from zarr.core.buffer import default_buffer_prototype
+        from zarr.buffer import default_buffer_prototype
 
         buffer = default_buffer_prototype().buffer
         chunks = {}

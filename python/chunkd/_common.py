@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import enum
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -278,6 +279,7 @@ class ClientBase:
         self.delivery = check_delivery(delivery)
         self.shm_dir = os.fspath(shm_dir)
         self._closed = False
+        self._pid = os.getpid()
         self._n = _native.Client(
             self.target,
             timeout=None if timeout is None else float(timeout),
@@ -290,7 +292,18 @@ class ClientBase:
     def _native_client(self) -> Any:
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} is closed")
+        if self._pid != os.getpid():
+            self._reconnect_in_child()
         return self._n
+
+    def _reconnect_in_child(self) -> None:
+        """This process was forked from the one that made the client (a data loader's
+        workers, a ``fork`` pool): the parent's native client, its connections and threads
+        are the parent's and are never touched here; the child gets a client of its own, made
+        from the same arguments, as an unpickled copy would be."""
+        with _FORK_LOCK:
+            if self._pid != os.getpid():
+                self.__setstate__(self.__getstate__())
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -325,6 +338,11 @@ class ClientBase:
         map; values arrive inline since), or "" while it is on."""
         return self._n.shm_disabled
 
+
+# Taken by a forked child's first call on a client made before the fork (see
+# ClientBase._reconnect_in_child); a fresh lock in each child.
+_FORK_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=lambda: globals().__setitem__("_FORK_LOCK", threading.Lock()))
 
 # The process is ending and its values with it: return their leases now rather than pin the
 # servers' memory for a TTL (a process that dies without this lets them expire).

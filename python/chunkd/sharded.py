@@ -23,6 +23,7 @@ to its first key's next server (every server reads the same store).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -98,6 +99,7 @@ class ShardedClient(Client):
         self.shm_dir = shm_dir
         self._security = Security.create(**security)
         self._closed = False
+        self._pid = os.getpid()
         self._n = _native.Client.sharded(
             self._given,
             failures_to_mark_down=failures_to_mark_down,

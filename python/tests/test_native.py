@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from zarr.core.buffer import cpu
+from zarr.buffer import cpu
 
 import chunkd
 from chunkd_testing import REPO_ROOT
