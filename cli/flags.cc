@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/strip.h"
 #include "cli/version.h"
 
@@ -121,14 +122,18 @@ void Wrap(absl::string_view text, std::string* out) {
 // --help and -h: the usage message, then the program's own flags (those defined in
 // `help_files`) by name, each as the README writes it (one dash for a one-letter flag: -o),
 // with its help and default. No source paths: --helpfull lists every flag, by file.
-void PrintHelp(std::ostream& out, const std::vector<std::string>& help_files) {
+void PrintHelp(std::ostream& out, absl::string_view program,
+               const std::vector<std::string>& help_files) {
   std::vector<absl::CommandLineFlag*> flags;
   for (const auto& [name, flag] : absl::GetAllFlags()) {
     if (!flag->IsRetired() && InHelpFiles(flag->Filename(), help_files)) flags.push_back(flag);
   }
   std::sort(flags.begin(), flags.end(),
             [](absl::CommandLineFlag* a, absl::CommandLineFlag* b) { return a->Name() < b->Name(); });
-  std::string text = absl::StrCat(absl::ProgramUsageMessage(), "\n\nFlags:\n");
+  // As Abseil prints it ("PROGRAM: MESSAGE"); the messages end in their own "Flags:" header.
+  absl::string_view message = absl::StripTrailingAsciiWhitespace(absl::ProgramUsageMessage());
+  std::string text = absl::StrCat(program, ": ", message);
+  absl::StrAppend(&text, absl::EndsWith(message, "Flags:") ? "\n" : "\n\nFlags:\n");
   for (absl::CommandLineFlag* flag : flags) {
     std::string line = absl::StrCat("  ", flag->Name().size() == 1 ? "-" : "--", flag->Name());
     std::string value = flag->DefaultValue();
@@ -137,7 +142,7 @@ void PrintHelp(std::ostream& out, const std::vector<std::string>& help_files) {
     absl::StrAppend(&text, line, "\n");
   }
   absl::StrAppend(&text,
-                  "\nOne-letter flags take one dash or two (-o FILE, --o=FILE); --helpfull lists "
+                  "\nOne-letter flags take one dash or two (-o FILE, --o=FILE). --helpfull lists\n"
                   "every flag, --version the build.\n");
   out << text;
 }
@@ -162,7 +167,7 @@ std::vector<char*> ParseCommandLine(int argc, char** argv, absl::string_view pro
   absl::SetFlagsUsageConfig(config);
 
   if (WantsHelp(argc, argv)) {
-    PrintHelp(std::cout, help_files_copy);
+    PrintHelp(std::cout, program, help_files_copy);
     std::cout.flush();
     std::exit(0);
   }

@@ -294,19 +294,22 @@ class ChunkdFileSystem(AsyncFileSystem):
             raise _not_found(path) from None
 
     async def _rm(self, path, recursive=False, batch_size=None, maxdepth=None, **kwargs):
-        # expand_path raises FileNotFoundError for a path that names nothing; the directories
-        # it lists beside the keys are prefixes, gone with their last key.
+        # expand_path lists the directories beside the keys (prefixes, gone with their last
+        # key: nothing to delete) and a path that names nothing as itself: FileNotFoundError
+        # when nothing at all was deleted.
         paths = await self._expand_path(path, recursive=recursive, maxdepth=maxdepth)
         semaphore = asyncio.Semaphore(batch_size or _CONCURRENCY)
 
-        async def rm_one(p: str) -> None:
+        async def rm_one(p: str) -> bool:
             async with semaphore:
                 try:
                     await self._client().delete(p)
                 except NotFoundError:
-                    pass
+                    return False
+                return True
 
-        await asyncio.gather(*(rm_one(p) for p in paths))
+        if not any(await asyncio.gather(*(rm_one(p) for p in paths))):
+            raise _not_found(paths[0])
 
     # -- metadata --------------------------------------------------------------------------------
 

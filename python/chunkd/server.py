@@ -1,7 +1,7 @@
 """A chunkd server started from Python: for notebooks, tests and scripts.
 
     import chunkd, zarr
-    with chunkd.Server(store="memory://", cache_bytes="1GiB") as server:
+    with chunkd.Server(store="memory://", host_cache_bytes="1GiB") as server:
         z = zarr.create_array(server.url + "/demo.zarr", shape=(100,), chunks=(10,), dtype="f4")
         with chunkd.Client(server.url) as client: ...
 
@@ -88,7 +88,7 @@ class Server:
         binary: the chunkd binary (default: :func:`binary_path`).
         ready_timeout: seconds to wait until the server accepts calls.
         stop_timeout: seconds :meth:`stop` waits after SIGTERM before it kills the process.
-        **flags: any other chunkd flag, as ``name=value`` (``cache_bytes="1GiB"``,
+        **flags: any other chunkd flag, as ``name=value`` (``host_cache_bytes="1GiB"``,
             ``shm_dir="/dev/shm"``, ``fsync=False``; lists are joined with commas).
 
     Attributes: ``url`` (``chunkd+unix:///...`` or ``chunkd://127.0.0.1:PORT``), which

@@ -31,7 +31,7 @@ class ChunkdFixtures(abstract.AbstractFixtures):
     own. Keys are not files in directories: a "directory" exists while a key under it does,
     as on object stores (supports_empty_directories False)."""
 
-    @pytest.fixture(scope="class")
+    @pytest.fixture
     def fs(self, server):
         return _fs(server)
 
