@@ -280,7 +280,8 @@ class ClientBase:
         self.shm_dir = os.fspath(shm_dir)
         self._closed = False
         self._pid = os.getpid()
-        self._n = _native.Client(
+        self._n = make_native(
+            "client",
             self.target,
             timeout=None if timeout is None else float(timeout),
             retries=self.retries,
@@ -337,6 +338,25 @@ class ClientBase:
         """Why shared-memory delivery was turned off for this client (a handle it could not
         map; values arrive inline since), or "" while it is on."""
         return self._n.shm_disabled
+
+
+# The process whose native clients started gRPC (None before the first): a process forked from
+# it cannot use gRPC (see chunkd._relay), and its clients relay their calls through a helper.
+_GRPC_PID: int | None = None
+
+
+def make_native(constructor: str, *args: Any, **kwargs: Any) -> Any:
+    """A native client (``_native.Client(...)``, or ``.sharded(...)``), or in a process forked
+    after gRPC started, a :class:`chunkd._relay.RelayNative` with the same methods."""
+    global _GRPC_PID
+    if _GRPC_PID is not None and _GRPC_PID != os.getpid():
+        from chunkd._relay import RelayNative
+
+        return RelayNative(constructor, args, kwargs)
+    _GRPC_PID = os.getpid()
+    if constructor == "sharded":
+        return _native.Client.sharded(*args, **kwargs)
+    return _native.Client(*args, **kwargs)
 
 
 # Taken by a forked child's first call on a client made before the fork (see

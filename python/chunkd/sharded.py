@@ -100,7 +100,8 @@ class ShardedClient(Client):
         self._security = Security.create(**security)
         self._closed = False
         self._pid = os.getpid()
-        self._n = _native.Client.sharded(
+        self._n = c.make_native(
+            "sharded",
             self._given,
             failures_to_mark_down=failures_to_mark_down,
             down_backoff=float(down_backoff),

@@ -86,21 +86,51 @@ def test_fork_pool_reads_an_array_opened_through_a_url(written):
 _CLIENT: chunkd.Client | None = None
 
 
-def _get(key: str) -> bytes:
-    return bytes(_CLIENT.get(key))
+def _get(key: str):
+    value = bytes(_CLIENT.get(key))
+    # A new client made in the child works too, and so does a write.
+    with chunkd.Client(_CLIENT.address) as own:
+        own.put(f"{key}-from-child", value)
+    return value, type(_CLIENT._n).__name__
 
 
 @pytest.mark.timeout(180)
 def test_fork_pool_uses_a_client_made_before_the_fork(server, prefix):
+    """By host name: resolving it needs gRPC's resolver threads, which a forked child does
+    not have (the call hung there before the child's calls went through a helper)."""
     global _CLIENT
-    _CLIENT = chunkd.Client(server.address)
+    _CLIENT = chunkd.Client(server.address.replace("127.0.0.1", "localhost"), timeout=30)
     keys = [f"{prefix}/k{i}" for i in range(16)]
     for key in keys:
         _CLIENT.put(key, key.encode())
     try:
         with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
-            assert pool.map(_get, keys, chunksize=1) == [k.encode() for k in keys]
+            results = pool.map(_get, keys, chunksize=1)
     finally:
         client, _CLIENT = _CLIENT, None
+    assert [value for value, _ in results] == [k.encode() for k in keys]
+    assert {kind for _, kind in results} == {"RelayNative"}
     assert client.get(keys[0]) == keys[0].encode()
+    assert client.get(f"{keys[3]}-from-child") == keys[3].encode()
+    assert type(client._n).__name__ == "Client"  # the parent's own, untouched
     client.close()
+
+
+def _native_client_in_child(address: str) -> str:
+    try:
+        chunkd._common._native.Client(
+            address, timeout=5.0, retries=0, delivery="inline", shm_dir="/dev/shm", tls_ca="",
+            tls=False, tls_cert="", tls_key="", tls_server_name="", token="",
+        )
+    except RuntimeError as e:
+        return str(e)
+    return "made"
+
+
+@pytest.mark.timeout(120)
+def test_a_native_client_made_in_a_forked_child_is_refused_with_right_advice(server):
+    chunkd.Client(server.address).stat("x")  # gRPC has started in this process
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        message = pool.apply(_native_client_in_child, (server.address,))
+    assert "forked from one that had started gRPC" in message
+    assert "chunkd.Client, AsyncClient" in message and "spawn" not in message
