@@ -362,7 +362,14 @@ def make_native(constructor: str, *args: Any, **kwargs: Any) -> Any:
 # Taken by a forked child's first call on a client made before the fork (see
 # ClientBase._reconnect_in_child); a fresh lock in each child.
 _FORK_LOCK = threading.Lock()
-os.register_at_fork(after_in_child=lambda: globals().__setitem__("_FORK_LOCK", threading.Lock()))
+
+
+def _after_fork_in_child() -> None:
+    global _FORK_LOCK
+    _FORK_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # The process is ending and its values with it: return their leases now rather than pin the
 # servers' memory for a TTL (a process that dies without this lets them expire).
