@@ -5,6 +5,7 @@ reading and writing through URLs."""
 from __future__ import annotations
 
 import os
+import pickle
 import posixpath
 import subprocess
 import sys
@@ -98,6 +99,8 @@ def test_urls_name_the_server(server, unix_server, prefix):
     assert path == f"{prefix}/a.bin"
     fs.pipe(url, b"0123456789")
     assert fs.unstrip_protocol(path) == url
+    copy = pickle.loads(pickle.dumps(fs))  # as dask ships it to its workers
+    assert copy.target == fs.target and copy.cat_file(path, 2, 4) == b"23"
     with fsspec.open(url, "rb") as f:
         assert f.read() == b"0123456789"
     socket = unix_server.address[len("unix:") :]
