@@ -244,3 +244,16 @@ def test_pandas_parquet_over_the_url(server, prefix):
     df.to_parquet(url)
     pd.testing.assert_frame_equal(pd.read_parquet(url), df)
     pd.testing.assert_frame_equal(pd.read_parquet(url, columns=["b"]), df[["b"]])
+
+
+def test_mv_file_and_directory(server, prefix):
+    """fsspec.tests.abstract has no mv suite for implementations (its mv.py tests the local
+    filesystem only): mv as the conformance suite's copy and rm see it."""
+    fs = _fs(server)
+    fs.pipe({f"{prefix}/a/x": b"1", f"{prefix}/a/s/y": b"2", f"{prefix}/f": b"3"})
+    fs.mv(f"{prefix}/f", f"{prefix}/g")
+    assert not fs.exists(f"{prefix}/f") and fs.cat_file(f"{prefix}/g") == b"3"
+    fs.mv(f"{prefix}/a", f"{prefix}/b", recursive=True)
+    assert fs.find(prefix) == [f"{prefix}/b/s/y", f"{prefix}/b/x", f"{prefix}/g"]
+    with pytest.raises(FileNotFoundError):
+        fs.mv(f"{prefix}/nothing", f"{prefix}/else")
