@@ -1,9 +1,12 @@
 #include "cli/flags.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/flags/commandlineflag.h"
 #include "absl/flags/internal/parse.h"
@@ -14,6 +17,9 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/strip.h"
 #include "cli/version.h"
 
 namespace chunkd::cli {
@@ -74,21 +80,97 @@ void CheckFlags(int argc, char** argv, absl::string_view program) {
   }
 }
 
+// The requests for the short help: -h (which Abseil does not know), --help, --helpshort, with
+// one dash or two, before any "--".
+bool WantsHelp(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (arg == "--") return false;
+    if (arg == "-h" || arg == "--h" || arg == "-help" || arg == "--help" ||
+        arg == "-helpshort" || arg == "--helpshort") {
+      return true;
+    }
+  }
+  return false;
+}
+
+bool InHelpFiles(absl::string_view path, const std::vector<std::string>& help_files) {
+  for (const std::string& file : help_files) {
+    if (absl::StrContains(path, file)) return true;
+  }
+  return false;
+}
+
+// Appends `text` to `out` in lines of at most kWidth columns, each continuation line indented.
+void Wrap(absl::string_view text, std::string* out) {
+  constexpr size_t kWidth = 80;
+  constexpr absl::string_view kIndent = "      ";
+  size_t column = out->size() - std::min(out->size(), out->rfind('\n') + 1);
+  for (absl::string_view word : absl::StrSplit(text, ' ', absl::SkipEmpty())) {
+    if (column > kIndent.size() && column + 1 + word.size() > kWidth) {
+      absl::StrAppend(out, "\n", kIndent);
+      column = kIndent.size();
+    } else if (column > 0 && out->back() != ' ') {
+      out->push_back(' ');
+      ++column;
+    }
+    absl::StrAppend(out, word);
+    column += word.size();
+  }
+}
+
+// --help and -h: the usage message, then the program's own flags (those defined in
+// `help_files`) by name, each as the README writes it (one dash for a one-letter flag: -o),
+// with its help and default. No source paths: --helpfull lists every flag, by file.
+void PrintHelp(std::ostream& out, absl::string_view program,
+               const std::vector<std::string>& help_files) {
+  std::vector<absl::CommandLineFlag*> flags;
+  for (const auto& [name, flag] : absl::GetAllFlags()) {
+    if (!flag->IsRetired() && InHelpFiles(flag->Filename(), help_files)) flags.push_back(flag);
+  }
+  std::sort(flags.begin(), flags.end(),
+            [](absl::CommandLineFlag* a, absl::CommandLineFlag* b) { return a->Name() < b->Name(); });
+  // As Abseil prints it ("PROGRAM: MESSAGE"); the messages end in their own "Flags:" header.
+  absl::string_view message = absl::StripTrailingAsciiWhitespace(absl::ProgramUsageMessage());
+  std::string text = absl::StrCat(program, ": ", message);
+  absl::StrAppend(&text, absl::EndsWith(message, "Flags:") ? "\n" : "\n\nFlags:\n");
+  for (absl::CommandLineFlag* flag : flags) {
+    std::string line = absl::StrCat("  ", flag->Name().size() == 1 ? "-" : "--", flag->Name());
+    std::string value = flag->DefaultValue();
+    if (flag->IsOfType<std::string>()) value = absl::StrCat("\"", value, "\"");
+    Wrap(absl::StrCat("(", flag->Help(), "); default: ", value, ";"), &line);
+    absl::StrAppend(&text, line, "\n");
+  }
+  absl::StrAppend(&text,
+                  "\nOne-letter flags take one dash or two (-o FILE, --o=FILE). --helpfull lists\n"
+                  "every flag, --version the build.\n");
+  out << text;
+}
+
 }  // namespace
 
 std::vector<char*> ParseCommandLine(int argc, char** argv, absl::string_view program,
                                     std::vector<std::string> help_files) {
   absl::FlagsUsageConfig config;
+  const std::vector<std::string> help_files_copy = help_files;
   config.contains_help_flags = [help_files = std::move(help_files)](absl::string_view path) {
-    for (const std::string& file : help_files) {
-      if (absl::StrContains(path, file)) return true;
-    }
-    return false;
+    return InHelpFiles(path, help_files);
   };
   config.contains_helpshort_flags = config.contains_help_flags;
   config.version_string = [program = std::string(program)] { return VersionText(program); };
+  // --helpfull names each flag's file: relative to the repository, whatever the build's paths.
+  config.normalize_filename = [](absl::string_view path) {
+    while (absl::ConsumePrefix(&path, "../") || absl::ConsumePrefix(&path, "./")) {
+    }
+    return std::string(path);
+  };
   absl::SetFlagsUsageConfig(config);
 
+  if (WantsHelp(argc, argv)) {
+    PrintHelp(std::cout, program, help_files_copy);
+    std::cout.flush();
+    std::exit(0);
+  }
   CheckFlags(argc, argv, program);
   // Abseil's public ParseCommandLine exits 1 after --help; its implementation with the usage
   // flags left to the caller lets help exit 0, as a request that succeeded.

@@ -13,9 +13,10 @@ namespace chunkd::cli {
 // (argv[0] first), but answers as the program does everywhere else:
 // - an unknown flag, a missing value or a value the flag cannot take is one line
 //   "PROGRAM: ..." on stderr, and exit status 1;
-// - --help, --helpfull, --helpshort, --helpmatch=S and --helpon=FILE print the usage on stdout
-//   and exit 0 (Abseil exits 1), listing for --help the flags defined in files whose path
-//   contains one of `help_files`;
+// - -h, --help and --helpshort print the usage message and the flags defined in files whose
+//   path contains one of `help_files` (one-letter flags shown as -o, no source paths) on stdout
+//   and exit 0 (Abseil exits 1); --helpfull, --helpmatch=S and --helpon=FILE print Abseil's
+//   listing (by file, paths relative to the repository), also with exit 0;
 // - --version prints VersionText(program) and exits 0.
 // Call it once, at the start of main, after absl::SetProgramUsageMessage.
 std::vector<char*> ParseCommandLine(int argc, char** argv, absl::string_view program,

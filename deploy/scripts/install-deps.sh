@@ -2,9 +2,12 @@
 # Installs everything chunkd needs to build, test and benchmark on Debian 12, idempotently.
 # Used by the README's two commands, by .ci/run and by the Dockerfile.
 #
-#   deploy/scripts/install-deps.sh [build|runtime|all|image|wait-lock]
+#   deploy/scripts/install-deps.sh [build|python|runtime|all|image|wait-lock]
 #
 #   build      compilers, gRPC/protobuf/Abseil dev packages (default)
+#   python     what `pip install ./python` needs to build the native module and both binaries
+#              (build, less the test libraries) and python3-venv, python3-dev: the README's
+#              first hour for Python users, without the test environment
 #   all        build + test/bench peers (redis, nginx, openssl), clang for the sanitizer and
 #              fuzz builds, and the Python virtual environment
 #   runtime    only the shared libraries the chunkd binary links (for slim images)
@@ -32,15 +35,21 @@ test_pkgs=(redis-server libhiredis-dev nginx-light openssl procps iproute2
 # deploy/podman/containers.conf), catatonit (the pause process of pods: podman kube play), its
 # netavark network stack with iptables for published ports, and debootstrap for base images
 # where no registry is reachable.
+# `pip install ./python` (python/setup.py drives the CMake build with the tests off).
+python_pkgs=(build-essential cmake ninja-build pkg-config ccache
+  libgrpc++-dev libgrpc-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libabsl-dev
+  libcurl4-openssl-dev libpugixml-dev libcpp-httplib-dev libssl-dev
+  python3 python3-venv python3-dev)
 image_pkgs=(podman runc catatonit netavark aardvark-dns iptables debootstrap debian-archive-keyring)
 
 case "$mode" in
   runtime) pkgs=("${runtime_pkgs[@]}") ;;
   build) pkgs=("${build_pkgs[@]}") ;;
+  python) pkgs=("${python_pkgs[@]}") ;;
   all) pkgs=("${build_pkgs[@]}" "${test_pkgs[@]}") ;;
   image) pkgs=("${image_pkgs[@]}") ;;
   wait-lock) pkgs=() ;;
-  *) echo "usage: $0 [build|runtime|all|image|wait-lock]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build|python|runtime|all|image|wait-lock]" >&2; exit 2 ;;
 esac
 
 sudo=""

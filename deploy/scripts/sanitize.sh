@@ -36,6 +36,7 @@ launcher=()
 if command -v ccache >/dev/null; then
   launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
   export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$root}"
+  export CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-1}"  # see build.sh
 fi
 start=$SECONDS
 if [ ! -f "$dir/build.ninja" ]; then

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's second command (and CI's): installs everything, builds, and runs every test:
 # the GoogleTest suites (ctest), the Python client and Zarr store tests (pytest), the
-# deployment manifest checks and the README's tour, then builds the container image and runs
-# it with podman (test-image.sh; one line says why where podman cannot run). In CI (CI=true),
+# deployment manifest checks and the README's tour, the Python package installed with pip into
+# a clean venv with the README's Python block (test-pip-install.sh), then builds the container
+# image and runs it with podman (test-image.sh; one line says why where podman cannot run). In CI (CI=true),
 # or with CHUNKD_SANITIZERS=1, then the whole suite again under AddressSanitizer with
 # UndefinedBehaviorSanitizer and under ThreadSanitizer, and every fuzz target for
 # CHUNKD_FUZZ_SECONDS (20) each (deploy/scripts/sanitize.sh, fuzz.sh).
@@ -23,6 +24,8 @@ if [ "${#py_tests[@]}" -gt 0 ]; then
   CHUNKD_BIN="$root/build/server/chunkd" CHUNKCTL_BIN="$root/build/client/chunkctl" \
     "$root/.venv/bin/python" -m pytest -q "${py_tests[@]}"
 fi
+echo "== Python's first hour (a clean venv: pip install ./python[all], the README's block)"
+"$root/deploy/scripts/test-pip-install.sh"
 echo "== Container image (podman: build, run, sidecar pod, SIGTERM)"
 "$root/deploy/scripts/test-image.sh"
 if [ "${CI:-}" = true ] || [ "${CHUNKD_SANITIZERS:-0}" = 1 ]; then

@@ -13,6 +13,8 @@ pick, measured side by side in one run.
    `zarr.open_array(store, path=..., mode="r")[...]`, warm, uncompressed and with zstd, through
    zarr's MemoryStore (the chunks in a dict: what zarr itself costs, the ceiling), LocalStore on
    the directory, ChunkdStore inline over TCP and over the UNIX socket and with shared memory,
+   zarr's FsspecStore over chunkd's own fsspec filesystem (what `zarr.open("chunkd://...")`
+   makes) over TCP and the UNIX socket,
    and the same directory served by nginx read with zarr's ObjectStore over obstore's HTTPStore
    and with zarr's FsspecStore (HTTP through fsspec and aiohttp); in one process, and in --procs
    processes (a spawn pool, each process opening its own stores and reading its slab: a
@@ -85,6 +87,8 @@ STORES = (
     ("chunkd-shm", "ChunkdStore, shared memory (UNIX socket)"),
     ("chunkd-unix", "ChunkdStore inline, UNIX socket"),
     ("chunkd-tcp", "ChunkdStore inline, TCP"),
+    ("chunkd-fsspec-tcp", "zarr FsspecStore over chunkd:// (TCP)"),
+    ("chunkd-fsspec-unix", "zarr FsspecStore over chunkd+unix://"),
     ("nginx-obstore", "nginx + zarr ObjectStore (obstore HTTPStore)"),
     ("nginx-fsspec", "nginx + zarr FsspecStore (HTTP, aiohttp)"),
 )
@@ -287,7 +291,7 @@ def open_store(kind: str, setup: dict):
 
     data = Path(setup["data"])
     if kind == "memory":
-        from zarr.core.buffer import default_buffer_prototype
+        from zarr.buffer import default_buffer_prototype
 
         buffer = default_buffer_prototype().buffer
         chunks = {}
@@ -298,6 +302,15 @@ def open_store(kind: str, setup: dict):
         return MemoryStore(chunks, read_only=True)
     if kind == "local":
         return LocalStore(data, read_only=True)
+    if kind.startswith("chunkd-fsspec-"):
+        # What zarr.open("chunkd://...") makes: zarr's FsspecStore on chunkd's fsspec
+        # filesystem (chunkd.fsspec), asynchronous on zarr's loop.
+        from chunkd.fsspec import ChunkdFileSystem
+
+        address = (setup["chunkd_tcp"] if kind == "chunkd-fsspec-tcp"
+                   else f"unix:{setup['chunkd_socket']}")
+        fs = ChunkdFileSystem(address, asynchronous=True, skip_instance_cache=True)
+        return FsspecStore(fs, path="", read_only=True)
     if kind.startswith("chunkd-"):
         from chunkd.zarr import ChunkdStore
 

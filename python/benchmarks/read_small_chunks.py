@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+import zarr.buffer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import REPO_ROOT, ChunkdServer  # noqa: E402
@@ -59,7 +60,7 @@ def calls(client: chunkd.Client) -> tuple[int, int]:
 async def lone_gets(stores: dict[bool, ChunkdStore], key: str, n: int) -> dict[bool, list]:
     """n sequential gets of one key per store, alternating between the stores get by get (in
     either order), so that both see the same load; the first 10% are left out (warm-up)."""
-    proto = zarr.core.buffer.default_buffer_prototype()
+    proto = zarr.buffer.default_buffer_prototype()
     samples: dict[bool, list[float]] = {on: [] for on in stores}
     for i in range(n):
         for on in (True, False) if i % 2 else (False, True):

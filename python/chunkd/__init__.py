@@ -7,6 +7,9 @@
 
     from chunkd.zarr import ChunkdStore  # needs zarr>=3.1 (pip install chunkd[zarr])
 
+    with chunkd.Server(store="memory://") as server:   # a server of your own (chunkd binary)
+        xarray.open_zarr(server.url + "/era5.zarr")     # chunkd:// URLs work in any fsspec user
+
 The calls run in the C++ client library, through the native module chunkd._native (built by
 the repository's CMake build, or by `pip install ./python`); importing this package without it
 raises an ImportError that says how to build it.
@@ -33,6 +36,7 @@ from chunkd.errors import (
     PreconditionFailed,
     StatusCode,
 )
+from chunkd.server import Server, ServerError
 from chunkd.sharded import ShardedClient
 
 __version__ = "0.1.0"
@@ -53,6 +57,8 @@ __all__ = [
     "NotFoundError",
     "PreconditionFailed",
     "PutResult",
+    "Server",
+    "ServerError",
     "ServerInfo",
     "ShardedClient",
     "Stat",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import enum
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,7 +285,9 @@ class ClientBase:
             raise ValueError("max_staleness must be >= 0 or None")
         self.max_staleness = None if max_staleness is None else float(max_staleness)
         self._closed = False
-        self._n = _native.Client(
+        self._pid = os.getpid()
+        self._n = make_native(
+            "client",
             self.target,
             timeout=None if timeout is None else float(timeout),
             retries=self.retries,
@@ -297,7 +300,18 @@ class ClientBase:
     def _native_client(self) -> Any:
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} is closed")
+        if self._pid != os.getpid():
+            self._reconnect_in_child()
         return self._n
+
+    def _reconnect_in_child(self) -> None:
+        """This process was forked from the one that made the client (a data loader's
+        workers, a ``fork`` pool): the parent's native client, its connections and threads
+        are the parent's and are never touched here; the child gets a client of its own, made
+        from the same arguments, as an unpickled copy would be."""
+        with _FORK_LOCK:
+            if self._pid != os.getpid():
+                self.__setstate__(self.__getstate__())
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -334,6 +348,37 @@ class ClientBase:
         map; values arrive inline since), or "" while it is on."""
         return self._n.shm_disabled
 
+
+# The process whose native clients started gRPC (None before the first): a process forked from
+# it cannot use gRPC (see chunkd._relay), and its clients relay their calls through a helper.
+_GRPC_PID: int | None = None
+
+
+def make_native(constructor: str, *args: Any, **kwargs: Any) -> Any:
+    """A native client (``_native.Client(...)``, or ``.sharded(...)``), or in a process forked
+    after gRPC started, a :class:`chunkd._relay.RelayNative` with the same methods."""
+    global _GRPC_PID
+    if _GRPC_PID is not None and _GRPC_PID != os.getpid():
+        from chunkd._relay import RelayNative
+
+        return RelayNative(constructor, args, kwargs)
+    _GRPC_PID = os.getpid()
+    if constructor == "sharded":
+        return _native.Client.sharded(*args, **kwargs)
+    return _native.Client(*args, **kwargs)
+
+
+# Taken by a forked child's first call on a client made before the fork (see
+# ClientBase._reconnect_in_child); a fresh lock in each child.
+_FORK_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _FORK_LOCK
+    _FORK_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # The process is ending and its values with it: return their leases now rather than pin the
 # servers' memory for a TTL (a process that dies without this lets them expire).

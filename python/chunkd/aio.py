@@ -11,6 +11,7 @@ cancelled task, ``asyncio.wait_for``) cancels the C++ call.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterable
@@ -25,6 +26,15 @@ __all__ = ["AsyncClient"]
 
 _queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 _queues_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at the fork stays held in the child: take a fresh one.
+    global _queues_lock
+    _queues_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def completions(loop: asyncio.AbstractEventLoop) -> Any:

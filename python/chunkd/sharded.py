@@ -26,6 +26,7 @@ cached copies where a later read could find an old one (README: "Consistency of 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -101,7 +102,9 @@ class ShardedClient(Client):
         self.shm_dir = shm_dir
         self._security = Security.create(**security)
         self._closed = False
-        self._n = _native.Client.sharded(
+        self._pid = os.getpid()
+        self._n = c.make_native(
+            "sharded",
             self._given,
             failures_to_mark_down=failures_to_mark_down,
             down_backoff=float(down_backoff),

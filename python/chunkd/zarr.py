@@ -28,14 +28,28 @@ device), holding a lease until zarr drops the buffer. The conversion of
 a reply to a zarr ``Buffer`` goes through :meth:`ChunkdStore._to_buffer`, keyed by the reply's
 delivery.
 
-GPU reads (``prototype=zarr.core.buffer.gpu.buffer_prototype``) ask for CUDA IPC delivery onto
-CuPy's current device when CuPy and a device are present: a server on this host with a device
-tier (``chunkd --device_cache_bytes``) hands out the chunk in its GPU memory, which becomes the
-zarr ``gpu.Buffer`` without a copy, holding a lease while zarr holds it (see
-:mod:`chunkd._cuda`); other servers send the bytes inline, copied to the device.
+Memory: the store asks the prototype what memory its buffers hold (an empty buffer of it: does
+its array expose ``__cuda_array_interface__``?), never which zarr class it is, so any buffer
+class that behaves like ``zarr.buffer.cpu.Buffer`` or ``zarr.buffer.gpu.Buffer`` works. Every
+move between host and device is explicit and costs what it says:
+
+* host prototype (``zarr.buffer.cpu.buffer_prototype``, the default): the received bytes are
+  wrapped, not copied;
+* device prototype (``zarr.buffer.gpu.buffer_prototype``): reads ask for CUDA IPC delivery onto
+  CuPy's current device when CuPy and a device are present: a server on this host with a device
+  tier (``chunkd --device_cache_bytes``) hands out the chunk in its GPU memory, which becomes
+  the buffer without a copy, holding a lease while zarr holds it (see :mod:`chunkd._cuda`);
+  other servers send the bytes inline and they are copied to the device once (one
+  host-to-device copy per chunk). A device prototype without CuPy raises a RuntimeError that
+  says so;
+* writes of device buffers copy the value to the host once (one device-to-host copy), then
+  send it; host buffers are sent from their own memory.
 
 The store is picklable (it reconnects in the process that unpickles it), so it works with
-``multiprocessing`` (spawn) and dask. It holds two clients of the C++ core (``chunkd._native``):
+``multiprocessing`` (spawn) and dask; a store inherited by a forked process (a DataLoader's
+worker, a ``fork`` pool) works there too, its clients relaying their calls through a helper
+process (:mod:`chunkd._relay`). zarr's ``zarr.open("chunkd://...")`` takes the URL instead,
+through :mod:`chunkd.fsspec` and zarr's ``FsspecStore`` (slower: see the README). It holds two clients of the C++ core (``chunkd._native``):
 an :class:`chunkd.AsyncClient` for every event loop that uses it (calls complete through each
 loop's own completion queue) and a :class:`chunkd.Client` for the ``*_sync`` methods.
 """
@@ -55,7 +69,8 @@ from zarr.abc.store import (
     Store,
     SuffixByteRequest,
 )
-from zarr.core.buffer import Buffer, default_buffer_prototype
+from zarr.abc.buffer import Buffer
+from zarr.buffer import default_buffer_prototype
 
 from chunkd import _common as c
 from chunkd import _cuda
@@ -66,7 +81,7 @@ from chunkd.client import Client
 from chunkd.errors import ChunkdError, NotFoundError, PreconditionFailed
 
 if TYPE_CHECKING:
-    from zarr.core.buffer import BufferPrototype
+    from zarr.abc.buffer import BufferPrototype
 
 __all__ = ["ChunkdStore"]
 
@@ -226,13 +241,33 @@ class _GetBatcher:
             future.set_result([result])
 
 
+# Whether each buffer class (a prototype's ``buffer``) holds device memory, asked once.
+_DEVICE_MEMORY: dict[type, bool] = {}
+
+
+def _holds_device_memory(buffer_class: type) -> bool:
+    """Asks the buffer class what memory it holds: an empty buffer of it, and whether its
+    array exposes ``__cuda_array_interface__`` (device) or not (host)."""
+    device = _DEVICE_MEMORY.get(buffer_class)
+    if device is None:
+        try:
+            probe = buffer_class.create_zero_length().as_array_like()
+        except Exception as e:
+            name = f"{buffer_class.__module__}.{buffer_class.__qualname__}"
+            raise RuntimeError(
+                f"chunkd: cannot make a buffer of the prototype's {name} to read into ({e}); "
+                "a GPU prototype (zarr.buffer.gpu.buffer_prototype) needs CuPy and a CUDA "
+                "device in this process"
+            ) from e
+        device = hasattr(probe, "__cuda_array_interface__")
+        _DEVICE_MEMORY[buffer_class] = device
+    return device
+
+
 def _gpu_device(prototype: BufferPrototype) -> int | None:
-    """CuPy's current device when `prototype` makes GPU buffers and CUDA IPC is possible."""
-    try:
-        from zarr.core.buffer import gpu
-    except ImportError:  # pragma: no cover
-        return None
-    if not issubclass(prototype.buffer, gpu.Buffer):
+    """CuPy's current device when `prototype` makes device buffers and CUDA IPC delivery is
+    possible; None for host prototypes and where the bytes must come inline (then copied)."""
+    if not _holds_device_memory(prototype.buffer):
         return None
     return _cuda.current_device()
 
@@ -542,8 +577,12 @@ class ChunkdStore(Store):
                 f"ChunkdStore.set(): `value` must be a Buffer instance. Got an instance of "
                 f"{type(value)} instead."
             )
-        # Host buffers: a view of their memory; device buffers: copied to the host.
-        return value.as_numpy_array()
+        array = value.as_array_like()
+        if hasattr(array, "__cuda_array_interface__"):
+            # A device buffer: one explicit device-to-host copy (the wire carries host bytes).
+            return value.as_numpy_array()
+        # A host buffer: sent from its own memory, without a copy.
+        return array
 
     async def set(self, key: str, value: Buffer) -> None:
         # docstring inherited

@@ -13,11 +13,11 @@
 //   GIL: each completion is queued on the `Completions` of the caller's event loop, whose
 //   eventfd is written only when the queue goes from empty to non-empty; the loop (add_reader)
 //   then drains the queue and sets the futures (chunkd/aio.py).
-// - Fork: gRPC (Debian's, built without fork support) cannot be used in a child forked after
-//   it started: the child's copy of its threads is gone, and a call there hangs. So a client
-//   refuses to be made, or used, in a process forked from one where a client was made (a
-//   RuntimeError that says to use "spawn" or "forkserver"), and a parent's client is never
-//   destroyed in the child.
+// - Fork: gRPC (Debian's 1.51) cannot be used in a child forked after it started: the child's
+//   copy of its threads is gone, and a call there hangs. So a client refuses to be made, or
+//   used, in a process forked from one where a client was made, and a parent's client is never
+//   destroyed in the child. The Python clients never meet this: in such a child they relay
+//   their calls through a helper process of their own (chunkd/_relay.py).
 #include <Python.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -722,21 +722,31 @@ struct Cancel {
 // The process where the first client was made (gRPC started there), 0 before.
 pid_t grpc_pid = 0;
 
-[[noreturn]] void RaiseForked() {
-  PyErr_SetString(PyExc_RuntimeError,
-                  "chunkd: this process was forked from one that had started gRPC (it made a "
-                  "chunkd client), and gRPC cannot be used in such a child: start worker "
-                  "processes with multiprocessing's \"spawn\" or \"forkserver\" method "
-                  "(dask and zarr's own pools do), or make the clients before any fork");
-  Throw();
-}
-
+// gRPC cannot be used in a process forked from one where it started (its threads are gone):
+// chunkd's Python clients relay such a child's calls through a helper process
+// (chunkd/_relay.py) and never get here; a native client made there directly is refused.
 void CheckNotForked() {
   if (grpc_pid == 0) {
     grpc_pid = getpid();
   } else if (grpc_pid != getpid()) {
-    RaiseForked();
+    PyErr_SetString(PyExc_RuntimeError,
+                    "chunkd: this process was forked from one that had started gRPC, which "
+                    "cannot be used here: chunkd.Client, AsyncClient, ShardedClient, "
+                    "chunkd.zarr.ChunkdStore and chunkd:// URLs work in such a process (they "
+                    "relay their calls through a helper process); chunkd._native.Client does "
+                    "not");
+    Throw();
   }
+}
+
+[[noreturn]] void RaiseForked() {
+  PyErr_SetString(PyExc_RuntimeError,
+                  "chunkd: this native client was made before this process was forked: its "
+                  "connections and threads are the parent's. chunkd.Client, AsyncClient, "
+                  "ShardedClient, chunkd.zarr.ChunkdStore and the chunkd:// filesystem make a "
+                  "client of their own in the child on its first call; use them rather than "
+                  "chunkd._native.Client directly");
+  Throw();
 }
 
 class PyClient {

@@ -71,3 +71,26 @@ def test_store_defaults():
     assert str(store) == f"chunkd://{chunkd.DEFAULT_ADDRESS}"
     assert not store.read_only and store.supports_writes and store.supports_listing
     assert store.supports_deletes and not store.supports_partial_writes
+
+
+def test_unix_urls_with_a_key_path(tmp_path):
+    """chunkd+unix URLs name the socket percent-encoded as the host, or as the leading part of
+    the path that is a socket on this host; the rest is the store path."""
+    import socket
+
+    assert parse_url("chunkd+unix://%2Frun%2Fc.sock/a/b/") == ("unix:/run/c.sock", "a/b")
+    sock_path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock_path))
+    try:
+        assert parse_url(f"chunkd+unix://{sock_path}/era5.zarr/t") == (
+            f"unix:{sock_path}", "era5.zarr/t"
+        )
+        assert parse_url(f"chunkd+unix://{sock_path}") == (f"unix:{sock_path}", "")
+        assert ChunkdStore(f"chunkd+unix://{sock_path}/era5.zarr").path == "era5.zarr"
+    finally:
+        listener.close()
+    # No socket there (yet): the whole path is the socket, as before.
+    assert parse_url("chunkd+unix:///nowhere/x.sock/a") == ("unix:/nowhere/x.sock/a", "")
+    with pytest.raises(ValueError):
+        parse_url("chunkd+unix://relative%2Fc.sock/a")

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-from zarr.core.buffer import default_buffer_prototype
+from zarr.buffer import default_buffer_prototype
 
 import chunkd
 from chunkd.zarr import ChunkdStore

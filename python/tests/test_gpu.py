@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-from zarr.core.buffer import cpu
+from zarr.buffer import cpu
 from zarr.testing.utils import gpu_test, has_cupy
 
 from chunkd import Client
@@ -29,7 +29,7 @@ pytestmark = [
 @gpu_test
 async def test_get_into_device_buffers(server, prefix):
     import cupy as cp
-    from zarr.core.buffer import gpu
+    from zarr.buffer import gpu
 
     store = ChunkdStore(f"chunkd://{server.address}/{prefix}")
     data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
@@ -52,7 +52,7 @@ async def test_get_into_device_buffers(server, prefix):
 @gpu_test
 async def test_set_from_device_buffer(server, prefix):
     import cupy as cp
-    from zarr.core.buffer import gpu
+    from zarr.buffer import gpu
 
     store = ChunkdStore(f"chunkd://{server.address}/{prefix}")
     device = cp.arange(1000, dtype=cp.uint8)
@@ -90,7 +90,7 @@ async def test_cuda_ipc_reads_chunks_in_place(gpu_server, prefix):
     import gc
 
     import cupy as cp
-    from zarr.core.buffer import gpu
+    from zarr.buffer import gpu
 
     info = Client(gpu_server.address).server_info()
     assert "DELIVERY_CUDA_IPC" in info.deliveries, gpu_server.log()
@@ -120,7 +120,7 @@ async def test_cuda_ipc_reads_chunks_in_place(gpu_server, prefix):
 
 @gpu_test
 async def test_without_a_device_tier_gpu_reads_are_inline(server, prefix):
-    from zarr.core.buffer import gpu
+    from zarr.buffer import gpu
 
     store = ChunkdStore(f"chunkd://{server.address}/{prefix}")
     await store.set("k", cpu.Buffer.from_bytes(b"inline bytes"))

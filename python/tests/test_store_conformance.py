@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
+from zarr.abc.buffer import Buffer
+from zarr.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import _collect_aiterator
 from zarr.testing.stateful import ZarrStoreStateMachine
 from zarr.testing.store import StoreTests

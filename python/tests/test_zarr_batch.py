@@ -14,7 +14,7 @@ import pytest
 import xarray as xr
 import zarr
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-from zarr.core.buffer import default_buffer_prototype
+from zarr.buffer import default_buffer_prototype
 
 import chunkd
 from chunkd import zarr as chunkd_zarr

@@ -44,7 +44,7 @@ std::string ExpectedBuildLine() {
 
 TEST(CliTest, HelpExitsZeroWithUsageOnStdout) {
   for (const Program& p : Programs()) {
-    for (const char* help : {"--help", "--helpfull", "-help"}) {
+    for (const char* help : {"--help", "--helpfull", "-help", "-h", "--helpshort"}) {
       CommandResult r = RunCommand({p.binary, help});
       EXPECT_EQ(r.exit_code, 0) << p.name << " " << help << ": " << r.err;
       EXPECT_TRUE(absl::StrContains(r.out, p.usage_line)) << p.name << " " << help << r.out;
@@ -52,6 +52,28 @@ TEST(CliTest, HelpExitsZeroWithUsageOnStdout) {
       EXPECT_EQ(r.err, "") << p.name << " " << help;
     }
   }
+}
+
+TEST(CliTest, ShortHelpShowsFlagsAsTheReadmeWritesThem) {
+  for (const Program& p : Programs()) {
+    CommandResult h = RunCommand({p.binary, "-h"});
+    EXPECT_EQ(h.exit_code, 0) << p.name << ": " << h.err;
+    EXPECT_EQ(h.out, RunCommand({p.binary, "--help"}).out) << p.name;
+    // No source paths (Abseil's "Flags from ../client/chunkctl.cc:"), no other files' flags.
+    EXPECT_FALSE(absl::StrContains(h.out, "Flags from")) << h.out;
+    EXPECT_FALSE(absl::StrContains(h.out, ".cc")) << h.out;
+    EXPECT_FALSE(absl::StrContains(h.out, "--flagfile")) << h.out;
+    EXPECT_TRUE(absl::StrContains(h.out, absl::StrCat("\n  ", p.own_flag, " ("))) << h.out;
+  }
+  CommandResult ctl = RunCommand({testing::kChunkctlBinary, "-h"});
+  for (const char* flag : {"-o", "-l", "-v"}) {
+    EXPECT_TRUE(absl::StrContains(ctl.out, absl::StrCat("\n  ", flag, " ("))) << flag << ctl.out;
+    EXPECT_FALSE(absl::StrContains(ctl.out, absl::StrCat("-", flag, " ("))) << flag << ctl.out;
+  }
+  // --helpfull still lists every flag by file, relative to the repository.
+  CommandResult full = RunCommand({testing::kChunkctlBinary, "--helpfull"});
+  EXPECT_TRUE(absl::StrContains(full.out, "Flags from client/chunkctl.cc:")) << full.out;
+  EXPECT_FALSE(absl::StrContains(full.out, "../")) << full.out;
 }
 
 TEST(CliTest, VersionStatesVersionAndBuild) {
