@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "chunkd/v1/chunkd.grpc.pb.h"
 #include "client/client.h"
 #include "grpcpp/create_channel.h"
@@ -205,6 +206,117 @@ TEST_F(ShmTest, LeasesOfAKilledClientExpireAndTheirMemoryComesBack) {
   // The cache forgets the detached bytes at its next insert.
   ASSERT_TRUE(c->Put("after", Bytes("x")).ok());
   EXPECT_EQ(Counter(*c, "detached_pinned_bytes"), 0u);
+}
+
+// A reader on a UNIX socket that is paused (SIGSTOP) for longer than the lease TTL, while other
+// clients churn the cache hard enough that expired leases' memory would be reused, still holds
+// its bytes when it goes on: the server knows its process from the kernel and keeps its leases
+// while it lives, renewed or not.
+TEST_F(ShmTest, PausedReaderOnAUnixSocketKeepsItsBytes) {
+  std::filesystem::create_directories(dir_.Join("store"));
+  std::string socket = dir_.Join("chunkd.sock");
+  auto server = ServerProcess::Start({"--listen=unix:" + socket, "--store=" + dir_.Join("store"),
+                                      "--fsync=false", "--shm_dir=" + shm_.path(),
+                                      "--lease_ttl=1s", "--host_cache_bytes=8MiB"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  server_ = *std::move(server);
+  ClientOptions options;
+  options.address = "unix:" + socket;
+  options.shm_dir = shm_.path();
+  auto writer = *Client::Connect(options);
+  std::vector<std::string> argv = {testing::kShmReaderBinary, options.address, shm_.path(),
+                                   "watch"};
+  for (int i = 0; i < 6; ++i) {
+    std::string key = absl::StrCat("paused/c/", i);
+    ASSERT_TRUE(writer->Put(key, Bytes(std::string(256 << 10, 'a' + i))).ok());
+    argv.push_back(key);
+  }
+  std::string out = dir_.Join("watcher");
+  pid_t reader = testing::StartProcess(argv, out);
+  absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (testing::ReadFile(out).find("holding") == std::string::npos && absl::Now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_NE(testing::ReadFile(out).find("holding 6 shm 6"), std::string::npos)
+      << testing::ReadFile(out);
+  ASSERT_EQ(::kill(reader, SIGSTOP), 0);
+  // Three TTLs of churn: 8 MiB of cache turned over many times, the shared memory of every
+  // evicted value reused by new ones.
+  absl::Time until = absl::Now() + absl::Seconds(3);
+  for (int i = 0; absl::Now() < until; ++i) {
+    ASSERT_TRUE(writer->Put(absl::StrCat("churn/", i % 64), Bytes(std::string(256 << 10, 'Z')))
+                    .ok());
+    if (i >= 64) ASSERT_TRUE(writer->Get(absl::StrCat("churn/", (i * 7) % 64)).ok());
+  }
+  EXPECT_GT(Counter(*writer, "evictions"), 64u);
+  EXPECT_EQ(writer->ServerInfo()->leases_active(), 6u);
+  ASSERT_EQ(::kill(reader, SIGCONT), 0);
+  // The reader checks its values every 20 ms; give it time to look.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  int status = 0;
+  EXPECT_EQ(::waitpid(reader, &status, WNOHANG), 0) << testing::ReadFile(out);
+  EXPECT_EQ(testing::ReadFile(out).find("changed"), std::string::npos) << testing::ReadFile(out);
+  ::kill(reader, SIGKILL);
+  ::waitpid(reader, nullptr, 0);
+  // Its leases follow it: gone within about a TTL of its death.
+  deadline = absl::Now() + absl::Seconds(10);
+  while (writer->ServerInfo()->leases_active() != 0 && absl::Now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(writer->ServerInfo()->leases_active(), 0u);
+}
+
+// A GetMany whose reply waits longer than the lease TTL before the client reads it (a slow
+// consumer of the first items, here; a slow store in general), over TCP, where leases live by
+// TTL and renewal: no item is handed out with bytes other than its value's. Items whose lease
+// lapsed before their header was read fail with UNAVAILABLE ("read it again"); those announced
+// before stay alive, renewed from the moment their header arrived.
+TEST_F(ShmTest, GetManyReplyOlderThanTheTtlNeverHandsOutOtherBytes) {
+  StartServer({"--lease_ttl=1s", "--host_cache_bytes=8MiB"});
+  auto writer = Connect(false);
+  std::vector<client::GetManyItem> items;
+  for (int i = 0; i < 40; ++i) {
+    std::string key = absl::StrCat("slow/c/", i);
+    ASSERT_TRUE(writer->Put(key, Bytes(std::string(64 << 10, 'a' + i % 26))).ok());
+    items.push_back({key, {}, {}});
+  }
+  auto reader = Connect(true);
+  std::atomic<bool> stalled{false};
+  std::atomic<bool> done{false};
+  absl::Mutex mu;
+  std::vector<absl::StatusOr<client::GetResult>> results(items.size());
+  client::GetOptions options;
+  options.timeout = absl::Seconds(60);
+  reader->GetManyEachAsync(
+      items, options,
+      [&](size_t first, std::vector<absl::StatusOr<client::GetResult>> got) {
+        {
+          absl::MutexLock lock(&mu);
+          for (size_t i = 0; i < got.size(); ++i) results[first + i] = std::move(got[i]);
+        }
+        // The first items' consumer takes its time: the rest of the reply waits, unread.
+        if (!stalled.exchange(true)) std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+      },
+      [&](absl::Status) { done = true; });
+  // Churn while the reply waits: values whose leases lapsed are evicted and their memory
+  // reused.
+  for (int i = 0; !done.load(); ++i) {
+    ASSERT_TRUE(writer->Put(absl::StrCat("churn/", i % 64), Bytes(std::string(256 << 10, 'Z')))
+                    .ok());
+  }
+  absl::MutexLock lock(&mu);
+  size_t ok = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (!results[i].ok()) {
+      EXPECT_EQ(results[i].status().code(), absl::StatusCode::kUnavailable)
+          << i << ": " << results[i].status();
+      continue;
+    }
+    ++ok;
+    EXPECT_TRUE(results[i]->data.view() == std::string(64 << 10, 'a' + i % 26))
+        << "item " << i << " holds other bytes";
+  }
+  EXPECT_GE(ok, 4u);
 }
 
 TEST_F(ShmTest, EvictionSkipsLeasedChunksAndTheBudgetHolds) {
