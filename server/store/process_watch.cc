@@ -96,6 +96,10 @@ void ProcessWatch::Loop() {
       if ((fds[i].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)) == 0) continue;
       auto it = pidfds_.find(fds[i].fd);
       if (it == pidfds_.end()) continue;
+      // Asked again: the descriptor polled may have been closed meanwhile (AddConnection found
+      // its process gone) and its number reused for another process's pidfd.
+      pollfd again{it->first, POLLIN, 0};
+      if (::poll(&again, 1, 0) <= 0) continue;
       auto life = by_pid_.find(it->second);
       if (life != by_pid_.end()) {
         MarkExitedLocked(life);
