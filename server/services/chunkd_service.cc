@@ -1007,6 +1007,10 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
     (*response->mutable_counters())["leases_released"] = leases.released;
     (*response->mutable_counters())["leases_expired"] = leases.expired;
     (*response->mutable_counters())["leases_unknown"] = leases.unknown;
+    // Live leases that follow a watched client process (UNIX socket), and grants refused at
+    // the count caps (--max_client_leases and the table's total).
+    (*response->mutable_counters())["leases_process_bound"] = leases.process_bound;
+    (*response->mutable_counters())["lease_count_refusals"] = leases.refused_count;
   }
   response->add_features("conditional-writes");
   response->add_features("byte-ranges");

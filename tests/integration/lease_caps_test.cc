@@ -375,6 +375,7 @@ TEST_F(LeaseCapsTest, OneClientsRepeatedLeasesLeaveOthersTheirHandles) {
   auto mine = other->Get("small");
   ASSERT_TRUE(mine.ok()) << mine.status();
   EXPECT_EQ(mine->delivery, v1::DELIVERY_SHM);
+  EXPECT_EQ(greedy->ServerInfo()->counters().at("lease_count_refusals"), 200u);
 }
 
 }  // namespace
