@@ -408,8 +408,8 @@ class LeaseKeeper final : public HandleImporter,
         if (lost_++ == 0) {
           std::fprintf(stderr,
                        "chunkd client: the server no longer knows a lease this process holds "
-                       "(it expired: renewals failed for longer than its TTL of %s); a buffer "
-                       "of it may no longer hold its bytes\n",
+                       "(expired, its TTL being %s, or released elsewhere); a buffer of it may "
+                       "no longer hold its bytes\n",
                        absl::FormatDuration(it->second.ttl).c_str());
         }
         it->second.alive_until = absl::InfinitePast();

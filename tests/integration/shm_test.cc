@@ -333,6 +333,35 @@ TEST_F(ShmTest, GetManyReplyLongerThanTheTtlNeverHandsOutOtherBytes) {
   serving.join();
 }
 
+// Renewals read the server's answer: a lease the server no longer knows (expired, or, as here,
+// released behind the client's back) is known lost after one renewal, and is not renewed again
+// and again.
+TEST_F(ShmTest, RenewalsReadTheServersAnswer) {
+  StartServer({"--lease_ttl=1s"});
+  auto c = Connect(true);
+  ASSERT_TRUE(c->Put("k", Bytes(std::string(64 << 10, 'k'))).ok());
+  auto held = c->Get("k");
+  ASSERT_TRUE(held.ok()) << held.status();
+  ASSERT_EQ(held->delivery, v1::DELIVERY_SHM);
+  auto stub = v1::Chunkd::NewStub(
+      grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  v1::ReleaseRequest request;
+  request.add_lease_ids(held->lease_id);
+  v1::ReleaseResponse response;
+  ASSERT_TRUE(stub->Release(&context, request, &response).ok());
+  // The client renews every third of a TTL: within a TTL it has asked, and heard "unknown".
+  absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while (Counter(*c, "leases_unknown") == 0 && absl::Now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  uint64_t unknown = Counter(*c, "leases_unknown");
+  ASSERT_GE(unknown, 1u);
+  // Three more TTLs: no more renewals of the lost lease.
+  std::this_thread::sleep_for(std::chrono::milliseconds(3000));
+  EXPECT_EQ(Counter(*c, "leases_unknown"), unknown);
+}
+
 TEST_F(ShmTest, EvictionSkipsLeasedChunksAndTheBudgetHolds) {
   StartServer({"--host_cache_bytes=16MiB"});
   auto c = Connect(true);
