@@ -250,6 +250,9 @@ class LeaseKeeper final : public HandleImporter,
     absl::Duration ttl = absl::Milliseconds(lease.ttl_ms());
     absl::MutexLock lock(&mu_);
     Held& held = live_[lease.id()];
+    // A process-bound lease may come again (the server hands a process one lease per block it
+    // holds); each grant is dropped, and released, once.
+    if (++held.refs > 1) return;
     held.process_bound = lease.process_bound();
     held.ttl = ttl;
     held.alive_until = call_start + ttl;
@@ -263,7 +266,12 @@ class LeaseKeeper final : public HandleImporter,
   void Drop(uint64_t id) override {
     if (getpid() != pid_) return;
     absl::MutexLock lock(&mu_);
-    if (!live_.erase(id) && exited_) return;  // released at exit already
+    auto it = live_.find(id);
+    if (it == live_.end()) {
+      if (exited_) return;  // released at exit already
+    } else if (--it->second.refs == 0) {
+      live_.erase(it);
+    }
     to_release_.push_back(id);
   }
   size_t held() const {
@@ -297,7 +305,7 @@ class LeaseKeeper final : public HandleImporter,
     {
       absl::MutexLock lock(&mu_);
       ids.swap(to_release_);
-      for (const auto& [id, held] : live_) ids.push_back(id);
+      for (const auto& [id, held] : live_) ids.insert(ids.end(), held.refs, id);
       live_.clear();
       exited_ = true;
     }
@@ -316,6 +324,7 @@ class LeaseKeeper final : public HandleImporter,
     // moment before the server's).
     absl::Time alive_until;
     bool lost = false;  // the server no longer knew it
+    int refs = 0;       // grants of it not dropped yet (process-bound leases come again)
   };
 
   // Calls are blocking ones, made from this thread (or Flush's caller): gRPC's synchronous API

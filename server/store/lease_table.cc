@@ -84,6 +84,16 @@ absl::StatusOr<uint64_t> LeaseTable::Grant(const LeaseHolder& lease_holder,
   if (!block) return absl::InvalidArgumentError("cannot lease an empty buffer");
   const std::string& holder = lease_holder.name;
   absl::MutexLock lock(&mu_);
+  if (lease_holder.process) {
+    auto shared = shared_.find({lease_holder.process.get(), block.get()});
+    if (shared != shared_.end()) {
+      // This process holds this block already: the same lease, once more.
+      Entry& entry = leases_.at(shared->second);
+      ++entry.refs;
+      ++stats_.granted;
+      return shared->second;
+    }
+  }
   if (leases_.size() >= options_.max_leases) {
     ++stats_.refused_count;
     return absl::ResourceExhaustedError(
@@ -138,6 +148,7 @@ absl::StatusOr<uint64_t> LeaseTable::Grant(const LeaseHolder& lease_holder,
   ++holder_leases_[holder];
   if (lease_holder.process) ++stats_.process_bound;
   absl::Time expires = until_renewed ? absl::InfiniteFuture() : absl::Now() + options_.ttl;
+  if (lease_holder.process) shared_[{lease_holder.process.get(), block.get()}] = id;
   leases_.emplace(id, Entry{std::move(block), bytes, expires, &pool, holder,
                             lease_holder.process});
   return id;
@@ -157,7 +168,10 @@ void LeaseTable::DropLocked(absl::flat_hash_map<uint64_t, Entry>::iterator it,
   if (auto count = holder_leases_.find(entry.holder); --count->second == 0) {
     holder_leases_.erase(count);
   }
-  if (entry.process) --stats_.process_bound;
+  if (entry.process) {
+    --stats_.process_bound;
+    shared_.erase({entry.process.get(), block});
+  }
   // The block itself is released outside the lock: freeing arena memory takes its own lock.
   dropped->push_back(std::move(entry.block));
   leases_.erase(it);
@@ -174,8 +188,12 @@ std::vector<uint64_t> LeaseTable::Release(const std::vector<uint64_t>& ids) {
       ++stats_.unknown;
       continue;
     }
-    DropLocked(it, &dropped);
     ++stats_.released;
+    if (it->second.refs > 1) {
+      --it->second.refs;  // another grant of the same lease still holds it
+      continue;
+    }
+    DropLocked(it, &dropped);
   }
   return unknown;
 }

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <utility>
 #include <string>
 #include <thread>
 #include <vector>
@@ -165,6 +166,9 @@ class LeaseTable {
     Pool* pool = nullptr;
     std::string holder;
     std::shared_ptr<const ProcessLife> process;
+    // Grants this one lease stands for (one process asking for one block again: see Grant);
+    // each Release takes one back.
+    uint32_t refs = 1;
   };
   using Dropped = std::vector<std::shared_ptr<const buffer::Block>>;
   // The pool of `block`: host memory, or its GPU's.
@@ -175,6 +179,9 @@ class LeaseTable {
   const LeaseTableOptions options_;
   mutable absl::Mutex mu_;
   absl::flat_hash_map<uint64_t, Entry> leases_ ABSL_GUARDED_BY(mu_);
+  // The lease of each (process, block) that process-bound leases hold, for sharing.
+  absl::flat_hash_map<std::pair<const ProcessLife*, const buffer::Block*>, uint64_t> shared_
+      ABSL_GUARDED_BY(mu_);
   // Live leases per holder name (max_holder_leases).
   absl::flat_hash_map<std::string, size_t> holder_leases_ ABSL_GUARDED_BY(mu_);
   // Host memory, and each GPU's by ordinal. Entries point into these (node-stable maps).

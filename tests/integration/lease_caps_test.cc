@@ -378,5 +378,37 @@ TEST_F(LeaseCapsTest, OneClientsRepeatedLeasesLeaveOthersTheirHandles) {
   EXPECT_EQ(greedy->ServerInfo()->counters().at("lease_count_refusals"), 200u);
 }
 
+// On a UNIX socket, a process asking for the same value again gets the lease it holds, counted
+// once more: 300 items of one value take one lease, all of them handles, and dropping every
+// result gives it back.
+TEST_F(LeaseCapsTest, OneProcessAskingForOneValueOnAUnixSocketHoldsOneLease) {
+  std::string socket = dir_.Join("chunkd.sock");
+  StartServer({"--listen=unix:" + socket, "--host_cache_bytes=16MiB",
+               "--max_client_leases=100"});
+  std::string address = "unix:" + socket;
+  auto writer = Connect({v1::DELIVERY_INLINE}, address);
+  ASSERT_TRUE(writer->Put("small", buffer::cpu::Buffer::CopyOf(std::string(4096, 's'))).ok());
+  auto reader = Connect({v1::DELIVERY_SHM, v1::DELIVERY_INLINE}, address);
+  std::vector<client::GetManyItem> items(300, client::GetManyItem{"small", {}, {}});
+  auto got = reader->GetMany(items);
+  ASSERT_TRUE(got.ok()) << got.status();
+  for (const auto& r : *got) {
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->delivery, v1::DELIVERY_SHM);
+    EXPECT_EQ(r->data.view(), std::string(4096, 's'));
+  }
+  EXPECT_EQ(writer->ServerInfo()->leases_active(), 1u);
+  EXPECT_EQ(reader->leases_held(), 1u);
+  // Half the results go: the lease stays; all of them: it goes.
+  got->resize(150);
+  ASSERT_TRUE(reader->FlushReleases());
+  EXPECT_EQ(writer->ServerInfo()->leases_active(), 1u);
+  got->clear();
+  ASSERT_TRUE(reader->FlushReleases());
+  EXPECT_EQ(reader->leases_held(), 0u);
+  EXPECT_EQ(writer->ServerInfo()->leases_active(), 0u);
+  EXPECT_EQ(writer->ServerInfo()->counters().at("leases_unknown"), 0u);
+}
+
 }  // namespace
 }  // namespace chunkd

@@ -151,6 +151,31 @@ TEST(LeaseTableTest, ProcessBoundLeasesLiveAsLongAsTheirProcess) {
   EXPECT_FALSE(value.block()->pinned());
 }
 
+// A process asking again for a block it holds gets the same lease, counted once more: repeats
+// take no room. TTL leases are not shared.
+TEST(LeaseTableTest, AProcessAskingForABlockAgainSharesItsLease) {
+  LeaseTableOptions options;
+  options.max_holder_leases = 2;
+  LeaseTable leases(options);
+  buffer::cpu::Buffer small = HostValue(4096), other = HostValue(4096);
+  auto life = std::make_shared<ProcessLife>(42);
+  LeaseHolder holder{"unix:pid=42", life};
+  uint64_t first = *leases.Grant(holder, small);
+  for (int i = 0; i < 100; ++i) ASSERT_EQ(*leases.Grant(holder, small), first);
+  EXPECT_EQ(leases.stats().active, 1u);
+  EXPECT_TRUE(leases.Grant(holder, other).ok());  // a second block: a second lease
+  // TTL leases of the same block stay apart.
+  EXPECT_NE(*leases.Grant("tcp", small), *leases.Grant("tcp", small));
+  EXPECT_EQ(leases.stats().active, 4u);
+  // Each release takes one grant back; the last frees the lease.
+  std::vector<uint64_t> ids(100, first);
+  EXPECT_TRUE(leases.Release(ids).empty());
+  EXPECT_EQ(leases.stats().active, 4u);
+  EXPECT_TRUE(leases.Release({first}).empty());
+  EXPECT_EQ(leases.stats().active, 3u);
+  EXPECT_EQ(leases.Release({first}), std::vector<uint64_t>{first});
+}
+
 // A lease granted `until_renewed` (a reply still being sent) has no TTL until the call renews
 // it at its end: a long GetMany cannot let its first leases lapse before the client sees them.
 TEST(LeaseTableTest, UntilRenewedLeasesStartTheirTtlAtTheFirstRenewal) {
