@@ -278,11 +278,6 @@ class LeaseKeeper final : public HandleImporter,
     absl::MutexLock lock(&mu_);
     return live_.size();
   }
-  // Leases the server no longer knew when they were renewed (they had expired).
-  uint64_t lost() const {
-    absl::MutexLock lock(&mu_);
-    return lost_;
-  }
   // Sends pending releases now and waits for the server's answer, and for the batch the
   // keeper's thread may be sending; false if a call failed.
   bool Flush() {
@@ -412,8 +407,8 @@ class LeaseKeeper final : public HandleImporter,
       auto it = live_.find(id);
       if (it == live_.end()) continue;  // dropped meanwhile
       if (unknown.contains(id)) {
-        // Expired: its memory may hold other bytes by now. Nothing can bring it back; the
-        // buffer's owner sees it from the import check (not handed out yet) or from lost().
+        // Expired: its memory may hold other bytes by now. Nothing can bring it back; a buffer
+        // not handed out yet fails its import check, one handed out gets this line logged.
         if (lost_++ == 0) {
           std::fprintf(stderr,
                        "chunkd client: the server no longer knows a lease this process holds "
