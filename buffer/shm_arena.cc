@@ -10,7 +10,9 @@
 
 #include <cerrno>
 #include <ctime>
+#include <cstdint>
 #include <cstring>
+#include <optional>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -157,6 +159,13 @@ void ShmArena::DestroySegmentLocked(Segment* segment) {
 
 absl::StatusOr<std::shared_ptr<Block>> ShmArena::Allocate(size_t size) {
   if (size == 0) return HeapAllocator().Allocate(0);  // nothing to share
+  // No segment can be larger than off_t holds; refusing such sizes first also keeps the
+  // rounding below from wrapping around to a tiny extent for a huge size (a hostile store's
+  // Content-Length reaches here).
+  if (size > static_cast<uint64_t>(PTRDIFF_MAX) - kPage) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot allocate ", size, " bytes of shared memory"));
+  }
   uint64_t length = RoundUp(size, kPage);
   absl::MutexLock lock(&mu_);
   Segment* chosen = nullptr;
@@ -174,7 +183,12 @@ absl::StatusOr<std::shared_ptr<Block>> ShmArena::Allocate(size_t size) {
     if (!segment.ok()) return segment.status();
     chosen = *segment;
   }
-  uint64_t offset = *chosen->extents.Allocate(length);
+  std::optional<uint64_t> allocated = chosen->extents.Allocate(length);
+  if (!allocated) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("no free extent of ", length, " bytes in shared memory"));
+  }
+  uint64_t offset = *allocated;
   // Reserve the pages now: a full tmpfs (a container's small /dev/shm, say) must show as an
   // error here, not as SIGBUS when the pages are first written.
   if (::fallocate(chosen->fd, 0, static_cast<off_t>(offset), static_cast<off_t>(length)) != 0) {

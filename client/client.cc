@@ -10,6 +10,7 @@
 #include <thread>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -95,23 +96,39 @@ struct UnaryCall {
   Response response;
 };
 
-// Returns the leases of dropped handle buffers to the server in batches, and renews the
-// leases of buffers still alive, from one background thread. The client and every handle
-// buffer share it, so a buffer that outlives its client still returns its lease.
+// Returns the leases of dropped handle buffers to the server in batches, and keeps the leases
+// of buffers still alive (and of handles announced but not imported yet) alive. The client
+// and every handle buffer share it, so a buffer that outlives its client still returns its
+// lease.
 //
-// Fork: a child process inherits the keeper's memory but not its thread, and the leases stay
+// Two kinds of lease (v1::Lease.process_bound):
+// - A lease that follows this process (a UNIX-socket connection: the server watches the
+//   process the kernel names) cannot lapse while the process lives: nothing to renew.
+// - Any other lease lives for a TTL from its grant or last renewal. It is tracked from the
+//   moment its reply's header arrives (Announce), not when the whole reply is in, and renewed
+//   a few times per TTL on a thread of its own, apart from the releases (which may block for
+//   their deadline); the server's answer is read, and a lease it no longer knows is lost.
+//   Before a buffer is handed out, Import checks that its lease is known to be alive (renewed
+//   or granted less than a TTL ago, counting from the call's start, which is before the
+//   grant); one that is not is renewed there and then, and if the server no longer knows it
+//   the item fails with UNAVAILABLE ("read it again"; Get retries) instead of handing out
+//   memory that may hold another chunk's bytes by now.
+//
+// Fork: a child process inherits the keeper's memory but not its threads, and the leases stay
 // its parent's. Buffers dropped in a child release nothing (Drop checks the process id), and a
-// keeper destroyed in a child is left as it is (its thread and channel are the parent's).
+// keeper destroyed in a child is left as it is (its threads and channel are the parent's).
 class LeaseKeeper final : public HandleImporter,
                           public std::enable_shared_from_this<LeaseKeeper> {
  public:
   LeaseKeeper(std::shared_ptr<grpc::Channel> channel, const std::string& shm_dir)
       : stub_(v1::Chunkd::NewStub(channel)), importer_(shm_dir), pid_(getpid()) {
-    thread_ = std::thread([this] { Loop(); });
+    thread_ = std::thread([this] { ReleaseLoop(); });
+    renew_thread_ = std::thread([this] { RenewLoop(); });
   }
   ~LeaseKeeper() {
     if (getpid() != pid_) {
-      thread_.detach();  // the parent's thread: nothing to join here
+      thread_.detach();  // the parent's threads: nothing to join here
+      renew_thread_.detach();
       return;
     }
     {
@@ -119,6 +136,7 @@ class LeaseKeeper final : public HandleImporter,
       stopping_ = true;
     }
     thread_.join();
+    renew_thread_.join();
     // Whatever is left goes out now, with a short deadline: the process may be exiting.
     std::vector<uint64_t> rest;
     {
@@ -132,22 +150,42 @@ class LeaseKeeper final : public HandleImporter,
   // handle reply; the buffer holds the keeper, so one that outlives its client still returns
   // its lease.
   absl::StatusOr<GetResult> Import(const v1::GetHeader& header) override {
+    if (absl::Status alive = CheckAlive(header.lease().id()); !alive.ok()) {
+      Drop(header.lease().id());
+      return alive;
+    }
     return header.delivery() == v1::DELIVERY_CUDA_IPC ? ImportCuda(header) : ImportShm(header);
   }
 
-  // A handle buffer holding lease `id` came to life.
-  void Track(uint64_t id, absl::Duration ttl) {
+  // A reply's header announced lease `lease`, granted after `call_start`: kept alive from now
+  // on, until dropped.
+  void Announce(const v1::Lease& lease, absl::Time call_start) override {
+    if (lease.id() == 0) return;
+    absl::Duration ttl = absl::Milliseconds(lease.ttl_ms());
     absl::MutexLock lock(&mu_);
-    rearm_ |= live_.empty();  // the keeper sleeps without a renewal deadline: give it one
-    live_.insert(id);
-    if (ttl < ttl_) ttl_ = ttl;
+    Held& held = live_[lease.id()];
+    // A process-bound lease may come again (the server hands a process one lease per block it
+    // holds); each grant is dropped, and released, once.
+    if (++held.refs > 1) return;
+    held.process_bound = lease.process_bound();
+    held.ttl = ttl;
+    held.alive_until = call_start + ttl;
+    if (!held.process_bound) {
+      renew_wake_ = true;  // the renewal thread computes its next deadline again
+      if (ttl < ttl_) ttl_ = ttl;
+    }
   }
   // Its last copy is gone: release the lease with the next batch (in the process that took
   // it: a forked child's copies of the parent's buffers release nothing).
   void Drop(uint64_t id) override {
     if (getpid() != pid_) return;
     absl::MutexLock lock(&mu_);
-    if (!live_.erase(id) && exited_) return;  // released at exit already
+    auto it = live_.find(id);
+    if (it == live_.end()) {
+      if (exited_) return;  // released at exit already
+    } else if (--it->second.refs == 0) {
+      live_.erase(it);
+    }
     to_release_.push_back(id);
   }
   size_t held() const {
@@ -176,7 +214,7 @@ class LeaseKeeper final : public HandleImporter,
     {
       absl::MutexLock lock(&mu_);
       ids.swap(to_release_);
-      ids.insert(ids.end(), live_.begin(), live_.end());
+      for (const auto& [id, held] : live_) ids.insert(ids.end(), held.refs, id);
       live_.clear();
       exited_ = true;
     }
@@ -188,50 +226,146 @@ class LeaseKeeper final : public HandleImporter,
   static constexpr absl::Duration kGather = absl::Milliseconds(20);
   static constexpr absl::Duration kCallTimeout = absl::Seconds(10);
 
+  struct Held {
+    bool process_bound = false;
+    absl::Duration ttl;
+    // The server keeps the lease at least until then (grant or renewal + TTL, counted from a
+    // moment before the server's).
+    absl::Time alive_until;
+    bool lost = false;  // the server no longer knew it
+    int refs = 0;       // grants of it not dropped yet (process-bound leases come again)
+  };
+
   // Calls are blocking ones, made from this thread (or Flush's caller): gRPC's synchronous API
   // starts no threads of its own, so a client that only reads starts none (see BlockingUnary).
-  void Loop() {
+  void ReleaseLoop() {
     absl::MutexLock lock(&mu_);
-    // Leases are renewed a few times per TTL (the smallest TTL seen), so they stay alive
-    // while this process does, whatever the network's hiccups.
-    absl::Time last_renew = absl::Now();
     while (!stopping_) {
-      // Asleep until there is something to release or renew; releases then wait up to
-      // kGather for company, unless a batch is full: a busy reader returns its leases in a
-      // few dozen calls a second, not hundreds (each costs both sides a whole call).
-      absl::Time renew_at = live_.empty() ? absl::InfiniteFuture() : last_renew + ttl_ / 3;
-      mu_.AwaitWithDeadline(absl::Condition(
-                                +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) {
-                                  return k->stopping_ || k->rearm_ || !k->to_release_.empty();
-                                },
-                                this),
-                            renew_at);
+      // Asleep until there is something to release; releases then wait up to kGather for
+      // company, unless a batch is full: a busy reader returns its leases in a few dozen calls
+      // a second, not hundreds (each costs both sides a whole call).
+      mu_.Await(absl::Condition(
+          +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) {
+            return k->stopping_ || !k->to_release_.empty();
+          },
+          this));
       if (stopping_) break;
-      rearm_ = false;
-      if (!to_release_.empty()) {
-        mu_.AwaitWithTimeout(absl::Condition(
-                                 +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) {
-                                   return k->stopping_ || k->to_release_.size() >= kBatch;
-                                 },
-                                 this),
-                             kGather);
-      }
+      mu_.AwaitWithTimeout(absl::Condition(
+                               +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) {
+                                 return k->stopping_ || k->to_release_.size() >= kBatch;
+                               },
+                               this),
+                           kGather);
       std::vector<uint64_t> release;
       release.swap(to_release_);
-      std::vector<uint64_t> renew;
-      if (!live_.empty() && absl::Now() >= last_renew + ttl_ / 3) {
-        renew.assign(live_.begin(), live_.end());
-        last_renew = absl::Now();
-      }
-      if (live_.empty()) last_renew = absl::Now();
       sending_ = !release.empty();
       mu_.Unlock();
       bool sent = release.empty() || SendRelease(std::move(release), kCallTimeout);
-      if (!renew.empty()) SendRenew(std::move(renew));
       mu_.Lock();
       if (sending_) last_send_ok_ = sent;
       sending_ = false;
     }
+  }
+
+  // Renews each TTL lease once a third of its TTL has passed (less than two thirds of a TTL
+  // remain of what the server surely keeps), so two renewals can fail before it lapses. A renewal that fails is tried again
+  // soon (a tenth of the TTL), not a whole period later.
+  void RenewLoop() {
+    absl::MutexLock lock(&mu_);
+    absl::Time retry_at = absl::InfinitePast();
+    while (!stopping_) {
+      absl::Time next = absl::InfiniteFuture();
+      for (const auto& [id, held] : live_) {
+        if (!held.process_bound) next = std::min(next, held.alive_until - held.ttl * 2 / 3);
+      }
+      next = std::max(next, retry_at);
+      renew_wake_ = false;
+      mu_.AwaitWithDeadline(absl::Condition(
+                                +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) {
+                                  return k->stopping_ || k->renew_wake_;
+                                },
+                                this),
+                            next);
+      if (stopping_) break;
+      absl::Time now = absl::Now();
+      if (now < next) continue;  // woken by a new lease: compute the deadline again
+      // Everything due within the next third of a TTL goes in this call.
+      std::vector<uint64_t> renew;
+      for (const auto& [id, held] : live_) {
+        if (!held.process_bound && held.alive_until - held.ttl * 2 / 3 <= now + held.ttl / 3) {
+          renew.push_back(id);
+        }
+      }
+      if (renew.empty()) continue;
+      mu_.Unlock();
+      bool ok = RenewNow(renew);
+      mu_.Lock();
+      retry_at = ok ? absl::InfinitePast() : absl::Now() + ttl_ / 10;
+    }
+  }
+
+  // Renews `ids` and records the server's answer: the leases it knows live one TTL from the
+  // request's sending; those it does not know are lost. False when the call failed.
+  bool RenewNow(const std::vector<uint64_t>& ids) {
+    absl::Time sent = absl::Now();
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(sent + kCallTimeout));
+    v1::RenewRequest request;
+    for (uint64_t id : ids) request.add_lease_ids(id);
+    v1::RenewResponse response;
+    if (!stub_->Renew(&context, request, &response).ok()) return false;
+    absl::flat_hash_set<uint64_t> unknown(response.unknown_lease_ids().begin(),
+                                          response.unknown_lease_ids().end());
+    absl::MutexLock lock(&mu_);
+    for (uint64_t id : ids) {
+      auto it = live_.find(id);
+      if (it == live_.end()) continue;  // dropped meanwhile
+      if (unknown.contains(id)) {
+        // Expired: its memory may hold other bytes by now. Nothing can bring it back; a buffer
+        // not handed out yet fails its import check, one handed out gets this line logged.
+        if (lost_++ == 0) {
+          std::fprintf(stderr,
+                       "chunkd client: the server no longer knows a lease this process holds "
+                       "(expired, its TTL being %s, or released elsewhere); a buffer of it may "
+                       "no longer hold its bytes\n",
+                       absl::FormatDuration(it->second.ttl).c_str());
+        }
+        it->second.alive_until = absl::InfinitePast();
+        it->second.process_bound = true;  // nothing more to renew
+        it->second.lost = true;
+        continue;
+      }
+      it->second.alive_until = sent + it->second.ttl;
+    }
+    return true;
+  }
+
+  // OK when lease `id` is surely alive now with time to spare (or follows this process);
+  // otherwise it is renewed now, and UNAVAILABLE when the server no longer knows it.
+  absl::Status CheckAlive(uint64_t id) {
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = live_.find(id);
+      if (it == live_.end()) return absl::OkStatus();  // not announced (a test's reply)
+      const Held& held = it->second;
+      if (held.lost) return LostLease(held.ttl);
+      if (held.process_bound || held.alive_until - absl::Now() > held.ttl / 4) {
+        return absl::OkStatus();
+      }
+    }
+    bool renewed = RenewNow({id});
+    absl::MutexLock lock(&mu_);
+    auto it = live_.find(id);
+    if (it == live_.end()) return absl::OkStatus();
+    if (!renewed || it->second.lost) return LostLease(it->second.ttl);
+    return absl::OkStatus();
+  }
+
+  static absl::Status LostLease(absl::Duration ttl) {
+    return absl::UnavailableError(absl::StrCat(
+        "the lease of a handle expired before its buffer was handed out (the reply took longer "
+        "than the lease's TTL of ", absl::FormatDuration(ttl),
+        ", and it could not be renewed); read it again"));
   }
 
   // Maps the handle's segment (once per process) and returns a buffer that views the chunk
@@ -272,7 +406,12 @@ class LeaseKeeper final : public HandleImporter,
 
   // A handle imported: its lease is kept alive from now on, and given back with the buffer.
   GetResult Imported(const v1::GetHeader& header) {
-    Track(header.lease().id(), absl::Milliseconds(header.lease().ttl_ms()));
+    bool announced;
+    {
+      absl::MutexLock lock(&mu_);
+      announced = live_.contains(header.lease().id());
+    }
+    if (!announced) Announce(header.lease(), absl::Now());
     GetResult r;
     r.total_size = header.total_size();
     r.generation = header.generation();
@@ -298,29 +437,22 @@ class LeaseKeeper final : public HandleImporter,
     return stub_->Release(&context, request, &response).ok();
   }
 
-  void SendRenew(std::vector<uint64_t> ids) {
-    grpc::ClientContext context;
-    context.set_deadline(absl::ToChronoTime(absl::Now() + kCallTimeout));
-    v1::RenewRequest request;
-    for (uint64_t id : ids) request.add_lease_ids(id);
-    v1::RenewResponse response;
-    stub_->Renew(&context, request, &response).IgnoreError();
-  }
-
   std::unique_ptr<v1::Chunkd::Stub> stub_;
   buffer::ShmImporter importer_;
   const pid_t pid_;
   mutable absl::Mutex mu_;
-  absl::flat_hash_set<uint64_t> live_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, Held> live_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> to_release_ ABSL_GUARDED_BY(mu_);
+  uint64_t lost_ ABSL_GUARDED_BY(mu_) = 0;
+  bool renew_wake_ ABSL_GUARDED_BY(mu_) = false;
   absl::Duration ttl_ ABSL_GUARDED_BY(mu_) = absl::Seconds(30);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  bool rearm_ ABSL_GUARDED_BY(mu_) = false;
   bool exited_ ABSL_GUARDED_BY(mu_) = false;
   // The thread is sending a batch of releases (Flush waits for it), and how the last went.
   bool sending_ ABSL_GUARDED_BY(mu_) = false;
   bool last_send_ok_ ABSL_GUARDED_BY(mu_) = true;
-  std::thread thread_;
+  std::thread thread_;        // releases
+  std::thread renew_thread_;  // renewals
 };
 
 // Every keeper of the process, for ReleaseLeasesAtExit.

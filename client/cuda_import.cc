@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <cstdio>
+
 #include "absl/strings/str_cat.h"
 #include "buffer/host_identity.h"
 
@@ -10,7 +12,8 @@ namespace chunkd::client {
 using buffer::gpu::DeviceApi;
 using buffer::gpu::DeviceUuid;
 
-// A chunk inside an opened segment; drops its reference to the mapping when it goes.
+// A chunk inside an opened segment; drops its reference to the mapping when it goes, and only
+// then its lease.
 class CudaImporter::ImportedBlock final : public buffer::gpu::DeviceBlock {
  public:
   ImportedBlock(CudaImporter* importer, std::string key, std::byte* data, size_t size, int device,
@@ -20,8 +23,19 @@ class CudaImporter::ImportedBlock final : public buffer::gpu::DeviceBlock {
         key_(std::move(key)),
         on_release_(std::move(on_release)) {}
   ~ImportedBlock() override {
-    if (on_release_) on_release_();
+    // The lease goes back last. First, the work this process queued on the device, on any
+    // stream, is done (a kernel may still read the chunk when its buffer's last reference goes;
+    // the server copies another chunk into this memory once the lease is back); then the
+    // mapping is closed if this was its last buffer (CUDA: the exporter must not free memory
+    // that is still mapped).
+    if (on_release_) {
+      if (absl::Status s = importer_->api_->Synchronize(device()); !s.ok()) {
+        std::fprintf(stderr, "chunkd client: %s before returning a device chunk\n",
+                     s.ToString().c_str());
+      }
+    }
     importer_->Unref(key_);
+    if (on_release_) on_release_();
   }
 
  private:

@@ -83,6 +83,8 @@ absl::Status GetReply::TakeHeader(const std::string& bytes) {
   if (have_header_ || !header_.ParseFromString(bytes)) return Malformed();
   have_header_ = true;
   if (is_handle() && header_.lease().id() != 0) {
+    // Kept alive from now on, not from the end of the reply (a GetMany's may be far off).
+    if (importer_) importer_->Announce(header_.lease(), started_);
     unclaimed_ = UnclaimedLease(importer_, header_.lease().id());
   }
   // The bytes announced lie within the value.

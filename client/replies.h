@@ -14,6 +14,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "chunkd/v1/chunkd.pb.h"
 #include "client/client.h"
 #include "grpcpp/support/byte_buffer.h"
@@ -40,6 +42,10 @@ class HandleImporter {
  public:
   virtual ~HandleImporter() = default;
   virtual absl::StatusOr<GetResult> Import(const v1::GetHeader& header) = 0;
+  // A reply's header has announced `lease`, which the server granted after `call_start`: it is
+  // kept alive from now on (renewed, when it needs renewals) until imported and dropped, or
+  // dropped. Called as the header arrives, long before Import for a GetMany's early items.
+  virtual void Announce(const v1::Lease& lease, absl::Time call_start) {}
   // Gives back a lease that no buffer has taken over.
   virtual void Drop(uint64_t lease) = 0;
 };
@@ -68,7 +74,7 @@ class UnclaimedLease {
 class GetReply {
  public:
   GetReply(std::shared_ptr<HandleImporter> importer, uint64_t max_bytes)
-      : importer_(std::move(importer)), max_bytes_(max_bytes) {}
+      : importer_(std::move(importer)), max_bytes_(max_bytes), started_(absl::Now()) {}
 
   // One received GetResponse message.
   absl::Status Absorb(const grpc::ByteBuffer& message);
@@ -92,6 +98,7 @@ class GetReply {
 
   std::shared_ptr<HandleImporter> importer_;
   uint64_t max_bytes_;
+  absl::Time started_;  // before the call went out: before any lease of its reply was granted
   bool have_header_ = false;
   v1::GetHeader header_;
   UnclaimedLease unclaimed_;

@@ -137,6 +137,14 @@ class CudaApi final : public DeviceApi {
     return absl::OkStatus();
   }
 
+  absl::Status Synchronize(int device) override {
+    DeviceScope scope(device);
+    if (cudaError_t err = cudaDeviceSynchronize(); err != cudaSuccess) {
+      return CudaError(err, "cudaDeviceSynchronize");
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status CopyToDevice(int device, void* dst, const void* src, size_t bytes) override {
     return Copy(device, dst, src, bytes, cudaMemcpyHostToDevice);
   }

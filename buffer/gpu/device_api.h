@@ -77,6 +77,10 @@ class DeviceApi {
   // allows one open of a handle per process: callers keep one mapping per handle.
   virtual absl::StatusOr<void*> IpcOpenMemHandle(int device, const IpcHandle& handle) = 0;
   virtual absl::Status IpcCloseMemHandle(int device, void* ptr) = 0;
+  // Waits for all the work this process has queued on `device`, on every stream
+  // (cudaDeviceSynchronize): what a consumer's kernels read of imported memory is read once it
+  // returns, so the memory may go back to its owner.
+  virtual absl::Status Synchronize(int device) = 0;
 
   // Copies `bytes` bytes and waits for them (cudaMemcpyAsync on a stream of `device`, then
   // cudaStreamSynchronize). Host memory is best pinned (HostAllocPinned, HostRegister); pageable

@@ -20,6 +20,7 @@ struct Exported {
   uintptr_t base = 0;
   size_t size = 0;
   DeviceUuid uuid{};
+  int opens = 0;  // instances that have the handle open now
 };
 struct HandleTable {
   absl::Mutex mu;
@@ -53,6 +54,11 @@ HostStandInDeviceApi::HostStandInDeviceApi(std::vector<DeviceUuid> uuids,
 
 HostStandInDeviceApi::~HostStandInDeviceApi() {
   absl::MutexLock lock(&mu_);
+  for (const auto& [base, opened] : opened_) {
+    absl::MutexLock table_lock(&Table().mu);
+    auto entry = Table().entries.find(opened.second);
+    if (entry != Table().entries.end()) --entry->second.opens;
+  }
   for (auto& [base, allocation] : allocations_) {
     if (allocation.exported_id != 0) {
       absl::MutexLock table_lock(&Table().mu);
@@ -115,6 +121,13 @@ absl::Status HostStandInDeviceApi::Free(int device, void* ptr) {
   }
   if (it->second.exported_id != 0) {
     absl::MutexLock table_lock(&Table().mu);
+    auto entry = Table().entries.find(it->second.exported_id);
+    if (entry != Table().entries.end() && entry->second.opens > 0) {
+      // CUDA: freeing memory another process has mapped through IPC is undefined behaviour.
+      ++counters_.frees_with_open_imports;
+      return absl::FailedPreconditionError(
+          "Free of device memory whose IPC handle another process still has open");
+    }
     Table().entries.erase(it->second.exported_id);
   }
   used_[device] -= it->second.size;
@@ -167,6 +180,14 @@ absl::StatusOr<void*> HostStandInDeviceApi::IpcOpenMemHandle(int device, const I
           "IPC handle already open in this process (CUDA allows one open per process)");
     }
   }
+  {
+    absl::MutexLock table_lock(&Table().mu);
+    auto it = Table().entries.find(*id);
+    if (it == Table().entries.end()) {
+      return absl::InvalidArgumentError("IPC handle names no live allocation");
+    }
+    ++it->second.opens;
+  }
   opened_[entry.base] = std::make_pair(entry.size, *id);
   ++counters_.ipc_opens;
   return reinterpret_cast<void*>(entry.base);
@@ -174,10 +195,24 @@ absl::StatusOr<void*> HostStandInDeviceApi::IpcOpenMemHandle(int device, const I
 
 absl::Status HostStandInDeviceApi::IpcCloseMemHandle(int device, void* ptr) {
   absl::MutexLock lock(&mu_);
-  if (opened_.erase(reinterpret_cast<uintptr_t>(ptr)) == 0) {
+  auto it = opened_.find(reinterpret_cast<uintptr_t>(ptr));
+  if (it == opened_.end()) {
     return absl::InvalidArgumentError("IpcCloseMemHandle of a pointer that is not open");
   }
+  {
+    absl::MutexLock table_lock(&Table().mu);
+    auto entry = Table().entries.find(it->second.second);
+    if (entry != Table().entries.end()) --entry->second.opens;
+  }
+  opened_.erase(it);
   ++counters_.ipc_closes;
+  return absl::OkStatus();
+}
+
+absl::Status HostStandInDeviceApi::Synchronize(int device) {
+  if (absl::Status s = CheckDevice(device); !s.ok()) return s;
+  absl::MutexLock lock(&mu_);
+  ++counters_.synchronizes;
   return absl::OkStatus();
 }
 

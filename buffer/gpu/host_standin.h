@@ -6,8 +6,9 @@
 // "Device memory" is host memory, so its bytes can be checked directly. IPC handles name
 // entries of one table per process shared by every stand-in: an allocation exported through
 // one instance can be opened through another, which plays the part of a second process. Each
-// instance enforces CUDA's rule that a process opens a handle at most once at a time, and
-// counts what it was asked to do.
+// instance enforces CUDA's rule that a process opens a handle at most once at a time, refuses
+// to free memory whose handle another instance still has open (undefined in CUDA), and counts
+// what it was asked to do.
 #ifndef CHUNKD_BUFFER_GPU_HOST_STANDIN_H_
 #define CHUNKD_BUFFER_GPU_HOST_STANDIN_H_
 
@@ -29,6 +30,10 @@ struct HostStandInCounters {
   uint64_t ipc_exports = 0;  // IpcGetMemHandle calls
   uint64_t ipc_opens = 0;
   uint64_t ipc_closes = 0;
+  uint64_t synchronizes = 0;
+  // Frees refused because another "process" (stand-in) still had the allocation's IPC handle
+  // open: CUDA leaves that undefined, so the stand-in refuses it and keeps the memory.
+  uint64_t frees_with_open_imports = 0;
   uint64_t copies_to_device = 0;
   uint64_t copies_to_host = 0;
   uint64_t bytes_to_device = 0;
@@ -54,6 +59,7 @@ class HostStandInDeviceApi final : public DeviceApi {
   absl::StatusOr<IpcHandle> IpcGetMemHandle(int device, void* ptr) override;
   absl::StatusOr<void*> IpcOpenMemHandle(int device, const IpcHandle& handle) override;
   absl::Status IpcCloseMemHandle(int device, void* ptr) override;
+  absl::Status Synchronize(int device) override;
   absl::Status CopyToDevice(int device, void* dst, const void* src, size_t bytes) override;
   absl::Status CopyToHost(int device, void* dst, const void* src, size_t bytes) override;
   absl::StatusOr<void*> HostAllocPinned(size_t bytes) override;

@@ -137,7 +137,12 @@ ABSL_FLAG(double, max_pinned_fraction, 0.5,
 ABSL_FLAG(double, max_client_pinned_fraction, 0.25,
           "One client's leases may pin at most this share of the tier's budget; a client is a "
           "bearer token when --auth_tokens is set, else a connection (on a UNIX socket, the "
-          "process the client states). Past it, that client gets values inline. 0 to 1.");
+          "process the kernel names: SO_PEERCRED). Past it, that client gets values inline. "
+          "0 to 1.");
+ABSL_FLAG(uint32_t, max_client_leases, 1 << 16,
+          "One client (as for --max_client_pinned_fraction) may hold at most this many leases "
+          "at once (the same small value asked for many times takes one per item, not more "
+          "memory); past it, that client gets values inline and others keep theirs.");
 ABSL_FLAG(ByteSize, device_cache_bytes, ByteSize{0},
           "CUDA IPC delivery: budget of the device tier on each GPU (0: off). Colocated GPU "
           "clients that ask for it (chunkctl --delivery=cuda) get chunks copied into GPU memory "
@@ -284,6 +289,8 @@ int main(int argc, char** argv) {
   config.shm_arena.group = static_cast<gid_t>(absl::GetFlag(FLAGS_shm_group));
   config.leases.ttl = absl::GetFlag(FLAGS_lease_ttl);
   if (config.leases.ttl < absl::Milliseconds(100)) return Fail("--lease_ttl must be at least 100ms");
+  config.leases.max_holder_leases = absl::GetFlag(FLAGS_max_client_leases);
+  if (config.leases.max_holder_leases == 0) return Fail("--max_client_leases must be at least 1");
   config.device_tier.capacity_bytes = absl::GetFlag(FLAGS_device_cache_bytes).bytes;
   {
     double all = absl::GetFlag(FLAGS_max_pinned_fraction);

@@ -113,6 +113,8 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   server->store_ = std::make_unique<ChunkStore>(*std::move(backend), config.store_options);
   config.service.allocator = config.backend.allocator;
   config.service.clients_by_token = !config.security.auth_tokens.empty();
+  server->processes_ = std::make_unique<ProcessWatch>();
+  config.service.processes = server->processes_.get();
   server->core_ = std::make_unique<ServiceCore>(server->store_.get(), config.service);
   server->service_ = std::make_unique<ChunkdService>(server->core_.get());
   server->tensorstore_service_ = std::make_unique<TensorStoreKvStoreService>(server->core_.get());
@@ -145,10 +147,16 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   std::vector<std::unique_ptr<int>> ports;
   if (config.listen.empty()) return absl::InvalidArgumentError("no address to listen on");
   for (const std::string& address : config.listen) {
-    if (std::string path = UnixSocketPath(address); !path.empty()) {
-      if (absl::Status s = ClearStaleSocket(path); !s.ok()) return s;
-    }
     ports.push_back(std::make_unique<int>(0));
+    if (std::string path = UnixSocketPath(address); !path.empty()) {
+      // Accepted here, not by gRPC, so that each connection's process is known
+      // (daemon/unix_listener.h).
+      if (absl::Status s = ClearStaleSocket(path); !s.ok()) return s;
+      auto listener = UnixListener::Bind(path);
+      if (!listener.ok()) return listener.status();
+      server->unix_listeners_.push_back(*std::move(listener));
+      continue;
+    }
     builder.AddListeningPort(address, server->security_->CredentialsFor(address),
                              ports.back().get());
   }
@@ -159,6 +167,9 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
         " (address in use, or not an address of this host?)"));
   }
   server->engine_->Start();
+  for (auto& listener : server->unix_listeners_) {
+    listener->Start(server->grpc_server_.get(), server->processes_.get());
+  }
   for (size_t i = 0; i < config.listen.size(); ++i) {
     const std::string& address = config.listen[i];
     if (!UnixSocketPath(address).empty()) {
@@ -184,6 +195,8 @@ void ChunkdServer::Shutdown(absl::Duration grace) {
   if (shut_down_) return;
   shut_down_ = true;
   health_->Shutdown();
+  // No connection may be handed to gRPC once it shuts down.
+  for (auto& listener : unix_listeners_) listener->Stop();
   grpc_server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
   // Calls the server cancelled still finish through the engine's queues.
   engine_->Shutdown();
@@ -194,6 +207,7 @@ ChunkdServer::~ChunkdServer() {
   if (grpc_server_) Shutdown(absl::ZeroDuration());
   // Every call has ended once the engine has shut down; the store's I/O threads finish what is
   // queued as the store is destroyed. The engine's queues go after the server that used them.
+  unix_listeners_.clear();
   grpc_server_.reset();
   engine_.reset();
   health_.reset();
@@ -203,6 +217,7 @@ ChunkdServer::~ChunkdServer() {
   store_.reset();
   device_tier_.reset();
   leases_.reset();
+  processes_.reset();
   allocator_.reset();
   arena_.reset();
 }

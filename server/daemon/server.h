@@ -15,6 +15,8 @@
 #include "server/store/device_tier.h"
 #include "server/rpc/health_service.h"
 #include "server/store/lease_table.h"
+#include "server/store/process_watch.h"
+#include "server/daemon/unix_listener.h"
 #include "server/rpc/rpc_engine.h"
 #include "server/rpc/security.h"
 #include "server/services/chunkd_service.h"
@@ -72,6 +74,9 @@ class ChunkdServer {
   std::shared_ptr<buffer::ShmArena> arena_;
   std::unique_ptr<buffer::FallbackAllocator> allocator_;
   std::unique_ptr<LeaseTable> leases_;
+  // The processes of UNIX-socket clients (their leases follow them), and those listeners.
+  std::unique_ptr<ProcessWatch> processes_;
+  std::vector<std::unique_ptr<UnixListener>> unix_listeners_;
   std::unique_ptr<DeviceTier> device_tier_;
   std::unique_ptr<ChunkStore> store_;
   std::unique_ptr<ServiceCore> core_;

@@ -243,12 +243,14 @@ grpc::Status Authorize(const TokenTable& tokens, const grpc::ServerContextBase& 
 }
 
 std::string CallerOf(const grpc::ServerContextBase& context, bool by_token,
-                     uint64_t stated_process_id, uint64_t stated_mount_namespace) {
+                     std::optional<int64_t> kernel_pid, uint64_t stated_process_id,
+                     uint64_t stated_mount_namespace) {
   if (by_token) {
     // The authorizer let the call through, so it carries a token; digested, never kept.
     absl::StatusOr<std::string> token = BearerToken(context);
     return absl::StrCat("token:", TokenTable::Fingerprint(token.ok() ? *token : ""));
   }
+  if (kernel_pid) return absl::StrCat("unix:pid=", *kernel_pid);
   std::string peer = context.peer();
   if (absl::StartsWith(peer, "unix:")) {
     return absl::StrCat(peer, peer == "unix:" ? "" : " ", "pid=", stated_process_id, "@",

@@ -102,11 +102,15 @@ grpc::Status Authorize(const TokenTable& tokens, const grpc::ServerContextBase& 
 // Who a call comes from, for per-client limits (the caps on pinned memory,
 // server/store/lease_table.h). With `by_token` (the server has tokens): "token:" and the first
 // 8 bytes of the token's SHA-256 in hex (the token itself is not kept), so every connection of
-// one token is one client. Else the connection's peer ("ipv4:127.0.0.1:54321": one client per
-// connection); the peers of a UNIX socket have no address, so there the client is told apart by
-// the process it states (ClientIdentity.process_id and mount namespace): "unix:pid=N@MNT".
+// one token is one client. Else, for a connection whose process the kernel named
+// (`kernel_pid`: SO_PEERCRED on a UNIX socket the server accepted itself,
+// server/daemon/unix_listener.h), that process: "unix:pid=N". Else the connection's peer
+// ("ipv4:127.0.0.1:54321": one client per connection); a UNIX peer gRPC accepted has no
+// address, so there the client is told apart by the process it states
+// (ClientIdentity.process_id and mount namespace): "unix:pid=N@MNT".
 std::string CallerOf(const grpc::ServerContextBase& context, bool by_token,
-                     uint64_t stated_process_id, uint64_t stated_mount_namespace);
+                     std::optional<int64_t> kernel_pid, uint64_t stated_process_id,
+                     uint64_t stated_mount_namespace);
 
 // Checks each call of the services above before its handler sees it (rpc::Engine): the call's
 // token must hold the right its method needs (Authorize). A method without a rule here is

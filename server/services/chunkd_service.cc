@@ -83,11 +83,27 @@ ReadOptions ReadOptionsFor(bool has_max_staleness, uint64_t max_staleness_ms) {
   return options;
 }
 
-// Who holds the leases a call takes, for the per-client caps on pinned memory.
-std::string LeaseHolder(ChunkdService* service, const grpc::ServerContextBase& context,
-                        const v1::ClientIdentity& client) {
-  return CallerOf(context, service->options().clients_by_token, client.process_id(),
-                  client.mount_namespace());
+// Who holds the leases a call takes, for the per-client caps on pinned memory, and the
+// process whose life they follow (a UNIX-socket client the server watches).
+LeaseHolder HolderOf(ChunkdService* service, const grpc::ServerContextBase& context,
+                     const v1::ClientIdentity& client) {
+  std::optional<PeerProcess> peer;
+  if (const ProcessWatch* processes = service->options().processes) {
+    peer = processes->OfPeer(context.peer());
+  }
+  std::optional<int64_t> kernel_pid;
+  if (peer && peer->pid > 0) kernel_pid = peer->pid;
+  return LeaseHolder{CallerOf(context, service->options().clients_by_token, kernel_pid,
+                              client.process_id(), client.mount_namespace()),
+                     peer ? peer->life : nullptr};
+}
+
+// The lease part of a handle reply.
+void SetLease(const LeaseTable& leases, const LeaseHolder& holder, uint64_t id,
+              v1::GetHeader* header) {
+  header->mutable_lease()->set_id(id);
+  header->mutable_lease()->set_ttl_ms(absl::ToInt64Milliseconds(leases.ttl()));
+  if (holder.process) header->mutable_lease()->set_process_bound(true);
 }
 
 // Whether a request's accepted deliveries include inline bytes (none listed: inline).
@@ -96,12 +112,37 @@ bool AcceptsInline(const google::protobuf::RepeatedField<int>& accept) {
          std::find(accept.begin(), accept.end(), v1::DELIVERY_INLINE) != accept.end();
 }
 
+// The leases a call granted, whose TTL starts when the call is over (LeaseTable::Grant's
+// until_renewed): renewed then, however the call ended. Thread-safe: GetMany grants on I/O
+// threads.
+class GrantedLeases {
+ public:
+  void Add(uint64_t id) {
+    absl::MutexLock lock(&mu_);
+    ids_.push_back(id);
+  }
+  // The call is over: the TTLs start now.
+  void StartTtls(LeaseTable* leases) {
+    std::vector<uint64_t> ids;
+    {
+      absl::MutexLock lock(&mu_);
+      ids.swap(ids_);
+    }
+    if (leases != nullptr && !ids.empty()) leases->Renew(ids);
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<uint64_t> ids_ ABSL_GUARDED_BY(mu_);
+};
+
 // Fills in a shared-memory handle and lease when `client` can map this server's segments and
 // `data` lives in one: true. False means inline delivery. An error (RESOURCE_EXHAUSTED, naming
 // the cap) when a cap on pinned memory refused the lease and the client accepts no inline bytes.
 absl::StatusOr<bool> OfferShm(ChunkdService* service, const buffer::HostIdentity& client,
-                              absl::string_view holder, bool inline_ok,
-                              const buffer::cpu::Buffer& data, v1::GetHeader* header) {
+                              const LeaseHolder& holder, bool inline_ok,
+                              const buffer::cpu::Buffer& data, v1::GetHeader* header,
+                              GrantedLeases* granted) {
   const ServiceOptions& options = service->options();
   std::optional<buffer::ShmLocation> location = data.shm_location();
   if (options.leases == nullptr || !location || data.empty() ||
@@ -109,7 +150,8 @@ absl::StatusOr<bool> OfferShm(ChunkdService* service, const buffer::HostIdentity
     service->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
-  absl::StatusOr<uint64_t> lease = options.leases->Grant(holder, data);
+  // The lease's TTL starts when the reply is out (the call renews it then: GrantedLeases).
+  absl::StatusOr<uint64_t> lease = options.leases->Grant(holder, data, /*until_renewed=*/true);
   if (!lease.ok()) {
     if (!inline_ok) return lease.status();
     service->counters().shm_fallbacks.fetch_add(1, std::memory_order_relaxed);
@@ -121,8 +163,8 @@ absl::StatusOr<bool> OfferShm(ChunkdService* service, const buffer::HostIdentity
   shm->set_segment_size(location->segment_size);
   shm->set_offset(location->offset);
   shm->set_length(data.size());
-  header->mutable_lease()->set_id(*lease);
-  header->mutable_lease()->set_ttl_ms(absl::ToInt64Milliseconds(options.leases->ttl()));
+  SetLease(*options.leases, holder, *lease, header);
+  if (granted != nullptr) granted->Add(*lease);
   service->counters().gets_shm.fetch_add(1, std::memory_order_relaxed);
   service->counters().bytes_served_shm.fetch_add(data.size(), std::memory_order_relaxed);
   return true;
@@ -168,7 +210,7 @@ class GetCall final : public StreamedReadCall {
       other_deliveries_ |= d != v1::DELIVERY_CUDA_IPC;
     }
     inline_ok_ = AcceptsInline(request.accept());
-    if (wants_shm_ || cuda_.wanted) holder_ = LeaseHolder(service_, context_, request.client());
+    if (wants_shm_ || cuda_.wanted) holder_ = HolderOf(service_, context_, request.client());
     cuda_.only = cuda_.wanted && !other_deliveries_;
     cuda_.gpu_uuid = request.gpu_uuid();
     cuda_.client_boot_id = request.client().boot_id();
@@ -246,12 +288,15 @@ class GetCall final : public StreamedReadCall {
     return false;
   }
 
+  void OnDone() override { granted_.StartTtls(service_->options().leases); }
+
   // Replies with the chunk's CUDA IPC handle and a lease on its device block.
   void ReplyCuda(v1::GetResponse first, const DeviceChunk& chunk) {
     const ServiceOptions& options = service_->options();
     v1::GetHeader* header = first.mutable_header();
     absl::StatusOr<uint64_t> lease =
-        options.leases->Grant(holder_, chunk.buffer.block(), header->length());
+        options.leases->Grant(holder_, chunk.buffer.block(), header->length(),
+                              /*until_renewed=*/true);
     if (!lease.ok()) {
       if (cuda_.only) {
         FinishWith(ToGrpcStatus(lease.status()));
@@ -268,8 +313,8 @@ class GetCall final : public StreamedReadCall {
     cuda->set_offset(chunk.offset + header->range_start());
     cuda->set_length(header->length());
     cuda->set_device_uuid(buffer::gpu::UuidBytes(chunk.device_uuid));
-    header->mutable_lease()->set_id(*lease);
-    header->mutable_lease()->set_ttl_ms(absl::ToInt64Milliseconds(options.leases->ttl()));
+    SetLease(*options.leases, holder_, *lease, header);
+    granted_.Add(*lease);
     service_->counters().gets_cuda.fetch_add(1, std::memory_order_relaxed);
     service_->counters().bytes_served_cuda.fetch_add(header->length(), std::memory_order_relaxed);
     message_ = wire::EncodeWithData(first.SerializeAsString(), buffer::cpu::Buffer());
@@ -280,7 +325,8 @@ class GetCall final : public StreamedReadCall {
   void ReplyWithoutCuda(v1::GetResponse first) {
     v1::GetHeader* header = first.mutable_header();
     absl::StatusOr<bool> shm =
-        wants_shm_ ? OfferShm(service_, client_, holder_, inline_ok_, data_, header) : false;
+        wants_shm_ ? OfferShm(service_, client_, holder_, inline_ok_, data_, header, &granted_)
+                   : false;
     if (!shm.ok()) {
       FinishWith(ToGrpcStatus(shm.status()));
       return;
@@ -319,7 +365,8 @@ class GetCall final : public StreamedReadCall {
   bool wants_shm_ = false;
   bool inline_ok_ = true;
   buffer::HostIdentity client_;
-  std::string holder_;  // of the leases, when a handle may be offered
+  LeaseHolder holder_;  // of the leases, when a handle may be offered
+  GrantedLeases granted_;
   CudaRequest cuda_;
   bool other_deliveries_ = false;
   buffer::cpu::Buffer whole_;  // the whole value, for a promotion to the device tier
@@ -391,7 +438,7 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
     }
     if (wants_shm_) {
       client_ = IdentityFromProto(request.client());
-      holder_ = LeaseHolder(service_, context_, request.client());
+      holder_ = HolderOf(service_, context_, request.client());
     }
     inline_ok_ = AcceptsInline(request.accept());
     service_->counters().get_many_calls.fetch_add(1, std::memory_order_relaxed);
@@ -463,7 +510,7 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
                    : absl::StatusOr<v1::GetHeader>(value.status());
     absl::StatusOr<bool> shm = false;
     if (header.ok() && wants_shm_) {
-      shm = OfferShm(service_, client_, holder_, inline_ok_, bytes, &*header);
+      shm = OfferShm(service_, client_, holder_, inline_ok_, bytes, &*header, &granted_);
       if (!shm.ok()) header = shm.status();
     }
     if (!header.ok()) {
@@ -501,6 +548,8 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
     }
     LaunchReads(/*held=*/true);  // items sent make room in the window; then the next message goes
   }
+
+  void OnDone() override { granted_.StartTtls(service_->options().leases); }
 
   void OnCancel() override {
     Action action;
@@ -617,7 +666,8 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
   bool wants_shm_ = false;
   bool inline_ok_ = true;
   buffer::HostIdentity client_;
-  std::string holder_;
+  LeaseHolder holder_;
+  GrantedLeases granted_;
   std::vector<Item> items_;
   ReadOptions read_options_;
   absl::Mutex mu_;
@@ -981,6 +1031,10 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
     (*response->mutable_counters())["leases_released"] = leases.released;
     (*response->mutable_counters())["leases_expired"] = leases.expired;
     (*response->mutable_counters())["leases_unknown"] = leases.unknown;
+    // Live leases that follow a watched client process (UNIX socket), and grants refused at
+    // the count caps (--max_client_leases and the table's total).
+    (*response->mutable_counters())["leases_process_bound"] = leases.process_bound;
+    (*response->mutable_counters())["lease_count_refusals"] = leases.refused_count;
   }
   response->add_features("conditional-writes");
   response->add_features("byte-ranges");

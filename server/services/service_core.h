@@ -24,6 +24,7 @@
 #include "server/store/chunk_store.h"
 #include "server/store/device_tier.h"
 #include "server/store/lease_table.h"
+#include "server/store/process_watch.h"
 
 namespace chunkd::server {
 
@@ -46,6 +47,9 @@ struct ServiceOptions {
   // Whose memory a lease pins (the per-client cap, server/store/lease_table.h): by bearer
   // token when the server has tokens, else by connection (rpc/auth.h CallerOf).
   bool clients_by_token = false;
+  // The processes behind UNIX-socket connections (server/store/process_watch.h): their leases
+  // follow their lives, and their per-client caps count the process the kernel names.
+  const ProcessWatch* processes = nullptr;
   // CUDA IPC delivery (chunkd.v1): on when `device_tier` (and `leases`) is set. Offered to
   // clients with the same boot id as `host` that name one of the tier's GPUs by UUID
   // (server/store/device_tier.h).

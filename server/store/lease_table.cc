@@ -63,9 +63,10 @@ LeaseTable::~LeaseTable() {
   leases_.clear();
 }
 
-absl::StatusOr<uint64_t> LeaseTable::Grant(absl::string_view holder, buffer::cpu::Buffer buffer) {
+absl::StatusOr<uint64_t> LeaseTable::Grant(const LeaseHolder& holder, buffer::cpu::Buffer buffer,
+                                           bool until_renewed) {
   // The lease holds the whole block the buffer views: the same memory stays alive and pinned.
-  return Grant(holder, buffer.block(), buffer.size());
+  return Grant(holder, buffer.block(), buffer.size(), until_renewed);
 }
 
 LeaseTable::Pool& LeaseTable::PoolFor(const buffer::Block& block) {
@@ -77,14 +78,35 @@ LeaseTable::Pool& LeaseTable::PoolFor(const buffer::Block& block) {
   return pool;
 }
 
-absl::StatusOr<uint64_t> LeaseTable::Grant(absl::string_view holder,
+absl::StatusOr<uint64_t> LeaseTable::Grant(const LeaseHolder& lease_holder,
                                            std::shared_ptr<const buffer::Block> block,
-                                           uint64_t bytes) {
+                                           uint64_t bytes, bool until_renewed) {
   if (!block) return absl::InvalidArgumentError("cannot lease an empty buffer");
+  const std::string& holder = lease_holder.name;
   absl::MutexLock lock(&mu_);
+  if (lease_holder.process) {
+    auto shared = shared_.find({lease_holder.process.get(), block.get()});
+    if (shared != shared_.end()) {
+      // This process holds this block already: the same lease, once more.
+      Entry& entry = leases_.at(shared->second);
+      ++entry.refs;
+      ++stats_.granted;
+      return shared->second;
+    }
+  }
   if (leases_.size() >= options_.max_leases) {
+    ++stats_.refused_count;
     return absl::ResourceExhaustedError(
         absl::StrCat("too many leases outstanding (", leases_.size(), ")"));
+  }
+  // Per holder too: one client holding many leases (the same small value asked for thousands
+  // of times) must not leave none for the others.
+  auto count_it = holder_leases_.find(holder);
+  if (count_it != holder_leases_.end() && count_it->second >= options_.max_holder_leases) {
+    ++stats_.refused_count;
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "this client holds ", count_it->second, " leases, the most one client may hold; "
+        "release some (drop the buffers) and read again"));
   }
   Pool& pool = PoolFor(*block);
   const PinLimits& limits = *pool.limits;
@@ -123,8 +145,12 @@ absl::StatusOr<uint64_t> LeaseTable::Grant(absl::string_view holder,
   block->Pin();
   stats_.bytes += bytes;
   ++stats_.granted;
-  leases_.emplace(id, Entry{std::move(block), bytes, absl::Now() + options_.ttl, &pool,
-                            std::string(holder)});
+  ++holder_leases_[holder];
+  if (lease_holder.process) ++stats_.process_bound;
+  absl::Time expires = until_renewed ? absl::InfiniteFuture() : absl::Now() + options_.ttl;
+  if (lease_holder.process) shared_[{lease_holder.process.get(), block.get()}] = id;
+  leases_.emplace(id, Entry{std::move(block), bytes, expires, &pool, holder,
+                            lease_holder.process});
   return id;
 }
 
@@ -139,6 +165,13 @@ void LeaseTable::DropLocked(absl::flat_hash_map<uint64_t, Entry>::iterator it,
   if (holder->second.blocks.empty()) pool.holders.erase(holder);
   entry.block->Unpin();
   stats_.bytes -= entry.bytes;
+  if (auto count = holder_leases_.find(entry.holder); --count->second == 0) {
+    holder_leases_.erase(count);
+  }
+  if (entry.process) {
+    --stats_.process_bound;
+    shared_.erase({entry.process.get(), block});
+  }
   // The block itself is released outside the lock: freeing arena memory takes its own lock.
   dropped->push_back(std::move(entry.block));
   leases_.erase(it);
@@ -155,8 +188,12 @@ std::vector<uint64_t> LeaseTable::Release(const std::vector<uint64_t>& ids) {
       ++stats_.unknown;
       continue;
     }
-    DropLocked(it, &dropped);
     ++stats_.released;
+    if (it->second.refs > 1) {
+      --it->second.refs;  // another grant of the same lease still holds it
+      continue;
+    }
+    DropLocked(it, &dropped);
   }
   return unknown;
 }
@@ -183,6 +220,11 @@ void LeaseTable::ExpireNow() {
   absl::MutexLock lock(&mu_);
   for (auto it = leases_.begin(); it != leases_.end();) {
     auto current = it++;
+    if (current->second.process && current->second.process->alive()) {
+      // The holder lives: its lease does too, and expires one TTL after it has gone.
+      current->second.expires = now + options_.ttl;
+      continue;
+    }
     if (current->second.expires <= now) {
       DropLocked(current, &dropped);
       ++stats_.expired;

@@ -17,9 +17,11 @@
 #ifndef CHUNKD_SERVER_STORE_LEASE_TABLE_H_
 #define CHUNKD_SERVER_STORE_LEASE_TABLE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <utility>
 #include <string>
 #include <thread>
 #include <vector>
@@ -45,10 +47,34 @@ struct PinLimits {
   std::string holder_origin;
 };
 
+// A client process the server watches (by pidfd): its leases live as long as it does.
+// Thread-safe; MarkExited is called once, by the watcher, when the process has gone.
+class ProcessLife {
+ public:
+  explicit ProcessLife(int64_t pid) : pid_(pid) {}
+  // In the server's PID namespace.
+  int64_t pid() const { return pid_; }
+  bool alive() const { return alive_.load(std::memory_order_acquire); }
+  void MarkExited() { alive_.store(false, std::memory_order_release); }
+
+ private:
+  const int64_t pid_;
+  std::atomic<bool> alive_{true};
+};
+
+// Who takes a lease: `name` for the per-holder caps (a token's digest, a connection's peer, or
+// a process the kernel named); `process`, when set, the process whose life the lease follows.
+struct LeaseHolder {
+  std::string name;
+  std::shared_ptr<const ProcessLife> process;
+};
+
 struct LeaseTableOptions {
   absl::Duration ttl = absl::Seconds(30);
-  // Live leases at most; past it, handle deliveries fall back to inline.
+  // Live leases at most, all holders together and per holder; past either, handle deliveries
+  // fall back to inline.
   size_t max_leases = 1 << 20;
+  size_t max_holder_leases = 1 << 16;
   // Host memory: shared-memory handles.
   PinLimits host;
   // The memory of each GPU: CUDA IPC handles (blocks of kind kDevice).
@@ -72,6 +98,8 @@ struct LeaseStats {
   uint64_t released = 0;
   uint64_t expired = 0;
   uint64_t unknown = 0;  // release or renew of ids that named no lease
+  uint64_t process_bound = 0;  // live leases that follow a watched process's life
+  uint64_t refused_count = 0;  // grants refused at max_leases or max_holder_leases
   PinStats host;
   PinStats device;
 };
@@ -86,16 +114,30 @@ class LeaseTable {
   // live, or when the lease would take pinned memory past a cap (the message names it).
   // `holder` says whose memory it is, for the per-holder cap: the services pass the call's
   // bearer token (digested) when tokens are on, else the connection's peer.
-  absl::StatusOr<uint64_t> Grant(absl::string_view holder, buffer::cpu::Buffer buffer);
+  // `until_renewed`: the lease's TTL starts at its first Renew, not now: a call that grants
+  // leases as it reads (GetMany) renews them when its reply is out, so that a long reply does
+  // not let its first leases expire before the client has even seen them.
+  absl::StatusOr<uint64_t> Grant(const LeaseHolder& holder, buffer::cpu::Buffer buffer,
+                                 bool until_renewed = false);
   // A new lease on `bytes` bytes of `block` (host or device memory): the block stays alive and
   // pinned until the lease ends. Device blocks count against their GPU's caps.
+  absl::StatusOr<uint64_t> Grant(const LeaseHolder& holder,
+                                 std::shared_ptr<const buffer::Block> block, uint64_t bytes,
+                                 bool until_renewed = false);
+  // The same for a holder known by name only (its leases expire by TTL).
+  absl::StatusOr<uint64_t> Grant(absl::string_view holder, buffer::cpu::Buffer buffer) {
+    return Grant(LeaseHolder{std::string(holder), nullptr}, std::move(buffer));
+  }
   absl::StatusOr<uint64_t> Grant(absl::string_view holder,
-                                 std::shared_ptr<const buffer::Block> block, uint64_t bytes);
+                                 std::shared_ptr<const buffer::Block> block, uint64_t bytes) {
+    return Grant(LeaseHolder{std::string(holder), nullptr}, std::move(block), bytes);
+  }
   // Ends the named leases; returns the ids that named none (unknown, expired, released).
   std::vector<uint64_t> Release(const std::vector<uint64_t>& ids);
   // Extends the named leases by one TTL from now; returns the ids that named none.
   std::vector<uint64_t> Renew(const std::vector<uint64_t>& ids);
-  // Ends leases whose time is up. The expiry thread calls this; tests may too.
+  // Ends leases whose time is up; leases of a process that still lives are extended instead.
+  // The expiry thread calls this; tests may too.
   void ExpireNow();
 
   absl::Duration ttl() const { return options_.ttl; }
@@ -123,6 +165,10 @@ class LeaseTable {
     absl::Time expires;
     Pool* pool = nullptr;
     std::string holder;
+    std::shared_ptr<const ProcessLife> process;
+    // Grants this one lease stands for (one process asking for one block again: see Grant);
+    // each Release takes one back.
+    uint32_t refs = 1;
   };
   using Dropped = std::vector<std::shared_ptr<const buffer::Block>>;
   // The pool of `block`: host memory, or its GPU's.
@@ -133,6 +179,11 @@ class LeaseTable {
   const LeaseTableOptions options_;
   mutable absl::Mutex mu_;
   absl::flat_hash_map<uint64_t, Entry> leases_ ABSL_GUARDED_BY(mu_);
+  // The lease of each (process, block) that process-bound leases hold, for sharing.
+  absl::flat_hash_map<std::pair<const ProcessLife*, const buffer::Block*>, uint64_t> shared_
+      ABSL_GUARDED_BY(mu_);
+  // Live leases per holder name (max_holder_leases).
+  absl::flat_hash_map<std::string, size_t> holder_leases_ ABSL_GUARDED_BY(mu_);
   // Host memory, and each GPU's by ordinal. Entries point into these (node-stable maps).
   Pool host_pool_ ABSL_GUARDED_BY(mu_);
   absl::node_hash_map<int, Pool> device_pools_ ABSL_GUARDED_BY(mu_);

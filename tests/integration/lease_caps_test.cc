@@ -14,7 +14,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "buffer/host_identity.h"
+#include "chunkd/v1/chunkd.grpc.pb.h"
 #include "client/client.h"
+#include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
 #include "httplib.h"
 #include "tests/support/test_support.h"
@@ -307,6 +310,104 @@ TEST_F(LeaseCapsTest, ProcessesOnAUnixSocketEachHaveTheirOwnShare) {
   ::waitpid(p2, nullptr, 0);
   SecondsUntilUnpinned(*writer, absl::Seconds(5));
   EXPECT_EQ(HostTier(*writer->ServerInfo()).pinned_bytes(), 0u);
+}
+
+// On a UNIX socket the per-client cap counts the process the kernel names (SO_PEERCRED), not
+// the one a client states: a client that states a new process id with every call still gets
+// one client's share, not one share per call.
+TEST_F(LeaseCapsTest, StatedProcessIdsDoNotMultiplyAClientsShareOnAUnixSocket) {
+  std::string socket = dir_.Join("chunkd.sock");
+  StartServer({"--listen=unix:" + socket, "--host_cache_bytes=16MiB"});
+  std::string address = "unix:" + socket;
+  auto writer = Connect({v1::DELIVERY_INLINE}, address);
+  std::vector<std::string> keys = PutValues(*writer, "s", 12, kMiB);
+  auto stub = v1::Chunkd::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  buffer::HostIdentity id = buffer::CurrentHostIdentity(shm_.path());
+  int shm = 0;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    v1::GetRequest request;
+    request.set_key(keys[i]);
+    request.add_accept(v1::DELIVERY_SHM);
+    request.add_accept(v1::DELIVERY_INLINE);
+    v1::ClientIdentity* client = request.mutable_client();
+    client->set_boot_id(id.boot_id);
+    client->set_ipc_namespace(id.ipc_namespace);
+    client->set_mount_namespace(id.mount_namespace);
+    client->set_shm_dir(id.shm_dir);
+    client->set_shm_dir_dev(id.shm_dir_dev);
+    client->set_shm_dir_ino(id.shm_dir_ino);
+    client->set_process_id(100000 + i);  // a different "process" every call
+    grpc::ClientContext context;
+    auto reader = stub->Get(&context, request);
+    v1::GetResponse response;
+    ASSERT_TRUE(reader->Read(&response));
+    shm += response.header().delivery() == v1::DELIVERY_SHM;
+    while (reader->Read(&response)) {
+    }
+    ASSERT_TRUE(reader->Finish().ok());
+  }
+  // A quarter of 16 MiB per client: 4 of the 1 MiB values as handles, the rest inline.
+  EXPECT_EQ(shm, 4);
+  auto info = writer->ServerInfo();
+  EXPECT_EQ(HostTier(*info).pinning_clients(), 1u);
+  EXPECT_EQ(HostTier(*info).pin_refusals_client_cap(), 8u);
+}
+
+// The count of leases is capped per client too: one client asking for the same small value
+// hundreds of times gets handles up to --max_client_leases, inline after, and another client
+// still gets handles.
+TEST_F(LeaseCapsTest, OneClientsRepeatedLeasesLeaveOthersTheirHandles) {
+  StartServer({"--host_cache_bytes=16MiB", "--max_client_leases=100"});
+  auto writer = Connect({v1::DELIVERY_INLINE});
+  ASSERT_TRUE(writer->Put("small", buffer::cpu::Buffer::CopyOf(std::string(4096, 's'))).ok());
+  auto greedy = Connect({v1::DELIVERY_SHM, v1::DELIVERY_INLINE});
+  std::vector<client::GetManyItem> items(300, client::GetManyItem{"small", {}, {}});
+  auto got = greedy->GetMany(items);
+  ASSERT_TRUE(got.ok()) << got.status();
+  int shm = 0;
+  for (const auto& r : *got) {
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->data.view(), std::string(4096, 's'));
+    shm += r->delivery == v1::DELIVERY_SHM;
+  }
+  EXPECT_EQ(shm, 100);
+  auto other = Connect({v1::DELIVERY_SHM, v1::DELIVERY_INLINE});
+  auto mine = other->Get("small");
+  ASSERT_TRUE(mine.ok()) << mine.status();
+  EXPECT_EQ(mine->delivery, v1::DELIVERY_SHM);
+  EXPECT_EQ(greedy->ServerInfo()->counters().at("lease_count_refusals"), 200u);
+}
+
+// On a UNIX socket, a process asking for the same value again gets the lease it holds, counted
+// once more: 300 items of one value take one lease, all of them handles, and dropping every
+// result gives it back.
+TEST_F(LeaseCapsTest, OneProcessAskingForOneValueOnAUnixSocketHoldsOneLease) {
+  std::string socket = dir_.Join("chunkd.sock");
+  StartServer({"--listen=unix:" + socket, "--host_cache_bytes=16MiB",
+               "--max_client_leases=100"});
+  std::string address = "unix:" + socket;
+  auto writer = Connect({v1::DELIVERY_INLINE}, address);
+  ASSERT_TRUE(writer->Put("small", buffer::cpu::Buffer::CopyOf(std::string(4096, 's'))).ok());
+  auto reader = Connect({v1::DELIVERY_SHM, v1::DELIVERY_INLINE}, address);
+  std::vector<client::GetManyItem> items(300, client::GetManyItem{"small", {}, {}});
+  auto got = reader->GetMany(items);
+  ASSERT_TRUE(got.ok()) << got.status();
+  for (const auto& r : *got) {
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->delivery, v1::DELIVERY_SHM);
+    EXPECT_EQ(r->data.view(), std::string(4096, 's'));
+  }
+  EXPECT_EQ(writer->ServerInfo()->leases_active(), 1u);
+  EXPECT_EQ(reader->leases_held(), 1u);
+  // Half the results go: the lease stays; all of them: it goes.
+  got->resize(150);
+  ASSERT_TRUE(reader->FlushReleases());
+  EXPECT_EQ(writer->ServerInfo()->leases_active(), 1u);
+  got->clear();
+  ASSERT_TRUE(reader->FlushReleases());
+  EXPECT_EQ(reader->leases_held(), 0u);
+  EXPECT_EQ(writer->ServerInfo()->leases_active(), 0u);
+  EXPECT_EQ(writer->ServerInfo()->counters().at("leases_unknown"), 0u);
 }
 
 }  // namespace

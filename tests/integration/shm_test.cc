@@ -4,15 +4,18 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <filesystem>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "chunkd/v1/chunkd.grpc.pb.h"
 #include "client/client.h"
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
+#include "httplib.h"
 #include "tests/support/test_support.h"
 
 namespace chunkd {
@@ -205,6 +208,158 @@ TEST_F(ShmTest, LeasesOfAKilledClientExpireAndTheirMemoryComesBack) {
   // The cache forgets the detached bytes at its next insert.
   ASSERT_TRUE(c->Put("after", Bytes("x")).ok());
   EXPECT_EQ(Counter(*c, "detached_pinned_bytes"), 0u);
+}
+
+// A reader on a UNIX socket that is paused (SIGSTOP) for longer than the lease TTL, while other
+// clients churn the cache hard enough that expired leases' memory would be reused, still holds
+// its bytes when it goes on: the server knows its process from the kernel and keeps its leases
+// while it lives, renewed or not.
+TEST_F(ShmTest, PausedReaderOnAUnixSocketKeepsItsBytes) {
+  std::filesystem::create_directories(dir_.Join("store"));
+  std::string socket = dir_.Join("chunkd.sock");
+  auto server = ServerProcess::Start({"--listen=unix:" + socket, "--store=" + dir_.Join("store"),
+                                      "--fsync=false", "--shm_dir=" + shm_.path(),
+                                      "--lease_ttl=1s", "--host_cache_bytes=8MiB"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  server_ = *std::move(server);
+  ClientOptions options;
+  options.address = "unix:" + socket;
+  options.shm_dir = shm_.path();
+  auto writer = *Client::Connect(options);
+  std::vector<std::string> argv = {testing::kShmReaderBinary, options.address, shm_.path(),
+                                   "watch"};
+  for (int i = 0; i < 6; ++i) {
+    std::string key = absl::StrCat("paused/c/", i);
+    ASSERT_TRUE(writer->Put(key, Bytes(std::string(256 << 10, 'a' + i))).ok());
+    argv.push_back(key);
+  }
+  std::string out = dir_.Join("watcher");
+  pid_t reader = testing::StartProcess(argv, out);
+  absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (testing::ReadFile(out).find("holding") == std::string::npos && absl::Now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_NE(testing::ReadFile(out).find("holding 6 shm 6"), std::string::npos)
+      << testing::ReadFile(out);
+  ASSERT_EQ(::kill(reader, SIGSTOP), 0);
+  // Three TTLs of churn: 8 MiB of cache turned over many times, the shared memory of every
+  // evicted value reused by new ones.
+  // (At least 160 values of 256 KiB: a sanitizer's slower server churns as much.)
+  absl::Time until = absl::Now() + absl::Seconds(3);
+  for (int i = 0; absl::Now() < until || i < 160; ++i) {
+    ASSERT_TRUE(writer->Put(absl::StrCat("churn/", i % 64), Bytes(std::string(256 << 10, 'Z')))
+                    .ok());
+    if (i >= 64) ASSERT_TRUE(writer->Get(absl::StrCat("churn/", (i * 7) % 64)).ok());
+  }
+  EXPECT_GT(Counter(*writer, "evictions"), 64u);
+  EXPECT_EQ(writer->ServerInfo()->leases_active(), 6u);
+  EXPECT_EQ(Counter(*writer, "leases_process_bound"), 6u);
+  ASSERT_EQ(::kill(reader, SIGCONT), 0);
+  // The reader checks its values every 20 ms; give it time to look.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  int status = 0;
+  EXPECT_EQ(::waitpid(reader, &status, WNOHANG), 0) << testing::ReadFile(out);
+  EXPECT_EQ(testing::ReadFile(out).find("changed"), std::string::npos) << testing::ReadFile(out);
+  ::kill(reader, SIGKILL);
+  ::waitpid(reader, nullptr, 0);
+  // Its leases follow it: gone within about a TTL of its death.
+  deadline = absl::Now() + absl::Seconds(10);
+  while (writer->ServerInfo()->leases_active() != 0 && absl::Now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(writer->ServerInfo()->leases_active(), 0u);
+}
+
+// A GetMany whose reply takes longer than the lease TTL (its first item comes from a slow
+// store, the others are read, and leased, long before the reply can go), over TCP, where leases
+// live by TTL and renewal, while other reads churn the cache: no item is handed out with bytes
+// other than its value's. The server starts a lease's TTL when the reply is out; the client
+// tracks each lease from its header on and checks it at import.
+TEST_F(ShmTest, GetManyReplyLongerThanTheTtlNeverHandsOutOtherBytes) {
+  httplib::Server store;
+  store.Get(R"(/(.+))", [](const httplib::Request& request, httplib::Response& response) {
+    std::string key = request.matches[1];
+    if (key == "slow/c/0") std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+    if (key.rfind("slow/c/", 0) == 0) {
+      int i = std::atoi(key.c_str() + 7);
+      response.set_content(std::string(64 << 10, static_cast<char>('a' + i % 26)),
+                           "application/octet-stream");
+    } else if (key.rfind("churn/", 0) == 0) {
+      response.set_content(std::string(256 << 10, 'Z'), "application/octet-stream");
+    } else {
+      response.status = 404;
+    }
+  });
+  int port = store.bind_to_any_port("127.0.0.1");
+  ASSERT_GT(port, 0);
+  std::thread serving([&] { store.listen_after_bind(); });
+  auto server = ServerProcess::Start(
+      {"--listen=127.0.0.1:0", absl::StrCat("--store=http://127.0.0.1:", port, "/"),
+       "--shm_dir=" + shm_.path(), "--lease_ttl=1s", "--host_cache_bytes=16MiB"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  server_ = *std::move(server);
+  std::vector<client::GetManyItem> items;
+  for (int i = 0; i < 40; ++i) items.push_back({absl::StrCat("slow/c/", i), {}, {}});
+  auto reader = Connect(true);
+  std::atomic<bool> done{false};
+  std::thread churn([&] {
+    auto c = Connect(false);
+    // Reads of other values while the reply waits: 32 MiB through a 16 MiB cache, over and
+    // over, so values whose leases lapsed are evicted and their memory reused.
+    for (int i = 0; !done.load(); ++i) (void)c->Get(absl::StrCat("churn/", i % 128));
+  });
+  auto got = reader->GetMany(items);
+  done = true;
+  churn.join();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_GT(Counter(*reader, "evictions"), 0u);
+  size_t ok = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (!(*got)[i].ok()) {
+      EXPECT_EQ((*got)[i].status().code(), absl::StatusCode::kUnavailable)
+          << i << ": " << (*got)[i].status();
+      continue;
+    }
+    ++ok;
+    EXPECT_EQ((*got)[i]->delivery, v1::DELIVERY_SHM);
+    EXPECT_TRUE((*got)[i]->data.view() == std::string(64 << 10, 'a' + i % 26))
+        << "item " << i << " holds other bytes";
+  }
+  EXPECT_EQ(ok, items.size());
+  got->clear();
+  reader.reset();
+  server_.reset();
+  store.stop();
+  serving.join();
+}
+
+// Renewals read the server's answer: a lease the server no longer knows (expired, or, as here,
+// released behind the client's back) is known lost after one renewal, and is not renewed again
+// and again.
+TEST_F(ShmTest, RenewalsReadTheServersAnswer) {
+  StartServer({"--lease_ttl=1s"});
+  auto c = Connect(true);
+  ASSERT_TRUE(c->Put("k", Bytes(std::string(64 << 10, 'k'))).ok());
+  auto held = c->Get("k");
+  ASSERT_TRUE(held.ok()) << held.status();
+  ASSERT_EQ(held->delivery, v1::DELIVERY_SHM);
+  auto stub = v1::Chunkd::NewStub(
+      grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  v1::ReleaseRequest request;
+  request.add_lease_ids(held->lease_id);
+  v1::ReleaseResponse response;
+  ASSERT_TRUE(stub->Release(&context, request, &response).ok());
+  // The client renews every third of a TTL: within a TTL it has asked, and heard "unknown".
+  absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while (Counter(*c, "leases_unknown") == 0 && absl::Now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  uint64_t unknown = Counter(*c, "leases_unknown");
+  ASSERT_GE(unknown, 1u);
+  // Three more TTLs: no more renewals of the lost lease.
+  std::this_thread::sleep_for(std::chrono::milliseconds(3000));
+  EXPECT_EQ(Counter(*c, "leases_unknown"), unknown);
 }
 
 TEST_F(ShmTest, EvictionSkipsLeasedChunksAndTheBudgetHolds) {

@@ -6,6 +6,10 @@
 //                                     the server gives), check each value's bytes are whole,
 //                                     print "holding N shm S inline I", then sleep holding every
 //                                     result until killed
+//   chunkd_shm_reader ADDRESS SHM_DIR watch KEY...      get each key (shm), print "holding N shm S",
+//                                     then check every 20 ms, until killed, that each value
+//                                     still holds the bytes it had (one repeated byte); print
+//                                     "changed KEY" and exit 1 when one does not
 //   chunkd_shm_reader ADDRESS SHM_DIR read ITER KEY...  get the keys ITER times each, check that every
 //                                               value is whole (all bytes equal its first byte),
 //                                               print "reads R torn T shm S"; exit 1 if T > 0
@@ -46,6 +50,36 @@ int main(int argc, char** argv) {
     std::printf("holding %zu\n", held.size());
     std::fflush(stdout);
     for (;;) ::pause();
+  }
+  if (mode == "watch") {
+    std::vector<chunkd::client::GetResult> held;
+    std::vector<char> first;
+    long shm = 0;
+    for (int i = 3; i < argc; ++i) {
+      auto got = (*client)->Get(argv[i]);
+      std::string_view v = got.ok() ? got->data.view() : std::string_view();
+      if (!got.ok() || v.empty() || v.find_first_not_of(v[0]) != std::string_view::npos) {
+        std::fprintf(stderr, "get %s: %s\n", argv[i],
+                     got.ok() ? "torn value" : got.status().ToString().c_str());
+        return 1;
+      }
+      shm += got->delivery == chunkd::v1::DELIVERY_SHM;
+      first.push_back(v[0]);
+      held.push_back(*std::move(got));
+    }
+    std::printf("holding %zu shm %ld\n", held.size(), shm);
+    std::fflush(stdout);
+    for (;;) {
+      for (size_t i = 0; i < held.size(); ++i) {
+        std::string_view v = held[i].data.view();
+        if (v.find_first_not_of(first[i]) != std::string_view::npos) {
+          std::printf("changed %s\n", argv[3 + i]);
+          std::fflush(stdout);
+          return 1;
+        }
+      }
+      ::usleep(20000);
+    }
   }
   if (mode == "greedy") {
     std::vector<chunkd::client::GetResult> held;

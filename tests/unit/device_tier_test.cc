@@ -426,6 +426,40 @@ TEST_F(CudaImporterTest, OpensEachSegmentOnceAndClosesItWithTheLastBuffer) {
   EXPECT_EQ(client_api_->counters().ipc_opens, 2u);
 }
 
+// A device buffer's lease goes back only once the work this process queued on the GPU is done
+// (a kernel may still read the chunk when the buffer's last reference goes) and the segment's
+// mapping is closed when it was its last buffer: the server may write or free that memory as
+// soon as the lease is back.
+TEST_F(CudaImporterTest, TheLeaseGoesBackAfterTheDeviceIsSynchronizedAndTheMappingClosed) {
+  auto chunk = Promote("a", std::string(40 * kKiB, 'a'));
+  ASSERT_TRUE(chunk.ok()) << chunk.status();
+  uint64_t syncs_at_release = 0;
+  size_t open_at_release = 99;
+  auto imported = importer_->Import(HandleOf(*chunk), [&] {
+    syncs_at_release = client_api_->counters().synchronizes;
+    open_at_release = client_api_->open_handles();
+  });
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  imported = absl::InternalError("dropped");
+  EXPECT_EQ(syncs_at_release, 1u);
+  EXPECT_EQ(open_at_release, 0u);
+}
+
+// The stand-in refuses what CUDA leaves undefined: freeing memory whose IPC handle another
+// process still has open.
+TEST_F(CudaImporterTest, TheStandInRefusesToFreeMemoryAnotherProcessHasOpen) {
+  void* memory = *api_->Malloc(0, 4096);
+  auto handle = api_->IpcGetMemHandle(0, memory);
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  auto opened = client_api_->IpcOpenMemHandle(0, *handle);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  absl::Status freed = api_->Free(0, memory);
+  EXPECT_EQ(freed.code(), absl::StatusCode::kFailedPrecondition) << freed;
+  EXPECT_EQ(api_->counters().frees_with_open_imports, 1u);
+  ASSERT_TRUE(client_api_->IpcCloseMemHandle(0, *opened).ok());
+  EXPECT_TRUE(api_->Free(0, memory).ok());
+}
+
 TEST_F(CudaImporterTest, ConcurrentImportsOpenTheHandleOnce) {
   std::vector<DeviceChunk> chunks;
   for (int i = 0; i < 8; ++i) {

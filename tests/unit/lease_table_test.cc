@@ -3,6 +3,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -103,6 +104,93 @@ TEST(LeaseTableTest, ReleasedAndExpiredLeasesGiveTheirRoomBack) {
   EXPECT_EQ(s.host.holders, 0u);
   EXPECT_EQ(s.bytes, 0u);
   EXPECT_FALSE(a.block()->pinned());
+}
+
+// One holder asking for the same small value over and over takes one lease per item: its
+// count is capped per holder, so the others keep their shared memory.
+TEST(LeaseTableTest, OneHolderStopsAtItsLeaseCountAndOthersGoOn) {
+  LeaseTableOptions options;
+  options.max_holder_leases = 4;
+  LeaseTable leases(options);
+  buffer::cpu::Buffer small = HostValue(4096);
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 4; ++i) ids.push_back(*leases.Grant("greedy", small));
+  absl::StatusOr<uint64_t> fifth = leases.Grant("greedy", small);
+  ASSERT_EQ(fifth.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(fifth.status().message(), HasSubstr("the most one client may hold"));
+  EXPECT_TRUE(leases.Grant("other", small).ok());
+  EXPECT_EQ(leases.stats().refused_count, 1u);
+  // Released leases make room again.
+  leases.Release({ids[0]});
+  EXPECT_TRUE(leases.Grant("greedy", small).ok());
+}
+
+// A lease that follows a process the server watches does not expire while the process lives,
+// however long it goes unrenewed; once the process has gone, its TTL runs.
+TEST(LeaseTableTest, ProcessBoundLeasesLiveAsLongAsTheirProcess) {
+  LeaseTableOptions options;
+  options.ttl = absl::Milliseconds(100);
+  LeaseTable leases(options);
+  buffer::cpu::Buffer value = HostValue(4096);
+  auto life = std::make_shared<ProcessLife>(1234);
+  uint64_t bound = *leases.Grant(LeaseHolder{"unix:pid=1234", life}, value);
+  uint64_t plain = *leases.Grant("ipv4:127.0.0.1:1", value);
+  absl::SleepFor(absl::Milliseconds(300));
+  leases.ExpireNow();
+  EXPECT_EQ(leases.stats().active, 1u);
+  EXPECT_EQ(leases.stats().process_bound, 1u);
+  EXPECT_EQ(leases.Renew({bound, plain}), std::vector<uint64_t>{plain});
+  EXPECT_TRUE(value.block()->pinned());
+  life->MarkExited();
+  leases.ExpireNow();  // the TTL counts from now
+  EXPECT_EQ(leases.stats().active, 1u);
+  absl::SleepFor(absl::Milliseconds(150));
+  leases.ExpireNow();
+  EXPECT_EQ(leases.stats().active, 0u);
+  EXPECT_EQ(leases.stats().process_bound, 0u);
+  EXPECT_FALSE(value.block()->pinned());
+}
+
+// A process asking again for a block it holds gets the same lease, counted once more: repeats
+// take no room. TTL leases are not shared.
+TEST(LeaseTableTest, AProcessAskingForABlockAgainSharesItsLease) {
+  LeaseTableOptions options;
+  options.max_holder_leases = 2;
+  LeaseTable leases(options);
+  buffer::cpu::Buffer small = HostValue(4096), other = HostValue(4096);
+  auto life = std::make_shared<ProcessLife>(42);
+  LeaseHolder holder{"unix:pid=42", life};
+  uint64_t first = *leases.Grant(holder, small);
+  for (int i = 0; i < 100; ++i) ASSERT_EQ(*leases.Grant(holder, small), first);
+  EXPECT_EQ(leases.stats().active, 1u);
+  EXPECT_TRUE(leases.Grant(holder, other).ok());  // a second block: a second lease
+  // TTL leases of the same block stay apart.
+  EXPECT_NE(*leases.Grant("tcp", small), *leases.Grant("tcp", small));
+  EXPECT_EQ(leases.stats().active, 4u);
+  // Each release takes one grant back; the last frees the lease.
+  std::vector<uint64_t> ids(100, first);
+  EXPECT_TRUE(leases.Release(ids).empty());
+  EXPECT_EQ(leases.stats().active, 4u);
+  EXPECT_TRUE(leases.Release({first}).empty());
+  EXPECT_EQ(leases.stats().active, 3u);
+  EXPECT_EQ(leases.Release({first}), std::vector<uint64_t>{first});
+}
+
+// A lease granted `until_renewed` (a reply still being sent) has no TTL until the call renews
+// it at its end: a long GetMany cannot let its first leases lapse before the client sees them.
+TEST(LeaseTableTest, UntilRenewedLeasesStartTheirTtlAtTheFirstRenewal) {
+  LeaseTableOptions options;
+  options.ttl = absl::Milliseconds(100);
+  LeaseTable leases(options);
+  buffer::cpu::Buffer value = HostValue(4096);
+  uint64_t id = *leases.Grant(LeaseHolder{"x", nullptr}, value, /*until_renewed=*/true);
+  absl::SleepFor(absl::Milliseconds(250));
+  leases.ExpireNow();
+  EXPECT_EQ(leases.stats().active, 1u);
+  EXPECT_TRUE(leases.Renew({id}).empty());
+  absl::SleepFor(absl::Milliseconds(150));
+  leases.ExpireNow();
+  EXPECT_EQ(leases.stats().active, 0u);
 }
 
 TEST(LeaseTableTest, EachGpuHasItsOwnCapsApartFromHostMemory) {
