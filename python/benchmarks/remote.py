@@ -340,7 +340,8 @@ def measure(args, proxy: Proxy, chunkd: Chunkd, rows: list) -> None:
 
 def report(rows: list, args, env: dict) -> str:
     def med(workload, peer, key="seconds"):
-        values = [r[key] for r in rows if r["workload"] == workload and r["peer"] == peer]
+        values = [r[key] for r in rows
+                  if r["workload"] == workload and r["peer"] == peer and r[key] is not None]
         return statistics.median(values) if values else None
 
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
