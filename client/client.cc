@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -1179,6 +1180,41 @@ absl::StatusOr<ByteRange> ByteRange::Parse(absl::string_view text) {
   return Bounded(a, b);
 }
 
+namespace {
+
+// gRPC 1.51 completes the C++ callback API's calls on one process-wide completion queue with
+// threads of its own (its "callback alternative" queue, used with the poll engine), made with
+// the first channel that starts a callback call and torn down when the last such channel is
+// destroyed. When that last destruction runs on one of the queue's own threads (a Client, or
+// the lease keeper that holds a channel, dropped by a callback that thread ran: a buffer's last
+// reference going with a completed call), the teardown joins the thread it runs on and frees the
+// queue under it: the thread then polls freed memory and the process aborts ("assertion failed:
+// prior > 0" in grpc_cq_internal_unref). One channel that starts a callback call and is never
+// destroyed keeps the queue, and its threads, for the life of the process.
+void KeepCallbackQueueForTheProcess() {
+  static std::shared_ptr<grpc::Channel>* const anchor = [] {
+    auto* channel = new std::shared_ptr<grpc::Channel>(grpc::CreateChannel(
+        "unix:/nonexistent/chunkd-callback-queue", grpc::InsecureChannelCredentials()));
+    struct Call {
+      grpc::ClientContext context;
+      v1::ServerInfoRequest request;
+      v1::ServerInfoResponse response;
+    };
+    auto* call = new Call;  // deleted by its completion: the deadline has passed already
+    call->context.set_deadline(std::chrono::system_clock::now());
+    wire::Started(call);
+    v1::Chunkd::NewStub(*channel)->async()->ServerInfo(
+        &call->context, &call->request, &call->response, [call](const grpc::Status&) {
+          wire::Completed(call);
+          delete call;
+        });
+    return channel;
+  }();
+  (void)anchor;
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
   // Debian builds Abseil with its mutex deadlock detector on; gRPC's locks go through
   // absl::Mutex too, and the detector's bookkeeping costs every call. Turn it off once.
@@ -1192,6 +1228,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
     // starts: an application that set GRPC_POLL_STRATEGY, or started gRPC before its first
     // Connect, keeps its choice.
     if (std::getenv("GRPC_POLL_STRATEGY") == nullptr) ::setenv("GRPC_POLL_STRATEGY", "poll", 0);
+    KeepCallbackQueueForTheProcess();
     return true;
   }();
   (void)detector_off;

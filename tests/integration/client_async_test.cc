@@ -260,6 +260,18 @@ TEST_F(ClientAsyncTest, LeasesGoBackAtExit) {
 // A retried call keeps nothing once it has ended: the payload of a Put whose attempts all
 // failed with UNAVAILABLE (nothing listens at the address) is freed. Before the fix, every
 // retry's alarm held the call's retry state, with the payload, for ever.
+// A client dropped by its own call's callback, with no other channel in the process: gRPC 1.51
+// tore its callback queue down on the queue's own thread, which then polled freed memory and
+// aborted the process ("assertion failed: prior > 0", seen in a reader that closed its store).
+// chunkd_shm_reader's drop-in-callback mode does it five times in a process of its own, where
+// its client is the only channel.
+TEST_F(ClientAsyncTest, AClientDroppedByItsOwnCallbackLeavesTheProcessWhole) {
+  testing::CommandResult run = testing::RunCommand(
+      {testing::kShmReaderBinary, server_->address(), shm_.path(), "drop-in-callback"});
+  EXPECT_EQ(run.exit_code, 0) << run.out << run.err;
+  EXPECT_NE(run.out.find("dropped 5"), std::string::npos) << run.out;
+}
+
 TEST(ClientRetryTest, RetriedPutFreesItsPayload) {
   ClientOptions options;
   options.address = "127.0.0.1:1";  // refused at once: UNAVAILABLE

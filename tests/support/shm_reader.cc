@@ -13,16 +13,55 @@
 //   chunkd_shm_reader ADDRESS SHM_DIR read ITER KEY...  get the keys ITER times each, check that every
 //                                               value is whole (all bytes equal its first byte),
 //                                               print "reads R torn T shm S"; exit 1 if T > 0
+//   chunkd_shm_reader ADDRESS SHM_DIR drop-in-callback  five times: connect the process's only
+//                                               client, and delete it in the callback of its
+//                                               ServerInfoAsync (on gRPC's callback thread);
+//                                               print "dropped 5" (a crash or hang otherwise)
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "client/client.h"
 
+namespace {
+
+// The drop-in-callback mode: before this process makes any other client.
+int DropInCallback(const chunkd::client::ClientOptions& options) {
+  for (int i = 0; i < 5; ++i) {
+    auto connected = chunkd::client::Client::Connect(options);
+    if (!connected.ok()) return 2;
+    chunkd::client::Client* client = connected->release();
+    absl::Notification done;
+    bool ok = false;
+    client->ServerInfoAsync(
+        [client, &done, &ok](absl::StatusOr<chunkd::v1::ServerInfoResponse> info) {
+          ok = info.ok();
+          delete client;  // the process's last channel, on gRPC's callback thread
+          done.Notify();
+        });
+    done.WaitForNotification();
+    if (!ok) return 1;
+    absl::SleepFor(absl::Milliseconds(100));  // the callback queue's threads poll again
+  }
+  std::printf("dropped 5\n");
+  return 0;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  if (argc == 4 && std::string(argv[3]) == "drop-in-callback") {
+    chunkd::client::ClientOptions options;
+    options.address = argv[1];
+    options.shm_dir = argv[2];
+    return DropInCallback(options);
+  }
   if (argc < 5) {
     std::fprintf(stderr, "usage: %s ADDRESS SHM_DIR hold KEY... | greedy KEY... | read ITER KEY...\n",
                  argv[0]);
