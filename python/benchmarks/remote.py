@@ -381,6 +381,12 @@ def report(rows: list, args, env: dict) -> str:
                      "chunkd cold tcp", 1.0),
               target("sharded random inner chunks warm ≥ 5× direct", "sharded inner chunk",
                      "chunkd warm tcp", 5.0)]
+    asked = args.inner_chunks * INNER_CHUNKS[0] * INNER_CHUNKS[1] * INNER_CHUNKS[2] * 4
+    inner_bytes = med("sharded inner chunk", "chunkd cold tcp", "bytes")
+    if inner_bytes is not None:
+        lines.append(f"- sharded random inner chunks cold: bytes over the link ≤ 2× the bytes "
+                     f"asked: {inner_bytes / asked:.1f}× ({inner_bytes / 2**20:.1f} MiB for "
+                     f"{asked / 2**20:.1f} MiB) — {'held' if inner_bytes <= 2 * asked else 'NOT held'}")
     cold_bytes = med(many, "chunkd cold tcp", "bytes")
     warm_bytes = med(many, "chunkd warm tcp", "bytes")
     if cold_bytes is not None and warm_bytes is not None:
