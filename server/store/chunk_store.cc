@@ -4,6 +4,7 @@
 
 #include "absl/hash/hash.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 
@@ -104,6 +105,21 @@ void ChunkStore::Read(absl::string_view key, const ReadOptions& options, ReadCal
     return std::move(done)(CachedValue{*std::move(value), info.generation, now});
   }
   absl::Time need = NeedFor(*this, freshness_, key, options);
+  if (options.validated_since && validation_ == Validation::kRemote) {
+    // A request's own bound (max_staleness, TensorStore's staleness_bound) is a promise to its
+    // caller: a copy the store could not confirm since then (its revalidation failed) is
+    // refused, never served older than asked. Reads under the policy alone get the copy.
+    done = [need, owned_key = std::string(key),
+            done = std::move(done)](absl::StatusOr<CachedValue> result) mutable {
+      if (result.ok() && result->validated < need) {
+        return std::move(done)(absl::UnavailableError(absl::StrCat(
+            "key '", owned_key, "': the store could not confirm the cached copy within the "
+            "requested staleness bound (last confirmed ",
+            absl::FormatDuration(absl::Now() - result->validated), " ago)")));
+      }
+      std::move(done)(std::move(result));
+    };
+  }
   std::optional<CachedValue> hit = cache_->Lookup(key);
   if (hit) {
     if (FreshEnough(key, *hit, need)) return std::move(done)(*std::move(hit));
@@ -202,8 +218,9 @@ void ChunkStore::RunFlight(std::string key, std::shared_ptr<Flight> flight) {
     } else {
       // The store cannot say (unreachable, refusing): the cached copy is served as it is,
       // its validation time unchanged (TensorStore's timestamp shows its age), so that an
-      // outage of the store does not fail reads that the cache can answer. The next read
-      // past the bound asks again.
+      // outage of the store does not fail reads under the policy that the cache can answer;
+      // a read with a bound of its own refuses it (Read). The next read past the bound asks
+      // again.
       revalidation_errors_.fetch_add(1, std::memory_order_relaxed);
       result = cached;
     }

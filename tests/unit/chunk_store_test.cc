@@ -612,18 +612,28 @@ TEST(ChunkStoreTest, HitIsRevalidatedOnlyWhenOlderThanTheBound) {
   EXPECT_FALSE(f.store->cache()->Peek("k").has_value());
 }
 
-// A store that cannot answer a revalidation does not fail reads the cache can answer.
-TEST(ChunkStoreTest, RevalidationErrorServesTheCachedCopy) {
-  Fixture f;
+// A store that cannot answer a revalidation does not fail reads under the policy that the cache
+// can answer; a read with a bound of its own is refused rather than served older than it asked.
+TEST(ChunkStoreTest, RevalidationErrorServesTheCachedCopyWithinThePolicyOnly) {
+  ChunkStoreOptions options = Fixture::DefaultOptions();
+  options.freshness.revalidate_after = absl::ZeroDuration();  // the policy asks on every hit
+  Fixture f(options);
   f.Seed("k", "v1");
   auto first = f.store->ReadAndWait("k");
   ASSERT_TRUE(first.ok());
   f.backend->StoreDown(true);
-  auto read = f.store->ReadAndWait("k", ReadOptions{absl::Now()});
+  auto read = f.store->ReadAndWait("k");
   ASSERT_TRUE(read.ok()) << read.status();
   EXPECT_EQ(read->value.view(), "v1");
   EXPECT_EQ(read->validated, first->validated);  // its age shows
   EXPECT_EQ(f.store->counters().revalidation_errors, 1u);
+  auto bounded = f.store->ReadAndWait("k", ReadOptions{absl::Now()});
+  EXPECT_EQ(bounded.status().code(), absl::StatusCode::kUnavailable) << bounded.status();
+  EXPECT_EQ(f.store->counters().revalidation_errors, 2u);
+  // A bound the cached copy meets is served without asking the store.
+  auto loose = f.store->ReadAndWait("k", ReadOptions{first->validated - absl::Seconds(1)});
+  ASSERT_TRUE(loose.ok()) << loose.status();
+  EXPECT_EQ(loose->value.view(), "v1");
   f.backend->StoreDown(false);
   f.Seed("k", "v2");
   EXPECT_EQ(f.store->ReadAndWait("k", ReadOptions{absl::Now()})->value.view(), "v2");
