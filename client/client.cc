@@ -1191,7 +1191,14 @@ namespace {
 // queue under it: the thread then polls freed memory and the process aborts ("assertion failed:
 // prior > 0" in grpc_cq_internal_unref). One channel that starts a callback call and is never
 // destroyed keeps the queue, and its threads, for the life of the process.
+// Not in ThreadSanitizer builds: that call's completion reaches gRPC's callback thread without
+// a lock TSan can see (its deadline has passed, so no connection is involved), and TSan reports
+// gRPC's own tag as raced; there the test that needs the anchor skips
+// (AClientDroppedByItsOwnCallbackLeavesTheProcessWhole).
 void KeepCallbackQueueForTheProcess() {
+#ifdef CHUNKD_TSAN
+  return;
+#endif
   static std::shared_ptr<grpc::Channel>* const anchor = [] {
     auto* channel = new std::shared_ptr<grpc::Channel>(grpc::CreateChannel(
         "unix:/nonexistent/chunkd-callback-queue", grpc::InsecureChannelCredentials()));
