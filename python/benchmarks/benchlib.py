@@ -105,9 +105,11 @@ class ChunkdServer:
     """A chunkd serving `store` on a free loopback TCP port and a UNIX socket in `workdir`.
 
     ``tcp`` is ``host:port``, ``unix`` is ``unix:/path``, ``socket`` the socket's path; the
-    server's log is ``workdir/chunkd.log``. Extra flags go to chunkd as they are."""
+    server's log is ``workdir/chunkd.log``. Extra flags go to chunkd as they are; `env`, when
+    given, is the server's whole environment (default: this process's)."""
 
-    def __init__(self, binary: Path, store: str | Path, workdir: Path, *flags: str) -> None:
+    def __init__(self, binary: Path, store: str | Path, workdir: Path, *flags: str,
+                 env: dict[str, str] | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = workdir / "chunkd.sock"
         self.unix = f"unix:{self.socket}"
@@ -117,7 +119,7 @@ class ChunkdServer:
                      f"--ready_file={ready}", f"--store={store}", *flags]
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                        preexec_fn=_die_with_parent)
+                                        env=env, preexec_fn=_die_with_parent)
         try:
             _wait(self.process, lambda: ready.is_file() and ready.read_text().strip(), "chunkd",
                   self.log_path)

@@ -268,19 +268,11 @@ class Chunkd:
     def start(self) -> dict:
         self.stop()
         self.starts += 1
-        env_backup = {k: os.environ.get(k) for k in CREDENTIALS}
-        os.environ.update(CREDENTIALS)  # the server inherits the environment
-        try:
-            self.server = benchlib.ChunkdServer(self.binary, f"s3://{BUCKET}",
-                                                self.work / f"chunkd-{self.starts}",
-                                                f"--s3_endpoint={self.link}",
-                                                "--host_cache_bytes=1GiB")
-        finally:
-            for k, v in env_backup.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        self.server = benchlib.ChunkdServer(self.binary, f"s3://{BUCKET}",
+                                            self.work / f"chunkd-{self.starts}",
+                                            f"--s3_endpoint={self.link}",
+                                            "--host_cache_bytes=1GiB",
+                                            env={**os.environ, **CREDENTIALS})
         return {"chunkd_tcp": self.server.tcp, "chunkd_socket": str(self.server.socket)}
 
     def stop(self) -> None:

@@ -53,6 +53,25 @@ int DropInCallback(const chunkd::client::ClientOptions& options) {
   return 0;
 }
 
+// Gets each of `keys` (shm or inline, whichever the server gives) into `held`, counting the
+// shm deliveries in `shm`; false (after saying why) when a get fails or a value is not whole
+// (every byte equal to its first).
+bool GetWholeValues(chunkd::client::Client& client, char** keys, int count,
+                    std::vector<chunkd::client::GetResult>* held, long* shm) {
+  for (int i = 0; i < count; ++i) {
+    auto got = client.Get(keys[i]);
+    std::string_view v = got.ok() ? got->data.view() : std::string_view();
+    if (!got.ok() || v.empty() || v.find_first_not_of(v[0]) != std::string_view::npos) {
+      std::fprintf(stderr, "get %s: %s\n", keys[i],
+                   got.ok() ? "torn value" : got.status().ToString().c_str());
+      return false;
+    }
+    *shm += got->delivery == chunkd::v1::DELIVERY_SHM;
+    held->push_back(*std::move(got));
+  }
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -92,20 +111,10 @@ int main(int argc, char** argv) {
   }
   if (mode == "watch") {
     std::vector<chunkd::client::GetResult> held;
-    std::vector<char> first;
     long shm = 0;
-    for (int i = 3; i < argc; ++i) {
-      auto got = (*client)->Get(argv[i]);
-      std::string_view v = got.ok() ? got->data.view() : std::string_view();
-      if (!got.ok() || v.empty() || v.find_first_not_of(v[0]) != std::string_view::npos) {
-        std::fprintf(stderr, "get %s: %s\n", argv[i],
-                     got.ok() ? "torn value" : got.status().ToString().c_str());
-        return 1;
-      }
-      shm += got->delivery == chunkd::v1::DELIVERY_SHM;
-      first.push_back(v[0]);
-      held.push_back(*std::move(got));
-    }
+    if (!GetWholeValues(**client, argv + 3, argc - 3, &held, &shm)) return 1;
+    std::vector<char> first;
+    for (const auto& got : held) first.push_back(got.data.view()[0]);
     std::printf("holding %zu shm %ld\n", held.size(), shm);
     std::fflush(stdout);
     for (;;) {
@@ -123,17 +132,7 @@ int main(int argc, char** argv) {
   if (mode == "greedy") {
     std::vector<chunkd::client::GetResult> held;
     long shm = 0;
-    for (int i = 3; i < argc; ++i) {
-      auto got = (*client)->Get(argv[i]);
-      std::string_view v = got.ok() ? got->data.view() : std::string_view();
-      if (!got.ok() || v.empty() || v.find_first_not_of(v[0]) != std::string_view::npos) {
-        std::fprintf(stderr, "get %s: %s\n", argv[i],
-                     got.ok() ? "torn value" : got.status().ToString().c_str());
-        return 1;
-      }
-      shm += got->delivery == chunkd::v1::DELIVERY_SHM;
-      held.push_back(*std::move(got));
-    }
+    if (!GetWholeValues(**client, argv + 3, argc - 3, &held, &shm)) return 1;
     std::printf("holding %zu shm %ld inline %ld\n", held.size(), shm,
                 static_cast<long>(held.size()) - shm);
     std::fflush(stdout);
