@@ -366,7 +366,7 @@ TEST_F(LeaseCapsTest, OneClientsRepeatedLeasesLeaveOthersTheirHandles) {
   ASSERT_TRUE(got.ok()) << got.status();
   int shm = 0;
   for (const auto& r : *got) {
-    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_TRUE(r.ok()) << r.status() << server_->log();
     EXPECT_EQ(r->data.view(), std::string(4096, 's'));
     shm += r->delivery == v1::DELIVERY_SHM;
   }
