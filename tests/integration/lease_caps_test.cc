@@ -357,7 +357,7 @@ TEST_F(LeaseCapsTest, StatedProcessIdsDoNotMultiplyAClientsShareOnAUnixSocket) {
 // hundreds of times gets handles up to --max_client_leases, inline after, and another client
 // still gets handles.
 TEST_F(LeaseCapsTest, OneClientsRepeatedLeasesLeaveOthersTheirHandles) {
-  StartServer({"--host_cache_bytes=16MiB", "--max_client_leases=100"});
+  StartServer({"--listen=127.0.0.1:0", "--host_cache_bytes=16MiB", "--max_client_leases=100"});
   auto writer = Connect({v1::DELIVERY_INLINE});
   ASSERT_TRUE(writer->Put("small", buffer::cpu::Buffer::CopyOf(std::string(4096, 's'))).ok());
   auto greedy = Connect({v1::DELIVERY_SHM, v1::DELIVERY_INLINE});
