@@ -37,6 +37,30 @@ absl::StatusOr<buffer::cpu::Buffer> Backend::ReadRange(absl::string_view key, ui
   return value->Slice(offset, std::min(length, size - offset));
 }
 
+absl::StatusOr<buffer::cpu::Buffer> Backend::ReadSuffix(absl::string_view key, uint64_t length,
+                                                       ValueInfo* info) {
+  ValueInfo whole;
+  auto value = Read(key, &whole);
+  if (!value.ok()) return value.status();
+  if (info) *info = whole;
+  uint64_t n = std::min<uint64_t>(length, value->size());
+  return value->Slice(value->size() - n, n);
+}
+
+absl::StatusOr<buffer::cpu::Buffer> Backend::ReadRangeIfMatch(absl::string_view key,
+                                                             uint64_t offset, uint64_t length,
+                                                             const ValueInfo& expected,
+                                                             ValueInfo* info) {
+  ValueInfo got;
+  auto value = ReadRange(key, offset, length, &got);
+  if (!value.ok()) return value.status();
+  if (got.generation != expected.generation) {
+    return absl::AbortedError(absl::StrCat("key ", QuoteKey(key), " changed while being read"));
+  }
+  if (info) *info = got;
+  return value;
+}
+
 absl::StatusOr<bool> Backend::IsCurrent(absl::string_view key, const ValueInfo& cached) {
   auto now = Stat(key);
   if (absl::IsNotFound(now.status())) return false;

@@ -115,6 +115,14 @@ class Backend {
   virtual absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
                                                         uint64_t length, ValueInfo* info);
 
+  // TEMP(lead): stand-ins until the backend branch lands.
+  virtual absl::StatusOr<buffer::cpu::Buffer> ReadSuffix(absl::string_view key, uint64_t length,
+                                                         ValueInfo* info);
+  virtual absl::StatusOr<buffer::cpu::Buffer> ReadRangeIfMatch(absl::string_view key,
+                                                               uint64_t offset, uint64_t length,
+                                                               const ValueInfo& expected,
+                                                               ValueInfo* info);
+
   // Size and generation without reading the value. Thread-safe.
   virtual absl::StatusOr<ValueInfo> Stat(absl::string_view key) = 0;
 

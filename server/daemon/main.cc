@@ -52,8 +52,21 @@ ABSL_FLAG(bool, read_only, false, "Refuse every write and delete (PERMISSION_DEN
 ABSL_FLAG(std::string, eviction, "s3fifo",
           "Eviction policy of the host cache: s3fifo (scan-resistant, lock-free hits) or lru.");
 ABSL_FLAG(double, cache_max_entry_fraction, 0.25,
-          "Values larger than this fraction of the cache budget are served without being cached, "
-          "so one huge value cannot flush the cache.");
+          "No cache entry is larger than this fraction of the cache budget: larger values are "
+          "read and cached by the block (--block_bytes), so one huge value cannot flush the "
+          "cache.");
+ABSL_FLAG(ByteSize, block_bytes, ByteSize{256ull << 10},
+          "Unit of caching for byte ranges and large values: a range read of a value not cached "
+          "whole reads from the store only the aligned blocks it covers (a 256 KiB Zarr inner "
+          "chunk costs one or two blocks, not its 16 MiB shard). Values read whole up to "
+          "--read_ahead_blocks x --block_bytes are one entry.");
+ABSL_FLAG(int32_t, read_ahead_blocks, 64,
+          "Blocks fetched ahead of a reader walking a value sequentially, in parallel; times "
+          "--block_bytes, also the largest value read whole in one request (16 MiB by default).");
+ABSL_FLAG(ByteSize, read_budget_bytes, ByteSize{256ull << 20},
+          "Memory that reads in flight may hold outside the cache (a range joined from several "
+          "blocks, waiting for a slow client); past it a read fails with RESOURCE_EXHAUSTED "
+          "instead of growing memory.");
 ABSL_FLAG(int32_t, io_threads, 8, "Threads that do backend I/O (file reads, writes, listings).");
 ABSL_FLAG(int32_t, rpc_threads, 0,
           "Threads that run gRPC calls, each polling its own completion queue and handling the "
@@ -249,6 +262,15 @@ int main(int argc, char** argv) {
     return Fail("--io_threads and --max_queued_io must be at least 1");
   }
   config.store_options.io_threads = absl::GetFlag(FLAGS_io_threads);
+  config.store_options.block_bytes = absl::GetFlag(FLAGS_block_bytes).bytes;
+  if (config.store_options.block_bytes < 4096 || config.store_options.block_bytes > (64u << 20)) {
+    return Fail("--block_bytes must be between 4 KiB and 64 MiB");
+  }
+  if (absl::GetFlag(FLAGS_read_ahead_blocks) < 0 || absl::GetFlag(FLAGS_read_ahead_blocks) > 4096) {
+    return Fail("--read_ahead_blocks must be between 0 and 4096");
+  }
+  config.store_options.read_ahead_blocks = absl::GetFlag(FLAGS_read_ahead_blocks);
+  config.store_options.read_budget_bytes = absl::GetFlag(FLAGS_read_budget_bytes).bytes;
   if (std::string after = absl::GetFlag(FLAGS_revalidate_after); !after.empty()) {
     absl::Duration d;
     if (!absl::ParseDuration(after, &d) || d < absl::ZeroDuration()) {

@@ -14,7 +14,9 @@ namespace {
 
 // Counters in ServerInfo that are levels, not running totals.
 const std::set<std::string>& Gauges() {
-  static const auto* gauges = new std::set<std::string>{"detached_pinned_bytes"};
+  static const auto* gauges = new std::set<std::string>{
+      "detached_pinned_bytes", "read_budget_bytes", "read_held_bytes", "read_held_peak_bytes",
+      "block_bytes"};
   return *gauges;
 }
 

@@ -110,6 +110,7 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   }
   auto backend = OpenBackend(config.store, config.backend);
   if (!backend.ok()) return backend.status();
+  config.store_options.allocator = config.backend.allocator;
   server->store_ = std::make_unique<ChunkStore>(*std::move(backend), config.store_options);
   config.service.allocator = config.backend.allocator;
   config.service.clients_by_token = !config.security.auth_tokens.empty();

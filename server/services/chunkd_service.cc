@@ -53,8 +53,9 @@ buffer::HostIdentity IdentityFromProto(const v1::ClientIdentity& proto) {
 }
 
 // The header of one Get's reply to `value` (conditions checked, range resolved: SliceForRead),
-// and in `bytes` the part of the value it describes. Delivery and handle are the caller's to
-// fill.
+// and in `bytes` the part of the value it describes: all of the header's `length`, or its first
+// part when the read was capped (ReadOptions::max_extent_bytes). Delivery and handle are the
+// caller's to fill.
 absl::StatusOr<v1::GetHeader> HeaderFor(const CachedValue& value, const std::string& key,
                                         const ByteRange& range, const Conditions& conditions,
                                         buffer::cpu::Buffer* bytes) {
@@ -64,7 +65,7 @@ absl::StatusOr<v1::GetHeader> HeaderFor(const CachedValue& value, const std::str
   header.set_total_size(slice->total_size);
   header.set_generation(slice->generation);
   header.set_range_start(slice->start);
-  header.set_length(slice->bytes.size());
+  header.set_length(slice->length);
   *bytes = std::move(slice->bytes);
   return header;
 }
@@ -214,12 +215,14 @@ class GetCall final : public StreamedReadCall {
     cuda_.only = cuda_.wanted && !other_deliveries_;
     cuda_.gpu_uuid = request.gpu_uuid();
     cuda_.client_boot_id = request.client().boot_id();
+    // A range larger than one answer of the store (a value read by the block) is streamed
+    // inline, one piece after the other, each a view of cached blocks.
+    read_options_ = ReadOptionsFor(request.has_max_staleness_ms(), request.max_staleness_ms());
+    read_options_.max_extent_bytes = service_->store().whole_read_bytes();
     // The callback may run right here (a cache hit) or later on an I/O thread.
-    service_->store().Read(key_, ReadOptionsFor(request.has_max_staleness_ms(),
-                                                request.max_staleness_ms()),
-                           [this](absl::StatusOr<CachedValue> value) {
-                             OnValue(std::move(value));
-                           });
+    service_->store().Read(key_, range_, read_options_, [this](absl::StatusOr<CachedValue> value) {
+      OnValue(std::move(value));
+    });
   }
 
   void OnValue(absl::StatusOr<CachedValue> value) {
@@ -236,9 +239,38 @@ class GetCall final : public StreamedReadCall {
       FinishWith(ToGrpcStatus(header.status()));
       return;
     }
-    if (cuda_.wanted) whole_ = value->value;
+    generation_ = value->generation;
+    next_ = header->range_start() + data_.size();
+    end_ = header->range_start() + header->length();
     v1::GetResponse first;
     *first.mutable_header() = *std::move(header);
+    if (next_ < end_) {
+      // More than one answer of the store: no single handle can describe it, so it streams
+      // inline (docs/: "Ranges over many blocks").
+      if (!inline_ok_) {
+        FinishWith(Error(grpc::StatusCode::FAILED_PRECONDITION,
+                         absl::StrCat("key '", key_, "': ", end_ - first.header().range_start(),
+                                      " bytes span more blocks than one handle holds (",
+                                      service_->store().whole_read_bytes(),
+                                      " bytes); they are sent inline only: accept inline "
+                                      "delivery or read smaller ranges")));
+        return;
+      }
+      first.mutable_header()->set_delivery(v1::DELIVERY_INLINE);
+      prefix_ = first.SerializeAsString();
+      parts_ = wire::PartSequence(std::move(data_), wire::kDataField,
+                                  service_->options().part_bytes);
+      WriteNext();
+      return;
+    }
+    if (cuda_.wanted) {
+      whole_ = value->value;
+      // A block or range of a value read by the block is its own device entry.
+      whole_offset_ = value->offset;
+      device_key_ = value->whole() ? key_
+                                   : absl::StrCat(key_, absl::string_view("\0", 1),
+                                                  value->offset, "+", value->value.size());
+    }
     if (cuda_.wanted && TryCuda(first, value->generation)) return;
     ReplyWithoutCuda(std::move(first));
   }
@@ -262,14 +294,15 @@ class GetCall final : public StreamedReadCall {
       return false;
     }
     DeviceTier* tier = options.device_tier;
-    if (std::optional<DeviceChunk> hit = tier->Lookup(choice.device, key_, generation)) {
+    if (std::optional<DeviceChunk> hit = tier->Lookup(choice.device, device_key_, generation)) {
       ReplyCuda(first, *hit);
       return true;
     }
     // A miss copies the value to the device: on an I/O thread, not on gRPC's.
     absl::Status queued = service_->store().Submit(
         [this, first, generation, device = choice.device, whole = whole_]() mutable {
-          auto chunk = service_->options().device_tier->Promote(device, key_, generation, whole);
+          auto chunk =
+              service_->options().device_tier->Promote(device, device_key_, generation, whole);
           if (chunk.ok()) {
             ReplyCuda(first, *chunk);
           } else if (cuda_.only) {
@@ -310,7 +343,7 @@ class GetCall final : public StreamedReadCall {
     v1::CudaIpcHandle* cuda = header->mutable_cuda();
     cuda->set_ipc_handle(buffer::gpu::IpcHandleBytes(chunk.ipc_handle));
     cuda->set_segment(chunk.segment);
-    cuda->set_offset(chunk.offset + header->range_start());
+    cuda->set_offset(chunk.offset + header->range_start() - whole_offset_);
     cuda->set_length(header->length());
     cuda->set_device_uuid(buffer::gpu::UuidBytes(chunk.device_uuid));
     SetLease(*options.leases, holder_, *lease, header);
@@ -346,16 +379,50 @@ class GetCall final : public StreamedReadCall {
   // One write is in flight at a time: OnValue starts the chain, each OnWriteDone continues it,
   // so the fields below are only touched by one thread at a time.
   void WriteNext() override {
+    if (parts_.done() && next_ < end_) return ReadOn();
     size_t part;
     // The header goes with the first part; later messages carry data only.
     message_ = parts_.Next(std::move(prefix_), &part);
     prefix_.clear();
     service_->counters().bytes_served_inline.fetch_add(part, std::memory_order_relaxed);
-    if (parts_.done()) {
+    if (parts_.done() && next_ == end_) {
       StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
     } else {
       StartWrite(&message_);
     }
+  }
+
+  // The next piece of a streamed range, once the client took the last one: a view of one
+  // cached block (fetched ahead by the store's read-ahead), of the version the reply began
+  // with. The call holds one piece at a time however slow its client.
+  void ReadOn() {
+    ReadOptions options = read_options_;
+    options.if_generation = generation_;
+    options.max_extent_bytes = service_->store().block_bytes();
+    service_->store().Read(
+        key_, ByteRange::Bounded(next_, end_), options, [this](absl::StatusOr<CachedValue> value) {
+          if (cancelled()) {
+            FinishWith(Error(grpc::StatusCode::CANCELLED, "cancelled"));
+            return;
+          }
+          if (!value.ok()) {
+            FinishWith(ToGrpcStatus(value.status()));
+            return;
+          }
+          uint64_t at = next_ - value->offset;
+          if (next_ < value->offset || at >= value->value.size()) {
+            FinishWith(Error(grpc::StatusCode::INTERNAL,
+                             absl::StrCat("key '", key_, "': the store answered no bytes at ",
+                                          next_)));
+            return;
+          }
+          buffer::cpu::Buffer piece =
+              value->value.Slice(at, std::min<uint64_t>(value->value.size() - at, end_ - next_));
+          next_ += piece.size();
+          parts_ = wire::PartSequence(std::move(piece), wire::kDataField,
+                                      service_->options().part_bytes);
+          WriteNext();
+        });
   }
 
   ChunkdService* const service_;
@@ -369,7 +436,13 @@ class GetCall final : public StreamedReadCall {
   GrantedLeases granted_;
   CudaRequest cuda_;
   bool other_deliveries_ = false;
-  buffer::cpu::Buffer whole_;  // the whole value, for a promotion to the device tier
+  buffer::cpu::Buffer whole_;  // what the store answered, for a promotion to the device tier
+  uint64_t whole_offset_ = 0;  // where whole_ starts in the value
+  std::string device_key_;     // of whole_ in the device tier
+  ReadOptions read_options_;
+  // A streamed range: its version, the next byte to read and the end.
+  Generation generation_ = 0;
+  uint64_t next_ = 0, end_ = 0;
   buffer::cpu::Buffer data_;
   wire::PartSequence parts_;
   std::string prefix_;
@@ -486,7 +559,8 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
         ++pending_;
       }
       // The callback may run right here (a hit) or later on an I/O thread.
-      service_->store().Read(items_[i].key, read_options_,
+      // Only the blocks an item's range covers are read.
+      service_->store().Read(items_[i].key, items_[i].range, read_options_,
                              [this, i](absl::StatusOr<CachedValue> value) {
                                OnValue(i, std::move(value));
                              });
@@ -1038,6 +1112,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   }
   response->add_features("conditional-writes");
   response->add_features("byte-ranges");
+  response->add_features("blocks");
   response->add_features("single-flight");
   response->add_features("prefetch");
   response->add_features("get-many");
@@ -1075,6 +1150,16 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   counters["stale_invalidations"] = c.stale_invalidations;
   counters["revalidation_errors"] = c.revalidation_errors;
   counters["failed_write_invalidations"] = c.failed_write_invalidations;
+  counters["block_reads"] = c.block_reads;
+  counters["blocks_read"] = c.blocks_read;
+  counters["read_ahead_blocks"] = c.read_ahead_blocks;
+  counters["changed_during_read"] = c.changed_during_read;
+  ReadBudgetStats budget = core_->store().read_budget();
+  counters["read_budget_bytes"] = budget.capacity_bytes;
+  counters["read_held_bytes"] = budget.held_bytes;
+  counters["read_held_peak_bytes"] = budget.peak_held_bytes;
+  counters["read_budget_refusals"] = budget.refusals;
+  counters["block_bytes"] = core_->store().block_bytes();
   // Calls of every service (chunkd.v1's unprefixed), then chunkd.v1's own.
   core_->ExportCounters([&counters](const std::string& name, uint64_t value) {
     counters[name] = value;

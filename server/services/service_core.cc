@@ -1,5 +1,6 @@
 #include "server/services/service_core.h"
 
+#include <algorithm>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
@@ -13,9 +14,9 @@ absl::StatusOr<ReadSlice> SliceForRead(const CachedValue& value, absl::string_vi
   if (absl::Status s = conditions.Check(key, value.generation); !s.ok()) return s;
   ResolvedRange r;
   if (rule == RangeRule::kClip) {
-    r = Resolve(range, value.value.size());
+    r = Resolve(range, value.size());
   } else {
-    absl::StatusOr<ResolvedRange> within = ResolveWithin(range, value.value.size());
+    absl::StatusOr<ResolvedRange> within = ResolveWithin(range, value.size());
     if (!within.ok()) {
       return absl::Status(within.status().code(),
                           absl::StrCat("key ", QuoteKey(key), ": ", within.status().message()));
@@ -23,10 +24,21 @@ absl::StatusOr<ReadSlice> SliceForRead(const CachedValue& value, absl::string_vi
     r = *within;
   }
   ReadSlice slice;
-  slice.total_size = value.value.size();
+  slice.total_size = value.size();
   slice.generation = value.generation;
   slice.start = r.start;
-  slice.bytes = value.value.Slice(r.start, r.length);
+  slice.length = r.length;
+  // The store answers with the bytes from the range's start on (ChunkStore::Read).
+  uint64_t held_until = value.offset + value.value.size();
+  if (r.length > 0 && (r.start < value.offset || r.start >= held_until)) {
+    return absl::InternalError(absl::StrCat("key ", QuoteKey(key), ": the store answered bytes [",
+                                            value.offset, ", ", held_until, ") for a read at ",
+                                            r.start));
+  }
+  if (r.length > 0) {
+    slice.bytes = value.value.Slice(r.start - value.offset,
+                                    std::min(r.length, held_until - r.start));
+  }
   return slice;
 }
 

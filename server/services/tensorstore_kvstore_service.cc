@@ -187,9 +187,11 @@ class ReadCall final : public StreamedReadCall {
       options.validated_since = TimeOf(request.staleness_bound());
     }
     // The callback may run right here (a cache hit) or later on an I/O thread.
-    service_->core().store().Read(key_, options, [this](absl::StatusOr<CachedValue> value) {
-      OnValue(std::move(value));
-    });
+    // Only the blocks the byte range covers are read (server/store/chunk_store.h).
+    service_->core().store().Read(key_, range_, options,
+                                  [this](absl::StatusOr<CachedValue> value) {
+                                    OnValue(std::move(value));
+                                  });
   }
 
   void OnValue(absl::StatusOr<CachedValue> value) {

@@ -1,6 +1,7 @@
 #include "server/store/chunk_store.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "absl/hash/hash.h"
 #include "absl/strings/match.h"
@@ -10,8 +11,44 @@
 
 namespace chunkd::server {
 
+namespace {
+
+uint64_t WholeReadBytes(const ChunkStoreOptions& options) {
+  uint64_t window = options.block_bytes * std::max<size_t>(options.read_ahead_blocks, 1);
+  uint64_t max_entry =
+      static_cast<uint64_t>(options.cache.capacity_bytes * options.cache.max_entry_fraction);
+  return std::max(options.block_bytes, std::min(window, max_entry));
+}
+
+// The cache key of block `index` of `key`: keys hold no NUL (ValidateKey), so no block key
+// is ever a value's key.
+std::string BlockKey(absl::string_view key, uint64_t index) {
+  std::string out(key);
+  out.push_back('\0');
+  for (int shift = 56; shift >= 0; shift -= 8) out.push_back(static_cast<char>(index >> shift));
+  return out;
+}
+
+ValueRecord RecordOf(const CachedValue& value) {
+  return ValueRecord{ValueInfo{value.size(), value.generation, value.etag}, value.validated, 0};
+}
+
+absl::Status ChangedError(absl::string_view key) {
+  return absl::AbortedError(absl::StrCat(
+      "key '", key, "' changed in the store while it was being read; read it again"));
+}
+
+}  // namespace
+
 ChunkStore::ChunkStore(std::unique_ptr<Backend> backend, const ChunkStoreOptions& options)
     : backend_(std::move(backend)),
+      allocator_(options.allocator),
+      block_bytes_(std::max<uint64_t>(options.block_bytes, 4096)),
+      read_ahead_blocks_(options.read_ahead_blocks),
+      whole_read_bytes_(WholeReadBytes(options)),
+      max_run_blocks_(backend_->validation() == Validation::kRemote ? 16 : 1),
+      records_(std::max<uint64_t>(4096, options.cache.capacity_bytes / block_bytes_)),
+      budget_(options.read_budget_bytes),
       freshness_(options.freshness),
       validation_(backend_->validation()),
       revalidate_after_(
@@ -44,7 +81,7 @@ absl::string_view LastSegment(absl::string_view key) {
 }
 
 ValueInfo InfoOf(const CachedValue& value) {
-  return ValueInfo{value.value.size(), value.generation, value.etag};
+  return ValueInfo{value.size(), value.generation, value.etag};
 }
 
 }  // namespace
@@ -95,13 +132,17 @@ bool ChunkStore::FreshEnough(absl::string_view key, CachedValue& hit, absl::Time
   return false;
 }
 
-void ChunkStore::Read(absl::string_view key, const ReadOptions& options, ReadCallback done) {
+void ChunkStore::Read(absl::string_view key, const ByteRange& range, const ReadOptions& options,
+                      ReadCallback done) {
   if (!cache_) {
     // The backend holds values in memory: reading it is a lookup, no I/O, and always current.
     absl::Time now = absl::Now();
     ValueInfo info;
     auto value = backend_->Read(key, &info);
     if (!value.ok()) return std::move(done)(value.status());
+    if (options.if_generation != 0 && options.if_generation != info.generation) {
+      return std::move(done)(ChangedError(key));
+    }
     return std::move(done)(CachedValue{*std::move(value), info.generation, now});
   }
   absl::Time need = NeedFor(*this, freshness_, key, options);
@@ -120,13 +161,22 @@ void ChunkStore::Read(absl::string_view key, const ReadOptions& options, ReadCal
       std::move(done)(std::move(result));
     };
   }
+  if (options.if_generation != 0) {
+    done = [generation = options.if_generation, owned_key = std::string(key),
+            done = std::move(done)](absl::StatusOr<CachedValue> result) mutable {
+      if (result.ok() && result->generation != generation) result = ChangedError(owned_key);
+      std::move(done)(std::move(result));
+    };
+  }
   std::optional<CachedValue> hit = cache_->Lookup(key);
   if (hit) {
     if (FreshEnough(key, *hit, need)) return std::move(done)(*std::move(hit));
+    if (validation_ == Validation::kRemote) {
+      return StartOrJoinFlight(key, std::move(hit), need, std::move(done));
+    }
     // Local validation found it changed: read it again, as a miss.
-    if (validation_ != Validation::kRemote) hit.reset();
   }
-  StartOrJoinFlight(key, std::move(hit), need, std::move(done));
+  ReadBlocks(std::string(key), range, need, options, 0, std::nullopt, std::move(done));
 }
 
 void ChunkStore::StartOrJoinFlight(absl::string_view key, std::optional<CachedValue> cached,
@@ -136,8 +186,9 @@ void ChunkStore::StartOrJoinFlight(absl::string_view key, std::optional<CachedVa
   {
     absl::ReleasableMutexLock lock(&shard.mu);
     auto it = shard.flights.find(key);
-    if (it != shard.flights.end()) {
-      if (need > it->second->started) {
+    if (it != shard.flights.end() && it->second.whole) {
+      Flight& running = *it->second.whole;
+      if (need > running.started) {
         // The flight asked the store before this read's bound: its answer may predate a change
         // this read must see. Take it only if it is recent enough, else read again (then a
         // cheap hit or a new flight that starts after the bound).
@@ -150,7 +201,7 @@ void ChunkStore::StartOrJoinFlight(absl::string_view key, std::optional<CachedVa
           std::move(done)(std::move(result));
         };
       }
-      it->second->waiters.push_back(std::move(done));
+      running.waiters.push_back(std::move(done));
       single_flight_joins_.fetch_add(1, std::memory_order_relaxed);
       return;
     }
@@ -164,7 +215,7 @@ void ChunkStore::StartOrJoinFlight(absl::string_view key, std::optional<CachedVa
     flight->started = absl::Now();
     flight->cached = std::move(cached);
     flight->waiters.push_back(std::move(done));
-    shard.flights.emplace(std::string(key), flight);
+    shard.flights[key].whole = flight;
   }
   std::string owned_key(key);
   absl::Status queued = Submit([this, owned_key, flight]() mutable {
@@ -174,7 +225,7 @@ void ChunkStore::StartOrJoinFlight(absl::string_view key, std::optional<CachedVa
     std::vector<ReadCallback> waiters;
     {
       absl::MutexLock lock(&shard.mu);
-      EraseFlightLocked(shard, owned_key, flight);
+      EraseFlightLocked(shard, owned_key, &KeyFlights::whole, flight);
       waiters = std::move(flight->waiters);
     }
     for (ReadCallback& waiter : waiters) std::move(waiter)(queued);
@@ -182,11 +233,59 @@ void ChunkStore::StartOrJoinFlight(absl::string_view key, std::optional<CachedVa
 }
 
 void ChunkStore::EraseFlightLocked(FlightShard& shard, absl::string_view key,
+                                   std::shared_ptr<Flight> KeyFlights::*slot,
                                    const std::shared_ptr<Flight>& flight) {
   // A write may have replaced this flight in the table by a newer one: leave that one be.
-  if (auto it = shard.flights.find(key); it != shard.flights.end() && it->second == flight) {
-    shard.flights.erase(it);
+  auto it = shard.flights.find(key);
+  if (it == shard.flights.end()) return;
+  if (it->second.*slot == flight) (it->second.*slot).reset();
+  if (it->second.empty()) shard.flights.erase(it);
+}
+
+void ChunkStore::CountBackendRead(const absl::Status& status, uint64_t bytes, absl::Time start) {
+  backend_reads_.fetch_add(1, std::memory_order_relaxed);
+  backend_read_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  backend_read_micros_.fetch_add(absl::ToInt64Microseconds(absl::Now() - start),
+                                 std::memory_order_relaxed);
+  if (status.ok()) return;
+  if (absl::IsAborted(status)) {
+    changed_during_read_.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    // A missing key is an answer, not a failure of the store.
+    (absl::IsNotFound(status) ? backend_not_found_ : backend_read_errors_)
+        .fetch_add(1, std::memory_order_relaxed);
   }
+}
+
+std::vector<absl::StatusOr<CachedValue>> ChunkStore::CutBlocks(const buffer::cpu::Buffer& bytes,
+                                                               uint64_t first, size_t count,
+                                                               const ValueInfo& info,
+                                                               absl::Time when) {
+  std::vector<absl::StatusOr<CachedValue>> blocks;
+  blocks.reserve(count);
+  for (size_t i = 0; i < count; ++i) {
+    uint64_t at = i * block_bytes_;
+    uint64_t length = at < bytes.size() ? std::min(block_bytes_, bytes.size() - at) : 0;
+    buffer::cpu::Buffer block;
+    if (count == 1 && at == 0 && length == bytes.size()) {
+      block = bytes;  // the read is the block: no copy
+    } else if (length > 0) {
+      // Each block in memory of its own, so that evicting one frees it (a slice would keep
+      // the whole read alive).
+      auto copy = buffer::cpu::MutableBuffer::Allocate(length, *allocator_);
+      if (!copy.ok()) {
+        blocks.push_back(copy.status());
+        continue;
+      }
+      std::memcpy(copy->data(), bytes.data() + at, length);
+      block = std::move(*copy).Freeze();
+    }
+    CachedValue value(std::move(block), info.generation, when, info.etag);
+    value.offset = (first + i) * block_bytes_;
+    value.total_size = info.size;
+    blocks.push_back(std::move(value));
+  }
+  return blocks;
 }
 
 void ChunkStore::RunFlight(std::string key, std::shared_ptr<Flight> flight) {
@@ -194,7 +293,8 @@ void ChunkStore::RunFlight(std::string key, std::shared_ptr<Flight> flight) {
   ValueInfo info;
   absl::StatusOr<CachedValue> result;
   // What to do to the cache once the answer is in (unless a write landed meanwhile).
-  enum class Update { kNone, kInsert, kMarkValidated, kErase } update = Update::kNone;
+  enum class Update { kNone, kInsert, kMarkValidated, kErase, kBlocks } update = Update::kNone;
+  std::vector<absl::StatusOr<CachedValue>> blocks;
   if (flight->cached) {
     // A revalidation: one conditional request; a 304 moves no bytes.
     const CachedValue& cached = *flight->cached;
@@ -224,22 +324,30 @@ void ChunkStore::RunFlight(std::string key, std::shared_ptr<Flight> flight) {
       revalidation_errors_.fetch_add(1, std::memory_order_relaxed);
       result = cached;
     }
+    backend_read_micros_.fetch_add(absl::ToInt64Microseconds(absl::Now() - start),
+                                   std::memory_order_relaxed);
   } else {
-    absl::StatusOr<buffer::cpu::Buffer> value = backend_->Read(key, &info);
-    backend_reads_.fetch_add(1, std::memory_order_relaxed);
-    if (value.ok()) {
-      backend_read_bytes_.fetch_add(value->size(), std::memory_order_relaxed);
+    // A miss of the whole value: one request for up to whole_read_bytes. A larger value comes
+    // back as its first part, which is cut into blocks; the reader goes on by the block.
+    absl::StatusOr<buffer::cpu::Buffer> value =
+        backend_->ReadRange(key, 0, whole_read_bytes_, &info);
+    CountBackendRead(value.status(), value.ok() ? value->size() : 0, start);
+    if (!value.ok()) {
+      result = value.status();
+    } else if (value->size() >= info.size) {
       result = CachedValue{*std::move(value), info.generation, start, std::move(info.etag)};
       update = Update::kInsert;
     } else {
-      // A missing key is an answer, not a failure of the store.
-      (absl::IsNotFound(value.status()) ? backend_not_found_ : backend_read_errors_)
-          .fetch_add(1, std::memory_order_relaxed);
-      result = value.status();
+      size_t count = (value->size() + block_bytes_ - 1) / block_bytes_;
+      blocks = CutBlocks(*value, 0, count, info, start);
+      block_reads_.fetch_add(1, std::memory_order_relaxed);
+      blocks_read_.fetch_add(count, std::memory_order_relaxed);
+      CachedValue first(*std::move(value), info.generation, start, info.etag);
+      first.total_size = info.size;
+      result = std::move(first);
+      update = Update::kBlocks;
     }
   }
-  backend_read_micros_.fetch_add(absl::ToInt64Microseconds(absl::Now() - start),
-                                 std::memory_order_relaxed);
   std::vector<ReadCallback> waiters;
   {
     FlightShard& shard = FlightShardFor(key);
@@ -255,21 +363,503 @@ void ChunkStore::RunFlight(std::string key, std::shared_ptr<Flight> flight) {
         case Update::kErase:
           cache_->EraseIfGeneration(key, flight->cached->generation);
           break;
+        case Update::kBlocks:
+          records_.Confirm(key, InfoOf(*result), start);
+          for (size_t i = 0; i < blocks.size(); ++i) {
+            if (blocks[i].ok()) cache_->Insert(BlockKey(key, i), *blocks[i]);
+          }
+          break;
         case Update::kNone:
           break;
       }
     }
-    EraseFlightLocked(shard, key, flight);
+    EraseFlightLocked(shard, key, &KeyFlights::whole, flight);
     waiters = std::move(flight->waiters);
   }
   for (ReadCallback& waiter : waiters) std::move(waiter)(result);
 }
 
+// ---------------------------------------------------------------------------------------
+// The block path.
+
+// One read of a range by the block: the blocks it covers, gathered from the cache and from
+// block flights, then answered as one range.
+struct ChunkStore::BlockRead {
+  std::string key;
+  ByteRange range;  // as asked, for a retry
+  uint64_t start = 0, end = 0;
+  uint64_t first_block = 0;
+  absl::Time need;
+  ReadOptions options;
+  int attempt = 0;
+  std::optional<ValueRecord> record;
+  ReadCallback done;
+
+  absl::Mutex mu;
+  std::vector<std::optional<CachedValue>> blocks ABSL_GUARDED_BY(mu);
+  size_t remaining ABSL_GUARDED_BY(mu) = 0;
+  absl::Status error ABSL_GUARDED_BY(mu);
+};
+
+void ChunkStore::ReadBlocks(std::string key, ByteRange range, absl::Time need,
+                            ReadOptions options, int attempt, std::optional<ValueRecord> record,
+                            ReadCallback done) {
+  if (!record) record = records_.Find(key);
+  if (record && record->validated < need && validation_ != Validation::kNone) {
+    if (validation_ == Validation::kRemote) {
+      // One metadata request (HEAD) on an I/O thread: a changed value retires its blocks, an
+      // unchanged one is served without moving its bytes again.
+      // The callback is shared with this frame: a task that cannot be queued is destroyed
+      // unrun, and the refusal must still be answered.
+      auto owned_done = std::make_shared<ReadCallback>(std::move(done));
+      absl::Status queued = Submit([this, key, range, options, attempt, record,
+                                    owned_done]() mutable {
+        absl::Time start = absl::Now();
+        revalidations_.fetch_add(1, std::memory_order_relaxed);
+        absl::StatusOr<bool> current = backend_->IsCurrent(key, record->info);
+        if (current.ok() && *current) {
+          revalidations_not_modified_.fetch_add(1, std::memory_order_relaxed);
+          records_.Confirm(key, record->info, start);
+          record->validated = start;
+        } else if (current.ok()) {
+          stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+          records_.EraseIfGeneration(key, record->info.generation);
+          record.reset();
+        } else {
+          // Unreachable: serve what is cached, as for whole values (RunFlight).
+          revalidation_errors_.fetch_add(1, std::memory_order_relaxed);
+        }
+        if (!record) {
+          return FirstTouch(std::move(key), range, absl::InfinitePast(), options, attempt,
+                            std::move(*owned_done));
+        }
+        ReadBlocks(std::move(key), range, absl::InfinitePast(), options, attempt,
+                   std::move(record), std::move(*owned_done));
+      });
+      if (!queued.ok()) std::move(*owned_done)(queued);
+      return;
+    }
+    absl::Time start = absl::Now();
+    revalidations_.fetch_add(1, std::memory_order_relaxed);
+    absl::StatusOr<bool> current = backend_->IsCurrent(key, record->info);
+    if (current.ok() && *current) {
+      revalidations_not_modified_.fetch_add(1, std::memory_order_relaxed);
+      records_.Confirm(key, record->info, start);
+      record->validated = start;
+    } else {
+      if (current.ok()) stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+      records_.EraseIfGeneration(key, record->info.generation);
+      record.reset();
+    }
+  }
+  if (!record) return FirstTouch(std::move(key), range, need, options, attempt, std::move(done));
+  if (options.if_generation != 0 && options.if_generation != record->info.generation) {
+    return std::move(done)(ChangedError(key));
+  }
+  ResolvedRange r = Resolve(range, record->info.size);
+  uint64_t start = r.start, end = r.start + r.length;
+  if (r.length > options.max_extent_bytes) {
+    // The first part, ending on a block boundary when one lies within it.
+    end = start + options.max_extent_bytes;
+    uint64_t aligned = end / block_bytes_ * block_bytes_;
+    if (aligned > start) end = aligned;
+  }
+  if (end == start) {
+    CachedValue empty(buffer::cpu::Buffer(), record->info.generation, record->validated,
+                      record->info.etag);
+    empty.offset = start;
+    empty.total_size = record->info.size;
+    return std::move(done)(std::move(empty));
+  }
+  StartBlockRead(std::move(key), start, end, range, need, options, attempt, std::move(record),
+                 std::move(done));
+}
+
+void ChunkStore::FirstTouch(std::string key, ByteRange range, absl::Time need,
+                            ReadOptions options, int attempt, ReadCallback done) {
+  auto read_on = [this, key, range, options, attempt, done = std::move(done)](
+                     absl::StatusOr<CachedValue> result) mutable {
+    if (!result.ok()) return std::move(done)(result.status());
+    ResolvedRange r = Resolve(range, result->size());
+    uint64_t wanted = std::min(r.length, options.max_extent_bytes);
+    // The answer covers the read (a whole value, or the first part a caller takes at once).
+    if (result->offset <= r.start &&
+        result->offset + result->value.size() >= r.start + wanted) {
+      return std::move(done)(*std::move(result));
+    }
+    ReadBlocks(std::move(key), range, absl::InfinitePast(), options, attempt, RecordOf(*result),
+               std::move(done));
+  };
+  switch (range.kind) {
+    case ByteRange::Kind::kAll:
+      // Read whole, as one request: most values are small enough (see RunFlight).
+      return StartOrJoinFlight(key, std::nullopt, need, std::move(read_on));
+    case ByteRange::Kind::kBounded:
+      if (range.end > range.start) {
+        // The blocks the range covers, without knowing the size yet (the value may be shorter).
+        uint64_t start = range.start;
+        uint64_t end = std::min<uint64_t>(range.end, start + options.max_extent_bytes);
+        return StartBlockRead(std::move(key), start, end, range, need, options, attempt,
+                              std::nullopt, std::move(done));
+      }
+      break;
+    case ByteRange::Kind::kSuffix: {
+      // Zarr's shard index: one request for the suffix, rounded so that it covers whole
+      // blocks (the last block is at most one block long).
+      uint64_t blocks = (static_cast<uint64_t>(range.suffix) + block_bytes_ - 1) / block_bytes_;
+      return StartOrJoinRecordFlight(key, (blocks + 1) * block_bytes_, std::move(read_on));
+    }
+    case ByteRange::Kind::kOffset:
+      break;
+  }
+  StartOrJoinRecordFlight(key, 0, std::move(read_on));
+}
+
+void ChunkStore::StartOrJoinRecordFlight(absl::string_view key, uint64_t suffix_bytes,
+                                         ReadCallback done) {
+  FlightShard& shard = FlightShardFor(key);
+  std::shared_ptr<Flight> flight;
+  {
+    absl::MutexLock lock(&shard.mu);
+    KeyFlights& flights = shard.flights[key];
+    if (flights.record && flights.record->suffix_bytes >= suffix_bytes) {
+      flights.record->waiters.push_back(std::move(done));
+      single_flight_joins_.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    flight = std::make_shared<Flight>();
+    flight->started = absl::Now();
+    flight->suffix_bytes = suffix_bytes;
+    flight->waiters.push_back(std::move(done));
+    if (!flights.record) flights.record = flight;
+  }
+  std::string owned_key(key);
+  absl::Status queued = Submit([this, owned_key, flight]() mutable {
+    RunRecordFlight(std::move(owned_key), std::move(flight));
+  });
+  if (!queued.ok()) {
+    std::vector<ReadCallback> waiters;
+    {
+      absl::MutexLock lock(&shard.mu);
+      EraseFlightLocked(shard, owned_key, &KeyFlights::record, flight);
+      waiters = std::move(flight->waiters);
+    }
+    for (ReadCallback& waiter : waiters) std::move(waiter)(queued);
+  }
+}
+
+void ChunkStore::RunRecordFlight(std::string key, std::shared_ptr<Flight> flight) {
+  absl::Time start = absl::Now();
+  ValueInfo info;
+  absl::StatusOr<CachedValue> result;
+  std::vector<absl::StatusOr<CachedValue>> blocks;
+  uint64_t first = 0;
+  if (flight->suffix_bytes > 0) {
+    absl::StatusOr<buffer::cpu::Buffer> tail = backend_->ReadSuffix(key, flight->suffix_bytes, &info);
+    CountBackendRead(tail.status(), tail.ok() ? tail->size() : 0, start);
+    if (!tail.ok()) {
+      result = tail.status();
+    } else {
+      // The whole blocks within the suffix, up to the end of the value.
+      uint64_t tail_start = info.size - tail->size();
+      first = (tail_start + block_bytes_ - 1) / block_bytes_;
+      uint64_t from = first * block_bytes_;
+      if (from < info.size) {
+        size_t count = (info.size - from + block_bytes_ - 1) / block_bytes_;
+        blocks = CutBlocks(tail->Slice(from - tail_start, info.size - from), first, count, info,
+                           start);
+        block_reads_.fetch_add(1, std::memory_order_relaxed);
+        blocks_read_.fetch_add(count, std::memory_order_relaxed);
+      }
+      CachedValue suffix(*std::move(tail), info.generation, start, info.etag);
+      suffix.offset = tail_start;
+      suffix.total_size = info.size;
+      result = std::move(suffix);
+    }
+  } else {
+    absl::StatusOr<ValueInfo> stat = backend_->Stat(key);
+    backend_read_micros_.fetch_add(absl::ToInt64Microseconds(absl::Now() - start),
+                                   std::memory_order_relaxed);
+    if (!stat.ok()) {
+      result = stat.status();
+    } else {
+      info = *stat;
+      CachedValue none(buffer::cpu::Buffer(), info.generation, start, info.etag);
+      none.offset = info.size;
+      none.total_size = info.size;
+      result = std::move(none);
+    }
+  }
+  std::vector<ReadCallback> waiters;
+  {
+    FlightShard& shard = FlightShardFor(key);
+    absl::MutexLock lock(&shard.mu);
+    if (!flight->stale && result.ok()) {
+      records_.Confirm(key, info, start);
+      for (size_t i = 0; i < blocks.size(); ++i) {
+        if (blocks[i].ok()) cache_->Insert(BlockKey(key, first + i), *blocks[i]);
+      }
+    }
+    EraseFlightLocked(shard, key, &KeyFlights::record, flight);
+    waiters = std::move(flight->waiters);
+  }
+  for (ReadCallback& waiter : waiters) std::move(waiter)(result);
+}
+
+void ChunkStore::StartBlockRead(std::string key, uint64_t start, uint64_t end, ByteRange range,
+                                absl::Time need, ReadOptions options, int attempt,
+                                std::optional<ValueRecord> record, ReadCallback done) {
+  auto read = std::make_shared<BlockRead>();
+  read->key = key;
+  read->range = range;
+  read->start = start;
+  read->end = end;
+  read->first_block = start / block_bytes_;
+  read->need = need;
+  read->options = options;
+  read->attempt = attempt;
+  read->record = record;
+  read->done = std::move(done);
+  uint64_t last_block = (end - 1) / block_bytes_;
+  std::vector<uint64_t> missing;
+  {
+    absl::MutexLock lock(&read->mu);
+    read->blocks.resize(last_block - read->first_block + 1);
+    for (uint64_t i = read->first_block; i <= last_block; ++i) {
+      // Without a record no cached block can be trusted: it may be of a version retired by a
+      // write (the record is what a write drops).
+      std::optional<CachedValue> hit;
+      if (record) hit = cache_->Lookup(BlockKey(key, i));
+      if (hit && hit->generation == record->info.generation) {
+        read->blocks[i - read->first_block] = std::move(hit);
+      } else {
+        missing.push_back(i);
+      }
+    }
+    read->remaining = missing.size();
+  }
+  std::optional<ValueInfo> expected;
+  if (record) expected = record->info;
+  if (record) {
+    // Read-ahead: a read that starts where the last one of this value ended walks it.
+    uint64_t previous_end = records_.ExchangeNextOffset(key, end);
+    uint64_t blocks_in_value = (record->info.size + block_bytes_ - 1) / block_bytes_;
+    if (read_ahead_blocks_ > 0 && previous_end == start && start > 0 &&
+        last_block + 1 < blocks_in_value) {
+      std::vector<uint64_t> ahead;
+      uint64_t stop = std::min<uint64_t>(blocks_in_value, last_block + 1 + read_ahead_blocks_);
+      for (uint64_t i = last_block + 1; i < stop; ++i) {
+        std::optional<CachedValue> cached = cache_->Peek(BlockKey(key, i));
+        if (!cached || cached->generation != record->info.generation) ahead.push_back(i);
+      }
+      if (!ahead.empty()) FetchBlocks(key, ahead, expected, nullptr);
+    }
+  }
+  if (missing.empty()) return FinishBlockRead(std::move(read));
+  FetchBlocks(read->key, missing, expected, [this, read, &missing](size_t i) -> ReadCallback {
+    size_t slot = missing[i] - read->first_block;
+    return [this, read, slot](absl::StatusOr<CachedValue> block) {
+      bool last;
+      {
+        absl::MutexLock lock(&read->mu);
+        if (block.ok()) {
+          read->blocks[slot] = *std::move(block);
+        } else if (read->error.ok()) {
+          read->error = block.status();
+        }
+        last = --read->remaining == 0;
+      }
+      if (last) FinishBlockRead(read);
+    };
+  });
+}
+
+void ChunkStore::FetchBlocks(absl::string_view key, const std::vector<uint64_t>& indices,
+                             const std::optional<ValueInfo>& expected,
+                             const std::function<ReadCallback(size_t)>& waiter) {
+  struct Run {
+    uint64_t first;
+    std::vector<std::shared_ptr<Flight>> flights;
+  };
+  std::vector<Run> runs;
+  FlightShard& shard = FlightShardFor(key);
+  {
+    absl::MutexLock lock(&shard.mu);
+    KeyFlights& flights = shard.flights[key];
+    for (size_t i = 0; i < indices.size(); ++i) {
+      uint64_t index = indices[i];
+      if (auto it = flights.blocks.find(index); it != flights.blocks.end()) {
+        if (waiter) {
+          it->second->waiters.push_back(waiter(i));
+          single_flight_joins_.fetch_add(1, std::memory_order_relaxed);
+        }
+        continue;
+      }
+      auto flight = std::make_shared<Flight>();
+      flight->started = absl::Now();
+      if (waiter) flight->waiters.push_back(waiter(i));
+      flights.blocks.emplace(index, flight);
+      if (runs.empty() || runs.back().first + runs.back().flights.size() != index ||
+          runs.back().flights.size() >= max_run_blocks_) {
+        runs.push_back(Run{index, {}});
+      }
+      runs.back().flights.push_back(std::move(flight));
+    }
+    if (flights.empty()) shard.flights.erase(std::string(key));
+  }
+  if (!waiter) {
+    for (const Run& run : runs) {
+      read_ahead_blocks_read_.fetch_add(run.flights.size(), std::memory_order_relaxed);
+    }
+  }
+  for (Run& run : runs) {
+    absl::Status queued = Submit([this, owned_key = std::string(key), first = run.first,
+                                  flights = run.flights, expected]() mutable {
+      RunBlocks(std::move(owned_key), first, std::move(flights), std::move(expected));
+    });
+    if (queued.ok()) continue;
+    std::vector<ReadCallback> waiters;
+    {
+      absl::MutexLock lock(&shard.mu);
+      for (size_t i = 0; i < run.flights.size(); ++i) {
+        auto it = shard.flights.find(key);
+        if (it == shard.flights.end()) break;
+        auto block = it->second.blocks.find(run.first + i);
+        if (block != it->second.blocks.end() && block->second == run.flights[i]) {
+          it->second.blocks.erase(block);
+        }
+        if (it->second.empty()) shard.flights.erase(it);
+        for (ReadCallback& w : run.flights[i]->waiters) waiters.push_back(std::move(w));
+      }
+    }
+    for (ReadCallback& w : waiters) std::move(w)(queued);
+  }
+}
+
+void ChunkStore::RunBlocks(std::string key, uint64_t first,
+                           std::vector<std::shared_ptr<Flight>> flights,
+                           std::optional<ValueInfo> expected) {
+  absl::Time start = absl::Now();
+  ValueInfo info;
+  uint64_t offset = first * block_bytes_;
+  uint64_t length = flights.size() * block_bytes_;
+  // Blocks after the first of a value are read only at the version the first had.
+  absl::StatusOr<buffer::cpu::Buffer> bytes =
+      expected ? backend_->ReadRangeIfMatch(key, offset, length, *expected, &info)
+               : backend_->ReadRange(key, offset, length, &info);
+  CountBackendRead(bytes.status(), bytes.ok() ? bytes->size() : 0, start);
+  block_reads_.fetch_add(1, std::memory_order_relaxed);
+  std::vector<absl::StatusOr<CachedValue>> blocks;
+  if (bytes.ok()) {
+    blocks_read_.fetch_add(flights.size(), std::memory_order_relaxed);
+    blocks = CutBlocks(*bytes, first, flights.size(), info, start);
+  } else {
+    blocks.assign(flights.size(), bytes.status());
+  }
+  std::vector<std::pair<ReadCallback, size_t>> waiters;
+  {
+    FlightShard& shard = FlightShardFor(key);
+    absl::MutexLock lock(&shard.mu);
+    auto it = shard.flights.find(key);
+    bool stale = false;
+    for (size_t i = 0; i < flights.size(); ++i) {
+      stale |= flights[i]->stale;
+      if (!flights[i]->stale && blocks[i].ok() && !blocks[i]->value.empty()) {
+        cache_->Insert(BlockKey(key, first + i), *blocks[i]);
+      }
+      if (it != shard.flights.end()) {
+        auto block = it->second.blocks.find(first + i);
+        if (block != it->second.blocks.end() && block->second == flights[i]) {
+          it->second.blocks.erase(block);
+        }
+      }
+      for (ReadCallback& w : flights[i]->waiters) waiters.emplace_back(std::move(w), i);
+    }
+    if (it != shard.flights.end() && it->second.empty()) shard.flights.erase(it);
+    if (!stale && bytes.ok()) records_.Confirm(key, info, start);
+  }
+  for (auto& [waiter, i] : waiters) std::move(waiter)(blocks[i]);
+}
+
+void ChunkStore::FinishBlockRead(std::shared_ptr<BlockRead> read) {
+  absl::Status error;
+  std::vector<std::optional<CachedValue>> blocks;
+  {
+    absl::MutexLock lock(&read->mu);
+    error = read->error;
+    blocks = std::move(read->blocks);
+  }
+  // One version for every block: the record's, else the first block's (a first touch).
+  Generation generation = 0;
+  if (read->record) generation = read->record->info.generation;
+  if (error.ok()) {
+    for (const auto& block : blocks) {
+      if (generation == 0) generation = block->generation;
+      if (block->generation != generation) {
+        error = ChangedError(read->key);
+        changed_during_read_.fetch_add(1, std::memory_order_relaxed);
+        break;
+      }
+    }
+  }
+  if (!error.ok()) {
+    if (absl::IsAborted(error) || absl::IsNotFound(error)) {
+      // The value changed (or went) under the read: its record is stale.
+      if (read->record) records_.EraseIfGeneration(read->key, read->record->info.generation);
+      if (absl::IsAborted(error) && read->attempt == 0) {
+        return ReadBlocks(std::move(read->key), read->range, read->need, read->options, 1,
+                          std::nullopt, std::move(read->done));
+      }
+    }
+    return std::move(read->done)(error);
+  }
+  const CachedValue& any = *blocks.front();
+  uint64_t size = any.size();
+  absl::Time validated = absl::InfiniteFuture();
+  if (read->record) {
+    validated = read->record->validated;
+  } else {
+    for (const auto& block : blocks) validated = std::min(validated, block->validated);
+  }
+  uint64_t start = std::min(read->start, size);
+  uint64_t end = std::min(read->end, size);
+  CachedValue out;
+  out.generation = generation;
+  out.validated = validated;
+  out.etag = any.etag;
+  out.offset = start;
+  out.total_size = size;
+  if (end > start) {
+    size_t first = (start - read->first_block * block_bytes_) / block_bytes_;
+    size_t last = (end - 1 - read->first_block * block_bytes_) / block_bytes_;
+    if (first == last) {
+      // Within one block: a view of it, no copy.
+      const CachedValue& block = *blocks[first];
+      out.value = block.value.Slice(start - block.offset, end - start);
+    } else {
+      // Across blocks: one buffer for the range, held under the read budget.
+      auto joined = budget_.Allocate(end - start, *allocator_);
+      if (!joined.ok()) return std::move(read->done)(joined.status());
+      std::byte* to = joined->data();
+      for (size_t i = first; i <= last; ++i) {
+        const CachedValue& block = *blocks[i];
+        uint64_t from = std::max(start, block.offset);
+        uint64_t until = std::min(end, block.offset + block.value.size());
+        std::memcpy(to, block.value.data() + (from - block.offset), until - from);
+        to += until - from;
+      }
+      out.value = std::move(*joined).Freeze();
+    }
+  }
+  std::move(read->done)(std::move(out));
+}
+
 absl::StatusOr<CachedValue> ChunkStore::ReadAndWait(absl::string_view key,
-                                                    const ReadOptions& options) {
+                                                    const ReadOptions& options,
+                                                    const ByteRange& range) {
   absl::Notification done;
   absl::StatusOr<CachedValue> out;
-  Read(key, options, [&](absl::StatusOr<CachedValue> result) {
+  Read(key, range, options, [&](absl::StatusOr<CachedValue> result) {
     out = std::move(result);
     done.Notify();
   });
@@ -298,12 +888,17 @@ void ChunkStore::InvalidateFlight(absl::string_view key) {
   FlightShard& shard = FlightShardFor(key);
   absl::MutexLock lock(&shard.mu);
   if (auto it = shard.flights.find(key); it != shard.flights.end()) {
-    // The flight still answers the readers that joined it, but no reader that starts from
-    // now on (after the write is acknowledged) may join it: it would get the older value.
-    it->second->stale = true;
+    // The flights still answer the readers that joined them, but no reader that starts from
+    // now on (after the write is acknowledged) may join them: they would get the older value.
+    KeyFlights& flights = it->second;
+    if (flights.whole) flights.whole->stale = true;
+    if (flights.record) flights.record->stale = true;
+    for (auto& [index, block] : flights.blocks) block->stale = true;
     shard.flights.erase(it);
   }
   cache_->Erase(key);
+  // Its blocks retire with the record: none is served again (ValueRecords).
+  records_.Erase(key);
 }
 
 void ChunkStore::InvalidateAfterFailure(absl::string_view key) {
@@ -375,6 +970,10 @@ ChunkStoreCounters ChunkStore::counters() const {
   c.stale_invalidations = stale_invalidations_.load(std::memory_order_relaxed);
   c.revalidation_errors = revalidation_errors_.load(std::memory_order_relaxed);
   c.failed_write_invalidations = failed_write_invalidations_.load(std::memory_order_relaxed);
+  c.block_reads = block_reads_.load(std::memory_order_relaxed);
+  c.blocks_read = blocks_read_.load(std::memory_order_relaxed);
+  c.read_ahead_blocks = read_ahead_blocks_read_.load(std::memory_order_relaxed);
+  c.changed_during_read = changed_during_read_.load(std::memory_order_relaxed);
   return c;
 }
 

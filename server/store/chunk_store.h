@@ -8,6 +8,18 @@
 // write or delete that fails drops the cached copy too: its outcome may be unknown (a timeout
 // after the store acted), so the next read asks the store.
 //
+// Blocks: a value read whole that is at most whole_read_bytes() is one cache entry, as read.
+// Ranges of other values, and values larger than that, are read and cached as aligned blocks of
+// `block_bytes` of one version: a miss reads from the store only the blocks the range covers
+// (runs of adjacent missing blocks in one ranged request for remote stores), each block read
+// once however many readers miss it (single flight per block). A value's blocks are served
+// only at the version its ValueRecord names; the blocks of one read are all of one version
+// (ranged reads after the first are conditional on it): a change between two block reads
+// retries the read once at the new version, else fails with ABORTED. A read walking a value
+// sequentially has the next `read_ahead_blocks` blocks fetched ahead of it. A read answers at
+// most ReadOptions::max_extent_bytes at once; a range over several blocks is copied into one
+// buffer counted against the read budget (server/store/read_budget.h).
+//
 // Freshness: the store may change behind chunkd's back (other writers). Each cached value
 // remembers when the store last confirmed it (CachedValue::validated). A hit older than the
 // read's bound is validated first: on the caller's thread with a stat for the file store
@@ -21,6 +33,7 @@
 #define CHUNKD_SERVER_STORE_CHUNK_STORE_H_
 
 #include <array>
+#include <functional>
 #include <atomic>
 #include <cstdint>
 #include <iterator>
@@ -38,7 +51,10 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/backend/backend.h"
+#include "server/common/byte_range.h"
 #include "server/store/host_cache.h"
+#include "server/store/read_budget.h"
+#include "server/store/value_records.h"
 #include "server/common/executor.h"
 
 namespace chunkd::server {
@@ -66,6 +82,12 @@ struct ReadOptions {
   // Serve a cached value only if the store confirmed it at or after this time. nullopt: the
   // policy of FreshnessOptions for the key. absl::InfinitePast(): any cached value.
   std::optional<absl::Time> validated_since;
+  // Only this version of the value (0: any); another is ABORTED. A caller reading a value in
+  // several pieces passes the first piece's generation, so that versions never mix.
+  Generation if_generation = 0;
+  // The most bytes the caller takes in one answer: a longer range is answered with its first
+  // part (ending on a block boundary) and the caller reads on from where it ends.
+  uint64_t max_extent_bytes = ~uint64_t{0};
 };
 
 struct ChunkStoreOptions {
@@ -74,6 +96,17 @@ struct ChunkStoreOptions {
   size_t io_threads = 8;
   // Backend operations waiting for an I/O thread; past this, new ones fail with UNAVAILABLE.
   size_t max_queued_io = 4096;
+  // The unit of caching for ranges and large values (see above).
+  uint64_t block_bytes = 256 << 10;
+  // Blocks fetched ahead of a sequential reader; read_ahead_blocks x block_bytes is also the
+  // largest value read whole in one request (whole_read_bytes).
+  size_t read_ahead_blocks = 64;
+  // Bytes reads may hold outside the cache (ranges assembled from blocks); past it a read
+  // fails with RESOURCE_EXHAUSTED.
+  uint64_t read_budget_bytes = 256ull << 20;
+  // Where block copies and assembled ranges are allocated (the shared-memory arena when
+  // shared-memory delivery is on, so that they can be handed out as handles).
+  buffer::HostAllocator* allocator = &buffer::HeapAllocator();
 };
 
 struct ChunkStoreCounters {
@@ -97,6 +130,13 @@ struct ChunkStoreCounters {
   uint64_t revalidation_errors = 0;
   // Writes and deletes that failed and so dropped the cached copy (outcome possibly unknown).
   uint64_t failed_write_invalidations = 0;
+  // Blocks: ranged reads of the store (a run of adjacent blocks each), the blocks they
+  // brought, those fetched ahead of a sequential reader, and reads that found the value
+  // changed between two of its blocks (retried at the new version, or failed).
+  uint64_t block_reads = 0;
+  uint64_t blocks_read = 0;
+  uint64_t read_ahead_blocks = 0;
+  uint64_t changed_during_read = 0;
 };
 
 class ChunkStore {
@@ -106,14 +146,26 @@ class ChunkStore {
   ChunkStore(std::unique_ptr<Backend> backend, const ChunkStoreOptions& options);
   ~ChunkStore();
 
-  // Reads the whole value under `key` and calls `done` exactly once: on this thread for a
-  // cache hit (validated here when that is a stat), else on an I/O thread.
-  // REQUIRES: ValidateKey(key).ok().
+  // Reads `range` of the value under `key` and calls `done` exactly once: on this thread for
+  // a cache hit (validated here when that is a stat), else on an I/O thread. The answer holds
+  // at least the bytes the range selects (clipped to the value, and to max_extent_bytes): the
+  // whole value when it is cached whole, else exactly those bytes (CachedValue::offset,
+  // total_size). REQUIRES: ValidateKey(key).ok(), range.Validate().ok().
+  void Read(absl::string_view key, const ByteRange& range, const ReadOptions& options,
+            ReadCallback done);
+  void Read(absl::string_view key, const ReadOptions& options, ReadCallback done) {
+    Read(key, ByteRange::All(), options, std::move(done));
+  }
   void Read(absl::string_view key, ReadCallback done) { Read(key, ReadOptions(), std::move(done)); }
-  void Read(absl::string_view key, const ReadOptions& options, ReadCallback done);
   // Read, waiting for the result. Must not be called on an I/O thread.
   absl::StatusOr<CachedValue> ReadAndWait(absl::string_view key,
-                                          const ReadOptions& options = ReadOptions());
+                                          const ReadOptions& options = ReadOptions(),
+                                          const ByteRange& range = ByteRange::All());
+
+  uint64_t block_bytes() const { return block_bytes_; }
+  // The largest value read whole in one request and cached as one entry.
+  uint64_t whole_read_bytes() const { return whole_read_bytes_; }
+  ReadBudgetStats read_budget() const { return budget_.stats(); }
 
   // The time a cached value of `key` must have been validated at or after, under the policy
   // (InfinitePast: any copy will do).
@@ -150,11 +202,21 @@ class ChunkStore {
     std::optional<CachedValue> cached;
     // When the flight was started: its answer is current as of no earlier than this.
     absl::Time started;
+    // A record flight: the suffix to read with the record (0: a Stat).
+    uint64_t suffix_bytes = 0;
+  };
+  // The reads of one key in flight: of the whole value, of its record, of its blocks.
+  struct KeyFlights {
+    std::shared_ptr<Flight> whole;
+    std::shared_ptr<Flight> record;
+    absl::flat_hash_map<uint64_t, std::shared_ptr<Flight>> blocks;
+    bool empty() const { return !whole && !record && blocks.empty(); }
   };
   struct FlightShard {
     absl::Mutex mu;
-    absl::flat_hash_map<std::string, std::shared_ptr<Flight>> flights ABSL_GUARDED_BY(mu);
+    absl::flat_hash_map<std::string, KeyFlights> flights ABSL_GUARDED_BY(mu);
   };
+  struct BlockRead;
 
   FlightShard& FlightShardFor(absl::string_view key);
   absl::Mutex& WriteLockFor(absl::string_view key);
@@ -167,15 +229,52 @@ class ChunkStore {
   bool FreshEnough(absl::string_view key, CachedValue& hit, absl::Time need);
   // Drops the cached copy after a write or delete failed.
   void InvalidateAfterFailure(absl::string_view key);
-  // Removes `flight` from the table if it is still the one registered for `key`.
+  // Removes `flight` from `slot` if it is still the one there, and the key's entry once empty.
   void EraseFlightLocked(FlightShard& shard, absl::string_view key,
+                         std::shared_ptr<Flight> KeyFlights::*slot,
                          const std::shared_ptr<Flight>& flight)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu);
-  // Marks any read in flight for `key` stale, then applies `update` to the cache.
+  // Marks any read in flight for `key` stale and drops the cached copy and record.
   void InvalidateFlight(absl::string_view key);
+
+  // The block path (values not cached whole). `record`: what is known of the value, if
+  // anything yet; `attempt`: 1 once the read was retried after the value changed under it.
+  void ReadBlocks(std::string key, ByteRange range, absl::Time need, ReadOptions options,
+                  int attempt, std::optional<ValueRecord> record, ReadCallback done);
+  // No record: learns the value's size and version (reading what it can on the way).
+  void FirstTouch(std::string key, ByteRange range, absl::Time need, ReadOptions options,
+                  int attempt, ReadCallback done);
+  void StartOrJoinRecordFlight(absl::string_view key, uint64_t suffix_bytes, ReadCallback done);
+  void RunRecordFlight(std::string key, std::shared_ptr<Flight> flight);
+  // Reads blocks [start, end) cover, from the cache or the store, and answers with the range.
+  void StartBlockRead(std::string key, uint64_t start, uint64_t end, ByteRange range,
+                      absl::Time need, ReadOptions options, int attempt,
+                      std::optional<ValueRecord> record, ReadCallback done);
+  void FinishBlockRead(std::shared_ptr<BlockRead> read);
+  // Starts or joins the reads of `indices` (ascending); `waiter(i)` (may be null: read-ahead)
+  // gets block indices[i].
+  void FetchBlocks(absl::string_view key, const std::vector<uint64_t>& indices,
+                   const std::optional<ValueInfo>& expected,
+                   const std::function<ReadCallback(size_t)>& waiter);
+  void RunBlocks(std::string key, uint64_t first, std::vector<std::shared_ptr<Flight>> flights,
+                 std::optional<ValueInfo> expected);
+  // Cuts `bytes` (the value's bytes from block `first` on) into cache entries of one block.
+  std::vector<absl::StatusOr<CachedValue>> CutBlocks(const buffer::cpu::Buffer& bytes,
+                                                     uint64_t first, size_t count,
+                                                     const ValueInfo& info, absl::Time when);
+  void CountBackendRead(const absl::Status& status, uint64_t bytes, absl::Time start);
 
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<HostCache> cache_;
+  buffer::HostAllocator* const allocator_;
+  const uint64_t block_bytes_;
+  const size_t read_ahead_blocks_;
+  const uint64_t whole_read_bytes_;
+  // Adjacent missing blocks read in one request: remote stores pay a round trip per request;
+  // the file store reads each block into its own buffer (no copy).
+  const size_t max_run_blocks_;
+  ValueRecords records_;
+  ReadBudget budget_;
   std::array<FlightShard, 32> flight_shards_;
   // Writers and deleters of one key are serialized, so that the backend and the cache see
   // their updates in the same order. Readers never take these.
@@ -190,6 +289,8 @@ class ChunkStore {
       backend_read_micros_{0}, single_flight_joins_{0}, writes_{0}, deletes_{0}, overloaded_{0};
   std::atomic<uint64_t> revalidations_{0}, revalidations_not_modified_{0},
       stale_invalidations_{0}, revalidation_errors_{0}, failed_write_invalidations_{0};
+  std::atomic<uint64_t> block_reads_{0}, blocks_read_{0}, read_ahead_blocks_read_{0},
+      changed_during_read_{0};
 
   // Last member: destroyed first, so queued work finishes while the rest still exists.
   std::unique_ptr<Executor> io_;

@@ -57,6 +57,14 @@ struct CachedValue {
   absl::Time validated = absl::InfinitePast();
   // The store's validator (an HTTP ETag) for conditional requests; empty for other stores.
   std::string etag;
+
+  // Which bytes of the stored value `value` holds: [offset, offset + value.size()) of a value
+  // of size() bytes. A block, or a range read by the block, has a total_size; a value held
+  // whole has none.
+  uint64_t offset = 0;
+  std::optional<uint64_t> total_size;
+  uint64_t size() const { return total_size.value_or(value.size()); }
+  bool whole() const { return offset == 0 && size() == value.size(); }
 };
 
 struct HostCacheOptions {
