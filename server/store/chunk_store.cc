@@ -477,6 +477,16 @@ void ChunkStore::ReadBlocks(std::string key, ByteRange range, absl::Time need,
 
 void ChunkStore::FirstTouch(std::string key, ByteRange range, absl::Time need,
                             ReadOptions options, int attempt, ReadCallback done) {
+  if (range.kind == ByteRange::Kind::kBounded && range.end > range.start) {
+    // The blocks the range covers, without knowing the size yet (the value may be shorter).
+    uint64_t start = range.start;
+    uint64_t end = range.end - start > options.max_extent_bytes
+                       ? start + options.max_extent_bytes
+                       : static_cast<uint64_t>(range.end);
+    return StartBlockRead(std::move(key), start, end, range, need, options, attempt,
+                          std::nullopt, std::move(done));
+  }
+  // The other reads learn the size first, and read on with what they learnt.
   auto read_on = [this, key, range, options, attempt, done = std::move(done)](
                      absl::StatusOr<CachedValue> result) mutable {
     if (!result.ok()) return std::move(done)(result.status());
@@ -485,6 +495,11 @@ void ChunkStore::FirstTouch(std::string key, ByteRange range, absl::Time need,
     // The answer covers the read (a whole value, or the first part a caller takes at once).
     if (result->offset <= r.start &&
         result->offset + result->value.size() >= r.start + wanted) {
+      // A whole value is answered whole (the caller slices it); a part exactly as asked.
+      if (!result->whole()) {
+        result->value = result->value.Slice(r.start - result->offset, wanted);
+        result->offset = r.start;
+      }
       return std::move(done)(*std::move(result));
     }
     ReadBlocks(std::move(key), range, absl::InfinitePast(), options, attempt, RecordOf(*result),
@@ -494,15 +509,7 @@ void ChunkStore::FirstTouch(std::string key, ByteRange range, absl::Time need,
     case ByteRange::Kind::kAll:
       // Read whole, as one request: most values are small enough (see RunFlight).
       return StartOrJoinFlight(key, std::nullopt, need, std::move(read_on));
-    case ByteRange::Kind::kBounded:
-      if (range.end > range.start) {
-        // The blocks the range covers, without knowing the size yet (the value may be shorter).
-        uint64_t start = range.start;
-        uint64_t end = std::min<uint64_t>(range.end, start + options.max_extent_bytes);
-        return StartBlockRead(std::move(key), start, end, range, need, options, attempt,
-                              std::nullopt, std::move(done));
-      }
-      break;
+    case ByteRange::Kind::kBounded:  // an empty range: only the size is needed
     case ByteRange::Kind::kSuffix: {
       // Zarr's shard index: one request for the suffix, rounded so that it covers whole
       // blocks (the last block is at most one block long).
@@ -823,6 +830,8 @@ void ChunkStore::FinishBlockRead(std::shared_ptr<BlockRead> read) {
   }
   uint64_t start = std::min(read->start, size);
   uint64_t end = std::min(read->end, size);
+  // A first read of the value: where it ended tells whether the next one walks on.
+  if (!read->record) records_.ExchangeNextOffset(read->key, end);
   CachedValue out;
   out.generation = generation;
   out.validated = validated;
