@@ -108,17 +108,20 @@ class HttpBackend final : public Backend {
   absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
                                                 uint64_t length, ValueInfo* info) override {
     if (offset == 0 && length == kToEnd) return Read(key, info);
-    return http::RangedGet(
-        transport_, What("GET", key), offset, length, info,
-        [&] {
-          HttpRequest request;
-          request.url = UrlFor(key);
-          request.allocator = allocator_;
-          return request;
-        },
-        [&](const HttpResponse& r) { return CheckResponse(r, key, "GET"); },
-        [](const HttpResponse& r, uint64_t size) { return GenerationOf(r, size); },
-        [&] { return Stat(key); });
+    return Ranged(key, {.offset = offset, .length = length}, info);
+  }
+
+  // One GET with Range: bytes=-N.
+  absl::StatusOr<buffer::cpu::Buffer> ReadSuffix(absl::string_view key, uint64_t length,
+                                                 ValueInfo* info) override {
+    return Ranged(key, {.length = length, .suffix = true}, info);
+  }
+
+  // One GET with Range and If-Match: the expected ETag.
+  absl::StatusOr<buffer::cpu::Buffer> ReadRangeIfMatch(absl::string_view key, uint64_t offset,
+                                                       uint64_t length, const ValueInfo& expected,
+                                                       ValueInfo* info) override {
+    return Ranged(key, {.offset = offset, .length = length, .expected = &expected}, info);
   }
 
   absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {
@@ -197,6 +200,20 @@ class HttpBackend final : public Backend {
  private:
   std::string UrlFor(absl::string_view key) const {
     return absl::StrCat(base_, "/", http::PercentEncode(key));
+  }
+  absl::StatusOr<buffer::cpu::Buffer> Ranged(absl::string_view key, const http::ByteRange& range,
+                                             ValueInfo* info) {
+    return http::RangedGet(
+        transport_, key, What("GET", key), range, info,
+        [&] {
+          HttpRequest request;
+          request.url = UrlFor(key);
+          request.allocator = allocator_;
+          return request;
+        },
+        [&](const HttpResponse& r) { return CheckResponse(r, key, "GET"); },
+        [](const HttpResponse& r, uint64_t size) { return GenerationOf(r, size); },
+        [&] { return Stat(key); });
   }
   static std::string What(absl::string_view method, absl::string_view key) {
     return absl::StrCat(method, " key ", QuoteKey(key));

@@ -100,17 +100,32 @@ Generation HashToGeneration(absl::string_view text);
 // Parses "bytes START-END/TOTAL" (or "bytes */TOTAL"); the TOTAL, or nullopt.
 std::optional<uint64_t> TotalFromContentRange(absl::string_view content_range);
 
-// Backend::ReadRange over HTTP for a range other than the whole value: a GET with a Range
-// header (ends past 2^62 read to the end). An empty range, or a 416 answer (the range starts at
-// or past the end), returns an empty buffer and `stat()`'s info; a 206 answer takes the size
-// from Content-Range; a 200 answer (the whole value) is sliced here. `what` names the GET for
-// messages ("GET key \"a/b\""). The hooks are what differs between backends: `new_request`
-// builds (and signs) the GET for the key with its body allocator set, `check` maps a response
-// that is not to be used to its error, `generation` derives the generation of a value of size
-// `size` from a response, `stat` looks up the value's size and generation.
+// What a ranged GET asks for: Backend::ReadRange, ReadSuffix and ReadRangeIfMatch over HTTP.
+struct ByteRange {
+  // Bytes [offset, offset + length) (ends past 2^62 read to the end); with `suffix`, the last
+  // `length` bytes (`Range: bytes=-N`; `offset` unused).
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  bool suffix = false;
+  // Only of this version (ReadRangeIfMatch): its etag goes out as If-Match when it is a strong
+  // one (a 412 answer is ABORTED), and the answer's generation must be its generation.
+  const ValueInfo* expected = nullptr;
+};
+
+// One GET with a Range header (and If-Match), for `key`. Where the answer has no bytes to give
+// (an empty range asks for none: no GET; a 416 answer: the range starts at or past the end, or
+// the value is empty) the value's size and generation come from `stat()` and the buffer is
+// empty; should they contradict the 416 (the value was replaced in between) the GET is sent
+// once more, then ABORTED. A 206 answer's total size comes from Content-Range; a 200 answer
+// (a server that ignores Range) is the whole value, sliced here. `info` gets the whole value's
+// size, generation and etag. `what` names the GET for messages ("GET key \"a/b\""). The hooks
+// are what differs between backends: `new_request` builds (and signs) the GET for the key with
+// its body allocator set, `check` maps a response that is not to be used to its error,
+// `generation` derives the generation of a value of size `size` from a response, `stat` looks
+// up the value's size and generation.
 absl::StatusOr<buffer::cpu::Buffer> RangedGet(
-    HttpTransport& transport, absl::string_view what, uint64_t offset, uint64_t length,
-    ValueInfo* info, absl::FunctionRef<HttpRequest()> new_request,
+    HttpTransport& transport, absl::string_view key, absl::string_view what,
+    const ByteRange& range, ValueInfo* info, absl::FunctionRef<HttpRequest()> new_request,
     absl::FunctionRef<absl::Status(const HttpResponse&)> check,
     absl::FunctionRef<Generation(const HttpResponse&, uint64_t size)> generation,
     absl::FunctionRef<absl::StatusOr<ValueInfo>()> stat);

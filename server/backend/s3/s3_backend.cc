@@ -129,16 +129,20 @@ class S3Backend final : public Backend {
   absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
                                                 uint64_t length, ValueInfo* info) override {
     if (offset == 0 && length == kToEnd) return Read(key, info);
-    return http::RangedGet(
-        transport_, What("GET", key), offset, length, info,
-        [&] {
-          HttpRequest request = NewRequest("GET", ObjectUrl(key));
-          request.allocator = allocator_;
-          return request;
-        },
-        [&](const HttpResponse& r) { return CheckResponse(r, key, "GET"); },
-        [](const HttpResponse& r, uint64_t) { return GenerationOf(r); },
-        [&] { return Stat(key); });
+    return Ranged(key, {.offset = offset, .length = length}, info);
+  }
+
+  // One GET with Range: bytes=-N.
+  absl::StatusOr<buffer::cpu::Buffer> ReadSuffix(absl::string_view key, uint64_t length,
+                                                 ValueInfo* info) override {
+    return Ranged(key, {.length = length, .suffix = true}, info);
+  }
+
+  // One GET with Range and If-Match: the expected ETag.
+  absl::StatusOr<buffer::cpu::Buffer> ReadRangeIfMatch(absl::string_view key, uint64_t offset,
+                                                       uint64_t length, const ValueInfo& expected,
+                                                       ValueInfo* info) override {
+    return Ranged(key, {.offset = offset, .length = length, .expected = &expected}, info);
   }
 
   absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {
@@ -264,6 +268,20 @@ class S3Backend final : public Backend {
       }
     }
     return request;
+  }
+
+  absl::StatusOr<buffer::cpu::Buffer> Ranged(absl::string_view key, const http::ByteRange& range,
+                                             ValueInfo* info) {
+    return http::RangedGet(
+        transport_, key, What("GET", key), range, info,
+        [&] {
+          HttpRequest request = NewRequest("GET", ObjectUrl(key));
+          request.allocator = allocator_;
+          return request;
+        },
+        [&](const HttpResponse& r) { return CheckResponse(r, key, "GET"); },
+        [](const HttpResponse& r, uint64_t) { return GenerationOf(r); },
+        [&] { return Stat(key); });
   }
 
   static std::string What(absl::string_view method, absl::string_view key) {
