@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -329,17 +330,22 @@ TEST(HttpBackendTest, WholeAnswersToRangesAreCut) {
   });
   auto backend = Open(server.url(), FastOptions());
   ASSERT_NE(backend, nullptr);
-  server::ValueInfo info;
-  auto suffix = backend->ReadSuffix("k", 4, &info);
-  ASSERT_TRUE(suffix.ok()) << suffix.status();
-  EXPECT_EQ(suffix->view(), "6789");
-  EXPECT_EQ(info.size, 10u);
-  auto all = backend->ReadSuffix("k", 100, nullptr);
-  ASSERT_TRUE(all.ok()) << all.status();
-  EXPECT_EQ(all->view(), "0123456789");
-  auto range = backend->ReadRangeIfMatch("k", 8, 5, info, nullptr);
+  for (const auto& [length, want] : std::vector<std::pair<uint64_t, std::string>>{
+           {4, "6789"}, {10, "0123456789"}, {100, "0123456789"}}) {
+    server::ValueInfo whole;
+    auto got = backend->ReadSuffix("k", length, &whole);
+    ASSERT_TRUE(got.ok()) << length << ": " << got.status();
+    EXPECT_EQ(got->view(), want) << length;
+    EXPECT_EQ(whole.size, 10u) << length;
+  }
+  auto stat = backend->Stat("k");
+  ASSERT_TRUE(stat.ok()) << stat.status();
+  auto range = backend->ReadRangeIfMatch("k", 8, 5, *stat, nullptr);
   ASSERT_TRUE(range.ok()) << range.status();
   EXPECT_EQ(range->view(), "89");
+  range = backend->ReadRange("k", 3, 2, nullptr);
+  ASSERT_TRUE(range.ok()) << range.status();
+  EXPECT_EQ(range->view(), "34");
 }
 
 TEST(HttpBackendTest, ListingWithoutJsonIndexIsUnimplemented) {

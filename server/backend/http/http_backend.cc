@@ -57,18 +57,16 @@ class HttpListCursor final : public TreeWalkCursor<std::monostate> {
   HttpBackend* backend_;
 };
 
-class HttpBackend final : public Backend {
+class HttpBackend final : public http::RangedHttpBackend {
  public:
   HttpBackend(std::string base, const BackendOptions& options)
-      : base_(std::move(base)), allocator_(options.allocator), transport_(options.http) {}
+      : RangedHttpBackend(options.http), base_(std::move(base)), allocator_(options.allocator) {}
 
   absl::string_view kind() const override { return "http"; }
   std::string location() const override { return base_; }
 
   absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key, ValueInfo* info) override {
-    HttpRequest request;
-    request.url = UrlFor(key);
-    request.allocator = allocator_;
+    HttpRequest request = NewGet(key);
     auto r = transport_.Perform(request, What("GET", key));
     if (!r.ok()) return r.status();
     if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
@@ -87,9 +85,7 @@ class HttpBackend final : public Backend {
   absl::StatusOr<std::optional<buffer::cpu::Buffer>> ReadIfChanged(
       absl::string_view key, const ValueInfo& cached, ValueInfo* info) override {
     if (cached.etag.empty()) return Backend::ReadIfChanged(key, cached, info);
-    HttpRequest request;
-    request.url = UrlFor(key);
-    request.allocator = allocator_;
+    HttpRequest request = NewGet(key);
     request.headers.push_back(absl::StrCat("If-None-Match: ", cached.etag));
     auto r = transport_.Perform(request, What("conditional GET", key));
     if (!r.ok()) return r.status();
@@ -103,25 +99,6 @@ class HttpBackend final : public Backend {
       *info = {r->body.size(), GenerationOf(*r, r->body.size()), r->Header("etag").value_or("")};
     }
     return std::optional<buffer::cpu::Buffer>(std::move(r->body));
-  }
-
-  absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
-                                                uint64_t length, ValueInfo* info) override {
-    if (offset == 0 && length == kToEnd) return Read(key, info);
-    return Ranged(key, {.offset = offset, .length = length}, info);
-  }
-
-  // One GET with Range: bytes=-N.
-  absl::StatusOr<buffer::cpu::Buffer> ReadSuffix(absl::string_view key, uint64_t length,
-                                                 ValueInfo* info) override {
-    return Ranged(key, {.length = length, .suffix = true}, info);
-  }
-
-  // One GET with Range and If-Match: the expected ETag.
-  absl::StatusOr<buffer::cpu::Buffer> ReadRangeIfMatch(absl::string_view key, uint64_t offset,
-                                                       uint64_t length, const ValueInfo& expected,
-                                                       ValueInfo* info) override {
-    return Ranged(key, {.offset = offset, .length = length, .expected = &expected}, info);
   }
 
   absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {
@@ -201,20 +178,6 @@ class HttpBackend final : public Backend {
   std::string UrlFor(absl::string_view key) const {
     return absl::StrCat(base_, "/", http::PercentEncode(key));
   }
-  absl::StatusOr<buffer::cpu::Buffer> Ranged(absl::string_view key, const http::ByteRange& range,
-                                             ValueInfo* info) {
-    return http::RangedGet(
-        transport_, key, What("GET", key), range, info,
-        [&] {
-          HttpRequest request;
-          request.url = UrlFor(key);
-          request.allocator = allocator_;
-          return request;
-        },
-        [&](const HttpResponse& r) { return CheckResponse(r, key, "GET"); },
-        [](const HttpResponse& r, uint64_t size) { return GenerationOf(r, size); },
-        [&] { return Stat(key); });
-  }
   static std::string What(absl::string_view method, absl::string_view key) {
     return absl::StrCat(method, " key ", QuoteKey(key));
   }
@@ -237,9 +200,21 @@ class HttpBackend final : public Backend {
     return http::StatusForHttpError(r.status, what, "");
   }
 
+  HttpRequest NewGet(absl::string_view key) const override {
+    HttpRequest request;
+    request.url = UrlFor(key);
+    request.allocator = allocator_;
+    return request;
+  }
+  absl::Status CheckGet(const HttpResponse& r, absl::string_view key) const override {
+    return CheckResponse(r, key, "GET");
+  }
+  Generation GenerationOfAnswer(const HttpResponse& r, uint64_t size) const override {
+    return GenerationOf(r, size);
+  }
+
   const std::string base_;  // no trailing '/'
   buffer::HostAllocator* const allocator_;
-  HttpTransport transport_;
 };
 
 absl::StatusOr<HttpListCursor::Frame> HttpListCursor::ReadFrame(std::string rel,

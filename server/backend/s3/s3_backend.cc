@@ -81,17 +81,17 @@ class S3ListCursor final : public ListCursor {
   bool done_ = false;
 };
 
-class S3Backend final : public Backend {
+class S3Backend final : public http::RangedHttpBackend {
  public:
   S3Backend(std::string bucket, std::string root, std::string bucket_url, S3Credentials creds,
             const BackendOptions& options)
-      : bucket_(std::move(bucket)),
+      : RangedHttpBackend(options.http),
+        bucket_(std::move(bucket)),
         root_(std::move(root)),
         bucket_url_(std::move(bucket_url)),
         creds_(std::move(creds)),
         options_(options.s3),
-        allocator_(options.allocator),
-        transport_(options.http) {
+        allocator_(options.allocator) {
     sigv4_ = absl::StrCat("aws:amz:", options_.region, ":s3");
   }
 
@@ -102,8 +102,7 @@ class S3Backend final : public Backend {
   }
 
   absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key, ValueInfo* info) override {
-    HttpRequest request = NewRequest("GET", ObjectUrl(key));
-    request.allocator = allocator_;
+    HttpRequest request = NewGet(key);
     auto r = transport_.Perform(request, What("GET", key));
     if (!r.ok()) return r.status();
     if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
@@ -115,8 +114,7 @@ class S3Backend final : public Backend {
   absl::StatusOr<std::optional<buffer::cpu::Buffer>> ReadIfChanged(
       absl::string_view key, const ValueInfo& cached, ValueInfo* info) override {
     if (cached.etag.empty()) return Backend::ReadIfChanged(key, cached, info);
-    HttpRequest request = NewRequest("GET", ObjectUrl(key));
-    request.allocator = allocator_;
+    HttpRequest request = NewGet(key);
     request.headers.push_back(absl::StrCat("If-None-Match: ", cached.etag));
     auto r = transport_.Perform(request, What("conditional GET", key));
     if (!r.ok()) return r.status();
@@ -124,25 +122,6 @@ class S3Backend final : public Backend {
     if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
     if (info) *info = {r->body.size(), GenerationOf(*r), r->Header("etag").value_or("")};
     return std::optional<buffer::cpu::Buffer>(std::move(r->body));
-  }
-
-  absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
-                                                uint64_t length, ValueInfo* info) override {
-    if (offset == 0 && length == kToEnd) return Read(key, info);
-    return Ranged(key, {.offset = offset, .length = length}, info);
-  }
-
-  // One GET with Range: bytes=-N.
-  absl::StatusOr<buffer::cpu::Buffer> ReadSuffix(absl::string_view key, uint64_t length,
-                                                 ValueInfo* info) override {
-    return Ranged(key, {.length = length, .suffix = true}, info);
-  }
-
-  // One GET with Range and If-Match: the expected ETag.
-  absl::StatusOr<buffer::cpu::Buffer> ReadRangeIfMatch(absl::string_view key, uint64_t offset,
-                                                       uint64_t length, const ValueInfo& expected,
-                                                       ValueInfo* info) override {
-    return Ranged(key, {.offset = offset, .length = length, .expected = &expected}, info);
   }
 
   absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {
@@ -270,20 +249,6 @@ class S3Backend final : public Backend {
     return request;
   }
 
-  absl::StatusOr<buffer::cpu::Buffer> Ranged(absl::string_view key, const http::ByteRange& range,
-                                             ValueInfo* info) {
-    return http::RangedGet(
-        transport_, key, What("GET", key), range, info,
-        [&] {
-          HttpRequest request = NewRequest("GET", ObjectUrl(key));
-          request.allocator = allocator_;
-          return request;
-        },
-        [&](const HttpResponse& r) { return CheckResponse(r, key, "GET"); },
-        [](const HttpResponse& r, uint64_t) { return GenerationOf(r); },
-        [&] { return Stat(key); });
-  }
-
   static std::string What(absl::string_view method, absl::string_view key) {
     return absl::StrCat(method, " key ", QuoteKey(key));
   }
@@ -409,6 +374,18 @@ class S3Backend final : public Backend {
     return absl::StrReplaceAll(body.substr(open + 6, close - open - 6), {{"&quot;", "\""}});
   }
 
+  HttpRequest NewGet(absl::string_view key) const override {
+    HttpRequest request = NewRequest("GET", ObjectUrl(key));
+    request.allocator = allocator_;
+    return request;
+  }
+  absl::Status CheckGet(const HttpResponse& r, absl::string_view key) const override {
+    return CheckResponse(r, key, "GET");
+  }
+  Generation GenerationOfAnswer(const HttpResponse& r, uint64_t) const override {
+    return GenerationOf(r);
+  }
+
   const std::string bucket_;
   const std::string root_;  // "" or "prefix/"
   const std::string bucket_url_;  // no trailing '/'
@@ -416,7 +393,6 @@ class S3Backend final : public Backend {
   const S3BackendOptions options_;
   buffer::HostAllocator* const allocator_;
   std::string sigv4_;
-  HttpTransport transport_;
   std::atomic<bool> conditional_writes_{true};
   // Writers and deleters of one key are serialized: a condition is checked and acted on as
   // one step for every writer going through this backend.
