@@ -1,10 +1,13 @@
 // The backend conformance suite (see backend_conformance.h), instantiated here for the file and
-// memory backends (http and s3 instantiate it in their own test files). Every test states behaviour of the Backend interface, never of one backend.
+// memory backends and for Backend's default methods (http and s3 instantiate it in their own
+// test files). Every test states behaviour of the Backend interface, never of one backend.
 #include "tests/unit/backend_conformance.h"
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <thread>
@@ -828,6 +831,76 @@ std::unique_ptr<Backend> MakeMemoryBackend(TempDir&) {
   return server::NewMemoryBackend(server::BackendOptions{});
 }
 
+// Only what every backend must implement, over a memory backend: the rest (ReadRange,
+// ReadSuffix, ReadRangeIfMatch, IsCurrent, ReadIfChanged) is Backend's defaults, which the
+// suite then tests. `after_stat` (when set) runs after each Stat: a writer racing the reads.
+class DefaultsBackend final : public Backend {
+ public:
+  DefaultsBackend() : inner_(server::NewMemoryBackend(server::BackendOptions{})) {}
+  absl::string_view kind() const override { return "defaults"; }
+  std::string location() const override { return "defaults over memory://"; }
+  absl::StatusOr<Buffer> Read(absl::string_view key, ValueInfo* info) override {
+    return inner_->Read(key, info);
+  }
+  absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {
+    auto info = inner_->Stat(key);
+    ++stats;
+    if (after_stat) after_stat();
+    return info;
+  }
+  absl::StatusOr<ValueInfo> Write(absl::string_view key, Buffer value,
+                                  const Conditions& conditions) override {
+    return inner_->Write(key, std::move(value), conditions);
+  }
+  absl::Status Delete(absl::string_view key, const Conditions& conditions) override {
+    return inner_->Delete(key, conditions);
+  }
+  absl::StatusOr<std::unique_ptr<server::ListCursor>> List(absl::string_view prefix,
+                                                           bool directory) override {
+    return inner_->List(prefix, directory);
+  }
+
+  std::function<void()> after_stat;
+  int stats = 0;
+
+ private:
+  std::unique_ptr<Backend> inner_;
+};
+
+// The default ReadSuffix is a Stat and then a ReadRange: a value replaced between the two is
+// read again once, at its new version, and a value replaced every time fails with ABORTED;
+// never the old size's offset into the new bytes.
+TEST(BackendDefaultsTest, SuffixReadOfAValueReplacedMeanwhile) {
+  DefaultsBackend backend;
+  ASSERT_TRUE(Put(backend, "k", "first version").ok());
+  backend.after_stat = [&] {
+    backend.after_stat = nullptr;  // one racing write
+    ASSERT_TRUE(Put(backend, "k", "the second, longer version").ok());
+  };
+  ValueInfo info;
+  auto got = backend.ReadSuffix("k", 7, &info);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->view(), "version");
+  EXPECT_EQ(info.size, 26u);
+  EXPECT_EQ(backend.stats, 2);
+
+  int writes = 0;
+  backend.after_stat = [&] {
+    ASSERT_TRUE(Put(backend, "k", std::string(++writes, 'x')).ok());
+  };
+  auto stale = backend.ReadSuffix("k", 7, &info);
+  EXPECT_EQ(stale.status().code(), absl::StatusCode::kAborted) << stale.status();
+  EXPECT_THAT(std::string(stale.status().message()), HasSubstr("\"k\""));
+  EXPECT_EQ(writes, 2);
+}
+
+std::unique_ptr<Backend> MakeDefaultsBackend(TempDir&) {
+  return std::make_unique<DefaultsBackend>();
+}
+
+INSTANTIATE_TEST_SUITE_P(Defaults, BackendConformanceTest,
+                         ::testing::Values(BackendFactory{"defaults", MakeDefaultsBackend}),
+                         BackendFactoryName);
 INSTANTIATE_TEST_SUITE_P(File, BackendConformanceTest,
                          ::testing::Values(BackendFactory{"file", MakeFileBackend}),
                          BackendFactoryName);
