@@ -36,7 +36,9 @@ constexpr char kGenerationHeader[] = "x-amz-meta-chunkd-generation";
 // S3's error code and message from an error response body, for messages.
 std::string ErrorDetail(const HttpResponse& r) { return S3ErrorDetail(r.BodyText()); }
 
-Generation GenerationOf(const HttpResponse& r) {
+// The generation of the object of `size` bytes a response describes (a ranged answer's
+// Content-Length is that of the part, so the size comes from the caller).
+Generation GenerationOf(const HttpResponse& r, uint64_t size) {
   if (auto g = r.Header(kGenerationHeader)) {
     uint64_t value = 0;
     if (absl::SimpleAtoi(*g, &value) && value != 0) return value;
@@ -45,8 +47,7 @@ Generation GenerationOf(const HttpResponse& r) {
     return http::HashToGeneration(absl::StrCat("etag:", *etag));
   }
   return http::HashToGeneration(
-      absl::StrCat("modified:", r.Header("last-modified").value_or(""), "/",
-                   r.Header("content-length").value_or("")));
+      absl::StrCat("modified:", r.Header("last-modified").value_or(""), "/", size));
 }
 
 // A fresh, random, nonzero generation for a write.
@@ -106,7 +107,9 @@ class S3Backend final : public http::RangedHttpBackend {
     auto r = transport_.Perform(request, What("GET", key));
     if (!r.ok()) return r.status();
     if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
-    if (info) *info = {r->body.size(), GenerationOf(*r), r->Header("etag").value_or("")};
+    if (info) {
+      *info = {r->body.size(), GenerationOf(*r, r->body.size()), r->Header("etag").value_or("")};
+    }
     return std::move(r->body);
   }
 
@@ -120,7 +123,9 @@ class S3Backend final : public http::RangedHttpBackend {
     if (!r.ok()) return r.status();
     if (r->status == 304) return std::nullopt;
     if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
-    if (info) *info = {r->body.size(), GenerationOf(*r), r->Header("etag").value_or("")};
+    if (info) {
+      *info = {r->body.size(), GenerationOf(*r, r->body.size()), r->Header("etag").value_or("")};
+    }
     return std::optional<buffer::cpu::Buffer>(std::move(r->body));
   }
 
@@ -289,7 +294,7 @@ class S3Backend final : public http::RangedHttpBackend {
           absl::StrCat("HEAD key ", QuoteKey(key), ": the answer has no Content-Length"));
     }
     std::string etag = r->Header("etag").value_or("");
-    return std::make_pair(ValueInfo{size, GenerationOf(*r), etag}, etag);
+    return std::make_pair(ValueInfo{size, GenerationOf(*r, size), etag}, etag);
   }
 
   // The new object's ETag ("" when the store sends none).
@@ -382,8 +387,8 @@ class S3Backend final : public http::RangedHttpBackend {
   absl::Status CheckGet(const HttpResponse& r, absl::string_view key) const override {
     return CheckResponse(r, key, "GET");
   }
-  Generation GenerationOfAnswer(const HttpResponse& r, uint64_t) const override {
-    return GenerationOf(r);
+  Generation GenerationOfAnswer(const HttpResponse& r, uint64_t size) const override {
+    return GenerationOf(r, size);
   }
 
   const std::string bucket_;
