@@ -25,17 +25,6 @@ using http::HttpTransport;
 
 using Child = TreeChild;
 
-// The generation of the value a response describes.
-Generation GenerationOf(const HttpResponse& r, uint64_t size) {
-  if (auto etag = r.Header("etag"); etag && !etag->empty()) {
-    return http::HashToGeneration(absl::StrCat("etag:", *etag));
-  }
-  if (auto modified = r.Header("last-modified"); modified && !modified->empty()) {
-    return http::HashToGeneration(absl::StrCat("modified:", *modified, "/", size));
-  }
-  return http::HashToGeneration(absl::StrCat("size:", size));
-}
-
 class HttpBackend;
 
 class HttpListCursor final : public TreeWalkCursor<std::monostate> {
@@ -188,8 +177,8 @@ class HttpBackend final : public http::RangedHttpBackend {
 
   // NOT_FOUND for 404 and for a key that names a directory (redirected to a URL ending in
   // '/'); the mapped error for other non-2xx statuses.
-  static absl::Status CheckResponse(const HttpResponse& r, absl::string_view key,
-                                    absl::string_view method) {
+  absl::Status CheckResponse(const HttpResponse& r, absl::string_view key,
+                             absl::string_view method) const override {
     if (r.status == 404 || r.status == 410 || absl::EndsWith(r.effective_url, "/") ||
         (r.status >= 300 && r.status < 400)) {
       return KeyNotFoundError(key);
@@ -206,11 +195,15 @@ class HttpBackend final : public http::RangedHttpBackend {
     request.allocator = allocator_;
     return request;
   }
-  absl::Status CheckGet(const HttpResponse& r, absl::string_view key) const override {
-    return CheckResponse(r, key, "GET");
-  }
-  Generation GenerationOfAnswer(const HttpResponse& r, uint64_t size) const override {
-    return GenerationOf(r, size);
+  // From the ETag, else Last-Modified and the size, else the size alone.
+  Generation GenerationOf(const HttpResponse& r, uint64_t size) const override {
+    if (auto etag = r.Header("etag"); etag && !etag->empty()) {
+      return http::HashToGeneration(absl::StrCat("etag:", *etag));
+    }
+    if (auto modified = r.Header("last-modified"); modified && !modified->empty()) {
+      return http::HashToGeneration(absl::StrCat("modified:", *modified, "/", size));
+    }
+    return http::HashToGeneration(absl::StrCat("size:", size));
   }
 
   const std::string base_;  // no trailing '/'

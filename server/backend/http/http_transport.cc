@@ -467,20 +467,20 @@ absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::RangedGet(absl::string_vi
       }
       continue;
     }
-    if (absl::Status s = CheckGet(*r, key); !s.ok()) return s;
+    if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
     std::string etag = r->Header("etag").value_or("");
     if (r->status == 206) {
       auto total = TotalFromContentRange(r->Header("content-range").value_or(""));
       if (!total) {
         return absl::InternalError(absl::StrCat(what, ": a partial answer without a total size"));
       }
-      return finish({*total, GenerationOfAnswer(*r, *total), std::move(etag)},
+      return finish({*total, GenerationOf(*r, *total), std::move(etag)},
                     std::move(r->body));
     }
     // 200: the server sent the whole value (it ignores Range, or the range is all of it).
     uint64_t size = r->body.size();
     auto [start, length] = PartOf(range, size);
-    return finish({size, GenerationOfAnswer(*r, size), std::move(etag)},
+    return finish({size, GenerationOf(*r, size), std::move(etag)},
                   r->body.Slice(start, length));
   }
 }

@@ -126,10 +126,13 @@ class RangedHttpBackend : public Backend {
 
   // A GET of `key`, signed as the store wants, with the body allocator set.
   virtual HttpRequest NewGet(absl::string_view key) const = 0;
-  // OK when the answer to a GET of `key` is to be used (2xx), else its error.
-  virtual absl::Status CheckGet(const HttpResponse& r, absl::string_view key) const = 0;
-  // The generation of the value of `size` bytes that an answer describes.
-  virtual Generation GenerationOfAnswer(const HttpResponse& r, uint64_t size) const = 0;
+  // OK when the answer to `method` ("GET", "HEAD", ...) of `key` is to be used (2xx), else
+  // its error.
+  virtual absl::Status CheckResponse(const HttpResponse& r, absl::string_view key,
+                                     absl::string_view method) const = 0;
+  // The generation of the value of `size` bytes that an answer describes (a ranged answer's
+  // Content-Length is the part's, so the size comes from the caller).
+  virtual Generation GenerationOf(const HttpResponse& r, uint64_t size) const = 0;
 
   HttpTransport transport_;
 

@@ -36,20 +36,6 @@ constexpr char kGenerationHeader[] = "x-amz-meta-chunkd-generation";
 // S3's error code and message from an error response body, for messages.
 std::string ErrorDetail(const HttpResponse& r) { return S3ErrorDetail(r.BodyText()); }
 
-// The generation of the object of `size` bytes a response describes (a ranged answer's
-// Content-Length is that of the part, so the size comes from the caller).
-Generation GenerationOf(const HttpResponse& r, uint64_t size) {
-  if (auto g = r.Header(kGenerationHeader)) {
-    uint64_t value = 0;
-    if (absl::SimpleAtoi(*g, &value) && value != 0) return value;
-  }
-  if (auto etag = r.Header("etag"); etag && !etag->empty()) {
-    return http::HashToGeneration(absl::StrCat("etag:", *etag));
-  }
-  return http::HashToGeneration(
-      absl::StrCat("modified:", r.Header("last-modified").value_or(""), "/", size));
-}
-
 // A fresh, random, nonzero generation for a write.
 Generation NewGeneration() {
   thread_local std::mt19937_64 rng{std::random_device{}() ^
@@ -269,7 +255,7 @@ class S3Backend final : public http::RangedHttpBackend {
 
   // OK for 2xx; NOT_FOUND naming the key for a missing object; the mapped error otherwise.
   absl::Status CheckResponse(const HttpResponse& r, absl::string_view key,
-                             absl::string_view method) const {
+                             absl::string_view method) const override {
     if (r.status >= 200 && r.status < 300) return absl::OkStatus();
     std::string detail = ErrorDetail(r);
     if (r.status == 404 && !absl::StartsWith(detail, "NoSuchBucket")) return KeyNotFoundError(key);
@@ -384,11 +370,18 @@ class S3Backend final : public http::RangedHttpBackend {
     request.allocator = allocator_;
     return request;
   }
-  absl::Status CheckGet(const HttpResponse& r, absl::string_view key) const override {
-    return CheckResponse(r, key, "GET");
-  }
-  Generation GenerationOfAnswer(const HttpResponse& r, uint64_t size) const override {
-    return GenerationOf(r, size);
+  // chunkd's own generation (x-amz-meta-chunkd-generation), else from the ETag, else from
+  // Last-Modified and the size.
+  Generation GenerationOf(const HttpResponse& r, uint64_t size) const override {
+    if (auto g = r.Header(kGenerationHeader)) {
+      uint64_t value = 0;
+      if (absl::SimpleAtoi(*g, &value) && value != 0) return value;
+    }
+    if (auto etag = r.Header("etag"); etag && !etag->empty()) {
+      return http::HashToGeneration(absl::StrCat("etag:", *etag));
+    }
+    return http::HashToGeneration(
+        absl::StrCat("modified:", r.Header("last-modified").value_or(""), "/", size));
   }
 
   const std::string bucket_;
