@@ -39,25 +39,34 @@ absl::StatusOr<buffer::cpu::Buffer> Backend::ReadRange(absl::string_view key, ui
 
 absl::StatusOr<buffer::cpu::Buffer> Backend::ReadSuffix(absl::string_view key, uint64_t length,
                                                        ValueInfo* info) {
-  ValueInfo whole;
-  auto value = Read(key, &whole);
-  if (!value.ok()) return value.status();
-  if (info) *info = whole;
-  uint64_t n = std::min<uint64_t>(length, value->size());
-  return value->Slice(value->size() - n, n);
+  // Stat, then the range it implies: a value replaced in between shows as another generation
+  // in ReadRange's info (its bytes are then of the new version, at the old size's offset).
+  for (int attempt = 1;; ++attempt) {
+    auto stat = Stat(key);
+    if (!stat.ok()) return stat.status();
+    uint64_t take = std::min(length, stat->size);
+    ValueInfo read_info;
+    auto value = ReadRange(key, stat->size - take, take, &read_info);
+    if (!value.ok()) return value.status();
+    if (read_info.generation == stat->generation) {
+      if (info) *info = std::move(read_info);
+      return value;
+    }
+    if (attempt >= 2) return VersionChangedError(key, stat->generation);
+  }
 }
 
 absl::StatusOr<buffer::cpu::Buffer> Backend::ReadRangeIfMatch(absl::string_view key,
                                                              uint64_t offset, uint64_t length,
                                                              const ValueInfo& expected,
                                                              ValueInfo* info) {
-  ValueInfo got;
-  auto value = ReadRange(key, offset, length, &got);
+  ValueInfo read_info;
+  auto value = ReadRange(key, offset, length, &read_info);
   if (!value.ok()) return value.status();
-  if (got.generation != expected.generation) {
-    return absl::AbortedError(absl::StrCat("key ", QuoteKey(key), " changed while being read"));
+  if (read_info.generation != expected.generation) {
+    return VersionChangedError(key, expected.generation);
   }
-  if (info) *info = got;
+  if (info) *info = std::move(read_info);
   return value;
 }
 
@@ -80,6 +89,12 @@ absl::StatusOr<std::optional<buffer::cpu::Buffer>> Backend::ReadIfChanged(
 
 absl::Status KeyNotFoundError(absl::string_view key) {
   return absl::NotFoundError(absl::StrCat("key ", QuoteKey(key), " not found"));
+}
+
+absl::Status VersionChangedError(absl::string_view key, Generation expected) {
+  return absl::AbortedError(absl::StrCat("key ", QuoteKey(key),
+                                         " changed while being read by range (expected generation ",
+                                         expected, ")"));
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> OpenBackend(absl::string_view url,

@@ -5,7 +5,8 @@
 // same conformance suite (tests/backend_conformance.h).
 //
 // Errors carry the key they concern. NOT_FOUND: no value under the key. FAILED_PRECONDITION:
-// a generation condition failed. RESOURCE_EXHAUSTED: no room (memory backend).
+// a generation condition failed. RESOURCE_EXHAUSTED: no room (memory backend). ABORTED: the
+// value changed while being read (retrying reads the new version).
 #ifndef CHUNKD_SERVER_BACKEND_BACKEND_H_
 #define CHUNKD_SERVER_BACKEND_BACKEND_H_
 
@@ -108,16 +109,32 @@ class Backend {
 
   // Bytes [offset, offset + length) of the value under `key`: fewer where the value ends
   // first, none when `offset` is at or past its end (kToEnd: up to the end). `info` gets the
-  // size and generation of the whole value. The default reads the whole value and slices it;
-  // backends that can read part of a value (http, s3: a GET with Range) override it.
+  // size, generation and etag of the whole value. The default reads the whole value and slices
+  // it; backends that can read part of a value (file: pread of the range; http, s3: a GET with
+  // Range) override it and read only the range.
   // REQUIRES: ValidateKey(key).ok(). Thread-safe.
   static constexpr uint64_t kToEnd = ~uint64_t{0};
   virtual absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
                                                         uint64_t length, ValueInfo* info);
 
-  // TEMP(lead): stand-ins until the backend branch lands.
+  // The last `length` bytes of the value under `key`: the whole value when it is shorter, none
+  // when `length` is 0 (what a reader of a Zarr shard's index or a Parquet footer asks for
+  // before it knows the size). `info` (may be null) gets the size, generation and etag of the
+  // whole value. The default is two operations, Stat then ReadRange, and so not atomic: when
+  // ReadRange reports another generation than Stat saw (the value was replaced in between) it
+  // tries once more, then fails with ABORTED. Backends that can do it in one operation
+  // override it (file: one descriptor; http, s3: one GET with `Range: bytes=-N`).
+  // REQUIRES: ValidateKey(key).ok(). Thread-safe.
   virtual absl::StatusOr<buffer::cpu::Buffer> ReadSuffix(absl::string_view key, uint64_t length,
                                                          ValueInfo* info);
+
+  // ReadRange of the stored version `expected` only (as an earlier read's `info` describes it:
+  // its generation, and on http and s3 its etag), so that the pieces of one value read by
+  // several calls are never of two versions. ABORTED, naming the key and the expected
+  // generation, when the key now holds another version; NOT_FOUND when it holds none. The
+  // default reads the range and compares the generation it reports; http and s3 send
+  // `If-Match: <etag>` (a 412 answer is ABORTED); the file store checks the descriptor it
+  // reads from. REQUIRES: ValidateKey(key).ok(). Thread-safe.
   virtual absl::StatusOr<buffer::cpu::Buffer> ReadRangeIfMatch(absl::string_view key,
                                                                uint64_t offset, uint64_t length,
                                                                const ValueInfo& expected,
@@ -214,6 +231,9 @@ absl::StatusOr<std::unique_ptr<Backend>> OpenBackend(absl::string_view url,
 
 // Statuses that name the key they concern.
 absl::Status KeyNotFoundError(absl::string_view key);
+// ABORTED: `key` no longer holds the version of generation `expected` that a read by range
+// asked for (see Backend::ReadRangeIfMatch).
+absl::Status VersionChangedError(absl::string_view key, Generation expected);
 
 }  // namespace chunkd::server
 

@@ -1,10 +1,13 @@
 // The backend conformance suite (see backend_conformance.h), instantiated here for the file and
-// memory backends (http and s3 instantiate it in their own test files). Every test states behaviour of the Backend interface, never of one backend.
+// memory backends and for Backend's default methods (http and s3 instantiate it in their own
+// test files). Every test states behaviour of the Backend interface, never of one backend.
 #include "tests/unit/backend_conformance.h"
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <thread>
@@ -221,6 +224,117 @@ TEST_P(BackendConformanceTest, RangedReads) {
   ASSERT_TRUE(none.ok()) << none.status();
   EXPECT_EQ(none->size(), 0u);
   EXPECT_EQ(info.size, 0u);
+}
+
+// The last N bytes, with the whole value's size, generation and etag (what a reader of a
+// shard's index asks for before it knows the size).
+TEST_P(BackendConformanceTest, SuffixReads) {
+  std::string value = RandomBytes(100000, 11);
+  auto written = Put(backend(), "arr/shard", value);
+  ASSERT_TRUE(written.ok()) << written.status();
+  auto stat = backend().Stat("arr/shard");
+  ASSERT_TRUE(stat.ok()) << stat.status();
+  for (uint64_t length : {uint64_t{10}, uint64_t{99999}, uint64_t{100000}, uint64_t{100001},
+                          uint64_t{1} << 40, Backend::kToEnd, uint64_t{0}}) {
+    SCOPED_TRACE(absl::StrCat("length ", length));
+    ValueInfo info;
+    auto got = backend().ReadSuffix("arr/shard", length, &info);
+    ASSERT_TRUE(got.ok()) << got.status();
+    size_t want = static_cast<size_t>(std::min<uint64_t>(length, value.size()));
+    EXPECT_EQ(got->size(), want);
+    EXPECT_TRUE(got->view() == std::string_view(value).substr(value.size() - want));
+    EXPECT_EQ(info.size, 100000u);
+    EXPECT_EQ(info.generation, written->generation);
+    EXPECT_EQ(info.etag, stat->etag);
+  }
+  // `info` may be left out.
+  auto no_info = backend().ReadSuffix("arr/shard", 3, nullptr);
+  ASSERT_TRUE(no_info.ok()) << no_info.status();
+  EXPECT_TRUE(no_info->view() == std::string_view(value).substr(value.size() - 3));
+
+  auto empty = Put(backend(), "arr/empty", "");
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  for (uint64_t length : {uint64_t{0}, uint64_t{10}, Backend::kToEnd}) {
+    SCOPED_TRACE(absl::StrCat("empty value, length ", length));
+    ValueInfo info;
+    auto none = backend().ReadSuffix("arr/empty", length, &info);
+    ASSERT_TRUE(none.ok()) << none.status();
+    EXPECT_EQ(none->size(), 0u);
+    EXPECT_EQ(info.size, 0u);
+    EXPECT_EQ(info.generation, empty->generation);
+  }
+
+  auto missing = backend().ReadSuffix("arr/none", 10, nullptr);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound) << missing.status();
+  EXPECT_THAT(std::string(missing.status().message()), HasSubstr("arr/none"));
+}
+
+// Ranges of one stored version: the pieces of a value read by several calls are never of two
+// versions. Each replacement changes the size, so that stores whose validator is coarse in
+// time (nginx's ETag: mtime in seconds and size) see it too.
+TEST_P(BackendConformanceTest, RangeReadsOfOneVersion) {
+  std::string v1 = RandomBytes(3000, 21);
+  auto written = Put(backend(), "arr/shard", v1);
+  ASSERT_TRUE(written.ok()) << written.status();
+  // The first piece's info is what the later pieces ask for.
+  ValueInfo first;
+  auto head = backend().ReadRange("arr/shard", 0, 100, &first);
+  ASSERT_TRUE(head.ok()) << head.status();
+  EXPECT_EQ(first.generation, written->generation);
+  auto stat = backend().Stat("arr/shard");
+  ASSERT_TRUE(stat.ok()) << stat.status();
+  EXPECT_EQ(first.etag, stat->etag);
+
+  struct Case {
+    uint64_t offset, length;
+    size_t want_start, want_size;
+  };
+  for (const Case& c : {Case{100, 900, 100, 900}, Case{2990, 100, 2990, 10},
+                        Case{0, Backend::kToEnd, 0, 3000}, Case{3000, 10, 0, 0},
+                        Case{5, 0, 0, 0}}) {
+    SCOPED_TRACE(absl::StrCat("offset ", c.offset, " length ", c.length));
+    ValueInfo info;
+    auto got = backend().ReadRangeIfMatch("arr/shard", c.offset, c.length, first, &info);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->size(), c.want_size);
+    EXPECT_TRUE(got->view() == std::string_view(v1).substr(c.want_start, c.want_size));
+    EXPECT_EQ(info.size, 3000u);
+    EXPECT_EQ(info.generation, first.generation);
+  }
+  // A suffix read's info serves as well.
+  ValueInfo from_suffix;
+  ASSERT_TRUE(backend().ReadSuffix("arr/shard", 16, &from_suffix).ok());
+  EXPECT_TRUE(backend().ReadRangeIfMatch("arr/shard", 0, 16, from_suffix, nullptr).ok());
+
+  // Replaced: the old version's pieces are refused, whatever the range; the new ones read.
+  std::string v2 = RandomBytes(4500, 22);
+  auto rewritten = Put(backend(), "arr/shard", v2);
+  ASSERT_TRUE(rewritten.ok()) << rewritten.status();
+  for (const Case& c : {Case{100, 900, 0, 0}, Case{4000, 100, 0, 0}, Case{9000, 10, 0, 0},
+                        Case{5, 0, 0, 0}}) {
+    SCOPED_TRACE(absl::StrCat("old version, offset ", c.offset, " length ", c.length));
+    auto stale = backend().ReadRangeIfMatch("arr/shard", c.offset, c.length, first, nullptr);
+    EXPECT_EQ(stale.status().code(), absl::StatusCode::kAborted) << stale.status();
+    EXPECT_THAT(std::string(stale.status().message()), HasSubstr("arr/shard"));
+    EXPECT_THAT(std::string(stale.status().message()), HasSubstr("changed"));
+  }
+  ValueInfo second;
+  ASSERT_TRUE(backend().ReadRange("arr/shard", 0, 1, &second).ok());
+  EXPECT_NE(second.generation, first.generation);
+  ValueInfo info;
+  auto fresh = backend().ReadRangeIfMatch("arr/shard", 4000, 1000, second, &info);
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_TRUE(fresh->view() == std::string_view(v2).substr(4000, 500));
+  EXPECT_EQ(info.size, 4500u);
+  EXPECT_EQ(info.generation, second.generation);
+
+  auto missing = backend().ReadRangeIfMatch("arr/none", 0, 10, second, nullptr);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound) << missing.status();
+  EXPECT_THAT(std::string(missing.status().message()), HasSubstr("arr/none"));
+  if (read_only()) return;  // the suite cannot remove values behind a read-only backend
+  ASSERT_TRUE(backend().Delete("arr/shard", {}).ok());
+  auto deleted = backend().ReadRangeIfMatch("arr/shard", 0, 10, second, nullptr);
+  EXPECT_EQ(deleted.status().code(), absl::StatusCode::kNotFound) << deleted.status();
 }
 
 TEST_P(BackendConformanceTest, ReadOnlyBackendRefusesWrites) {
@@ -717,6 +831,76 @@ std::unique_ptr<Backend> MakeMemoryBackend(TempDir&) {
   return server::NewMemoryBackend(server::BackendOptions{});
 }
 
+// Only what every backend must implement, over a memory backend: the rest (ReadRange,
+// ReadSuffix, ReadRangeIfMatch, IsCurrent, ReadIfChanged) is Backend's defaults, which the
+// suite then tests. `after_stat` (when set) runs after each Stat: a writer racing the reads.
+class DefaultsBackend final : public Backend {
+ public:
+  DefaultsBackend() : inner_(server::NewMemoryBackend(server::BackendOptions{})) {}
+  absl::string_view kind() const override { return "defaults"; }
+  std::string location() const override { return "defaults over memory://"; }
+  absl::StatusOr<Buffer> Read(absl::string_view key, ValueInfo* info) override {
+    return inner_->Read(key, info);
+  }
+  absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {
+    auto info = inner_->Stat(key);
+    ++stats;
+    if (after_stat) after_stat();
+    return info;
+  }
+  absl::StatusOr<ValueInfo> Write(absl::string_view key, Buffer value,
+                                  const Conditions& conditions) override {
+    return inner_->Write(key, std::move(value), conditions);
+  }
+  absl::Status Delete(absl::string_view key, const Conditions& conditions) override {
+    return inner_->Delete(key, conditions);
+  }
+  absl::StatusOr<std::unique_ptr<server::ListCursor>> List(absl::string_view prefix,
+                                                           bool directory) override {
+    return inner_->List(prefix, directory);
+  }
+
+  std::function<void()> after_stat;
+  int stats = 0;
+
+ private:
+  std::unique_ptr<Backend> inner_;
+};
+
+// The default ReadSuffix is a Stat and then a ReadRange: a value replaced between the two is
+// read again once, at its new version, and a value replaced every time fails with ABORTED;
+// never the old size's offset into the new bytes.
+TEST(BackendDefaultsTest, SuffixReadOfAValueReplacedMeanwhile) {
+  DefaultsBackend backend;
+  ASSERT_TRUE(Put(backend, "k", "first version").ok());
+  backend.after_stat = [&] {
+    backend.after_stat = nullptr;  // one racing write
+    ASSERT_TRUE(Put(backend, "k", "the second, longer version").ok());
+  };
+  ValueInfo info;
+  auto got = backend.ReadSuffix("k", 7, &info);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->view(), "version");
+  EXPECT_EQ(info.size, 26u);
+  EXPECT_EQ(backend.stats, 2);
+
+  int writes = 0;
+  backend.after_stat = [&] {
+    ASSERT_TRUE(Put(backend, "k", std::string(++writes, 'x')).ok());
+  };
+  auto stale = backend.ReadSuffix("k", 7, &info);
+  EXPECT_EQ(stale.status().code(), absl::StatusCode::kAborted) << stale.status();
+  EXPECT_THAT(std::string(stale.status().message()), HasSubstr("\"k\""));
+  EXPECT_EQ(writes, 2);
+}
+
+std::unique_ptr<Backend> MakeDefaultsBackend(TempDir&) {
+  return std::make_unique<DefaultsBackend>();
+}
+
+INSTANTIATE_TEST_SUITE_P(Defaults, BackendConformanceTest,
+                         ::testing::Values(BackendFactory{"defaults", MakeDefaultsBackend}),
+                         BackendFactoryName);
 INSTANTIATE_TEST_SUITE_P(File, BackendConformanceTest,
                          ::testing::Values(BackendFactory{"file", MakeFileBackend}),
                          BackendFactoryName);

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <memory>
@@ -21,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "buffer/cpu/buffer.h"
+#include "buffer/memory.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/backend/backend.h"
@@ -517,6 +519,86 @@ TEST(FileBackendTest, RootReachedThroughALink) {
   EXPECT_EQ(*Get(*b, "a/b"), "v");
   EXPECT_EQ(ReadFile(real.Join("a/b")), "v");
   EXPECT_THAT(ListKeys(*b), ElementsAre("a/b"));
+}
+
+// The heap, refusing blocks larger than `limit`, and remembering the largest block asked for:
+// how much of a value a read brought into memory.
+class CappedAllocator final : public buffer::HostAllocator {
+ public:
+  explicit CappedAllocator(size_t limit) : limit_(limit) {}
+  absl::StatusOr<std::shared_ptr<buffer::Block>> Allocate(size_t size) override {
+    size_t seen = largest_.load();
+    while (size > seen && !largest_.compare_exchange_weak(seen, size)) {
+    }
+    if (size > limit_) {
+      return absl::ResourceExhaustedError(absl::StrCat("test allocator: ", size, " bytes asked, ",
+                                                       limit_, " at most"));
+    }
+    return buffer::HeapAllocator().Allocate(size);
+  }
+  buffer::MemoryKind kind() const override { return buffer::HeapAllocator().kind(); }
+  size_t largest() const { return largest_.load(); }
+
+ private:
+  const size_t limit_;
+  std::atomic<size_t> largest_{0};
+};
+
+// A range of a huge value reads that range, not the value: an 8 GiB sparse file whose last
+// 4 KiB hold data, read through an allocator that refuses more than 1 MiB.
+TEST(FileBackendTest, RangeAndSuffixReadsReadOnlyTheirBytes) {
+  TempDir dir;
+  constexpr uint64_t kSize = uint64_t{8} << 30;
+  const std::string tail = chunkd::testing::RandomBytes(4096, 5);
+  const std::string middle = "in the middle";
+  {
+    int fd = ::open(dir.Join("big").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    ASSERT_GE(fd, 0);
+    if (::ftruncate(fd, static_cast<off_t>(kSize)) != 0) {
+      int err = errno;
+      ::close(fd);
+      GTEST_SKIP() << "no 8 GiB sparse file here: " << std::strerror(err);
+    }
+    ASSERT_EQ(::pwrite(fd, tail.data(), tail.size(), static_cast<off_t>(kSize - tail.size())),
+              static_cast<ssize_t>(tail.size()));
+    ASSERT_EQ(::pwrite(fd, middle.data(), middle.size(), static_cast<off_t>(kSize / 2)),
+              static_cast<ssize_t>(middle.size()));
+    ::close(fd);
+  }
+  CappedAllocator allocator(1 << 20);
+  BackendOptions options;
+  options.allocator = &allocator;
+  auto opened = OpenFileBackend(dir.path(), options);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  Backend& backend = **opened;
+  auto stat = backend.Stat("big");
+  ASSERT_TRUE(stat.ok()) << stat.status();
+  ASSERT_EQ(stat->size, kSize);
+
+  ValueInfo info;
+  auto range = backend.ReadRange("big", kSize - 4096, 4096, &info);
+  ASSERT_TRUE(range.ok()) << range.status();
+  EXPECT_TRUE(range->view() == tail);
+  EXPECT_EQ(info.size, kSize);
+  EXPECT_EQ(info.generation, stat->generation);
+  // Past the end: the bytes there are.
+  range = backend.ReadRange("big", kSize - 10, 4096, &info);
+  ASSERT_TRUE(range.ok()) << range.status();
+  EXPECT_TRUE(range->view() == std::string_view(tail).substr(4086));
+
+  auto suffix = backend.ReadSuffix("big", 4096, &info);
+  ASSERT_TRUE(suffix.ok()) << suffix.status();
+  EXPECT_TRUE(suffix->view() == tail);
+  EXPECT_EQ(info.size, kSize);
+  EXPECT_EQ(info.generation, stat->generation);
+
+  auto of_version = backend.ReadRangeIfMatch("big", kSize / 2, middle.size(), *stat, &info);
+  ASSERT_TRUE(of_version.ok()) << of_version.status();
+  EXPECT_EQ(of_version->view(), middle);
+  EXPECT_EQ(allocator.largest(), 4096u);
+
+  // The reads above went through the allocator that would have refused the whole value.
+  EXPECT_EQ(backend.Read("big", nullptr).status().code(), absl::StatusCode::kResourceExhausted);
 }
 
 TEST(FileBackendTest, FifoInTheStoreDoesNotBlock) {

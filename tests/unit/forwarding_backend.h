@@ -29,6 +29,16 @@ class ForwardingBackend : public server::Backend {
                                                 server::ValueInfo* info) override {
     return inner_->ReadRange(key, offset, length, info);
   }
+  absl::StatusOr<buffer::cpu::Buffer> ReadSuffix(absl::string_view key, uint64_t length,
+                                                 server::ValueInfo* info) override {
+    return inner_->ReadSuffix(key, length, info);
+  }
+  absl::StatusOr<buffer::cpu::Buffer> ReadRangeIfMatch(absl::string_view key, uint64_t offset,
+                                                       uint64_t length,
+                                                       const server::ValueInfo& expected,
+                                                       server::ValueInfo* info) override {
+    return inner_->ReadRangeIfMatch(key, offset, length, expected, info);
+  }
   absl::StatusOr<server::ValueInfo> Stat(absl::string_view key) override {
     return inner_->Stat(key);
   }

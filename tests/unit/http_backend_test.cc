@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -28,6 +29,7 @@ namespace chunkd::testing {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using Reply = ScriptedHttpServer::Reply;
 
 void SkipBecause(const std::string& reason) { GTEST_SKIP() << reason; }
@@ -254,6 +256,96 @@ TEST(HttpBackendTest, RangedReadSendsRange) {
   std::lock_guard<std::mutex> lock(mu);
   EXPECT_THAT(seen, HasSubstr("GET /base/a%20b/c HTTP/1.1"));
   EXPECT_THAT(seen, HasSubstr("Range: bytes=2-6"));
+}
+
+// ReadSuffix and ReadRangeIfMatch are one GET each: `Range: bytes=-N`; Range with If-Match,
+// a 412 answer ABORTED (the HEAD after it only tells a changed value from a removed one).
+TEST(HttpBackendTest, SuffixAndIfMatchReadsAreOneGet) {
+  std::vector<std::string> seen;
+  std::mutex mu;
+  ScriptedHttpServer server([&](const std::string& request, int) {
+    std::lock_guard<std::mutex> lock(mu);
+    seen.push_back(request);
+    if (absl::StartsWith(request, "HEAD")) {
+      return Reply{"HTTP/1.1 200 X\r\nContent-Length: 10\r\nETag: \"v2\"\r\n"
+                   "Connection: close\r\n\r\n"};
+    }
+    if (absl::StrContains(request, "If-Match: \"v1\"")) return ScriptedHttpServer::Status(412);
+    if (absl::StrContains(request, "Range: bytes=-4")) {
+      return ScriptedHttpServer::Status(206, "6789",
+                                        "Content-Range: bytes 6-9/10\r\nETag: \"v2\"\r\n");
+    }
+    return ScriptedHttpServer::Status(206, "234",
+                                      "Content-Range: bytes 2-4/10\r\nETag: \"v2\"\r\n");
+  });
+  auto backend = Open(server.url(), FastOptions());
+  ASSERT_NE(backend, nullptr);
+  server::ValueInfo info;
+  auto suffix = backend->ReadSuffix("k", 4, &info);
+  ASSERT_TRUE(suffix.ok()) << suffix.status();
+  EXPECT_EQ(suffix->view(), "6789");
+  EXPECT_EQ(info.size, 10u);
+  EXPECT_EQ(info.etag, "\"v2\"");
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    ASSERT_EQ(seen.size(), 1u);
+    EXPECT_THAT(seen[0], HasSubstr("Range: bytes=-4\r\n"));
+    EXPECT_THAT(seen[0], Not(HasSubstr("If-Match")));
+  }
+
+  server::ValueInfo got;
+  auto current = backend->ReadRangeIfMatch("k", 2, 3, info, &got);
+  ASSERT_TRUE(current.ok()) << current.status();
+  EXPECT_EQ(current->view(), "234");
+  EXPECT_EQ(got.generation, info.generation);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    ASSERT_EQ(seen.size(), 2u);
+    EXPECT_THAT(seen[1], HasSubstr("Range: bytes=2-4\r\n"));
+    EXPECT_THAT(seen[1], HasSubstr("If-Match: \"v2\"\r\n"));
+  }
+
+  server::ValueInfo old = info;
+  old.etag = "\"v1\"";
+  old.generation = info.generation + 1;
+  auto stale = backend->ReadRangeIfMatch("k", 2, 3, old, nullptr);
+  EXPECT_EQ(stale.status().code(), absl::StatusCode::kAborted) << stale.status();
+  EXPECT_THAT(std::string(stale.status().message()), HasSubstr("\"k\""));
+  // A weak etag cannot be sent as If-Match (it never matches): the answer's generation is
+  // compared instead.
+  server::ValueInfo weak = info;
+  weak.etag = "W/\"v2\"";
+  auto compared = backend->ReadRangeIfMatch("k", 2, 3, weak, nullptr);
+  EXPECT_TRUE(compared.ok()) << compared.status();
+  std::lock_guard<std::mutex> lock(mu);
+  ASSERT_EQ(seen.size(), 5u);  // the 412 was followed by one HEAD
+  EXPECT_THAT(seen[3], HasSubstr("HEAD /k"));
+  EXPECT_THAT(seen[4], Not(HasSubstr("If-Match")));
+}
+
+// A server that ignores Range sends the whole value: the part asked for is cut from it.
+TEST(HttpBackendTest, WholeAnswersToRangesAreCut) {
+  ScriptedHttpServer server([](const std::string&, int) {
+    return ScriptedHttpServer::Status(200, "0123456789", "ETag: \"w\"\r\n");
+  });
+  auto backend = Open(server.url(), FastOptions());
+  ASSERT_NE(backend, nullptr);
+  for (const auto& [length, want] : std::vector<std::pair<uint64_t, std::string>>{
+           {4, "6789"}, {10, "0123456789"}, {100, "0123456789"}}) {
+    server::ValueInfo whole;
+    auto got = backend->ReadSuffix("k", length, &whole);
+    ASSERT_TRUE(got.ok()) << length << ": " << got.status();
+    EXPECT_EQ(got->view(), want) << length;
+    EXPECT_EQ(whole.size, 10u) << length;
+  }
+  auto stat = backend->Stat("k");
+  ASSERT_TRUE(stat.ok()) << stat.status();
+  auto range = backend->ReadRangeIfMatch("k", 8, 5, *stat, nullptr);
+  ASSERT_TRUE(range.ok()) << range.status();
+  EXPECT_EQ(range->view(), "89");
+  range = backend->ReadRange("k", 3, 2, nullptr);
+  ASSERT_TRUE(range.ok()) << range.status();
+  EXPECT_EQ(range->view(), "34");
 }
 
 TEST(HttpBackendTest, ListingWithoutJsonIndexIsUnimplemented) {

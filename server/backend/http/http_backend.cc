@@ -25,17 +25,6 @@ using http::HttpTransport;
 
 using Child = TreeChild;
 
-// The generation of the value a response describes.
-Generation GenerationOf(const HttpResponse& r, uint64_t size) {
-  if (auto etag = r.Header("etag"); etag && !etag->empty()) {
-    return http::HashToGeneration(absl::StrCat("etag:", *etag));
-  }
-  if (auto modified = r.Header("last-modified"); modified && !modified->empty()) {
-    return http::HashToGeneration(absl::StrCat("modified:", *modified, "/", size));
-  }
-  return http::HashToGeneration(absl::StrCat("size:", size));
-}
-
 class HttpBackend;
 
 class HttpListCursor final : public TreeWalkCursor<std::monostate> {
@@ -57,18 +46,16 @@ class HttpListCursor final : public TreeWalkCursor<std::monostate> {
   HttpBackend* backend_;
 };
 
-class HttpBackend final : public Backend {
+class HttpBackend final : public http::RangedHttpBackend {
  public:
   HttpBackend(std::string base, const BackendOptions& options)
-      : base_(std::move(base)), allocator_(options.allocator), transport_(options.http) {}
+      : RangedHttpBackend(options.http), base_(std::move(base)), allocator_(options.allocator) {}
 
   absl::string_view kind() const override { return "http"; }
   std::string location() const override { return base_; }
 
   absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key, ValueInfo* info) override {
-    HttpRequest request;
-    request.url = UrlFor(key);
-    request.allocator = allocator_;
+    HttpRequest request = NewGet(key);
     auto r = transport_.Perform(request, What("GET", key));
     if (!r.ok()) return r.status();
     if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
@@ -87,9 +74,7 @@ class HttpBackend final : public Backend {
   absl::StatusOr<std::optional<buffer::cpu::Buffer>> ReadIfChanged(
       absl::string_view key, const ValueInfo& cached, ValueInfo* info) override {
     if (cached.etag.empty()) return Backend::ReadIfChanged(key, cached, info);
-    HttpRequest request;
-    request.url = UrlFor(key);
-    request.allocator = allocator_;
+    HttpRequest request = NewGet(key);
     request.headers.push_back(absl::StrCat("If-None-Match: ", cached.etag));
     auto r = transport_.Perform(request, What("conditional GET", key));
     if (!r.ok()) return r.status();
@@ -103,22 +88,6 @@ class HttpBackend final : public Backend {
       *info = {r->body.size(), GenerationOf(*r, r->body.size()), r->Header("etag").value_or("")};
     }
     return std::optional<buffer::cpu::Buffer>(std::move(r->body));
-  }
-
-  absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
-                                                uint64_t length, ValueInfo* info) override {
-    if (offset == 0 && length == kToEnd) return Read(key, info);
-    return http::RangedGet(
-        transport_, What("GET", key), offset, length, info,
-        [&] {
-          HttpRequest request;
-          request.url = UrlFor(key);
-          request.allocator = allocator_;
-          return request;
-        },
-        [&](const HttpResponse& r) { return CheckResponse(r, key, "GET"); },
-        [](const HttpResponse& r, uint64_t size) { return GenerationOf(r, size); },
-        [&] { return Stat(key); });
   }
 
   absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {
@@ -208,8 +177,8 @@ class HttpBackend final : public Backend {
 
   // NOT_FOUND for 404 and for a key that names a directory (redirected to a URL ending in
   // '/'); the mapped error for other non-2xx statuses.
-  static absl::Status CheckResponse(const HttpResponse& r, absl::string_view key,
-                                    absl::string_view method) {
+  absl::Status CheckResponse(const HttpResponse& r, absl::string_view key,
+                             absl::string_view method) const override {
     if (r.status == 404 || r.status == 410 || absl::EndsWith(r.effective_url, "/") ||
         (r.status >= 300 && r.status < 400)) {
       return KeyNotFoundError(key);
@@ -220,9 +189,25 @@ class HttpBackend final : public Backend {
     return http::StatusForHttpError(r.status, what, "");
   }
 
+  HttpRequest NewGet(absl::string_view key) const override {
+    HttpRequest request;
+    request.url = UrlFor(key);
+    request.allocator = allocator_;
+    return request;
+  }
+  // From the ETag, else Last-Modified and the size, else the size alone.
+  Generation GenerationOf(const HttpResponse& r, uint64_t size) const override {
+    if (auto etag = r.Header("etag"); etag && !etag->empty()) {
+      return http::HashToGeneration(absl::StrCat("etag:", *etag));
+    }
+    if (auto modified = r.Header("last-modified"); modified && !modified->empty()) {
+      return http::HashToGeneration(absl::StrCat("modified:", *modified, "/", size));
+    }
+    return http::HashToGeneration(absl::StrCat("size:", size));
+  }
+
   const std::string base_;  // no trailing '/'
   buffer::HostAllocator* const allocator_;
-  HttpTransport transport_;
 };
 
 absl::StatusOr<HttpListCursor::Frame> HttpListCursor::ReadFrame(std::string rel,

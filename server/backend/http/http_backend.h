@@ -6,9 +6,10 @@
 // A key "arr/c/0/1" is fetched from URL "<store URL>/arr/c/0/1" (each byte outside
 // [A-Za-z0-9-._~/] percent-encoded).
 //
-// - Read: GET (ReadRange: GET with a Range header); the value lands straight in memory from
-//   BackendOptions::allocator. A body shorter than its Content-Length is UNAVAILABLE ("truncated"),
-//   never returned as a value.
+// - Read: GET (ReadRange: GET with a Range header; ReadSuffix: with `Range: bytes=-N`;
+//   ReadRangeIfMatch: with Range and If-Match: the expected ETag, a 412 answer ABORTED); the
+//   value lands straight in memory from BackendOptions::allocator. A body shorter than its
+//   Content-Length is UNAVAILABLE ("truncated"), never returned as a value.
 // - Stat: HEAD. Size from Content-Length; generation from the ETag (else Last-Modified and
 //   the size), hashed to a nonzero 64-bit number. Servers whose validators have a coarse clock
 //   (nginx: modification second and size) may give a replaced value the same generation.

@@ -13,6 +13,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "server/common/key.h"
 
 namespace chunkd::server::http {
 namespace {
@@ -370,48 +371,118 @@ std::optional<uint64_t> TotalFromContentRange(absl::string_view content_range) {
   return total;
 }
 
-absl::StatusOr<buffer::cpu::Buffer> RangedGet(
-    HttpTransport& transport, absl::string_view what, uint64_t offset, uint64_t length,
-    ValueInfo* info, absl::FunctionRef<HttpRequest()> new_request,
-    absl::FunctionRef<absl::Status(const HttpResponse&)> check,
-    absl::FunctionRef<Generation(const HttpResponse&, uint64_t size)> generation,
-    absl::FunctionRef<absl::StatusOr<ValueInfo>()> stat) {
-  if (length == 0) {
-    auto stat_info = stat();
-    if (!stat_info.ok()) return stat_info.status();
-    if (info) *info = *stat_info;
-    return buffer::cpu::Buffer();
+namespace {
+
+// Range ends past what servers parse (63 bits) stand for "to the end".
+constexpr uint64_t kLargestRangeEnd = uint64_t{1} << 62;
+
+// An etag If-Match can use: weak ones (W/"...") never match it (RFC 9110 13.1.1 compares
+// strongly).
+bool StrongEtag(absl::string_view etag) { return !etag.empty() && !absl::StartsWith(etag, "W/"); }
+
+}  // namespace
+
+absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::ReadRange(absl::string_view key,
+                                                                 uint64_t offset, uint64_t length,
+                                                                 ValueInfo* info) {
+  if (offset == 0 && length == kToEnd) return Read(key, info);
+  return RangedGet(key, {.offset = offset, .length = length}, info);
+}
+
+absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::ReadSuffix(absl::string_view key,
+                                                                  uint64_t length,
+                                                                  ValueInfo* info) {
+  return RangedGet(key, {.length = length, .suffix = true}, info);
+}
+
+absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::ReadRangeIfMatch(
+    absl::string_view key, uint64_t offset, uint64_t length, const ValueInfo& expected,
+    ValueInfo* info) {
+  return RangedGet(key, {.offset = offset, .length = length, .expected = &expected}, info);
+}
+
+std::string RangedHttpBackend::RangeHeader(const ByteRange& range) {
+  if (range.suffix) {
+    return absl::StrCat("Range: bytes=-", std::min(range.length, kLargestRangeEnd));
   }
-  HttpRequest request = new_request();
-  // Ends past what servers parse (63 bits) read to the end.
-  if (length > (uint64_t{1} << 62) || offset > (uint64_t{1} << 62)) {
-    request.headers.push_back(absl::StrCat("Range: bytes=", offset, "-"));
-  } else {
-    request.headers.push_back(absl::StrCat("Range: bytes=", offset, "-", offset + length - 1));
+  if (range.length > kLargestRangeEnd || range.offset > kLargestRangeEnd) {
+    return absl::StrCat("Range: bytes=", range.offset, "-");
   }
-  auto r = transport.Perform(request, what);
-  if (!r.ok()) return r.status();
-  if (r->status == 416) {
-    // The range starts at or past the end: nothing, and the value's size and generation.
-    auto stat_info = stat();
-    if (!stat_info.ok()) return stat_info.status();
-    if (info) *info = *stat_info;
-    return buffer::cpu::Buffer();
+  return absl::StrCat("Range: bytes=", range.offset, "-", range.offset + range.length - 1);
+}
+
+std::pair<uint64_t, uint64_t> RangedHttpBackend::PartOf(const ByteRange& range, uint64_t size) {
+  if (range.suffix) {
+    uint64_t take = std::min(range.length, size);
+    return {size - take, take};
   }
-  if (absl::Status s = check(*r); !s.ok()) return s;
-  if (r->status == 206) {
-    auto total = TotalFromContentRange(r->Header("content-range").value_or(""));
-    if (!total) {
-      return absl::InternalError(absl::StrCat(what, ": a partial answer without a total size"));
+  if (range.offset >= size) return {size, 0};
+  return {range.offset, std::min(range.length, size - range.offset)};
+}
+
+absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::RangedGet(absl::string_view key,
+                                                                 const ByteRange& range,
+                                                                 ValueInfo* info) {
+  // The answer's version must be the expected one, If-Match or not: servers without etags or
+  // with weak ones get no If-Match, and an S3 object rewritten with the same bytes keeps its
+  // etag but not its generation.
+  auto finish = [&](ValueInfo got,
+                    buffer::cpu::Buffer bytes) -> absl::StatusOr<buffer::cpu::Buffer> {
+    if (range.expected && got.generation != range.expected->generation) {
+      return VersionChangedError(key, range.expected->generation);
     }
-    if (info) *info = {*total, generation(*r, *total)};
-    return std::move(r->body);
+    if (info) *info = std::move(got);
+    return bytes;
+  };
+  const std::string what = absl::StrCat("GET key ", QuoteKey(key));
+  const bool if_match = range.expected && StrongEtag(range.expected->etag);
+  for (int attempt = 1;; ++attempt) {
+    if (range.length == 0) {
+      auto now = Stat(key);
+      if (!now.ok()) return now.status();
+      return finish(*std::move(now), buffer::cpu::Buffer());
+    }
+    HttpRequest request = NewGet(key);
+    request.headers.push_back(RangeHeader(range));
+    if (if_match) request.headers.push_back(absl::StrCat("If-Match: ", range.expected->etag));
+    auto r = transport_.Perform(request, what);
+    if (!r.ok()) return r.status();
+    if (r->status == 412 && if_match) {
+      // Another version, or none: some stores answer 412 for a missing object too.
+      auto now = Stat(key);
+      if (absl::IsNotFound(now.status())) return now.status();
+      return VersionChangedError(key, range.expected->generation);
+    }
+    if (r->status == 416) {
+      // No byte to give: the range starts at or past the end, or the value is empty.
+      auto now = Stat(key);
+      if (!now.ok()) return now.status();
+      if (PartOf(range, now->size).second == 0) {
+        return finish(*std::move(now), buffer::cpu::Buffer());
+      }
+      // The value now has bytes there: it was replaced after the GET.
+      if (attempt >= 2) {
+        return absl::AbortedError(
+            absl::StrCat("key ", QuoteKey(key), " changed while being read by range; try again"));
+      }
+      continue;
+    }
+    if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
+    std::string etag = r->Header("etag").value_or("");
+    if (r->status == 206) {
+      auto total = TotalFromContentRange(r->Header("content-range").value_or(""));
+      if (!total) {
+        return absl::InternalError(absl::StrCat(what, ": a partial answer without a total size"));
+      }
+      return finish({*total, GenerationOf(*r, *total), std::move(etag)},
+                    std::move(r->body));
+    }
+    // 200: the server sent the whole value (it ignores Range, or the range is all of it).
+    uint64_t size = r->body.size();
+    auto [start, length] = PartOf(range, size);
+    return finish({size, GenerationOf(*r, size), std::move(etag)},
+                  r->body.Slice(start, length));
   }
-  // 200: the server sent the whole value.
-  uint64_t size = r->body.size();
-  if (info) *info = {size, generation(*r, size)};
-  if (offset >= size) return buffer::cpu::Buffer();
-  return r->body.Slice(offset, std::min(length, size - offset));
 }
 
 }  // namespace chunkd::server::http

@@ -1,6 +1,7 @@
 // HTTP requests over libcurl for the remote backends (http/, s3/): a pool of reusable
 // connections, timeouts, retries with backoff, bodies received straight into chunk buffers,
-// and the mapping of HTTP outcomes to absl::Status.
+// the mapping of HTTP outcomes to absl::Status, and the reads by range both backends share
+// (RangedHttpBackend).
 #ifndef CHUNKD_SERVER_BACKEND_HTTP_HTTP_TRANSPORT_H_
 #define CHUNKD_SERVER_BACKEND_HTTP_HTTP_TRANSPORT_H_
 
@@ -12,7 +13,6 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -100,20 +100,58 @@ Generation HashToGeneration(absl::string_view text);
 // Parses "bytes START-END/TOTAL" (or "bytes */TOTAL"); the TOTAL, or nullopt.
 std::optional<uint64_t> TotalFromContentRange(absl::string_view content_range);
 
-// Backend::ReadRange over HTTP for a range other than the whole value: a GET with a Range
-// header (ends past 2^62 read to the end). An empty range, or a 416 answer (the range starts at
-// or past the end), returns an empty buffer and `stat()`'s info; a 206 answer takes the size
-// from Content-Range; a 200 answer (the whole value) is sliced here. `what` names the GET for
-// messages ("GET key \"a/b\""). The hooks are what differs between backends: `new_request`
-// builds (and signs) the GET for the key with its body allocator set, `check` maps a response
-// that is not to be used to its error, `generation` derives the generation of a value of size
-// `size` from a response, `stat` looks up the value's size and generation.
-absl::StatusOr<buffer::cpu::Buffer> RangedGet(
-    HttpTransport& transport, absl::string_view what, uint64_t offset, uint64_t length,
-    ValueInfo* info, absl::FunctionRef<HttpRequest()> new_request,
-    absl::FunctionRef<absl::Status(const HttpResponse&)> check,
-    absl::FunctionRef<Generation(const HttpResponse&, uint64_t size)> generation,
-    absl::FunctionRef<absl::StatusOr<ValueInfo>()> stat);
+// The backends over HTTP (http, s3): a transport, and the reads by range, each one GET with a
+// Range header. ReadRange: `Range: bytes=A-B` (ends past 2^62 read to the end); ReadSuffix:
+// `Range: bytes=-N`; ReadRangeIfMatch: Range and `If-Match: <expected etag>` when that is a
+// strong etag (a 412 answer is ABORTED; a HEAD after it tells a removed value, NOT_FOUND),
+// and the answer's generation must be the expected one. A 206 answer's total size comes from
+// Content-Range; a 200 answer (a server that ignores Range) is the whole value, cut here.
+// Where the answer has no bytes to give (an empty range asks for none: no GET; a 416 answer:
+// the range starts at or past the end, or the value is empty) the size and generation come
+// from Stat; should they contradict the 416 (the value was replaced in between) the GET is
+// sent once more, then ABORTED. `info` gets the whole value's size, generation and etag.
+// Subclasses say how a GET of a key is made and judged.
+class RangedHttpBackend : public Backend {
+ public:
+  absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
+                                                uint64_t length, ValueInfo* info) override;
+  absl::StatusOr<buffer::cpu::Buffer> ReadSuffix(absl::string_view key, uint64_t length,
+                                                 ValueInfo* info) override;
+  absl::StatusOr<buffer::cpu::Buffer> ReadRangeIfMatch(absl::string_view key, uint64_t offset,
+                                                       uint64_t length, const ValueInfo& expected,
+                                                       ValueInfo* info) override;
+
+ protected:
+  explicit RangedHttpBackend(const HttpBackendOptions& options) : transport_(options) {}
+
+  // A GET of `key`, signed as the store wants, with the body allocator set.
+  virtual HttpRequest NewGet(absl::string_view key) const = 0;
+  // OK when the answer to `method` ("GET", "HEAD", ...) of `key` is to be used (2xx), else
+  // its error.
+  virtual absl::Status CheckResponse(const HttpResponse& r, absl::string_view key,
+                                     absl::string_view method) const = 0;
+  // The generation of the value of `size` bytes that an answer describes (a ranged answer's
+  // Content-Length is the part's, so the size comes from the caller).
+  virtual Generation GenerationOf(const HttpResponse& r, uint64_t size) const = 0;
+
+  HttpTransport transport_;
+
+ private:
+  // What one GET asks for.
+  struct ByteRange {
+    // Bytes [offset, offset + length); with `suffix`, the last `length` bytes.
+    uint64_t offset = 0;
+    uint64_t length = 0;
+    bool suffix = false;
+    // ReadRangeIfMatch: only of this version.
+    const ValueInfo* expected = nullptr;
+  };
+  absl::StatusOr<buffer::cpu::Buffer> RangedGet(absl::string_view key, const ByteRange& range,
+                                                ValueInfo* info);
+  static std::string RangeHeader(const ByteRange& range);
+  // The part of a whole value of `size` bytes that `range` asks for: {start, length}.
+  static std::pair<uint64_t, uint64_t> PartOf(const ByteRange& range, uint64_t size);
+};
 
 }  // namespace chunkd::server::http
 

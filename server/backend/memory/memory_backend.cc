@@ -1,5 +1,6 @@
 #include "server/backend/memory/memory_backend.h"
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 
@@ -59,6 +60,19 @@ class MemoryBackend final : public Backend {
     if (it == values_.end()) return KeyNotFoundError(key);
     if (info) *info = {it->second.value.size(), it->second.generation};
     return it->second.value;
+  }
+
+  // One lookup for the size and the bytes (the default's Stat then ReadRange could see two
+  // versions); a slice of the stored value, no copy. ReadRange and ReadRangeIfMatch keep the
+  // defaults: one Read, sliced.
+  absl::StatusOr<buffer::cpu::Buffer> ReadSuffix(absl::string_view key, uint64_t length,
+                                                 ValueInfo* info) override {
+    ValueInfo whole;
+    auto value = Read(key, &whole);
+    if (!value.ok()) return value.status();
+    uint64_t take = std::min<uint64_t>(length, value->size());
+    if (info) *info = whole;
+    return value->Slice(value->size() - take, take);
   }
 
   absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {

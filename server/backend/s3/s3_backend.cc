@@ -36,19 +36,6 @@ constexpr char kGenerationHeader[] = "x-amz-meta-chunkd-generation";
 // S3's error code and message from an error response body, for messages.
 std::string ErrorDetail(const HttpResponse& r) { return S3ErrorDetail(r.BodyText()); }
 
-Generation GenerationOf(const HttpResponse& r) {
-  if (auto g = r.Header(kGenerationHeader)) {
-    uint64_t value = 0;
-    if (absl::SimpleAtoi(*g, &value) && value != 0) return value;
-  }
-  if (auto etag = r.Header("etag"); etag && !etag->empty()) {
-    return http::HashToGeneration(absl::StrCat("etag:", *etag));
-  }
-  return http::HashToGeneration(
-      absl::StrCat("modified:", r.Header("last-modified").value_or(""), "/",
-                   r.Header("content-length").value_or("")));
-}
-
 // A fresh, random, nonzero generation for a write.
 Generation NewGeneration() {
   thread_local std::mt19937_64 rng{std::random_device{}() ^
@@ -81,17 +68,17 @@ class S3ListCursor final : public ListCursor {
   bool done_ = false;
 };
 
-class S3Backend final : public Backend {
+class S3Backend final : public http::RangedHttpBackend {
  public:
   S3Backend(std::string bucket, std::string root, std::string bucket_url, S3Credentials creds,
             const BackendOptions& options)
-      : bucket_(std::move(bucket)),
+      : RangedHttpBackend(options.http),
+        bucket_(std::move(bucket)),
         root_(std::move(root)),
         bucket_url_(std::move(bucket_url)),
         creds_(std::move(creds)),
         options_(options.s3),
-        allocator_(options.allocator),
-        transport_(options.http) {
+        allocator_(options.allocator) {
     sigv4_ = absl::StrCat("aws:amz:", options_.region, ":s3");
   }
 
@@ -102,12 +89,13 @@ class S3Backend final : public Backend {
   }
 
   absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key, ValueInfo* info) override {
-    HttpRequest request = NewRequest("GET", ObjectUrl(key));
-    request.allocator = allocator_;
+    HttpRequest request = NewGet(key);
     auto r = transport_.Perform(request, What("GET", key));
     if (!r.ok()) return r.status();
     if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
-    if (info) *info = {r->body.size(), GenerationOf(*r), r->Header("etag").value_or("")};
+    if (info) {
+      *info = {r->body.size(), GenerationOf(*r, r->body.size()), r->Header("etag").value_or("")};
+    }
     return std::move(r->body);
   }
 
@@ -115,30 +103,16 @@ class S3Backend final : public Backend {
   absl::StatusOr<std::optional<buffer::cpu::Buffer>> ReadIfChanged(
       absl::string_view key, const ValueInfo& cached, ValueInfo* info) override {
     if (cached.etag.empty()) return Backend::ReadIfChanged(key, cached, info);
-    HttpRequest request = NewRequest("GET", ObjectUrl(key));
-    request.allocator = allocator_;
+    HttpRequest request = NewGet(key);
     request.headers.push_back(absl::StrCat("If-None-Match: ", cached.etag));
     auto r = transport_.Perform(request, What("conditional GET", key));
     if (!r.ok()) return r.status();
     if (r->status == 304) return std::nullopt;
     if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
-    if (info) *info = {r->body.size(), GenerationOf(*r), r->Header("etag").value_or("")};
+    if (info) {
+      *info = {r->body.size(), GenerationOf(*r, r->body.size()), r->Header("etag").value_or("")};
+    }
     return std::optional<buffer::cpu::Buffer>(std::move(r->body));
-  }
-
-  absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
-                                                uint64_t length, ValueInfo* info) override {
-    if (offset == 0 && length == kToEnd) return Read(key, info);
-    return http::RangedGet(
-        transport_, What("GET", key), offset, length, info,
-        [&] {
-          HttpRequest request = NewRequest("GET", ObjectUrl(key));
-          request.allocator = allocator_;
-          return request;
-        },
-        [&](const HttpResponse& r) { return CheckResponse(r, key, "GET"); },
-        [](const HttpResponse& r, uint64_t) { return GenerationOf(r); },
-        [&] { return Stat(key); });
   }
 
   absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {
@@ -281,7 +255,7 @@ class S3Backend final : public Backend {
 
   // OK for 2xx; NOT_FOUND naming the key for a missing object; the mapped error otherwise.
   absl::Status CheckResponse(const HttpResponse& r, absl::string_view key,
-                             absl::string_view method) const {
+                             absl::string_view method) const override {
     if (r.status >= 200 && r.status < 300) return absl::OkStatus();
     std::string detail = ErrorDetail(r);
     if (r.status == 404 && !absl::StartsWith(detail, "NoSuchBucket")) return KeyNotFoundError(key);
@@ -306,7 +280,7 @@ class S3Backend final : public Backend {
           absl::StrCat("HEAD key ", QuoteKey(key), ": the answer has no Content-Length"));
     }
     std::string etag = r->Header("etag").value_or("");
-    return std::make_pair(ValueInfo{size, GenerationOf(*r), etag}, etag);
+    return std::make_pair(ValueInfo{size, GenerationOf(*r, size), etag}, etag);
   }
 
   // The new object's ETag ("" when the store sends none).
@@ -391,6 +365,25 @@ class S3Backend final : public Backend {
     return absl::StrReplaceAll(body.substr(open + 6, close - open - 6), {{"&quot;", "\""}});
   }
 
+  HttpRequest NewGet(absl::string_view key) const override {
+    HttpRequest request = NewRequest("GET", ObjectUrl(key));
+    request.allocator = allocator_;
+    return request;
+  }
+  // chunkd's own generation (x-amz-meta-chunkd-generation), else from the ETag, else from
+  // Last-Modified and the size.
+  Generation GenerationOf(const HttpResponse& r, uint64_t size) const override {
+    if (auto g = r.Header(kGenerationHeader)) {
+      uint64_t value = 0;
+      if (absl::SimpleAtoi(*g, &value) && value != 0) return value;
+    }
+    if (auto etag = r.Header("etag"); etag && !etag->empty()) {
+      return http::HashToGeneration(absl::StrCat("etag:", *etag));
+    }
+    return http::HashToGeneration(
+        absl::StrCat("modified:", r.Header("last-modified").value_or(""), "/", size));
+  }
+
   const std::string bucket_;
   const std::string root_;  // "" or "prefix/"
   const std::string bucket_url_;  // no trailing '/'
@@ -398,7 +391,6 @@ class S3Backend final : public Backend {
   const S3BackendOptions options_;
   buffer::HostAllocator* const allocator_;
   std::string sigv4_;
-  HttpTransport transport_;
   std::atomic<bool> conditional_writes_{true};
   // Writers and deleters of one key are serialized: a condition is checked and acted on as
   // one step for every writer going through this backend.

@@ -9,7 +9,8 @@
 // S3BackendOptions::profile, $AWS_PROFILE or "default"); with none, requests go unsigned (public
 // buckets).
 //
-// - Read: GET (ReadRange: GET with Range). Stat: HEAD. List: ListObjectsV2 (prefix, delimiter
+// - Read: GET (ReadRange: GET with Range; ReadSuffix: with `Range: bytes=-N`; ReadRangeIfMatch:
+//   with Range and If-Match: the expected ETag, a 412 answer ABORTED). Stat: HEAD. List: ListObjectsV2 (prefix, delimiter
 //   '/' for directory listings, continuation tokens), parsed with pugixml.
 // - Write: PUT, or a multipart upload above S3BackendOptions::multipart_threshold_bytes. Each
 //   write stores a fresh random generation in the object's metadata (x-amz-meta-chunkd-generation),
