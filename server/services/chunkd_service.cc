@@ -218,7 +218,12 @@ class GetCall final : public StreamedReadCall {
     // A range larger than one answer of the store (a value read by the block) is streamed
     // inline, one piece after the other, each a view of cached blocks.
     read_options_ = ReadOptionsFor(request.has_max_staleness_ms(), request.max_staleness_ms());
-    read_options_.max_extent_bytes = service_->store().whole_read_bytes();
+    // A client that maps handles gets any range as one (joined under the read budget); others
+    // get it streamed.
+    const ServiceOptions& options = service_->options();
+    bool handle = cuda_.wanted || (wants_shm_ && options.leases != nullptr &&
+                                   buffer::CanShareMemory(options.host, client_));
+    if (!handle) read_options_.max_extent_bytes = service_->store().whole_read_bytes();
     // The callback may run right here (a cache hit) or later on an I/O thread.
     service_->store().Read(key_, range_, read_options_, [this](absl::StatusOr<CachedValue> value) {
       OnValue(std::move(value));
@@ -228,6 +233,16 @@ class GetCall final : public StreamedReadCall {
   void OnValue(absl::StatusOr<CachedValue> value) {
     if (cancelled()) {
       FinishWith(Error(grpc::StatusCode::CANCELLED, "cancelled"));
+      return;
+    }
+    if (absl::IsResourceExhausted(value.status()) && inline_ok_ &&
+        read_options_.max_extent_bytes > service_->store().whole_read_bytes()) {
+      // No room in the read budget for the range in one piece: stream it inline instead.
+      read_options_.max_extent_bytes = service_->store().whole_read_bytes();
+      service_->store().Read(key_, range_, read_options_,
+                             [this](absl::StatusOr<CachedValue> again) {
+                               OnValue(std::move(again));
+                             });
       return;
     }
     if (!value.ok()) {

@@ -490,18 +490,10 @@ void ChunkStore::FirstTouch(std::string key, ByteRange range, absl::Time need,
   auto read_on = [this, key, range, options, attempt, done = std::move(done)](
                      absl::StatusOr<CachedValue> result) mutable {
     if (!result.ok()) return std::move(done)(result.status());
-    ResolvedRange r = Resolve(range, result->size());
-    uint64_t wanted = std::min(r.length, options.max_extent_bytes);
-    // The answer covers the read (a whole value, or the first part a caller takes at once).
-    if (result->offset <= r.start &&
-        result->offset + result->value.size() >= r.start + wanted) {
-      // A whole value is answered whole (the caller slices it); a part exactly as asked.
-      if (!result->whole()) {
-        result->value = result->value.Slice(r.start - result->offset, wanted);
-        result->offset = r.start;
-      }
-      return std::move(done)(*std::move(result));
-    }
+    // A value read whole is answered whole (the caller slices it). Otherwise the record is
+    // known now and the blocks read on the way are cached: the read goes on by the block, so
+    // that every answer over several blocks is joined under the read budget.
+    if (result->whole()) return std::move(done)(*std::move(result));
     ReadBlocks(std::move(key), range, absl::InfinitePast(), options, attempt, RecordOf(*result),
                std::move(done));
   };
