@@ -18,6 +18,7 @@
 #include "client/client.h"
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
+#include "tests/support/tensorstore_client.h"
 #include "tests/support/test_support.h"
 
 namespace chunkd {
@@ -178,6 +179,31 @@ TEST_F(BlocksTest, RangesInABatchReadOnlyTheirBlocks) {
   }
   // 9 ranges of at most 100 KB: at most 2 blocks each, not the 16 MiB value.
   EXPECT_LE(Counter(*c, "backend_read_bytes") - before, 9 * 2 * kBlock);
+}
+
+TEST_F(BlocksTest, TensorStoreByteRangesReadOnlyTheirBlocks) {
+  StartServer();
+  const std::string value = RandomBytes(16 << 20, 8);
+  WriteToStore("big/shard", value);
+  testing::TsClient ts(server_->address());
+  auto c = Connect();
+  uint64_t before = Counter(*c, "backend_read_bytes");
+  // The shard index (a suffix), then one inner chunk, as TensorStore's zarr3 sharding reads.
+  testing::TsRead index = ts.Read("big/shard", testing::TsReadOptions::Range(-1028));
+  ASSERT_TRUE(index.status.ok()) << index.status.error_message();
+  EXPECT_TRUE(index.value == value.substr(value.size() - 1028));
+  testing::TsRead chunk =
+      ts.Read("big/shard", testing::TsReadOptions::Range(5 << 20, (5 << 20) + 262144));
+  ASSERT_TRUE(chunk.status.ok()) << chunk.status.error_message();
+  EXPECT_TRUE(chunk.value == value.substr(5 << 20, 262144));
+  EXPECT_LE(Counter(*c, "backend_read_bytes") - before, 4 * kBlock);
+  // Past the end is OUT_OF_RANGE, as TensorStore's kvstores answer.
+  testing::TsRead past = ts.Read("big/shard", testing::TsReadOptions::Range(value.size() + 10));
+  EXPECT_EQ(past.status.error_code(), grpc::StatusCode::OUT_OF_RANGE);
+  // The whole value, which is larger than one cache entry, comes whole.
+  testing::TsRead whole = ts.Read("big/shard");
+  ASSERT_TRUE(whole.status.ok()) << whole.status.error_message();
+  EXPECT_TRUE(whole.value == value);
 }
 
 TEST_F(BlocksTest, AValueReplacedWhileItStreamsIsNeverMixed) {
