@@ -67,7 +67,10 @@ ABSL_FLAG(ByteSize, read_budget_bytes, ByteSize{256ull << 20},
           "Memory that reads in flight may hold outside the cache (a range joined from several "
           "blocks, waiting for a slow client); past it a read fails with RESOURCE_EXHAUSTED "
           "instead of growing memory.");
-ABSL_FLAG(int32_t, io_threads, 8, "Threads that do backend I/O (file reads, writes, listings).");
+ABSL_FLAG(int32_t, io_threads, 0,
+          "Threads that do backend I/O (file reads, writes, listings, requests to S3/HTTP). 0: "
+          "8 for a local store, 64 for a remote one (its threads mostly wait a round trip, and "
+          "more of them in flight is what hides it).");
 ABSL_FLAG(int32_t, rpc_threads, 0,
           "Threads that run gRPC calls, each polling its own completion queue and handling the "
           "calls it receives without handing them to another thread (0: half the cores, 1 to "
@@ -258,8 +261,8 @@ int main(int argc, char** argv) {
                              " is not a policy (s3fifo or lru)"));
   }
   config.store_options.cache.policy = *policy;
-  if (absl::GetFlag(FLAGS_io_threads) < 1 || absl::GetFlag(FLAGS_max_queued_io) < 1) {
-    return Fail("--io_threads and --max_queued_io must be at least 1");
+  if (absl::GetFlag(FLAGS_io_threads) < 0 || absl::GetFlag(FLAGS_max_queued_io) < 1) {
+    return Fail("--io_threads must be 0 (auto) or more, --max_queued_io at least 1");
   }
   config.store_options.io_threads = absl::GetFlag(FLAGS_io_threads);
   config.store_options.block_bytes = absl::GetFlag(FLAGS_block_bytes).bytes;

@@ -218,12 +218,13 @@ class GetCall final : public StreamedReadCall {
     // A range larger than one answer of the store (a value read by the block) is streamed
     // inline, one piece after the other, each a view of cached blocks.
     read_options_ = ReadOptionsFor(request.has_max_staleness_ms(), request.max_staleness_ms());
-    // A client that maps handles gets any range as one (joined under the read budget); others
-    // get it streamed.
+    // A client that maps handles gets any range as one (joined from blocks under the read
+    // budget). Others get a range over several blocks streamed block by block, each a view of
+    // the cache: no copy, and nothing held but the block being sent, however slow the client.
     const ServiceOptions& options = service_->options();
     bool handle = cuda_.wanted || (wants_shm_ && options.leases != nullptr &&
                                    buffer::CanShareMemory(options.host, client_));
-    if (!handle) read_options_.max_extent_bytes = service_->store().whole_read_bytes();
+    if (!handle) read_options_.max_extent_bytes = service_->store().block_bytes();
     // The callback may run right here (a cache hit) or later on an I/O thread.
     service_->store().Read(key_, range_, read_options_, [this](absl::StatusOr<CachedValue> value) {
       OnValue(std::move(value));
@@ -236,9 +237,9 @@ class GetCall final : public StreamedReadCall {
       return;
     }
     if (absl::IsResourceExhausted(value.status()) && inline_ok_ &&
-        read_options_.max_extent_bytes > service_->store().whole_read_bytes()) {
+        read_options_.max_extent_bytes > service_->store().block_bytes()) {
       // No room in the read budget for the range in one piece: stream it inline instead.
-      read_options_.max_extent_bytes = service_->store().whole_read_bytes();
+      read_options_.max_extent_bytes = service_->store().block_bytes();
       service_->store().Read(key_, range_, read_options_,
                              [this](absl::StatusOr<CachedValue> again) {
                                OnValue(std::move(again));
@@ -265,10 +266,10 @@ class GetCall final : public StreamedReadCall {
       if (!inline_ok_) {
         FinishWith(Error(grpc::StatusCode::FAILED_PRECONDITION,
                          absl::StrCat("key '", key_, "': ", end_ - first.header().range_start(),
-                                      " bytes span more blocks than one handle holds (",
-                                      service_->store().whole_read_bytes(),
-                                      " bytes); they are sent inline only: accept inline "
-                                      "delivery or read smaller ranges")));
+                                      " bytes over several blocks found no room in the read "
+                                      "budget (--read_budget_bytes) for one handle; they can "
+                                      "be sent inline only: accept inline delivery or read "
+                                      "smaller ranges")));
         return;
       }
       first.mutable_header()->set_delivery(v1::DELIVERY_INLINE);
@@ -414,6 +415,7 @@ class GetCall final : public StreamedReadCall {
     ReadOptions options = read_options_;
     options.if_generation = generation_;
     options.max_extent_bytes = service_->store().block_bytes();
+    options.read_ahead_end = end_;
     service_->store().Read(
         key_, ByteRange::Bounded(next_, end_), options, [this](absl::StatusOr<CachedValue> value) {
           if (cancelled()) {

@@ -54,7 +54,9 @@ ChunkStore::ChunkStore(std::unique_ptr<Backend> backend, const ChunkStoreOptions
       revalidate_after_(
           options.freshness.revalidate_after.value_or(backend_->default_revalidate_after())) {
   if (!backend_->holds_values_in_memory()) cache_ = std::make_unique<HostCache>(options.cache);
-  io_ = std::make_unique<Executor>(options.io_threads, options.max_queued_io);
+  size_t threads = options.io_threads;
+  if (threads == 0) threads = validation_ == Validation::kRemote ? 64 : 8;
+  io_ = std::make_unique<Executor>(threads, options.max_queued_io);
 }
 
 ChunkStore::~ChunkStore() { io_.reset(); }
@@ -646,7 +648,9 @@ void ChunkStore::StartBlockRead(std::string key, uint64_t start, uint64_t end, B
     if (read_ahead_blocks_ > 0 && previous_end == start && start > 0 &&
         last_block + 1 < blocks_in_value) {
       std::vector<uint64_t> ahead;
-      uint64_t stop = std::min<uint64_t>(blocks_in_value, last_block + 1 + read_ahead_blocks_);
+      uint64_t stop = std::min<uint64_t>(
+          {blocks_in_value, last_block + 1 + read_ahead_blocks_,
+           options.read_ahead_end / block_bytes_ + (options.read_ahead_end % block_bytes_ != 0)});
       for (uint64_t i = last_block + 1; i < stop; ++i) {
         std::optional<CachedValue> cached = cache_->Peek(BlockKey(key, i));
         if (!cached || cached->generation != record->info.generation) ahead.push_back(i);

@@ -88,12 +88,17 @@ struct ReadOptions {
   // The most bytes the caller takes in one answer: a longer range is answered with its first
   // part (ending on a block boundary) and the caller reads on from where it ends.
   uint64_t max_extent_bytes = ~uint64_t{0};
+  // Where the caller's whole read ends, when it reads a range in several pieces: blocks past
+  // it are not fetched ahead.
+  uint64_t read_ahead_end = ~uint64_t{0};
 };
 
 struct ChunkStoreOptions {
   HostCacheOptions cache;
   FreshnessOptions freshness;
-  size_t io_threads = 8;
+  // 0: 8 for a local store, 64 for a remote one (Validation::kRemote), whose threads mostly
+  // wait for a round trip.
+  size_t io_threads = 0;
   // Backend operations waiting for an I/O thread; past this, new ones fail with UNAVAILABLE.
   size_t max_queued_io = 4096;
   // The unit of caching for ranges and large values (see above).
