@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
-from benchlib import REPO_ROOT, log  # noqa: E402
+from benchlib import REPO_ROOT, block_size, log  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT / "python"))
 
@@ -67,41 +65,6 @@ MIB = 1 << 20
 
 def make_array() -> np.ndarray:
     return np.random.default_rng(0).random(SHAPE, dtype=np.float32)
-
-
-def parse_bytes(text: str) -> int | None:
-    """'256KiB', '1MiB', '1048576', '4 kB': the bytes (chunkd's units), None if unreadable."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]i?B|[kMGT]B|B)?\s*", text)
-    if not m:
-        return None
-    units = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
-             "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    return int(m.group(1)) * units.get(m.group(2) or "B", 1)
-
-
-def server_flag_default(binary: Path, flag: str) -> str | None:
-    """The default `chunkd --help` prints for --flag, None when this chunkd has no such flag."""
-    done = subprocess.run([str(binary), "--help"], capture_output=True, text=True)
-    # Abseil's help: "  --name (help text); default: value;" wrapped over lines, each flag's
-    # entry starting with "  --" at the start of a line.
-    entries = re.split(r"\n(?=\s{2}--)", done.stdout + done.stderr)
-    for entry in entries:
-        entry = " ".join(entry.split())
-        if entry.startswith(f"--{flag} ("):
-            m = re.search(r"\); default: (.*?);", entry)
-            return m.group(1).strip('"') if m else None
-    return None
-
-
-def block_size(binary: Path, server_flags: list[str]) -> tuple[int | None, str]:
-    """The block size the server runs with and where it came from."""
-    for flag in reversed(server_flags):
-        if flag.startswith("--block_bytes="):
-            return parse_bytes(flag.split("=", 1)[1]), f"{flag.split('=', 1)[1]} (--server-flag)"
-    default = server_flag_default(binary, "block_bytes")
-    if default is None:
-        return None, "none (this chunkd has no --block_bytes: it reads whole values)"
-    return parse_bytes(default), f"{default} (--block_bytes default)"
 
 
 # --- the data -----------------------------------------------------------------------------------

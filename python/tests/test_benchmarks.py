@@ -203,16 +203,20 @@ def test_sharded_local_layout_reads_the_shard_indexes(small_sharded):
     assert layout.block_floor(picks, 1 << 30) == sum(layout.shard_size[s] for s in shards)
 
 
-def test_sharded_local_reads_flag_defaults_from_chunkd_help():
+def test_flag_defaults_are_read_from_chunkd_help():
     binary = REPO_ROOT / "build" / "server" / "chunkd"
     if not os.access(binary, os.X_OK):
         pytest.skip(f"{binary} is not built")
-    assert sharded_local.server_flag_default(binary, "host_cache_bytes") == "1GiB"
-    assert sharded_local.server_flag_default(binary, "shm_dir") == "/dev/shm"
-    assert sharded_local.server_flag_default(binary, "no_such_flag") is None
-    assert sharded_local.block_size(binary, ["--block_bytes=1MiB"]) == (1 << 20,
-                                                                       "1MiB (--server-flag)")
-    assert [sharded_local.parse_bytes(t) for t in ("256KiB", "4096", "1 MB", "x")] == [
+    assert benchlib.server_flag_default(binary, "host_cache_bytes") == "1GiB"
+    assert benchlib.server_flag_default(binary, "shm_dir") == "/dev/shm"
+    assert benchlib.server_flag_default(binary, "no_such_flag") is None
+    assert benchlib.block_size(binary, ["--block_bytes=1MiB"]) == (1 << 20, "1MiB (given)")
+    assert benchlib.server_flag_value(binary, ["--part_bytes=64KiB"], "part_bytes") == (
+        "64KiB", "64KiB (given)")
+    assert benchlib.server_flag_value(binary, [], "part_bytes") == (
+        "1MiB", "1MiB (--part_bytes default)")
+    assert benchlib.server_flag_value(binary, [], "no_such_flag")[0] is None
+    assert [benchlib.parse_bytes(t) for t in ("256KiB", "4096", "1 MB", "x")] == [
         256 << 10, 4096, 10**6, None]
 
 
