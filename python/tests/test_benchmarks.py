@@ -236,3 +236,42 @@ def test_sharded_local_targets():
     assert lines[1].endswith("HELD") and "1.40×" in lines[1]  # time, TCP: 1.4 / 1.0 ms
     assert lines[2].endswith("NOT HELD")  # bytes, shm: just over 2x
     assert lines[3].endswith("NOT HELD")  # time, shm: 1.6x
+
+
+# --- python/benchmarks/remote.py --big -------------------------------------------------------------
+
+import remote  # noqa: E402
+
+
+def _big_rows(store_bytes, peak):
+    whole = {"workload": "big: whole, HTTP, cold", "peer": "chunkd cold tcp (64 MiB ranges)",
+             "seconds": 2.0, "read_bytes": 2 << 30, "requests": 9000, "bytes": 2 << 30,
+             "stopped": None, "rss_start": 20 << 20, "rss_peak": 60 << 20,
+             "peak_read_counter": peak}
+    return [{"workload": "big: last 4 KiB, S3, cold", "peer": "chunkd cold tcp", "seconds": 0.05,
+             "requests": 1, "bytes": store_bytes + 500, "store_bytes": store_bytes},
+            {"workload": "big: last 4 KiB, S3, cold", "peer": "direct", "seconds": 0.05,
+             "requests": 1, "bytes": 4600},
+            {"workload": "big: whole, HTTP, cold", "peer": "direct", "seconds": 4.0,
+             "requests": 1, "bytes": 2 << 30},
+            whole]
+
+
+def test_remote_big_targets():
+    # Both flags given: the report reads neither from a binary.
+    args = type("Args", (), {"big_bytes": 2 << 30, "server_flag": [
+        "--block_bytes=256KiB", "--read_ahead_blocks=8"]})()
+    nowhere = Path("/nonexistent/chunkd")
+
+    def verdicts(rows):
+        lines = remote.report_big(rows, args, nowhere)
+        return [line.rsplit(" — ", 1)[1] for line in lines if line.startswith("- ")]
+
+    assert verdicts(_big_rows(256 << 10, ("read_budget_peak_bytes", 2 << 20))) == ["held", "held"]
+    assert verdicts(_big_rows((256 << 10) + 1, ("read_budget_peak_bytes", (2 << 20) + 1))) == [
+        "NOT held", "NOT held"]
+    assert verdicts(_big_rows(4096, None))[1].startswith("not decided")
+    lines = remote.report_big(_big_rows(4096, None), args, nowhere)
+    whole = next(line for line in lines if line.startswith("| big: whole") and "chunkd" in line)
+    assert "| 1.074 | 2.00× |" in whole  # 2 GiB in 2 s, the direct read took 4 s
+    assert "20 → 60 MiB | n/a |" in whole
