@@ -174,3 +174,18 @@ def count_store_calls(monkeypatch) -> StoreCalls:
     monkeypatch.setattr(AsyncClient, "read_many", counted_read_many)
     monkeypatch.setattr(AsyncClient, "_read_many_each", counted_read_many_each)
     return counter
+
+
+def server_has_flag(flag: str) -> bool:
+    """Whether the chunkd binary has --flag (its --help lists it); False when it is missing."""
+    try:
+        done = subprocess.run([str(CHUNKD_BINARY), "--help"], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return f"\n  --{flag} (" in "\n" + done.stdout + done.stderr
+
+
+# Where chunkd reads values by blocks (--block_bytes): a block small enough that the ranges of
+# the tests that use it span several blocks. None for a chunkd that reads whole values.
+SMALL_BLOCK_FLAG = "--block_bytes=64KiB" if server_has_flag("block_bytes") else None

@@ -17,8 +17,6 @@ the same event-loop iteration, and ChunkdStore's get batcher sends them as one G
 
 from __future__ import annotations
 
-import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -29,25 +27,17 @@ from zarr.storage import LocalStore
 
 import chunkd
 from chunkd.zarr import ChunkdStore
-from chunkd_testing import CHUNKD_BINARY, count_store_calls, serve_with_shm
+from chunkd_testing import SMALL_BLOCK_FLAG, count_store_calls, serve_with_shm
 
 FILL = -7.5
 
 
-def _server_has_flag(flag: str) -> bool:
-    try:
-        done = subprocess.run([str(CHUNKD_BINARY), "--help"], capture_output=True, text=True,
-                              timeout=30)
-    except OSError:
-        return False
-    return re.search(rf"^\s+--{flag} \(", done.stdout + done.stderr, re.M) is not None
-
-
 # A server with the default block size, and, where chunkd reads values by blocks
-# (--block_bytes), one whose blocks are small enough that most inner chunks here span two.
+# (--block_bytes), one with 64 KiB blocks, the size of the inner chunks here: most of their
+# ranges span two blocks.
 SERVER_FLAGS = {"default": ()}
-if _server_has_flag("block_bytes"):
-    SERVER_FLAGS["4KiB blocks"] = ("--block_bytes=4KiB",)
+if SMALL_BLOCK_FLAG:
+    SERVER_FLAGS["small blocks"] = (SMALL_BLOCK_FLAG,)
 
 
 @pytest.fixture(scope="module", params=list(SERVER_FLAGS))
