@@ -363,7 +363,7 @@ BIG_KEY = "big/big.bin"  # in the bucket; the nginx root holds big/big.bin too
 SEGMENT = 64 << 20  # the generator's unit and the size of each ranged read of the whole object
 TAIL = 4096
 # ServerInfo counters that may hold the peak of the bytes held for reads in flight.
-PEAK_READ_COUNTERS = ("read_budget_peak_bytes", "read_bytes_held_peak", "read_bytes_peak")
+PEAK_READ_COUNTERS = ("read_held_peak_bytes", "read_budget_peak_bytes", "read_bytes_held_peak")
 
 
 def big_segment(index: int, size: int) -> bytes:
