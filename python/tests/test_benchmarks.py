@@ -267,8 +267,8 @@ def test_remote_big_targets():
         lines = remote.report_big(rows, args, nowhere)
         return [line.rsplit(" — ", 1)[1] for line in lines if line.startswith("- ")]
 
-    assert verdicts(_big_rows(256 << 10, ("read_budget_peak_bytes", 2 << 20))) == ["held", "held"]
-    assert verdicts(_big_rows((256 << 10) + 1, ("read_budget_peak_bytes", (2 << 20) + 1))) == [
+    assert verdicts(_big_rows(256 << 10, ("read_held_peak_bytes", 2 << 20))) == ["held", "held"]
+    assert verdicts(_big_rows((256 << 10) + 1, ("read_held_peak_bytes", (2 << 20) + 1))) == [
         "NOT held", "NOT held"]
     assert verdicts(_big_rows(4096, None))[1].startswith("not decided")
     lines = remote.report_big(_big_rows(4096, None), args, nowhere)
