@@ -12,6 +12,7 @@ import getpass
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -141,6 +142,52 @@ class ChunkdServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def parse_bytes(text: str) -> int | None:
+    """'256KiB', '1MiB', '1048576', '4 kB': the bytes (chunkd's units), None if unreadable."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]i?B|[kMGT]B|B)?\s*", text)
+    if not m:
+        return None
+    units = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+             "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    return int(m.group(1)) * units.get(m.group(2) or "B", 1)
+
+
+def server_flag_default(binary: Path, flag: str) -> str | None:
+    """The default `chunkd --help` prints for --flag, None when this chunkd has no such flag."""
+    done = subprocess.run([str(binary), "--help"], capture_output=True, text=True)
+    # Abseil's help: "  --name (help text); default: value;" wrapped over lines, each flag's
+    # entry starting with "  --" at the start of a line.
+    entries = re.split(r"\n(?=\s{2}--)", done.stdout + done.stderr)
+    for entry in entries:
+        entry = " ".join(entry.split())
+        if entry.startswith(f"--{flag} ("):
+            m = re.search(r"\); default: (.*?);", entry)
+            return m.group(1).strip('"') if m else None
+    return None
+
+
+def server_flag_value(binary: Path, server_flags: list[str], flag: str) -> tuple[str | None, str]:
+    """The value of --flag a chunkd started with `server_flags` runs with, and where it comes
+    from: the last of `server_flags` that sets it, else the default `--help` prints; None when
+    this chunkd has no such flag."""
+    for given in reversed(server_flags):
+        if given.startswith(f"--{flag}="):
+            value = given.split("=", 1)[1]
+            return value, f"{value} (given)"
+    default = server_flag_default(binary, flag)
+    if default is None:
+        return None, f"none (this chunkd has no --{flag})"
+    return default, f"{default} (--{flag} default)"
+
+
+def block_size(binary: Path, server_flags: list[str]) -> tuple[int | None, str]:
+    """The block size the server runs with (None: it reads whole values), and a description."""
+    value, text = server_flag_value(binary, server_flags, "block_bytes")
+    if value is None:
+        return None, f"{text}: it reads whole values"
+    return parse_bytes(value), text
 
 
 def nginx_binary() -> str | None:

@@ -3,6 +3,9 @@
 
     .venv/bin/python python/benchmarks/remote.py [--quick] [--rtt_ms 20] [--mbit 0]
                                                  [--repeat N] [--readers 8] [--out DIR]
+                                                 [--big | --no-big] [--big_bytes 2GiB]
+                                                 [--only arrays|big]
+                                                 [--server-flag=--FLAG=VALUE ...]
                                                  [--no-build]
 
 The test bed: moto's S3 server on loopback, behind python/benchmarks/latency_proxy.py, which
@@ -21,8 +24,28 @@ Workloads: the whole array (GB/s); random single inner chunks of the sharded arr
 per chunk, one at a time); --readers processes reading the whole plain array at once (GB/s of all
 together, and what crossed the link). Every value read is compared with the array written.
 Samples are interleaved (every peer once, then again), tables give medians of --repeat (3;
-1 with --quick). Writes results.md (printed), results.jsonl and env.json into --out (default
-results/<timestamp>/).
+1 with --quick).
+
+The big object (--big: on by default, off with --quick unless --big is given): --big_bytes
+(2 GiB) of random bytes, one object.
+- Its last 4 KiB, read cold through a fresh chunkd over S3 (`chunkd.Client.get` with a byte
+  range, inline over TCP): the bytes and requests that crossed the link, and the bytes chunkd
+  read from its store; beside it the same range read directly with obstore.
+- The whole object, read through a fresh chunkd by consecutive 64 MiB ranges (the Python
+  client has no streaming read: each range is one Get, its reply streamed in parts), against
+  obstore reading it directly with one streamed GET: GB/s, what crossed the link, the server's
+  peak RSS (VmHWM) and its peak of read memory if ServerInfo counts one. This read goes to the
+  same bytes served by nginx (an http:// store) behind a second latency_proxy.py with the same
+  RTT, not to moto: moto 5 answers every ranged GET by reading the whole object and slicing it
+  (moto/s3/responses.py, _handle_range_header), so a chunkd reading a 2 GiB object by blocks
+  would cost moto 2 GiB of copying per block. A chunkd that reads whole values (before blocks)
+  reads the whole object again for every range: the read stops once the link has carried 3x
+  the object, and the row says so.
+Every byte read is compared with the object written (outside the timed part).
+
+--server-flag (repeatable) passes a flag to every chunkd started (e.g.
+--server-flag=--block_bytes=1MiB). Writes results.md (printed), results.jsonl and env.json into
+--out (default results/<timestamp>/).
 """
 
 from __future__ import annotations
@@ -113,10 +136,16 @@ class Proxy(Process):
         return json.loads(data)
 
 
+def s3_client(moto_url: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
 def write_arrays(moto_url: str, work: Path) -> None:
     """Writes both arrays with zarr into a directory, then uploads its files to the bucket
     directly (the writes do not cross the link)."""
-    import boto3
     import zarr
 
     local = work / "arrays"
@@ -129,9 +158,7 @@ def write_arrays(moto_url: str, work: Path) -> None:
                                 shards=SHARD_SHAPE, dtype="float32", compressors=None,
                                 zarr_format=3)
     sharded[...] = data
-    s3 = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
-    s3.create_bucket(Bucket=BUCKET)
+    s3 = s3_client(moto_url)
     for f in sorted(local.rglob("*")):
         if f.is_file():
             s3.upload_file(str(f), BUCKET, str(f.relative_to(local)))
@@ -260,8 +287,8 @@ def read_by_many(kind: str, setup: dict, readers: int) -> float:
 class Chunkd:
     """A chunkd over the bucket through the link; fresh (cold) on every start."""
 
-    def __init__(self, binary: Path, link: str, work: Path) -> None:
-        self.binary, self.link, self.work = binary, link, work
+    def __init__(self, binary: Path, link: str, work: Path, flags: list[str]) -> None:
+        self.binary, self.link, self.work, self.flags = binary, link, work, flags
         self.server = None
         self.starts = 0
 
@@ -271,7 +298,7 @@ class Chunkd:
         self.server = benchlib.ChunkdServer(self.binary, f"s3://{BUCKET}",
                                             self.work / f"chunkd-{self.starts}",
                                             f"--s3_endpoint={self.link}",
-                                            "--host_cache_bytes=1GiB",
+                                            "--host_cache_bytes=1GiB", *self.flags,
                                             env={**os.environ, **CREDENTIALS})
         return {"chunkd_tcp": self.server.tcp, "chunkd_socket": str(self.server.socket)}
 
@@ -330,7 +357,304 @@ def measure(args, proxy: Proxy, chunkd: Chunkd, rows: list) -> None:
                        else n * total_bytes / row["seconds"] / 1e9)
 
 
-def report(rows: list, args, env: dict) -> str:
+# --- the big object ------------------------------------------------------------------------------
+
+BIG_KEY = "big/big.bin"  # in the bucket; the nginx root holds big/big.bin too
+SEGMENT = 64 << 20  # the generator's unit and the size of each ranged read of the whole object
+TAIL = 4096
+# ServerInfo counters that may hold the peak of the bytes held for reads in flight.
+PEAK_READ_COUNTERS = ("read_held_peak_bytes", "read_budget_peak_bytes", "read_bytes_held_peak")
+
+
+def big_segment(index: int, size: int) -> bytes:
+    """Bytes [index * SEGMENT, ...) of the big object (random, reproducible per segment)."""
+    return np.random.default_rng([18, index]).bytes(min(SEGMENT, size - index * SEGMENT))
+
+
+def write_big(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        for index in range((size + SEGMENT - 1) // SEGMENT):
+            f.write(big_segment(index, size))
+
+
+def upload_big(moto_url: str, path: Path) -> None:
+    """Puts the big object into the bucket directly (not over the link), in 64 MiB parts."""
+    from boto3.s3.transfer import TransferConfig
+
+    s3_client(moto_url).upload_file(str(path), BUCKET, BIG_KEY,
+                   Config=TransferConfig(multipart_threshold=SEGMENT, multipart_chunksize=SEGMENT,
+                                         max_concurrency=2))
+
+
+def proc_status_bytes(pid: int, field: str) -> int | None:
+    """A /proc/PID/status memory line (VmRSS, VmHWM) in bytes."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_read_counter(counters: dict) -> tuple[str, int] | None:
+    for name in PEAK_READ_COUNTERS:
+        if name in counters:
+            return name, counters[name]
+    return None
+
+
+def server_counters(address: str) -> dict:
+    import chunkd
+
+    with chunkd.Client(address) as c:
+        return dict(c.server_info().counters)
+
+
+class Verifier:
+    """Compares what was read with the object on disk, range by range."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def check(self, offset: int, data) -> None:
+        if os.pread(self.fd, len(data), offset) != data:
+            raise RuntimeError(f"the big object's bytes at {offset} (+{len(data)}) differ from "
+                               "those written")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def read_tail(args, setup: dict, proxy: Proxy, chunkd: Chunkd, verifier: Verifier,
+              rows: list) -> None:
+    """The last 4 KiB of the big object over S3, cold: through a fresh chunkd, then directly."""
+    import chunkd as chunkd_client
+    import obstore
+    from obstore.store import S3Store
+
+    size = args.big_bytes
+    chunkd.start()
+    try:
+        address = chunkd.server.tcp
+        before = server_counters(address)
+        proxy.counters(reset=True)
+        with chunkd_client.Client(address, timeout=600) as c:
+            start = time.perf_counter()
+            data = bytes(c.get(BIG_KEY, size - TAIL, size))
+            seconds = time.perf_counter() - start
+        crossed = proxy.counters()
+        after = server_counters(address)
+        verifier.check(size - TAIL, data)
+        rows.append({"workload": "big: last 4 KiB, S3, cold", "peer": "chunkd cold tcp",
+                     "seconds": seconds, "requests": crossed["requests_total"],
+                     "bytes": crossed["bytes_down"],
+                     "store_bytes": after["backend_read_bytes"] - before["backend_read_bytes"]})
+    finally:
+        chunkd.stop()
+    store = S3Store(BUCKET, endpoint=setup["link"], region="us-east-1", access_key_id="testing",
+                    secret_access_key="testing", client_options={"allow_http": True})
+    proxy.counters(reset=True)
+    start = time.perf_counter()
+    data = bytes(obstore.get_range(store, BIG_KEY, start=size - TAIL, end=size))
+    seconds = time.perf_counter() - start
+    crossed = proxy.counters()
+    verifier.check(size - TAIL, data)
+    rows.append({"workload": "big: last 4 KiB, S3, cold", "peer": "direct", "seconds": seconds,
+                 "requests": crossed["requests_total"], "bytes": crossed["bytes_down"]})
+    for row in rows[-2:]:
+        log(f"{row['workload']:<28} {row['peer']:<16} {row['seconds'] * 1e3:9.2f} ms  "
+            f"{row['requests']:5d} requests  {row['bytes']:12d} bytes over the link")
+
+
+def read_whole_big(args, binary: Path, work: Path, flags: list[str], verifier: Verifier,
+                   rows: list) -> None:
+    """The whole big object from nginx behind a link of its own: obstore directly (one
+    streamed GET), then a fresh chunkd (consecutive 64 MiB ranges)."""
+    import chunkd as chunkd_client
+    import obstore
+    from obstore.store import HTTPStore
+
+    size = args.big_bytes
+    workload = "big: whole, HTTP, cold"
+    if benchlib.nginx_binary() is None:
+        rows.append({"workload": workload, "peer": "direct", "seconds": None,
+                     "error": "nginx is not installed (deploy/scripts/install-deps.sh all)"})
+        return
+    nginx = benchlib.NginxServer(work / "big-root", work / "nginx")
+    link_dir = work / "http-link"
+    link_dir.mkdir(exist_ok=True)
+    link = Proxy(f"127.0.0.1:{nginx.port}", args.rtt_ms, args.mbit, link_dir)
+    try:
+        # Directly: one GET, streamed; each 64 MiB gathered is checked with the clock stopped.
+        store = HTTPStore.from_url(link.url, client_options={"allow_http": True})
+        buffer = bytearray(SEGMENT)
+        link.counters(reset=True)
+        seconds, offset, filled = 0.0, 0, 0
+        start = time.perf_counter()
+        for piece in obstore.get(store, BIG_KEY).stream(min_chunk_size=8 << 20):
+            piece = memoryview(piece)
+            while len(piece):
+                n = min(len(piece), SEGMENT - filled)
+                buffer[filled:filled + n] = piece[:n]
+                filled, piece = filled + n, piece[n:]
+                if filled == SEGMENT or offset + filled == size:
+                    seconds += time.perf_counter() - start
+                    verifier.check(offset, memoryview(buffer)[:filled])
+                    offset, filled = offset + filled, 0
+                    start = time.perf_counter()
+        seconds += time.perf_counter() - start
+        if offset + filled != size:
+            raise RuntimeError(f"direct: {offset + filled} bytes of the big object, not {size}")
+        crossed = link.counters()
+        rows.append({"workload": workload, "peer": "direct", "seconds": seconds,
+                     "requests": crossed["requests_total"], "bytes": crossed["bytes_down"]})
+
+        # Through chunkd: 64 MiB ranges, one Get each; stopped once the link carried 3x.
+        server = benchlib.ChunkdServer(binary, link.url, work / "chunkd-big",
+                                       "--host_cache_bytes=1GiB", *flags)
+        try:
+            rss_start = proc_status_bytes(server.pid, "VmRSS")
+            link.counters(reset=True)
+            seconds, offset, stopped = 0.0, 0, None
+            with chunkd_client.Client(server.tcp, timeout=600) as c:
+                while offset < size:
+                    end = min(offset + SEGMENT, size)
+                    start = time.perf_counter()
+                    data = c.get(BIG_KEY, offset, end)
+                    seconds += time.perf_counter() - start
+                    verifier.check(offset, data)
+                    del data
+                    offset = end
+                    crossed = link.counters()
+                    if crossed["bytes_down"] > 3 * size and offset < size:
+                        stopped = (f"stopped after {offset >> 20} MiB read: "
+                                   f"{crossed['bytes_down'] / 2**30:.1f} GiB had crossed the link")
+                        break
+            crossed = link.counters()
+            counters = server_counters(server.tcp)
+            peak = peak_read_counter(counters)
+            rows.append({"workload": workload, "peer": "chunkd cold tcp (64 MiB ranges)",
+                         "seconds": seconds, "read_bytes": offset,
+                         "requests": crossed["requests_total"], "bytes": crossed["bytes_down"],
+                         "stopped": stopped, "rss_start": rss_start,
+                         "rss_peak": proc_status_bytes(server.pid, "VmHWM"),
+                         "peak_read_counter": peak})
+        finally:
+            server.stop()
+    finally:
+        link.stop()
+        nginx.stop()
+    for row in rows[-2:]:
+        log(f"{row['workload']:<28} {row['peer']:<16} {row['seconds']:9.2f} s  "
+            f"{row['requests']:5d} requests  {row['bytes'] / 2**20:10.1f} MiB over the link"
+            + (f"  ({row['stopped']})" if row.get("stopped") else ""))
+
+
+def measure_big(args, moto_url: str, proxy: Proxy, chunkd: Chunkd, binary: Path, work: Path,
+                rows: list) -> None:
+    size = args.big_bytes
+    path = work / "big-root" / BIG_KEY
+    log(f"writing the big object ({size / 2**30:g} GiB) and putting it in S3 (not over the link)")
+    write_big(path, size)
+    upload_big(moto_url, path)
+    verifier = Verifier(path)
+    try:
+        read_tail(args, {"link": proxy.url}, proxy, chunkd, verifier, rows)
+        read_whole_big(args, binary, work, chunkd.flags, verifier, rows)
+    finally:
+        verifier.close()
+
+
+def report_big(rows: list, args, binary: Path) -> list[str]:
+    """The big object's table and targets."""
+    size = args.big_bytes
+    block, block_text = benchlib.block_size(binary, args.server_flag)
+    read_ahead = next(((flag, value) for flag in ("read_ahead_blocks", "readahead_blocks",
+                                                  "read_ahead")
+                       for value in [benchlib.server_flag_value(binary, args.server_flag,
+                                                                flag)[0]]
+                       if value is not None), None)
+    lines = ["", f"## A {size / 2**30:g} GiB object", "",
+             f"block: {block_text}; read-ahead: "
+             f"{f'--{read_ahead[0]}={read_ahead[1]}' if read_ahead else 'no read-ahead flag'}. "
+             "The last 4 KiB over S3 (moto); the whole object over HTTP (nginx) behind its own "
+             "link of the same RTT: chunkd by consecutive 64 MiB ranges (the Python client has "
+             "no streaming read), obstore with one streamed GET. One cold sample each.", "",
+             "| read | peer | time | GB/s | × direct | requests | over the link | server RSS "
+             "start → peak | peak read memory |",
+             "| --- | --- | --: | --: | --: | --: | --: | --: | --: |"]
+    by = {(r["workload"], r["peer"]): r for r in rows if r["workload"].startswith("big:")}
+    for (workload, peer), r in by.items():
+        if r.get("seconds") is None:
+            lines.append(f"| {workload} | {peer} | not measured: {r.get('error')} | | | | | | |")
+            continue
+        direct = by.get((workload, "direct"))
+        whole = workload.startswith("big: whole")
+        read = r.get("read_bytes", size if whole else TAIL)
+        gbps = read / r["seconds"] / 1e9 if whole else None
+        ratio = (direct["seconds"] / r["seconds"] * (read / size)
+                 if whole and direct and direct.get("seconds") and peer != "direct" else None)
+        over = (f"{r['bytes'] / 2**20:.1f} MiB" if r["bytes"] >= 1 << 20 else f"{r['bytes']} B")
+        rss = (f"{r['rss_start'] / 2**20:.0f} → {r['rss_peak'] / 2**20:.0f} MiB"
+               if r.get("rss_peak") else "")
+        peak = r.get("peak_read_counter")
+        peak_text = (f"{peak[1] / 2**20:.1f} MiB ({peak[0]})" if peak
+                     else ("n/a" if "peak_read_counter" in r else ""))
+        lines.append(f"| {workload} | {peer} | {r['seconds'] * 1e3:.1f} ms | "
+                     f"{'' if gbps is None else f'{gbps:.3f}'} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}×'} | {r['requests']} | {over} | "
+                     f"{rss} | {peak_text} |")
+
+    lines += ["", f"Targets (issue 18, a {size / 2**30:g} GiB object):"]
+    tail = by.get(("big: last 4 KiB, S3, cold", "chunkd cold tcp"))
+    if tail is None:
+        lines.append("- its last 4 KiB costs at most one block from the store: not measured")
+    else:
+        text = (f"- its last 4 KiB costs at most one block from the store: "
+                f"{tail['store_bytes']} bytes read from the store, {tail['bytes']} bytes "
+                f"(HTTP headers included) and {tail['requests']} request(s) over the link")
+        if block is None:
+            lines.append(f"{text} — not decided: no block size to compare with")
+        else:
+            held = tail["store_bytes"] <= block
+            lines.append(f"{text}; block {block} bytes — {'held' if held else 'NOT held'}")
+    whole = by.get(("big: whole, HTTP, cold", "chunkd cold tcp (64 MiB ranges)"))
+    if whole is None or whole.get("seconds") is None:
+        lines.append("- reading it whole holds at most read-ahead × block size in the server: "
+                     "not measured")
+    else:
+        peak = whole.get("peak_read_counter")
+        bound = (block * parse_count(read_ahead[1])
+                 if block and read_ahead and parse_count(read_ahead[1]) else None)
+        rss = whole["rss_peak"] - whole["rss_start"] if whole.get("rss_peak") else None
+        text = ("- reading it whole holds at most read-ahead × block size in the server: "
+                + (f"peak read memory {peak[1] / 2**20:.1f} MiB ({peak[0]})" if peak else
+                   "peak read memory n/a (ServerInfo has no such counter)")
+                + (f", RSS grew {rss / 2**20:.0f} MiB" if rss is not None else ""))
+        if peak is None or bound is None:
+            lines.append(f"{text} — not decided (needs the counter and a read-ahead flag)")
+        else:
+            lines.append(f"{text}; read-ahead × block {bound / 2**20:.1f} MiB — "
+                         f"{'held' if peak[1] <= bound else 'NOT held'}")
+        if whole.get("stopped"):
+            lines.append(f"- (the whole read through chunkd was {whole['stopped']}: this chunkd "
+                         "reads the whole object again for every range)")
+    return lines
+
+
+def parse_count(text: str) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def report(rows: list, args, env: dict, binary: Path) -> str:
+    big_rows = [r for r in rows if r["workload"].startswith("big:")]
+    rows = [r for r in rows if not r["workload"].startswith("big:")]
+
     def med(workload, peer, key="seconds"):
         values = [r[key] for r in rows
                   if r["workload"] == workload and r["peer"] == peer and r[key] is not None]
@@ -339,13 +663,19 @@ def report(rows: list, args, env: dict) -> str:
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     lines = [f"# chunkd in front of S3 at {args.rtt_ms:g} ms RTT"
              f"{f', {args.mbit:g} Mbit/s' if args.mbit else ''}", "",
-             f"`python/benchmarks/remote.py{' --quick' if args.quick else ''}` — commit "
+             f"`python/benchmarks/remote.py{' --quick' if args.quick else ''}"
+             f"{f' --only {args.only}' if args.only else ''}"
+             f"{' --big' if args.big and args.quick else ''}"
+             f"{f' --big_bytes {args.big_bytes}' if args.big and args.big_bytes != 2 << 30 else ''}"
+             f"{''.join(f' --server-flag={f}' for f in args.server_flag)}` — commit "
              f"{env['commit']}{' (dirty)' if env['dirty'] else ''}, {env['cores']} cores, load "
              f"{env['loadavg_start'][0]:.1f} at the start; medians of {args.repeat}; moto "
              "S3 on loopback behind latency_proxy.py; bytes and requests are what crossed the "
-             "link during the timed read.", "",
-             "| workload | peer | time | GB/s | × direct | requests | MiB over the link |",
-             "| --- | --- | --: | --: | --: | --: | --: |"]
+             "link during the timed read."
+             + (f" chunkd flags: {' '.join(args.server_flag)}." if args.server_flag else "")]
+    if rows:
+        lines += ["", "| workload | peer | time | GB/s | × direct | requests | MiB over the link |",
+                  "| --- | --- | --: | --: | --: | --: | --: |"]
     for w in workloads:
         base = med(w, "direct")
         for peer in dict.fromkeys(r["peer"] for r in rows if r["workload"] == w):
@@ -365,28 +695,40 @@ def report(rows: list, args, env: dict) -> str:
         return f"- {text}: {ratio:.2f}× — {'held' if ratio >= threshold else 'NOT held'}"
 
     many = f"plain x{args.readers} readers"
-    lines += ["", "Targets (issue: big values by the block):",
-              target("cold whole array ≥ 1.0× direct", "plain whole", "chunkd cold tcp", 1.0),
-              target("warm ≥ 5× direct over TCP", "plain whole", "chunkd warm tcp", 5.0),
-              target("warm ≥ 8× direct with shared memory", "plain whole", "chunkd warm shm", 8.0),
-              target("sharded random inner chunks cold ≥ 1.0× direct", "sharded inner chunk",
-                     "chunkd cold tcp", 1.0),
-              target("sharded random inner chunks warm ≥ 5× direct", "sharded inner chunk",
-                     "chunkd warm tcp", 5.0)]
-    asked = args.inner_chunks * INNER_CHUNKS[0] * INNER_CHUNKS[1] * INNER_CHUNKS[2] * 4
-    inner_bytes = med("sharded inner chunk", "chunkd cold tcp", "bytes")
-    if inner_bytes is not None:
-        lines.append(f"- sharded random inner chunks cold: bytes over the link ≤ 2× the bytes "
-                     f"asked: {inner_bytes / asked:.1f}× ({inner_bytes / 2**20:.1f} MiB for "
-                     f"{asked / 2**20:.1f} MiB) — {'held' if inner_bytes <= 2 * asked else 'NOT held'}")
-    cold_bytes = med(many, "chunkd cold tcp", "bytes")
-    warm_bytes = med(many, "chunkd warm tcp", "bytes")
-    if cold_bytes is not None and warm_bytes is not None:
-        size = SHAPE[0] * SHAPE[1] * SHAPE[2] * 4
-        lines.append(f"- {args.readers} readers: cold moved {cold_bytes / size:.2f}× the array "
-                     f"over the link ({'held' if cold_bytes <= size * 1.05 else 'NOT held'}: "
-                     f"once), warm {warm_bytes / 2**20:.1f} MiB "
-                     f"({'held' if warm_bytes < 1 << 20 else 'NOT held'}: never)")
+    if rows:
+        lines += [
+            "", f"Targets (issue 18, remote, {args.rtt_ms:g} ms RTT):",
+            target("a cold whole-array read through chunkd ≥ 1.0× direct", "plain whole",
+                   "chunkd cold tcp", 1.0),
+            target("warm ≥ 5× direct over TCP", "plain whole", "chunkd warm tcp", 5.0),
+            target("warm ≥ 8× direct with shared memory", "plain whole", "chunkd warm shm", 8.0),
+            target("sharded random inner chunks cold ≥ 1.0× direct", "sharded inner chunk",
+                   "chunkd cold tcp", 1.0),
+            target("sharded random inner chunks warm ≥ 5× direct", "sharded inner chunk",
+                   "chunkd warm tcp", 5.0)]
+        cold_bytes = med(many, "chunkd cold tcp", "bytes")
+        warm_bytes = med(many, "chunkd warm tcp", "bytes")
+        if cold_bytes is None or warm_bytes is None:
+            lines.append(f"- {args.readers} readers of the same array: the array crosses the "
+                         "link once cold and never warm: not measured")
+        else:
+            size = SHAPE[0] * SHAPE[1] * SHAPE[2] * 4
+            lines += [
+                f"- {args.readers} readers of the same array: the array crosses the link once "
+                f"cold: {cold_bytes / size:.2f}× the array — "
+                f"{'held' if cold_bytes <= size * 1.05 else 'NOT held'}",
+                f"- {args.readers} readers of the same array: never warm: "
+                f"{warm_bytes / 2**20:.2f} MiB over the link (metadata revalidations: under "
+                f"1 MiB) — {'held' if warm_bytes < 1 << 20 else 'NOT held'}"]
+        asked = args.inner_chunks * INNER_CHUNKS[0] * INNER_CHUNKS[1] * INNER_CHUNKS[2] * 4
+        inner_bytes = med("sharded inner chunk", "chunkd cold tcp", "bytes")
+        if inner_bytes is not None:
+            lines += ["", f"Sharded random inner chunks cold through chunkd moved "
+                      f"{inner_bytes / asked:.1f}× the bytes asked over the link "
+                      f"({inner_bytes / 2**20:.1f} MiB for {asked / 2**20:.1f} MiB; the ≤ 2× "
+                      "target is the file store's: python/benchmarks/sharded_local.py)."]
+    if big_rows:
+        lines += report_big(big_rows, args, binary)
     return "\n".join(lines) + "\n"
 
 
@@ -399,18 +741,35 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=8)
     parser.add_argument("--inner_chunks", type=int, default=None,
                         help="random inner chunks read one at a time (32; 8 --quick)")
+    parser.add_argument("--big", action=argparse.BooleanOptionalAction, default=None,
+                        help="the big object's section (on; off with --quick unless --big)")
+    parser.add_argument("--big_bytes", type=benchlib.parse_bytes, default="2GiB",
+                        help="the big object's size (2GiB)")
+    parser.add_argument("--only", choices=("arrays", "big"),
+                        help="run one section only (arrays: the zarr arrays; big: the object)")
+    parser.add_argument("--server-flag", dest="server_flag", action="append", default=[],
+                        help="a flag passed to every chunkd as it is (repeatable), e.g. "
+                             "--server-flag=--block_bytes=1MiB")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-build", action="store_true")
     args = parser.parse_args()
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.inner_chunks = args.inner_chunks or (8 if args.quick else 32)
+    if args.big is None:
+        args.big = not args.quick or args.only == "big"
+    if not args.big_bytes or args.big_bytes < TAIL:
+        parser.error("--big_bytes: a size of at least 4 KiB (e.g. 2GiB, 512MiB)")
+    arrays = args.only in (None, "arrays")
+    big = args.big and args.only in (None, "big")
 
     benchlib.ensure_built(["chunkd"], build=not args.no_build)
     if not MOTO_SERVER.exists():
         raise SystemExit(f"{MOTO_SERVER} is missing: deploy/scripts/setup-venv.sh installs "
                          "moto[server]")
     out = benchlib.results_dir(args.out)
-    env = benchlib.environment(rtt_ms=args.rtt_ms, mbit=args.mbit)
+    env = benchlib.environment(rtt_ms=args.rtt_ms, mbit=args.mbit,
+                               server_flags=args.server_flag,
+                               big_bytes=args.big_bytes if big else None)
     binary = benchlib.copy_binaries(["chunkd"], out / "bin")["chunkd"]
     rows: list = []
     with tempfile.TemporaryDirectory(prefix="chunkd-remote-") as tmp:
@@ -422,11 +781,15 @@ def main() -> None:
         chunkd = None
         try:
             moto.wait_for(lambda: port_answers(port), "moto_server")
-            log("writing the arrays to S3 (directly, not over the link)")
-            write_arrays(f"http://127.0.0.1:{port}", work)
+            s3_client(f"http://127.0.0.1:{port}").create_bucket(Bucket=BUCKET)
             proxy = Proxy(f"127.0.0.1:{port}", args.rtt_ms, args.mbit, work)
-            chunkd = Chunkd(binary, proxy.url, work)
-            measure(args, proxy, chunkd, rows)
+            chunkd = Chunkd(binary, proxy.url, work, args.server_flag)
+            if arrays:
+                log("writing the arrays to S3 (directly, not over the link)")
+                write_arrays(f"http://127.0.0.1:{port}", work)
+                measure(args, proxy, chunkd, rows)
+            if big:
+                measure_big(args, f"http://127.0.0.1:{port}", proxy, chunkd, binary, work, rows)
         finally:
             if chunkd:
                 chunkd.stop()
@@ -437,7 +800,7 @@ def main() -> None:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     benchlib.write_json(out / "env.json", env)
-    text = report(rows, args, env)
+    text = report(rows, args, env, binary)
     (out / "results.md").write_text(text)
     print(text)
     log(f"results in {out}")

@@ -133,10 +133,6 @@ class CacheTier:
     pinning_clients: int = 0
     pin_refusals_total_cap: int = 0
     pin_refusals_client_cap: int = 0
-    # Memory that leases on handles pin, and its caps (all clients, one client; 0: none).
-    pinned_bytes: int = 0
-    max_pinned_bytes: int = 0
-    max_client_pinned_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -120,3 +121,71 @@ def serve_with_shm(workdir: Path, *extra: str):
         status = server.stop()
         shutil.rmtree(shm_dir, ignore_errors=True)
         assert status == 0, f"chunkd exited with {status}:\n{server.log()}"
+
+
+class StoreCalls:
+    """Counts a process's calls to chunkd servers from ``chunkd.aio.AsyncClient`` (the client of
+    ``ChunkdStore``'s async methods), client side: Gets (``read``), GetMany calls (``read_many``,
+    and the get batcher's ``_read_many_each``) and the items those carried."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reads = 0
+        self.read_many = 0
+        self.items = 0
+
+    @property
+    def total(self) -> int:
+        return self.reads + self.read_many
+
+    def snapshot(self) -> tuple[int, int, int]:
+        with self.lock:
+            return self.reads, self.read_many, self.items
+
+
+def count_store_calls(monkeypatch) -> StoreCalls:
+    """A StoreCalls counting every AsyncClient read call while `monkeypatch` is in force."""
+    from chunkd.aio import AsyncClient
+
+    counter = StoreCalls()
+    read, read_many = AsyncClient.read, AsyncClient.read_many
+    read_many_each = AsyncClient._read_many_each
+
+    async def counted_read(self, *args, **kwargs):
+        with counter.lock:
+            counter.reads += 1
+        return await read(self, *args, **kwargs)
+
+    async def counted_read_many(self, items):
+        items = list(items)
+        with counter.lock:
+            counter.read_many += 1
+            counter.items += len(items)
+        return await read_many(self, items)
+
+    def counted_read_many_each(self, items, futures):
+        # The batcher's GetMany, whose items complete their gets one by one.
+        with counter.lock:
+            counter.read_many += 1
+            counter.items += len(items)
+        return read_many_each(self, items, futures)
+
+    monkeypatch.setattr(AsyncClient, "read", counted_read)
+    monkeypatch.setattr(AsyncClient, "read_many", counted_read_many)
+    monkeypatch.setattr(AsyncClient, "_read_many_each", counted_read_many_each)
+    return counter
+
+
+def server_has_flag(flag: str) -> bool:
+    """Whether the chunkd binary has --flag (its --help lists it); False when it is missing."""
+    try:
+        done = subprocess.run([str(CHUNKD_BINARY), "--help"], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return f"\n  --{flag} (" in "\n" + done.stdout + done.stderr
+
+
+# Where chunkd reads values by blocks (--block_bytes): a block small enough that the ranges of
+# the tests that use it span several blocks. None for a chunkd that reads whole values.
+SMALL_BLOCK_FLAG = "--block_bytes=64KiB" if server_has_flag("block_bytes") else None

@@ -163,3 +163,115 @@ def test_chunkd_bench_shm_rows_say_what_they_count(tmp_path, delivery, counts):
     row = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["delivery"] == delivery and row["counts"] == counts
     assert row["requests"] > 0 and row["errors"] == 0 and row["mismatches"] == 0
+
+
+# --- python/benchmarks/sharded_local.py -----------------------------------------------------------
+
+import sharded_local  # noqa: E402
+
+
+@pytest.fixture
+def small_sharded(monkeypatch, tmp_path):
+    """sharded_local's array at a test's size: 64 x 64 in shards of 16 x 64, inner chunks 8 x 8
+    (4 shards of 2 x 8 inner chunks), zarr's default codecs."""
+    monkeypatch.setattr(sharded_local, "SHAPE", (64, 64))
+    monkeypatch.setattr(sharded_local, "SHARDS", (16, 64))
+    monkeypatch.setattr(sharded_local, "INNER", (8, 8))
+    meta = sharded_local.write_array(tmp_path)
+    return sharded_local.Layout(tmp_path, meta), meta
+
+
+def test_sharded_local_layout_reads_the_shard_indexes(small_sharded):
+    layout, meta = small_sharded
+    assert "zstd" in sharded_local.describe_codecs(meta)
+    assert layout.index_bytes == 16 * 16 + 4
+    for shard in layout.index:
+        # The inner chunks tile the shard before its index, each where the index says.
+        ranges = sorted(layout.locate((shard[0] * 2 + i, j))[1:] for i in range(2)
+                        for j in range(8))
+        end = 0
+        for offset, length in ranges:
+            assert offset == end and length > 0
+            end = offset + length
+        assert end + layout.index_bytes == layout.shard_size[shard]
+    picks = [(0, 0), (5, 7), (7, 3)]
+    assert layout.asked(picks) == sum(layout.locate(p)[2] for p in picks)
+    # A 1-byte block: the floor is the ranges themselves (index ranges once per shard).
+    shards = {layout.locate(p)[0] for p in picks}
+    assert layout.block_floor(picks, 1) == layout.asked(picks) + len(shards) * layout.index_bytes
+    # A block larger than any shard: the floor is the touched shards whole.
+    assert layout.block_floor(picks, 1 << 30) == sum(layout.shard_size[s] for s in shards)
+
+
+def test_flag_defaults_are_read_from_chunkd_help():
+    binary = REPO_ROOT / "build" / "server" / "chunkd"
+    if not os.access(binary, os.X_OK):
+        pytest.skip(f"{binary} is not built")
+    assert benchlib.server_flag_default(binary, "host_cache_bytes") == "1GiB"
+    assert benchlib.server_flag_default(binary, "shm_dir") == "/dev/shm"
+    assert benchlib.server_flag_default(binary, "no_such_flag") is None
+    assert benchlib.block_size(binary, ["--block_bytes=1MiB"]) == (1 << 20, "1MiB (given)")
+    assert benchlib.server_flag_value(binary, ["--part_bytes=64KiB"], "part_bytes") == (
+        "64KiB", "64KiB (given)")
+    assert benchlib.server_flag_value(binary, [], "part_bytes") == (
+        "1MiB", "1MiB (--part_bytes default)")
+    assert benchlib.server_flag_value(binary, [], "no_such_flag")[0] is None
+    assert [benchlib.parse_bytes(t) for t in ("256KiB", "4096", "1 MB", "x")] == [
+        256 << 10, 4096, 10**6, None]
+
+
+def test_sharded_local_targets():
+    rows = [{"peer": "LocalStore warm", "seconds": s} for s in (0.001, 0.002, 0.001)]
+    rows += [{"peer": "chunkd cold, TCP", "seconds": 0.0014, "store_bytes": 2 * 100,
+              "store_reads": 2}]
+    rows += [{"peer": "chunkd cold, shm", "seconds": 0.0016, "store_bytes": 2 * 100 + 1,
+              "store_reads": 2}]
+    args = type("Args", (), {"quick": False, "server_flag": [], "repeat": 3, "cache": "32MiB",
+                             "chunks": 2})()
+    env = {"commit": "x", "dirty": False, "cores": 2, "loadavg_start": (0.0,)}
+    text = sharded_local.report(rows, args, env, {"asked": 100, "codecs": "c", "zarr": "3",
+                                                  "block_text": "b", "floor": None})
+    lines = [line for line in text.splitlines() if line.startswith("- chunkd cold")]
+    assert lines[0].endswith("HELD") and "2.0×" in lines[0]  # bytes, TCP: exactly 2x
+    assert lines[1].endswith("HELD") and "1.40×" in lines[1]  # time, TCP: 1.4 / 1.0 ms
+    assert lines[2].endswith("NOT HELD")  # bytes, shm: just over 2x
+    assert lines[3].endswith("NOT HELD")  # time, shm: 1.6x
+
+
+# --- python/benchmarks/remote.py --big -------------------------------------------------------------
+
+import remote  # noqa: E402
+
+
+def _big_rows(store_bytes, peak):
+    whole = {"workload": "big: whole, HTTP, cold", "peer": "chunkd cold tcp (64 MiB ranges)",
+             "seconds": 2.0, "read_bytes": 2 << 30, "requests": 9000, "bytes": 2 << 30,
+             "stopped": None, "rss_start": 20 << 20, "rss_peak": 60 << 20,
+             "peak_read_counter": peak}
+    return [{"workload": "big: last 4 KiB, S3, cold", "peer": "chunkd cold tcp", "seconds": 0.05,
+             "requests": 1, "bytes": store_bytes + 500, "store_bytes": store_bytes},
+            {"workload": "big: last 4 KiB, S3, cold", "peer": "direct", "seconds": 0.05,
+             "requests": 1, "bytes": 4600},
+            {"workload": "big: whole, HTTP, cold", "peer": "direct", "seconds": 4.0,
+             "requests": 1, "bytes": 2 << 30},
+            whole]
+
+
+def test_remote_big_targets():
+    # Both flags given: the report reads neither from a binary.
+    args = type("Args", (), {"big_bytes": 2 << 30, "server_flag": [
+        "--block_bytes=256KiB", "--read_ahead_blocks=8"]})()
+    nowhere = Path("/nonexistent/chunkd")
+
+    def verdicts(rows):
+        lines = remote.report_big(rows, args, nowhere)
+        return [line.rsplit(" — ", 1)[1] for line in lines if line.startswith("- ")]
+
+    assert verdicts(_big_rows(256 << 10, ("read_held_peak_bytes", 2 << 20))) == ["held", "held"]
+    assert verdicts(_big_rows((256 << 10) + 1, ("read_held_peak_bytes", (2 << 20) + 1))) == [
+        "NOT held", "NOT held"]
+    assert verdicts(_big_rows(4096, None))[1].startswith("not decided")
+    lines = remote.report_big(_big_rows(4096, None), args, nowhere)
+    whole = next(line for line in lines if line.startswith("| big: whole") and "chunkd" in line)
+    assert "| 1.074 | 2.00× |" in whole  # 2 GiB in 2 s, the direct read took 4 s
+    assert "20 → 60 MiB | n/a |" in whole

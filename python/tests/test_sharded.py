@@ -13,7 +13,7 @@ import chunkd
 from chunkd.sharded import hash64, rendezvous_order, rendezvous_score
 from chunkd_testing import start_server
 
-# The same servers, keys and answers as tests/unit/sharded_client_test.cc: C++ and Python route
+# The same servers, keys and answers as tests/integration/sharded_test.cc: C++ and Python route
 # every key to the same server.
 GOLDEN_SERVERS = ["chunkd-0.chunkd:7878", "chunkd-1.chunkd:7878", "chunkd-2.chunkd:7878"]
 GOLDEN_KEYS = [

@@ -18,62 +18,17 @@ from zarr.buffer import default_buffer_prototype
 
 import chunkd
 from chunkd import zarr as chunkd_zarr
-from chunkd.aio import AsyncClient
 from chunkd.zarr import ChunkdStore
+from chunkd_testing import count_store_calls
 
 KiB = 1 << 10
 PROTO = default_buffer_prototype()
 
 
-class Calls:
-    """Counts the store's calls to the server, client side: Gets (``read``), GetMany calls
-    (``read_many``) and the items those carried."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.reads = 0
-        self.read_many = 0
-        self.items = 0
-
-    @property
-    def total(self) -> int:
-        return self.reads + self.read_many
-
-    def snapshot(self) -> tuple[int, int, int]:
-        with self.lock:
-            return self.reads, self.read_many, self.items
-
-
 @pytest.fixture
-def calls(monkeypatch) -> Calls:
-    counter = Calls()
-    read, read_many = AsyncClient.read, AsyncClient.read_many
-
-    async def counted_read(self, *args, **kwargs):
-        with counter.lock:
-            counter.reads += 1
-        return await read(self, *args, **kwargs)
-
-    async def counted_read_many(self, items):
-        items = list(items)
-        with counter.lock:
-            counter.read_many += 1
-            counter.items += len(items)
-        return await read_many(self, items)
-
-    read_many_each = AsyncClient._read_many_each
-
-    def counted_read_many_each(self, items, futures):
-        # The batcher's GetMany, whose items complete their gets one by one.
-        with counter.lock:
-            counter.read_many += 1
-            counter.items += len(items)
-        return read_many_each(self, items, futures)
-
-    monkeypatch.setattr(AsyncClient, "read", counted_read)
-    monkeypatch.setattr(AsyncClient, "read_many", counted_read_many)
-    monkeypatch.setattr(AsyncClient, "_read_many_each", counted_read_many_each)
-    return counter
+def calls(monkeypatch):
+    """The store's calls to the server, counted client side (chunkd_testing.StoreCalls)."""
+    return count_store_calls(monkeypatch)
 
 
 def _counters(server) -> dict[str, int]:
