@@ -504,12 +504,17 @@ void ChunkStore::FirstTouch(std::string key, ByteRange range, absl::Time need,
       // Read whole, as one request: most values are small enough (see RunFlight).
       return StartOrJoinFlight(key, std::nullopt, need, std::move(read_on));
     case ByteRange::Kind::kBounded:  // an empty range: only the size is needed
-    case ByteRange::Kind::kSuffix: {
-      // Zarr's shard index: one request for the suffix, rounded so that it covers whole
-      // blocks (the last block is at most one block long).
-      uint64_t blocks = (static_cast<uint64_t>(range.suffix) + block_bytes_ - 1) / block_bytes_;
-      return StartOrJoinRecordFlight(key, (blocks + 1) * block_bytes_, std::move(read_on));
-    }
+    case ByteRange::Kind::kSuffix:
+      if (validation_ == Validation::kRemote) {
+        // Zarr's shard index from a remote store: one request for the suffix, rounded so that
+        // it covers whole blocks (the last block is at most one block long), rather than a
+        // round trip for the size first. A local store's size costs a stat: then only the
+        // blocks the suffix covers are read (the last one may be a few bytes).
+        uint64_t blocks =
+            (static_cast<uint64_t>(range.suffix) + block_bytes_ - 1) / block_bytes_;
+        return StartOrJoinRecordFlight(key, (blocks + 1) * block_bytes_, std::move(read_on));
+      }
+      break;
     case ByteRange::Kind::kOffset:
       break;
   }
