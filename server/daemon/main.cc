@@ -60,9 +60,9 @@ ABSL_FLAG(ByteSize, block_bytes, ByteSize{256ull << 10},
           "whole reads from the store only the aligned blocks it covers (a 256 KiB Zarr inner "
           "chunk costs one or two blocks, not its 16 MiB shard). Values read whole up to "
           "--read_ahead_blocks x --block_bytes are one entry.");
-ABSL_FLAG(int32_t, read_ahead_blocks, 64,
+ABSL_FLAG(int32_t, read_ahead_blocks, 128,
           "Blocks fetched ahead of a reader walking a value sequentially, in parallel; times "
-          "--block_bytes, also the largest value read whole in one request (16 MiB by default).");
+          "--block_bytes, also the largest value read whole in one request (32 MiB by default: a 16 MiB Zarr shard with its index is one entry).");
 ABSL_FLAG(ByteSize, read_budget_bytes, ByteSize{256ull << 20},
           "Memory that reads in flight may hold outside the cache (a range joined from several "
           "blocks, waiting for a slow client); past it a read fails with RESOURCE_EXHAUSTED "

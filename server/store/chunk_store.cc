@@ -219,19 +219,25 @@ void ChunkStore::StartOrJoinFlight(absl::string_view key, std::optional<CachedVa
     flight->waiters.push_back(std::move(done));
     shard.flights[key].whole = flight;
   }
+  LaunchFlight(key, &KeyFlights::whole, std::move(flight), &ChunkStore::RunFlight);
+}
+
+void ChunkStore::LaunchFlight(absl::string_view key, std::shared_ptr<Flight> KeyFlights::*slot,
+                              std::shared_ptr<Flight> flight,
+                              void (ChunkStore::*run)(std::string, std::shared_ptr<Flight>)) {
   std::string owned_key(key);
-  absl::Status queued = Submit([this, owned_key, flight]() mutable {
-    RunFlight(std::move(owned_key), std::move(flight));
+  absl::Status queued = Submit([this, owned_key, flight, run]() mutable {
+    (this->*run)(std::move(owned_key), std::move(flight));
   });
-  if (!queued.ok()) {
-    std::vector<ReadCallback> waiters;
-    {
-      absl::MutexLock lock(&shard.mu);
-      EraseFlightLocked(shard, owned_key, &KeyFlights::whole, flight);
-      waiters = std::move(flight->waiters);
-    }
-    for (ReadCallback& waiter : waiters) std::move(waiter)(queued);
+  if (queued.ok()) return;
+  std::vector<ReadCallback> waiters;
+  {
+    FlightShard& shard = FlightShardFor(key);
+    absl::MutexLock lock(&shard.mu);
+    EraseFlightLocked(shard, key, slot, flight);
+    waiters = std::move(flight->waiters);
   }
+  for (ReadCallback& waiter : waiters) std::move(waiter)(queued);
 }
 
 void ChunkStore::EraseFlightLocked(FlightShard& shard, absl::string_view key,
@@ -539,19 +545,7 @@ void ChunkStore::StartOrJoinRecordFlight(absl::string_view key, uint64_t suffix_
     flight->waiters.push_back(std::move(done));
     if (!flights.record) flights.record = flight;
   }
-  std::string owned_key(key);
-  absl::Status queued = Submit([this, owned_key, flight]() mutable {
-    RunRecordFlight(std::move(owned_key), std::move(flight));
-  });
-  if (!queued.ok()) {
-    std::vector<ReadCallback> waiters;
-    {
-      absl::MutexLock lock(&shard.mu);
-      EraseFlightLocked(shard, owned_key, &KeyFlights::record, flight);
-      waiters = std::move(flight->waiters);
-    }
-    for (ReadCallback& waiter : waiters) std::move(waiter)(queued);
-  }
+  LaunchFlight(key, &KeyFlights::record, std::move(flight), &ChunkStore::RunRecordFlight);
 }
 
 void ChunkStore::RunRecordFlight(std::string key, std::shared_ptr<Flight> flight) {

@@ -105,7 +105,7 @@ struct ChunkStoreOptions {
   uint64_t block_bytes = 256 << 10;
   // Blocks fetched ahead of a sequential reader; read_ahead_blocks x block_bytes is also the
   // largest value read whole in one request (whole_read_bytes).
-  size_t read_ahead_blocks = 64;
+  size_t read_ahead_blocks = 128;
   // Bytes reads may hold outside the cache (ranges assembled from blocks); past it a read
   // fails with RESOURCE_EXHAUSTED.
   uint64_t read_budget_bytes = 256ull << 20;
@@ -226,6 +226,11 @@ class ChunkStore {
   FlightShard& FlightShardFor(absl::string_view key);
   absl::Mutex& WriteLockFor(absl::string_view key);
   void RunFlight(std::string key, std::shared_ptr<Flight> flight);
+  // Runs `flight` (registered in `slot` of the key's flights) on an I/O thread; when the queue
+  // is full, takes it out again and fails its waiters.
+  void LaunchFlight(absl::string_view key, std::shared_ptr<Flight> KeyFlights::*slot,
+                    std::shared_ptr<Flight> flight,
+                    void (ChunkStore::*run)(std::string, std::shared_ptr<Flight>));
   // Starts or joins the flight of `key`: a miss when `cached` is unset, else a revalidation.
   void StartOrJoinFlight(absl::string_view key, std::optional<CachedValue> cached,
                          absl::Time need, ReadCallback done);
