@@ -110,6 +110,41 @@ TEST_F(BlocksTest, AValueLargerThanTheCacheStreamsWholeAndReadsByRange) {
   EXPECT_EQ(Counter(*c, "read_held_peak_bytes"), 0u);
 }
 
+TEST_F(BlocksTest, AnObjectPast4GiBReadsByRange) {
+  StartServer();
+  // A sparse 5 GiB file: marks around the 4 GiB boundary and at the end, zeros elsewhere.
+  const uint64_t size = 5ull << 30, boundary = 4ull << 30;
+  const std::string path = dir_.Join("store/big/huge");
+  {
+    std::ofstream out(path, std::ios::binary);
+    out.seekp(static_cast<std::streamoff>(boundary - 100));
+    out << std::string(200, 'b');
+    out.seekp(static_cast<std::streamoff>(size - 4096));
+    out << std::string(4096, 'e');
+  }
+  std::filesystem::resize_file(path, size);
+  auto c = Connect();
+  uint64_t before = Counter(*c, "backend_read_bytes");
+  client::GetOptions across;
+  across.range = ByteRange::Bounded(boundary - 150, boundary + 150);
+  auto got = c->Get("big/huge", across);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->total_size, size);
+  EXPECT_TRUE(got->data.view() == std::string(50, '\0') + std::string(200, 'b') +
+                                      std::string(50, '\0'));
+  client::GetOptions tail;
+  tail.range = ByteRange::Suffix(4096);
+  auto last = c->Get("big/huge", tail);
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_TRUE(last->data.view() == std::string(4096, 'e'));
+  testing::TsClient ts(server_->address());
+  testing::TsRead ts_tail = ts.Read("big/huge", testing::TsReadOptions::Range(size - 10));
+  ASSERT_TRUE(ts_tail.status.ok()) << ts_tail.status.error_message();
+  EXPECT_EQ(ts_tail.value, std::string(10, 'e'));
+  // Two blocks around the boundary and the last one: not the 5 GiB.
+  EXPECT_LE(Counter(*c, "backend_read_bytes") - before, 4 * kBlock);
+}
+
 TEST_F(BlocksTest, EveryDeliveryOnBlocks) {
   // Leases may pin the whole cache budget (8 MiB), so that the joined whole value fits.
   StartServer({"--max_pinned_fraction=1", "--max_client_pinned_fraction=1"});
