@@ -25,7 +25,8 @@ struct ReadBudgetStats {
 
 class ReadBudget {
  public:
-  explicit ReadBudget(uint64_t capacity_bytes) : capacity_(capacity_bytes) {}
+  explicit ReadBudget(uint64_t capacity_bytes)
+      : state_(std::make_shared<State>(capacity_bytes)) {}
   ReadBudget(const ReadBudget&) = delete;
   ReadBudget& operator=(const ReadBudget&) = delete;
 
@@ -37,12 +38,19 @@ class ReadBudget {
   ReadBudgetStats stats() const;
 
  private:
-  friend class BudgetedBlock;
-  bool TryReserve(uint64_t bytes);
-  void Release(uint64_t bytes);
+  // Shared with the blocks handed out, which may outlive the budget (a lease ended after the
+  // store shut down).
+  struct State {
+    explicit State(uint64_t capacity) : capacity(capacity) {}
+    bool TryReserve(uint64_t bytes);
+    void Release(uint64_t bytes) { held.fetch_sub(bytes, std::memory_order_relaxed); }
 
-  const uint64_t capacity_;
-  std::atomic<uint64_t> held_{0}, peak_{0}, refusals_{0};
+    const uint64_t capacity;
+    std::atomic<uint64_t> held{0}, peak{0}, refusals{0};
+  };
+  friend class BudgetedBlock;
+
+  std::shared_ptr<State> state_;
 };
 
 }  // namespace chunkd::server
