@@ -192,5 +192,57 @@ def test_checker_finds_broken_links(tmp_path):
     ], found
 
 
+# Source files whose comments are checked for repository paths, and how a comment starts there.
+COMMENT_MARKERS = {".cc": "//", ".h": "//", ".proto": "//", ".py": "#", ".sh": "#",
+                   ".yaml": "#", ".txt": "#", ".toml": "#"}
+SOURCE_PATH = re.compile(r"(?<![\w./$-])((?:" + "|".join(re.escape(top) for top in REPO_TOP)
+                         + r")[\w./-]*\.[A-Za-z]+)\b")
+# Files the build generates (cli/version.h from cli/version.h.in).
+GENERATED = {"cli/version.h"}
+
+
+def comment_paths(path: Path):
+    """(line number, path) of every repository path named in a comment of a source file."""
+    marker = COMMENT_MARKERS.get(path.suffix)
+    if marker is None and path.name in {"run", "Dockerfile"}:
+        marker = "#"
+    if marker is None:
+        return
+    for number, line in enumerate(path.read_text(errors="replace").split("\n"), 1):
+        at = line.find(marker)
+        if at < 0 or line.lstrip().startswith("#include"):
+            continue
+        for m in SOURCE_PATH.finditer(line[at + len(marker):]):
+            yield number, m.group(1).rstrip(".")
+
+
+def test_source_comments_name_existing_files():
+    """A comment that points at a file of the repository (`tests/unit/backend_conformance.h`)
+    points at one that exists: a file moved or split takes the comments that name it along."""
+    try:
+        listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard"],
+                                capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("git cannot list the repository's files here")
+    found = []
+    for name in listed:
+        path = REPO / name
+        if not path.is_file() or "corpus" in path.parts or path.name == Path(__file__).name:
+            continue
+        for number, named in comment_paths(path):
+            if named not in GENERATED and not (REPO / named).exists():
+                found.append(f"{name}:{number}: {named}")
+    assert found == []
+
+
+def test_comment_checker_finds_missing_files(tmp_path):
+    source = tmp_path / "x.cc"
+    source.write_text('#include "server/none.h"\n'
+                      "int a;  // see server/store/chunk_store.h and tests/backend_conformance.h\n"
+                      'const char* p = "server/not_a_comment.h";\n')
+    assert list(comment_paths(source)) == [(2, "server/store/chunk_store.h"),
+                                           (2, "tests/backend_conformance.h")]
+
+
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q"]))
