@@ -159,7 +159,7 @@ bool RefusedBeforeWriting(const absl::Status& s) {
 // servers' own revalidation of their store).
 constexpr size_t kMaxStaleKeysPerServer = size_t{1} << 16;
 
-// Consistency of the copies (README "A pool of servers"). Every server of a pool reads one shared
+// Consistency of the copies (docs/remote-stores.md, "Many servers: a pool"). Every server of a pool reads one shared
 // store and caches what it read or was written; a server's copy of a key goes stale when the key
 // is written through another server (the writer's cache and the store get the new value). Calls
 // for a key go to its home server, so other servers hold a copy only where a call failed over to

@@ -147,8 +147,8 @@ grep -q "in flight" "$work/slow_get.out" || fail "the slow Get did not start: $(
 stop_start=$(date +%s%N)
 podman stop -t 20 "$name" > /dev/null 2>&1
 stop_ms=$(( ($(date +%s%N) - stop_start) / 1000000 ))
-# The Get in flight gets its whole value; or, the one exception (known, see the README's
-# "Shutdown" notes), UNAVAILABLE when gRPC's server shutdown closes the connection while the last
+# The Get in flight gets its whole value; or, the one exception (known, see docs/deploy.md,
+# "Shutdown, a known gap"), UNAVAILABLE when gRPC's server shutdown closes the connection while the last
 # megabytes still wait for this slow reader's flow-control window: never other bytes, never a hang.
 get_in_flight="completed"
 if ! wait "$reader"; then

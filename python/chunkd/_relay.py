@@ -15,7 +15,7 @@ makes the native client with the same arguments and serves the child's calls ove
 pair, one at a time. The helper exits when the child closes the socket or exits. Values cross
 the socket (one copy more than a native client's: inline delivery only, no shared memory or
 CUDA IPC in such a child); calls from the child's threads and event loops take turns. Measured
-in README, "Workers that fork".
+in docs/python.md, "Workers that fork".
 """
 
 from __future__ import annotations

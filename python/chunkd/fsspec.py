@@ -22,8 +22,8 @@ value when it is closed (``mode="create"`` / ``"xb"``: only if the key does not 
 atomically on the server, else ``FileExistsError``); ``ls`` and ``info`` of a directory are one
 List; ``find`` is one List of the whole prefix; ``rm`` is one Delete per key. A missing key
 raises ``FileNotFoundError``. Values come back as ``bytes`` (fsspec's contract): one copy out
-of the client's buffer, which :class:`chunkd.zarr.ChunkdStore` does not make (see README,
-"the store object or the URL").
+of the client's buffer, which :class:`chunkd.zarr.ChunkdStore` does not make (see docs/python.md,
+"The store object or the URL").
 
 The filesystem is asynchronous (``fsspec.asyn.AsyncFileSystem``): zarr's ``FsspecStore`` awaits
 its calls on zarr's own event loop; synchronous callers run them on fsspec's loop thread. It

@@ -21,7 +21,7 @@ once a probe in the background got an answer from it. ``list`` asks every server
 merges the answers (sorted, deduplicated). ``get_many`` groups its items by home server and
 makes one call per server, in parallel; the items of a server that fails go on, each to its own
 next server (every server reads the same store). After every write the pool drops the key's
-cached copies where a later read could find an old one (README: "Consistency of the copies").
+cached copies where a later read could find an old one (docs/remote-stores.md: "Consistency of the copies").
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ The store is picklable (it reconnects in the process that unpickles it), so it w
 ``multiprocessing`` (spawn) and dask; a store inherited by a forked process (a DataLoader's
 worker, a ``fork`` pool) works there too, its clients relaying their calls through a helper
 process (:mod:`chunkd._relay`). zarr's ``zarr.open("chunkd://...")`` takes the URL instead,
-through :mod:`chunkd.fsspec` and zarr's ``FsspecStore`` (slower: see the README). It holds two clients of the C++ core (``chunkd._native``):
+through :mod:`chunkd.fsspec` and zarr's ``FsspecStore`` (slower: see docs/python.md). It holds two clients of the C++ core (``chunkd._native``):
 an :class:`chunkd.AsyncClient` for every event loop that uses it (calls complete through each
 loop's own completion queue) and a :class:`chunkd.Client` for the ``*_sync`` methods.
 """

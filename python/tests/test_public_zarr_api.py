@@ -45,7 +45,11 @@ def test_detector_catches_internal_imports():
     assert _internal_zarr_imports("from zarr.buffer import cpu, gpu\n") == []
 
 
-@pytest.mark.parametrize("readme", ["README.md", "python/README.md"])
+@pytest.mark.parametrize(
+    "readme",
+    ["README.md", "python/README.md"]
+    + sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")),
+)
 def test_readme_code_uses_the_public_modules(readme):
     text = (REPO / readme).read_text()
     assert not re.search(r"zarr\.core\.buffer", text), f"{readme} names zarr.core.buffer"

@@ -573,7 +573,7 @@ def test_values_over_the_maximum_are_refused(tmp_path):
 def test_a_server_with_tokens_answers_tensorstore_unauthenticated(tmp_path):
     """TensorStore's tsgrpc_kvstore driver (0.1.86) sends no call credentials and Python cannot
     give it any (its grpc_client_credentials context resource takes no options): a server with
-    --auth_tokens refuses it, clearly. See README: TensorStore."""
+    --auth_tokens refuses it, clearly. See docs/tensorstore.md."""
     from chunkd_testing import start_server
     import chunkd
 

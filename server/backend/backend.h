@@ -2,7 +2,7 @@
 //
 // A backend is the store of record: the host cache sits in front of it. Each backend lives in
 // a folder of its own and registers a URL scheme with OpenBackend(). Every backend passes the
-// same conformance suite (tests/backend_conformance.h).
+// same conformance suite (tests/unit/backend_conformance.h).
 //
 // Errors carry the key they concern. NOT_FOUND: no value under the key. FAILED_PRECONDITION:
 // a generation condition failed. RESOURCE_EXHAUSTED: no room (memory backend). ABORTED: the

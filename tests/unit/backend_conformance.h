@@ -1,4 +1,4 @@
-// The conformance suite every store backend passes unchanged (file, memory, and later ones).
+// The conformance suite every store backend passes unchanged (file, memory, s3, http).
 //
 // The tests live in backend_conformance_suite.cc. A backend joins the suite with one line in
 // any .cc file of the unit test binary:
