@@ -295,7 +295,11 @@ TEST_F(ShmTest, GetManyReplyLongerThanTheTtlNeverHandsOutOtherBytes) {
   std::thread serving([&] { store.listen_after_bind(); });
   auto server = ServerProcess::Start(
       {"--listen=127.0.0.1:0", absl::StrCat("--store=http://127.0.0.1:", port, "/"),
-       "--shm_dir=" + shm_.path(), "--lease_ttl=1s", "--host_cache_bytes=16MiB"});
+       "--shm_dir=" + shm_.path(), "--lease_ttl=1s", "--host_cache_bytes=16MiB",
+       // cpp-httplib serves with 8 threads, each kept by one keep-alive connection: more I/O
+       // threads than that (64 by default for a remote store) would queue new connections
+       // behind idle ones for seconds.
+       "--io_threads=8"});
   ASSERT_TRUE(server.ok()) << server.status();
   server_ = *std::move(server);
   std::vector<client::GetManyItem> items;

@@ -39,14 +39,14 @@ class RangeCountingBackend final : public testing::ForwardingBackend {
   }
   absl::StatusOr<Buffer> ReadRange(absl::string_view key, uint64_t offset, uint64_t length,
                                    ValueInfo* info) override {
-    Enter();
+    auto serial = Enter();
     auto result = inner_->ReadRange(key, offset, length, info);
     Count(result);
     return result;
   }
   absl::StatusOr<Buffer> ReadSuffix(absl::string_view key, uint64_t length,
                                     ValueInfo* info) override {
-    Enter();
+    auto serial = Enter();
     auto result = inner_->ReadSuffix(key, length, info);
     Count(result);
     return result;
@@ -54,7 +54,7 @@ class RangeCountingBackend final : public testing::ForwardingBackend {
   absl::StatusOr<Buffer> ReadRangeIfMatch(absl::string_view key, uint64_t offset,
                                           uint64_t length, const ValueInfo& expected,
                                           ValueInfo* info) override {
-    Enter();
+    auto serial = Enter();
     auto result = inner_->ReadRangeIfMatch(key, offset, length, expected, info);
     Count(result);
     return result;
@@ -89,7 +89,9 @@ class RangeCountingBackend final : public testing::ForwardingBackend {
   }
 
  private:
-  void Enter() {
+  // Waits while reads are held, then runs the hook. With a hook, the read that follows runs
+  // under the returned lock: each read sees the version its own hook wrote.
+  std::unique_ptr<absl::MutexLock> Enter() {
     std::function<void()> hook;
     {
       absl::MutexLock lock(&mu_);
@@ -101,7 +103,10 @@ class RangeCountingBackend final : public testing::ForwardingBackend {
           this));
       hook = hook_;
     }
-    if (hook) hook();
+    if (!hook) return nullptr;
+    auto serial = std::make_unique<absl::MutexLock>(&serial_);
+    hook();
+    return serial;
   }
   void Count(const absl::StatusOr<Buffer>& result) {
     reads_.fetch_add(1);
@@ -114,6 +119,7 @@ class RangeCountingBackend final : public testing::ForwardingBackend {
   bool hold_ ABSL_GUARDED_BY(mu_) = false;
   int entered_ ABSL_GUARDED_BY(mu_) = 0;
   std::function<void()> hook_ ABSL_GUARDED_BY(mu_);
+  absl::Mutex serial_;
 };
 
 ChunkStoreOptions BlockOptions() {

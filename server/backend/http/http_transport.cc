@@ -436,6 +436,10 @@ absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::RangedGet(absl::string_vi
   };
   const std::string what = absl::StrCat("GET key ", QuoteKey(key));
   const bool if_match = range.expected && StrongEtag(range.expected->etag);
+  // What is asked of the server: the range, or after a 416 for a range that runs past the end
+  // (some servers, cpp-httplib's among them, refuse those instead of sending what exists), the
+  // part of it the value holds.
+  ByteRange asked = range;
   for (int attempt = 1;; ++attempt) {
     if (range.length == 0) {
       auto now = Stat(key);
@@ -443,7 +447,7 @@ absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::RangedGet(absl::string_vi
       return finish(*std::move(now), buffer::cpu::Buffer());
     }
     HttpRequest request = NewGet(key);
-    request.headers.push_back(RangeHeader(range));
+    request.headers.push_back(RangeHeader(asked));
     if (if_match) request.headers.push_back(absl::StrCat("If-Match: ", range.expected->etag));
     auto r = transport_.Perform(request, what);
     if (!r.ok()) return r.status();
@@ -457,14 +461,18 @@ absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::RangedGet(absl::string_vi
       // No byte to give: the range starts at or past the end, or the value is empty.
       auto now = Stat(key);
       if (!now.ok()) return now.status();
-      if (PartOf(range, now->size).second == 0) {
-        return finish(*std::move(now), buffer::cpu::Buffer());
-      }
-      // The value now has bytes there: it was replaced after the GET.
+      auto [start, length] = PartOf(range, now->size);
+      if (length == 0) return finish(*std::move(now), buffer::cpu::Buffer());
+      // The value has bytes there: ask for exactly those (a server that refuses ranges past
+      // the end), once; a second 416 means it was replaced meanwhile.
       if (attempt >= 2) {
         return absl::AbortedError(
             absl::StrCat("key ", QuoteKey(key), " changed while being read by range; try again"));
       }
+      asked = range;
+      asked.suffix = false;
+      asked.offset = start;
+      asked.length = length;
       continue;
     }
     if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
