@@ -201,6 +201,64 @@ int Fail(const std::string& message) {
   return 1;
 }
 
+// The handle deliveries' part of `config` from the flags, checked: shared memory, leases and
+// their caps on pinned memory, the device tier.
+absl::Status HandleDeliveryFromFlags(ServerConfig* config) {
+  config->shm = absl::GetFlag(FLAGS_shm);
+  config->shm_arena.directory = absl::GetFlag(FLAGS_shm_dir);
+  config->shm_arena.segment_bytes = absl::GetFlag(FLAGS_shm_segment_bytes).bytes;
+  {
+    std::string mode = absl::GetFlag(FLAGS_shm_mode);
+    char* end = nullptr;
+    long parsed = std::strtol(mode.c_str(), &end, 8);
+    if (mode.empty() || *end != '\0' || (parsed & ~0660) != 0 || (parsed & 0600) != 0600) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--shm_mode=", mode,
+                       " must be an octal mode no wider than 0660 that the owner can "
+                       "read and write (0600, 0640 or 0660)"));
+    }
+    config->shm_arena.mode = static_cast<mode_t>(parsed);
+  }
+  config->shm_arena.group = static_cast<gid_t>(absl::GetFlag(FLAGS_shm_group));
+  config->leases.ttl = absl::GetFlag(FLAGS_lease_ttl);
+  if (config->leases.ttl < absl::Milliseconds(100)) {
+    return absl::InvalidArgumentError("--lease_ttl must be at least 100ms");
+  }
+  config->leases.max_holder_leases = absl::GetFlag(FLAGS_max_client_leases);
+  if (config->leases.max_holder_leases == 0) {
+    return absl::InvalidArgumentError("--max_client_leases must be at least 1");
+  }
+  config->device_tier.capacity_bytes = absl::GetFlag(FLAGS_device_cache_bytes).bytes;
+  {
+    double all = absl::GetFlag(FLAGS_max_pinned_fraction);
+    double one = absl::GetFlag(FLAGS_max_client_pinned_fraction);
+    if (!(all >= 0 && all <= 1) || !(one >= 0 && one <= 1)) {
+      return absl::InvalidArgumentError(
+          "--max_pinned_fraction and --max_client_pinned_fraction must be between 0 and 1");
+    }
+    auto limits = [&](uint64_t budget, const char* budget_flag) {
+      PinLimits l;
+      l.max_bytes = static_cast<uint64_t>(all * static_cast<double>(budget));
+      l.max_holder_bytes = static_cast<uint64_t>(one * static_cast<double>(budget));
+      l.origin = absl::StrCat("--max_pinned_fraction=", all, " of ", budget_flag);
+      l.holder_origin = absl::StrCat("--max_client_pinned_fraction=", one, " of ", budget_flag);
+      return l;
+    };
+    config->leases.host = limits(config->store_options.cache.capacity_bytes, "--host_cache_bytes");
+    config->leases.device = limits(config->device_tier.capacity_bytes, "--device_cache_bytes");
+  }
+  config->device_tier.segment_bytes = absl::GetFlag(FLAGS_device_segment_bytes).bytes;
+  if (config->device_tier.segment_bytes < (1u << 20)) {
+    return absl::InvalidArgumentError("--device_segment_bytes must be at least 1MiB");
+  }
+  if (auto devices = ParseCudaDevices(absl::GetFlag(FLAGS_cuda_device)); devices.ok()) {
+    config->device_tier.devices = *std::move(devices);
+  } else {
+    return devices.status();
+  }
+  return absl::OkStatus();
+}
+
 // The server's configuration from the flags, each checked (INVALID_ARGUMENT naming the flag).
 // Creates the default store directory when it is the store and missing.
 absl::StatusOr<ServerConfig> ConfigFromFlags() {
@@ -223,17 +281,20 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   config.backend.http.timeout = absl::GetFlag(FLAGS_http_timeout);
   config.backend.http.stall_timeout = absl::GetFlag(FLAGS_http_stall_timeout);
   config.backend.http.max_attempts = absl::GetFlag(FLAGS_http_max_attempts);
-  if (config.backend.http.max_attempts < 1) return absl::InvalidArgumentError("--http_max_attempts must be at least 1");
+  if (config.backend.http.max_attempts < 1) {
+    return absl::InvalidArgumentError("--http_max_attempts must be at least 1");
+  }
   config.store_options.cache.capacity_bytes = cache_bytes;
   config.store_options.cache.max_entry_fraction = absl::GetFlag(FLAGS_cache_max_entry_fraction);
   auto policy = ParseEvictionPolicy(absl::GetFlag(FLAGS_eviction));
   if (!policy) {
     return absl::InvalidArgumentError(absl::StrCat("--eviction=", absl::GetFlag(FLAGS_eviction),
-                             " is not a policy (s3fifo or lru)"));
+                                                   " is not a policy (s3fifo or lru)"));
   }
   config.store_options.cache.policy = *policy;
   if (absl::GetFlag(FLAGS_io_threads) < 0 || absl::GetFlag(FLAGS_max_queued_io) < 1) {
-    return absl::InvalidArgumentError("--io_threads must be 0 (auto) or more, --max_queued_io at least 1");
+    return absl::InvalidArgumentError(
+        "--io_threads must be 0 (auto) or more, --max_queued_io at least 1");
   }
   config.store_options.io_threads = absl::GetFlag(FLAGS_io_threads);
   config.store_options.block_bytes = absl::GetFlag(FLAGS_block_bytes).bytes;
@@ -248,15 +309,17 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   if (std::string after = absl::GetFlag(FLAGS_revalidate_after); !after.empty()) {
     absl::Duration d;
     if (!absl::ParseDuration(after, &d) || d < absl::ZeroDuration()) {
-      return absl::InvalidArgumentError(absl::StrCat("--revalidate_after=", after,
-                               " is not a duration of 0 or more (0, 500ms, 60s, inf)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--revalidate_after=", after, " is not a duration of 0 or more (0, 500ms, 60s, inf)"));
     }
     config.store_options.freshness.revalidate_after = d;
   }
   config.store_options.freshness.always_revalidate_names =
       absl::GetFlag(FLAGS_always_revalidate_names);
   config.store_options.freshness.immutable_prefixes = absl::GetFlag(FLAGS_immutable_prefixes);
-  if (absl::GetFlag(FLAGS_rpc_threads) < 0) return absl::InvalidArgumentError("--rpc_threads must be 0 (auto) or more");
+  if (absl::GetFlag(FLAGS_rpc_threads) < 0) {
+    return absl::InvalidArgumentError("--rpc_threads must be 0 (auto) or more");
+  }
   config.rpc_threads = absl::GetFlag(FLAGS_rpc_threads);
   config.reflection = absl::GetFlag(FLAGS_reflection);
   config.store_options.max_queued_io = absl::GetFlag(FLAGS_max_queued_io);
@@ -268,59 +331,12 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   }
   config.service.max_inflight_put_bytes = absl::GetFlag(FLAGS_max_inflight_put_bytes).bytes;
 
-  config.shm = absl::GetFlag(FLAGS_shm);
-  config.shm_arena.directory = absl::GetFlag(FLAGS_shm_dir);
-  config.shm_arena.segment_bytes = absl::GetFlag(FLAGS_shm_segment_bytes).bytes;
-  {
-    std::string mode = absl::GetFlag(FLAGS_shm_mode);
-    char* end = nullptr;
-    long parsed = std::strtol(mode.c_str(), &end, 8);
-    if (mode.empty() || *end != '\0' || (parsed & ~0660) != 0 || (parsed & 0600) != 0600) {
-      return absl::InvalidArgumentError(absl::StrCat("--shm_mode=", mode,
-                               " must be an octal mode no wider than 0660 that the owner can "
-                               "read and write (0600, 0640 or 0660)"));
-    }
-    config.shm_arena.mode = static_cast<mode_t>(parsed);
-  }
-  config.shm_arena.group = static_cast<gid_t>(absl::GetFlag(FLAGS_shm_group));
-  config.leases.ttl = absl::GetFlag(FLAGS_lease_ttl);
-  if (config.leases.ttl < absl::Milliseconds(100)) return absl::InvalidArgumentError("--lease_ttl must be at least 100ms");
-  config.leases.max_holder_leases = absl::GetFlag(FLAGS_max_client_leases);
-  if (config.leases.max_holder_leases == 0) return absl::InvalidArgumentError("--max_client_leases must be at least 1");
-  config.device_tier.capacity_bytes = absl::GetFlag(FLAGS_device_cache_bytes).bytes;
-  {
-    double all = absl::GetFlag(FLAGS_max_pinned_fraction);
-    double one = absl::GetFlag(FLAGS_max_client_pinned_fraction);
-    if (!(all >= 0 && all <= 1) || !(one >= 0 && one <= 1)) {
-      return absl::InvalidArgumentError("--max_pinned_fraction and --max_client_pinned_fraction must be between 0 and 1");
-    }
-    auto limits = [&](uint64_t budget, const char* budget_flag) {
-      PinLimits l;
-      l.max_bytes = static_cast<uint64_t>(all * static_cast<double>(budget));
-      l.max_holder_bytes = static_cast<uint64_t>(one * static_cast<double>(budget));
-      l.origin = absl::StrCat("--max_pinned_fraction=", all, " of ", budget_flag);
-      l.holder_origin = absl::StrCat("--max_client_pinned_fraction=", one, " of ", budget_flag);
-      return l;
-    };
-    config.leases.host = limits(cache_bytes, "--host_cache_bytes");
-    config.leases.device = limits(config.device_tier.capacity_bytes, "--device_cache_bytes");
-  }
-  config.device_tier.segment_bytes = absl::GetFlag(FLAGS_device_segment_bytes).bytes;
-  if (config.device_tier.segment_bytes < (1u << 20)) {
-    return absl::InvalidArgumentError("--device_segment_bytes must be at least 1MiB");
-  }
-  if (auto devices = ParseCudaDevices(absl::GetFlag(FLAGS_cuda_device));
-      devices.ok()) {
-    config.device_tier.devices = *std::move(devices);
-  } else {
-    return devices.status();
-  }
+  if (absl::Status s = HandleDeliveryFromFlags(&config); !s.ok()) return s;
 
   auto security = SecurityOptionsFromFlags();
   if (!security.ok()) return security.status();
   config.security = *std::move(security);
   return config;
-
 }
 
 // The line that says what the server serves, once it does.
@@ -328,7 +344,8 @@ void LogServing(ChunkdServer& server, const ServerConfig& config) {
   // Freshness: how long a cached value is served before the store is asked again.
   std::string fresh;
   if (server.store().backend().validation() != Validation::kNone) {
-    fresh = absl::StrCat(", revalidate after ", absl::FormatDuration(server.store().revalidate_after()));
+    fresh = absl::StrCat(", revalidate after ",
+                         absl::FormatDuration(server.store().revalidate_after()));
     if (!config.store_options.freshness.immutable_prefixes.empty()) {
       absl::StrAppend(&fresh, " (immutable: ",
                       absl::StrJoin(config.store_options.freshness.immutable_prefixes, ","), ")");

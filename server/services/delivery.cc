@@ -56,8 +56,8 @@ Recipient RecipientOf(ChunkdService* service, const grpc::ServerContextBase& con
     recipient.cuda |= d == v1::DELIVERY_CUDA_IPC;
     recipient.other |= d != v1::DELIVERY_CUDA_IPC;
   }
-  recipient.inline_ok =
-      accept.empty() || std::find(accept.begin(), accept.end(), v1::DELIVERY_INLINE) != accept.end();
+  recipient.inline_ok = accept.empty() || std::find(accept.begin(), accept.end(),
+                                                    v1::DELIVERY_INLINE) != accept.end();
   if (recipient.shm) recipient.client = IdentityFromProto(client);
   if (recipient.shm || recipient.cuda) recipient.holder = HolderOf(service, context, client);
   return recipient;
