@@ -16,6 +16,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/marshalling.h"
 #include "absl/flags/usage.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -189,9 +191,8 @@ ABSL_FLAG(std::string, ready_file, "",
           "When set, the bound addresses (one per line) are written to this file once the server "
           "accepts calls: useful with port 0.");
 
+namespace chunkd::server {
 namespace {
-
-using chunkd::server::Log;
 
 constexpr char kDefaultStore[] = "chunkd-data";
 
@@ -200,40 +201,68 @@ int Fail(const std::string& message) {
   return 1;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  // Debian builds Abseil with its mutex deadlock detector on; gRPC's locks go through
-  // absl::Mutex too, and the detector's graph bookkeeping shows in profiles of every call.
-  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
-  absl::SetProgramUsageMessage(
-      "serves chunk buffers (Zarr chunks) from a host cache in front of a store, over gRPC.\n\n"
-      "  chunkd [--listen=127.0.0.1:7878] [--store=DIR|file:///DIR|memory://|s3://BUCKET/PREFIX|"
-      "https://HOST/PATH] [flags]\n\n"
-      "Examples:\n"
-      "  chunkd --store=/data/era5.zarr --host_cache_bytes=8GiB\n"
-      "  chunkd --listen=unix:/run/chunkd.sock --store=memory://\n\n"
-      "Talk to it with chunkctl (chunkctl --help), chunkd's Python and C++ clients, or\n"
-      "TensorStore's tsgrpc_kvstore driver (TensorStore's key-value protocol is served on the\n"
-      "same listeners). Flags:");
-  std::vector<char*> positional = chunkd::cli::ParseCommandLine(
-      argc, argv, "chunkd", {"server/daemon/main.cc", "server/daemon/security_flags.cc"});
-  if (positional.size() > 1) {
-    return Fail(absl::StrCat("unexpected argument '", positional[1],
-                             "' (flags take the form --name=value; see --help)"));
+// The handle deliveries' part of `config` from the flags, checked: shared memory, leases and
+// their caps on pinned memory, the device tier.
+absl::Status HandleDeliveryFromFlags(ServerConfig* config) {
+  config->shm = absl::GetFlag(FLAGS_shm);
+  config->shm_arena.directory = absl::GetFlag(FLAGS_shm_dir);
+  config->shm_arena.segment_bytes = absl::GetFlag(FLAGS_shm_segment_bytes).bytes;
+  {
+    std::string mode = absl::GetFlag(FLAGS_shm_mode);
+    char* end = nullptr;
+    long parsed = std::strtol(mode.c_str(), &end, 8);
+    if (mode.empty() || *end != '\0' || (parsed & ~0660) != 0 || (parsed & 0600) != 0600) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--shm_mode=", mode,
+                       " must be an octal mode no wider than 0660 that the owner can "
+                       "read and write (0600, 0640 or 0660)"));
+    }
+    config->shm_arena.mode = static_cast<mode_t>(parsed);
   }
+  config->shm_arena.group = static_cast<gid_t>(absl::GetFlag(FLAGS_shm_group));
+  config->leases.ttl = absl::GetFlag(FLAGS_lease_ttl);
+  if (config->leases.ttl < absl::Milliseconds(100)) {
+    return absl::InvalidArgumentError("--lease_ttl must be at least 100ms");
+  }
+  config->leases.max_holder_leases = absl::GetFlag(FLAGS_max_client_leases);
+  if (config->leases.max_holder_leases == 0) {
+    return absl::InvalidArgumentError("--max_client_leases must be at least 1");
+  }
+  config->device_tier.capacity_bytes = absl::GetFlag(FLAGS_device_cache_bytes).bytes;
+  {
+    double all = absl::GetFlag(FLAGS_max_pinned_fraction);
+    double one = absl::GetFlag(FLAGS_max_client_pinned_fraction);
+    if (!(all >= 0 && all <= 1) || !(one >= 0 && one <= 1)) {
+      return absl::InvalidArgumentError(
+          "--max_pinned_fraction and --max_client_pinned_fraction must be between 0 and 1");
+    }
+    auto limits = [&](uint64_t budget, const char* budget_flag) {
+      PinLimits l;
+      l.max_bytes = static_cast<uint64_t>(all * static_cast<double>(budget));
+      l.max_holder_bytes = static_cast<uint64_t>(one * static_cast<double>(budget));
+      l.origin = absl::StrCat("--max_pinned_fraction=", all, " of ", budget_flag);
+      l.holder_origin = absl::StrCat("--max_client_pinned_fraction=", one, " of ", budget_flag);
+      return l;
+    };
+    config->leases.host = limits(config->store_options.cache.capacity_bytes, "--host_cache_bytes");
+    config->leases.device = limits(config->device_tier.capacity_bytes, "--device_cache_bytes");
+  }
+  config->device_tier.segment_bytes = absl::GetFlag(FLAGS_device_segment_bytes).bytes;
+  if (config->device_tier.segment_bytes < (1u << 20)) {
+    return absl::InvalidArgumentError("--device_segment_bytes must be at least 1MiB");
+  }
+  if (auto devices = ParseCudaDevices(absl::GetFlag(FLAGS_cuda_device)); devices.ok()) {
+    config->device_tier.devices = *std::move(devices);
+  } else {
+    return devices.status();
+  }
+  return absl::OkStatus();
+}
 
-  // SIGTERM and SIGINT are taken by sigwait below, on this thread; block them before any other
-  // thread starts so that every thread inherits the mask.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  // A client that vanishes mid-write must not kill the server.
-  signal(SIGPIPE, SIG_IGN);
-
-  chunkd::server::ServerConfig config;
+// The server's configuration from the flags, each checked (INVALID_ARGUMENT naming the flag).
+// Creates the default store directory when it is the store and missing.
+absl::StatusOr<ServerConfig> ConfigFromFlags() {
+  ServerConfig config;
   config.listen = absl::StrSplit(absl::GetFlag(FLAGS_listen), ',', absl::SkipWhitespace());
   config.store = absl::GetFlag(FLAGS_store);
   if (config.store == kDefaultStore && ::mkdir(kDefaultStore, 0755) == 0) {
@@ -252,40 +281,45 @@ int main(int argc, char** argv) {
   config.backend.http.timeout = absl::GetFlag(FLAGS_http_timeout);
   config.backend.http.stall_timeout = absl::GetFlag(FLAGS_http_stall_timeout);
   config.backend.http.max_attempts = absl::GetFlag(FLAGS_http_max_attempts);
-  if (config.backend.http.max_attempts < 1) return Fail("--http_max_attempts must be at least 1");
+  if (config.backend.http.max_attempts < 1) {
+    return absl::InvalidArgumentError("--http_max_attempts must be at least 1");
+  }
   config.store_options.cache.capacity_bytes = cache_bytes;
   config.store_options.cache.max_entry_fraction = absl::GetFlag(FLAGS_cache_max_entry_fraction);
-  auto policy = chunkd::server::ParseEvictionPolicy(absl::GetFlag(FLAGS_eviction));
+  auto policy = ParseEvictionPolicy(absl::GetFlag(FLAGS_eviction));
   if (!policy) {
-    return Fail(absl::StrCat("--eviction=", absl::GetFlag(FLAGS_eviction),
-                             " is not a policy (s3fifo or lru)"));
+    return absl::InvalidArgumentError(absl::StrCat("--eviction=", absl::GetFlag(FLAGS_eviction),
+                                                   " is not a policy (s3fifo or lru)"));
   }
   config.store_options.cache.policy = *policy;
   if (absl::GetFlag(FLAGS_io_threads) < 0 || absl::GetFlag(FLAGS_max_queued_io) < 1) {
-    return Fail("--io_threads must be 0 (auto) or more, --max_queued_io at least 1");
+    return absl::InvalidArgumentError(
+        "--io_threads must be 0 (auto) or more, --max_queued_io at least 1");
   }
   config.store_options.io_threads = absl::GetFlag(FLAGS_io_threads);
   config.store_options.block_bytes = absl::GetFlag(FLAGS_block_bytes).bytes;
   if (config.store_options.block_bytes < 4096 || config.store_options.block_bytes > (64u << 20)) {
-    return Fail("--block_bytes must be between 4 KiB and 64 MiB");
+    return absl::InvalidArgumentError("--block_bytes must be between 4 KiB and 64 MiB");
   }
   if (absl::GetFlag(FLAGS_read_ahead_blocks) < 0 || absl::GetFlag(FLAGS_read_ahead_blocks) > 4096) {
-    return Fail("--read_ahead_blocks must be between 0 and 4096");
+    return absl::InvalidArgumentError("--read_ahead_blocks must be between 0 and 4096");
   }
   config.store_options.read_ahead_blocks = absl::GetFlag(FLAGS_read_ahead_blocks);
   config.store_options.read_budget_bytes = absl::GetFlag(FLAGS_read_budget_bytes).bytes;
   if (std::string after = absl::GetFlag(FLAGS_revalidate_after); !after.empty()) {
     absl::Duration d;
     if (!absl::ParseDuration(after, &d) || d < absl::ZeroDuration()) {
-      return Fail(absl::StrCat("--revalidate_after=", after,
-                               " is not a duration of 0 or more (0, 500ms, 60s, inf)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--revalidate_after=", after, " is not a duration of 0 or more (0, 500ms, 60s, inf)"));
     }
     config.store_options.freshness.revalidate_after = d;
   }
   config.store_options.freshness.always_revalidate_names =
       absl::GetFlag(FLAGS_always_revalidate_names);
   config.store_options.freshness.immutable_prefixes = absl::GetFlag(FLAGS_immutable_prefixes);
-  if (absl::GetFlag(FLAGS_rpc_threads) < 0) return Fail("--rpc_threads must be 0 (auto) or more");
+  if (absl::GetFlag(FLAGS_rpc_threads) < 0) {
+    return absl::InvalidArgumentError("--rpc_threads must be 0 (auto) or more");
+  }
   config.rpc_threads = absl::GetFlag(FLAGS_rpc_threads);
   config.reflection = absl::GetFlag(FLAGS_reflection);
   config.store_options.max_queued_io = absl::GetFlag(FLAGS_max_queued_io);
@@ -293,157 +327,176 @@ int main(int argc, char** argv) {
   config.service.read_only = absl::GetFlag(FLAGS_read_only);
   config.service.part_bytes = absl::GetFlag(FLAGS_part_bytes).bytes;
   if (config.service.part_bytes < 1024 || config.service.part_bytes > (1u << 20)) {
-    return Fail("--part_bytes must be between 1KiB and 1MiB");
+    return absl::InvalidArgumentError("--part_bytes must be between 1KiB and 1MiB");
   }
   config.service.max_inflight_put_bytes = absl::GetFlag(FLAGS_max_inflight_put_bytes).bytes;
 
-  config.shm = absl::GetFlag(FLAGS_shm);
-  config.shm_arena.directory = absl::GetFlag(FLAGS_shm_dir);
-  config.shm_arena.segment_bytes = absl::GetFlag(FLAGS_shm_segment_bytes).bytes;
-  {
-    std::string mode = absl::GetFlag(FLAGS_shm_mode);
-    char* end = nullptr;
-    long parsed = std::strtol(mode.c_str(), &end, 8);
-    if (mode.empty() || *end != '\0' || (parsed & ~0660) != 0 || (parsed & 0600) != 0600) {
-      return Fail(absl::StrCat("--shm_mode=", mode,
-                               " must be an octal mode no wider than 0660 that the owner can "
-                               "read and write (0600, 0640 or 0660)"));
-    }
-    config.shm_arena.mode = static_cast<mode_t>(parsed);
-  }
-  config.shm_arena.group = static_cast<gid_t>(absl::GetFlag(FLAGS_shm_group));
-  config.leases.ttl = absl::GetFlag(FLAGS_lease_ttl);
-  if (config.leases.ttl < absl::Milliseconds(100)) return Fail("--lease_ttl must be at least 100ms");
-  config.leases.max_holder_leases = absl::GetFlag(FLAGS_max_client_leases);
-  if (config.leases.max_holder_leases == 0) return Fail("--max_client_leases must be at least 1");
-  config.device_tier.capacity_bytes = absl::GetFlag(FLAGS_device_cache_bytes).bytes;
-  {
-    double all = absl::GetFlag(FLAGS_max_pinned_fraction);
-    double one = absl::GetFlag(FLAGS_max_client_pinned_fraction);
-    if (!(all >= 0 && all <= 1) || !(one >= 0 && one <= 1)) {
-      return Fail("--max_pinned_fraction and --max_client_pinned_fraction must be between 0 and 1");
-    }
-    auto limits = [&](uint64_t budget, const char* budget_flag) {
-      chunkd::server::PinLimits l;
-      l.max_bytes = static_cast<uint64_t>(all * static_cast<double>(budget));
-      l.max_holder_bytes = static_cast<uint64_t>(one * static_cast<double>(budget));
-      l.origin = absl::StrCat("--max_pinned_fraction=", all, " of ", budget_flag);
-      l.holder_origin = absl::StrCat("--max_client_pinned_fraction=", one, " of ", budget_flag);
-      return l;
-    };
-    config.leases.host = limits(cache_bytes, "--host_cache_bytes");
-    config.leases.device = limits(config.device_tier.capacity_bytes, "--device_cache_bytes");
-  }
-  config.device_tier.segment_bytes = absl::GetFlag(FLAGS_device_segment_bytes).bytes;
-  if (config.device_tier.segment_bytes < (1u << 20)) {
-    return Fail("--device_segment_bytes must be at least 1MiB");
-  }
-  if (auto devices = chunkd::server::ParseCudaDevices(absl::GetFlag(FLAGS_cuda_device));
-      devices.ok()) {
-    config.device_tier.devices = *std::move(devices);
-  } else {
-    return Fail(std::string(devices.status().message()));
-  }
+  if (absl::Status s = HandleDeliveryFromFlags(&config); !s.ok()) return s;
 
-  auto security = chunkd::server::SecurityOptionsFromFlags();
-  if (!security.ok()) return Fail(std::string(security.status().message()));
+  auto security = SecurityOptionsFromFlags();
+  if (!security.ok()) return security.status();
   config.security = *std::move(security);
+  return config;
+}
 
-  auto server = chunkd::server::ChunkdServer::Start(config);
-  if (!server.ok()) return Fail(std::string(server.status().message()));
+// The line that says what the server serves, once it does.
+void LogServing(ChunkdServer& server, const ServerConfig& config) {
   // Freshness: how long a cached value is served before the store is asked again.
   std::string fresh;
-  if ((*server)->store().backend().validation() != chunkd::server::Validation::kNone) {
+  if (server.store().backend().validation() != Validation::kNone) {
     fresh = absl::StrCat(", revalidate after ",
-                         absl::FormatDuration((*server)->store().revalidate_after()));
+                         absl::FormatDuration(server.store().revalidate_after()));
     if (!config.store_options.freshness.immutable_prefixes.empty()) {
       absl::StrAppend(&fresh, " (immutable: ",
                       absl::StrJoin(config.store_options.freshness.immutable_prefixes, ","), ")");
     }
   }
   Log("serving %s store %s on %s (host cache %s, %s, max value %s%s%s%s)",
-      std::string((*server)->store().backend().kind()), (*server)->store().backend().location(),
-      absl::StrJoin((*server)->addresses(), ", "), chunkd::server::FormatBytes(cache_bytes),
-      absl::GetFlag(FLAGS_eviction), chunkd::server::FormatBytes(config.service.max_value_bytes),
-      fresh, config.service.read_only ? ", read-only" : "",
-      (*server)->arena() ? ", shared memory in " + config.shm_arena.directory : ", inline only");
-  std::unique_ptr<chunkd::server::MetricsServer> metrics;
-  if (std::string address = absl::GetFlag(FLAGS_metrics_listen); !address.empty()) {
-    std::shared_ptr<const chunkd::server::TokenTable> token;
-    if (std::string path = absl::GetFlag(FLAGS_metrics_token_file); !path.empty()) {
-      auto loaded = chunkd::server::TokenTable::LoadSingle(path);
-      if (!loaded.ok()) {
-        return Fail(absl::StrCat("--metrics_token_file: ", loaded.status().message()));
-      }
-      token = std::make_shared<const chunkd::server::TokenTable>(*std::move(loaded));
+      std::string(server.store().backend().kind()), server.store().backend().location(),
+      absl::StrJoin(server.addresses(), ", "),
+      FormatBytes(config.store_options.cache.capacity_bytes), absl::GetFlag(FLAGS_eviction),
+      FormatBytes(config.service.max_value_bytes), fresh,
+      config.service.read_only ? ", read-only" : "",
+      server.arena() ? ", shared memory in " + config.shm_arena.directory : ", inline only");
+}
+
+// The metrics endpoint of --metrics_listen (null without it), scraping `server`'s ServerInfo.
+absl::StatusOr<std::unique_ptr<MetricsServer>> StartMetrics(ChunkdServer* server) {
+  std::string address = absl::GetFlag(FLAGS_metrics_listen);
+  if (address.empty()) {
+    if (!absl::GetFlag(FLAGS_metrics_token_file).empty()) {
+      return absl::InvalidArgumentError("--metrics_token_file needs --metrics_listen");
     }
-    chunkd::server::ChunkdServer* s = server->get();
-    auto started = chunkd::server::MetricsServer::Start(
-        address,
-        [s] {
-          chunkd::v1::ServerInfoResponse info;
-          s->service().FillServerInfo(&info);
-          return info;
-        },
-        token);
-    if (!started.ok()) return Fail(std::string(started.status().message()));
-    metrics = *std::move(started);
-    Log("metrics on http://%s/metrics%s", metrics->address(),
-        token ? " (bearer token required)" : "");
-    if (!token && !chunkd::server::IsLoopbackAddress(address)) {
-      Log("WARNING: metrics on %s are open to other hosts without authentication: anyone who "
-          "reaches the port can see what is stored and how it is used. Use "
-          "--metrics_token_file, or listen on loopback.",
-          address);
+    return nullptr;
+  }
+  std::shared_ptr<const TokenTable> token;
+  if (std::string path = absl::GetFlag(FLAGS_metrics_token_file); !path.empty()) {
+    auto loaded = TokenTable::LoadSingle(path);
+    if (!loaded.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--metrics_token_file: ", loaded.status().message()));
     }
-  } else if (!absl::GetFlag(FLAGS_metrics_token_file).empty()) {
-    return Fail("--metrics_token_file needs --metrics_listen");
+    token = std::make_shared<const TokenTable>(*std::move(loaded));
+  }
+  auto metrics = MetricsServer::Start(
+      address,
+      [server] {
+        chunkd::v1::ServerInfoResponse info;
+        server->service().FillServerInfo(&info);
+        return info;
+      },
+      token);
+  if (!metrics.ok()) return metrics.status();
+  Log("metrics on http://%s/metrics%s", (*metrics)->address(),
+      token ? " (bearer token required)" : "");
+  if (!token && !IsLoopbackAddress(address)) {
+    Log("WARNING: metrics on %s are open to other hosts without authentication: anyone who "
+        "reaches the port can see what is stored and how it is used. Use "
+        "--metrics_token_file, or listen on loopback.",
+        address);
+  }
+  return metrics;
+}
+
+// Writes the bound addresses to --ready_file, when set, at once (through a rename).
+absl::Status WriteReadyFile(const std::vector<std::string>& addresses) {
+  std::string ready = absl::GetFlag(FLAGS_ready_file);
+  if (ready.empty()) return absl::OkStatus();
+  std::string temp = ready + ".tmp";
+  {
+    std::ofstream out(temp);
+    for (const std::string& address : addresses) out << address << "\n";
+  }
+  if (std::rename(temp.c_str(), ready.c_str()) != 0) {
+    return absl::InternalError(
+        absl::StrCat("cannot write --ready_file ", ready, ": ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+// Warms the prefixes of --warm into `store`'s cache on a thread of its own, logging each, until
+// done or `stop` is set (checked between keys). No thread without --warm.
+std::thread StartWarming(ChunkStore* store, const std::atomic<bool>* stop) {
+  std::vector<std::string> prefixes = absl::GetFlag(FLAGS_warm);
+  if (prefixes.empty()) return std::thread();
+  return std::thread([store, stop, prefixes] {
+    for (const std::string& prefix : prefixes) {
+      absl::Time start = absl::Now();
+      PrefetchProgress last;
+      absl::Status s = Prefetch(*store, {}, prefix, 256, [&](const PrefetchProgress& p) {
+        last = p;
+        return !stop->load();
+      });
+      Log("warmed prefix \"%s\": %d keys, %s, %d failed, in %s%s", prefix, last.keys_done,
+          FormatBytes(last.bytes_loaded), last.keys_failed,
+          absl::FormatDuration(absl::Now() - start),
+          s.ok() ? "" : absl::StrCat(" (", s.message(), ")"));
+      if (stop->load()) break;
+    }
+  });
+}
+
+}  // namespace
+}  // namespace chunkd::server
+
+int main(int argc, char** argv) {
+  // Debian builds Abseil with its mutex deadlock detector on; gRPC's locks go through
+  // absl::Mutex too, and the detector's graph bookkeeping shows in profiles of every call.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  absl::SetProgramUsageMessage(
+      "serves chunk buffers (Zarr chunks) from a host cache in front of a store, over gRPC.\n\n"
+      "  chunkd [--listen=127.0.0.1:7878] [--store=DIR|file:///DIR|memory://|s3://BUCKET/PREFIX|"
+      "https://HOST/PATH] [flags]\n\n"
+      "Examples:\n"
+      "  chunkd --store=/data/era5.zarr --host_cache_bytes=8GiB\n"
+      "  chunkd --listen=unix:/run/chunkd.sock --store=memory://\n\n"
+      "Talk to it with chunkctl (chunkctl --help), chunkd's Python and C++ clients, or\n"
+      "TensorStore's tsgrpc_kvstore driver (TensorStore's key-value protocol is served on the\n"
+      "same listeners). Flags:");
+  std::vector<char*> positional = chunkd::cli::ParseCommandLine(
+      argc, argv, "chunkd", {"server/daemon/main.cc", "server/daemon/security_flags.cc"});
+  if (positional.size() > 1) {
+    return chunkd::server::Fail(absl::StrCat("unexpected argument '", positional[1],
+                                             "' (flags take the form --name=value; see --help)"));
   }
 
-  if (std::string ready = absl::GetFlag(FLAGS_ready_file); !ready.empty()) {
-    std::string temp = ready + ".tmp";
-    {
-      std::ofstream out(temp);
-      for (const std::string& address : (*server)->addresses()) out << address << "\n";
-    }
-    if (std::rename(temp.c_str(), ready.c_str()) != 0) {
-      return Fail(absl::StrCat("cannot write --ready_file ", ready, ": ", std::strerror(errno)));
-    }
+  // SIGTERM and SIGINT are taken by sigwait below, on this thread; block them before any other
+  // thread starts so that every thread inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // A client that vanishes mid-write must not kill the server.
+  signal(SIGPIPE, SIG_IGN);
+
+  absl::StatusOr<chunkd::server::ServerConfig> config = chunkd::server::ConfigFromFlags();
+  if (!config.ok()) return chunkd::server::Fail(std::string(config.status().message()));
+
+  auto server = chunkd::server::ChunkdServer::Start(*config);
+  if (!server.ok()) return chunkd::server::Fail(std::string(server.status().message()));
+  chunkd::server::LogServing(**server, *config);
+  auto metrics = chunkd::server::StartMetrics(server->get());
+  if (!metrics.ok()) return chunkd::server::Fail(std::string(metrics.status().message()));
+  if (absl::Status s = chunkd::server::WriteReadyFile((*server)->addresses()); !s.ok()) {
+    return chunkd::server::Fail(std::string(s.message()));
   }
 
   // Warm-up in the background; stopped (between keys) at shutdown.
   std::atomic<bool> stop_warming{false};
-  std::thread warmer;
-  if (std::vector<std::string> prefixes = absl::GetFlag(FLAGS_warm); !prefixes.empty()) {
-    warmer = std::thread([&, prefixes] {
-      for (const std::string& prefix : prefixes) {
-        absl::Time start = absl::Now();
-        chunkd::server::PrefetchProgress last;
-        absl::Status s = chunkd::server::Prefetch(
-            (*server)->store(), {}, prefix, 256, [&](const chunkd::server::PrefetchProgress& p) {
-              last = p;
-              return !stop_warming.load();
-            });
-        Log("warmed prefix \"%s\": %d keys, %s, %d failed, in %s%s", prefix, last.keys_done,
-            chunkd::server::FormatBytes(last.bytes_loaded), last.keys_failed,
-            absl::FormatDuration(absl::Now() - start),
-            s.ok() ? "" : absl::StrCat(" (", s.message(), ")"));
-        if (stop_warming.load()) break;
-      }
-    });
-  }
+  std::thread warmer = chunkd::server::StartWarming(&(*server)->store(), &stop_warming);
 
   int signal_number = 0;
   while (sigwait(&signals, &signal_number) != 0) {
   }
   absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
-  Log("received %s: finishing calls in flight (up to %s)", strsignal(signal_number),
+  chunkd::server::Log("received %s: finishing calls in flight (up to %s)", strsignal(signal_number),
       absl::FormatDuration(grace));
   stop_warming = true;
   (*server)->Shutdown(grace);
   if (warmer.joinable()) warmer.join();
-  metrics.reset();
+  metrics->reset();
   server->reset();
-  Log("stopped");
+  chunkd::server::Log("stopped");
   return 0;
 }

@@ -1,24 +1,16 @@
 #include "server/daemon/metrics.h"
 
 #include <algorithm>
-#include <set>
 #include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "httplib.h"
 #include "server/rpc/auth.h"
+#include "server/services/server_counters.h"
 
 namespace chunkd::server {
 namespace {
-
-// Counters in ServerInfo that are levels, not running totals.
-const std::set<std::string>& Gauges() {
-  static const auto* gauges = new std::set<std::string>{
-      "detached_pinned_bytes", "read_budget_bytes", "read_held_bytes", "read_held_peak_bytes",
-      "block_bytes"};
-  return *gauges;
-}
 
 void Metric(std::string* out, const std::string& name, const char* type, const std::string& help,
             const std::vector<std::pair<std::string, uint64_t>>& samples) {
@@ -73,10 +65,12 @@ std::string PrometheusText(const v1::ServerInfoResponse& info) {
   std::vector<std::pair<std::string, uint64_t>> counters(info.counters().begin(),
                                                          info.counters().end());
   std::sort(counters.begin(), counters.end());
+  // Each counter's kind and help come from where it is declared (server_counters.h).
   for (const auto& [name, value] : counters) {
-    bool gauge = Gauges().count(name) > 0;
+    CounterDescription about = DescribeCounter(name);
+    bool gauge = about.kind == MetricKind::kGauge;
     Metric(&out, absl::StrCat("chunkd_", name, gauge ? "" : "_total"), gauge ? "gauge" : "counter",
-           absl::StrCat("chunkd counter ", name, " (see README: Metrics)."), {{"", value}});
+           about.help, {{"", value}});
   }
   return out;
 }

@@ -23,17 +23,10 @@
 #include "server/store/lease_table.h"
 #include "server/rpc/rpc_engine.h"
 #include "server/services/method_calls.h"
+#include "server/services/server_counters.h"
 #include "server/services/service_core.h"
 
 namespace chunkd::server {
-
-// chunkd.v1's own counters, beside the calls counted as for every service (CallCounters).
-struct ServiceCounters : CallCounters {
-  std::atomic<uint64_t> get_many_calls{0}, bytes_served_shm{0}, gets_shm{0}, shm_fallbacks{0},
-      stats{0}, invalidations{0};
-  std::atomic<uint64_t> gets_cuda{0}, bytes_served_cuda{0}, cuda_fallbacks{0},
-      cuda_unknown_gpu{0};
-};
 
 // Get and GetMany are raw (replies are assembled by hand); the other methods are typed.
 using ServiceBase =

@@ -8,6 +8,7 @@
 #include "chunkd/v1/chunkd.pb.h"
 #include "server/backend/backend.h"
 #include "server/common/byte_range.h"
+#include "server/store/chunk_store.h"
 
 namespace chunkd::server {
 
@@ -16,6 +17,10 @@ namespace chunkd::server {
 absl::StatusOr<ByteRange> RangeFromProto(const v1::GetRequest& request);
 
 Conditions ConditionsFromProto(const v1::Conditions& proto);
+
+// A request's max_staleness_ms as the store's read options: the copy served must have been
+// validated at or after the request's arrival minus the bound.
+ReadOptions ReadOptionsFor(bool has_max_staleness, uint64_t max_staleness_ms);
 
 }  // namespace chunkd::server
 

@@ -52,13 +52,7 @@ void ServiceCore::AddCounters(std::string prefix, const CallCounters* counters) 
 void ServiceCore::ExportCounters(
     const std::function<void(const std::string&, uint64_t)>& out) const {
   for (const auto& [prefix, c] : counters_) {
-    out(prefix + "gets", c->gets.load());
-    out(prefix + "get_errors", c->get_errors.load());
-    out(prefix + "bytes_served_inline", c->bytes_served_inline.load());
-    out(prefix + "puts", c->puts.load());
-    out(prefix + "bytes_written", c->bytes_written.load());
-    out(prefix + "deletes", c->deletes.load());
-    out(prefix + "lists", c->lists.load());
+    for (const CallCounterSpec& spec : CallCounterSpecs()) out(prefix + spec.name, spec.value(*c));
   }
 }
 

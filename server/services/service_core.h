@@ -21,6 +21,7 @@
 #include "buffer/host_identity.h"
 #include "buffer/memory.h"
 #include "server/common/byte_range.h"
+#include "server/services/server_counters.h"
 #include "server/store/chunk_store.h"
 #include "server/store/device_tier.h"
 #include "server/store/lease_table.h"
@@ -54,13 +55,6 @@ struct ServiceOptions {
   // clients with the same boot id as `host` that name one of the tier's GPUs by UUID
   // (server/store/device_tier.h).
   DeviceTier* device_tier = nullptr;
-};
-
-// The calls of one service, counted the same way for every service and exported under the
-// service's prefix (ServerInfo counters, /metrics): a read counts as a get, a write as a put.
-struct CallCounters {
-  std::atomic<uint64_t> gets{0}, get_errors{0}, bytes_served_inline{0}, puts{0},
-      bytes_written{0}, deletes{0}, lists{0};
 };
 
 // Which bytes a read answers with: the rule of the service for ranges past the end.

@@ -69,9 +69,6 @@ using tsgrpc::kNoValue;
 
 constexpr uint32_t kValuePartField = 4;  // ReadResponse.value_part
 
-grpc::Status Error(grpc::StatusCode code, std::string message) {
-  return grpc::Status(code, std::move(message));
-}
 
 void SetStamp(absl::string_view generation, absl::Time time, ts::GenerationAndTimestamp* out) {
   out->set_generation(std::string(generation));

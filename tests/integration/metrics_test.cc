@@ -37,6 +37,16 @@ TEST(Metrics, ServesPrometheusTextThatFollowsTheServer) {
   EXPECT_NE(body.find("chunkd_puts_total 1\n"), std::string::npos) << body;
   EXPECT_NE(body.find("chunkd_cache_used_bytes{tier=\"host\"} 5\n"), std::string::npos) << body;
   EXPECT_NE(body.find("chunkd_backend_read_micros_total"), std::string::npos);
+  // Each metric carries its own help and kind, from where its counter is declared
+  // (server/services/server_counters.h): levels are gauges, without _total.
+  EXPECT_NE(body.find("# HELP chunkd_hits_total Reads answered from the host cache.\n"),
+            std::string::npos)
+      << body;
+  EXPECT_NE(body.find("# TYPE chunkd_read_budget_bytes gauge\n"), std::string::npos) << body;
+  EXPECT_NE(body.find("# TYPE chunkd_block_bytes gauge\n"), std::string::npos) << body;
+  EXPECT_NE(body.find("# HELP chunkd_tensorstore_gets_total Reads"), std::string::npos) << body;
+  // Every counter the server exports is declared: none falls back to the generic help.
+  EXPECT_EQ(body.find("chunkd counter "), std::string::npos) << body;
   EXPECT_EQ(http.Get("/healthz")->status, 200);
   EXPECT_EQ(http.Get("/nothing")->status, 404);
   // On loopback there is nothing to warn about.

@@ -1,0 +1,203 @@
+#include "server/services/server_counters.h"
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace chunkd::server {
+namespace {
+
+constexpr MetricKind kCounter = MetricKind::kCounter;
+constexpr MetricKind kGauge = MetricKind::kGauge;
+
+uint64_t Load(uint64_t value) { return value; }
+uint64_t Load(const std::atomic<uint64_t>& value) { return value.load(); }
+
+// The value of `Field` of the part `Part` of the sources; none when that part is off.
+template <auto Part, auto Field>
+std::optional<uint64_t> From(const CounterSources& sources) {
+  const auto* part = sources.*Part;
+  if (part == nullptr) return std::nullopt;
+  return Load(part->*Field);
+}
+
+constexpr auto kLeases = &CounterSources::leases;
+constexpr auto kCache = &CounterSources::cache;
+constexpr auto kStore = &CounterSources::store;
+constexpr auto kBudget = &CounterSources::budget;
+constexpr auto kService = &CounterSources::service;
+constexpr auto kDevice = &CounterSources::device;
+
+std::optional<uint64_t> BlockBytes(const CounterSources& sources) { return sources.block_bytes; }
+
+// Names are part of the interface (ServerInfo's map, /metrics, tests, the Python package and
+// the benchmarks read them): never rename one.
+constexpr CounterSpec kServerCounters[] = {
+    // Leases on handles (shared memory, CUDA IPC): with leases on.
+    {"leases_granted", kCounter, "Leases granted on handle deliveries.",
+     From<kLeases, &LeaseStats::granted>},
+    {"leases_released", kCounter, "Leases released by their clients.",
+     From<kLeases, &LeaseStats::released>},
+    {"leases_expired", kCounter, "Leases that ended at their TTL, unrenewed.",
+     From<kLeases, &LeaseStats::expired>},
+    {"leases_unknown", kCounter, "Releases or renewals of ids that named no lease.",
+     From<kLeases, &LeaseStats::unknown>},
+    {"leases_process_bound", kCounter,
+     "Live leases that follow a watched client process (UNIX socket).",
+     From<kLeases, &LeaseStats::process_bound>},
+    {"lease_count_refusals", kCounter,
+     "Grants refused at the count caps (--max_client_leases and the table's total).",
+     From<kLeases, &LeaseStats::refused_count>},
+    // The host cache: with a cache.
+    {"hits", kCounter, "Reads answered from the host cache.", From<kCache, &HostCacheStats::hits>},
+    {"misses", kCounter, "Reads the host cache did not hold.",
+     From<kCache, &HostCacheStats::misses>},
+    {"evictions", kCounter, "Entries evicted from the host cache.",
+     From<kCache, &HostCacheStats::evictions>},
+    {"evicted_bytes", kCounter, "Bytes evicted from the host cache.",
+     From<kCache, &HostCacheStats::evicted_bytes>},
+    {"not_admitted", kCounter, "Values too large for the host cache.",
+     From<kCache, &HostCacheStats::not_admitted>},
+    {"detached_pinned_bytes", kGauge,
+     "Leased values no longer in the cache (replaced, deleted), still held until their leases end.",
+     From<kCache, &HostCacheStats::detached_pinned_bytes>},
+    // The chunk store over its backend.
+    {"backend_reads", kCounter, "Reads of the backend store.",
+     From<kStore, &ChunkStoreCounters::backend_reads>},
+    {"backend_read_errors", kCounter, "Failed backend reads (missing keys not included).",
+     From<kStore, &ChunkStoreCounters::backend_read_errors>},
+    {"backend_not_found", kCounter, "Backend reads of keys the store does not hold.",
+     From<kStore, &ChunkStoreCounters::backend_not_found>},
+    {"backend_read_bytes", kCounter, "Bytes read from the backend store.",
+     From<kStore, &ChunkStoreCounters::backend_read_bytes>},
+    {"backend_read_micros", kCounter,
+     "Time spent in backend reads, in microseconds (divided by backend_reads: mean latency).",
+     From<kStore, &ChunkStoreCounters::backend_read_micros>},
+    {"single_flight_joins", kCounter, "Misses that waited on a read already in flight.",
+     From<kStore, &ChunkStoreCounters::single_flight_joins>},
+    {"overloaded", kCounter, "Operations refused because the I/O queue was full.",
+     From<kStore, &ChunkStoreCounters::overloaded>},
+    {"revalidations", kCounter,
+     "Validations of cached values (stats for the file store, conditional requests otherwise).",
+     From<kStore, &ChunkStoreCounters::revalidations>},
+    {"revalidations_not_modified", kCounter,
+     "Validations that found the value unchanged (a 304 for s3/http).",
+     From<kStore, &ChunkStoreCounters::revalidations_not_modified>},
+    {"stale_invalidations", kCounter,
+     "Cached values found changed or removed behind chunkd's back.",
+     From<kStore, &ChunkStoreCounters::stale_invalidations>},
+    {"revalidation_errors", kCounter,
+     "Validations the store could not answer (the cached copy was served).",
+     From<kStore, &ChunkStoreCounters::revalidation_errors>},
+    {"failed_write_invalidations", kCounter,
+     "Cached copies dropped because a write or delete failed.",
+     From<kStore, &ChunkStoreCounters::failed_write_invalidations>},
+    {"block_reads", kCounter, "Ranged reads of the store (a run of adjacent blocks each).",
+     From<kStore, &ChunkStoreCounters::block_reads>},
+    {"blocks_read", kCounter, "Blocks read from the store.",
+     From<kStore, &ChunkStoreCounters::blocks_read>},
+    {"read_ahead_blocks", kCounter, "Blocks fetched ahead of a sequential reader.",
+     From<kStore, &ChunkStoreCounters::read_ahead_blocks>},
+    {"changed_during_read", kCounter, "Reads that found the value changed between two blocks.",
+     From<kStore, &ChunkStoreCounters::changed_during_read>},
+    // The read budget (--read_budget_bytes) and the block size.
+    {"read_budget_bytes", kGauge, "Bytes reads may hold outside the cache (--read_budget_bytes).",
+     From<kBudget, &ReadBudgetStats::capacity_bytes>},
+    {"read_held_bytes", kGauge, "Bytes reads hold outside the cache now.",
+     From<kBudget, &ReadBudgetStats::held_bytes>},
+    {"read_held_peak_bytes", kGauge, "The most bytes reads held outside the cache since start.",
+     From<kBudget, &ReadBudgetStats::peak_held_bytes>},
+    {"read_budget_refusals", kCounter, "Reads refused because the read budget was in use.",
+     From<kBudget, &ReadBudgetStats::refusals>},
+    {"block_bytes", kGauge, "Size of the blocks values are read by (--block_bytes).", BlockBytes},
+    // chunkd.v1's deliveries.
+    {"get_many_calls", kCounter, "GetMany calls (their items count in gets).",
+     From<kService, &ServiceCounters::get_many_calls>},
+    {"bytes_served_shm", kCounter, "Bytes delivered as shared-memory handles.",
+     From<kService, &ServiceCounters::bytes_served_shm>},
+    {"gets_shm", kCounter, "Reads delivered as shared-memory handles.",
+     From<kService, &ServiceCounters::gets_shm>},
+    {"shm_fallbacks", kCounter,
+     "Reads that asked for shared memory and were served inline.",
+     From<kService, &ServiceCounters::shm_fallbacks>},
+    {"stats", kCounter, "Stat calls.", From<kService, &ServiceCounters::stats>},
+    {"invalidations", kCounter, "Stat calls that invalidated the cached copy (pool clients).",
+     From<kService, &ServiceCounters::invalidations>},
+    {"gets_cuda", kCounter, "Reads delivered as CUDA IPC handles.",
+     From<kService, &ServiceCounters::gets_cuda>},
+    {"bytes_served_cuda", kCounter, "Bytes delivered as CUDA IPC handles.",
+     From<kService, &ServiceCounters::bytes_served_cuda>},
+    {"cuda_fallbacks", kCounter, "Reads that asked for CUDA IPC and were served otherwise.",
+     From<kService, &ServiceCounters::cuda_fallbacks>},
+    {"cuda_unknown_gpu", kCounter, "CUDA IPC requests naming a GPU the server does not have.",
+     From<kService, &ServiceCounters::cuda_unknown_gpu>},
+    // The device tier: with CUDA IPC on.
+    {"device_hits", kCounter, "CUDA IPC reads found in the device tier.",
+     From<kDevice, &DeviceTierStats::hits>},
+    {"device_promotions", kCounter, "Values copied to a GPU for CUDA IPC.",
+     From<kDevice, &DeviceTierStats::promotions>},
+    {"device_promoted_bytes", kCounter, "Bytes copied to a GPU for CUDA IPC.",
+     From<kDevice, &DeviceTierStats::promoted_bytes>},
+    {"device_promotion_failures", kCounter, "Copies to a GPU that failed.",
+     From<kDevice, &DeviceTierStats::promotion_failures>},
+    {"device_evictions", kCounter, "Entries evicted from the device tier.",
+     From<kDevice, &DeviceTierStats::evictions>},
+    {"device_evicted_bytes", kCounter, "Bytes evicted from the device tier.",
+     From<kDevice, &DeviceTierStats::evicted_bytes>},
+    {"device_not_admitted", kCounter, "Values larger than the device tier's budget.",
+     From<kDevice, &DeviceTierStats::not_admitted>},
+    // Levels, exported as totals since they first appeared (the names are kept).
+    {"device_segments", kCounter, "Device memory segments allocated.",
+     From<kDevice, &DeviceTierStats::segments>},
+    {"device_segment_bytes", kCounter, "Device memory allocated for segments.",
+     From<kDevice, &DeviceTierStats::segment_bytes>},
+    {"device_ipc_exports", kCounter, "Device segments exported for CUDA IPC (once each).",
+     From<kDevice, &DeviceTierStats::ipc_exports>},
+};
+
+template <auto Field>
+uint64_t Call(const CallCounters& counters) {
+  return (counters.*Field).load();
+}
+
+constexpr CallCounterSpec kCallCounters[] = {
+    {"gets", "Reads (a GetMany item or a TensorStore Read counts as one).",
+     Call<&CallCounters::gets>},
+    {"get_errors", "Reads that failed.", Call<&CallCounters::get_errors>},
+    {"bytes_served_inline", "Bytes sent inline in replies.",
+     Call<&CallCounters::bytes_served_inline>},
+    {"puts", "Writes.", Call<&CallCounters::puts>},
+    {"bytes_written", "Bytes written.", Call<&CallCounters::bytes_written>},
+    {"deletes", "Deletes.", Call<&CallCounters::deletes>},
+    {"lists", "Listings.", Call<&CallCounters::lists>},
+};
+
+}  // namespace
+
+absl::Span<const CounterSpec> ServerCounterSpecs() { return kServerCounters; }
+absl::Span<const CallCounterSpec> CallCounterSpecs() { return kCallCounters; }
+
+void ExportServerCounters(const CounterSources& sources,
+                          const std::function<void(const std::string&, uint64_t)>& out) {
+  for (const CounterSpec& spec : kServerCounters) {
+    if (std::optional<uint64_t> value = spec.value(sources)) out(spec.name, *value);
+  }
+}
+
+CounterDescription DescribeCounter(absl::string_view name) {
+  for (const CounterSpec& spec : kServerCounters) {
+    if (name == spec.name) return {spec.kind, spec.help};
+  }
+  // A call counter: its name, under the prefix of its service ("" for chunkd.v1).
+  for (const CallCounterSpec& spec : kCallCounters) {
+    absl::string_view call = spec.name;
+    if (name == call) return {MetricKind::kCounter, absl::StrCat(spec.help, " (chunkd.v1)")};
+    if (name.size() > call.size() + 1 && absl::EndsWith(name, call) &&
+        name[name.size() - call.size() - 1] == '_') {
+      absl::string_view service = name.substr(0, name.size() - call.size() - 1);
+      return {MetricKind::kCounter, absl::StrCat(spec.help, " (", service, " service)")};
+    }
+  }
+  return {MetricKind::kCounter, absl::StrCat("chunkd counter ", name, ".")};
+}
+
+}  // namespace chunkd::server
