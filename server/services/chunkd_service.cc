@@ -41,17 +41,6 @@ void SetPinned(const PinStats& pins, v1::CacheTierInfo* tier) {
   tier->set_pin_refusals_client_cap(pins.refused_holder);
 }
 
-buffer::HostIdentity IdentityFromProto(const v1::ClientIdentity& proto) {
-  buffer::HostIdentity id;
-  id.boot_id = proto.boot_id();
-  id.ipc_namespace = proto.ipc_namespace();
-  id.mount_namespace = proto.mount_namespace();
-  id.shm_dir = proto.shm_dir();
-  id.shm_dir_dev = proto.shm_dir_dev();
-  id.shm_dir_ino = proto.shm_dir_ino();
-  return id;
-}
-
 // The header of one Get's reply to `value` (conditions checked, range resolved: SliceForRead),
 // and in `bytes` the part of the value it describes: all of the header's `length`, or its first
 // part when the read was capped (ReadOptions::max_extent_bytes). Delivery and handle are the
