@@ -8,12 +8,8 @@
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
-#include <thread>
 #include <utility>
 
-#include "absl/container/flat_hash_map.h"
-#include "absl/container/flat_hash_set.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
@@ -24,7 +20,6 @@
 #include "grpcpp/support/client_callback.h"
 #include "grpcpp/support/sync_stream.h"
 #include "absl/time/clock.h"
-#include "buffer/shm_import.h"
 #include "client/cuda_import.h"
 #include "client/credentials.h"
 #include "client/lease_keeper.h"

@@ -22,6 +22,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "client/client.h"
+#include "client/sharded_client.h"
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
 
@@ -254,6 +255,38 @@ TEST(ClientResumeRange, ARangeContinuesWithinItsRangeAndAReplacedValueIsReadWhol
     // One value or the other, whole: never the first bytes of one and the rest of the other.
     EXPECT_TRUE(got->data.view() == value || got->data.view() == replacement);
   }
+}
+
+// In a pool, the key's next server continues what its home server's reply left: the second
+// server sends only the rest (both servers over one store, so the generation is the same).
+TEST(ClientResumeRange, APoolContinuesACutOffGetOnTheKeysNextServer) {
+  TempDir dir;
+  auto home = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path()});
+  auto next = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path()});
+  ASSERT_TRUE(home.ok()) << home.status();
+  ASSERT_TRUE(next.ok()) << next.status();
+  CuttingProxy cut((*home)->address(), kCutAfter);
+  CuttingProxy whole((*next)->address(), ~uint64_t{0});  // counts, cuts nothing
+  client::ShardedClientOptions options;
+  options.servers = {cut.address(), whole.address()};
+  options.client.max_attempts = 1;  // the cut fails the home server's attempt: on to the next
+  auto pool = *client::ShardedClient::Connect(options);
+  std::string key;
+  for (int i = 0; key.empty(); ++i) {
+    std::string k = absl::StrCat("v", i);
+    if (pool->RankedServers(k).front() == cut.address()) key = k;
+  }
+  std::string value = testing::RandomBytes(kValueBytes, 14);
+  ClientOptions direct;
+  direct.address = (*next)->address();
+  ASSERT_TRUE((*Client::Connect(direct))->Put(key, Bytes(value)).ok());
+  auto got = pool->Get(key);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(got->data.view() == value);
+  EXPECT_EQ(cut.cut_from_server(), kCutAfter);
+  uint64_t from_next = whole.cut_from_server() + whole.later_from_server();
+  EXPECT_GT(from_next, 0u);
+  EXPECT_LT(from_next, kValueBytes - (1 << 20));
 }
 
 }  // namespace
