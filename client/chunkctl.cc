@@ -380,6 +380,7 @@ int Health(const chunkd::client::ClientOptions& options) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  chunkd::client::InitProcess();  // first, before gRPC starts (client.h)
   absl::SetProgramUsageMessage(
       "the command-line client of chunkd.\n\n"
       "  chunkctl [--server=ADDR] get KEY [-o FILE] [--range=START-END|START-|-N] [-v]\n"

@@ -8,12 +8,8 @@
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
-#include <thread>
 #include <utility>
 
-#include "absl/container/flat_hash_map.h"
-#include "absl/container/flat_hash_set.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
@@ -24,11 +20,12 @@
 #include "grpcpp/support/client_callback.h"
 #include "grpcpp/support/sync_stream.h"
 #include "absl/time/clock.h"
-#include "buffer/shm_import.h"
 #include "client/cuda_import.h"
 #include "client/credentials.h"
+#include "client/lease_keeper.h"
 #include "client/replies.h"
 #include "client/retry.h"
+#include "proto/wire/convert.h"
 #include "proto/wire/handoff.h"
 #include "proto/wire/raw_message.h"
 #include "proto/wire/transport.h"
@@ -42,29 +39,8 @@ constexpr char kPutMethod[] = "/chunkd.v1.Chunkd/Put";
 // Field number of PutRequest.header.
 constexpr uint32_t kHeaderField = 1;
 
-std::atomic<int> fail_next_shm_imports{0};
 
-void ToProto(const Conditions& c, v1::Conditions* out) {
-  if (c.if_generation_match) out->set_if_generation_match(*c.if_generation_match);
-  if (c.if_generation_not_match) out->set_if_generation_not_match(*c.if_generation_not_match);
-}
-
-void ToProto(const ByteRange& r, v1::GetRequest* out) {
-  switch (r.kind) {
-    case ByteRange::Kind::kAll:
-      break;
-    case ByteRange::Kind::kBounded:
-      out->mutable_range()->mutable_bounded()->set_start(r.start);
-      out->mutable_range()->mutable_bounded()->set_end(r.end);
-      break;
-    case ByteRange::Kind::kOffset:
-      out->mutable_range()->set_offset(r.start);
-      break;
-    case ByteRange::Kind::kSuffix:
-      out->mutable_range()->set_suffix(r.suffix);
-      break;
-  }
-}
+using wire::ToProto;
 
 int ClampMillis(absl::Duration d) {
   return static_cast<int>(std::clamp<int64_t>(absl::ToInt64Milliseconds(d), 1, INT_MAX));
@@ -96,382 +72,6 @@ struct UnaryCall {
   Request request;
   Response response;
 };
-
-// Returns the leases of dropped handle buffers to the server in batches, and keeps the leases
-// of buffers still alive (and of handles announced but not imported yet) alive. The client
-// and every handle buffer share it, so a buffer that outlives its client still returns its
-// lease.
-//
-// Two kinds of lease (v1::Lease.process_bound):
-// - A lease that follows this process (a UNIX-socket connection: the server watches the
-//   process the kernel names) cannot lapse while the process lives: nothing to renew.
-// - Any other lease lives for a TTL from its grant or last renewal. It is tracked from the
-//   moment its reply's header arrives (Announce), not when the whole reply is in, and renewed
-//   a few times per TTL on a thread of its own, apart from the releases (which may block for
-//   their deadline); the server's answer is read, and a lease it no longer knows is lost.
-//   Before a buffer is handed out, Import checks that its lease is known to be alive (renewed
-//   or granted less than a TTL ago, counting from the call's start, which is before the
-//   grant); one that is not is renewed there and then, and if the server no longer knows it
-//   the item fails with UNAVAILABLE ("read it again"; Get retries) instead of handing out
-//   memory that may hold another chunk's bytes by now.
-//
-// Fork: a child process inherits the keeper's memory but not its threads, and the leases stay
-// its parent's. Buffers dropped in a child release nothing (Drop checks the process id), and a
-// keeper destroyed in a child is left as it is (its threads and channel are the parent's).
-class LeaseKeeper final : public HandleImporter,
-                          public std::enable_shared_from_this<LeaseKeeper> {
- public:
-  LeaseKeeper(std::shared_ptr<grpc::Channel> channel, const std::string& shm_dir)
-      : stub_(v1::Chunkd::NewStub(channel)), importer_(shm_dir), pid_(getpid()) {
-    thread_ = std::thread([this] { ReleaseLoop(); });
-    renew_thread_ = std::thread([this] { RenewLoop(); });
-  }
-  ~LeaseKeeper() {
-    if (getpid() != pid_) {
-      thread_.detach();  // the parent's threads: nothing to join here
-      renew_thread_.detach();
-      return;
-    }
-    {
-      absl::MutexLock lock(&mu_);
-      stopping_ = true;
-    }
-    thread_.join();
-    renew_thread_.join();
-    // Whatever is left goes out now, with a short deadline: the process may be exiting.
-    std::vector<uint64_t> rest;
-    {
-      absl::MutexLock lock(&mu_);
-      rest.swap(to_release_);
-    }
-    if (!rest.empty()) SendRelease(std::move(rest), absl::Seconds(2));
-  }
-
-  // HandleImporter: maps the segment (shared memory) or opens the IPC handle (CUDA) of a
-  // handle reply; the buffer holds the keeper, so one that outlives its client still returns
-  // its lease.
-  absl::StatusOr<GetResult> Import(const v1::GetHeader& header) override {
-    if (absl::Status alive = CheckAlive(header.lease().id()); !alive.ok()) {
-      Drop(header.lease().id());
-      return alive;
-    }
-    return header.delivery() == v1::DELIVERY_CUDA_IPC ? ImportCuda(header) : ImportShm(header);
-  }
-
-  // A reply's header announced lease `lease`, granted after `call_start`: kept alive from now
-  // on, until dropped.
-  void Announce(const v1::Lease& lease, absl::Time call_start) override {
-    if (lease.id() == 0) return;
-    absl::Duration ttl = absl::Milliseconds(lease.ttl_ms());
-    absl::MutexLock lock(&mu_);
-    Held& held = live_[lease.id()];
-    // A process-bound lease may come again (the server hands a process one lease per block it
-    // holds); each grant is dropped, and released, once.
-    if (++held.refs > 1) return;
-    held.process_bound = lease.process_bound();
-    held.ttl = ttl;
-    held.alive_until = call_start + ttl;
-    if (!held.process_bound) {
-      renew_wake_ = true;  // the renewal thread computes its next deadline again
-      if (ttl < ttl_) ttl_ = ttl;
-    }
-  }
-  // Its last copy is gone: release the lease with the next batch (in the process that took
-  // it: a forked child's copies of the parent's buffers release nothing).
-  void Drop(uint64_t id) override {
-    if (getpid() != pid_) return;
-    absl::MutexLock lock(&mu_);
-    auto it = live_.find(id);
-    if (it == live_.end()) {
-      if (exited_) return;  // released at exit already
-    } else if (--it->second.refs == 0) {
-      live_.erase(it);
-    }
-    to_release_.push_back(id);
-  }
-  size_t held() const {
-    absl::MutexLock lock(&mu_);
-    return live_.size();
-  }
-  // Sends pending releases now and waits for the server's answer, and for the batch the
-  // keeper's thread may be sending; false if a call failed.
-  bool Flush() {
-    std::vector<uint64_t> ids;
-    {
-      absl::MutexLock lock(&mu_);
-      ids.swap(to_release_);
-    }
-    bool ok = ids.empty() || SendRelease(std::move(ids), kCallTimeout);
-    absl::MutexLock lock(&mu_);
-    mu_.Await(absl::Condition(
-        +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) { return !k->sending_; }, this));
-    return ok && last_send_ok_;
-  }
-  // The process is exiting: every lease still held goes back now, in one call with a short
-  // deadline, rather than pinning the server's memory for a TTL.
-  void ReleaseAllAtExit() {
-    if (getpid() != pid_) return;
-    std::vector<uint64_t> ids;
-    {
-      absl::MutexLock lock(&mu_);
-      ids.swap(to_release_);
-      for (const auto& [id, held] : live_) ids.insert(ids.end(), held.refs, id);
-      live_.clear();
-      exited_ = true;
-    }
-    if (!ids.empty()) SendRelease(std::move(ids), absl::Seconds(1));
-  }
-
- private:
-  static constexpr size_t kBatch = 256;
-  static constexpr absl::Duration kGather = absl::Milliseconds(20);
-  static constexpr absl::Duration kCallTimeout = absl::Seconds(10);
-
-  struct Held {
-    bool process_bound = false;
-    absl::Duration ttl;
-    // The server keeps the lease at least until then (grant or renewal + TTL, counted from a
-    // moment before the server's).
-    absl::Time alive_until;
-    bool lost = false;  // the server no longer knew it
-    int refs = 0;       // grants of it not dropped yet (process-bound leases come again)
-  };
-
-  // Calls are blocking ones, made from this thread (or Flush's caller): gRPC's synchronous API
-  // starts no threads of its own, so a client that only reads starts none (see BlockingUnary).
-  void ReleaseLoop() {
-    absl::MutexLock lock(&mu_);
-    while (!stopping_) {
-      // Asleep until there is something to release; releases then wait up to kGather for
-      // company, unless a batch is full: a busy reader returns its leases in a few dozen calls
-      // a second, not hundreds (each costs both sides a whole call).
-      mu_.Await(absl::Condition(
-          +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) {
-            return k->stopping_ || !k->to_release_.empty();
-          },
-          this));
-      if (stopping_) break;
-      mu_.AwaitWithTimeout(absl::Condition(
-                               +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) {
-                                 return k->stopping_ || k->to_release_.size() >= kBatch;
-                               },
-                               this),
-                           kGather);
-      std::vector<uint64_t> release;
-      release.swap(to_release_);
-      sending_ = !release.empty();
-      mu_.Unlock();
-      bool sent = release.empty() || SendRelease(std::move(release), kCallTimeout);
-      mu_.Lock();
-      if (sending_) last_send_ok_ = sent;
-      sending_ = false;
-    }
-  }
-
-  // Renews each TTL lease once a third of its TTL has passed (less than two thirds of a TTL
-  // remain of what the server surely keeps), so two renewals can fail before it lapses. A renewal that fails is tried again
-  // soon (a tenth of the TTL), not a whole period later.
-  void RenewLoop() {
-    absl::MutexLock lock(&mu_);
-    absl::Time retry_at = absl::InfinitePast();
-    while (!stopping_) {
-      absl::Time next = absl::InfiniteFuture();
-      for (const auto& [id, held] : live_) {
-        if (!held.process_bound) next = std::min(next, held.alive_until - held.ttl * 2 / 3);
-      }
-      next = std::max(next, retry_at);
-      renew_wake_ = false;
-      mu_.AwaitWithDeadline(absl::Condition(
-                                +[](LeaseKeeper* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) {
-                                  return k->stopping_ || k->renew_wake_;
-                                },
-                                this),
-                            next);
-      if (stopping_) break;
-      absl::Time now = absl::Now();
-      if (now < next) continue;  // woken by a new lease: compute the deadline again
-      // Everything due within the next third of a TTL goes in this call.
-      std::vector<uint64_t> renew;
-      for (const auto& [id, held] : live_) {
-        if (!held.process_bound && held.alive_until - held.ttl * 2 / 3 <= now + held.ttl / 3) {
-          renew.push_back(id);
-        }
-      }
-      if (renew.empty()) continue;
-      mu_.Unlock();
-      bool ok = RenewNow(renew);
-      mu_.Lock();
-      retry_at = ok ? absl::InfinitePast() : absl::Now() + ttl_ / 10;
-    }
-  }
-
-  // Renews `ids` and records the server's answer: the leases it knows live one TTL from the
-  // request's sending; those it does not know are lost. False when the call failed.
-  bool RenewNow(const std::vector<uint64_t>& ids) {
-    absl::Time sent = absl::Now();
-    grpc::ClientContext context;
-    context.set_deadline(absl::ToChronoTime(sent + kCallTimeout));
-    v1::RenewRequest request;
-    for (uint64_t id : ids) request.add_lease_ids(id);
-    v1::RenewResponse response;
-    if (!stub_->Renew(&context, request, &response).ok()) return false;
-    absl::flat_hash_set<uint64_t> unknown(response.unknown_lease_ids().begin(),
-                                          response.unknown_lease_ids().end());
-    absl::MutexLock lock(&mu_);
-    for (uint64_t id : ids) {
-      auto it = live_.find(id);
-      if (it == live_.end()) continue;  // dropped meanwhile
-      if (unknown.contains(id)) {
-        // Expired: its memory may hold other bytes by now. Nothing can bring it back; a buffer
-        // not handed out yet fails its import check, one handed out gets this line logged.
-        if (lost_++ == 0) {
-          std::fprintf(stderr,
-                       "chunkd client: the server no longer knows a lease this process holds "
-                       "(expired, its TTL being %s, or released elsewhere); a buffer of it may "
-                       "no longer hold its bytes\n",
-                       absl::FormatDuration(it->second.ttl).c_str());
-        }
-        it->second.alive_until = absl::InfinitePast();
-        it->second.process_bound = true;  // nothing more to renew
-        it->second.lost = true;
-        continue;
-      }
-      it->second.alive_until = sent + it->second.ttl;
-    }
-    return true;
-  }
-
-  // OK when lease `id` is surely alive now with time to spare (or follows this process);
-  // otherwise it is renewed now, and UNAVAILABLE when the server no longer knows it.
-  absl::Status CheckAlive(uint64_t id) {
-    {
-      absl::MutexLock lock(&mu_);
-      auto it = live_.find(id);
-      if (it == live_.end()) return absl::OkStatus();  // not announced (a test's reply)
-      const Held& held = it->second;
-      if (held.lost) return LostLease(held.ttl);
-      if (held.process_bound || held.alive_until - absl::Now() > held.ttl / 4) {
-        return absl::OkStatus();
-      }
-    }
-    bool renewed = RenewNow({id});
-    absl::MutexLock lock(&mu_);
-    auto it = live_.find(id);
-    if (it == live_.end()) return absl::OkStatus();
-    if (!renewed || it->second.lost) return LostLease(it->second.ttl);
-    return absl::OkStatus();
-  }
-
-  static absl::Status LostLease(absl::Duration ttl) {
-    return absl::UnavailableError(absl::StrCat(
-        "the lease of a handle expired before its buffer was handed out (the reply took longer "
-        "than the lease's TTL of ", absl::FormatDuration(ttl),
-        ", and it could not be renewed); read it again"));
-  }
-
-  // Maps the handle's segment (once per process) and returns a buffer that views the chunk
-  // and releases its lease when the last copy goes.
-  absl::StatusOr<GetResult> ImportShm(const v1::GetHeader& header) {
-    const v1::ShmHandle& shm = header.shm();
-    uint64_t lease = header.lease().id();
-    absl::StatusOr<buffer::cpu::Buffer> data;
-    if (fail_next_shm_imports.load(std::memory_order_relaxed) > 0 &&
-        fail_next_shm_imports.fetch_sub(1) > 0) {
-      data = absl::PermissionDeniedError(
-          absl::StrCat("cannot map ", shm.segment(), ": permission denied (injected by a test)"));
-    } else {
-      data = importer_.Import(shm.segment(), shm.segment_size(), shm.offset(), shm.length(),
-                              [keeper = shared_from_this(), lease] { keeper->Drop(lease); });
-    }
-    if (!data.ok()) return Failed(header, data.status());
-    GetResult r = Imported(header);
-    r.data = *std::move(data);
-    return r;
-  }
-
-  // Opens the segment's IPC handle (once per process, client/cuda_import.h) and returns a device
-  // buffer that views the chunk and releases its lease when the last copy goes.
-  absl::StatusOr<GetResult> ImportCuda(const v1::GetHeader& header) {
-    uint64_t lease = header.lease().id();
-    absl::StatusOr<CudaImporter*> importer = CudaImporter::ForProcess();
-    absl::StatusOr<buffer::gpu::Buffer> data =
-        importer.ok() ? (*importer)->Import(header.cuda(), [keeper = shared_from_this(), lease] {
-          keeper->Drop(lease);
-        })
-                      : importer.status();
-    if (!data.ok()) return Failed(header, data.status());
-    GetResult r = Imported(header);
-    r.device_data = *std::move(data);
-    return r;
-  }
-
-  // A handle imported: its lease is kept alive from now on, and given back with the buffer.
-  GetResult Imported(const v1::GetHeader& header) {
-    bool announced;
-    {
-      absl::MutexLock lock(&mu_);
-      announced = live_.contains(header.lease().id());
-    }
-    if (!announced) Announce(header.lease(), absl::Now());
-    GetResult r;
-    r.total_size = header.total_size();
-    r.generation = header.generation();
-    r.range_start = header.range_start();
-    r.delivery = header.delivery();
-    r.lease_id = header.lease().id();
-    return r;
-  }
-
-  // A handle that could not be imported: its lease goes back now.
-  absl::Status Failed(const v1::GetHeader& header, const absl::Status& cause) {
-    Drop(header.lease().id());
-    return ImportFailed(cause, header.delivery());
-  }
-
-  // A lost release is not lost memory: the lease expires.
-  bool SendRelease(std::vector<uint64_t> ids, absl::Duration timeout) {
-    grpc::ClientContext context;
-    context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-    v1::ReleaseRequest request;
-    for (uint64_t id : ids) request.add_lease_ids(id);
-    v1::ReleaseResponse response;
-    return stub_->Release(&context, request, &response).ok();
-  }
-
-  std::unique_ptr<v1::Chunkd::Stub> stub_;
-  buffer::ShmImporter importer_;
-  const pid_t pid_;
-  mutable absl::Mutex mu_;
-  absl::flat_hash_map<uint64_t, Held> live_ ABSL_GUARDED_BY(mu_);
-  std::vector<uint64_t> to_release_ ABSL_GUARDED_BY(mu_);
-  uint64_t lost_ ABSL_GUARDED_BY(mu_) = 0;
-  bool renew_wake_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Duration ttl_ ABSL_GUARDED_BY(mu_) = absl::Seconds(30);
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  bool exited_ ABSL_GUARDED_BY(mu_) = false;
-  // The thread is sending a batch of releases (Flush waits for it), and how the last went.
-  bool sending_ ABSL_GUARDED_BY(mu_) = false;
-  bool last_send_ok_ ABSL_GUARDED_BY(mu_) = true;
-  std::thread thread_;        // releases
-  std::thread renew_thread_;  // renewals
-};
-
-// Every keeper of the process, for ReleaseLeasesAtExit.
-absl::Mutex keepers_mu(absl::kConstInit);
-std::vector<std::weak_ptr<LeaseKeeper>>& Keepers() {
-  static auto* keepers = new std::vector<std::weak_ptr<LeaseKeeper>>();
-  return *keepers;
-}
-
-std::shared_ptr<LeaseKeeper> NewLeaseKeeper(std::shared_ptr<grpc::Channel> channel,
-                                            const std::string& shm_dir) {
-  auto keeper = std::make_shared<LeaseKeeper>(std::move(channel), shm_dir);
-  absl::MutexLock lock(&keepers_mu);
-  auto& keepers = Keepers();
-  std::erase_if(keepers, [](const std::weak_ptr<LeaseKeeper>& k) { return k.expired(); });
-  keepers.push_back(keeper);
-  return keeper;
-}
 
 absl::StatusOr<GetResult> FinishReply(GetReply& reply, const grpc::Status& status) {
   return reply.Finish(status);
@@ -690,12 +290,7 @@ class ClientImpl final : public Client {
         keeper_(NewLeaseKeeper(channel, options.shm_dir)) {
     buffer::HostIdentity id =
         options.identity ? *options.identity : buffer::CurrentHostIdentity(options.shm_dir);
-    identity_.set_boot_id(id.boot_id);
-    identity_.set_ipc_namespace(id.ipc_namespace);
-    identity_.set_mount_namespace(id.mount_namespace);
-    identity_.set_shm_dir(id.shm_dir);
-    identity_.set_shm_dir_dev(id.shm_dir_dev);
-    identity_.set_shm_dir_ino(id.shm_dir_ino);
+    ToProto(id, &identity_);
     // Tells this process apart from others on the same UNIX socket (the server's cap on the
     // memory one client's leases pin, server/store/lease_table.h).
     identity_.set_process_id(static_cast<uint64_t>(::getpid()));
@@ -717,13 +312,16 @@ class ClientImpl final : public Client {
   // itself, which saves the hand-offs between threads that a callback call makes (they cost
   // more than the whole call for small values).
   absl::StatusOr<GetResult> Get(absl::string_view key, const GetOptions& options) override {
+    std::shared_ptr<InterruptedGet> resume =
+        options.resume ? options.resume : std::make_shared<InterruptedGet>();
     for (bool import_retry = true;; import_retry = false) {
-      grpc::ByteBuffer request = Serialize(MakeGetRequest(key, options));
+      v1::GetRequest proto = MakeGetRequest(key, options);
+      grpc::ByteBuffer request = Serialize(proto);
       absl::Time deadline = Deadline(options.timeout);
       absl::StatusOr<GetResult> result =
           RetryBlocking<GetResult>(options_, deadline, [&]() -> absl::StatusOr<GetResult> {
-            GetReply reply(keeper_, options_.max_value_bytes);
-            Streamed call = ReadStream(get_method_, deadline, request,
+            GetReply reply(keeper_, options_.max_value_bytes, resume);
+            Streamed call = ReadStream(get_method_, deadline, AttemptRequest(reply, proto, request),
                                        [&](const grpc::ByteBuffer& m) { return reply.Absorb(m); });
             if (!call.reply_error.ok()) return call.reply_error;
             return reply.Finish(call.status);
@@ -924,6 +522,16 @@ class ClientImpl final : public Client {
     return request;
   }
 
+  // The request of one Get attempt: the call's, or, when the attempt continues a value an
+  // earlier one was cut off in, the request for the rest of it.
+  static grpc::ByteBuffer AttemptRequest(const GetReply& reply, const v1::GetRequest& proto,
+                                         const grpc::ByteBuffer& request) {
+    if (!reply.continues()) return request;
+    v1::GetRequest rest = proto;
+    reply.RewriteRequest(&rest);
+    return Serialize(rest);
+  }
+
   v1::GetManyRequest MakeGetManyRequest(const std::vector<GetManyItem>& items,
                                         const GetOptions& options) const {
     v1::GetManyRequest request;
@@ -960,14 +568,18 @@ class ClientImpl final : public Client {
 
   void GetAsyncOnce(std::string key, const GetOptions& options, bool import_retry,
                     Callback<GetResult> done) {
-    grpc::ByteBuffer request = Serialize(MakeGetRequest(key, options));
+    auto proto = std::make_shared<const v1::GetRequest>(MakeGetRequest(key, options));
+    grpc::ByteBuffer request = Serialize(*proto);
+    std::shared_ptr<InterruptedGet> resume =
+        options.resume ? options.resume : std::make_shared<InterruptedGet>();
     Retrier<GetResult>::Run(
         options_, Deadline(options.timeout), /*retryable=*/true,
-        [this, request, cancellation = options.cancellation](absl::Time deadline,
-                                                             Callback<GetResult> attempt_done) {
-          new StreamCall<GetReply, GetResult>(generic_.get(), kGetMethod,
-                                              GetReply(keeper_, options_.max_value_bytes),
-                                              request, deadline, cancellation.get(),
+        [this, proto, request, resume, cancellation = options.cancellation](
+            absl::Time deadline, Callback<GetResult> attempt_done) {
+          GetReply reply(keeper_, options_.max_value_bytes, resume);
+          grpc::ByteBuffer attempt_request = AttemptRequest(reply, *proto, request);
+          new StreamCall<GetReply, GetResult>(generic_.get(), kGetMethod, std::move(reply),
+                                              attempt_request, deadline, cancellation.get(),
                                               std::move(attempt_done));
         },
         [this, key = std::move(key), options, import_retry,
@@ -1148,37 +760,6 @@ bool Cancellation::Arm(std::shared_ptr<grpc::ClientContext> context) {
   return !cancelled_;
 }
 
-void ReleaseLeasesAtExit() {
-  std::vector<std::shared_ptr<LeaseKeeper>> keepers;
-  {
-    absl::MutexLock lock(&keepers_mu);
-    for (const auto& weak : Keepers()) {
-      if (auto keeper = weak.lock()) keepers.push_back(std::move(keeper));
-    }
-  }
-  for (const auto& keeper : keepers) keeper->ReleaseAllAtExit();
-}
-
-void FailNextShmImportsForTesting(int n) { fail_next_shm_imports.store(n); }
-
-absl::StatusOr<ByteRange> ByteRange::Parse(absl::string_view text) {
-  const auto bad = [&] {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "range '", text, "' is not START-END (END exclusive), START- or -N"));
-  };
-  size_t dash = text.find('-');
-  if (dash == absl::string_view::npos) return bad();
-  absl::string_view left = text.substr(0, dash), right = text.substr(dash + 1);
-  int64_t a = 0, b = 0;
-  if (left.empty()) {
-    if (!absl::SimpleAtoi(right, &b) || b < 0) return bad();
-    return Suffix(b);
-  }
-  if (!absl::SimpleAtoi(left, &a) || a < 0) return bad();
-  if (right.empty()) return FromOffset(a);
-  if (!absl::SimpleAtoi(right, &b) || b < 0) return bad();
-  return Bounded(a, b);
-}
 
 namespace {
 
@@ -1221,23 +802,19 @@ void KeepCallbackQueueForTheProcess() {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
-  // Debian builds Abseil with its mutex deadlock detector on; gRPC's locks go through
-  // absl::Mutex too, and the detector's bookkeeping costs every call. Turn it off once.
-  static const bool detector_off = [] {
+void InitProcess() {
+  // Each item, and why it is process-wide: client.h.
+  static const bool done = [] {
     absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
-    // gRPC's default polling engine (epoll1) has one thread at a time poll every connection of
-    // the process and hand each event to the thread that waits for it: with several threads
-    // making blocking calls, most events cost a thread hand-off. The `poll` engine lets each
-    // waiting thread poll its own connections; measured here, 4 threads of 4 KiB Gets went
-    // from 12-13.5 to 19-20 thousand per second, 1 MiB Gets 10-20% up. Read once, when gRPC
-    // starts: an application that set GRPC_POLL_STRATEGY, or started gRPC before its first
-    // Connect, keeps its choice.
     if (std::getenv("GRPC_POLL_STRATEGY") == nullptr) ::setenv("GRPC_POLL_STRATEGY", "poll", 0);
     KeepCallbackQueueForTheProcess();
     return true;
   }();
-  (void)detector_off;
+  (void)done;
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
+  InitProcess();  // a no-op after the first time, or after the program's own call
   if (options.address.empty()) return absl::InvalidArgumentError("server address is empty");
   if (std::find(options.accept.begin(), options.accept.end(), v1::DELIVERY_CUDA_IPC) !=
       options.accept.end()) {

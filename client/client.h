@@ -7,7 +7,11 @@
 // Every call has a deadline (ClientOptions::timeout unless the call's options say otherwise).
 // Calls that fail with UNAVAILABLE (server restarting, connection lost) are retried with
 // exponential backoff within that deadline; conditional Puts are not retried, because the first
-// attempt may have landed.
+// attempt may have landed. An inline Get whose reply is cut off after part of the value arrived
+// (a server shutting down can close its connections with a large reply half sent) is resumed:
+// the next attempt asks for the rest of the value by range, at the same generation
+// (if_generation_match), and the result is the whole value; if the value changed meanwhile,
+// the next attempt reads it whole. Resumed attempts count against max_attempts like others.
 //
 // Thread-safe: one Client serves any number of threads. Async callbacks run on gRPC's threads
 // and must not block.
@@ -30,12 +34,16 @@
 #include "buffer/host_identity.h"
 #include "absl/synchronization/mutex.h"
 #include "chunkd/v1/chunkd.pb.h"
+#include "proto/wire/byte_range.h"
+#include "proto/wire/conditions.h"
 
 namespace grpc {
 class ClientContext;
 }
 
 namespace chunkd::client {
+
+class InterruptedGet;  // client/replies.h
 
 struct ClientOptions {
   // "host:port", "[::1]:port" or "unix:/path/to/socket".
@@ -94,26 +102,10 @@ struct ClientOptions {
   absl::Duration connect_timeout = absl::Seconds(5);
 };
 
-// A byte range in Zarr's three forms; END is exclusive.
-struct ByteRange {
-  enum class Kind { kAll, kBounded, kOffset, kSuffix };
-  Kind kind = Kind::kAll;
-  int64_t start = 0;
-  int64_t end = 0;
-  int64_t suffix = 0;
-
-  static ByteRange All() { return {}; }
-  static ByteRange Bounded(int64_t start, int64_t end) { return {Kind::kBounded, start, end, 0}; }
-  static ByteRange FromOffset(int64_t offset) { return {Kind::kOffset, offset, 0, 0}; }
-  static ByteRange Suffix(int64_t n) { return {Kind::kSuffix, 0, 0, n}; }
-  // "START-END", "START-" or "-N" (as chunkctl's --range takes them).
-  static absl::StatusOr<ByteRange> Parse(absl::string_view text);
-};
-
-struct Conditions {
-  std::optional<uint64_t> if_generation_match;  // 0: only if the key holds no value
-  std::optional<uint64_t> if_generation_not_match;
-};
+// The byte ranges and generation conditions of requests: the wire's (proto/wire/), one
+// definition shared with the server.
+using wire::ByteRange;
+using wire::Conditions;
 
 // Cancels an asynchronous call (GetOptions::cancellation): the attempt in flight is cancelled
 // and no further attempt starts, so the call ends with CANCELLED (unless it finished first).
@@ -144,6 +136,10 @@ struct GetOptions {
   std::optional<absl::Duration> max_staleness;
   // GetAsync and GetManyAsync: cancels the call when cancelled (see Cancellation).
   std::shared_ptr<Cancellation> cancellation;
+  // Get and GetAsync: where an inline value cut off mid-reply keeps the bytes that arrived, so
+  // that the call's next attempt asks only for the rest (client/replies.h). Made per call when
+  // unset; a ShardedClient sets one per call, so that the key's next server continues it.
+  std::shared_ptr<InterruptedGet> resume;
 };
 
 struct GetResult {
@@ -198,6 +194,26 @@ using StatusCallback = std::function<void(absl::Status)>;
 // The results of GetMany items [first, first + results.size()), in order.
 using ItemsCallback =
     std::function<void(size_t first, std::vector<absl::StatusOr<GetResult>> results)>;
+
+// Sets up what the client needs of the process, once: call it at the start of main (or of a
+// module's import), before the program starts gRPC (a channel, a server, grpc_init) and before
+// it starts threads that use setenv/getenv. Idempotent and thread-safe; Client::Connect calls
+// it too, so a program that does not call it still works, only with the state set later.
+// Process-wide, and why:
+// - GRPC_POLL_STRATEGY=poll, unless the environment names one already: gRPC's default engine
+//   (epoll1) has one thread poll every connection and hand events to the others, which costs
+//   blocking calls from several threads a thread switch each (4 threads of 4 KiB Gets: 12-13.5
+//   thousand per second on epoll1, 19-20 thousand on poll). gRPC reads the variable once, when
+//   it starts: set after that (Connect after the program's own first channel), it has no
+//   effect, and the program keeps gRPC's default. setenv is not safe beside threads that read
+//   the environment, hence "before the program starts threads".
+// - Abseil's mutex deadlock detection off (Debian builds it on; gRPC's locks are absl::Mutex
+//   too, and its bookkeeping costs every call). Programs that want it set it again after.
+// - One callback channel kept for the life of the process, so that gRPC 1.51's process-wide
+//   callback queue is never torn down from one of its own threads (client.cc,
+//   KeepCallbackQueueForTheProcess). Not in ThreadSanitizer builds.
+// It cannot be done per Client: each item is state of the whole process, read by gRPC once.
+void InitProcess();
 
 class Client {
  public:

@@ -79,8 +79,98 @@ absl::Status GetReply::Absorb(const grpc::ByteBuffer& message) {
   return absl::OkStatus();
 }
 
+bool InterruptedGet::active() const {
+  absl::MutexLock lock(&mu_);
+  return kept_.has_value();
+}
+
+std::optional<InterruptedGet::Kept> InterruptedGet::Take() {
+  absl::MutexLock lock(&mu_);
+  return std::exchange(kept_, std::nullopt);
+}
+
+void InterruptedGet::Keep(Kept kept) {
+  absl::MutexLock lock(&mu_);
+  kept_ = std::move(kept);
+}
+
+void GetReply::RewriteRequest(v1::GetRequest* request) const {
+  const v1::GetHeader& whole = kept_->header;
+  uint64_t from = whole.range_start() + kept_->received;
+  request->mutable_range()->mutable_bounded()->set_start(static_cast<int64_t>(from));
+  request->mutable_range()->mutable_bounded()->set_end(
+      static_cast<int64_t>(whole.range_start() + whole.length()));
+  // The caller's conditions held for this generation when the first attempt read it: the
+  // rest must come from the same one.
+  request->mutable_conditions()->Clear();
+  request->mutable_conditions()->set_if_generation_match(whole.generation());
+  // The kept bytes are in this process's memory: the rest comes inline after them.
+  request->clear_accept();
+  request->add_accept(v1::DELIVERY_INLINE);
+}
+
+absl::Status GetReply::TakeRest(const v1::GetHeader& rest) {
+  InterruptedGet::Kept kept = *std::exchange(kept_, std::nullopt);
+  const v1::GetHeader& whole = kept.header;
+  if (rest.delivery() != v1::DELIVERY_INLINE || rest.generation() != whole.generation() ||
+      rest.total_size() != whole.total_size() ||
+      rest.range_start() != whole.range_start() + kept.received ||
+      rest.length() != whole.length() - kept.received) {
+    return absl::DataLossError(absl::StrCat(
+        "the reply to a resumed Get does not continue the value (bytes ", rest.range_start(),
+        "+", rest.length(), " of generation ", rest.generation(), ", wanted ",
+        whole.range_start() + kept.received, "+", whole.length() - kept.received,
+        " of generation ", whole.generation(), ")"));
+  }
+  header_ = std::move(kept.header);
+  value_ = std::move(kept.value);
+  received_ = kept.received;
+  return absl::OkStatus();
+}
+
+absl::Status GetReply::Interrupted(const grpc::Status& status) {
+  absl::Status error = FromGrpc(status);
+  if (resume_ == nullptr) return error;
+  // The connection closed mid-value (the server going away), or the server reset or cancelled
+  // the stream: not an answer about the value. DEADLINE_EXCEEDED is the caller's limit, and a
+  // cancellation of the caller's own ends the call (the retry loops check it before any next
+  // attempt).
+  bool cut_off =
+      absl::IsUnavailable(error) || absl::IsInternal(error) || absl::IsCancelled(error);
+  InterruptedGet::Kept kept;
+  if (kept_) {
+    // A continuing attempt that failed before the rest's header.
+    if (absl::IsFailedPrecondition(error)) {
+      // The generation condition it added failed: the value changed since the kept bytes were
+      // read. The next attempt reads it whole, with the caller's own conditions.
+      kept_.reset();
+      return absl::UnavailableError(absl::StrCat(
+          "the value changed while a Get that was cut off was resumed; reading it again (",
+          error.message(), ")"));
+    }
+    kept = *std::exchange(kept_, std::nullopt);
+  } else if (have_header_ && !is_handle() && received_ > 0 && received_ < header_.length()) {
+    kept = {header_, std::move(value_), received_};
+  } else {
+    return error;  // nothing to continue
+  }
+  if (!cut_off) return error;
+  uint64_t received = kept.received, length = kept.header.length();
+  resume_->Keep(std::move(kept));
+  return absl::UnavailableError(absl::StrCat("Get reply cut off after ", received, " of ", length,
+                                             " bytes (", error.message(),
+                                             "); the next attempt asks for the rest"));
+}
+
 absl::Status GetReply::TakeHeader(const std::string& bytes) {
-  if (have_header_ || !header_.ParseFromString(bytes)) return Malformed();
+  if (have_header_) return Malformed();
+  if (kept_) {
+    v1::GetHeader rest;
+    if (!rest.ParseFromString(bytes)) return Malformed();
+    have_header_ = true;
+    return TakeRest(rest);
+  }
+  if (!header_.ParseFromString(bytes)) return Malformed();
   have_header_ = true;
   if (is_handle() && header_.lease().id() != 0) {
     // Kept alive from now on, not from the end of the reply (a GetMany's may be far off).
@@ -119,7 +209,7 @@ bool GetReply::complete() const {
 }
 
 absl::StatusOr<GetResult> GetReply::Finish(const grpc::Status& status) {
-  if (!status.ok()) return FromGrpc(status);
+  if (!status.ok()) return Interrupted(status);
   if (!have_header_) return absl::InternalError("Get reply carried no header");
   if (is_handle()) {
     unclaimed_.Claim();  // the importer's now: the buffer returns it, or the failure does

@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "chunkd/v1/chunkd.pb.h"
@@ -70,11 +71,59 @@ class UnclaimedLease {
   uint64_t id_ = 0;
 };
 
-// One Get's reply. `max_bytes`: the largest value it may announce (ClientOptions).
+// The bytes an inline Get has received when its reply was cut off, kept across the call's
+// attempts so that the next one asks only for the rest: the bytes after the last one received,
+// at the same generation (if_generation_match), inline. One per Get call, shared by its
+// attempts (a ShardedClient passes it on to the key's next server: GetOptions::resume).
+//
+// Why: gRPC 1.51's server can close a connection at shutdown with the last megabytes of a
+// large reply unsent (the client sees UNAVAILABLE, INTERNAL "RST_STREAM" or CANCELLED after
+// part of the value arrived). An attempt ended so (GetReply::Finish) keeps what it has here and
+// fails with UNAVAILABLE, which the retry loops repeat within the call's attempts and deadline;
+// Get is idempotent, and the generation condition makes the pieces one value. When the value
+// changed meanwhile (the condition fails), the next attempt reads it whole.
+//
+// Thread-safe (the attempts of an asynchronous Get complete on gRPC's threads).
+class InterruptedGet {
+ public:
+  // Whether bytes of a value are kept for the next attempt.
+  bool active() const;
+
+ private:
+  friend class GetReply;
+  struct Kept {
+    v1::GetHeader header;  // of the first attempt's reply: the whole range the call asked for
+    buffer::cpu::MutableBuffer value;
+    uint64_t received = 0;
+  };
+  // Takes the kept bytes over (the attempt that continues them); nullopt when none are kept.
+  std::optional<Kept> Take();
+  void Keep(Kept kept);
+
+  mutable absl::Mutex mu_;
+  std::optional<Kept> kept_ ABSL_GUARDED_BY(mu_);
+};
+
+// One Get's reply. `max_bytes`: the largest value it may announce (ClientOptions). With
+// `resume`, the attempt continues the value kept there, if any (its request then must go
+// through RewriteRequest), and keeps its bytes there when its reply is cut off (see
+// InterruptedGet).
 class GetReply {
  public:
-  GetReply(std::shared_ptr<HandleImporter> importer, uint64_t max_bytes)
-      : importer_(std::move(importer)), max_bytes_(max_bytes), started_(absl::Now()) {}
+  GetReply(std::shared_ptr<HandleImporter> importer, uint64_t max_bytes,
+           std::shared_ptr<InterruptedGet> resume = nullptr)
+      : importer_(std::move(importer)),
+        max_bytes_(max_bytes),
+        started_(absl::Now()),
+        resume_(std::move(resume)) {
+    if (resume_) kept_ = resume_->Take();
+  }
+
+  // This attempt continues a value an earlier one was cut off in.
+  bool continues() const { return kept_.has_value(); }
+  // With continues(): makes `request` (the call's) ask for the rest of the kept value: its
+  // bytes from the first one missing, at the kept generation, inline.
+  void RewriteRequest(v1::GetRequest* request) const;
 
   // One received GetResponse message.
   absl::Status Absorb(const grpc::ByteBuffer& message);
@@ -96,9 +145,21 @@ class GetReply {
     return header_.delivery() == v1::DELIVERY_SHM || header_.delivery() == v1::DELIVERY_CUDA_IPC;
   }
 
+  // The header of a reply that continues the value kept in resume_: it must announce the rest
+  // of that value at its generation, inline.
+  absl::Status TakeRest(const v1::GetHeader& rest);
+  // The attempt ended with `status` (an error): keeps the bytes received for the next attempt
+  // when they can be continued, and says how the attempt failed.
+  absl::Status Interrupted(const grpc::Status& status);
+
   std::shared_ptr<HandleImporter> importer_;
   uint64_t max_bytes_;
   absl::Time started_;  // before the call went out: before any lease of its reply was granted
+  std::shared_ptr<InterruptedGet> resume_;
+  // The value this attempt continues (taken from resume_), until its header arrives.
+  // (An attempt that ends without Finish, on a malformed reply, drops it: the next attempt,
+  // if any, reads the value whole.)
+  std::optional<InterruptedGet::Kept> kept_;
   bool have_header_ = false;
   v1::GetHeader header_;
   UnclaimedLease unclaimed_;

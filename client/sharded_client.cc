@@ -23,6 +23,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "client/replies.h"
 
 namespace chunkd::client {
 
@@ -231,13 +232,21 @@ class ShardedClientImpl final : public ShardedClient {
     return it->second.probing || it->second.down_until != absl::InfinitePast();
   }
 
+  // One InterruptedGet for the call: a value cut off on one server is continued on the next.
+  static GetOptions WithResume(const GetOptions& options) {
+    GetOptions call = options;
+    if (!call.resume) call.resume = std::make_shared<InterruptedGet>();
+    return call;
+  }
   absl::StatusOr<GetResult> Get(absl::string_view key, const GetOptions& options) override {
-    return Route<GetResult>(key, true, [&](Client& c) { return c.Get(key, options); });
+    GetOptions call = WithResume(options);
+    return Route<GetResult>(key, true, [&](Client& c) { return c.Get(key, call); });
   }
   void GetAsync(absl::string_view key, const GetOptions& options,
                 Callback<GetResult> done) override {
     RouteAsync<GetResult>(key, true,
-                          [key = std::string(key), options](Client& c, Callback<GetResult> cb) {
+                          [key = std::string(key), options = WithResume(options)](
+                              Client& c, Callback<GetResult> cb) {
                             c.GetAsync(key, options, std::move(cb));
                           },
                           std::move(done));

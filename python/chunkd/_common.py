@@ -293,6 +293,25 @@ class ClientBase:
             **self._security.native(),
         )
 
+    # -- blocking calls of both clients --------------------------------------------------------
+    # For code that holds an AsyncClient outside its event loop (chunkd.zarr.ChunkdStore's
+    # close, from any thread): Client's close and flush_releases are these; AsyncClient's
+    # coroutines wrap them.
+
+    def close_blocking(self) -> None:
+        """Closes the client now, on the calling thread; later calls raise RuntimeError.
+        Idempotent. Values still alive keep their memory (and leases) until they are
+        dropped."""
+        if not self._closed:
+            self._closed = True
+            self._n.close()
+
+    def flush_releases_blocking(self) -> bool:
+        """Returns the leases of shared-memory values dropped so far to the server now, and
+        waits for its answer (they otherwise go in batches within milliseconds); False if the
+        release call failed. Blocks the calling thread."""
+        return self._n.flush_releases()
+
     def _native_client(self) -> Any:
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} is closed")

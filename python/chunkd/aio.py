@@ -73,9 +73,7 @@ class AsyncClient(c.ClientBase):
 
     async def close(self) -> None:
         """Closes the client; later calls raise RuntimeError. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._n.close()
+        self.close_blocking()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -171,12 +169,14 @@ class AsyncClient(c.ClientBase):
             results.extend(await _wait(future, cancel))
         return results
 
-    def _read_many_each(self, items: list[c.ItemLike], futures: list[asyncio.Future]) -> Any:
-        """One GetMany call (at most 4096 items) whose items each complete their own future as
-        soon as they have arrived, with a one-item list holding the item's GetResult (emptied by
-        the waiter), or with the exception a read of the item would raise (a failure of the
-        whole call: each with its own key). Returns the call's canceller. For ChunkdStore's
-        batcher: each get resumes as its chunk arrives, while the later ones are on their way."""
+    def read_many_each(self, items: list[c.ItemLike], futures: list[asyncio.Future]) -> Any:
+        """One GetMany call (at most 4096 items) whose items each complete their own future
+        (made on the running loop) as soon as they have arrived, with a one-item list holding
+        the item's GetResult (the waiter empties it), or with the exception a read of the item
+        would raise (a failure of the whole call: each with its own key). Returns the call's
+        canceller (``.cancel()``). Not a coroutine: call it on the loop's thread. For batchers
+        such as chunkd.zarr.ChunkdStore's: each get resumes as its chunk arrives, while the
+        later ones are on their way."""
         loop = asyncio.get_running_loop()
         return self._native_client().get_many_each_async(completions(loop), futures, items)
 
@@ -237,4 +237,4 @@ class AsyncClient(c.ClientBase):
 
     async def flush_releases(self, timeout: float | None = 5.0) -> bool:
         """See :meth:`chunkd.Client.flush_releases`."""
-        return await asyncio.to_thread(self._n.flush_releases)
+        return await asyncio.to_thread(self.flush_releases_blocking)

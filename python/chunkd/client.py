@@ -50,9 +50,7 @@ class Client(c.ClientBase):
     def close(self) -> None:
         """Closes the client; later calls raise RuntimeError. Idempotent. Values still alive
         keep their memory (and leases) until they are dropped."""
-        if not self._closed:
-            self._closed = True
-            self._n.close()
+        self.close_blocking()
 
     def __enter__(self) -> Client:
         return self
@@ -196,4 +194,4 @@ class Client(c.ClientBase):
         release call failed. Values kept alive only by reference cycles go after
         ``gc.collect()``. Nothing to do without ``delivery="shm"``. (``timeout`` is kept for
         compatibility: the release call has its own 10 s deadline.)"""
-        return self._n.flush_releases()
+        return self.flush_releases_blocking()

@@ -218,7 +218,7 @@ class _GetBatcher:
                 batch.cancel = task
                 return
             items = [c.GetItem(key, **kwargs) for (key, kwargs), _ in live]
-            batch.cancel = client._read_many_each(items, [f for _, f in live])
+            batch.cancel = client.read_many_each(items, [f for _, f in live])
         except Exception as e:  # noqa: BLE001 - the call could not start: every get raises it
             for (key, _), future in live:
                 if not future.done():
@@ -467,8 +467,7 @@ class ChunkdStore(Store):
             self._aio_client = self._sync_client = None
         for client in clients:
             if client is not None:
-                client._closed = True
-                client._n.close()
+                client.close_blocking()
 
     def flush_releases(self, timeout: float | None = 5.0) -> bool:
         """Returns the leases of shared-memory buffers zarr has dropped so far to the server
@@ -476,7 +475,7 @@ class ChunkdStore(Store):
         if a release call failed. Blocking; nothing to do with ``delivery="inline"``."""
         with self._lock:
             clients = [self._aio_client, self._sync_client]
-        return all([client._n.flush_releases() for client in clients if client is not None])
+        return all([client.flush_releases_blocking() for client in clients if client is not None])
 
     def _key(self, key: str) -> str:
         if not isinstance(key, str):

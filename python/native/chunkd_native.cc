@@ -1162,6 +1162,8 @@ PyClient* ConnectSharded(const std::vector<std::string>& servers, int marks_down
 NB_MODULE(_native, m) {
   using namespace chunkd::python;
   namespace client = chunkd::client;
+  // At import, before any client exists: the process-wide settings of client.h's InitProcess.
+  client::InitProcess();
 
   // Clients (and their classes) still referenced when the interpreter exits are not collected
   // by Python's shutdown: nanobind would call that a leak. Their leases went back at exit

@@ -126,7 +126,7 @@ def serve_with_shm(workdir: Path, *extra: str):
 class StoreCalls:
     """Counts a process's calls to chunkd servers from ``chunkd.aio.AsyncClient`` (the client of
     ``ChunkdStore``'s async methods), client side: Gets (``read``), GetMany calls (``read_many``,
-    and the get batcher's ``_read_many_each``) and the items those carried."""
+    and the get batcher's ``read_many_each``) and the items those carried."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -149,7 +149,7 @@ def count_store_calls(monkeypatch) -> StoreCalls:
 
     counter = StoreCalls()
     read, read_many = AsyncClient.read, AsyncClient.read_many
-    read_many_each = AsyncClient._read_many_each
+    read_many_each = AsyncClient.read_many_each
 
     async def counted_read(self, *args, **kwargs):
         with counter.lock:
@@ -172,7 +172,7 @@ def count_store_calls(monkeypatch) -> StoreCalls:
 
     monkeypatch.setattr(AsyncClient, "read", counted_read)
     monkeypatch.setattr(AsyncClient, "read_many", counted_read_many)
-    monkeypatch.setattr(AsyncClient, "_read_many_each", counted_read_many_each)
+    monkeypatch.setattr(AsyncClient, "read_many_each", counted_read_many_each)
     return counter
 
 

@@ -25,12 +25,13 @@
 #include "absl/time/time.h"
 #include "buffer/cpu/buffer.h"
 #include "buffer/memory.h"
+#include "proto/wire/conditions.h"
 
 namespace chunkd::server {
 
 // Identifies one stored version of a value. Never 0 for a stored value: 0 stands for "no value"
-// in conditions.
-using Generation = uint64_t;
+// in conditions (proto/wire/conditions.h).
+using wire::Generation;
 
 struct ValueInfo {
   ValueInfo() = default;
@@ -57,16 +58,9 @@ enum class Validation {
   kRemote,
 };
 
-// Preconditions on the generation stored under a key when an operation runs.
-struct Conditions {
-  std::optional<Generation> if_generation_match;
-  std::optional<Generation> if_generation_not_match;
-
-  bool empty() const { return !if_generation_match && !if_generation_not_match; }
-  // OK when `current` (nullopt: the key holds no value) satisfies the conditions, else
-  // FAILED_PRECONDITION naming the key and both generations.
-  absl::Status Check(absl::string_view key, std::optional<Generation> current) const;
-};
+// Preconditions on the generation stored under a key (proto/wire/conditions.h: the one
+// definition the client shares).
+using wire::Conditions;
 
 struct ListEntry {
   std::string key;

@@ -64,24 +64,6 @@ absl::Status ValidateCharacters(absl::string_view what, absl::string_view s) {
 
 }  // namespace
 
-std::string QuoteKey(absl::string_view key) {
-  constexpr size_t kShown = 80;
-  std::string out = "\"";
-  for (size_t i = 0; i < key.size() && i < kShown; ++i) {
-    unsigned char c = static_cast<unsigned char>(key[i]);
-    if (c == '"' || c == '\\') {
-      absl::StrAppend(&out, "\\", std::string(1, static_cast<char>(c)));
-    } else if (c >= 0x20 && c < 0x7F) {
-      out.push_back(static_cast<char>(c));
-    } else {
-      absl::StrAppendFormat(&out, "\\x%02x", c);
-    }
-  }
-  out += "\"";
-  if (key.size() > kShown) absl::StrAppend(&out, "... (", key.size(), " bytes)");
-  return out;
-}
-
 absl::Status ValidateKey(absl::string_view key) {
   if (key.empty()) return absl::InvalidArgumentError("key is empty");
   if (key.size() > kMaxKeyBytes) {

@@ -13,6 +13,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "proto/wire/conditions.h"
 
 namespace chunkd::server {
 
@@ -38,8 +39,8 @@ inline bool InKeyRange(absl::string_view key, absl::string_view inclusive_min,
   return key >= inclusive_min && (exclusive_max.empty() || key < exclusive_max);
 }
 
-// Quotes `key` for an error message: printable ASCII as is, other bytes escaped, long keys cut.
-std::string QuoteKey(absl::string_view key);
+// How an error message names a key (proto/wire/conditions.h: the client's messages too).
+using wire::QuoteKey;
 
 }  // namespace chunkd::server
 

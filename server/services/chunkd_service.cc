@@ -3,6 +3,8 @@
 // (get_call.cc), GetMany (get_many_call.cc), and how their bytes are delivered (delivery.h).
 #include "server/services/chunkd_service.h"
 
+#include "proto/wire/convert.h"
+
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -371,13 +373,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
     if (options().device_tier) response->add_deliveries(v1::DELIVERY_CUDA_IPC);
     response->set_leases_active(leases.active);
     response->set_leased_bytes(leases.bytes);
-    v1::ClientIdentity* host = response->mutable_host();
-    host->set_boot_id(options().host.boot_id);
-    host->set_ipc_namespace(options().host.ipc_namespace);
-    host->set_mount_namespace(options().host.mount_namespace);
-    host->set_shm_dir(options().host.shm_dir);
-    host->set_shm_dir_dev(options().host.shm_dir_dev);
-    host->set_shm_dir_ino(options().host.shm_dir_ino);
+    wire::ToProto(options().host, response->mutable_host());
   }
   response->add_features("conditional-writes");
   response->add_features("byte-ranges");

@@ -6,21 +6,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/rpc/auth.h"
+#include "server/services/requests.h"
 #include "server/services/service_core.h"
 
 namespace chunkd::server {
 namespace {
-
-buffer::HostIdentity IdentityFromProto(const v1::ClientIdentity& proto) {
-  buffer::HostIdentity id;
-  id.boot_id = proto.boot_id();
-  id.ipc_namespace = proto.ipc_namespace();
-  id.mount_namespace = proto.mount_namespace();
-  id.shm_dir = proto.shm_dir();
-  id.shm_dir_dev = proto.shm_dir_dev();
-  id.shm_dir_ino = proto.shm_dir_ino();
-  return id;
-}
 
 // Who holds the leases a call takes, for the per-client caps on pinned memory, and the
 // process whose life they follow (a UNIX-socket client the server watches).

@@ -1,22 +1,19 @@
-// What the services take from chunkd.v1 requests beyond their keys: byte ranges and
-// generation conditions, checked. Requests come from any client, so these take any message
-// protobuf can parse; they are fuzzed with the key checks (tests/fuzz/get_request_fuzz.cc).
+// What the services take from chunkd.v1 requests beyond their keys: byte ranges, generation
+// conditions and the client's host identity, checked. The conversions are the wire's
+// (proto/wire/convert.h), shared with the client, which writes them.
 #ifndef CHUNKD_SERVER_SERVICES_REQUESTS_H_
 #define CHUNKD_SERVER_SERVICES_REQUESTS_H_
 
-#include "absl/status/statusor.h"
-#include "chunkd/v1/chunkd.pb.h"
+#include "proto/wire/convert.h"
 #include "server/backend/backend.h"
 #include "server/common/byte_range.h"
 #include "server/store/chunk_store.h"
 
 namespace chunkd::server {
 
-// The range a Get asks for (all of the value when it names none); INVALID_ARGUMENT, with the
-// reason, for a negative or inverted one.
-absl::StatusOr<ByteRange> RangeFromProto(const v1::GetRequest& request);
-
-Conditions ConditionsFromProto(const v1::Conditions& proto);
+using wire::ConditionsFromProto;
+using wire::IdentityFromProto;
+using wire::RangeFromProto;
 
 // A request's max_staleness_ms as the store's read options: the copy served must have been
 // validated at or after the request's arrival minus the bound.

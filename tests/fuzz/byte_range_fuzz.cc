@@ -1,5 +1,5 @@
 // Byte ranges: the server's ranges from the protocol (Validate, Resolve) and chunkctl's --range
-// (client ByteRange::Parse), checked against each other. The first byte picks the form; then
+// (ByteRange::Parse, proto/wire/byte_range.h), checked against each other. The first byte picks the form; then
 // either three 64-bit numbers (a range as a GetRequest carries it) and a value size, or text.
 #include <cstddef>
 #include <cstdint>
@@ -41,17 +41,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (form & 1) {
     // chunkctl --range=TEXT, as the client parses it and the server then checks it.
     std::string text(reinterpret_cast<const char*>(data), size);
-    auto parsed = chunkd::client::ByteRange::Parse(text);
+    // One type on both sides (proto/wire/byte_range.h): what the client parses is what the
+    // server checks.
+    auto parsed = ByteRange::Parse(text);
     if (!parsed.ok()) return 0;
-    ByteRange range;
-    switch (parsed->kind) {
-      case chunkd::client::ByteRange::Kind::kAll: range = ByteRange::All(); break;
-      case chunkd::client::ByteRange::Kind::kBounded:
-        range = ByteRange::Bounded(parsed->start, parsed->end);
-        break;
-      case chunkd::client::ByteRange::Kind::kOffset: range = ByteRange::FromOffset(parsed->start); break;
-      case chunkd::client::ByteRange::Kind::kSuffix: range = ByteRange::Suffix(parsed->suffix); break;
-    }
+    ByteRange range = *parsed;
     // Parse refuses negative numbers: what it accepts the server accepts, unless inverted.
     if (!range.Validate().ok() && !(range.kind == ByteRange::Kind::kBounded && range.end < range.start)) {
       std::abort();

@@ -1,4 +1,4 @@
-// Tests of server/common/byte_range.h: validation and Zarr's range semantics.
+// Tests of proto/wire/byte_range.h: validation and Zarr's range semantics.
 #include "server/common/byte_range.h"
 
 #include <cstdint>

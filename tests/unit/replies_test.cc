@@ -158,5 +158,113 @@ TEST(RepliesTest, DataAfterAHandleIsMalformedAndItsLeaseGoesBack) {
   EXPECT_EQ(leases->dropped, std::vector<uint64_t>{42});
 }
 
+// The shutdown gap: a reply cut off mid-value (the server closed the connection) keeps its
+// bytes, and the next attempt asks for the rest of the value at the same generation and ends
+// with the whole value, as if nothing had happened.
+TEST(RepliesTest, AnInlineValueCutOffIsContinuedByTheNextAttempt) {
+  auto resume = std::make_shared<InterruptedGet>();
+  GetReply first(std::make_shared<NoHandles>(), 1 << 20, resume);
+  EXPECT_FALSE(first.continues());
+  v1::GetResponse head = Header(100, 10, 6);
+  head.mutable_header()->set_generation(7);
+  head.set_data("abc");
+  ASSERT_TRUE(first.Absorb(Message(head)).ok());
+  auto cut = first.Finish(grpc::Status(grpc::StatusCode::INTERNAL, "RST_STREAM"));
+  // UNAVAILABLE: what the retry loops repeat.
+  EXPECT_EQ(cut.status().code(), absl::StatusCode::kUnavailable) << cut.status();
+  EXPECT_TRUE(resume->active());
+
+  GetReply second(std::make_shared<NoHandles>(), 1 << 20, resume);
+  ASSERT_TRUE(second.continues());
+  EXPECT_FALSE(resume->active());  // the attempt holds the bytes now
+  v1::GetRequest request;
+  request.set_key("k");
+  request.mutable_range()->set_suffix(90);
+  request.mutable_conditions()->set_if_generation_not_match(3);
+  request.add_accept(v1::DELIVERY_SHM);
+  second.RewriteRequest(&request);
+  EXPECT_EQ(request.key(), "k");
+  EXPECT_EQ(request.range().bounded().start(), 13);
+  EXPECT_EQ(request.range().bounded().end(), 16);
+  EXPECT_EQ(request.conditions().if_generation_match(), 7u);
+  EXPECT_FALSE(request.conditions().has_if_generation_not_match());
+  ASSERT_EQ(request.accept_size(), 1);
+  EXPECT_EQ(request.accept(0), v1::DELIVERY_INLINE);
+
+  // Cut off again before the rest's header: the bytes wait for the attempt after.
+  EXPECT_EQ(second.Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "closed")).status().code(),
+            absl::StatusCode::kUnavailable);
+  ASSERT_TRUE(resume->active());
+
+  GetReply third(std::make_shared<NoHandles>(), 1 << 20, resume);
+  ASSERT_TRUE(third.continues());
+  v1::GetResponse rest = Header(100, 13, 3);
+  rest.mutable_header()->set_generation(7);
+  rest.set_data("def");
+  ASSERT_TRUE(third.Absorb(Message(rest)).ok());
+  auto whole = third.Finish(grpc::Status::OK);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  EXPECT_EQ(whole->data.view(), "abcdef");
+  EXPECT_EQ(whole->range_start, 10u);
+  EXPECT_EQ(whole->total_size, 100u);
+  EXPECT_EQ(whole->generation, 7u);
+  EXPECT_FALSE(resume->active());
+}
+
+// What is not continued: a reply that ended for the caller's reasons (its deadline), one that
+// had no byte yet, and a continuation that does not continue the value.
+TEST(RepliesTest, OnlyCutOffValuesAreContinuedAndOnlyByTheirRest) {
+  auto resume = std::make_shared<InterruptedGet>();
+  v1::GetResponse head = Header(10, 0, 10);
+  head.mutable_header()->set_generation(7);
+  head.set_data("abc");
+  {
+    GetReply reply(std::make_shared<NoHandles>(), 1 << 20, resume);
+    ASSERT_TRUE(reply.Absorb(Message(head)).ok());
+    EXPECT_EQ(reply.Finish(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "late"))
+                  .status()
+                  .code(),
+              absl::StatusCode::kDeadlineExceeded);
+    EXPECT_FALSE(resume->active());
+  }
+  {
+    GetReply reply(std::make_shared<NoHandles>(), 1 << 20, resume);
+    ASSERT_TRUE(reply.Absorb(Message(Header(10, 0, 10))).ok());
+    EXPECT_EQ(reply.Finish(grpc::Status(grpc::StatusCode::INTERNAL, "boom")).status().code(),
+              absl::StatusCode::kInternal);
+    EXPECT_FALSE(resume->active());
+  }
+  {
+    GetReply reply(std::make_shared<NoHandles>(), 1 << 20, resume);
+    ASSERT_TRUE(reply.Absorb(Message(head)).ok());
+    (void)reply.Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "closed"));
+    ASSERT_TRUE(resume->active());
+  }
+  {
+    // Another generation's bytes: refused, never stitched to the kept ones.
+    GetReply reply(std::make_shared<NoHandles>(), 1 << 20, resume);
+    v1::GetResponse other = Header(10, 3, 7);
+    other.mutable_header()->set_generation(8);
+    EXPECT_EQ(reply.Absorb(Message(other)).code(), absl::StatusCode::kDataLoss);
+    EXPECT_FALSE(resume->active());
+  }
+  {
+    // The value changed since (the added condition failed): the next attempt reads it whole.
+    GetReply reply(std::make_shared<NoHandles>(), 1 << 20, resume);
+    ASSERT_TRUE(reply.Absorb(Message(head)).ok());
+    (void)reply.Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "closed"));
+    ASSERT_TRUE(resume->active());
+    GetReply again(std::make_shared<NoHandles>(), 1 << 20, resume);
+    ASSERT_TRUE(again.continues());
+    EXPECT_EQ(again.Finish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "generation"))
+                  .status()
+                  .code(),
+              absl::StatusCode::kUnavailable);
+    EXPECT_FALSE(resume->active());
+    GetReply fresh(std::make_shared<NoHandles>(), 1 << 20, resume);
+    EXPECT_FALSE(fresh.continues());
+  }
+}
+
 }  // namespace
 }  // namespace chunkd::client

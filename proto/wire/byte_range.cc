@@ -1,10 +1,30 @@
-#include "server/common/byte_range.h"
+#include "proto/wire/byte_range.h"
 
 #include <algorithm>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
-namespace chunkd::server {
+namespace chunkd::wire {
+
+absl::StatusOr<ByteRange> ByteRange::Parse(absl::string_view text) {
+  const auto bad = [&] {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "range '", text, "' is not START-END (END exclusive), START- or -N"));
+  };
+  size_t dash = text.find('-');
+  if (dash == absl::string_view::npos) return bad();
+  absl::string_view left = text.substr(0, dash), right = text.substr(dash + 1);
+  int64_t a = 0, b = 0;
+  if (left.empty()) {
+    if (!absl::SimpleAtoi(right, &b) || b < 0) return bad();
+    return Suffix(b);
+  }
+  if (!absl::SimpleAtoi(left, &a) || a < 0) return bad();
+  if (right.empty()) return FromOffset(a);
+  if (!absl::SimpleAtoi(right, &b) || b < 0) return bad();
+  return Bounded(a, b);
+}
 
 absl::Status ByteRange::Validate() const {
   switch (kind) {
@@ -93,4 +113,4 @@ absl::StatusOr<ResolvedRange> ResolveWithin(const ByteRange& range, uint64_t siz
   return Resolve(range, size);
 }
 
-}  // namespace chunkd::server
+}  // namespace chunkd::wire
