@@ -215,6 +215,28 @@ def test_python_shm_row_catches_replies_that_only_look_like_shared_memory(tmp_pa
     assert "shared-memory Gets" in row["first_error"]
 
 
+def test_single_flight_target_needs_a_joined_get(tmp_path):
+    """One Get per round reads the store once and joins nothing: one backend read per round,
+    but nothing was tested, so the target is not held (it was, before joins were required)."""
+    if not os.access(CHUNKD_BENCH, os.X_OK):
+        pytest.skip(f"{CHUNKD_BENCH} is not built (deploy/scripts/build.sh chunkd_bench)")
+    store = tmp_path / "store"
+    store.mkdir()
+    server = start_server(tmp_path, str(store))
+    try:
+        done = subprocess.run(
+            [str(CHUNKD_BENCH), "--action=single_flight", f"--address={server.address}",
+             f"--dir={store}", "--size=65536", "--clients=1", "--rounds=2"],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["backend_reads"] == [1, 1] and row["errors"] == 0
+    assert row["single_flight_joins"] == [0, 0] and row["min_single_flight_joins"] == 0
+    assert row["held"] is False
+
+
 # --- python/benchmarks/sharded_local.py -----------------------------------------------------------
 
 import sharded_local  # noqa: E402
