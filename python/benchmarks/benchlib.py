@@ -30,6 +30,13 @@ BINARIES = {"chunkd": BUILD_DIR / "server" / "chunkd",
             "chunkd_bench": BUILD_DIR / "bench" / "chunkd_bench"}
 
 
+def native_module() -> Path | None:
+    """The Python client's native module as build.sh writes it (python/chunkd/_native*.so)."""
+    found = sorted((REPO_ROOT / "python" / "chunkd").glob("_native*.so"))
+    return found[0] if found else None
+
+
+
 def log(message: str) -> None:
     print(f"bench [{time.strftime('%H:%M:%S')}]: {message}", file=sys.stderr, flush=True)
 
@@ -59,7 +66,10 @@ def ensure_built(targets: list[str], *, build: bool, log_path: Path | None = Non
             tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
             raise SystemExit(f"{tail}\nthe build failed ({command}; log: {log_path}); "
                              "--no-build runs the binaries in build/ as they are")
-    missing = [str(BINARIES[t]) for t in targets if not os.access(BINARIES[t], os.X_OK)]
+    missing = [str(BINARIES[t]) for t in targets
+               if t in BINARIES and not os.access(BINARIES[t], os.X_OK)]
+    if "chunkd_native" in targets and native_module() is None:
+        missing.append(str(REPO_ROOT / "python" / "chunkd" / "_native*.so"))
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: build them with `{command}` (from "
                          f"{REPO_ROOT}); chunkd_bench needs hiredis: "

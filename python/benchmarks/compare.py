@@ -22,14 +22,18 @@ pick, measured side by side in one run.
 3. Ratios from the run's own medians, and the targets of issue 11 as held / not held.
 
 Fair counting: a value counts once the client has every byte of it. Inline values were written
-into the client's memory by the socket; a shared-memory value (a view of the server's memory)
-is copied into a reused buffer, by both clients alike (chunkd_bench --delivery=shm copies too);
-a zarr read copies every chunk into the array it returns. Every value is checked: the Get rows
+into the client's memory by the socket; every byte of a shared-memory value (a view of the
+server's memory) is read in place by one checksum routine both clients call
+(buffer/read_every_byte.h: chunkd_bench --delivery=shm, and chunkd._native._read_every_byte from
+Python), and every timed shm Get must have come by shared memory (each reply a read-only view,
+and the server's gets_shm counter over the row equal to the Gets counted); a zarr read copies
+every chunk into the array it returns. Every value is checked: the Get rows
 compare each key's bytes with its file once before timing, the zarr rows compare the array read
 with the one written after every timed sample.
 
-The harness builds what it needs (deploy/scripts/build.sh chunkd chunkd_bench; --no-build
-checks the binaries are there instead), installs nginx and the Python peers when missing, starts
+The harness builds what it needs (deploy/scripts/build.sh chunkd chunkd_bench chunkd_native: the
+server, the C++ driver and the Python client's native module it measures; --no-build checks they
+are there instead), installs nginx and the Python peers when missing, starts
 one chunkd (a file store over the generated data, 1 GiB cache, a free loopback port, a UNIX
 socket and shared-memory segments in directories of its own) and nginx (a free port, its own
 configuration) and stops them at the end, so runs beside each other never collide. Rows are
@@ -161,11 +165,13 @@ def slab(index: int, procs: int) -> tuple[slice, ...]:
 
 
 def read_every_byte(view: memoryview) -> int:
-    """Reads every byte of `view` once, writing nothing (a sum of its 64-bit words, then of the
-    tail's bytes): what chunkd_bench's ReadEveryByte does to a shared-memory value."""
-    raw = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-    whole = raw.nbytes // 8 * 8
-    return int(np.frombuffer(raw[:whole], np.uint64).sum()) + sum(raw[whole:])
+    """Reads every byte of `view` once, writing nothing (a sum of the 64-bit words of its whole
+    32-byte blocks, then of the bytes left, modulo 2**64): the very routine chunkd_bench runs on a shared-memory value
+    (buffer/read_every_byte.h, compiled once into the client library both drivers link), so the
+    two shm rows differ by their clients, not by their checksums."""
+    from chunkd import _native
+
+    return _native._read_every_byte(view)
 
 
 def python_get_worker(conn) -> None:
@@ -193,8 +199,13 @@ def python_gets(address: str, transport: str, shm_dir: str, prefix: str, size: i
 
     def fetch(key: str) -> int:
         view = memoryview(client.get(key))
-        if shm:  # a view of the server's memory: every byte read in place, as chunkd_bench does
-            read_every_byte(view)
+        if shm:
+            # Shared memory comes as a read-only view of the server's memory, inline bytes as a
+            # writable buffer: a reply that fell back to inline is an error, as chunkd_bench
+            # counts one (its check of GetResult::delivery).
+            if not view.readonly:
+                raise RuntimeError("asked for shm, the value came inline")
+            read_every_byte(view)  # every byte read in place, as chunkd_bench does
         # Inline: every byte was written into the value by the socket already.
         return view.nbytes
 
@@ -215,6 +226,7 @@ def python_gets(address: str, transport: str, shm_dir: str, prefix: str, size: i
             fetch(names[rng.randrange(keys)])
         latencies: list[int] = []
         errors, first_error, nbytes = 0, "", 0
+        counters0 = dict(client.server_info().counters)
         server0, cpu0 = benchlib.process_cpu_seconds(server_pid), time.process_time()
         start = time.perf_counter_ns()
         stop_at = start + int(duration * 1e9)
@@ -233,11 +245,19 @@ def python_gets(address: str, transport: str, shm_dir: str, prefix: str, size: i
                 errors += 1
                 first_error = first_error or f"a value of {n} bytes"
         cpu1, server1 = time.process_time(), benchlib.process_cpu_seconds(server_pid)
+        counters1 = dict(client.server_info().counters)
     finally:
         client.close()
     seconds = (end - start) / 1e9
     latencies.sort()
     count = len(latencies)
+    # The server's own count (only this client talks to it while the row runs): every timed Get
+    # of the shm row went by shared memory, none of the others did.
+    gets_shm = counters1.get("gets_shm", 0) - counters0.get("gets_shm", 0)
+    if gets_shm != (count if shm else 0):
+        errors += abs(gets_shm - (count if shm else 0))
+        first_error = first_error or (
+            f"the server counted {gets_shm} shared-memory Gets for {count} timed Gets")
 
     def quantile(q: float) -> float | None:
         return latencies[min(count - 1, int(q * count))] / 1e3 if count else None
@@ -250,7 +270,7 @@ def python_gets(address: str, transport: str, shm_dir: str, prefix: str, size: i
            "server_cpu_us_per_req": ((server1 - server0) / count * 1e6
                                      if count and server0 is not None and server1 is not None
                                      else None),
-           "errors": errors, "mismatches": mismatches,
+           "errors": errors, "mismatches": mismatches, "gets_shm": gets_shm,
            "client_modules": sorted(m for m in sys.modules if m.split(".")[0] == "chunkd")}
     if first_error:
         row["first_error"] = first_error
@@ -577,7 +597,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = benchlib.results_dir(args.out)
     ensure_peers()
-    benchlib.ensure_built(["chunkd", "chunkd_bench"], build=not args.no_build,
+    # chunkd_native: the Python client measured here is the module in python/chunkd/, which
+    # build.sh builds when .venv exists; without it in the list, the Python rows would measure
+    # whatever module the last full build left there.
+    benchlib.ensure_built(["chunkd", "chunkd_bench", "chunkd_native"], build=not args.no_build,
                           log_path=out / "logs" / "build.log")
     import chunkd
     import zarr
@@ -709,7 +732,9 @@ def report(rows: list[dict], env: dict) -> str:
           f"Every figure is the median of {repeat} repetition{'s' if repeat > 1 else ''}, "
           "interleaved with the other rows (results.jsonl has each one). A value counts once "
           "the client has every byte of it: received from the socket (inline), read in place "
-          "in the server's shared memory (shm: a checksum of every byte; both clients alike), or "
+          "in the server's shared memory (shm: a checksum of every byte, the same compiled "
+          "routine for both clients, and every timed reply checked to have come by shared "
+          "memory), or "
           "decoded into the array a zarr read returns. GB/s are 10⁹ bytes per second."]
     md += get_table(rows)
     md += zarr_tables(rows, env)
@@ -722,7 +747,8 @@ def get_table(rows: list[dict]) -> list[str]:
         return []
     lines = ["", "## One Get at a time: the C++ client and the Python client", "",
              "One client, one connection, uniform random draws over cached values (the same "
-             "server, keys and draws for both). C++: `build/bench/chunkd_bench --clients=1` "
+             "server and keys for both, each client drawing with its own generator: the same "
+             "distribution, not the same sequence). C++: `build/bench/chunkd_bench --clients=1` "
              "(`chunkd::client::Client::Get`); Python: `chunkd.Client.get` (`delivery=\"shm\"` "
              "for shared memory). CPU: the client process's and the server's, per request.", "",
              "| value | transport | C++ p50 µs | Python p50 µs | Python ÷ C++ p50 | C++ req/s "

@@ -762,7 +762,7 @@ def main() -> None:
     arrays = args.only in (None, "arrays")
     big = args.big and args.only in (None, "big")
 
-    benchlib.ensure_built(["chunkd"], build=not args.no_build)
+    benchlib.ensure_built(["chunkd", "chunkd_native"], build=not args.no_build)
     if not MOTO_SERVER.exists():
         raise SystemExit(f"{MOTO_SERVER} is missing: deploy/scripts/setup-venv.sh installs "
                          "moto[server]")

@@ -315,7 +315,7 @@ def main() -> None:
 
     import zarr
 
-    benchlib.ensure_built(["chunkd"], build=not args.no_build)
+    benchlib.ensure_built(["chunkd", "chunkd_native"], build=not args.no_build)
     out = benchlib.results_dir(args.out)
     env = benchlib.environment(server_flags=args.server_flag, cache=args.cache,
                                chunks=args.chunks, zarr=zarr.__version__)

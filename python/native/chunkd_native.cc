@@ -41,6 +41,7 @@
 #include "absl/time/time.h"
 #include "buffer/cpu/buffer.h"
 #include "buffer/memory.h"
+#include "buffer/read_every_byte.h"
 #include "client/client.h"
 #include "client/cuda_import.h"
 #include "client/sharded_client.h"
@@ -1296,6 +1297,18 @@ NB_MODULE(_native, m) {
         client::ReleaseLeasesAtExit();
       },
       "Returns every lease the process holds to its servers (registered with atexit).");
+  m.def(
+      "_read_every_byte",
+      [](nb::handle value) -> uint64_t {
+        Py_buffer view;
+        if (PyObject_GetBuffer(value.ptr(), &view, PyBUF_SIMPLE) != 0) throw nb::python_error();
+        uint64_t sum = chunkd::buffer::ReadEveryByte(
+            std::string_view(static_cast<const char*>(view.buf), static_cast<size_t>(view.len)));
+        PyBuffer_Release(&view);
+        return sum;
+      },
+      "Benchmarks only: reads every byte of a contiguous buffer once (a checksum, returned),"
+      " the routine bench/chunkd_bench runs on a shared-memory value (buffer/read_every_byte.h).");
   m.def("fail_next_shm_imports", &client::FailNextShmImportsForTesting,
         "Tests only: the next n shared-memory imports fail as an unmappable segment does.");
 }

@@ -21,15 +21,17 @@ sys.path.insert(0, str(REPO_ROOT / "python" / "benchmarks"))
 
 import benchlib  # noqa: E402
 import compare  # noqa: E402
-from chunkd_testing import start_server  # noqa: E402
+from chunkd_testing import serve_with_shm, start_server  # noqa: E402
 
 
-@pytest.mark.parametrize("size", [0, 1, 7, 8, 4096 + 3])
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 32, 33, 4096 + 3])
 def test_read_every_byte_reads_each_byte_once(size):
-    """The shm touch sums every 64-bit word and every tail byte: changing any byte changes it."""
+    """The shm touch (chunkd._native._read_every_byte, the C++ driver's routine) sums every
+    64-bit word and every tail byte: changing any byte changes it."""
     data = bytearray(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8))
-    whole = size // 8 * 8
-    expected = int(np.frombuffer(bytes(data[:whole]), np.uint64).sum()) + sum(data[whole:])
+    whole = size // 32 * 32  # whole 32-byte blocks as 64-bit words, then the bytes left
+    expected = (int(np.frombuffer(bytes(data[:whole]), np.uint64).sum())
+                + sum(data[whole:])) % 2**64
     assert compare.read_every_byte(memoryview(data)) == expected
     if size:
         data[-1] ^= 1
@@ -163,6 +165,76 @@ def test_chunkd_bench_shm_rows_say_what_they_count(tmp_path, delivery, counts):
     row = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["delivery"] == delivery and row["counts"] == counts
     assert row["requests"] > 0 and row["errors"] == 0 and row["mismatches"] == 0
+
+
+def _python_gets_shm(tmp_path, server) -> dict:
+    store = Path(server.store)
+    (store / "t").mkdir()
+    for i in range(8):
+        (store / "t" / f"{i:06d}").write_bytes(bytes([i]) * 4096)
+    return compare.python_gets(address=server.address, transport="shm",
+                               shm_dir=server.shm_dir, prefix="t", size=4096, keys=8,
+                               store_dir=str(store), warmup=0.0, duration=0.05, seed=1,
+                               server_pid=server.process.pid)
+
+
+def test_python_shm_row_counts_only_gets_the_server_served_by_shared_memory(tmp_path):
+    with serve_with_shm(tmp_path) as server:
+        row = _python_gets_shm(tmp_path, server)
+    assert row["available"] and row["requests"] > 0, row
+    assert row["errors"] == 0 and row["mismatches"] == 0, row
+    assert row["gets_shm"] == row["requests"]
+
+
+def test_python_shm_row_catches_replies_that_only_look_like_shared_memory(tmp_path, monkeypatch):
+    """A client whose values come inline, handed out read-only as shared memory is: the server's
+    gets_shm counter, compared with the Gets counted, turns them into errors."""
+    import chunkd
+
+    real = chunkd.Client
+
+    class Disguised:
+        def __init__(self, address, **_):
+            self._client = real(address)
+
+        def get(self, key):
+            return memoryview(bytes(self._client.get(key)))  # read-only, as a shm view
+
+        def read(self, key):
+            self._client.read(key)
+            return type("Result", (), {"delivery": 2})()  # says DELIVERY_SHM
+
+        def __getattr__(self, name):
+            return getattr(self._client, name)
+
+    monkeypatch.setattr(chunkd, "Client", Disguised)
+    with serve_with_shm(tmp_path) as server:
+        row = _python_gets_shm(tmp_path, server)
+    assert row["gets_shm"] == 0 and row["requests"] > 0
+    assert row["errors"] == row["requests"]
+    assert "shared-memory Gets" in row["first_error"]
+
+
+def test_single_flight_target_needs_a_joined_get(tmp_path):
+    """One Get per round reads the store once and joins nothing: one backend read per round,
+    but nothing was tested, so the target is not held (it was, before joins were required)."""
+    if not os.access(CHUNKD_BENCH, os.X_OK):
+        pytest.skip(f"{CHUNKD_BENCH} is not built (deploy/scripts/build.sh chunkd_bench)")
+    store = tmp_path / "store"
+    store.mkdir()
+    server = start_server(tmp_path, str(store))
+    try:
+        done = subprocess.run(
+            [str(CHUNKD_BENCH), "--action=single_flight", f"--address={server.address}",
+             f"--dir={store}", "--size=65536", "--clients=1", "--rounds=2"],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["backend_reads"] == [1, 1] and row["errors"] == 0
+    assert row["single_flight_joins"] == [0, 0] and row["min_single_flight_joins"] == 0
+    assert row["held"] is False
 
 
 # --- python/benchmarks/sharded_local.py -----------------------------------------------------------
