@@ -152,7 +152,7 @@ stop_start=$(date +%s%N)
 podman stop -t 20 "$name" > /dev/null 2>&1
 stop_ms=$(( ($(date +%s%N) - stop_start) / 1000000 ))
 # The Get in flight gets its whole value; or, the one exception (known, see docs/deploy.md,
-# "Shutdown, a known gap"), UNAVAILABLE when gRPC's server shutdown closes the connection while the last
+# "Shutdown, and the reads it cuts"), UNAVAILABLE when gRPC's server shutdown closes the connection while the last
 # megabytes still wait for this slow reader's flow-control window: never other bytes, never a hang.
 get_in_flight="completed"
 if ! wait "$reader"; then

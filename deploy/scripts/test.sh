@@ -3,7 +3,8 @@
 # the GoogleTest suites (ctest), the Python client and Zarr store tests (pytest), the
 # deployment manifest checks and the README's tour, the Python package installed with pip into
 # a clean venv with the README's Python block (test-pip-install.sh), then builds the container
-# image and runs it with podman (test-image.sh; one line says why where podman cannot run). In CI (CI=true),
+# image and runs it with podman (test-image.sh; outside CI one line says why where podman cannot
+# run, under CI=true that fails). In CI (CI=true),
 # or with CHUNKD_SANITIZERS=1, then the whole suite again under AddressSanitizer with
 # UndefinedBehaviorSanitizer and under ThreadSanitizer, and every fuzz target for
 # CHUNKD_FUZZ_SECONDS (20) each (deploy/scripts/sanitize.sh, fuzz.sh).

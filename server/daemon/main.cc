@@ -38,7 +38,7 @@ using chunkd::server::ByteSize;
 ABSL_FLAG(std::string, listen, "127.0.0.1:7878",
           "Comma-separated addresses to serve on: HOST:PORT (port 0 picks a free port), "
           "[::1]:PORT, or unix:/path/to/socket. Loopback by default; before serving other hosts, "
-          "see --tls_cert and --auth_tokens (README: Security).");
+          "see --tls_cert and --auth_tokens (docs/security.md).");
 ABSL_FLAG(std::string, store, "chunkd-data",
           "Where values are stored: a directory (or file:///path) in Zarr's layout, or memory:// "
           "for a store that lives only in memory (bounded by --host_cache_bytes), or "
