@@ -15,6 +15,7 @@ the repository's CMake build, or by `pip install ./python`); importing this pack
 raises an ImportError that says how to build it.
 """
 
+from chunkd import _relay  # noqa: F401 - registers the fork relay (chunkd._common.make_native)
 from chunkd._address import DEFAULT_ADDRESS, DEFAULT_PORT, parse_url
 from chunkd._common import (
     CacheTier,

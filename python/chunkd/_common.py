@@ -367,6 +367,14 @@ class ClientBase:
 # The process whose native clients started gRPC (None before the first): a process forked from
 # it cannot use gRPC (see chunkd._relay), and its clients relay their calls through a helper.
 _GRPC_PID: int | None = None
+# chunkd._relay.RelayNative, registered by that module when the package is imported: the
+# relay uses this module, and registering keeps the imports one way.
+_RELAY: Any = None
+
+
+def register_relay(factory: Any) -> None:
+    global _RELAY
+    _RELAY = factory
 
 
 def make_native(constructor: str, *args: Any, **kwargs: Any) -> Any:
@@ -374,9 +382,9 @@ def make_native(constructor: str, *args: Any, **kwargs: Any) -> Any:
     after gRPC started, a :class:`chunkd._relay.RelayNative` with the same methods."""
     global _GRPC_PID
     if _GRPC_PID is not None and _GRPC_PID != os.getpid():
-        from chunkd._relay import RelayNative
-
-        return RelayNative(constructor, args, kwargs)
+        if _RELAY is None:
+            raise RuntimeError("chunkd._relay is not loaded (import chunkd, not its modules alone)")
+        return _RELAY(constructor, args, kwargs)
     _GRPC_PID = os.getpid()
     if constructor == "sharded":
         return _native.Client.sharded(*args, **kwargs)

@@ -280,5 +280,7 @@ def serve(fd: int) -> None:
     native.close()
 
 
+c.register_relay(RelayNative)
+
 if __name__ == "__main__":
     serve(int(sys.argv[1]))
