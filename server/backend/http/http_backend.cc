@@ -54,42 +54,6 @@ class HttpBackend final : public http::RangedHttpBackend {
   absl::string_view kind() const override { return "http"; }
   std::string location() const override { return base_; }
 
-  absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key, ValueInfo* info) override {
-    HttpRequest request = NewGet(key);
-    auto r = transport_.Perform(request, What("GET", key));
-    if (!r.ok()) return r.status();
-    if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
-    if (r->status != 200) {
-      return absl::InternalError(
-          absl::StrCat("GET key ", QuoteKey(key), ": unexpected HTTP ", r->status));
-    }
-    if (info) {
-      *info = {r->body.size(), GenerationOf(*r, r->body.size()), r->Header("etag").value_or("")};
-    }
-    return std::move(r->body);
-  }
-
-  // A GET with If-None-Match: the cached ETag. 304: unchanged, no bytes; 200: the new value.
-  // A server that sends no ETag is asked with HEAD (Last-Modified and size), then GET.
-  absl::StatusOr<std::optional<buffer::cpu::Buffer>> ReadIfChanged(
-      absl::string_view key, const ValueInfo& cached, ValueInfo* info) override {
-    if (cached.etag.empty()) return Backend::ReadIfChanged(key, cached, info);
-    HttpRequest request = NewGet(key);
-    request.headers.push_back(absl::StrCat("If-None-Match: ", cached.etag));
-    auto r = transport_.Perform(request, What("conditional GET", key));
-    if (!r.ok()) return r.status();
-    if (r->status == 304) return std::nullopt;
-    if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
-    if (r->status != 200) {
-      return absl::InternalError(
-          absl::StrCat("GET key ", QuoteKey(key), ": unexpected HTTP ", r->status));
-    }
-    if (info) {
-      *info = {r->body.size(), GenerationOf(*r, r->body.size()), r->Header("etag").value_or("")};
-    }
-    return std::optional<buffer::cpu::Buffer>(std::move(r->body));
-  }
-
   absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {
     HttpRequest request;
     request.method = "HEAD";
@@ -166,9 +130,6 @@ class HttpBackend final : public http::RangedHttpBackend {
  private:
   std::string UrlFor(absl::string_view key) const {
     return absl::StrCat(base_, "/", http::PercentEncode(key));
-  }
-  static std::string What(absl::string_view method, absl::string_view key) {
-    return absl::StrCat(method, " key ", QuoteKey(key));
   }
   static absl::Status ReadOnlyError(absl::string_view key) {
     return absl::PermissionDeniedError(absl::StrCat(

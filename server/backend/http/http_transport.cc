@@ -382,6 +382,43 @@ bool StrongEtag(absl::string_view etag) { return !etag.empty() && !absl::StartsW
 
 }  // namespace
 
+std::string RangedHttpBackend::What(absl::string_view method, absl::string_view key) {
+  return absl::StrCat(method, " key ", QuoteKey(key));
+}
+
+absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::WholeValue(HttpResponse& r,
+                                                                 absl::string_view key,
+                                                                 ValueInfo* info) const {
+  if (absl::Status s = CheckResponse(r, key, "GET"); !s.ok()) return s;
+  if (r.status != 200) {
+    return absl::InternalError(
+        absl::StrCat("GET key ", QuoteKey(key), ": unexpected HTTP ", r.status));
+  }
+  if (info) *info = {r.body.size(), GenerationOf(r, r.body.size()), r.Header("etag").value_or("")};
+  return std::move(r.body);
+}
+
+absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::Read(absl::string_view key,
+                                                           ValueInfo* info) {
+  HttpRequest request = NewGet(key);
+  auto r = transport_.Perform(request, What("GET", key));
+  if (!r.ok()) return r.status();
+  return WholeValue(*r, key, info);
+}
+
+absl::StatusOr<std::optional<buffer::cpu::Buffer>> RangedHttpBackend::ReadIfChanged(
+    absl::string_view key, const ValueInfo& cached, ValueInfo* info) {
+  if (cached.etag.empty()) return Backend::ReadIfChanged(key, cached, info);
+  HttpRequest request = NewGet(key);
+  request.headers.push_back(absl::StrCat("If-None-Match: ", cached.etag));
+  auto r = transport_.Perform(request, What("conditional GET", key));
+  if (!r.ok()) return r.status();
+  if (r->status == 304) return std::nullopt;
+  auto value = WholeValue(*r, key, info);
+  if (!value.ok()) return value.status();
+  return std::optional<buffer::cpu::Buffer>(*std::move(value));
+}
+
 absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::ReadRange(absl::string_view key,
                                                                  uint64_t offset, uint64_t length,
                                                                  ValueInfo* info) {

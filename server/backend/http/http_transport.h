@@ -113,6 +113,14 @@ std::optional<uint64_t> TotalFromContentRange(absl::string_view content_range);
 // Subclasses say how a GET of a key is made and judged.
 class RangedHttpBackend : public Backend {
  public:
+  // GET, the value whole.
+  absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key, ValueInfo* info) override;
+  // A GET with If-None-Match: the cached ETag. 304: unchanged, no bytes; 200: the new value. A
+  // copy without an ETag (a server that sends none) is checked with Stat (HEAD: Last-Modified
+  // and size), then read with GET when it changed.
+  absl::StatusOr<std::optional<buffer::cpu::Buffer>> ReadIfChanged(absl::string_view key,
+                                                                   const ValueInfo& cached,
+                                                                   ValueInfo* info) override;
   absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
                                                 uint64_t length, ValueInfo* info) override;
   absl::StatusOr<buffer::cpu::Buffer> ReadSuffix(absl::string_view key, uint64_t length,
@@ -134,9 +142,15 @@ class RangedHttpBackend : public Backend {
   // Content-Length is the part's, so the size comes from the caller).
   virtual Generation GenerationOf(const HttpResponse& r, uint64_t size) const = 0;
 
+  // "GET key 'k'": what a request is, in its errors.
+  static std::string What(absl::string_view method, absl::string_view key);
+
   HttpTransport transport_;
 
  private:
+  // The value an answer to a whole GET carries (200), with `info` filled.
+  absl::StatusOr<buffer::cpu::Buffer> WholeValue(HttpResponse& r, absl::string_view key,
+                                                 ValueInfo* info) const;
   // What one GET asks for.
   struct ByteRange {
     // Bytes [offset, offset + length); with `suffix`, the last `length` bytes.

@@ -88,33 +88,6 @@ class S3Backend final : public http::RangedHttpBackend {
                         root_.empty() ? "" : root_.substr(0, root_.size() - 1));
   }
 
-  absl::StatusOr<buffer::cpu::Buffer> Read(absl::string_view key, ValueInfo* info) override {
-    HttpRequest request = NewGet(key);
-    auto r = transport_.Perform(request, What("GET", key));
-    if (!r.ok()) return r.status();
-    if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
-    if (info) {
-      *info = {r->body.size(), GenerationOf(*r, r->body.size()), r->Header("etag").value_or("")};
-    }
-    return std::move(r->body);
-  }
-
-  // A GET with If-None-Match: the cached ETag. 304: unchanged, no bytes; 200: the new value.
-  absl::StatusOr<std::optional<buffer::cpu::Buffer>> ReadIfChanged(
-      absl::string_view key, const ValueInfo& cached, ValueInfo* info) override {
-    if (cached.etag.empty()) return Backend::ReadIfChanged(key, cached, info);
-    HttpRequest request = NewGet(key);
-    request.headers.push_back(absl::StrCat("If-None-Match: ", cached.etag));
-    auto r = transport_.Perform(request, What("conditional GET", key));
-    if (!r.ok()) return r.status();
-    if (r->status == 304) return std::nullopt;
-    if (absl::Status s = CheckResponse(*r, key, "GET"); !s.ok()) return s;
-    if (info) {
-      *info = {r->body.size(), GenerationOf(*r, r->body.size()), r->Header("etag").value_or("")};
-    }
-    return std::optional<buffer::cpu::Buffer>(std::move(r->body));
-  }
-
   absl::StatusOr<ValueInfo> Stat(absl::string_view key) override {
     auto current = Head(key);
     if (!current.ok()) return current.status();
@@ -240,9 +213,6 @@ class S3Backend final : public http::RangedHttpBackend {
     return request;
   }
 
-  static std::string What(absl::string_view method, absl::string_view key) {
-    return absl::StrCat(method, " key ", QuoteKey(key));
-  }
 
   absl::Status BucketError(const HttpResponse& r, absl::string_view what) const {
     std::string detail = ErrorDetail(r);
