@@ -18,8 +18,8 @@
 // then read in place (a checksum); --delivery=shm-handles: the handle and its mapped view
 // only, no byte read: handles per second, not bytes), redis (hiredis GET), pread (the values
 // as files), memcpy (copying the same bytes from this process's memory: the single-copy
-// ceiling), read (reading them in place: the ceiling of the shm rows) and s3 (a GET of the same objects straight from an S3 server,
-// signed by libcurl: --s3_url).
+// ceiling), read (reading them in place: the ceiling of the shm rows) and s3 (a GET of the same
+// objects straight from an S3 server, signed by libcurl: --s3_url).
 #include <curl/curl.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
@@ -54,13 +54,13 @@
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "absl/strings/ascii.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "bench/grpc_floor.h"
@@ -86,8 +86,9 @@ ABSL_FLAG(std::string, address, "",
           "client thread t uses address t % N. gRPC channels to the same address share one "
           "connection, so a list of as many listening addresses as clients gives each client its "
           "own connection, as Redis clients have");
-ABSL_FLAG(std::string, dir, "", "directory holding the values as files: pread peer; load target; "
-                                "chunkd's store directory for single_flight");
+ABSL_FLAG(std::string, dir, "",
+          "directory holding the values as files: pread peer; load target; "
+          "chunkd's store directory for single_flight");
 ABSL_FLAG(std::string, s3_url, "",
           "s3 peer: base URL of the objects, path style (http://HOST:PORT/BUCKET/PREFIX); key K is "
           "the object BASE/K, as chunkd --store=s3://BUCKET/PREFIX names it. Signed with AWS "
@@ -463,9 +464,9 @@ class ChunkdSession final : public Session {
       if (!item.ok()) {
         out->push_back(item.status());
       } else if (item->delivery != want_) {
-        out->push_back(absl::InternalError(absl::StrFormat(
-            "asked for %s, got %s", chunkd::v1::Delivery_Name(want_),
-            chunkd::v1::Delivery_Name(item->delivery))));
+        out->push_back(absl::InternalError(
+            absl::StrFormat("asked for %s, got %s", chunkd::v1::Delivery_Name(want_),
+                            chunkd::v1::Delivery_Name(item->delivery))));
       } else {
         if (read_bytes_) ReadEveryByte(item->data.view());  // as in Fetch
         out->push_back(item->data.view());
@@ -674,7 +675,8 @@ class S3Session final : public Session {
       curl_easy_setopt(curl, CURLOPT_AWS_SIGV4, s->sigv4_.c_str());
       curl_easy_setopt(curl, CURLOPT_USERPWD, s->userpwd_.c_str());
       if (token != nullptr && *token != '\0') {
-        s->headers_ = curl_slist_append(nullptr, absl::StrCat("x-amz-security-token: ", token).c_str());
+        s->headers_ =
+            curl_slist_append(nullptr, absl::StrCat("x-amz-security-token: ", token).c_str());
         curl_easy_setopt(curl, CURLOPT_HTTPHEADER, s->headers_);
       }
     }
@@ -695,15 +697,14 @@ class S3Session final : public Session {
     long code = 0;
     curl_easy_getinfo(curl_, CURLINFO_RESPONSE_CODE, &code);
     if (code != 200) {
-      return absl::UnavailableError(absl::StrFormat("GET %s: HTTP %d %s", url, code,
-                                                    body_.substr(0, 200)));
+      return absl::UnavailableError(
+          absl::StrFormat("GET %s: HTTP %d %s", url, code, body_.substr(0, 200)));
     }
     return std::string_view(body_);
   }
 
  private:
-  S3Session(CURL* curl, const std::string& base, const std::vector<std::string>* keys,
-            size_t size)
+  S3Session(CURL* curl, const std::string& base, const std::vector<std::string>* keys, size_t size)
       : curl_(curl), base_(base), keys_(keys) {
     while (!base_.empty() && base_.back() == '/') base_.pop_back();
     body_.reserve(size + 1);
@@ -877,8 +878,7 @@ int Measure() {
   if ((peer == "chunkd" || peer == "redis" || peer == "grpc") && addresses.empty()) {
     return Fail("give --address");
   }
-  const std::string label =
-      DeliveryLabel(peer, delivery, address) + absl::GetFlag(FLAGS_label);
+  const std::string label = DeliveryLabel(peer, delivery, address) + absl::GetFlag(FLAGS_label);
   Json row;
   const int batch = absl::GetFlag(FLAGS_batch);
   if (batch < 1 || batch > 4096) return Fail("--batch: 1 to 4096");
@@ -938,8 +938,10 @@ int Measure() {
       s = RedisSession::Create(addresses[t % addresses.size()], &keys);
     } else if (peer == "grpc") {
       auto floor = chunkd::bench::GrpcFloorClient::Connect(addresses[t % addresses.size()], t);
-      if (floor.ok()) s = std::unique_ptr<Session>(new GrpcFloorSession(*std::move(floor)));
-      else s = floor.status();
+      if (floor.ok())
+        s = std::unique_ptr<Session>(new GrpcFloorSession(*std::move(floor)));
+      else
+        s = floor.status();
     } else if (peer == "pread") {
       if (dir.empty()) return Fail("pread: give --dir");
       s = std::unique_ptr<Session>(new PreadSession(dir, &keys, size));
@@ -1272,8 +1274,9 @@ int Churn() {
   if (budget <= 0 || pid <= 0) return Fail("churn: give --budget and --server_pid");
   const std::vector<size_t> sizes = {64 << 10, 256 << 10, 1 << 20};
   std::vector<chunkd::buffer::cpu::Buffer> payloads;
-  for (size_t s : sizes) payloads.push_back(chunkd::buffer::cpu::Buffer::CopyOf(
-                             MakeValue("churn", static_cast<int64_t>(s), s)));
+  for (size_t s : sizes)
+    payloads.push_back(
+        chunkd::buffer::cpu::Buffer::CopyOf(MakeValue("churn", static_cast<int64_t>(s), s)));
   const std::vector<std::string> addresses = Addresses();
   if (addresses.empty()) return Fail("give --address");
   auto info = ConnectChunkd(addresses[0]);
@@ -1312,9 +1315,9 @@ int Churn() {
           written.push_back(std::move(key));
         } else {
           // Half recent keys (likely cached), half any key written so far (likely evicted).
-          size_t j = rng() % 2 == 0 ? written.size() - 1 - rng() % std::min<size_t>(
-                                                               written.size(), 32)
-                                    : rng() % written.size();
+          size_t j = rng() % 2 == 0
+                         ? written.size() - 1 - rng() % std::min<size_t>(written.size(), 32)
+                         : rng() % written.size();
           auto r = (*client)->Get(written[j]);
           if (!r.ok()) {
             error(r.status());
@@ -1371,12 +1374,12 @@ int main(int argc, char** argv) {
   if (action == "single_flight") return SingleFlight();
   if (action == "churn") return Churn();
   if (action == "grpc_floor_server") {
-    if (absl::GetFlag(FLAGS_ready_file).empty()) return Fail("grpc_floor_server: give --ready_file");
-    return chunkd::bench::RunGrpcFloorServer(static_cast<size_t>(absl::GetFlag(FLAGS_size)),
-                                             absl::GetFlag(FLAGS_address).empty()
-                                                 ? "127.0.0.1:0"
-                                                 : absl::GetFlag(FLAGS_address),
-                                             absl::GetFlag(FLAGS_ready_file));
+    if (absl::GetFlag(FLAGS_ready_file).empty())
+      return Fail("grpc_floor_server: give --ready_file");
+    return chunkd::bench::RunGrpcFloorServer(
+        static_cast<size_t>(absl::GetFlag(FLAGS_size)),
+        absl::GetFlag(FLAGS_address).empty() ? "127.0.0.1:0" : absl::GetFlag(FLAGS_address),
+        absl::GetFlag(FLAGS_ready_file));
   }
   return Fail("--action: load, measure, replay, single_flight or churn");
 }

@@ -145,8 +145,7 @@ int main(int argc, char** argv) {
     if (i == 0) {
       auto host = got.device_data->to_cpu();
       if (!host.ok()) Die("to_cpu", host.status());
-      if (host->size() != size ||
-          std::memcmp(host->data(), values[0].data(), size) != 0) {
+      if (host->size() != size || std::memcmp(host->data(), values[0].data(), size) != 0) {
         Die("check", absl::DataLossError("the bytes read through CUDA IPC differ from the put"));
       }
     }

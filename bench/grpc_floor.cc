@@ -98,9 +98,7 @@ int RunGrpcFloorServer(size_t size, const std::string& address, const std::strin
     while (queue->Next(&tag, &ok)) static_cast<FloorCall*>(tag)->Proceed(ok);
   });
   std::string bound = absl::StrCat(address.substr(0, address.rfind(':')), ":", port);
-  {
-    std::ofstream(ready_file + ".tmp") << bound << "\n";
-  }
+  { std::ofstream(ready_file + ".tmp") << bound << "\n"; }
   std::rename((ready_file + ".tmp").c_str(), ready_file.c_str());
   signal(SIGTERM, OnSignal);
   signal(SIGINT, OnSignal);
@@ -122,7 +120,8 @@ absl::StatusOr<std::unique_ptr<GrpcFloorClient>> GrpcFloorClient::Connect(
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   args.SetInt("chunkd.bench.connection", connection);
   auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
-  if (!channel) return absl::InvalidArgumentError(absl::StrCat("grpc floor: bad address ", address));
+  if (!channel)
+    return absl::InvalidArgumentError(absl::StrCat("grpc floor: bad address ", address));
   return std::unique_ptr<GrpcFloorClient>(new GrpcFloorClient(std::move(channel)));
 }
 

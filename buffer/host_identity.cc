@@ -30,9 +30,8 @@ HostIdentity CurrentHostIdentity(const std::string& shm_dir) {
 }
 
 bool CanShareMemory(const HostIdentity& server, const HostIdentity& client) {
-  return !server.boot_id.empty() && server.boot_id == client.boot_id &&
-         server.shm_dir_ino != 0 && server.shm_dir_dev == client.shm_dir_dev &&
-         server.shm_dir_ino == client.shm_dir_ino;
+  return !server.boot_id.empty() && server.boot_id == client.boot_id && server.shm_dir_ino != 0 &&
+         server.shm_dir_dev == client.shm_dir_dev && server.shm_dir_ino == client.shm_dir_ino;
 }
 
 }  // namespace chunkd::buffer

@@ -9,9 +9,9 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <ctime>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <optional>
 
 #include "absl/strings/match.h"
@@ -71,9 +71,9 @@ absl::StatusOr<std::shared_ptr<ShmArena>> ShmArena::Create(const ShmArenaOptions
   // Segments are created lazily: a directory this user cannot write (a volume that belongs to
   // root, say) would otherwise fail every Put later instead of turning shared memory off now.
   if (::access(options.directory.c_str(), W_OK | X_OK) != 0) {
-    return absl::PermissionDeniedError(absl::StrCat(
-        "shared-memory directory ", options.directory, " is not writable by uid ", ::geteuid(),
-        ": ", std::strerror(errno)));
+    return absl::PermissionDeniedError(absl::StrCat("shared-memory directory ", options.directory,
+                                                    " is not writable by uid ", ::geteuid(), ": ",
+                                                    std::strerror(errno)));
   }
   if (options.segment_bytes < kPage) {
     return absl::InvalidArgumentError("shared-memory segments must be at least one page");
@@ -118,8 +118,8 @@ absl::StatusOr<ShmArena::Segment*> ShmArena::NewSegmentLocked(uint64_t size) {
   auto segment = std::make_unique<Segment>(size);
   // The random part keeps names unique across restarts: a server that comes back with the same
   // pid (pid 1 in a container) must not reuse a name a client still has mapped.
-  segment->name = absl::StrCat(options_.prefix, "-", ::getpid(), "-", absl::Hex(instance_, absl::kZeroPad16),
-                               "-", next_segment_++);
+  segment->name = absl::StrCat(options_.prefix, "-", ::getpid(), "-",
+                               absl::Hex(instance_, absl::kZeroPad16), "-", next_segment_++);
   std::string path = options_.directory + "/" + segment->name;
   int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, options_.mode);
   if (fd < 0) return ErrnoStatus("create shared-memory segment " + path);
@@ -192,8 +192,8 @@ absl::StatusOr<std::shared_ptr<Block>> ShmArena::Allocate(size_t size) {
   // Reserve the pages now: a full tmpfs (a container's small /dev/shm, say) must show as an
   // error here, not as SIGBUS when the pages are first written.
   if (::fallocate(chosen->fd, 0, static_cast<off_t>(offset), static_cast<off_t>(length)) != 0) {
-    absl::Status s = ErrnoStatus(absl::StrCat("reserve ", length, " bytes in shared memory ",
-                                              options_.directory));
+    absl::Status s = ErrnoStatus(
+        absl::StrCat("reserve ", length, " bytes in shared memory ", options_.directory));
     chosen->extents.Free(offset, length);
     return s;
   }

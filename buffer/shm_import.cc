@@ -53,8 +53,8 @@ absl::StatusOr<cpu::Buffer> ShmImporter::Import(const std::string& segment, uint
     return absl::InvalidArgumentError(absl::StrCat("bad segment name '", segment, "'"));
   }
   if (offset > segment_size || length > segment_size - offset) {
-    return absl::InvalidArgumentError(absl::StrCat("chunk [", offset, ", +", length,
-                                                   ") lies outside segment ", segment));
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk [", offset, ", +", length, ") lies outside segment ", segment));
   }
   std::shared_ptr<Mapping> mapping;
   std::string path = directory_ + "/" + segment;

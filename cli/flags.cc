@@ -14,11 +14,11 @@
 #include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "absl/strings/ascii.h"
 #include "absl/strings/strip.h"
 #include "cli/version.h"
 
@@ -28,7 +28,7 @@ namespace {
 // Abseil's usage flags are not registered flags (FindCommandLineFlag does not know them).
 bool IsUsageFlag(absl::string_view name) {
   for (absl::string_view usage : {"help", "helpfull", "helpshort", "helppackage", "helpon",
-                                 "helpmatch", "version", "only_check_args"}) {
+                                  "helpmatch", "version", "only_check_args"}) {
     if (name == usage) return true;
   }
   return false;
@@ -36,8 +36,7 @@ bool IsUsageFlag(absl::string_view name) {
 
 [[noreturn]] void Fail(absl::string_view program, const std::string& problem) {
   std::fprintf(stderr, "%.*s: %s (see %.*s --help)\n", static_cast<int>(program.size()),
-               program.data(), problem.c_str(), static_cast<int>(program.size()),
-               program.data());
+               program.data(), problem.c_str(), static_cast<int>(program.size()), program.data());
   std::exit(1);
 }
 
@@ -86,8 +85,8 @@ bool WantsHelp(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     absl::string_view arg = argv[i];
     if (arg == "--") return false;
-    if (arg == "-h" || arg == "--h" || arg == "-help" || arg == "--help" ||
-        arg == "-helpshort" || arg == "--helpshort") {
+    if (arg == "-h" || arg == "--h" || arg == "-help" || arg == "--help" || arg == "-helpshort" ||
+        arg == "--helpshort") {
       return true;
     }
   }
@@ -128,8 +127,9 @@ void PrintHelp(std::ostream& out, absl::string_view program,
   for (const auto& [name, flag] : absl::GetAllFlags()) {
     if (!flag->IsRetired() && InHelpFiles(flag->Filename(), help_files)) flags.push_back(flag);
   }
-  std::sort(flags.begin(), flags.end(),
-            [](absl::CommandLineFlag* a, absl::CommandLineFlag* b) { return a->Name() < b->Name(); });
+  std::sort(flags.begin(), flags.end(), [](absl::CommandLineFlag* a, absl::CommandLineFlag* b) {
+    return a->Name() < b->Name();
+  });
   // As Abseil prints it ("PROGRAM: MESSAGE"); the messages end in their own "Flags:" header.
   absl::string_view message = absl::StripTrailingAsciiWhitespace(absl::ProgramUsageMessage());
   std::string text = absl::StrCat(program, ": ", message);

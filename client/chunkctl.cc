@@ -6,10 +6,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
-#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <string>
@@ -24,9 +24,9 @@
 #include "absl/time/time.h"
 #include "cli/flags.h"
 #include "client/client.h"
-#include "client/sharded_client.h"
 #include "client/credentials.h"
 #include "client/health.h"
+#include "client/sharded_client.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:7878",
           "Address of the chunkd server: HOST:PORT or unix:/path/to/socket; a comma-separated "
@@ -94,7 +94,8 @@ int Report(const absl::Status& status) {
   if (absl::IsUnavailable(status) || absl::IsDeadlineExceeded(status)) {
     message = absl::StrCat("cannot reach chunkd at ", g_server, ": ", message);
   }
-  std::fprintf(stderr, "chunkctl: %s\n", message.empty() ? status.ToString().c_str() : message.c_str());
+  std::fprintf(stderr, "chunkctl: %s\n",
+               message.empty() ? status.ToString().c_str() : message.c_str());
   return absl::IsNotFound(status) ? kExitNotFound : kExitError;
 }
 
@@ -258,15 +259,14 @@ int Get(Client& client, const std::string& key) {
     return Report(written);
   }
   if (absl::GetFlag(FLAGS_v)) {
-    std::fprintf(stderr,
-                 "chunkctl: %s: %zu bytes at offset %llu of %llu, generation %llu, delivery %s, "
-                 "%s\n",
-                 key.c_str(), result->data.size(),
-                 static_cast<unsigned long long>(result->range_start),
-                 static_cast<unsigned long long>(result->total_size),
-                 static_cast<unsigned long long>(result->generation),
-                 chunkd::v1::Delivery_Name(result->delivery).c_str(),
-                 absl::FormatDuration(took).c_str());
+    std::fprintf(
+        stderr,
+        "chunkctl: %s: %zu bytes at offset %llu of %llu, generation %llu, delivery %s, "
+        "%s\n",
+        key.c_str(), result->data.size(), static_cast<unsigned long long>(result->range_start),
+        static_cast<unsigned long long>(result->total_size),
+        static_cast<unsigned long long>(result->generation),
+        chunkd::v1::Delivery_Name(result->delivery).c_str(), absl::FormatDuration(took).c_str());
   }
   return kExitOk;
 }
@@ -302,8 +302,9 @@ int List(Client& client, const std::string& prefix) {
   // Entries and prefixes merged in order, as a directory listing reads.
   size_t e = 0, p = 0;
   while (e < result->entries.size() || p < result->prefixes.size()) {
-    bool take_prefix = e == result->entries.size() ||
-                       (p < result->prefixes.size() && result->prefixes[p] < result->entries[e].key);
+    bool take_prefix =
+        e == result->entries.size() ||
+        (p < result->prefixes.size() && result->prefixes[p] < result->entries[e].key);
     if (take_prefix) {
       std::printf(sizes ? "%12s  %s\n" : "%s%s\n", sizes ? "-" : "", result->prefixes[p++].c_str());
     } else if (sizes) {
@@ -342,14 +343,15 @@ int Info(Client& client) {
                 static_cast<unsigned long long>(tier.capacity_bytes()),
                 static_cast<unsigned long long>(tier.entries()));
     // What leases on handles pin, and its caps (0: none).
-    std::printf("tier %s pinned: %llu bytes by %llu clients, cap %llu, per client %llu, "
-                "refused at the cap %llu, at the per-client cap %llu\n",
-                tier.tier().c_str(), static_cast<unsigned long long>(tier.pinned_bytes()),
-                static_cast<unsigned long long>(tier.pinning_clients()),
-                static_cast<unsigned long long>(tier.max_pinned_bytes()),
-                static_cast<unsigned long long>(tier.max_client_pinned_bytes()),
-                static_cast<unsigned long long>(tier.pin_refusals_total_cap()),
-                static_cast<unsigned long long>(tier.pin_refusals_client_cap()));
+    std::printf(
+        "tier %s pinned: %llu bytes by %llu clients, cap %llu, per client %llu, "
+        "refused at the cap %llu, at the per-client cap %llu\n",
+        tier.tier().c_str(), static_cast<unsigned long long>(tier.pinned_bytes()),
+        static_cast<unsigned long long>(tier.pinning_clients()),
+        static_cast<unsigned long long>(tier.max_pinned_bytes()),
+        static_cast<unsigned long long>(tier.max_client_pinned_bytes()),
+        static_cast<unsigned long long>(tier.pin_refusals_total_cap()),
+        static_cast<unsigned long long>(tier.pin_refusals_client_cap()));
   }
   std::string deliveries;
   for (int d : info->deliveries()) {
@@ -459,7 +461,8 @@ int main(int argc, char** argv) {
     if (operands.empty()) return Usage("usage: chunkctl get KEY [-o FILE] | get KEY KEY... -o DIR");
     return operands.size() == 1 ? Get(**client, operands[0]) : GetMany(**client, operands);
   }
-  if (command == "put") return need(2, "KEY FILE|-") ? Put(**client, operands[0], operands[1]) : kExitError;
+  if (command == "put")
+    return need(2, "KEY FILE|-") ? Put(**client, operands[0], operands[1]) : kExitError;
   if (command == "rm") return need(1, "KEY") ? Remove(**client, operands[0]) : kExitError;
   if (command == "stat") return need(1, "KEY") ? Stat(**client, operands[0]) : kExitError;
   if (command == "info") return need(0, "") ? Info(**client) : kExitError;

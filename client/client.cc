@@ -13,18 +13,18 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "chunkd/v1/chunkd.grpc.pb.h"
+#include "client/credentials.h"
+#include "client/cuda_import.h"
+#include "client/lease_keeper.h"
+#include "client/replies.h"
+#include "client/retry.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/client_callback.h"
 #include "grpcpp/support/sync_stream.h"
-#include "absl/time/clock.h"
-#include "client/cuda_import.h"
-#include "client/credentials.h"
-#include "client/lease_keeper.h"
-#include "client/replies.h"
-#include "client/retry.h"
 #include "proto/wire/convert.h"
 #include "proto/wire/handoff.h"
 #include "proto/wire/raw_message.h"
@@ -38,7 +38,6 @@ constexpr char kGetManyMethod[] = "/chunkd.v1.Chunkd/GetMany";
 constexpr char kPutMethod[] = "/chunkd.v1.Chunkd/Put";
 // Field number of PutRequest.header.
 constexpr uint32_t kHeaderField = 1;
-
 
 using wire::ToProto;
 
@@ -253,8 +252,7 @@ class ListCall final : public grpc::ClientReadReactor<v1::ListResponse> {
     wire::Completed(this);
     wire::Completed(&response_);
     absl::StatusOr<std::vector<ListResult>> result =
-        status.ok() ? absl::StatusOr<std::vector<ListResult>>(std::move(pages_))
-                    : FromGrpc(status);
+        status.ok() ? absl::StatusOr<std::vector<ListResult>>(std::move(pages_)) : FromGrpc(status);
     Callback<std::vector<ListResult>> done = std::move(done_);
     delete this;
     done(std::move(result));
@@ -392,7 +390,8 @@ class ClientImpl final : public Client {
     request.set_key(std::string(key));
     ToProto(conditions, request.mutable_conditions());
     Unary<v1::DeleteRequest, v1::DeleteResponse, Empty>(
-        request, [](auto* async, auto* context, auto* req, auto* resp, auto cb) {
+        request,
+        [](auto* async, auto* context, auto* req, auto* resp, auto cb) {
           async->Delete(context, req, resp, std::move(cb));
         },
         [](const v1::DeleteResponse&) { return Empty{}; },
@@ -403,7 +402,8 @@ class ClientImpl final : public Client {
     request.set_key(std::string(key));
     ToProto(conditions, request.mutable_conditions());
     return BlockingUnary<v1::DeleteRequest, v1::DeleteResponse, Empty>(
-               request, &v1::Chunkd::Stub::Delete, [](const v1::DeleteResponse&) { return Empty{}; })
+               request, &v1::Chunkd::Stub::Delete,
+               [](const v1::DeleteResponse&) { return Empty{}; })
         .status();
   }
 
@@ -411,18 +411,22 @@ class ClientImpl final : public Client {
     v1::StatRequest request;
     request.set_key(std::string(key));
     Unary<v1::StatRequest, v1::StatResponse, StatResult>(
-        request, [](auto* async, auto* context, auto* req, auto* resp, auto cb) {
+        request,
+        [](auto* async, auto* context, auto* req, auto* resp, auto cb) {
           async->Stat(context, req, resp, std::move(cb));
         },
-        [](const v1::StatResponse& r) { return StatResult{r.exists(), r.size(), r.generation()}; },
+        [](const v1::StatResponse& r) {
+          return StatResult{r.exists(), r.size(), r.generation()};
+        },
         std::move(done));
   }
   absl::StatusOr<StatResult> Stat(absl::string_view key) override {
     v1::StatRequest request;
     request.set_key(std::string(key));
     return BlockingUnary<v1::StatRequest, v1::StatResponse, StatResult>(
-        request, &v1::Chunkd::Stub::Stat,
-        [](const v1::StatResponse& r) { return StatResult{r.exists(), r.size(), r.generation()}; });
+        request, &v1::Chunkd::Stub::Stat, [](const v1::StatResponse& r) {
+          return StatResult{r.exists(), r.size(), r.generation()};
+        });
   }
 
   // A Stat that drops the server's cached copy first (StatRequest.invalidate).
@@ -431,7 +435,8 @@ class ClientImpl final : public Client {
     request.set_key(std::string(key));
     request.set_invalidate(true);
     Unary<v1::StatRequest, v1::StatResponse, Empty>(
-        request, [](auto* async, auto* context, auto* req, auto* resp, auto cb) {
+        request,
+        [](auto* async, auto* context, auto* req, auto* resp, auto cb) {
           async->Stat(context, req, resp, std::move(cb));
         },
         [](const v1::StatResponse&) { return Empty{}; },
@@ -475,7 +480,8 @@ class ClientImpl final : public Client {
 
   void ServerInfoAsync(Callback<v1::ServerInfoResponse> done) override {
     Unary<v1::ServerInfoRequest, v1::ServerInfoResponse, v1::ServerInfoResponse>(
-        v1::ServerInfoRequest(), [](auto* async, auto* context, auto* req, auto* resp, auto cb) {
+        v1::ServerInfoRequest(),
+        [](auto* async, auto* context, auto* req, auto* resp, auto cb) {
           async->ServerInfo(context, req, resp, std::move(cb));
         },
         [](const v1::ServerInfoResponse& r) { return r; }, std::move(done));
@@ -498,8 +504,8 @@ class ClientImpl final : public Client {
     ToProto(options.conditions, request.mutable_conditions());
     if (std::optional<absl::Duration> staleness =
             options.max_staleness ? options.max_staleness : options_.max_staleness) {
-      request.set_max_staleness_ms(static_cast<uint64_t>(
-          std::max<int64_t>(0, absl::ToInt64Milliseconds(*staleness))));
+      request.set_max_staleness_ms(
+          static_cast<uint64_t>(std::max<int64_t>(0, absl::ToInt64Milliseconds(*staleness))));
     }
     bool handles = false, cuda = false;
     bool shm_off, cuda_off;
@@ -518,7 +524,8 @@ class ClientImpl final : public Client {
     if (request.accept().empty()) request.add_accept(v1::DELIVERY_INLINE);
     if (handles) *request.mutable_client() = identity_;
     // The GPU by UUID; without a device the server falls back (or refuses a CUDA-only Get).
-    if (cuda) (void)PrepareCudaRequest(options.cuda_device.value_or(options_.cuda_device), &request);
+    if (cuda)
+      (void)PrepareCudaRequest(options.cuda_device.value_or(options_.cuda_device), &request);
     return request;
   }
 
@@ -640,8 +647,7 @@ class ClientImpl final : public Client {
             absl::Time deadline, Callback<GetManyResults> attempt_done) {
           new StreamCall<GetManyReply, GetManyResults>(
               generic_.get(), kGetManyMethod, GetManyReply(keeper_, n, options_.max_value_bytes),
-              request, deadline,
-              cancellation.get(), std::move(attempt_done));
+              request, deadline, cancellation.get(), std::move(attempt_done));
         },
         [this, items, options, import_retry,
          done = std::move(done)](absl::StatusOr<GetManyResults> result) mutable {
@@ -665,15 +671,15 @@ class ClientImpl final : public Client {
           call->context.set_deadline(absl::ToChronoTime(deadline));
           call->request = request;
           wire::Started(call);  // the callback runs on a gRPC thread
-          method(stub_->async(), &call->context, &call->request, &call->response,
-                 std::function<void(grpc::Status)>([call, convert, attempt_done](grpc::Status status) {
-                                      wire::Completed(call);
-                                      absl::StatusOr<T> result =
-                                          status.ok() ? absl::StatusOr<T>(convert(call->response))
-                                                      : absl::StatusOr<T>(FromGrpc(status));
-                                      delete call;
-                                      attempt_done(std::move(result));
-                                    }));
+          method(
+              stub_->async(), &call->context, &call->request, &call->response,
+              std::function<void(grpc::Status)>([call, convert, attempt_done](grpc::Status status) {
+                wire::Completed(call);
+                absl::StatusOr<T> result = status.ok() ? absl::StatusOr<T>(convert(call->response))
+                                                       : absl::StatusOr<T>(FromGrpc(status));
+                delete call;
+                attempt_done(std::move(result));
+              }));
         },
         std::move(done));
   }
@@ -759,7 +765,6 @@ bool Cancellation::Arm(std::shared_ptr<grpc::ClientContext> context) {
   context_ = std::move(context);
   return !cancelled_;
 }
-
 
 namespace {
 

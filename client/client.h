@@ -28,11 +28,11 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "buffer/cpu/buffer.h"
 #include "buffer/gpu/buffer.h"
 #include "buffer/host_identity.h"
-#include "absl/synchronization/mutex.h"
 #include "chunkd/v1/chunkd.pb.h"
 #include "proto/wire/byte_range.h"
 #include "proto/wire/conditions.h"
@@ -146,7 +146,7 @@ struct GetResult {
   // The requested bytes. With DELIVERY_SHM, a read-only view of the server's shared memory
   // whose lease is released (in the background, batched) once every copy of it is dropped.
   buffer::cpu::Buffer data;
-  uint64_t total_size = 0;   // size of the whole stored value
+  uint64_t total_size = 0;  // size of the whole stored value
   uint64_t generation = 0;
   uint64_t range_start = 0;  // where `data` starts within the value
   v1::Delivery delivery = v1::DELIVERY_INLINE;

@@ -66,7 +66,8 @@ absl::StatusOr<CudaImporter*> CudaImporter::ForProcess() {
 
 CudaImporter::~CudaImporter() {
   absl::MutexLock lock(&mu_);
-  for (auto& [key, mapping] : mappings_) (void)api_->IpcCloseMemHandle(mapping.device, mapping.base);
+  for (auto& [key, mapping] : mappings_)
+    (void)api_->IpcCloseMemHandle(mapping.device, mapping.base);
 }
 
 absl::StatusOr<DeviceUuid> CudaImporter::UuidOf(int ordinal) const {
@@ -89,9 +90,9 @@ absl::StatusOr<buffer::gpu::Buffer> CudaImporter::Import(const v1::CudaIpcHandle
     if (d.uuid == *uuid) device = d.ordinal;
   }
   if (device < 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the server put the chunk on GPU ", buffer::gpu::UuidToString(*uuid),
-        ", which this process does not see"));
+    return absl::FailedPreconditionError(absl::StrCat("the server put the chunk on GPU ",
+                                                      buffer::gpu::UuidToString(*uuid),
+                                                      ", which this process does not see"));
   }
   std::string key = absl::StrCat(handle.segment(), "/", buffer::gpu::UuidBytes(*uuid));
   std::byte* base = nullptr;
@@ -112,14 +113,14 @@ absl::StatusOr<buffer::gpu::Buffer> CudaImporter::Import(const v1::CudaIpcHandle
                             absl::StrCat("cannot open the CUDA IPC handle of segment ",
                                          handle.segment(), ": ", opened.status().message()));
       }
-      it = mappings_.emplace(key, Mapping{static_cast<std::byte*>(*opened), device, *ipc, 0})
-               .first;
+      it = mappings_.emplace(key, Mapping{static_cast<std::byte*>(*opened), device, *ipc, 0}).first;
     }
     ++it->second.refs;
     base = it->second.base;
   }
-  return buffer::gpu::Buffer(std::make_shared<ImportedBlock>(
-      this, std::move(key), base + handle.offset(), handle.length(), device, std::move(on_release)));
+  return buffer::gpu::Buffer(
+      std::make_shared<ImportedBlock>(this, std::move(key), base + handle.offset(), handle.length(),
+                                      device, std::move(on_release)));
 }
 
 void CudaImporter::Unref(const std::string& key) {
@@ -144,7 +145,8 @@ absl::StatusOr<CudaImporter*> PrepareCudaRequest(int ordinal, v1::GetRequest* re
   request->set_gpu_uuid(buffer::gpu::UuidBytes(*uuid));
   v1::ClientIdentity* client = request->mutable_client();
   client->clear_gpu_uuids();
-  for (const auto& d : (*importer)->devices()) client->add_gpu_uuids(buffer::gpu::UuidBytes(d.uuid));
+  for (const auto& d : (*importer)->devices())
+    client->add_gpu_uuids(buffer::gpu::UuidBytes(d.uuid));
   if (client->boot_id().empty()) {
     // The server matches CUDA IPC clients by boot id.
     client->set_boot_id(buffer::CurrentHostIdentity().boot_id);

@@ -108,7 +108,8 @@ class LeaseKeeperImpl final : public LeaseKeeper,
     bool ok = ids.empty() || SendRelease(std::move(ids), kCallTimeout);
     absl::MutexLock lock(&mu_);
     mu_.Await(absl::Condition(
-        +[](LeaseKeeperImpl* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) { return !k->sending_; }, this));
+        +[](LeaseKeeperImpl* k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k->mu_) { return !k->sending_; },
+        this));
     return ok && last_send_ok_;
   }
   void ReleaseAllAtExit() override {
@@ -171,8 +172,8 @@ class LeaseKeeperImpl final : public LeaseKeeper,
   }
 
   // Renews each TTL lease once a third of its TTL has passed (less than two thirds of a TTL
-  // remain of what the server surely keeps), so two renewals can fail before it lapses. A renewal that fails is tried again
-  // soon (a tenth of the TTL), not a whole period later.
+  // remain of what the server surely keeps), so two renewals can fail before it lapses. A renewal
+  // that fails is tried again soon (a tenth of the TTL), not a whole period later.
   void RenewLoop() {
     absl::MutexLock lock(&mu_);
     absl::Time retry_at = absl::InfinitePast();
@@ -267,8 +268,8 @@ class LeaseKeeperImpl final : public LeaseKeeper,
   static absl::Status LostLease(absl::Duration ttl) {
     return absl::UnavailableError(absl::StrCat(
         "the lease of a handle expired before its buffer was handed out (the reply took longer "
-        "than the lease's TTL of ", absl::FormatDuration(ttl),
-        ", and it could not be renewed); read it again"));
+        "than the lease's TTL of ",
+        absl::FormatDuration(ttl), ", and it could not be renewed); read it again"));
   }
 
   // Maps the handle's segment (once per process) and returns a buffer that views the chunk
@@ -297,9 +298,8 @@ class LeaseKeeperImpl final : public LeaseKeeper,
     uint64_t lease = header.lease().id();
     absl::StatusOr<CudaImporter*> importer = CudaImporter::ForProcess();
     absl::StatusOr<buffer::gpu::Buffer> data =
-        importer.ok() ? (*importer)->Import(header.cuda(), [keeper = shared_from_this(), lease] {
-          keeper->Drop(lease);
-        })
+        importer.ok() ? (*importer)->Import(header.cuda(), [keeper = shared_from_this(),
+                                                            lease] { keeper->Drop(lease); })
                       : importer.status();
     if (!data.ok()) return Failed(header, data.status());
     GetResult r = Imported(header);
@@ -358,7 +358,6 @@ class LeaseKeeperImpl final : public LeaseKeeper,
   std::thread renew_thread_;  // renewals
 };
 
-
 // Every keeper of the process, for ReleaseLeasesAtExit.
 absl::Mutex keepers_mu(absl::kConstInit);
 std::vector<std::weak_ptr<LeaseKeeper>>& Keepers() {
@@ -377,7 +376,6 @@ std::shared_ptr<LeaseKeeper> NewLeaseKeeper(std::shared_ptr<grpc::Channel> chann
   keepers.push_back(keeper);
   return keeper;
 }
-
 
 void ReleaseLeasesAtExit() {
   std::vector<std::shared_ptr<LeaseKeeper>> keepers;

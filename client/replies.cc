@@ -19,8 +19,7 @@ constexpr char kImportFailedPayload[] = "chunkd/import-failed";
 absl::Status ItemStatus(const v1::ItemError& error) {
   int code = error.code();
   if (code <= 0 || code > static_cast<int>(absl::StatusCode::kUnauthenticated)) {
-    return absl::UnknownError(
-        absl::StrCat("item failed with code ", code, ": ", error.message()));
+    return absl::UnknownError(absl::StrCat("item failed with code ", code, ": ", error.message()));
   }
   return absl::Status(static_cast<absl::StatusCode>(code), error.message());
 }
@@ -116,11 +115,11 @@ absl::Status GetReply::TakeRest(const v1::GetHeader& rest) {
       rest.total_size() != whole.total_size() ||
       rest.range_start() != whole.range_start() + kept.received ||
       rest.length() != whole.length() - kept.received) {
-    return absl::DataLossError(absl::StrCat(
-        "the reply to a resumed Get does not continue the value (bytes ", rest.range_start(),
-        "+", rest.length(), " of generation ", rest.generation(), ", wanted ",
-        whole.range_start() + kept.received, "+", whole.length() - kept.received,
-        " of generation ", whole.generation(), ")"));
+    return absl::DataLossError(
+        absl::StrCat("the reply to a resumed Get does not continue the value (bytes ",
+                     rest.range_start(), "+", rest.length(), " of generation ", rest.generation(),
+                     ", wanted ", whole.range_start() + kept.received, "+",
+                     whole.length() - kept.received, " of generation ", whole.generation(), ")"));
   }
   header_ = std::move(kept.header);
   value_ = std::move(kept.value);
@@ -135,8 +134,7 @@ absl::Status GetReply::Interrupted(const grpc::Status& status) {
   // the stream: not an answer about the value. DEADLINE_EXCEEDED is the caller's limit, and a
   // cancellation of the caller's own ends the call (the retry loops check it before any next
   // attempt).
-  bool cut_off =
-      absl::IsUnavailable(error) || absl::IsInternal(error) || absl::IsCancelled(error);
+  bool cut_off = absl::IsUnavailable(error) || absl::IsInternal(error) || absl::IsCancelled(error);
   InterruptedGet::Kept kept;
   if (kept_) {
     // A continuing attempt that failed before the rest's header.

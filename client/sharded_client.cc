@@ -59,8 +59,7 @@ uint64_t RendezvousScore(absl::string_view server, absl::string_view key) {
   return Mix64(ShardHash64(key) ^ ShardHash64(server));
 }
 
-std::vector<std::string> RendezvousOrder(std::vector<std::string> servers,
-                                         absl::string_view key) {
+std::vector<std::string> RendezvousOrder(std::vector<std::string> servers, absl::string_view key) {
   uint64_t key_hash = ShardHash64(key);
   std::vector<std::pair<uint64_t, std::string>> scored;
   scored.reserve(servers.size());
@@ -160,12 +159,12 @@ bool RefusedBeforeWriting(const absl::Status& s) {
 // servers' own revalidation of their store).
 constexpr size_t kMaxStaleKeysPerServer = size_t{1} << 16;
 
-// Consistency of the copies (docs/remote-stores.md, "Many servers: a pool"). Every server of a pool reads one shared
-// store and caches what it read or was written; a server's copy of a key goes stale when the key
-// is written through another server (the writer's cache and the store get the new value). Calls
-// for a key go to its home server, so other servers hold a copy only where a call failed over to
-// them (the home was down or cut off, for this client or for another one). So after every write
-// (Put, Delete), whichever server took it, the pool drops the key's cached copy
+// Consistency of the copies (docs/remote-stores.md, "Many servers: a pool"). Every server of a pool
+// reads one shared store and caches what it read or was written; a server's copy of a key goes
+// stale when the key is written through another server (the writer's cache and the store get the
+// new value). Calls for a key go to its home server, so other servers hold a copy only where a call
+// failed over to them (the home was down or cut off, for this client or for another one). So after
+// every write (Put, Delete), whichever server took it, the pool drops the key's cached copy
 // (StatRequest.invalidate, one small call each)
 //   - on every server ranked before the writer in the key's rendezvous order: they were skipped,
 //     down or failing, and reads of the key go to them first once they are back; and
@@ -183,7 +182,9 @@ constexpr size_t kMaxStaleKeysPerServer = size_t{1} << 16;
 class ShardedClientImpl final : public ShardedClient {
  public:
   ShardedClientImpl(const ShardedClientOptions& options, std::string host, std::string port)
-      : ShardedClient(options.client), options_(options), host_(std::move(host)),
+      : ShardedClient(options.client),
+        options_(options),
+        host_(std::move(host)),
         port_(std::move(port)) {}
 
   // Probes in flight use the clients: cancel them and wait (in the process that started them:
@@ -199,9 +200,8 @@ class ShardedClientImpl final : public ShardedClient {
     for (auto& cancel : probes) cancel->Cancel();
     absl::MutexLock lock(&mu_);
     mu_.Await(absl::Condition(
-        +[](ShardedClientImpl* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
-          return p->probes_.empty();
-        },
+        +[](ShardedClientImpl* p)
+             ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) { return p->probes_.empty(); },
         this));
   }
 
@@ -244,12 +244,12 @@ class ShardedClientImpl final : public ShardedClient {
   }
   void GetAsync(absl::string_view key, const GetOptions& options,
                 Callback<GetResult> done) override {
-    RouteAsync<GetResult>(key, true,
-                          [key = std::string(key), options = WithResume(options)](
-                              Client& c, Callback<GetResult> cb) {
-                            c.GetAsync(key, options, std::move(cb));
-                          },
-                          std::move(done));
+    RouteAsync<GetResult>(
+        key, true,
+        [key = std::string(key), options = WithResume(options)](Client& c, Callback<GetResult> cb) {
+          c.GetAsync(key, options, std::move(cb));
+        },
+        std::move(done));
   }
 
   // The pool's blocking GetMany waits for the asynchronous one: one implementation of the
@@ -291,12 +291,13 @@ class ShardedClientImpl final : public ShardedClient {
   // The items are handed over together when every group's call has ended.
   void GetManyEachAsync(std::vector<GetManyItem> items, const GetOptions& options,
                         ItemsCallback each, StatusCallback done) override {
-    GetManyAsync(std::move(items), options,
-                 [each = std::move(each), done = std::move(done)](absl::StatusOr<GetManyResults> r) {
-                   if (!r.ok()) return done(r.status());
-                   if (!r->empty()) each(0, *std::move(r));
-                   done(absl::OkStatus());
-                 });
+    GetManyAsync(
+        std::move(items), options,
+        [each = std::move(each), done = std::move(done)](absl::StatusOr<GetManyResults> r) {
+          if (!r.ok()) return done(r.status());
+          if (!r->empty()) each(0, *std::move(r));
+          done(absl::OkStatus());
+        });
   }
 
   absl::StatusOr<PutResult> Put(absl::string_view key, buffer::cpu::Buffer value,
@@ -316,7 +317,7 @@ class ShardedClientImpl final : public ShardedClient {
     RouteAsync<PutResult>(
         key, !conditional,
         [key = std::string(key), value = std::move(value), conditions](Client& c,
-                                                                        Callback<PutResult> cb) {
+                                                                       Callback<PutResult> cb) {
           c.PutAsync(key, value, conditions, std::move(cb));
         },
         std::move(done), /*write=*/true);
@@ -352,11 +353,12 @@ class ShardedClientImpl final : public ShardedClient {
     return Route<StatResult>(key, true, [&](Client& c) { return c.Stat(key); });
   }
   void StatAsync(absl::string_view key, Callback<StatResult> done) override {
-    RouteAsync<StatResult>(key, true,
-                           [key = std::string(key)](Client& c, Callback<StatResult> cb) {
-                             c.StatAsync(key, std::move(cb));
-                           },
-                           std::move(done));
+    RouteAsync<StatResult>(
+        key, true,
+        [key = std::string(key)](Client& c, Callback<StatResult> cb) {
+          c.StatAsync(key, std::move(cb));
+        },
+        std::move(done));
   }
 
   // Every server's copy: for a key changed in the store behind the pool's back. A server that
@@ -413,7 +415,7 @@ class ShardedClientImpl final : public ShardedClient {
       std::map<std::string, uint64_t> entries;
       std::set<std::string> prefixes;
       int answered = 0;
-      absl::Status first_error;      // of the call, not of a server
+      absl::Status first_error;  // of the call, not of a server
       absl::Status first_unavailable;
       Callback<ListResult> done;
     };
@@ -432,7 +434,8 @@ class ShardedClientImpl final : public ShardedClient {
                               for (ListEntry& e : r->entries) merge->entries.emplace(e.key, e.size);
                               for (std::string& p : r->prefixes) merge->prefixes.insert(p);
                             } else if (ServerFailure(r.status())) {
-                              if (merge->first_unavailable.ok()) merge->first_unavailable = r.status();
+                              if (merge->first_unavailable.ok())
+                                merge->first_unavailable = r.status();
                             } else if (merge->first_error.ok()) {
                               merge->first_error = r.status();
                             }
@@ -445,7 +448,8 @@ class ShardedClientImpl final : public ShardedClient {
                             merge->done(merge->first_unavailable);
                           } else {
                             ListResult out;
-                            for (auto& [key, size] : merge->entries) out.entries.push_back({key, size});
+                            for (auto& [key, size] : merge->entries)
+                              out.entries.push_back({key, size});
                             out.prefixes.assign(merge->prefixes.begin(), merge->prefixes.end());
                             merge->done(std::move(out));
                           }
@@ -738,8 +742,8 @@ class ShardedClientImpl final : public ShardedClient {
                   const std::vector<std::string>& failed, StatusCallback done) {
     std::vector<std::string> order = RankedServers(key);
     size_t w = std::find(order.begin(), order.end(), writer) - order.begin();
-    size_t last = std::max(w == order.size() ? 0 : w + 1,
-                           deepest_served_.load(std::memory_order_relaxed));
+    size_t last =
+        std::max(w == order.size() ? 0 : w + 1, deepest_served_.load(std::memory_order_relaxed));
     std::vector<std::string> targets;
     for (size_t rank = 0; rank <= last && rank < order.size(); ++rank) {
       if (rank == w) continue;
@@ -789,8 +793,14 @@ class ShardedClientImpl final : public ShardedClient {
       Start start;
       Callback<T> done;
     };
-    auto attempt = std::make_shared<Attempt>(Attempt{std::string(key), Candidates(key), 0,
-                                                     fail_over, write, 0, {}, std::move(start),
+    auto attempt = std::make_shared<Attempt>(Attempt{std::string(key),
+                                                     Candidates(key),
+                                                     0,
+                                                     fail_over,
+                                                     write,
+                                                     0,
+                                                     {},
+                                                     std::move(start),
                                                      std::move(done)});
     Next<T>(std::move(attempt));
   }
@@ -810,9 +820,8 @@ class ShardedClientImpl final : public ShardedClient {
         }
         if (!a->write || RefusedBeforeWriting(r.status())) return a->done(std::move(r));
         // The write may have landed on any server tried; the last one tried is the writer.
-        AfterWrite(a->key, c.name, a->failed, [a, r = std::move(r)](absl::Status) mutable {
-          a->done(std::move(r));
-        });
+        AfterWrite(a->key, c.name, a->failed,
+                   [a, r = std::move(r)](absl::Status) mutable { a->done(std::move(r)); });
       };
       if (!ready.ok()) return finish(ready);
       a->start(*c.client, std::move(finish));

@@ -1,9 +1,8 @@
 #include "buffer/cpu/buffer.h"
 
-#include <cstring>
-
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 namespace chunkd::buffer::cpu {
 namespace {
@@ -46,6 +45,8 @@ absl::StatusOr<MutableBuffer> MutableBuffer::Allocate(size_t size, HostAllocator
   return MutableBuffer(*std::move(block));
 }
 
-Buffer MutableBuffer::Freeze() && { return Buffer(std::shared_ptr<const Block>(std::move(block_))); }
+Buffer MutableBuffer::Freeze() && {
+  return Buffer(std::shared_ptr<const Block>(std::move(block_)));
+}
 
 }  // namespace chunkd::buffer::cpu

@@ -20,7 +20,7 @@ class OwnedDeviceBlock final : public DeviceBlock {
 }  // namespace
 
 absl::StatusOr<std::shared_ptr<DeviceBlock>> AllocateDeviceBlock(DeviceApi& api, int device,
-                                                                  size_t size) {
+                                                                 size_t size) {
   std::byte* data = nullptr;
   if (size > 0) {
     absl::StatusOr<void*> p = api.Malloc(device, size);
@@ -45,8 +45,7 @@ absl::StatusOr<Buffer> Buffer::FromCpu(const cpu::Buffer& host, int device, Devi
   if (!devices.ok()) return devices.status();
   if (device < 0 || static_cast<size_t>(device) >= devices->size()) {
     return absl::InvalidArgumentError(absl::StrCat("no CUDA device with ordinal ", device,
-                                                   " (this process sees ", devices->size(),
-                                                   ")"));
+                                                   " (this process sees ", devices->size(), ")"));
   }
   absl::StatusOr<std::shared_ptr<DeviceBlock>> block =
       AllocateDeviceBlock(*api, device, host.size());

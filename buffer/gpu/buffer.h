@@ -37,7 +37,7 @@ class DeviceBlock : public Block {
 // A device allocation of its own (api.Malloc), freed when the last reference goes.
 // REQUIRES: `api` outlives the block.
 absl::StatusOr<std::shared_ptr<DeviceBlock>> AllocateDeviceBlock(DeviceApi& api, int device,
-                                                                  size_t size);
+                                                                 size_t size);
 
 class Buffer {
  public:

@@ -233,8 +233,8 @@ absl::StatusOr<DeviceApi*> CudaDeviceApi() {
     if (err != cudaSuccess) {
       (void)cudaGetLastError();
       return new absl::StatusOr<DeviceApi*>(absl::FailedPreconditionError(
-          absl::StrCat("no CUDA device: ", cudaGetErrorString(err), " (cudaGetDeviceCount: ",
-                       cudaGetErrorName(err), ")")));
+          absl::StrCat("no CUDA device: ", cudaGetErrorString(err),
+                       " (cudaGetDeviceCount: ", cudaGetErrorName(err), ")")));
     }
     if (count == 0) {
       return new absl::StatusOr<DeviceApi*>(

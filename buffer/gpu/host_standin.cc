@@ -1,7 +1,7 @@
 #include "buffer/gpu/host_standin.h"
 
-#include <cstdlib>
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -90,8 +90,8 @@ absl::Status HostStandInDeviceApi::CheckDevice(int device) const {
 absl::StatusOr<std::vector<DeviceInfo>> HostStandInDeviceApi::Devices() {
   std::vector<DeviceInfo> devices;
   for (size_t i = 0; i < uuids_.size(); ++i) {
-    devices.push_back(DeviceInfo{static_cast<int>(i), uuids_[i],
-                                 absl::StrCat("host stand-in ", i), memory_per_device_});
+    devices.push_back(DeviceInfo{static_cast<int>(i), uuids_[i], absl::StrCat("host stand-in ", i),
+                                 memory_per_device_});
   }
   return devices;
 }
@@ -168,10 +168,9 @@ absl::StatusOr<void*> HostStandInDeviceApi::IpcOpenMemHandle(int device, const I
     entry = it->second;
   }
   if (entry.uuid != uuids_[device]) {
-    return absl::InvalidArgumentError(absl::StrCat("IPC handle names memory of ",
-                                                   UuidToString(entry.uuid), ", not of device ",
-                                                   device, " (", UuidToString(uuids_[device]),
-                                                   ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("IPC handle names memory of ", UuidToString(entry.uuid), ", not of device ",
+                     device, " (", UuidToString(uuids_[device]), ")"));
   }
   absl::MutexLock lock(&mu_);
   for (const auto& [base, opened] : opened_) {
@@ -232,8 +231,8 @@ absl::Status HostStandInDeviceApi::CheckDeviceRange(int device, const void* ptr,
     return p >= it->first && bytes <= size && p - it->first <= size - bytes;
   };
   if (within(allocations_) || within(opened_)) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrFormat(
-      "[%p, +%d) is not device memory of the stand-in", ptr, bytes));
+  return absl::InvalidArgumentError(
+      absl::StrFormat("[%p, +%d) is not device memory of the stand-in", ptr, bytes));
 }
 
 namespace {

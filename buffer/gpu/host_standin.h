@@ -94,8 +94,9 @@ class HostStandInDeviceApi final : public DeviceApi {
 };
 
 // `n_devices` devices with the UUIDs StandInUuid(0..n-1).
-std::unique_ptr<HostStandInDeviceApi> NewHostStandInDeviceApi(
-    int n_devices, uint64_t memory_per_device = 1ull << 30);
+std::unique_ptr<HostStandInDeviceApi> NewHostStandInDeviceApi(int n_devices,
+                                                              uint64_t memory_per_device = 1ull
+                                                                                           << 30);
 
 }  // namespace chunkd::buffer::gpu
 

@@ -30,7 +30,8 @@ build_pkgs=(build-essential cmake ninja-build pkg-config git ccache
   libcurl4-openssl-dev libpugixml-dev libcpp-httplib-dev libssl-dev)
 test_pkgs=(redis-server libhiredis-dev nginx-light openssl procps iproute2
   python3 python3-venv python3-dev
-  clang-14 libclang-rt-14-dev llvm-14)  # sanitizer builds and libFuzzer (sanitize.sh, fuzz.sh)
+  clang-14 libclang-rt-14-dev llvm-14   # sanitizer builds and libFuzzer (sanitize.sh, fuzz.sh)
+  clang-format-14)                      # the C++ formatting check (check-format.sh)
 # Rootful podman with Debian's runc (podman's default, crun, fails on some VMs' cgroups; see
 # deploy/podman/containers.conf), catatonit (the pause process of pods: podman kube play), its
 # netavark network stack with iptables for published ports, and debootstrap for base images

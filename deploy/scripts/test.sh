@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's second command (and CI's): installs everything, builds, and runs every test:
+# The README's second command (and CI's): installs everything, checks the C++ formatting,
+# builds, and runs every test:
 # the GoogleTest suites (ctest), the Python client and Zarr store tests (pytest), the
 # deployment manifest checks and the README's tour, the Python package installed with pip into
 # a clean venv with the README's Python block (test-pip-install.sh), then builds the container
@@ -12,6 +13,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 "$root/deploy/scripts/install-deps.sh" all
+echo "== C++ formatting (clang-format)"
+"$root/deploy/scripts/check-format.sh"
 "$root/deploy/scripts/build.sh"
 
 echo "== C++ tests (ctest)"

@@ -9,8 +9,8 @@ namespace chunkd::wire {
 
 absl::StatusOr<ByteRange> ByteRange::Parse(absl::string_view text) {
   const auto bad = [&] {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "range '", text, "' is not START-END (END exclusive), START- or -N"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("range '", text, "' is not START-END (END exclusive), START- or -N"));
   };
   size_t dash = text.find('-');
   if (dash == absl::string_view::npos) return bad();
@@ -32,8 +32,7 @@ absl::Status ByteRange::Validate() const {
       return absl::OkStatus();
     case Kind::kBounded:
       if (start < 0 || end < 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("byte range ", ToString(), " is negative"));
+        return absl::InvalidArgumentError(absl::StrCat("byte range ", ToString(), " is negative"));
       }
       if (end < start) {
         return absl::InvalidArgumentError(
@@ -47,8 +46,7 @@ absl::Status ByteRange::Validate() const {
       return absl::OkStatus();
     case Kind::kSuffix:
       if (suffix < 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("suffix length ", suffix, " is negative"));
+        return absl::InvalidArgumentError(absl::StrCat("suffix length ", suffix, " is negative"));
       }
       return absl::OkStatus();
   }
@@ -106,9 +104,8 @@ absl::StatusOr<ResolvedRange> ResolveWithin(const ByteRange& range, uint64_t siz
       break;
   }
   if (!within) {
-    return absl::OutOfRangeError(absl::StrCat("byte range ", range.ToString(),
-                                              " does not lie within the value of ", size,
-                                              " bytes"));
+    return absl::OutOfRangeError(absl::StrCat(
+        "byte range ", range.ToString(), " does not lie within the value of ", size, " bytes"));
   }
   return Resolve(range, size);
 }

@@ -8,13 +8,13 @@ namespace chunkd::wire {
 absl::Status Conditions::Check(absl::string_view key, std::optional<Generation> current) const {
   Generation have = current.value_or(0);
   if (if_generation_match && *if_generation_match != have) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "key ", QuoteKey(key), ": generation is ", have, ", condition wants ",
-        *if_generation_match, have == 0 ? " (the key holds no value)" : ""));
+    return absl::FailedPreconditionError(
+        absl::StrCat("key ", QuoteKey(key), ": generation is ", have, ", condition wants ",
+                     *if_generation_match, have == 0 ? " (the key holds no value)" : ""));
   }
   if (if_generation_not_match && *if_generation_not_match == have) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "key ", QuoteKey(key), ": generation is ", have, ", condition wants any other"));
+    return absl::FailedPreconditionError(absl::StrCat("key ", QuoteKey(key), ": generation is ",
+                                                      have, ", condition wants any other"));
   }
   return absl::OkStatus();
 }

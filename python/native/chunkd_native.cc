@@ -19,6 +19,9 @@
 //   destroyed in the child. The Python clients never meet this: in such a child they relay
 //   their calls through a helper process of their own (chunkd/_relay.py).
 #include <Python.h>
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -29,10 +32,6 @@
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <nanobind/nanobind.h>
-#include <nanobind/stl/string.h>
-#include <nanobind/stl/vector.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -62,13 +61,13 @@ using client::GetResult;
 // The Python classes results are made of (chunkd._common, chunkd.errors), set by configure().
 
 struct PyTypes {
-  PyObject* get_result = nullptr;   // GetResult(data, total_size, generation, range_start, delivery)
-  PyObject* put_result = nullptr;   // PutResult(generation, size)
-  PyObject* stat = nullptr;         // Stat(exists, size, generation)
-  PyObject* list_entry = nullptr;   // ListEntry(key, size)
-  PyObject* listing = nullptr;      // Listing(entries, prefixes)
-  PyObject* error = nullptr;        // error_from_status(code, details, key) -> exception
-  PyObject* get_item = nullptr;     // the GetItem class
+  PyObject* get_result = nullptr;  // GetResult(data, total_size, generation, range_start, delivery)
+  PyObject* put_result = nullptr;  // PutResult(generation, size)
+  PyObject* stat = nullptr;        // Stat(exists, size, generation)
+  PyObject* list_entry = nullptr;  // ListEntry(key, size)
+  PyObject* listing = nullptr;     // Listing(entries, prefixes)
+  PyObject* error = nullptr;       // error_from_status(code, details, key) -> exception
+  PyObject* get_item = nullptr;    // the GetItem class
 };
 PyTypes types;
 
@@ -94,8 +93,7 @@ nb::object ErrorObject(const absl::Status& status, PyObject* key) {
 // Value: owns a C++ buffer and exposes it through the buffer protocol.
 
 struct ValueObject {
-  PyObject_HEAD
-  buffer::cpu::Buffer buffer;
+  PyObject_HEAD buffer::cpu::Buffer buffer;
   bool writable;
 };
 
@@ -184,8 +182,8 @@ std::string KeyBytes(PyObject* key, const char* what = "key") {
 }
 
 nb::object DecodeKey(const std::string& raw) {
-  PyObject* s = PyUnicode_DecodeUTF8(raw.data(), static_cast<Py_ssize_t>(raw.size()),
-                                     "surrogateescape");
+  PyObject* s =
+      PyUnicode_DecodeUTF8(raw.data(), static_cast<Py_ssize_t>(raw.size()), "surrogateescape");
   if (s == nullptr) Throw();
   return nb::steal(s);
 }
@@ -264,12 +262,13 @@ GetManyItem ParseItem(PyObject* item, PyObject** key) {
                       n > 2 ? PyTuple_GET_ITEM(item, 2) : nullptr, nullptr);
     return out;
   }
-  if (types.get_item != nullptr && PyObject_TypeCheck(item, reinterpret_cast<PyTypeObject*>(
-                                                                types.get_item))) {
+  if (types.get_item != nullptr &&
+      PyObject_TypeCheck(item, reinterpret_cast<PyTypeObject*>(types.get_item))) {
     *key = Attr(item, "key");
     out.key = KeyBytes(*key);
     out.range = Range(Attr(item, "start"), Attr(item, "end"), Attr(item, "suffix"));
-    out.conditions = Conds(Attr(item, "if_generation_match"), Attr(item, "if_generation_not_match"));
+    out.conditions =
+        Conds(Attr(item, "if_generation_match"), Attr(item, "if_generation_not_match"));
     return out;
   }
   PyObject* r = PyObject_Repr(item);
@@ -327,8 +326,7 @@ class HeldBuffer {
 // A block over memory the caller keeps alive (a put's value, held for the call): never freed here.
 class BorrowedBlock final : public buffer::Block {
  public:
-  BorrowedBlock(std::byte* data, size_t size)
-      : Block(data, size, buffer::MemoryKind::kHost) {}
+  BorrowedBlock(std::byte* data, size_t size) : Block(data, size, buffer::MemoryKind::kHost) {}
 };
 
 buffer::cpu::Buffer Borrow(const HeldBuffer& held) {
@@ -360,8 +358,8 @@ OutCopy CopyOut(const GetResult& r, const HeldBuffer& out) {
 nb::object OutView(const OutCopy& copy, const HeldBuffer& out, PyObject* key) {
   if (copy.too_small) {
     PyObject* r = PyObject_Repr(key);
-    PyErr_Format(PyExc_ValueError, "get %U: out holds %zu bytes, the reply has %zu", r,
-                 out.size(), copy.length);
+    PyErr_Format(PyExc_ValueError, "get %U: out holds %zu bytes, the reply has %zu", r, out.size(),
+                 copy.length);
     Py_XDECREF(r);
     Throw();
   }
@@ -370,7 +368,8 @@ nb::object OutView(const OutCopy& copy, const HeldBuffer& out, PyObject* key) {
   nb::object full = nb::steal(view);
   // A flat unsigned-byte view of the first `length` bytes, like the value itself.
   nb::object flat = full.attr("cast")("B");
-  nb::object slice = nb::steal(PySlice_New(nb::int_(0).ptr(), nb::int_(copy.length).ptr(), nullptr));
+  nb::object slice =
+      nb::steal(PySlice_New(nb::int_(0).ptr(), nb::int_(copy.length).ptr(), nullptr));
   PyObject* part = PyObject_GetItem(flat.ptr(), slice.ptr());
   if (part == nullptr) Throw();
   return nb::steal(part);
@@ -384,11 +383,10 @@ nb::object Data(GetResult& r) {
 }
 
 nb::object FullResult(GetResult& r, nb::object data) {
-  PyObject* o = PyObject_CallFunction(types.get_result, "OKKKi", data.ptr(),
-                                      static_cast<unsigned long long>(r.total_size),
-                                      static_cast<unsigned long long>(r.generation),
-                                      static_cast<unsigned long long>(r.range_start),
-                                      static_cast<int>(r.delivery));
+  PyObject* o = PyObject_CallFunction(
+      types.get_result, "OKKKi", data.ptr(), static_cast<unsigned long long>(r.total_size),
+      static_cast<unsigned long long>(r.generation), static_cast<unsigned long long>(r.range_start),
+      static_cast<int>(r.delivery));
   if (o == nullptr) Throw();
   return nb::steal(o);
 }
@@ -416,9 +414,9 @@ nb::object ManyResults(GetManyResults& results, bool full, const std::vector<PyO
 }
 
 nb::object PutResultObject(const client::PutResult& r) {
-  PyObject* o = PyObject_CallFunction(types.put_result, "KK",
-                                      static_cast<unsigned long long>(r.generation),
-                                      static_cast<unsigned long long>(r.size));
+  PyObject* o =
+      PyObject_CallFunction(types.put_result, "KK", static_cast<unsigned long long>(r.generation),
+                            static_cast<unsigned long long>(r.size));
   if (o == nullptr) Throw();
   return nb::steal(o);
 }
@@ -461,16 +459,17 @@ nb::object ServerInfoDict(const v1::ServerInfoResponse& r) {
   nb::list tiers, features, deliveries;
   for (const auto& t : r.tiers()) {
     tiers.append(nb::make_tuple(t.tier(), t.capacity_bytes(), t.used_bytes(), t.entries(),
-                                t.pinned_bytes(), t.max_pinned_bytes(),
-                                t.max_client_pinned_bytes(), t.pinning_clients(),
-                                t.pin_refusals_total_cap(), t.pin_refusals_client_cap()));
+                                t.pinned_bytes(), t.max_pinned_bytes(), t.max_client_pinned_bytes(),
+                                t.pinning_clients(), t.pin_refusals_total_cap(),
+                                t.pin_refusals_client_cap()));
   }
   for (const std::string& f : r.features()) features.append(nb::str(f.data(), f.size()));
   for (int delivery : r.deliveries()) {
     deliveries.append(nb::str(v1::Delivery_Name(static_cast<v1::Delivery>(delivery)).c_str()));
   }
   nb::dict counters;
-  for (const auto& [name, value] : r.counters()) counters[nb::str(name.data(), name.size())] = value;
+  for (const auto& [name, value] : r.counters())
+    counters[nb::str(name.data(), name.size())] = value;
   d["tiers"] = tiers;
   d["features"] = features;
   d["deliveries"] = deliveries;
@@ -803,8 +802,8 @@ class PyClient {
   nb::object Get(nb::handle key, nb::handle start, nb::handle end, nb::handle suffix,
                  nb::handle out, nb::handle match, nb::handle not_match, bool full) {
     std::string k = KeyBytes(key.ptr());
-    GetOptions o = Options(start.ptr(), end.ptr(), suffix.ptr(), match.ptr(), not_match.ptr(),
-                           nullptr);
+    GetOptions o =
+        Options(start.ptr(), end.ptr(), suffix.ptr(), match.ptr(), not_match.ptr(), nullptr);
     HeldBuffer held;
     if (!out.is_none()) held.HoldOut(out.ptr());
     client::Client& cl = c();
@@ -825,7 +824,8 @@ class PyClient {
     return Result(r, full, key.ptr());
   }
 
-  std::vector<GetManyItem> Items(nb::handle items, nb::list* objects, std::vector<PyObject*>* keys) {
+  std::vector<GetManyItem> Items(nb::handle items, nb::list* objects,
+                                 std::vector<PyObject*>* keys) {
     nb::object iter = nb::steal(PyObject_GetIter(items.ptr()));
     if (!iter.is_valid()) Throw();
     std::vector<GetManyItem> out;
@@ -928,9 +928,9 @@ class PyClient {
 
   // -- asynchronous calls: the result goes to `future` through `queue` -----------------------
 
-  Cancel GetAsync(Completions& q, nb::handle future, nb::handle key, nb::handle start, nb::handle end, nb::handle suffix,
-                  nb::handle out, nb::handle match, nb::handle not_match, nb::handle device,
-                  bool full) {
+  Cancel GetAsync(Completions& q, nb::handle future, nb::handle key, nb::handle start,
+                  nb::handle end, nb::handle suffix, nb::handle out, nb::handle match,
+                  nb::handle not_match, nb::handle device, bool full) {
     std::string k = KeyBytes(key.ptr());
     GetOptions o = Options(start.ptr(), end.ptr(), suffix.ptr(), match.ptr(), not_match.ptr(),
                            out.is_none() ? device.ptr() : nullptr);
@@ -948,8 +948,7 @@ class PyClient {
     Cancel cancel{o.cancellation};
     {
       nb::gil_scoped_release release;
-      keep->GetAsync(k, o,
-                     Complete<GetResult>(q.queue, pending, keep));
+      keep->GetAsync(k, o, Complete<GetResult>(q.queue, pending, keep));
     }
     return cancel;
   }
@@ -965,8 +964,7 @@ class PyClient {
     Cancel cancel{o.cancellation};
     {
       nb::gil_scoped_release release;
-      keep->GetManyAsync(std::move(parsed), o,
-                         Complete<GetManyResults>(q.queue, pending, keep));
+      keep->GetManyAsync(std::move(parsed), o, Complete<GetManyResults>(q.queue, pending, keep));
     }
     return cancel;
   }
@@ -988,8 +986,8 @@ class PyClient {
     for (size_t i = 0; i < parsed.size(); ++i) {
       pending.push_back(new PendingItem(PyList_GET_ITEM(futures.ptr(), i), keys[i]));
     }
-    auto state = std::make_shared<PendingItems>(PendingItems{std::move(pending),
-                                                             new KeepOnly(std::move(objects))});
+    auto state = std::make_shared<PendingItems>(
+        PendingItems{std::move(pending), new KeepOnly(std::move(objects))});
     GetOptions o;
     o.cancellation = std::make_shared<client::Cancellation>();
     auto keep = shared();
@@ -1026,8 +1024,8 @@ class PyClient {
     return cancel;
   }
 
-  void PutAsync(Completions& q, nb::handle future, nb::handle key,
-                nb::handle data, nb::handle match, nb::handle not_match) {
+  void PutAsync(Completions& q, nb::handle future, nb::handle key, nb::handle data,
+                nb::handle match, nb::handle not_match) {
     std::string k = KeyBytes(key.ptr());
     Conditions conds = Conds(match.ptr(), not_match.ptr());
     auto keep = shared();
@@ -1040,17 +1038,16 @@ class PyClient {
     }
     buffer::cpu::Buffer value = Borrow(pending->value);
     nb::gil_scoped_release release;
-    keep->PutAsync(k, std::move(value), conds,
-                   Complete<client::PutResult>(q.queue, pending, keep));
+    keep->PutAsync(k, std::move(value), conds, Complete<client::PutResult>(q.queue, pending, keep));
   }
 
-  void DeleteAsync(Completions& q, nb::handle future, nb::handle key,
-                   nb::handle match, nb::handle not_match) {
+  void DeleteAsync(Completions& q, nb::handle future, nb::handle key, nb::handle match,
+                   nb::handle not_match) {
     std::string k = KeyBytes(key.ptr());
     Conditions conds = Conds(match.ptr(), not_match.ptr());
     auto keep = shared();
-    auto* pending = NewSimple<Empty>(future.ptr(), key.ptr(),
-                                     [](const Empty&) { return nb::none(); });
+    auto* pending =
+        NewSimple<Empty>(future.ptr(), key.ptr(), [](const Empty&) { return nb::none(); });
     nb::gil_scoped_release release;
     keep->DeleteAsync(k, conds,
                       [done = Complete<Empty>(q.queue, pending, keep)](absl::Status s) mutable {
@@ -1066,8 +1063,7 @@ class PyClient {
     keep->StatAsync(k, Complete<client::StatResult>(q.queue, pending, keep));
   }
 
-  void ListPagesAsync(Completions& q, nb::handle future, nb::handle prefix,
-                      bool directory) {
+  void ListPagesAsync(Completions& q, nb::handle future, nb::handle prefix, bool directory) {
     std::string p = KeyBytes(prefix.ptr(), "prefix");
     auto keep = shared();
     auto* pending = NewSimple<std::vector<client::ListResult>>(future.ptr(), prefix.ptr(), Pages);
@@ -1096,8 +1092,8 @@ client::ClientOptions MakeOptions(const std::string& address, nb::handle timeout
                                   const std::string& token) {
   client::ClientOptions o;
   o.address = address;
-  o.timeout = timeout.is_none() ? absl::InfiniteDuration()
-                                : absl::Seconds(nb::cast<double>(timeout));
+  o.timeout =
+      timeout.is_none() ? absl::InfiniteDuration() : absl::Seconds(nb::cast<double>(timeout));
   o.max_attempts = retries + 1;
   if (delivery == "shm") o.accept = {v1::DELIVERY_SHM, v1::DELIVERY_INLINE};
   o.shm_dir = shm_dir;
@@ -1135,11 +1131,11 @@ void ConnectClient(PyClient* self, const std::string& address, nb::handle timeou
 }
 
 PyClient* ConnectSharded(const std::vector<std::string>& servers, int marks_down,
-                    double down_backoff, double resolve_interval, const std::string& address,
-                    nb::handle timeout, int retries, const std::string& delivery,
-                    const std::string& shm_dir, const std::string& tls_ca, bool tls,
-                    const std::string& tls_cert, const std::string& tls_key,
-                    const std::string& tls_server_name, const std::string& token) {
+                         double down_backoff, double resolve_interval, const std::string& address,
+                         nb::handle timeout, int retries, const std::string& delivery,
+                         const std::string& shm_dir, const std::string& tls_ca, bool tls,
+                         const std::string& tls_cert, const std::string& tls_key,
+                         const std::string& tls_server_name, const std::string& token) {
   CheckNotForked();
   client::ShardedClientOptions o;
   o.servers = servers;
@@ -1179,11 +1175,11 @@ NB_MODULE(_native, m) {
       "configure",
       [](nb::handle get_result, nb::handle put_result, nb::handle stat, nb::handle list_entry,
          nb::handle listing, nb::handle error, nb::handle get_item) {
-        PyObject* all[] = {get_result.ptr(), put_result.ptr(), stat.ptr(), list_entry.ptr(),
-                           listing.ptr(), error.ptr(), get_item.ptr()};
+        PyObject* all[] = {get_result.ptr(), put_result.ptr(), stat.ptr(),    list_entry.ptr(),
+                           listing.ptr(),    error.ptr(),      get_item.ptr()};
         for (PyObject* o : all) Py_INCREF(o);  // for the life of the process
-        types = {get_result.ptr(), put_result.ptr(), stat.ptr(), list_entry.ptr(),
-                 listing.ptr(), error.ptr(), get_item.ptr()};
+        types = {get_result.ptr(), put_result.ptr(), stat.ptr(),    list_entry.ptr(),
+                 listing.ptr(),    error.ptr(),      get_item.ptr()};
       },
       "Sets the Python classes results are made of (chunkd._common does this at import).");
 
@@ -1247,10 +1243,10 @@ NB_MODULE(_native, m) {
       .def_prop_ro("leases_held", &PyClient::leases_held)
       .def_prop_ro("shm_disabled", &PyClient::shm_disabled)
       .def("get_many_each_async", &PyClient::GetManyEachAsync)
-      .def("get_async", &PyClient::GetAsync, nb::arg("queue"), nb::arg("future"), nb::arg("key"), nb::arg("start").none(),
-           nb::arg("end").none(), nb::arg("suffix").none(), nb::arg("out").none(),
-           nb::arg("match").none(), nb::arg("not_match").none(), nb::arg("device").none(),
-           nb::arg("full"))
+      .def("get_async", &PyClient::GetAsync, nb::arg("queue"), nb::arg("future"), nb::arg("key"),
+           nb::arg("start").none(), nb::arg("end").none(), nb::arg("suffix").none(),
+           nb::arg("out").none(), nb::arg("match").none(), nb::arg("not_match").none(),
+           nb::arg("device").none(), nb::arg("full"))
       .def("get_many_async", &PyClient::GetManyAsync)
       .def("put_async", &PyClient::PutAsync, nb::arg("queue"), nb::arg("future"), nb::arg("key"),
            nb::arg("data"), nb::arg("match").none(), nb::arg("not_match").none())
@@ -1280,8 +1276,7 @@ NB_MODULE(_native, m) {
   });
   m.def("split_server_list", [](const std::string& list) { return client::SplitServerList(list); });
   m.def(
-      "cuda_delivery_possible",
-      [](int device) { return client::CheckCudaDelivery(device).ok(); },
+      "cuda_delivery_possible", [](int device) { return client::CheckCudaDelivery(device).ok(); },
       "Whether CUDA IPC delivery can be asked for on this process's device `device`.");
   m.def(
       "cuda_open_handles",

@@ -13,7 +13,7 @@
 namespace chunkd::server {
 
 absl::StatusOr<buffer::cpu::Buffer> Backend::ReadRange(absl::string_view key, uint64_t offset,
-                                                      uint64_t length, ValueInfo* info) {
+                                                       uint64_t length, ValueInfo* info) {
   ValueInfo whole;
   auto value = Read(key, &whole);
   if (!value.ok()) return value.status();
@@ -24,7 +24,7 @@ absl::StatusOr<buffer::cpu::Buffer> Backend::ReadRange(absl::string_view key, ui
 }
 
 absl::StatusOr<buffer::cpu::Buffer> Backend::ReadSuffix(absl::string_view key, uint64_t length,
-                                                       ValueInfo* info) {
+                                                        ValueInfo* info) {
   // Stat, then the range it implies: a value replaced in between shows as another generation
   // in ReadRange's info (its bytes are then of the new version, at the old size's offset).
   for (int attempt = 1;; ++attempt) {
@@ -43,9 +43,9 @@ absl::StatusOr<buffer::cpu::Buffer> Backend::ReadSuffix(absl::string_view key, u
 }
 
 absl::StatusOr<buffer::cpu::Buffer> Backend::ReadRangeIfMatch(absl::string_view key,
-                                                             uint64_t offset, uint64_t length,
-                                                             const ValueInfo& expected,
-                                                             ValueInfo* info) {
+                                                              uint64_t offset, uint64_t length,
+                                                              const ValueInfo& expected,
+                                                              ValueInfo* info) {
   ValueInfo read_info;
   auto value = ReadRange(key, offset, length, &read_info);
   if (!value.ok()) return value.status();
@@ -63,8 +63,9 @@ absl::StatusOr<bool> Backend::IsCurrent(absl::string_view key, const ValueInfo& 
   return now->generation == cached.generation;
 }
 
-absl::StatusOr<std::optional<buffer::cpu::Buffer>> Backend::ReadIfChanged(
-    absl::string_view key, const ValueInfo& cached, ValueInfo* info) {
+absl::StatusOr<std::optional<buffer::cpu::Buffer>> Backend::ReadIfChanged(absl::string_view key,
+                                                                          const ValueInfo& cached,
+                                                                          ValueInfo* info) {
   auto current = IsCurrent(key, cached);
   if (!current.ok()) return current.status();
   if (*current) return std::nullopt;
@@ -88,8 +89,7 @@ absl::StatusOr<std::unique_ptr<Backend>> OpenBackend(absl::string_view url,
   if (url.empty()) return absl::InvalidArgumentError("store URL is empty");
   if (url == "memory://" || url == "memory:") return NewMemoryBackend(options);
   if (absl::StartsWith(url, "memory://")) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("store ", url, ": memory:// takes no path"));
+    return absl::InvalidArgumentError(absl::StrCat("store ", url, ": memory:// takes no path"));
   }
   if (absl::StartsWith(url, "file://")) return OpenFileBackend(url.substr(7), options);
   if (absl::StartsWith(url, "http://") || absl::StartsWith(url, "https://")) {
@@ -98,9 +98,9 @@ absl::StatusOr<std::unique_ptr<Backend>> OpenBackend(absl::string_view url,
   if (absl::StartsWith(url, "s3://")) return OpenS3Backend(url, options);
   size_t scheme = url.find("://");
   if (scheme != absl::string_view::npos) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("store ", url, ": unknown scheme '", url.substr(0, scheme),
-                     "' (supported: file://, memory://, http://, https://, s3://, or a directory path)"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "store ", url, ": unknown scheme '", url.substr(0, scheme),
+        "' (supported: file://, memory://, http://, https://, s3://, or a directory path)"));
   }
   return OpenFileBackend(url, options);
 }

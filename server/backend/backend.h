@@ -19,9 +19,9 @@
 #include <utility>
 #include <vector>
 
-#include "absl/strings/string_view.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "buffer/cpu/buffer.h"
 #include "buffer/memory.h"
@@ -153,8 +153,9 @@ class Backend {
   // bytes moved), else the current value with `info` filled; NOT_FOUND when the key holds no
   // value any more. Remote backends make one conditional request; the default is IsCurrent,
   // then Read on a change. REQUIRES: ValidateKey(key).ok(). Thread-safe.
-  virtual absl::StatusOr<std::optional<buffer::cpu::Buffer>> ReadIfChanged(
-      absl::string_view key, const ValueInfo& cached, ValueInfo* info);
+  virtual absl::StatusOr<std::optional<buffer::cpu::Buffer>> ReadIfChanged(absl::string_view key,
+                                                                           const ValueInfo& cached,
+                                                                           ValueInfo* info);
 
   // Stores `value` under `key` when `conditions` hold, atomically: a reader sees the old value
   // or the new one, never a mix; nothing is changed on failure. Returns the new generation.

@@ -18,11 +18,20 @@ bool AbslParseFlag(absl::string_view text, ByteSize* out, std::string* error) {
   absl::string_view number = absl::StripAsciiWhitespace(s.substr(0, unit_at));
   std::string unit = absl::AsciiStrToLower(s.substr(unit_at));
   static const std::pair<const char*, double> kUnits[] = {
-      {"", 1},           {"b", 1},
-      {"k", 1024.0},     {"kib", 1024.0},     {"kb", 1e3},
-      {"m", 1048576.0},  {"mib", 1048576.0},  {"mb", 1e6},
-      {"g", 1073741824.0}, {"gib", 1073741824.0}, {"gb", 1e9},
-      {"t", 1099511627776.0}, {"tib", 1099511627776.0}, {"tb", 1e12},
+      {"", 1},
+      {"b", 1},
+      {"k", 1024.0},
+      {"kib", 1024.0},
+      {"kb", 1e3},
+      {"m", 1048576.0},
+      {"mib", 1048576.0},
+      {"mb", 1e6},
+      {"g", 1073741824.0},
+      {"gib", 1073741824.0},
+      {"gb", 1e9},
+      {"t", 1099511627776.0},
+      {"tib", 1099511627776.0},
+      {"tb", 1e12},
   };
   double scale = 0;
   for (const auto& [name, factor] : kUnits) {

@@ -4,7 +4,8 @@
 
 namespace chunkd::server {
 
-Executor::Executor(size_t threads, size_t max_queued) : max_queued_(std::max<size_t>(1, max_queued)) {
+Executor::Executor(size_t threads, size_t max_queued)
+    : max_queued_(std::max<size_t>(1, max_queued)) {
   threads = std::max<size_t>(1, threads);
   threads_.reserve(threads);
   for (size_t i = 0; i < threads; ++i) threads_.emplace_back([this] { Loop(); });

@@ -67,8 +67,8 @@ absl::Status ValidateCharacters(absl::string_view what, absl::string_view s) {
 absl::Status ValidateKey(absl::string_view key) {
   if (key.empty()) return absl::InvalidArgumentError("key is empty");
   if (key.size() > kMaxKeyBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("key ", QuoteKey(key), " is longer than ",
-                                                   kMaxKeyBytes, " bytes"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("key ", QuoteKey(key), " is longer than ", kMaxKeyBytes, " bytes"));
   }
   if (absl::Status s = ValidateCharacters("key", key); !s.ok()) return s;
   if (key.front() == '/') {

@@ -3,13 +3,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <string>
-#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -28,10 +28,10 @@
 #include "server/common/log.h"
 #include "server/daemon/metrics.h"
 #include "server/daemon/security_flags.h"
+#include "server/daemon/server.h"
 #include "server/rpc/auth.h"
 #include "server/rpc/security.h"
 #include "server/store/prefetch.h"
-#include "server/daemon/server.h"
 
 using chunkd::server::ByteSize;
 
@@ -64,7 +64,8 @@ ABSL_FLAG(ByteSize, block_bytes, ByteSize{256ull << 10},
           "--read_ahead_blocks x --block_bytes are one entry.");
 ABSL_FLAG(int32_t, read_ahead_blocks, 128,
           "Blocks fetched ahead of a reader walking a value sequentially, in parallel; times "
-          "--block_bytes, also the largest value read whole in one request (32 MiB by default: a 16 MiB Zarr shard with its index is one entry).");
+          "--block_bytes, also the largest value read whole in one request (32 MiB by default: a "
+          "16 MiB Zarr shard with its index is one entry).");
 ABSL_FLAG(ByteSize, read_budget_bytes, ByteSize{256ull << 20},
           "Memory that reads in flight may hold outside the cache (a range joined from several "
           "blocks, waiting for a slow client); past it a read fails with RESOURCE_EXHAUSTED "
@@ -491,7 +492,7 @@ int main(int argc, char** argv) {
   }
   absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
   chunkd::server::Log("received %s: finishing calls in flight (up to %s)", strsignal(signal_number),
-      absl::FormatDuration(grace));
+                      absl::FormatDuration(grace));
   stop_warming = true;
   (*server)->Shutdown(grace);
   if (warmer.joinable()) warmer.join();

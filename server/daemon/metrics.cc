@@ -22,9 +22,9 @@ void Metric(std::string* out, const std::string& name, const char* type, const s
 
 std::string PrometheusText(const v1::ServerInfoResponse& info) {
   std::string out;
-  Metric(&out, "chunkd_info", "gauge", "Version, backend and store of this server.",
-         {{absl::StrCat("{version=\"", info.version(), "\",backend=\"", info.backend(), "\"}"),
-           1}});
+  Metric(
+      &out, "chunkd_info", "gauge", "Version, backend and store of this server.",
+      {{absl::StrCat("{version=\"", info.version(), "\",backend=\"", info.backend(), "\"}"), 1}});
   std::vector<std::pair<std::string, uint64_t>> capacity, used, entries, pinned, max_pinned,
       max_client_pinned, pinning_clients, refusals;
   for (const auto& tier : info.tiers()) {
@@ -86,19 +86,20 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
         absl::StrCat("--metrics_listen=", address, " is not HOST:PORT"));
   }
   std::string host = address.substr(0, colon);
-  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
   std::unique_ptr<MetricsServer> server(new MetricsServer());
   server->http_ = std::make_unique<httplib::Server>();
   server->http_->Get("/metrics", [collect, token](const httplib::Request& req,
-                                                   httplib::Response& res) {
+                                                  httplib::Response& res) {
     if (token) {
       absl::StatusOr<std::string> presented = BearerTokenOf(req.get_header_value("Authorization"));
       if (!presented.ok() || !token->Find(*presented)) {
         res.status = 401;
         res.set_header("WWW-Authenticate", "Bearer realm=\"chunkd metrics\"");
-        res.set_content(presented.ok() ? "unknown token\n"
-                                       : std::string(presented.status().message()) + "\n",
-                        "text/plain");
+        res.set_content(
+            presented.ok() ? "unknown token\n" : std::string(presented.status().message()) + "\n",
+            "text/plain");
         return;
       }
     }
@@ -107,8 +108,8 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
   server->http_->Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
     res.set_content("ok\n", "text/plain");
   });
-  int bound = port == 0 ? server->http_->bind_to_any_port(host) : 
-                          (server->http_->bind_to_port(host, port) ? port : -1);
+  int bound = port == 0 ? server->http_->bind_to_any_port(host)
+                        : (server->http_->bind_to_port(host, port) ? port : -1);
   if (bound < 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", address, " for metrics"));
   }

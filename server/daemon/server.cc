@@ -10,15 +10,15 @@
 #include <cstring>
 
 #include "absl/strings/match.h"
-#include "absl/strings/str_join.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
-#include "grpcpp/security/server_credentials.h"
 #include "grpcpp/impl/server_builder_option.h"
 #include "grpcpp/impl/server_builder_plugin.h"
+#include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
-#include "server/common/byte_size.h"
 #include "proto/wire/transport.h"
+#include "server/common/byte_size.h"
 #include "server/common/log.h"
 
 namespace chunkd::server {
@@ -61,9 +61,10 @@ class WithoutReflection final : public grpc::ServerBuilderOption {
  public:
   void UpdateArguments(grpc::ChannelArguments*) override {}
   void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
-    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
-                                  [](const auto& p) { return p->name() == "proto_server_reflection"; }),
-                   plugins->end());
+    plugins->erase(
+        std::remove_if(plugins->begin(), plugins->end(),
+                       [](const auto& p) { return p->name() == "proto_server_reflection"; }),
+        plugins->end());
   }
 };
 
@@ -140,9 +141,9 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   server->security_->Configure(builder, server->engine_.get());
   server->service_->Serve(server->engine_.get());
   server->tensorstore_service_->Serve(server->engine_.get());
-  server->health_ = std::make_unique<HealthService>(std::vector<std::string>{
-      v1::Chunkd::service_full_name(),
-      tensorstore_grpc::kvstore::KvStoreService::service_full_name()});
+  server->health_ = std::make_unique<HealthService>(
+      std::vector<std::string>{v1::Chunkd::service_full_name(),
+                               tensorstore_grpc::kvstore::KvStoreService::service_full_name()});
   server->health_->Register(builder);
   server->health_->Serve(server->engine_.get());
   std::vector<std::unique_ptr<int>> ports;
@@ -163,9 +164,9 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   }
   server->grpc_server_ = server->security_->BuildAndStart(builder);
   if (!server->grpc_server_) {
-    return absl::UnavailableError(absl::StrCat(
-        "could not listen on ", absl::StrJoin(config.listen, ", "),
-        " (address in use, or not an address of this host?)"));
+    return absl::UnavailableError(
+        absl::StrCat("could not listen on ", absl::StrJoin(config.listen, ", "),
+                     " (address in use, or not an address of this host?)"));
   }
   server->engine_->Start();
   for (auto& listener : server->unix_listeners_) {

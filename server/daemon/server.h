@@ -9,19 +9,19 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "grpcpp/server.h"
 #include "buffer/shm_arena.h"
-#include "server/store/chunk_store.h"
-#include "server/store/device_tier.h"
-#include "server/rpc/health_service.h"
-#include "server/store/lease_table.h"
-#include "server/store/process_watch.h"
+#include "grpcpp/server.h"
 #include "server/daemon/unix_listener.h"
+#include "server/rpc/health_service.h"
 #include "server/rpc/rpc_engine.h"
 #include "server/rpc/security.h"
 #include "server/services/chunkd_service.h"
 #include "server/services/service_core.h"
 #include "server/services/tensorstore_kvstore_service.h"
+#include "server/store/chunk_store.h"
+#include "server/store/device_tier.h"
+#include "server/store/lease_table.h"
+#include "server/store/process_watch.h"
 
 namespace chunkd::server {
 
@@ -84,7 +84,7 @@ class ChunkdServer {
   std::unique_ptr<TensorStoreKvStoreService> tensorstore_service_;
   std::unique_ptr<ServerSecurity> security_;
   std::unique_ptr<HealthService> health_;
-  std::unique_ptr<rpc::Engine> engine_;       // its queues outlive grpc_server_
+  std::unique_ptr<rpc::Engine> engine_;  // its queues outlive grpc_server_
   std::unique_ptr<grpc::Server> grpc_server_;
   std::vector<std::string> addresses_;
   bool shut_down_ = false;

@@ -101,8 +101,7 @@ TokenTable::Digest TokenTable::Hash(absl::string_view token) {
 
 std::string TokenTable::Fingerprint(absl::string_view token) {
   Digest digest = Hash(token);
-  return absl::BytesToHexString(
-      absl::string_view(reinterpret_cast<const char*>(digest.data()), 8));
+  return absl::BytesToHexString(absl::string_view(reinterpret_cast<const char*>(digest.data()), 8));
 }
 
 absl::StatusOr<TokenTable> TokenTable::Parse(absl::string_view text, absl::string_view origin) {

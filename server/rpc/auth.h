@@ -32,7 +32,6 @@
 
 namespace chunkd::server {
 
-
 enum class Right : uint8_t { kRead = 1, kWrite = 2, kAdmin = 4 };
 // A set of rights: the bits of Right.
 using Rights = uint8_t;

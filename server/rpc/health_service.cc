@@ -75,8 +75,8 @@ class HealthService::Call final : public rpc::Call {
   void OnStart() override {
     const std::string& method = context_.method();
     if (method != kCheck && method != kWatch) {
-      Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                          absl::StrCat("unknown method ", method)));
+      Finish(
+          grpc::Status(grpc::StatusCode::UNIMPLEMENTED, absl::StrCat("unknown method ", method)));
       return;
     }
     watch_ = method == kWatch;

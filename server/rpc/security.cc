@@ -6,7 +6,6 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
-#include <openssl/x509.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -27,8 +26,9 @@
 #include "absl/synchronization/mutex.h"
 #include "grpc/grpc.h"
 #include "grpc/grpc_security_constants.h"
-#include "server/rpc/auth.h"
 #include "server/common/log.h"
+#include "server/rpc/auth.h"
+#include <openssl/x509.h>
 
 namespace chunkd::server {
 

@@ -30,7 +30,6 @@
 
 namespace chunkd::server {
 
-
 namespace rpc {
 class Engine;
 }  // namespace rpc

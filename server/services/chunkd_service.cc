@@ -3,8 +3,6 @@
 // (get_call.cc), GetMany (get_many_call.cc), and how their bytes are delivered (delivery.h).
 #include "server/services/chunkd_service.h"
 
-#include "proto/wire/convert.h"
-
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -12,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cli/version.h"
+#include "proto/wire/convert.h"
 #include "server/common/key.h"
 #include "server/rpc/grpc_status.h"
 #include "server/services/get_calls.h"
@@ -124,8 +123,7 @@ class PutCall final : public rpc::ClientStreamCall<v1::PutRequest, v1::PutRespon
 
   void Commit() {
     service_->core().SubmitWrite(key_, std::move(value_).Freeze(), conditions_,
-                                 &service_->counters(),
-                                 [this](absl::StatusOr<ValueInfo> info) {
+                                 &service_->counters(), [this](absl::StatusOr<ValueInfo> info) {
                                    if (info.ok()) {
                                      response_.set_generation(info->generation);
                                      response_.set_size(info->size);
@@ -261,9 +259,8 @@ class PrefetchCall final : public rpc::ServerStreamCall<v1::PrefetchRequest, v1:
     StartWrite(&response_);
     mu_.Lock();
     mu_.Await(absl::Condition(
-        +[](PrefetchCall* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(r->mu_) {
-          return !r->writing_ || r->cancelled_;
-        },
+        +[](PrefetchCall* r)
+             ABSL_EXCLUSIVE_LOCKS_REQUIRED(r->mu_) { return !r->writing_ || r->cancelled_; },
         this));
     return write_ok_ && !cancelled_;
   }

@@ -16,15 +16,15 @@
 #include <memory>
 #include <string>
 
-#include "chunkd/v1/chunkd.grpc.pb.h"
 #include "buffer/host_identity.h"
-#include "server/store/chunk_store.h"
-#include "server/store/device_tier.h"
-#include "server/store/lease_table.h"
+#include "chunkd/v1/chunkd.grpc.pb.h"
 #include "server/rpc/rpc_engine.h"
 #include "server/services/method_calls.h"
 #include "server/services/server_counters.h"
 #include "server/services/service_core.h"
+#include "server/store/chunk_store.h"
+#include "server/store/device_tier.h"
+#include "server/store/lease_table.h"
 
 namespace chunkd::server {
 
@@ -46,8 +46,7 @@ class ChunkdService final : public ServiceBase {
   void Stat(const v1::StatRequest& request, v1::StatResponse* response, UnaryDone done);
   void ServerInfo(const v1::ServerInfoRequest& request, v1::ServerInfoResponse* response,
                   UnaryDone done);
-  void Release(const v1::ReleaseRequest& request, v1::ReleaseResponse* response,
-               UnaryDone done);
+  void Release(const v1::ReleaseRequest& request, v1::ReleaseResponse* response, UnaryDone done);
   void Renew(const v1::RenewRequest& request, v1::RenewResponse* response, UnaryDone done);
 
   ChunkStore& store() { return core_->store(); }

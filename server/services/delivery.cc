@@ -129,17 +129,17 @@ CudaRequest CudaRequestOf(const Recipient& recipient, const v1::GetRequest& requ
 }
 
 std::string DeviceKeyOf(const std::string& key, const CachedValue& value) {
-  return value.whole() ? key
-                       : absl::StrCat(key, absl::string_view("\0", 1), value.offset, "+",
-                                      value.value.size());
+  return value.whole()
+             ? key
+             : absl::StrCat(key, absl::string_view("\0", 1), value.offset, "+", value.value.size());
 }
 
 absl::StatusOr<bool> OfferCuda(ChunkdService* service, const Recipient& recipient,
                                const DeviceChunk& chunk, uint64_t chunk_offset,
                                v1::GetHeader* header, GrantedLeases* granted) {
   const ServiceOptions& options = service->options();
-  absl::StatusOr<uint64_t> lease = options.leases->Grant(
-      recipient.holder, chunk.buffer.block(), header->length(), /*until_renewed=*/true);
+  absl::StatusOr<uint64_t> lease = options.leases->Grant(recipient.holder, chunk.buffer.block(),
+                                                         header->length(), /*until_renewed=*/true);
   if (!lease.ok()) {
     if (recipient.cuda_only()) return lease.status();
     service->counters().cuda_fallbacks.fetch_add(1, std::memory_order_relaxed);

@@ -28,10 +28,10 @@ namespace chunkd::server {
 
 // The deliveries a request's `accept` lists, and who asks (for handles).
 struct Recipient {
-  bool shm = false;        // DELIVERY_SHM listed
-  bool cuda = false;       // DELIVERY_CUDA_IPC listed
-  bool other = false;      // a delivery other than CUDA IPC listed
-  bool inline_ok = true;   // inline listed, or nothing listed
+  bool shm = false;       // DELIVERY_SHM listed
+  bool cuda = false;      // DELIVERY_CUDA_IPC listed
+  bool other = false;     // a delivery other than CUDA IPC listed
+  bool inline_ok = true;  // inline listed, or nothing listed
   bool cuda_only() const { return cuda && !other; }
   buffer::HostIdentity client;  // the client's host, when it accepts shared memory
   LeaseHolder holder;           // of the leases, when it accepts a handle

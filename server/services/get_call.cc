@@ -79,10 +79,9 @@ class GetCall final : public StreamedReadCall {
         read_options_.max_extent_bytes > service_->store().block_bytes()) {
       // No room in the read budget for the range in one piece: stream it inline instead.
       read_options_.max_extent_bytes = service_->store().block_bytes();
-      service_->store().Read(key_, range_, read_options_,
-                             [this](absl::StatusOr<CachedValue> again) {
-                               OnValue(std::move(again));
-                             });
+      service_->store().Read(
+          key_, range_, read_options_,
+          [this](absl::StatusOr<CachedValue> again) { OnValue(std::move(again)); });
       return;
     }
     if (!value.ok()) {
@@ -148,19 +147,18 @@ class GetCall final : public StreamedReadCall {
       return true;
     }
     // A miss copies the value to the device: on an I/O thread, not on gRPC's.
-    absl::Status queued = service_->store().Submit(
-        [this, first, generation, device = choice.device, whole = whole_]() mutable {
-          auto chunk =
-              service_->options().device_tier->Promote(device, device_key_, generation, whole);
-          if (chunk.ok()) {
-            ReplyCuda(first, *chunk);
-          } else if (cuda_.only) {
-            FinishWith(ToGrpcStatus(chunk.status()));
-          } else {
-            service_->counters().cuda_fallbacks.fetch_add(1, std::memory_order_relaxed);
-            ReplyWithoutCuda(std::move(first));
-          }
-        });
+    absl::Status queued = service_->store().Submit([this, first, generation, device = choice.device,
+                                                    whole = whole_]() mutable {
+      auto chunk = service_->options().device_tier->Promote(device, device_key_, generation, whole);
+      if (chunk.ok()) {
+        ReplyCuda(first, *chunk);
+      } else if (cuda_.only) {
+        FinishWith(ToGrpcStatus(chunk.status()));
+      } else {
+        service_->counters().cuda_fallbacks.fetch_add(1, std::memory_order_relaxed);
+        ReplyWithoutCuda(std::move(first));
+      }
+    });
     if (queued.ok()) return true;
     if (cuda_.only) {
       FinishWith(ToGrpcStatus(queued));
@@ -172,8 +170,8 @@ class GetCall final : public StreamedReadCall {
 
   // Replies with the chunk's CUDA IPC handle and a lease on its device block.
   void ReplyCuda(v1::GetResponse first, const DeviceChunk& chunk) {
-    absl::StatusOr<bool> cuda = OfferCuda(service_, recipient_, chunk, whole_offset_,
-                                          first.mutable_header(), &granted_);
+    absl::StatusOr<bool> cuda =
+        OfferCuda(service_, recipient_, chunk, whole_offset_, first.mutable_header(), &granted_);
     if (!cuda.ok()) {
       FinishWith(ToGrpcStatus(cuda.status()));
       return;
@@ -251,9 +249,9 @@ class GetCall final : public StreamedReadCall {
           }
           uint64_t at = next_ - value->offset;
           if (next_ < value->offset || at >= value->value.size()) {
-            FinishWith(Error(grpc::StatusCode::INTERNAL,
-                             absl::StrCat("key '", key_, "': the store answered no bytes at ",
-                                          next_)));
+            FinishWith(
+                Error(grpc::StatusCode::INTERNAL,
+                      absl::StrCat("key '", key_, "': the store answered no bytes at ", next_)));
             return;
           }
           buffer::cpu::Buffer piece =
@@ -287,8 +285,6 @@ class GetCall final : public StreamedReadCall {
 
 }  // namespace
 
-rpc::Engine::Spawner GetCallSpawner(ChunkdService* service) {
-  return SpawnerOf<GetCall>(service);
-}
+rpc::Engine::Spawner GetCallSpawner(ChunkdService* service) { return SpawnerOf<GetCall>(service); }
 
 }  // namespace chunkd::server

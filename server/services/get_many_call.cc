@@ -40,13 +40,13 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
 
  private:
   // The fields of the reply, written by hand (proto/chunkd/v1/chunkd.proto).
-  static constexpr uint32_t kPartsField = 1;        // GetManyResponse.parts
-  static constexpr uint32_t kPartIndexField = 1;    // GetManyPart.index (a varint)
-  static constexpr uint32_t kPartHeaderField = 2;   // GetManyPart.header
-  static constexpr uint32_t kPartErrorField = 3;    // GetManyPart.error
+  static constexpr uint32_t kPartsField = 1;       // GetManyResponse.parts
+  static constexpr uint32_t kPartIndexField = 1;   // GetManyPart.index (a varint)
+  static constexpr uint32_t kPartHeaderField = 2;  // GetManyPart.header
+  static constexpr uint32_t kPartErrorField = 3;   // GetManyPart.error
   // GetManyPart.index's tag: its field number and the varint wire type (0).
   static constexpr uint32_t kPartIndexTag = (kPartIndexField << 3) | 0;
-  static constexpr size_t kCopyBelow = 16 << 10;    // smaller data is copied, not referenced
+  static constexpr size_t kCopyBelow = 16 << 10;  // smaller data is copied, not referenced
 
   struct Item {
     std::string key;
@@ -74,8 +74,8 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
     }
     if (request.items_size() > kMaxItems) {
       Finish(Error(grpc::StatusCode::INVALID_ARGUMENT,
-                   absl::StrCat("GetMany of ", request.items_size(), " items; at most ",
-                                kMaxItems, " per call")));
+                   absl::StrCat("GetMany of ", request.items_size(), " items; at most ", kMaxItems,
+                                " per call")));
       return;
     }
     recipient_ = RecipientOf(service_, context_, request.accept(), request.client());
@@ -130,10 +130,9 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
       }
       // The callback may run right here (a hit) or later on an I/O thread.
       // Only the blocks an item's range covers are read.
-      service_->store().Read(items_[i].key, items_[i].range, read_options_,
-                             [this, i](absl::StatusOr<CachedValue> value) {
-                               OnValue(i, std::move(value));
-                             });
+      service_->store().Read(
+          items_[i].key, items_[i].range, read_options_,
+          [this, i](absl::StatusOr<CachedValue> value) { OnValue(i, std::move(value)); });
     }
     Action action;
     {
@@ -300,7 +299,6 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
     wire::AppendLengthDelimitedHeader(&fields, kPartErrorField, encoded.size());
     return fields + encoded;
   }
-
 
   ChunkdService* const service_;
   Recipient recipient_;  // the deliveries it accepts, and who asks

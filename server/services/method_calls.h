@@ -39,11 +39,11 @@ class UnaryMethodCall final : public rpc::UnaryCall<Req, Resp> {
 
   UnaryMethodCall(Service* service, rpc::Engine* engine, grpc::ServerCompletionQueue* queue,
                   const char* name, RequestFn request, HandlerFn handler)
-      : rpc::UnaryCall<Req, Resp>(engine, queue, name,
-                                  [=](rpc::Engine* e, grpc::ServerCompletionQueue* q) {
-                                    (new UnaryMethodCall(service, e, q, name, request, handler))
-                                        ->Arm();
-                                  }),
+      : rpc::UnaryCall<Req, Resp>(
+            engine, queue, name,
+            [=](rpc::Engine* e, grpc::ServerCompletionQueue* q) {
+              (new UnaryMethodCall(service, e, q, name, request, handler))->Arm();
+            }),
         service_(service),
         request_fn_(request),
         handler_(handler) {}

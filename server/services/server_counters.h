@@ -28,16 +28,15 @@ enum class MetricKind { kCounter, kGauge };
 // The calls of one service, counted the same way for every service and exported under the
 // service's prefix (ServerInfo counters, /metrics): a read counts as a get, a write as a put.
 struct CallCounters {
-  std::atomic<uint64_t> gets{0}, get_errors{0}, bytes_served_inline{0}, puts{0},
-      bytes_written{0}, deletes{0}, lists{0};
+  std::atomic<uint64_t> gets{0}, get_errors{0}, bytes_served_inline{0}, puts{0}, bytes_written{0},
+      deletes{0}, lists{0};
 };
 
 // chunkd.v1's own counters, beside the calls counted as for every service (CallCounters).
 struct ServiceCounters : CallCounters {
   std::atomic<uint64_t> get_many_calls{0}, bytes_served_shm{0}, gets_shm{0}, shm_fallbacks{0},
       stats{0}, invalidations{0};
-  std::atomic<uint64_t> gets_cuda{0}, bytes_served_cuda{0}, cuda_fallbacks{0},
-      cuda_unknown_gpu{0};
+  std::atomic<uint64_t> gets_cuda{0}, bytes_served_cuda{0}, cuda_fallbacks{0}, cuda_unknown_gpu{0};
 };
 
 // What one ServerInfo reads its counters from; null where that part of the server is off (no

@@ -36,8 +36,8 @@ absl::StatusOr<ReadSlice> SliceForRead(const CachedValue& value, absl::string_vi
                                             r.start));
   }
   if (r.length > 0) {
-    slice.bytes = value.value.Slice(r.start - value.offset,
-                                    std::min(r.length, held_until - r.start));
+    slice.bytes =
+        value.value.Slice(r.start - value.offset, std::min(r.length, held_until - r.start));
   }
   return slice;
 }
@@ -64,10 +64,9 @@ absl::Status ServiceCore::CheckWritable(absl::string_view what) const {
 
 absl::Status ServiceCore::CheckValueSize(absl::string_view key, uint64_t size) const {
   if (size <= options_.max_value_bytes) return absl::OkStatus();
-  return absl::ResourceExhaustedError(
-      absl::StrCat("value for key ", QuoteKey(key), " is ", size,
-                   " bytes, more than the server's maximum of ", options_.max_value_bytes,
-                   " (--max_value_bytes)"));
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "value for key ", QuoteKey(key), " is ", size, " bytes, more than the server's maximum of ",
+      options_.max_value_bytes, " (--max_value_bytes)"));
 }
 
 bool ServiceCore::ReservePutBytes(uint64_t bytes, uint64_t held) {
@@ -89,8 +88,8 @@ void ServiceCore::SubmitWrite(std::string key, buffer::cpu::Buffer value, Condit
                               CallCounters* counters,
                               absl::AnyInvocable<void(absl::StatusOr<ValueInfo>) &&> done) {
   // `done` moves into the task only if it is queued; a refused task is destroyed unrun.
-  auto shared = std::make_shared<absl::AnyInvocable<void(absl::StatusOr<ValueInfo>) &&>>(
-      std::move(done));
+  auto shared =
+      std::make_shared<absl::AnyInvocable<void(absl::StatusOr<ValueInfo>) &&>>(std::move(done));
   absl::Status queued = store_->Submit([this, key = std::move(key), value = std::move(value),
                                         conditions, counters, shared]() mutable {
     absl::StatusOr<ValueInfo> info = store_->Write(key, std::move(value), conditions);
@@ -98,9 +97,9 @@ void ServiceCore::SubmitWrite(std::string key, buffer::cpu::Buffer value, Condit
       counters->puts.fetch_add(1, std::memory_order_relaxed);
       counters->bytes_written.fetch_add(info->size, std::memory_order_relaxed);
     }
-    std::move(*shared)(std::move(info));
+    std::move (*shared)(std::move(info));
   });
-  if (!queued.ok()) std::move(*shared)(queued);
+  if (!queued.ok()) std::move (*shared)(queued);
 }
 
 void ServiceCore::SubmitDelete(std::string key, Conditions conditions, CallCounters* counters,
@@ -110,9 +109,9 @@ void ServiceCore::SubmitDelete(std::string key, Conditions conditions, CallCount
       store_->Submit([this, key = std::move(key), conditions, counters, shared]() mutable {
         absl::Status s = store_->Delete(key, conditions);
         if (s.ok()) counters->deletes.fetch_add(1, std::memory_order_relaxed);
-        std::move(*shared)(std::move(s));
+        std::move (*shared)(std::move(s));
       });
-  if (!queued.ok()) std::move(*shared)(queued);
+  if (!queued.ok()) std::move (*shared)(queued);
 }
 
 }  // namespace chunkd::server

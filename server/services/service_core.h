@@ -69,8 +69,8 @@ enum class RangeRule {
 struct ReadSlice {
   uint64_t total_size = 0;
   Generation generation = 0;
-  uint64_t start = 0;          // offset of `bytes` in the value
-  uint64_t length = 0;         // of the range the read selects
+  uint64_t start = 0;   // offset of `bytes` in the value
+  uint64_t length = 0;  // of the range the read selects
   // A slice of what the store answered (no copy): the whole range, or its first part when the
   // read asked for at most ReadOptions::max_extent_bytes (then the caller reads on).
   buffer::cpu::Buffer bytes;

@@ -69,7 +69,6 @@ using tsgrpc::kNoValue;
 
 constexpr uint32_t kValuePartField = 4;  // ReadResponse.value_part
 
-
 void SetStamp(absl::string_view generation, absl::Time time, ts::GenerationAndTimestamp* out) {
   out->set_generation(std::string(generation));
   google::protobuf::Timestamp* t = out->mutable_timestamp();
@@ -119,13 +118,12 @@ absl::StatusOr<ByteRange> RangeFrom(const tskv::ReadRequest& request) {
       range = min == 0 ? ByteRange::All() : ByteRange::FromOffset(min);
     } else {
       // Longer than any value either way: OUT_OF_RANGE once the size is known.
-      range = ByteRange::Suffix(min == std::numeric_limits<int64_t>::min()
-                                    ? std::numeric_limits<int64_t>::max()
-                                    : -min);
+      range = ByteRange::Suffix(
+          min == std::numeric_limits<int64_t>::min() ? std::numeric_limits<int64_t>::max() : -min);
     }
   } else if (min < 0 || max < min) {
-    return absl::InvalidArgumentError(absl::StrCat("byte range [", min, ", ", max,
-                                                   ") is not a valid TensorStore byte range"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("byte range [", min, ", ", max, ") is not a valid TensorStore byte range"));
   } else {
     range = ByteRange::Bounded(min, max);
   }
@@ -167,8 +165,7 @@ class ReadCall final : public StreamedReadCall {
       return;
     }
     if (request.has_staleness_bound()) {
-      if (absl::Status s = CheckTimestamp(request.staleness_bound(), "staleness_bound");
-          !s.ok()) {
+      if (absl::Status s = CheckTimestamp(request.staleness_bound(), "staleness_bound"); !s.ok()) {
         FinishWith(ToGrpcStatus(s));
         return;
       }
@@ -185,10 +182,9 @@ class ReadCall final : public StreamedReadCall {
     }
     // The callback may run right here (a cache hit) or later on an I/O thread.
     // Only the blocks the byte range covers are read (server/store/chunk_store.h).
-    service_->core().store().Read(key_, range_, options,
-                                  [this](absl::StatusOr<CachedValue> value) {
-                                    OnValue(std::move(value));
-                                  });
+    service_->core().store().Read(key_, range_, options, [this](absl::StatusOr<CachedValue> value) {
+      OnValue(std::move(value));
+    });
   }
 
   void OnValue(absl::StatusOr<CachedValue> value) {
@@ -209,9 +205,9 @@ class ReadCall final : public StreamedReadCall {
       return;
     }
     absl::StatusOr<ReadSlice> slice =
-        conditions_.never ? absl::FailedPreconditionError("never")
-                          : SliceForRead(*value, key_, range_, conditions_.conditions,
-                                         RangeRule::kWithin);
+        conditions_.never
+            ? absl::FailedPreconditionError("never")
+            : SliceForRead(*value, key_, range_, conditions_.conditions, RangeRule::kWithin);
     if (absl::IsFailedPrecondition(slice.status())) {
       // A condition did not hold: "aborted", with the generation that is stored.
       first.set_state(tskv::ReadResponse::UNSPECIFIED);
@@ -241,8 +237,8 @@ class ReadCall final : public StreamedReadCall {
 
   // A reply of one message without value bytes.
   void ReplyWhole(const tskv::ReadResponse& response) {
-    message_ = wire::EncodeWithField(response.SerializeAsString(), kValuePartField,
-                                     buffer::cpu::Buffer());
+    message_ =
+        wire::EncodeWithField(response.SerializeAsString(), kValuePartField, buffer::cpu::Buffer());
     StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
   }
 
@@ -346,8 +342,8 @@ class WriteCall final : public rpc::ClientStreamCall<tskv::WriteRequest, tskv::W
       Aborted();
       return;
     }
-    auto value = buffer::cpu::MutableBuffer::Allocate(received_,
-                                                      *service_->core().options().allocator);
+    auto value =
+        buffer::cpu::MutableBuffer::Allocate(received_, *service_->core().options().allocator);
     if (!value.ok()) {
       Finish(ToGrpcStatus(value.status()));
       return;
@@ -359,19 +355,18 @@ class WriteCall final : public rpc::ClientStreamCall<tskv::WriteRequest, tskv::W
       std::string().swap(part);  // give each part back as soon as it is copied
     }
     parts_.clear();
-    service_->core().SubmitWrite(
-        key_, std::move(*value).Freeze(), conditions_.conditions, &service_->counters(),
-        [this](absl::StatusOr<ValueInfo> info) {
-          if (absl::IsFailedPrecondition(info.status())) {
-            Aborted();
-            return;
-          }
-          if (info.ok()) {
-            SetStamp(EncodeGeneration(info->generation), absl::Now(),
-                     response_.mutable_generation_and_timestamp());
-          }
-          Finish(ToGrpcStatus(info.status()));
-        });
+    service_->core().SubmitWrite(key_, std::move(*value).Freeze(), conditions_.conditions,
+                                 &service_->counters(), [this](absl::StatusOr<ValueInfo> info) {
+                                   if (absl::IsFailedPrecondition(info.status())) {
+                                     Aborted();
+                                     return;
+                                   }
+                                   if (info.ok()) {
+                                     SetStamp(EncodeGeneration(info->generation), absl::Now(),
+                                              response_.mutable_generation_and_timestamp());
+                                   }
+                                   Finish(ToGrpcStatus(info.status()));
+                                 });
   }
 
   // The condition did not hold: an OK reply with the "unknown" generation.
@@ -436,21 +431,22 @@ class DeleteCall final : public rpc::UnaryCall<tskv::DeleteRequest, tskv::Delete
       Reply("");
       return;
     }
-    service_->core().SubmitDelete(
-        request_.key(), cond.conditions, &service_->counters(), [this, cond](absl::Status s) {
-          if (absl::IsNotFound(s)) {
-            // Nothing to delete: done when "no value" was what the condition wanted (or there
-            // was none), aborted when it wanted a value.
-            s = cond.conditions.Check(request_.key(), std::nullopt);
-          }
-          if (absl::IsFailedPrecondition(s)) {
-            Reply("");
-          } else if (s.ok()) {
-            Reply(kNoValue);
-          } else {
-            Finish(ToGrpcStatus(s));
-          }
-        });
+    service_->core().SubmitDelete(request_.key(), cond.conditions, &service_->counters(),
+                                  [this, cond](absl::Status s) {
+                                    if (absl::IsNotFound(s)) {
+                                      // Nothing to delete: done when "no value" was what the
+                                      // condition wanted (or there was none), aborted when it
+                                      // wanted a value.
+                                      s = cond.conditions.Check(request_.key(), std::nullopt);
+                                    }
+                                    if (absl::IsFailedPrecondition(s)) {
+                                      Reply("");
+                                    } else if (s.ok()) {
+                                      Reply(kNoValue);
+                                    } else {
+                                      Finish(ToGrpcStatus(s));
+                                    }
+                                  });
   }
 
   // An OK reply: `generation` is "no value" when the key is gone, "" when a condition did not
@@ -547,8 +543,7 @@ class ListCall final : public PagedListCall<tskv::ListRequest, tskv::ListRespons
   void OnStart() override {
     service_->counters().lists.fetch_add(1, std::memory_order_relaxed);
     if (request_.has_staleness_bound()) {
-      if (absl::Status s = CheckTimestamp(request_.staleness_bound(), "staleness_bound");
-          !s.ok()) {
+      if (absl::Status s = CheckTimestamp(request_.staleness_bound(), "staleness_bound"); !s.ok()) {
         Finish(ToGrpcStatus(s));
         return;
       }

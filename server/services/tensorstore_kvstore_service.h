@@ -66,9 +66,8 @@ TsConditions ConditionsFrom(absl::string_view if_equal, absl::string_view if_not
 }  // namespace tsgrpc
 
 // Read is raw (replies assembled by hand around slices of the cache); the rest are typed.
-using TensorStoreServiceBase =
-    tensorstore_grpc::kvstore::KvStoreService::WithRawMethod_Read<
-        tensorstore_grpc::kvstore::KvStoreService::AsyncService>;
+using TensorStoreServiceBase = tensorstore_grpc::kvstore::KvStoreService::WithRawMethod_Read<
+    tensorstore_grpc::kvstore::KvStoreService::AsyncService>;
 
 // Counted in ServerInfo and /metrics under "tensorstore_": a Read is a get, a Write a put, each
 // key a Delete removes a delete (a range counts its keys).

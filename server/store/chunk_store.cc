@@ -34,8 +34,8 @@ ValueRecord RecordOf(const CachedValue& value) {
 }
 
 absl::Status ChangedError(absl::string_view key) {
-  return absl::AbortedError(absl::StrCat(
-      "key '", key, "' changed in the store while it was being read; read it again"));
+  return absl::AbortedError(
+      absl::StrCat("key '", key, "' changed in the store while it was being read; read it again"));
 }
 
 }  // namespace
@@ -155,10 +155,11 @@ void ChunkStore::Read(absl::string_view key, const ByteRange& range, const ReadO
     done = [need, owned_key = std::string(key),
             done = std::move(done)](absl::StatusOr<CachedValue> result) mutable {
       if (result.ok() && result->validated < need) {
-        return std::move(done)(absl::UnavailableError(absl::StrCat(
-            "key '", owned_key, "': the store could not confirm the cached copy within the "
-            "requested staleness bound (last confirmed ",
-            absl::FormatDuration(absl::Now() - result->validated), " ago)")));
+        return std::move(done)(absl::UnavailableError(
+            absl::StrCat("key '", owned_key,
+                         "': the store could not confirm the cached copy within the "
+                         "requested staleness bound (last confirmed ",
+                         absl::FormatDuration(absl::Now() - result->validated), " ago)")));
       }
       std::move(done)(std::move(result));
     };
@@ -409,9 +410,8 @@ struct ChunkStore::BlockRead {
   absl::Status error ABSL_GUARDED_BY(mu);
 };
 
-void ChunkStore::ReadBlocks(std::string key, ByteRange range, absl::Time need,
-                            ReadOptions options, int attempt, std::optional<ValueRecord> record,
-                            ReadCallback done) {
+void ChunkStore::ReadBlocks(std::string key, ByteRange range, absl::Time need, ReadOptions options,
+                            int attempt, std::optional<ValueRecord> record, ReadCallback done) {
   if (!record) record = records_.Find(key);
   if (record && record->validated < need && validation_ != Validation::kNone) {
     if (validation_ == Validation::kRemote) {
@@ -420,31 +420,31 @@ void ChunkStore::ReadBlocks(std::string key, ByteRange range, absl::Time need,
       // The callback is shared with this frame: a task that cannot be queued is destroyed
       // unrun, and the refusal must still be answered.
       auto owned_done = std::make_shared<ReadCallback>(std::move(done));
-      absl::Status queued = Submit([this, key, range, options, attempt, record,
-                                    owned_done]() mutable {
-        absl::Time start = absl::Now();
-        revalidations_.fetch_add(1, std::memory_order_relaxed);
-        absl::StatusOr<bool> current = backend_->IsCurrent(key, record->info);
-        if (current.ok() && *current) {
-          revalidations_not_modified_.fetch_add(1, std::memory_order_relaxed);
-          records_.Confirm(key, record->info, start);
-          record->validated = start;
-        } else if (current.ok()) {
-          stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
-          records_.EraseIfGeneration(key, record->info.generation);
-          record.reset();
-        } else {
-          // Unreachable: serve what is cached, as for whole values (RunFlight).
-          revalidation_errors_.fetch_add(1, std::memory_order_relaxed);
-        }
-        if (!record) {
-          return FirstTouch(std::move(key), range, absl::InfinitePast(), options, attempt,
-                            std::move(*owned_done));
-        }
-        ReadBlocks(std::move(key), range, absl::InfinitePast(), options, attempt,
-                   std::move(record), std::move(*owned_done));
-      });
-      if (!queued.ok()) std::move(*owned_done)(queued);
+      absl::Status queued =
+          Submit([this, key, range, options, attempt, record, owned_done]() mutable {
+            absl::Time start = absl::Now();
+            revalidations_.fetch_add(1, std::memory_order_relaxed);
+            absl::StatusOr<bool> current = backend_->IsCurrent(key, record->info);
+            if (current.ok() && *current) {
+              revalidations_not_modified_.fetch_add(1, std::memory_order_relaxed);
+              records_.Confirm(key, record->info, start);
+              record->validated = start;
+            } else if (current.ok()) {
+              stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+              records_.EraseIfGeneration(key, record->info.generation);
+              record.reset();
+            } else {
+              // Unreachable: serve what is cached, as for whole values (RunFlight).
+              revalidation_errors_.fetch_add(1, std::memory_order_relaxed);
+            }
+            if (!record) {
+              return FirstTouch(std::move(key), range, absl::InfinitePast(), options, attempt,
+                                std::move(*owned_done));
+            }
+            ReadBlocks(std::move(key), range, absl::InfinitePast(), options, attempt,
+                       std::move(record), std::move(*owned_done));
+          });
+      if (!queued.ok()) std::move (*owned_done)(queued);
       return;
     }
     absl::Time start = absl::Now();
@@ -483,20 +483,19 @@ void ChunkStore::ReadBlocks(std::string key, ByteRange range, absl::Time need,
                  std::move(done));
 }
 
-void ChunkStore::FirstTouch(std::string key, ByteRange range, absl::Time need,
-                            ReadOptions options, int attempt, ReadCallback done) {
+void ChunkStore::FirstTouch(std::string key, ByteRange range, absl::Time need, ReadOptions options,
+                            int attempt, ReadCallback done) {
   if (range.kind == ByteRange::Kind::kBounded && range.end > range.start) {
     // The blocks the range covers, without knowing the size yet (the value may be shorter).
     uint64_t start = range.start;
-    uint64_t end = range.end - start > options.max_extent_bytes
-                       ? start + options.max_extent_bytes
-                       : static_cast<uint64_t>(range.end);
-    return StartBlockRead(std::move(key), start, end, range, need, options, attempt,
-                          std::nullopt, std::move(done));
+    uint64_t end = range.end - start > options.max_extent_bytes ? start + options.max_extent_bytes
+                                                                : static_cast<uint64_t>(range.end);
+    return StartBlockRead(std::move(key), start, end, range, need, options, attempt, std::nullopt,
+                          std::move(done));
   }
   // The other reads learn the size first, and read on with what they learnt.
-  auto read_on = [this, key, range, options, attempt, done = std::move(done)](
-                     absl::StatusOr<CachedValue> result) mutable {
+  auto read_on = [this, key, range, options, attempt,
+                  done = std::move(done)](absl::StatusOr<CachedValue> result) mutable {
     if (!result.ok()) return std::move(done)(result.status());
     // A value read whole is answered whole (the caller slices it). Otherwise the record is
     // known now and the blocks read on the way are cached: the read goes on by the block, so
@@ -516,8 +515,7 @@ void ChunkStore::FirstTouch(std::string key, ByteRange range, absl::Time need,
         // it covers whole blocks (the last block is at most one block long), rather than a
         // round trip for the size first. A local store's size costs a stat: then only the
         // blocks the suffix covers are read (the last one may be a few bytes).
-        uint64_t blocks =
-            (static_cast<uint64_t>(range.suffix) + block_bytes_ - 1) / block_bytes_;
+        uint64_t blocks = (static_cast<uint64_t>(range.suffix) + block_bytes_ - 1) / block_bytes_;
         return StartOrJoinRecordFlight(key, (blocks + 1) * block_bytes_, std::move(read_on));
       }
       break;
@@ -555,7 +553,8 @@ void ChunkStore::RunRecordFlight(std::string key, std::shared_ptr<Flight> flight
   std::vector<absl::StatusOr<CachedValue>> blocks;
   uint64_t first = 0;
   if (flight->suffix_bytes > 0) {
-    absl::StatusOr<buffer::cpu::Buffer> tail = backend_->ReadSuffix(key, flight->suffix_bytes, &info);
+    absl::StatusOr<buffer::cpu::Buffer> tail =
+        backend_->ReadSuffix(key, flight->suffix_bytes, &info);
     CountBackendRead(tail.status(), tail.ok() ? tail->size() : 0, start);
     if (!tail.ok()) {
       result = tail.status();
@@ -566,8 +565,8 @@ void ChunkStore::RunRecordFlight(std::string key, std::shared_ptr<Flight> flight
       uint64_t from = first * block_bytes_;
       if (from < info.size) {
         size_t count = (info.size - from + block_bytes_ - 1) / block_bytes_;
-        blocks = CutBlocks(tail->Slice(from - tail_start, info.size - from), first, count, info,
-                           start);
+        blocks =
+            CutBlocks(tail->Slice(from - tail_start, info.size - from), first, count, info, start);
         block_reads_.fetch_add(1, std::memory_order_relaxed);
         blocks_read_.fetch_add(count, std::memory_order_relaxed);
       }

@@ -33,9 +33,9 @@
 #define CHUNKD_SERVER_STORE_CHUNK_STORE_H_
 
 #include <array>
-#include <functional>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <iterator>
 #include <memory>
 #include <optional>
@@ -43,25 +43,25 @@
 #include <string_view>
 #include <vector>
 
-#include "absl/strings/string_view.h"
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/backend/backend.h"
 #include "server/common/byte_range.h"
+#include "server/common/executor.h"
 #include "server/store/host_cache.h"
 #include "server/store/read_budget.h"
 #include "server/store/value_records.h"
-#include "server/common/executor.h"
 
 namespace chunkd::server {
 
 // Zarr v2 and v3 metadata: where a store changes shape; small, so validating them is cheap.
-inline constexpr const char* kZarrMetadataNames[] = {"zarr.json", ".zarray", ".zattrs",
-                                                     ".zgroup", ".zmetadata"};
+inline constexpr const char* kZarrMetadataNames[] = {"zarr.json", ".zarray", ".zattrs", ".zgroup",
+                                                     ".zmetadata"};
 
 struct FreshnessOptions {
   // How long a cached value is served without validating it against the store. nullopt: the
@@ -232,8 +232,8 @@ class ChunkStore {
                     std::shared_ptr<Flight> flight,
                     void (ChunkStore::*run)(std::string, std::shared_ptr<Flight>));
   // Starts or joins the flight of `key`: a miss when `cached` is unset, else a revalidation.
-  void StartOrJoinFlight(absl::string_view key, std::optional<CachedValue> cached,
-                         absl::Time need, ReadCallback done);
+  void StartOrJoinFlight(absl::string_view key, std::optional<CachedValue> cached, absl::Time need,
+                         ReadCallback done);
   // Whether a cached copy of `key` was validated recently enough for `need`; validates it on
   // this thread when the backend can do so with a stat. False: it must be revalidated or read.
   bool FreshEnough(absl::string_view key, CachedValue& hit, absl::Time need);
@@ -295,10 +295,10 @@ class ChunkStore {
   const absl::Duration revalidate_after_;
 
   std::atomic<uint64_t> backend_reads_{0}, backend_read_errors_{0}, backend_not_found_{0},
-      backend_read_bytes_{0},
-      backend_read_micros_{0}, single_flight_joins_{0}, writes_{0}, deletes_{0}, overloaded_{0};
-  std::atomic<uint64_t> revalidations_{0}, revalidations_not_modified_{0},
-      stale_invalidations_{0}, revalidation_errors_{0}, failed_write_invalidations_{0};
+      backend_read_bytes_{0}, backend_read_micros_{0}, single_flight_joins_{0}, writes_{0},
+      deletes_{0}, overloaded_{0};
+  std::atomic<uint64_t> revalidations_{0}, revalidations_not_modified_{0}, stale_invalidations_{0},
+      revalidation_errors_{0}, failed_write_invalidations_{0};
   std::atomic<uint64_t> block_reads_{0}, blocks_read_{0}, read_ahead_blocks_read_{0},
       changed_during_read_{0};
 

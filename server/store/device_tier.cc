@@ -143,8 +143,8 @@ DeviceChunk DeviceTier::DeviceState::ChunkOf(const std::shared_ptr<TierBlock>& b
   return chunk;
 }
 
-absl::StatusOr<std::shared_ptr<Segment>> DeviceTier::DeviceState::NewSegmentLocked(
-    uint64_t size, bool dedicated) {
+absl::StatusOr<std::shared_ptr<Segment>> DeviceTier::DeviceState::NewSegmentLocked(uint64_t size,
+                                                                                   bool dedicated) {
   absl::StatusOr<void*> base = api->Malloc(info.ordinal, size);
   if (!base.ok()) return base.status();
   // Exported once, here: every block of the segment travels with this one handle.
@@ -184,8 +184,8 @@ DeviceTier::DeviceState::TryCarve(uint64_t length, size_t size) {
       auto size_left = [&] {
         uint64_t left = options.capacity_bytes - segment_bytes;
         return dedicated ? length
-                         : std::min(options.segment_bytes, left / options.block_alignment *
-                                                               options.block_alignment);
+                         : std::min(options.segment_bytes,
+                                    left / options.block_alignment * options.block_alignment);
       };
       uint64_t new_size = size_left();
       if (new_size < length || new_size > options.capacity_bytes - segment_bytes) {
@@ -218,18 +218,18 @@ DeviceTier::DeviceState::AllocateLocked(size_t size) {
   uint64_t length = RoundUp(std::max<uint64_t>(size, 1), options.block_alignment);
   if (length > options.capacity_bytes) {
     not_admitted.fetch_add(1, std::memory_order_relaxed);
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "a value of ", size, " bytes does not fit the device tier's budget of ",
-        FormatBytes(options.capacity_bytes), " (--device_cache_bytes)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("a value of ", size, " bytes does not fit the device tier's budget of ",
+                     FormatBytes(options.capacity_bytes), " (--device_cache_bytes)"));
   }
   for (;;) {
     absl::StatusOr<std::shared_ptr<TierBlock>> block = TryCarve(length, size);
     if (!block.ok() || *block != nullptr) return block;
     if (!EvictOneLocked()) break;
   }
-  return absl::ResourceExhaustedError(absl::StrCat(
-      "no room for ", size, " bytes in the device tier of ", buffer::gpu::UuidToString(info.uuid),
-      ": its budget is held by leased chunks"));
+  return absl::ResourceExhaustedError(
+      absl::StrCat("no room for ", size, " bytes in the device tier of ",
+                   buffer::gpu::UuidToString(info.uuid), ": its budget is held by leased chunks"));
 }
 
 bool DeviceTier::DeviceState::EvictOneLocked() {
@@ -246,8 +246,8 @@ bool DeviceTier::DeviceState::EvictOneLocked() {
   return false;
 }
 
-void DeviceTier::DeviceState::FreeExtent(const std::shared_ptr<Segment>& segment,
-                                         uint64_t offset, uint64_t length) {
+void DeviceTier::DeviceState::FreeExtent(const std::shared_ptr<Segment>& segment, uint64_t offset,
+                                         uint64_t length) {
   absl::MutexLock lock(&alloc_mu);
   segment->extents.Free(offset, length);
   used -= length;
@@ -267,7 +267,7 @@ struct DeviceTier::Staging {
 };
 
 absl::StatusOr<std::unique_ptr<DeviceTier>> DeviceTier::Create(DeviceApi* api,
-                                                              const DeviceTierOptions& options) {
+                                                               const DeviceTierOptions& options) {
   if (options.capacity_bytes == 0) {
     return absl::InvalidArgumentError("the device tier needs a budget (--device_cache_bytes)");
   }

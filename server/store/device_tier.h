@@ -70,8 +70,8 @@ struct DeviceTierStats {
 
 // A value in the tier, as a CUDA IPC delivery describes it.
 struct DeviceChunk {
-  buffer::gpu::Buffer buffer;  // the whole value, on the tier's device
-  std::string segment;         // name of the segment: unique for the life of the process
+  buffer::gpu::Buffer buffer;           // the whole value, on the tier's device
+  std::string segment;                  // name of the segment: unique for the life of the process
   buffer::gpu::IpcHandle ipc_handle{};  // of the segment
   uint64_t offset = 0;                  // of the value within the segment
   buffer::gpu::DeviceUuid device_uuid{};
@@ -127,9 +127,9 @@ class DeviceTier {
 
 // What a Get asks for about CUDA IPC delivery (from GetRequest).
 struct CudaRequest {
-  bool wanted = false;      // accept lists DELIVERY_CUDA_IPC
-  bool only = false;        // ... and no other delivery: no fallback to inline
-  std::string gpu_uuid;     // GetRequest.gpu_uuid: 16 raw bytes
+  bool wanted = false;   // accept lists DELIVERY_CUDA_IPC
+  bool only = false;     // ... and no other delivery: no fallback to inline
+  std::string gpu_uuid;  // GetRequest.gpu_uuid: 16 raw bytes
   std::string client_boot_id;
 };
 

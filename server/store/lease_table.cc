@@ -104,9 +104,10 @@ absl::StatusOr<uint64_t> LeaseTable::Grant(const LeaseHolder& lease_holder,
   auto count_it = holder_leases_.find(holder);
   if (count_it != holder_leases_.end() && count_it->second >= options_.max_holder_leases) {
     ++stats_.refused_count;
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "this client holds ", count_it->second, " leases, the most one client may hold; "
-        "release some (drop the buffers) and read again"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("this client holds ", count_it->second,
+                     " leases, the most one client may hold; "
+                     "release some (drop the buffers) and read again"));
   }
   Pool& pool = PoolFor(*block);
   const PinLimits& limits = *pool.limits;
@@ -119,8 +120,8 @@ absl::StatusOr<uint64_t> LeaseTable::Grant(const LeaseHolder& lease_holder,
       holder_it != pool.holders.end() && holder_it->second.blocks.contains(block.get())
           ? 0
           : block->size();
-  const char* what = pool.device ? "GPU memory (CUDA IPC handles)"
-                                 : "host memory (shared-memory handles)";
+  const char* what =
+      pool.device ? "GPU memory (CUDA IPC handles)" : "host memory (shared-memory handles)";
   if (added > 0 && pool.bytes + added > limits.max_bytes) {
     ++pool.refused_total;
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -149,13 +150,11 @@ absl::StatusOr<uint64_t> LeaseTable::Grant(const LeaseHolder& lease_holder,
   if (lease_holder.process) ++stats_.process_bound;
   absl::Time expires = until_renewed ? absl::InfiniteFuture() : absl::Now() + options_.ttl;
   if (lease_holder.process) shared_[{lease_holder.process.get(), block.get()}] = id;
-  leases_.emplace(id, Entry{std::move(block), bytes, expires, &pool, holder,
-                            lease_holder.process});
+  leases_.emplace(id, Entry{std::move(block), bytes, expires, &pool, holder, lease_holder.process});
   return id;
 }
 
-void LeaseTable::DropLocked(absl::flat_hash_map<uint64_t, Entry>::iterator it,
-                            Dropped* dropped) {
+void LeaseTable::DropLocked(absl::flat_hash_map<uint64_t, Entry>::iterator it, Dropped* dropped) {
   Entry& entry = it->second;
   Pool& pool = *entry.pool;
   const buffer::Block* block = entry.block.get();

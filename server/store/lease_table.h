@@ -21,9 +21,9 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
-#include <utility>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -83,12 +83,12 @@ struct LeaseTableOptions {
 
 // Pinned memory of one tier (host, or every GPU together).
 struct PinStats {
-  uint64_t pinned_bytes = 0;      // of distinct blocks that leases hold
-  uint64_t holders = 0;           // holders with pinned memory now
-  uint64_t max_bytes = 0;         // the caps (device: of each GPU)
+  uint64_t pinned_bytes = 0;  // of distinct blocks that leases hold
+  uint64_t holders = 0;       // holders with pinned memory now
+  uint64_t max_bytes = 0;     // the caps (device: of each GPU)
   uint64_t max_holder_bytes = 0;
-  uint64_t refused_total = 0;     // grants refused at the cap for all holders
-  uint64_t refused_holder = 0;    // grants refused at the cap for one holder
+  uint64_t refused_total = 0;   // grants refused at the cap for all holders
+  uint64_t refused_holder = 0;  // grants refused at the cap for one holder
 };
 
 struct LeaseStats {
@@ -97,7 +97,7 @@ struct LeaseStats {
   uint64_t granted = 0;
   uint64_t released = 0;
   uint64_t expired = 0;
-  uint64_t unknown = 0;  // release or renew of ids that named no lease
+  uint64_t unknown = 0;        // release or renew of ids that named no lease
   uint64_t process_bound = 0;  // live leases that follow a watched process's life
   uint64_t refused_count = 0;  // grants refused at max_leases or max_holder_leases
   PinStats host;

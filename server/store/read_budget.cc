@@ -40,12 +40,12 @@ bool ReadBudget::State::TryReserve(uint64_t bytes) {
   return true;
 }
 
-absl::StatusOr<buffer::cpu::MutableBuffer> ReadBudget::Allocate(
-    size_t size, buffer::HostAllocator& allocator) {
+absl::StatusOr<buffer::cpu::MutableBuffer> ReadBudget::Allocate(size_t size,
+                                                                buffer::HostAllocator& allocator) {
   if (!state_->TryReserve(size)) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the read memory budget (--read_budget_bytes=", FormatBytes(state_->capacity),
-        ") is in use by reads in flight; retry, or read a smaller range"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the read memory budget (--read_budget_bytes=", FormatBytes(state_->capacity),
+                     ") is in use by reads in flight; retry, or read a smaller range"));
   }
   absl::StatusOr<std::shared_ptr<buffer::Block>> block = allocator.Allocate(size);
   if (!block.ok()) {

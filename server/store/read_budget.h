@@ -25,8 +25,7 @@ struct ReadBudgetStats {
 
 class ReadBudget {
  public:
-  explicit ReadBudget(uint64_t capacity_bytes)
-      : state_(std::make_shared<State>(capacity_bytes)) {}
+  explicit ReadBudget(uint64_t capacity_bytes) : state_(std::make_shared<State>(capacity_bytes)) {}
   ReadBudget(const ReadBudget&) = delete;
   ReadBudget& operator=(const ReadBudget&) = delete;
 

@@ -1,6 +1,7 @@
 // Byte ranges: the server's ranges from the protocol (Validate, Resolve) and chunkctl's --range
-// (ByteRange::Parse, proto/wire/byte_range.h), checked against each other. The first byte picks the form; then
-// either three 64-bit numbers (a range as a GetRequest carries it) and a value size, or text.
+// (ByteRange::Parse, proto/wire/byte_range.h), checked against each other. The first byte picks the
+// form; then either three 64-bit numbers (a range as a GetRequest carries it) and a value size, or
+// text.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -47,22 +48,30 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!parsed.ok()) return 0;
     ByteRange range = *parsed;
     // Parse refuses negative numbers: what it accepts the server accepts, unless inverted.
-    if (!range.Validate().ok() && !(range.kind == ByteRange::Kind::kBounded && range.end < range.start)) {
+    if (!range.Validate().ok() &&
+        !(range.kind == ByteRange::Kind::kBounded && range.end < range.start)) {
       std::abort();
     }
-    for (uint64_t value_size : {0ull, 1ull, 4096ull, 1ull << 40, ~0ull}) CheckResolve(range, value_size);
+    for (uint64_t value_size : {0ull, 1ull, 4096ull, 1ull << 40, ~0ull})
+      CheckResolve(range, value_size);
     return 0;
   }
   ByteRange range;
   switch ((form >> 1) % 4) {
-    case 0: range = ByteRange::All(); break;
+    case 0:
+      range = ByteRange::All();
+      break;
     case 1: {
       int64_t start = Take64(data, size);
       range = ByteRange::Bounded(start, Take64(data, size));
       break;
     }
-    case 2: range = ByteRange::FromOffset(Take64(data, size)); break;
-    case 3: range = ByteRange::Suffix(Take64(data, size)); break;
+    case 2:
+      range = ByteRange::FromOffset(Take64(data, size));
+      break;
+    case 3:
+      range = ByteRange::Suffix(Take64(data, size));
+      break;
   }
   CheckResolve(range, static_cast<uint64_t>(Take64(data, size)));
   return 0;

@@ -21,8 +21,7 @@ void Check(const chunkd::v1::GetRequest& request) {
       if (r.start > size || r.length > size - r.start) std::abort();
     }
   }
-  chunkd::server::Conditions conditions =
-      chunkd::server::ConditionsFromProto(request.conditions());
+  chunkd::server::Conditions conditions = chunkd::server::ConditionsFromProto(request.conditions());
   (void)conditions.Check(request.key(), 1);
 }
 

@@ -14,7 +14,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   bool valid = chunkd::server::ValidateKey(key).ok();
   if (valid) {
     // What the file store relies on.
-    if (key.empty() || key.size() > chunkd::server::kMaxKeyBytes || key.front() == '/') std::abort();
+    if (key.empty() || key.size() > chunkd::server::kMaxKeyBytes || key.front() == '/')
+      std::abort();
     for (absl::string_view segment : absl::StrSplit(key, '/')) {
       if (segment.empty() || segment == "." || segment == "..") std::abort();
     }

@@ -38,9 +38,9 @@ class BlocksTest : public ::testing::Test {
   // A server on a file store with an 8 MiB cache: values above 2 MiB are never one entry.
   void StartServer(std::vector<std::string> extra = {}) {
     std::filesystem::create_directories(dir_.Join("store/big"));
-    std::vector<std::string> flags = {"--listen=127.0.0.1:0",  "--store=" + dir_.Join("store"),
-                                      "--fsync=false",         "--host_cache_bytes=8MiB",
-                                      "--block_bytes=256KiB",  "--shm_dir=" + shm_.path()};
+    std::vector<std::string> flags = {"--listen=127.0.0.1:0", "--store=" + dir_.Join("store"),
+                                      "--fsync=false",        "--host_cache_bytes=8MiB",
+                                      "--block_bytes=256KiB", "--shm_dir=" + shm_.path()};
     flags.insert(flags.end(), extra.begin(), extra.end());
     auto server = ServerProcess::Start(flags);
     ASSERT_TRUE(server.ok()) << server.status();
@@ -130,8 +130,8 @@ TEST_F(BlocksTest, AnObjectPast4GiBReadsByRange) {
   auto got = c->Get("big/huge", across);
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->total_size, size);
-  EXPECT_TRUE(got->data.view() == std::string(50, '\0') + std::string(200, 'b') +
-                                      std::string(50, '\0'));
+  EXPECT_TRUE(got->data.view() ==
+              std::string(50, '\0') + std::string(200, 'b') + std::string(50, '\0'));
   client::GetOptions tail;
   tail.range = ByteRange::Suffix(4096);
   auto last = c->Get("big/huge", tail);
@@ -186,8 +186,7 @@ TEST_F(BlocksTest, EveryDeliveryOnBlocks) {
   auto again = plain->Get("big/value", across);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->delivery, v1::DELIVERY_INLINE);
-  EXPECT_TRUE(again->data.view() ==
-              std::string_view(value).substr(kBlock - 100, 2 * kBlock + 200));
+  EXPECT_TRUE(again->data.view() == std::string_view(value).substr(kBlock - 100, 2 * kBlock + 200));
 }
 
 TEST_F(BlocksTest, RangesInABatchReadOnlyTheirBlocks) {

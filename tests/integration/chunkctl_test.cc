@@ -34,8 +34,7 @@ class ChunkctlTest : public ::testing::Test {
     delete server_;
     delete dir_;
   }
-  CommandResult Ctl(std::vector<std::string> args, const std::string& input = "",
-                    int address = 0) {
+  CommandResult Ctl(std::vector<std::string> args, const std::string& input = "", int address = 0) {
     std::vector<std::string> argv = {testing::kChunkctlBinary,
                                      "--server=" + server_->addresses()[address]};
     argv.insert(argv.end(), args.begin(), args.end());
@@ -130,8 +129,8 @@ TEST_F(ChunkctlTest, ExitCodes) {
   CommandResult unwritable = Ctl({"get", "k", "-o", dir_->Join("no/such/dir/out")});
   EXPECT_EQ(unwritable.exit_code, 1);
   EXPECT_EQ(unwritable.err.rfind("chunkctl: cannot write ", 0), 0u) << unwritable.err;
-  CommandResult down = RunCommand(
-      {testing::kChunkctlBinary, "--server=127.0.0.1:1", "--timeout=1s", "info"});
+  CommandResult down =
+      RunCommand({testing::kChunkctlBinary, "--server=127.0.0.1:1", "--timeout=1s", "info"});
   EXPECT_EQ(down.exit_code, 1);
 }
 

@@ -22,8 +22,9 @@ struct Program {
 };
 
 std::vector<Program> Programs() {
-  return {{"chunkd", testing::kChunkdBinary, "chunkd [--listen=127.0.0.1:7878]", "--shutdown_grace"},
-          {"chunkctl", testing::kChunkctlBinary, "chunkctl [--server=ADDR] get KEY", "--delivery"}};
+  return {
+      {"chunkd", testing::kChunkdBinary, "chunkd [--listen=127.0.0.1:7878]", "--shutdown_grace"},
+      {"chunkctl", testing::kChunkctlBinary, "chunkctl [--server=ADDR] get KEY", "--delivery"}};
 }
 
 // The build facts --version must state, as this test (compiled with the same flags) sees them.

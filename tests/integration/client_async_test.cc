@@ -182,8 +182,9 @@ TEST_F(ClientAsyncTest, CancellationEndsTheCall) {
   GetOptions many;
   many.cancellation = std::make_shared<client::Cancellation>();
   many.cancellation->Cancel();
-  auto m = Wait<GetManyResults>(
-      [&](auto cb) { c->GetManyAsync({{"big", {}, {}}}, many, std::move(cb)); });
+  auto m = Wait<GetManyResults>([&](auto cb) {
+    c->GetManyAsync({{"big", {}, {}}}, many, std::move(cb));
+  });
   EXPECT_TRUE(absl::IsCancelled(m.status())) << m.status();
   EXPECT_EQ(c->Get("big")->data.size(), 64u << 20);
 }

@@ -11,9 +11,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <string_view>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -246,7 +246,8 @@ TEST(ClientResumeRange, ARangeContinuesWithinItsRangeAndAReplacedValueIsReadWhol
     options.max_attempts = 10;
     auto client = *Client::Connect(options);
     std::thread writer([&] {
-      while (proxy.cut_from_server() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      while (proxy.cut_from_server() == 0)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
       EXPECT_TRUE(direct->Put("v", Bytes(replacement)).ok());
     });
     auto got = client->Get("v");

@@ -66,9 +66,9 @@ class CudaTest : public ::testing::Test {
   std::unique_ptr<ServerProcess> server_;
 };
 
-#define GPU_OR_SKIP()                                                   \
-  if (auto probed = buffer::gpu::CudaDeviceApi(); !probed.ok()) {       \
-    GTEST_SKIP() << probed.status().message();                          \
+#define GPU_OR_SKIP()                                             \
+  if (auto probed = buffer::gpu::CudaDeviceApi(); !probed.ok()) { \
+    GTEST_SKIP() << probed.status().message();                    \
   }
 
 // Runs everywhere: without a GPU the server serves host-only and says so once.
@@ -99,10 +99,9 @@ TEST_F(CudaTest, WithoutAGpuTheServerRunsHostOnlyAndSaysSoOnce) {
   options.accept = {v1::DELIVERY_CUDA_IPC, v1::DELIVERY_INLINE};
   auto refused = Client::Connect(options);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_TRUE(absl::StartsWith(refused.status().message(), "no CUDA device: "))
-      << refused.status();
-  auto ctl = testing::RunCommand({testing::kChunkctlBinary, "--server=" + server_->address(),
-                                  "--delivery=cuda", "get", "k"});
+  EXPECT_TRUE(absl::StartsWith(refused.status().message(), "no CUDA device: ")) << refused.status();
+  auto ctl = testing::RunCommand(
+      {testing::kChunkctlBinary, "--server=" + server_->address(), "--delivery=cuda", "get", "k"});
   EXPECT_EQ(ctl.exit_code, 1);
   EXPECT_TRUE(absl::StartsWith(ctl.err, "chunkctl: no CUDA device: ")) << ctl.err;
   // Inline is unaffected.

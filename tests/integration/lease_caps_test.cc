@@ -185,10 +185,11 @@ TEST_F(LeaseCapsTest, AGreedyReaderCannotPushTheServerPastItsBudget) {
     EXPECT_LE(max_rss.load(), limit) << "server RSS " << max_rss.load() / kMiB << " MiB";
   }
   EXPECT_LE(max_shm.load(), limit) << "shared memory " << max_shm.load() / kMiB << " MiB";
-  std::printf("peak server RSS %.1f MiB, shared memory %.1f MiB (limit %.1f MiB), %d of 200 "
-              "values by shared memory, %llu reads and writes by others\n",
-              max_rss.load() / double(kMiB), max_shm.load() / double(kMiB),
-              limit / double(kMiB), shm, static_cast<unsigned long long>(other_ops.load()));
+  std::printf(
+      "peak server RSS %.1f MiB, shared memory %.1f MiB (limit %.1f MiB), %d of 200 "
+      "values by shared memory, %llu reads and writes by others\n",
+      max_rss.load() / double(kMiB), max_shm.load() / double(kMiB), limit / double(kMiB), shm,
+      static_cast<unsigned long long>(other_ops.load()));
 
   // Killed, the greedy client stops renewing: its leases end within the TTL (plus the sweep,
   // a quarter of it, and slack for a loaded machine).
@@ -221,8 +222,7 @@ TEST_F(LeaseCapsTest, HandleOnlyClientsGetResourceExhaustedNamingTheCap) {
   // 4 MiB is a quarter of the budget: the fifth is refused.
   auto refused = only->Get(keys[4]);
   ASSERT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
-  EXPECT_NE(refused.status().message().find("--max_client_pinned_fraction=0.25"),
-            std::string::npos)
+  EXPECT_NE(refused.status().message().find("--max_client_pinned_fraction=0.25"), std::string::npos)
       << refused.status();
   auto many = only->GetMany({{keys[0], {}, {}}, {keys[5], {}, {}}});
   ASSERT_TRUE(many.ok()) << many.status();
@@ -277,8 +277,8 @@ TEST_F(LeaseCapsTest, HandleOnlyClientsGetResourceExhaustedNamingTheCap) {
   EXPECT_NE(body.find("chunkd_pin_refusals_total{tier=\"host\",cap=\"total\"} 2\n"),
             std::string::npos);
 
-  auto ctl = testing::RunCommand(
-      {testing::kChunkctlBinary, "--server=" + server_->address(), "info"});
+  auto ctl =
+      testing::RunCommand({testing::kChunkctlBinary, "--server=" + server_->address(), "info"});
   EXPECT_EQ(ctl.exit_code, 0) << ctl.err;
   EXPECT_NE(ctl.out.find(absl::StrCat("tier host pinned: ", 8 * kMiB, " bytes by 2 clients, cap ",
                                       8 * kMiB, ", per client ", 4 * kMiB,
@@ -383,8 +383,7 @@ TEST_F(LeaseCapsTest, OneClientsRepeatedLeasesLeaveOthersTheirHandles) {
 // result gives it back.
 TEST_F(LeaseCapsTest, OneProcessAskingForOneValueOnAUnixSocketHoldsOneLease) {
   std::string socket = dir_.Join("chunkd.sock");
-  StartServer({"--listen=unix:" + socket, "--host_cache_bytes=16MiB",
-               "--max_client_leases=100"});
+  StartServer({"--listen=unix:" + socket, "--host_cache_bytes=16MiB", "--max_client_leases=100"});
   std::string address = "unix:" + socket;
   auto writer = Connect({v1::DELIVERY_INLINE}, address);
   ASSERT_TRUE(writer->Put("small", buffer::cpu::Buffer::CopyOf(std::string(4096, 's'))).ok());

@@ -12,8 +12,8 @@ namespace {
 
 TEST(Metrics, ServesPrometheusTextThatFollowsTheServer) {
   testing::TempDir dir;
-  auto server = testing::ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
-                                               "--metrics_listen=127.0.0.1:0"});
+  auto server = testing::ServerProcess::Start(
+      {"--listen=127.0.0.1:0", "--store=" + dir.path(), "--metrics_listen=127.0.0.1:0"});
   ASSERT_TRUE(server.ok()) << server.status();
   int port = (*server)->metrics_port();
   ASSERT_GT(port, 0) << (*server)->log();
@@ -64,8 +64,8 @@ int MetricsPort(const std::string& log) {
 
 TEST(Metrics, WarnsWhenOtherHostsCanScrapeWithoutAToken) {
   testing::TempDir dir;
-  auto server = testing::ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
-                                               "--metrics_listen=0.0.0.0:0"});
+  auto server = testing::ServerProcess::Start(
+      {"--listen=127.0.0.1:0", "--store=" + dir.path(), "--metrics_listen=0.0.0.0:0"});
   ASSERT_TRUE(server.ok()) << server.status();
   EXPECT_NE((*server)->log().find("WARNING: metrics on 0.0.0.0:0 are open to other hosts "
                                   "without authentication"),
@@ -109,15 +109,15 @@ TEST(Metrics, ABearerTokenFileProtectsTheMetrics) {
 TEST(Metrics, RefusesABadTokenFile) {
   testing::TempDir dir;
   testing::WriteFile(dir.Join("short"), "tooshort\n");
-  auto result = testing::RunCommand(
-      {testing::kChunkdBinary, "--listen=127.0.0.1:0", "--store=" + dir.path(),
-       "--metrics_listen=127.0.0.1:0", "--metrics_token_file=" + dir.Join("short")});
+  auto result = testing::RunCommand({testing::kChunkdBinary, "--listen=127.0.0.1:0",
+                                     "--store=" + dir.path(), "--metrics_listen=127.0.0.1:0",
+                                     "--metrics_token_file=" + dir.Join("short")});
   EXPECT_EQ(result.exit_code, 1);
   EXPECT_NE(result.err.find("--metrics_token_file"), std::string::npos) << result.err;
   EXPECT_NE(result.err.find("at least 16"), std::string::npos) << result.err;
-  result = testing::RunCommand({testing::kChunkdBinary, "--listen=127.0.0.1:0",
-                                "--store=" + dir.path(),
-                                "--metrics_token_file=" + dir.Join("short")});
+  result =
+      testing::RunCommand({testing::kChunkdBinary, "--listen=127.0.0.1:0", "--store=" + dir.path(),
+                           "--metrics_token_file=" + dir.Join("short")});
   EXPECT_EQ(result.exit_code, 1);
   EXPECT_NE(result.err.find("needs --metrics_listen"), std::string::npos) << result.err;
 }

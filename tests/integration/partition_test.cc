@@ -210,13 +210,13 @@ TEST(PartitionTest, SilentServerIsFoundAndNoStaleCopyIsLeft) {
       if (InCi()) FAIL() << "cannot create a veth pair in CI as root: " << why;
       GTEST_SKIP() << "cannot create veth pairs here: " << why;
     }
-    ASSERT_EQ(Namespaces::Run({"-n", client_ns, "addr", "add", absl::StrCat("10.231.", i, ".2/24"),
-                               "dev", c}),
+    ASSERT_EQ(Namespaces::Run(
+                  {"-n", client_ns, "addr", "add", absl::StrCat("10.231.", i, ".2/24"), "dev", c}),
               "");
     ASSERT_EQ(Namespaces::Run({"-n", client_ns, "link", "set", c, "up"}), "");
-    ASSERT_EQ(Namespaces::Run({"-n", ns, "addr", "add", absl::StrCat("10.231.", i, ".1/24"), "dev",
-                               s}),
-              "");
+    ASSERT_EQ(
+        Namespaces::Run({"-n", ns, "addr", "add", absl::StrCat("10.231.", i, ".1/24"), "dev", s}),
+        "");
     ASSERT_EQ(Namespaces::Run({"-n", ns, "link", "set", s, "up"}), "");
   }
 
@@ -238,10 +238,10 @@ TEST(PartitionTest, SilentServerIsFoundAndNoStaleCopyIsLeft) {
   ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
   ASSERT_GT(n, 0);
   exe[n] = '\0';
-  CommandResult child = RunCommand(
-      {"ip", "netns", "exec", client_ns, "env",
-       absl::StrCat(kChildEnv, "=", absl::StrJoin(addresses, ","), ";", net.Name("s0")), exe,
-       "--gtest_filter=PartitionTest.SilentServerIsFoundAndNoStaleCopyIsLeft"});
+  CommandResult child =
+      RunCommand({"ip", "netns", "exec", client_ns, "env",
+                  absl::StrCat(kChildEnv, "=", absl::StrJoin(addresses, ","), ";", net.Name("s0")),
+                  exe, "--gtest_filter=PartitionTest.SilentServerIsFoundAndNoStaleCopyIsLeft"});
   std::printf("%s", child.out.c_str());
   EXPECT_EQ(child.exit_code, 0) << child.out << child.err;
   EXPECT_NE(child.out.find("[  PASSED  ] 1 test"), std::string::npos) << child.out;

@@ -668,8 +668,7 @@ TEST(SecurityCallLimitTest, StalledReaderIsCancelledAtTheLongestCallDuration) {
   EXPECT_LT(cancelled_at - start, absl::Seconds(8));
   // It really stalled: flow control stopped the server well before the end of the value.
   EXPECT_LT(served_when_cancelled, size) << "the test's reader did not stall the server";
-  EXPECT_TRUE(absl::StrContains((*server)->log(), "cancelling a Get call"))
-      << (*server)->log();
+  EXPECT_TRUE(absl::StrContains((*server)->log(), "cancelling a Get call")) << (*server)->log();
 
   // The client sees the end of the call once it reads again.
   v1::GetResponse part;

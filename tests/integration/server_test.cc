@@ -108,7 +108,8 @@ TempDir* ServerTest::root_ = nullptr;
 ServerProcess* ServerTest::server_ = nullptr;
 
 TEST_P(ServerTest, RoundTripsValuesOfEverySize) {
-  for (size_t size : {size_t{0}, size_t{1}, size_t{4096}, size_t{(1 << 20) + 1}, size_t{64 << 20}}) {
+  for (size_t size :
+       {size_t{0}, size_t{1}, size_t{4096}, size_t{(1 << 20) + 1}, size_t{64 << 20}}) {
     SCOPED_TRACE(size);
     std::string key = Key(absl::StrCat("sizes/c/", size));
     std::string value = testing::RandomBytes(size, size);
@@ -180,8 +181,12 @@ TEST_P(ServerTest, RefusesBadKeysAndTouchesNothingOutsideTheRoot) {
       {"../outside/x", "'..' segment"},
       {"a/./b", "'.' segment"},
       {std::string("a\0b", 3), "NUL"},
-      {"a\x01" "b", "control character"},
-      {"bad\xff" "utf8", "UTF-8"},
+      {"a\x01"
+       "b",
+       "control character"},
+      {"bad\xff"
+       "utf8",
+       "UTF-8"},
       {std::string(1025, 'k'), "longer than 1024"},
   };
   for (const auto& [key, reason] : bad) {
@@ -382,8 +387,8 @@ TEST_P(ServerTest, ReportsHealthAndInfo) {
   request = grpc::ByteBuffer(&empty, 1);
   absl::Notification done;
   grpc::Status status;
-  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                 &response, [&](grpc::Status s) {
+  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
+                 [&](grpc::Status s) {
                    status = s;
                    done.Notify();
                  });
@@ -490,9 +495,8 @@ TEST_P(ServerTest, GetManyPastItsDeadlineEndsAndTheServerGoesOn) {
 TEST_P(ServerTest, HealthAnswersForTheServerAndItsServiceOnly) {
   auto channel = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
   grpc::ByteBuffer response;
-  grpc::Status status =
-      RawUnary(channel, "/grpc.health.v1.Health/Check", HealthRequest("chunkd.v1.Chunkd"),
-               &response);
+  grpc::Status status = RawUnary(channel, "/grpc.health.v1.Health/Check",
+                                 HealthRequest("chunkd.v1.Chunkd"), &response);
   ASSERT_TRUE(status.ok()) << status.error_message();
   EXPECT_EQ(Flat(response), std::string("\x08\x01", 2));  // SERVING
   status = RawUnary(channel, "/grpc.health.v1.Health/Check", HealthRequest("no.such.Service"),
@@ -509,8 +513,8 @@ INSTANTIATE_TEST_SUITE_P(Transports, ServerTest, ::testing::Values("tcp", "unix"
 
 TEST(ServerLimits, RefusesValuesOverTheMaximumBeforeBuffering) {
   TempDir dir;
-  auto server = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
-                                      "--max_value_bytes=1MiB"});
+  auto server = ServerProcess::Start(
+      {"--listen=127.0.0.1:0", "--store=" + dir.path(), "--max_value_bytes=1MiB"});
   ASSERT_TRUE(server.ok()) << server.status();
   auto client = Connect((*server)->address());
   auto put = client->Put("big", Bytes(std::string((1 << 20) + 1, 'x')));
@@ -559,8 +563,8 @@ TEST(ServerLimits, MemoryStoreRefusesWhatDoesNotFitAndLosesNothing) {
 TEST(ServerLifecycle, SigtermFinishesCallsInFlightAndExitsZero) {
   TempDir dir;
   auto flags = [&](const std::string& listen) {
-    return std::vector<std::string>{"--listen=" + listen, "--store=" + dir.path(),
-                                    "--fsync=false", "--shutdown_grace=20s"};
+    return std::vector<std::string>{"--listen=" + listen, "--store=" + dir.path(), "--fsync=false",
+                                    "--shutdown_grace=20s"};
   };
   auto server = ServerProcess::Start(flags("127.0.0.1:0"));
   ASSERT_TRUE(server.ok()) << server.status();
@@ -646,8 +650,8 @@ TEST(ServerLifecycle, HealthWatchersHearNotServingAndEndWhenTheServerStops) {
 
 TEST(ServerLifecycle, ReflectionOnlyWhenAskedFor) {
   TempDir dir;
-  auto server = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
-                                      "--reflection"});
+  auto server =
+      ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(), "--reflection"});
   ASSERT_TRUE(server.ok()) << server.status();
   auto channel = grpc::CreateChannel((*server)->address(), grpc::InsecureChannelCredentials());
   // ServerReflectionRequest { list_services = 7: "" }
@@ -666,8 +670,8 @@ TEST(ServerLifecycle, ReflectionOnlyWhenAskedFor) {
 }
 
 TEST(ServerLifecycle, ExplainsBadFlags) {
-  auto result = testing::RunCommand({testing::kChunkdBinary, "--store=/nonexistent/dir/x",
-                                     "--listen=127.0.0.1:0"});
+  auto result = testing::RunCommand(
+      {testing::kChunkdBinary, "--store=/nonexistent/dir/x", "--listen=127.0.0.1:0"});
   EXPECT_EQ(result.exit_code, 1);
   EXPECT_NE(result.err.find("/nonexistent/dir/x"), std::string::npos) << result.err;
   result = testing::RunCommand({testing::kChunkdBinary, "--store=ftp://x"});

@@ -35,8 +35,8 @@ using testing::TempDir;
 const std::vector<std::string> kGoldenServers = {"chunkd-0.chunkd:7878", "chunkd-1.chunkd:7878",
                                                  "chunkd-2.chunkd:7878"};
 const std::vector<std::string> kGoldenKeys = {
-    "arr/zarr.json", "arr/c/0/0",       "arr/c/0/1", "arr/c/1/0", "arr/c/1/1", "temperature/c/3/1",
-    "température/c/0", "x y/z", ".zgroup", "a", "b/c/d/e", "zarr.json"};
+    "arr/zarr.json",   "arr/c/0/0", "arr/c/0/1", "arr/c/1/0", "arr/c/1/1", "temperature/c/3/1",
+    "température/c/0", "x y/z",     ".zgroup",   "a",         "b/c/d/e",   "zarr.json"};
 const std::vector<int> kGoldenHome = {0, 1, 2, 0, 2, 1, 2, 2, 1, 2, 1, 1};
 const std::vector<int> kGoldenLast = {1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0};
 

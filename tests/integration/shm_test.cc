@@ -155,7 +155,8 @@ TEST_F(ShmTest, ManyReadersInTwoProcessesWhileWritersUpdate) {
     while (!stop.load()) {
       for (size_t i = 0; i < keys.size(); ++i) {
         char v = static_cast<char>('a' + (round + i) % 26);
-        ASSERT_TRUE(writer->Put(keys[i], Bytes(std::string((128 << 10) + round % 7 * 4096, v))).ok());
+        ASSERT_TRUE(
+            writer->Put(keys[i], Bytes(std::string((128 << 10) + round % 7 * 4096, v))).ok());
       }
       ++round;
     }
@@ -218,8 +219,8 @@ TEST_F(ShmTest, PausedReaderOnAUnixSocketKeepsItsBytes) {
   std::filesystem::create_directories(dir_.Join("store"));
   std::string socket = dir_.Join("chunkd.sock");
   auto server = ServerProcess::Start({"--listen=unix:" + socket, "--store=" + dir_.Join("store"),
-                                      "--fsync=false", "--shm_dir=" + shm_.path(),
-                                      "--lease_ttl=1s", "--host_cache_bytes=8MiB"});
+                                      "--fsync=false", "--shm_dir=" + shm_.path(), "--lease_ttl=1s",
+                                      "--host_cache_bytes=8MiB"});
   ASSERT_TRUE(server.ok()) << server.status();
   server_ = *std::move(server);
   ClientOptions options;
@@ -247,8 +248,8 @@ TEST_F(ShmTest, PausedReaderOnAUnixSocketKeepsItsBytes) {
   // (At least 160 values of 256 KiB: a sanitizer's slower server churns as much.)
   absl::Time until = absl::Now() + absl::Seconds(3);
   for (int i = 0; absl::Now() < until || i < 160; ++i) {
-    ASSERT_TRUE(writer->Put(absl::StrCat("churn/", i % 64), Bytes(std::string(256 << 10, 'Z')))
-                    .ok());
+    ASSERT_TRUE(
+        writer->Put(absl::StrCat("churn/", i % 64), Bytes(std::string(256 << 10, 'Z'))).ok());
     if (i >= 64) ASSERT_TRUE(writer->Get(absl::StrCat("churn/", (i * 7) % 64)).ok());
   }
   EXPECT_GT(Counter(*writer, "evictions"), 64u);
@@ -452,16 +453,17 @@ TEST_F(ShmTest, ChunkctlShowsTheDeliveryUsed) {
   testing::WriteFile(in, testing::RandomBytes(3 << 20, 2));
   std::string server = "--server=" + server_->address();
   ASSERT_EQ(testing::RunCommand({testing::kChunkctlBinary, server, "put", "x", in}).exit_code, 0);
-  auto shm = testing::RunCommand({testing::kChunkctlBinary, server, "get", "x", "-o",
-                                  dir_.Join("out"), "--delivery=shm", "--shm_dir=" + shm_.path(),
-                                  "-v"});
+  auto shm =
+      testing::RunCommand({testing::kChunkctlBinary, server, "get", "x", "-o", dir_.Join("out"),
+                           "--delivery=shm", "--shm_dir=" + shm_.path(), "-v"});
   EXPECT_EQ(shm.exit_code, 0) << shm.err;
   EXPECT_NE(shm.err.find("DELIVERY_SHM"), std::string::npos) << shm.err;
   EXPECT_TRUE(testing::ReadFile(dir_.Join("out")) == testing::ReadFile(in));
   auto inl = testing::RunCommand({testing::kChunkctlBinary, server, "get", "x", "-o",
                                   dir_.Join("out2"), "--delivery=inline", "-v"});
   EXPECT_NE(inl.err.find("DELIVERY_INLINE"), std::string::npos) << inl.err;
-  auto bad = testing::RunCommand({testing::kChunkctlBinary, server, "get", "x", "--delivery=pigeon"});
+  auto bad =
+      testing::RunCommand({testing::kChunkctlBinary, server, "get", "x", "--delivery=pigeon"});
   EXPECT_EQ(bad.exit_code, 1);
 }
 

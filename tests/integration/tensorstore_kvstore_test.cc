@@ -84,8 +84,8 @@ TempDir* TensorStoreServiceTest::root_ = nullptr;
 ServerProcess* TensorStoreServiceTest::server_ = nullptr;
 
 TEST_P(TensorStoreServiceTest, RoundTripsValuesOfEverySize) {
-  for (size_t size : {size_t{0}, size_t{1}, size_t{4096}, size_t{(1 << 20) + 1},
-                      size_t{64} << 20}) {
+  for (size_t size :
+       {size_t{0}, size_t{1}, size_t{4096}, size_t{(1 << 20) + 1}, size_t{64} << 20}) {
     SCOPED_TRACE(size);
     std::string value = testing::RandomBytes(size, size);
     std::string generation;
@@ -131,8 +131,12 @@ TEST_P(TensorStoreServiceTest, RefusesBadKeysAndTouchesNothingOutsideTheRoot) {
       {"../outside/x", "'..' segment"},
       {"a/./b", "'.' segment"},
       {std::string("a\0b", 3), "NUL"},
-      {"a\x01" "b", "control character"},
-      {"bad\xff" "utf8", "UTF-8"},
+      {"a\x01"
+       "b",
+       "control character"},
+      {"bad\xff"
+       "utf8",
+       "UTF-8"},
       {std::string(1025, 'k'), "longer than 1024"},
   };
   for (const auto& [key, reason] : bad) {
@@ -194,8 +198,8 @@ TEST_P(TensorStoreServiceTest, RangesMustLieWithinTheValue) {
   EXPECT_EQ(ts_->Read(Key("r"), TsReadOptions::Range(7)).value, "789");
   EXPECT_EQ(ts_->Read(Key("r"), TsReadOptions::Range(-3)).value, "789");
   EXPECT_EQ(ts_->Read(Key("r"), TsReadOptions::Range(10)).value, "");
-  for (const TsReadOptions& options : {TsReadOptions::Range(11), TsReadOptions::Range(5, 11),
-                                       TsReadOptions::Range(-11)}) {
+  for (const TsReadOptions& options :
+       {TsReadOptions::Range(11), TsReadOptions::Range(5, 11), TsReadOptions::Range(-11)}) {
     TsRead r = ts_->Read(Key("r"), options);
     EXPECT_EQ(r.status.error_code(), grpc::StatusCode::OUT_OF_RANGE) << r.status.error_message();
   }
@@ -268,8 +272,8 @@ TEST(TensorStoreServiceLimits, ReadOnlyRefusesWritesAndDeletes) {
 
 TEST(TensorStoreServiceLimits, RefusesValuesOverTheMaximum) {
   TempDir dir;
-  auto server = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
-                                      "--max_value_bytes=1MiB"});
+  auto server = ServerProcess::Start(
+      {"--listen=127.0.0.1:0", "--store=" + dir.path(), "--max_value_bytes=1MiB"});
   ASSERT_TRUE(server.ok()) << server.status();
   {
     // (Closed before the server stops: a synchronous client's idle connection is not polled,
@@ -305,8 +309,8 @@ TEST(TensorStoreServiceLimits, AWriteAloneMayExceedTheWriteBudget) {
 TEST(TensorStoreServiceLifecycle, SigtermFinishesReadsInFlightAndExitsZero) {
   TempDir dir;
   auto flags = [&](const std::string& listen) {
-    return std::vector<std::string>{"--listen=" + listen, "--store=" + dir.path(),
-                                    "--fsync=false", "--shutdown_grace=20s"};
+    return std::vector<std::string>{"--listen=" + listen, "--store=" + dir.path(), "--fsync=false",
+                                    "--shutdown_grace=20s"};
   };
   auto server = ServerProcess::Start(flags("127.0.0.1:0"));
   ASSERT_TRUE(server.ok()) << server.status();
@@ -357,8 +361,10 @@ TEST(TensorStoreServiceLifecycle, SigtermFinishesReadsInFlightAndExitsZero) {
                   r.first.status.error_code() == grpc::StatusCode::CANCELLED)
           << r.first.status.error_message();
       testing::TsReadOptions rest = testing::TsReadOptions::Range(static_cast<int64_t>(got.size()));
-      if (r.first.messages > 0) rest.if_equal = r.first.generation;  // the version it began
-      else got.clear();
+      if (r.first.messages > 0)
+        rest.if_equal = r.first.generation;  // the version it began
+      else
+        got.clear();
       TsRead more = again.Read("v", rest);
       ASSERT_TRUE(more.status.ok()) << more.status.error_message();
       EXPECT_EQ(more.state, tensorstore_grpc::kvstore::ReadResponse::VALUE);
@@ -374,13 +380,13 @@ TEST(TensorStoreServiceLifecycle, SigtermFinishesReadsInFlightAndExitsZero) {
 
 TEST(TensorStoreServiceLifecycle, HealthAndMetricsNameTheService) {
   TempDir dir;
-  auto server = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=" + dir.path(),
-                                      "--metrics_listen=127.0.0.1:0"});
+  auto server = ServerProcess::Start(
+      {"--listen=127.0.0.1:0", "--store=" + dir.path(), "--metrics_listen=127.0.0.1:0"});
   ASSERT_TRUE(server.ok()) << server.status();
   client::ClientOptions options;
   options.address = (*server)->address();
-  auto health = client::CheckHealth(options, absl::Seconds(10),
-                                    "tensorstore_grpc.kvstore.KvStoreService");
+  auto health =
+      client::CheckHealth(options, absl::Seconds(10), "tensorstore_grpc.kvstore.KvStoreService");
   ASSERT_TRUE(health.ok()) << health.status();
   EXPECT_EQ(*health, "SERVING");
 
@@ -402,8 +408,7 @@ TEST(TensorStoreServiceLifecycle, HealthAndMetricsNameTheService) {
   const std::string& body = res->body;
   EXPECT_TRUE(absl::StrContains(body, "chunkd_tensorstore_gets_total 2\n")) << body;
   EXPECT_TRUE(absl::StrContains(body, "chunkd_tensorstore_get_errors_total 1\n")) << body;
-  EXPECT_TRUE(absl::StrContains(body, "chunkd_tensorstore_bytes_served_inline_total 5\n"))
-      << body;
+  EXPECT_TRUE(absl::StrContains(body, "chunkd_tensorstore_bytes_served_inline_total 5\n")) << body;
   EXPECT_TRUE(absl::StrContains(body, "chunkd_tensorstore_puts_total 1\n")) << body;
   EXPECT_TRUE(absl::StrContains(body, "chunkd_tensorstore_bytes_written_total 5\n")) << body;
   EXPECT_TRUE(absl::StrContains(body, "chunkd_tensorstore_lists_total 1\n")) << body;

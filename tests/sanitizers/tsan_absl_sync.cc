@@ -37,8 +37,8 @@ namespace {
 template <class Fn>
 Fn Real(const char* suffix, bool is_const = false) {
   const std::string ns = CHUNKD_STRINGIFY(ABSL_OPTION_INLINE_NAMESPACE_NAME);
-  const std::string name = std::string(is_const ? "_ZNK4absl" : "_ZN4absl") +
-                           std::to_string(ns.size()) + ns + suffix;
+  const std::string name =
+      std::string(is_const ? "_ZNK4absl" : "_ZN4absl") + std::to_string(ns.size()) + ns + suffix;
   void* fn = dlsym(RTLD_NEXT, name.c_str());
   if (fn == nullptr) {
     std::fprintf(stderr, "tsan_absl_sync: %s not found in Abseil: %s\n", name.c_str(), dlerror());
@@ -182,8 +182,7 @@ bool Mutex::AwaitWithDeadline(const Condition& cond, absl::Time deadline) {
 }
 
 void Mutex::LockWhen(const Condition& cond) {
-  static auto real =
-      Real<void (*)(Mutex*, const Condition&)>("5Mutex8LockWhenERKNS0_9ConditionE");
+  static auto real = Real<void (*)(Mutex*, const Condition&)>("5Mutex8LockWhenERKNS0_9ConditionE");
   Outer outer;
   if (!outer.outermost) return real(this, cond);
   Acquiring a{this, &cond};

@@ -6,11 +6,13 @@
 //                                     the server gives), check each value's bytes are whole,
 //                                     print "holding N shm S inline I", then sleep holding every
 //                                     result until killed
-//   chunkd_shm_reader ADDRESS SHM_DIR watch KEY...      get each key (shm), print "holding N shm S",
+//   chunkd_shm_reader ADDRESS SHM_DIR watch KEY...      get each key (shm), print "holding N shm
+//   S",
 //                                     then check every 20 ms, until killed, that each value
 //                                     still holds the bytes it had (one repeated byte); print
 //                                     "changed KEY" and exit 1 when one does not
-//   chunkd_shm_reader ADDRESS SHM_DIR read ITER KEY...  get the keys ITER times each, check that every
+//   chunkd_shm_reader ADDRESS SHM_DIR read ITER KEY...  get the keys ITER times each, check that
+//   every
 //                                               value is whole (all bytes equal its first byte),
 //                                               print "reads R torn T shm S"; exit 1 if T > 0
 //   chunkd_shm_reader ADDRESS SHM_DIR drop-in-callback  five times: connect the process's only
@@ -82,7 +84,8 @@ int main(int argc, char** argv) {
     return DropInCallback(options);
   }
   if (argc < 5) {
-    std::fprintf(stderr, "usage: %s ADDRESS SHM_DIR hold KEY... | greedy KEY... | read ITER KEY...\n",
+    std::fprintf(stderr,
+                 "usage: %s ADDRESS SHM_DIR hold KEY... | greedy KEY... | read ITER KEY...\n",
                  argv[0]);
     return 2;
   }

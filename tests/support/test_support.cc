@@ -20,10 +20,11 @@
 
 namespace chunkd::testing {
 
-TempDir::TempDir() : TempDir([] {
-  const char* base = std::getenv("TMPDIR");
-  return std::string(base && *base ? base : "/tmp");
-}()) {}
+TempDir::TempDir()
+    : TempDir([] {
+        const char* base = std::getenv("TMPDIR");
+        return std::string(base && *base ? base : "/tmp");
+      }()) {}
 
 TempDir::TempDir(const std::string& base) {
   std::string pattern = absl::StrCat(base, "/chunkd-test-XXXXXX");

@@ -91,8 +91,8 @@ TEST(SecurityTokenTableTest, ASingleTokenFileHoldsTheTokenAlone) {
   ASSERT_TRUE(table.ok()) << table.status();
   EXPECT_TRUE(table->Find(kA).has_value());
   EXPECT_FALSE(table->Find(kB).has_value());
-  for (std::string bad : {std::string(""), std::string("short\n"),
-                          absl::StrCat(kA, " read\n"), absl::StrCat(kA, "\x01")}) {
+  for (std::string bad : {std::string(""), std::string("short\n"), absl::StrCat(kA, " read\n"),
+                          absl::StrCat(kA, "\x01")}) {
     auto refused = TokenTable::ParseSingle(bad, "metrics.token");
     ASSERT_FALSE(refused.ok()) << bad;
     EXPECT_TRUE(absl::StartsWith(refused.status().message(), "metrics.token: "))

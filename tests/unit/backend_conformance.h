@@ -26,11 +26,10 @@
 #include <utility>
 
 #include "absl/status/status.h"
-
 #include "gtest/gtest.h"
 #include "server/backend/backend.h"
-#include "tests/unit/forwarding_backend.h"
 #include "tests/support/test_support.h"
+#include "tests/unit/forwarding_backend.h"
 
 namespace chunkd::testing {
 
@@ -104,8 +103,8 @@ class BackendConformanceTest : public ::testing::TestWithParam<BackendFactory> {
 
 // Skips a test of writes, deletes or conditions on a read-only backend, saying why.
 #define CHUNKD_SKIP_IF_READ_ONLY()                                                         \
-  if (read_only()) {                                                                      \
-    GTEST_SKIP() << GetParam().name                                                       \
+  if (read_only()) {                                                                       \
+    GTEST_SKIP() << GetParam().name                                                        \
                  << " is a read-only backend: this test needs its own writes, deletes or " \
                     "conditions";                                                          \
   }

@@ -1,8 +1,6 @@
 // The backend conformance suite (see backend_conformance.h), instantiated here for the file and
 // memory backends and for Backend's default methods (http and s3 instantiate it in their own
 // test files). Every test states behaviour of the Backend interface, never of one backend.
-#include "tests/unit/backend_conformance.h"
-
 #include <algorithm>
 #include <atomic>
 #include <functional>
@@ -24,6 +22,7 @@
 #include "server/backend/file/file_backend.h"
 #include "server/backend/memory/memory_backend.h"
 #include "tests/support/test_support.h"
+#include "tests/unit/backend_conformance.h"
 
 namespace chunkd::testing {
 namespace {
@@ -123,8 +122,8 @@ Listing Expected(const std::map<std::string, uint64_t>& keys, const std::string&
 
 void ExpectListing(Backend& b, const std::map<std::string, uint64_t>& keys,
                    const std::string& prefix, bool directory, size_t max_items) {
-  SCOPED_TRACE(absl::StrCat("prefix '", prefix, "'", directory ? " (directory)" : "",
-                            ", ", max_items, " per page"));
+  SCOPED_TRACE(absl::StrCat("prefix '", prefix, "'", directory ? " (directory)" : "", ", ",
+                            max_items, " per page"));
   Listing got = ListAll(b, prefix, directory, max_items);
   Listing want = Expected(keys, prefix, directory);
   EXPECT_EQ(got.entries, want.entries);
@@ -176,8 +175,8 @@ TEST_P(BackendConformanceTest, RoundTripOfManySizes) {
 }
 
 TEST_P(BackendConformanceTest, UnusualButValidKeys) {
-  for (const std::string key : {"température/c/0", ".zarray", "a/.zattrs", "x y/z", "arr/zarr.json",
-                                "..a", "a..b/c"}) {
+  for (const std::string key :
+       {"température/c/0", ".zarray", "a/.zattrs", "x y/z", "arr/zarr.json", "..a", "a..b/c"}) {
     auto info = Put(backend(), key, key + "!");
     ASSERT_TRUE(info.ok()) << key << ": " << info.status();
     auto read = Get(backend(), key);
@@ -202,10 +201,10 @@ TEST_P(BackendConformanceTest, RangedReads) {
     size_t want_start, want_size;
   };
   const uint64_t kToEnd = Backend::kToEnd;
-  for (const Case& c : {Case{0, kToEnd, 0, 100000}, Case{0, 10, 0, 10}, Case{5, 1000, 5, 1000},
-                        Case{99990, 100, 99990, 10}, Case{50000, kToEnd, 50000, 50000},
-                        Case{100000, 10, 0, 0}, Case{200000, kToEnd, 0, 0}, Case{7, 0, 0, 0},
-                        Case{1, kToEnd - 1, 1, 99999}}) {
+  for (const Case& c :
+       {Case{0, kToEnd, 0, 100000}, Case{0, 10, 0, 10}, Case{5, 1000, 5, 1000},
+        Case{99990, 100, 99990, 10}, Case{50000, kToEnd, 50000, 50000}, Case{100000, 10, 0, 0},
+        Case{200000, kToEnd, 0, 0}, Case{7, 0, 0, 0}, Case{1, kToEnd - 1, 1, 99999}}) {
     SCOPED_TRACE(absl::StrCat("offset ", c.offset, " length ", c.length));
     ValueInfo info;
     auto got = backend().ReadRange("arr/c/0", c.offset, c.length, &info);
@@ -289,9 +288,9 @@ TEST_P(BackendConformanceTest, RangeReadsOfOneVersion) {
     uint64_t offset, length;
     size_t want_start, want_size;
   };
-  for (const Case& c : {Case{100, 900, 100, 900}, Case{2990, 100, 2990, 10},
-                        Case{0, Backend::kToEnd, 0, 3000}, Case{3000, 10, 0, 0},
-                        Case{5, 0, 0, 0}}) {
+  for (const Case& c :
+       {Case{100, 900, 100, 900}, Case{2990, 100, 2990, 10}, Case{0, Backend::kToEnd, 0, 3000},
+        Case{3000, 10, 0, 0}, Case{5, 0, 0, 0}}) {
     SCOPED_TRACE(absl::StrCat("offset ", c.offset, " length ", c.length));
     ValueInfo info;
     auto got = backend().ReadRangeIfMatch("arr/shard", c.offset, c.length, first, &info);
@@ -310,8 +309,8 @@ TEST_P(BackendConformanceTest, RangeReadsOfOneVersion) {
   std::string v2 = RandomBytes(4500, 22);
   auto rewritten = Put(backend(), "arr/shard", v2);
   ASSERT_TRUE(rewritten.ok()) << rewritten.status();
-  for (const Case& c : {Case{100, 900, 0, 0}, Case{4000, 100, 0, 0}, Case{9000, 10, 0, 0},
-                        Case{5, 0, 0, 0}}) {
+  for (const Case& c :
+       {Case{100, 900, 0, 0}, Case{4000, 100, 0, 0}, Case{9000, 10, 0, 0}, Case{5, 0, 0, 0}}) {
     SCOPED_TRACE(absl::StrCat("old version, offset ", c.offset, " length ", c.length));
     auto stale = backend().ReadRangeIfMatch("arr/shard", c.offset, c.length, first, nullptr);
     EXPECT_EQ(stale.status().code(), absl::StatusCode::kAborted) << stale.status();
@@ -483,8 +482,7 @@ TEST_P(BackendConformanceTest, GenerationMatchAndNotMatch) {
   // Both conditions at once.
   Conditions both = Match(v4->generation);
   both.if_generation_not_match = v4->generation;
-  EXPECT_EQ(Put(backend(), "k", "v5", both).status().code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(Put(backend(), "k", "v5", both).status().code(), absl::StatusCode::kFailedPrecondition);
   both.if_generation_not_match = v1->generation;
   EXPECT_TRUE(Put(backend(), "k", "v5", both).ok());
   EXPECT_EQ(*Get(backend(), "k"), "v5");
@@ -547,9 +545,9 @@ TEST_P(BackendConformanceTest, DeleteWithConditions) {
 // Keys whose order tests the place of '/' among its neighbours ('-' < '.' < '/' < '0').
 const std::vector<std::string>& TrickyKeys() {
   static const auto* keys = new std::vector<std::string>{
-      "A",          "a-",         "a.b",        "a/b",        "a/c/d",      "a0",
-      "arr/c/0/0",  "arr/c/1/0",  "arr/c/1/1",  "arr/c/10/0", "arr/c/2",    "arr/zarr.json",
-      "b",          "b/x",        "b-",         "z/y/x/w"};
+      "A",         "a-",        "a.b",       "a/b",        "a/c/d",   "a0",
+      "arr/c/0/0", "arr/c/1/0", "arr/c/1/1", "arr/c/10/0", "arr/c/2", "arr/zarr.json",
+      "b",         "b/x",       "b-",        "z/y/x/w"};
   return *keys;
 }
 
@@ -573,10 +571,9 @@ TEST_P(BackendConformanceTest, ListRecursiveIsLexicographic) {
   }
   auto written = WriteKeys(backend(), keys);
   Listing all = ListAll(backend(), "", false);
-  EXPECT_THAT(all.Keys(),
-              ElementsAre("A", "a-", "a.b", "a/b", "a/c/d", "a0", "arr/c/0/0", "arr/c/1/0",
-                          "arr/c/1/1", "arr/c/10/0", "arr/c/2", "arr/zarr.json", "b-", "b/x",
-                          "z/y/x/w"));
+  EXPECT_THAT(all.Keys(), ElementsAre("A", "a-", "a.b", "a/b", "a/c/d", "a0", "arr/c/0/0",
+                                      "arr/c/1/0", "arr/c/1/1", "arr/c/10/0", "arr/c/2",
+                                      "arr/zarr.json", "b-", "b/x", "z/y/x/w"));
   EXPECT_THAT(all.prefixes, IsEmpty());
   for (const auto& [key, size] : all.entries) EXPECT_EQ(size, written[key]) << key;
   ExpectListing(backend(), written, "", false, 1000);
@@ -640,8 +637,8 @@ TEST_P(BackendConformanceTest, ListEmpty) {
 }
 
 TEST_P(BackendConformanceTest, ListDirectory) {
-  auto written = WriteKeys(backend(), {"a/x", "a/y/z", "b/q", "top", "arr/zarr.json",
-                                       "arr/c/0/0", "arr/c/1/0", "arr/c/1/1", "zeta.json"});
+  auto written = WriteKeys(backend(), {"a/x", "a/y/z", "b/q", "top", "arr/zarr.json", "arr/c/0/0",
+                                       "arr/c/1/0", "arr/c/1/1", "zeta.json"});
   Listing root = ListAll(backend(), "", true);
   EXPECT_THAT(root.Keys(), ElementsAre("top", "zeta.json"));
   EXPECT_THAT(root.prefixes, ElementsAre("a/", "arr/", "b/"));
@@ -885,9 +882,7 @@ TEST(BackendDefaultsTest, SuffixReadOfAValueReplacedMeanwhile) {
   EXPECT_EQ(backend.stats, 2);
 
   int writes = 0;
-  backend.after_stat = [&] {
-    ASSERT_TRUE(Put(backend, "k", std::string(++writes, 'x')).ok());
-  };
+  backend.after_stat = [&] { ASSERT_TRUE(Put(backend, "k", std::string(++writes, 'x')).ok()); };
   auto stale = backend.ReadSuffix("k", 7, &info);
   EXPECT_EQ(stale.status().code(), absl::StatusCode::kAborted) << stale.status();
   EXPECT_THAT(std::string(stale.status().message()), HasSubstr("\"k\""));

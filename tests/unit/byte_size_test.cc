@@ -41,8 +41,8 @@ TEST(ByteSizeTest, ParsesNumbersAndUnits) {
 }
 
 TEST(ByteSizeTest, RefusesBadInput) {
-  for (const std::string bad : {"abc", "-1", "-1KiB", "1XB", "", "KiB", "1.2.3", "1 2", "GiB1",
-                                "99999999999TiB"}) {
+  for (const std::string bad :
+       {"abc", "-1", "-1KiB", "1XB", "", "KiB", "1.2.3", "1 2", "GiB1", "99999999999TiB"}) {
     ByteSize size{777};
     std::string error;
     EXPECT_FALSE(AbslParseFlag(bad, &size, &error)) << "'" << bad << "' -> " << size.bytes;

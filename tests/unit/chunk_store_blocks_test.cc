@@ -51,9 +51,8 @@ class RangeCountingBackend final : public testing::ForwardingBackend {
     Count(result);
     return result;
   }
-  absl::StatusOr<Buffer> ReadRangeIfMatch(absl::string_view key, uint64_t offset,
-                                          uint64_t length, const ValueInfo& expected,
-                                          ValueInfo* info) override {
+  absl::StatusOr<Buffer> ReadRangeIfMatch(absl::string_view key, uint64_t offset, uint64_t length,
+                                          const ValueInfo& expected, ValueInfo* info) override {
     auto serial = Enter();
     auto result = inner_->ReadRangeIfMatch(key, offset, length, expected, info);
     Count(result);
@@ -97,9 +96,8 @@ class RangeCountingBackend final : public testing::ForwardingBackend {
       absl::MutexLock lock(&mu_);
       ++entered_;
       mu_.Await(absl::Condition(
-          +[](RangeCountingBackend* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) {
-            return !self->hold_;
-          },
+          +[](RangeCountingBackend* self)
+               ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) { return !self->hold_; },
           this));
       hook = hook_;
     }
@@ -194,8 +192,8 @@ TEST(ChunkStoreBlocksTest, ASuffixIsOneRequestAndCachesTheLastBlocks) {
   EXPECT_LE(f.backend->bytes(), 3 * kBlock);
   // The index again, and the bytes just before it: no request.
   ASSERT_TRUE(f.store->ReadAndWait("shard", Any(), ByteRange::Suffix(1028)).ok());
-  auto before = f.store->ReadAndWait(
-      "shard", Any(), ByteRange::Bounded(value.size() - 5000, value.size() - 1028));
+  auto before = f.store->ReadAndWait("shard", Any(),
+                                     ByteRange::Bounded(value.size() - 5000, value.size() - 1028));
   ASSERT_TRUE(before.ok()) << before.status();
   EXPECT_TRUE(before->value.view() == value.substr(value.size() - 5000, 5000 - 1028));
   EXPECT_EQ(f.backend->reads(), 1);
@@ -316,8 +314,8 @@ TEST(ChunkStoreBlocksTest, AValueLargerThanTheCacheReadsWholeAndByRange) {
   piecewise.if_generation = first->generation;
   piecewise.max_extent_bytes = f.store->block_bytes();
   while (streamed.size() < value.size()) {
-    auto piece = f.store->ReadAndWait("big", piecewise,
-                                      ByteRange::Bounded(streamed.size(), value.size()));
+    auto piece =
+        f.store->ReadAndWait("big", piecewise, ByteRange::Bounded(streamed.size(), value.size()));
     ASSERT_TRUE(piece.ok()) << piece.status();
     ASSERT_EQ(piece->offset, streamed.size());
     ASSERT_LE(piece->value.size(), kBlock);

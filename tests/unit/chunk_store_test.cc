@@ -3,9 +3,9 @@
 #include "server/store/chunk_store.h"
 
 #include <atomic>
+#include <cstdio>
 #include <memory>
 #include <optional>
-#include <cstdio>
 #include <string>
 #include <thread>
 #include <vector>
@@ -473,10 +473,12 @@ TEST(ChunkStoreTest, FullIoQueueRefusesWithUnavailable) {
   f.Seed("k", "v");
 
   absl::Notification running, release;
-  ASSERT_TRUE(f.store->Submit([&] {
-    running.Notify();
-    release.WaitForNotification();
-  }).ok());
+  ASSERT_TRUE(f.store
+                  ->Submit([&] {
+                    running.Notify();
+                    release.WaitForNotification();
+                  })
+                  .ok());
   running.WaitForNotification();  // the one I/O thread is busy; the queue is empty
   absl::Notification queued_ran;
   ASSERT_TRUE(f.store->Submit([&] { queued_ran.Notify(); }).ok());  // fills the queue
@@ -591,7 +593,7 @@ TEST(ChunkStoreTest, HitIsRevalidatedOnlyWhenOlderThanTheBound) {
   Fixture f;  // default policy: 60 s
   f.Seed("k", "v1");
   ASSERT_EQ(f.store->ReadAndWait("k")->value.view(), "v1");
-  f.Seed("k", "v2");  // behind the cache's back
+  f.Seed("k", "v2");                                         // behind the cache's back
   EXPECT_EQ(f.store->ReadAndWait("k")->value.view(), "v1");  // within the interval
   EXPECT_EQ(f.backend->revalidations(), 0);
   // A bound older than the copy: served.

@@ -1,6 +1,8 @@
 // The device tier, CUDA IPC delivery and import, against the host-memory stand-in of the CUDA
 // runtime (buffer/gpu/host_standin.h): the logic above DeviceApi, run on machines without a GPU.
 // The same paths on a real GPU: tests/unit/gpu_*_test.cc and tests/integration/cuda_test.cc.
+#include "server/store/device_tier.h"
+
 #include <cstring>
 #include <map>
 #include <random>
@@ -19,9 +21,8 @@
 #include "grpcpp/server_builder.h"
 #include "gtest/gtest.h"
 #include "server/backend/memory/memory_backend.h"
-#include "server/store/device_tier.h"
-#include "server/store/lease_table.h"
 #include "server/services/chunkd_service.h"
+#include "server/store/lease_table.h"
 #include "tests/support/test_support.h"
 
 namespace chunkd {
@@ -106,8 +107,7 @@ TEST(GpuBufferTest, ExplicitErrors) {
   auto cuda = buffer::gpu::ToGpu(Bytes("x"));
   if (!buffer::gpu::CudaDeviceApi().ok()) {
     EXPECT_EQ(cuda.status().code(), absl::StatusCode::kFailedPrecondition);
-    EXPECT_TRUE(absl::StartsWith(cuda.status().message(), "no CUDA device: "))
-        << cuda.status();
+    EXPECT_TRUE(absl::StartsWith(cuda.status().message(), "no CUDA device: ")) << cuda.status();
   }
   EXPECT_TRUE(buffer::gpu::Buffer().to_cpu().ok());  // empty: nothing to copy
 }
@@ -324,10 +324,9 @@ TEST(DeviceTierCreateTest, ExplicitErrors) {
   auto api = NewHostStandInDeviceApi(1);
   EXPECT_EQ(DeviceTier::Create(api.get(), {.capacity_bytes = 0}).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(DeviceTier::Create(api.get(), {.capacity_bytes = 1 << 20, .devices = {2}})
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      DeviceTier::Create(api.get(), {.capacity_bytes = 1 << 20, .devices = {2}}).status().code(),
+      absl::StatusCode::kInvalidArgument);
   auto none = NewHostStandInDeviceApi(0);
   EXPECT_EQ(DeviceTier::Create(none.get(), {.capacity_bytes = 1 << 20}).status().code(),
             absl::StatusCode::kFailedPrecondition);
@@ -503,11 +502,11 @@ class CudaServiceTest : public ::testing::Test {
   void Start(uint64_t device_capacity = 1 << 20, uint64_t segment = 1 << 20) {
     api_ = NewHostStandInDeviceApi(1);
     client_api_ = NewHostStandInDeviceApi(1);
-    tier_ = *DeviceTier::Create(
-        api_.get(), {.capacity_bytes = device_capacity, .segment_bytes = segment});
+    tier_ = *DeviceTier::Create(api_.get(),
+                                {.capacity_bytes = device_capacity, .segment_bytes = segment});
     leases_ = std::make_unique<LeaseTable>(LeaseTableOptions{.ttl = absl::Seconds(30)});
-    store_ = std::make_unique<server::ChunkStore>(server::NewMemoryBackend(server::BackendOptions{}),
-                                                  server::ChunkStoreOptions{});
+    store_ = std::make_unique<server::ChunkStore>(
+        server::NewMemoryBackend(server::BackendOptions{}), server::ChunkStoreOptions{});
     server::ServiceOptions options;
     options.leases = leases_.get();
     options.device_tier = tier_.get();
@@ -572,10 +571,10 @@ class CudaServiceTest : public ::testing::Test {
     auto base = client_api_->IpcOpenMemHandle(0, *handle);
     EXPECT_TRUE(base.ok()) << base.status();
     std::string out(h.length(), '\0');
-    EXPECT_TRUE(client_api_
-                    ->CopyToHost(0, out.data(), static_cast<std::byte*>(*base) + h.offset(),
-                                 h.length())
-                    .ok());
+    EXPECT_TRUE(
+        client_api_
+            ->CopyToHost(0, out.data(), static_cast<std::byte*>(*base) + h.offset(), h.length())
+            .ok());
     EXPECT_TRUE(client_api_->IpcCloseMemHandle(0, *base).ok());
     return out;
   }

@@ -37,10 +37,10 @@ using chunkd::testing::PathExists;
 using chunkd::testing::ReadFile;
 using chunkd::testing::TempDir;
 using chunkd::testing::WriteFile;
+using ::testing::Contains;
 using ::testing::ElementsAre;
 using ::testing::IsEmpty;
 using ::testing::Not;
-using ::testing::Contains;
 
 std::unique_ptr<Backend> Open(const std::string& path, bool fsync = true) {
   BackendOptions options;
@@ -231,8 +231,8 @@ TEST(FileBackendTest, TemporaryFilesOfInterruptedWritesAreSweptAtStart) {
   ASSERT_EQ(::mkdir(root.Join("a").c_str(), 0755), 0);
   ASSERT_EQ(::mkdir(root.Join("a/b").c_str(), 0755), 0);
   // Left by writes that a crash interrupted: older than this start.
-  for (const std::string& stale : {prefix + "4242-0", "a/b/" + prefix + "4242-7",
-                                   prefix + "4242-8-0123456789abcdef"}) {
+  for (const std::string& stale :
+       {prefix + "4242-0", "a/b/" + prefix + "4242-7", prefix + "4242-8-0123456789abcdef"}) {
     WriteFile(root.Join(stale), "partial");
     Touch(root.Join(stale), -3600);
   }
@@ -240,10 +240,11 @@ TEST(FileBackendTest, TemporaryFilesOfInterruptedWritesAreSweptAtStart) {
   // not a regular file, and anything beyond a link.
   WriteFile(root.Join(prefix + "4242-9"), "in progress");
   Touch(root.Join(prefix + "4242-9"), 3600);
-  std::vector<std::string> kept = {prefix + "4242-9", prefix + "notours", prefix + "1-2-3",
-                                   prefix + "12-", "a/b/c", "a/link/" + prefix + "7-7"};
-  for (const std::string& name : {prefix + "notours", prefix + "1-2-3", prefix + "12-",
-                                  std::string("a/b/c")}) {
+  std::vector<std::string> kept = {prefix + "4242-9", prefix + "notours",
+                                   prefix + "1-2-3",  prefix + "12-",
+                                   "a/b/c",           "a/link/" + prefix + "7-7"};
+  for (const std::string& name :
+       {prefix + "notours", prefix + "1-2-3", prefix + "12-", std::string("a/b/c")}) {
     WriteFile(root.Join(name), "x");
     Touch(root.Join(name), -3600);
   }
@@ -480,8 +481,8 @@ TEST(FileBackendTest, SymbolicLinksCannotLeaveTheRoot) {
   }
 
   // Writes never go through a linked directory to outside.
-  for (const std::string key : {"out_empty/new", "out_empty/sub/new", "out_dir/secret",
-                                "out_dir/new"}) {
+  for (const std::string key :
+       {"out_empty/new", "out_empty/sub/new", "out_dir/secret", "out_dir/new"}) {
     absl::Status s = Put(*b, key, "overwritten");
     EXPECT_FALSE(s.ok()) << key;
   }
@@ -531,8 +532,8 @@ class CappedAllocator final : public buffer::HostAllocator {
     while (size > seen && !largest_.compare_exchange_weak(seen, size)) {
     }
     if (size > limit_) {
-      return absl::ResourceExhaustedError(absl::StrCat("test allocator: ", size, " bytes asked, ",
-                                                       limit_, " at most"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("test allocator: ", size, " bytes asked, ", limit_, " at most"));
     }
     return buffer::HeapAllocator().Allocate(size);
   }

@@ -25,8 +25,7 @@ class ForwardingBackend : public server::Backend {
     return inner_->Read(key, info);
   }
   absl::StatusOr<buffer::cpu::Buffer> ReadRange(absl::string_view key, uint64_t offset,
-                                                uint64_t length,
-                                                server::ValueInfo* info) override {
+                                                uint64_t length, server::ValueInfo* info) override {
     return inner_->ReadRange(key, offset, length, info);
   }
   absl::StatusOr<buffer::cpu::Buffer> ReadSuffix(absl::string_view key, uint64_t length,
@@ -42,8 +41,7 @@ class ForwardingBackend : public server::Backend {
   absl::StatusOr<server::ValueInfo> Stat(absl::string_view key) override {
     return inner_->Stat(key);
   }
-  absl::StatusOr<bool> IsCurrent(absl::string_view key,
-                                 const server::ValueInfo& cached) override {
+  absl::StatusOr<bool> IsCurrent(absl::string_view key, const server::ValueInfo& cached) override {
     return inner_->IsCurrent(key, cached);
   }
   absl::StatusOr<std::optional<buffer::cpu::Buffer>> ReadIfChanged(

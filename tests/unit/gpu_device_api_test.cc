@@ -19,12 +19,12 @@ namespace {
 using buffer::gpu::DeviceApi;
 
 // The CUDA runtime, or a skip.
-#define CUDA_OR_SKIP(api)                                              \
-  DeviceApi* api = nullptr;                                            \
-  if (auto probed = buffer::gpu::CudaDeviceApi(); !probed.ok()) {      \
-    GTEST_SKIP() << probed.status().message();                         \
-  } else {                                                             \
-    api = *probed;                                                     \
+#define CUDA_OR_SKIP(api)                                         \
+  DeviceApi* api = nullptr;                                       \
+  if (auto probed = buffer::gpu::CudaDeviceApi(); !probed.ok()) { \
+    GTEST_SKIP() << probed.status().message();                    \
+  } else {                                                        \
+    api = *probed;                                                \
   }
 
 TEST(GpuDeviceApiTest, DevicesHaveDistinctUuids) {
@@ -87,8 +87,8 @@ TEST(GpuDeviceTierTest, PromotionsShareOneExportedSegment) {
   std::vector<server::DeviceChunk> chunks;
   for (int i = 0; i < 16; ++i) {
     std::string value = testing::RandomBytes((1 << 20) + i * 4096, 10 + i);
-    auto chunk = (*tier)->Promote(0, "k" + std::to_string(i), 1,
-                                  buffer::cpu::Buffer::CopyOf(value));
+    auto chunk =
+        (*tier)->Promote(0, "k" + std::to_string(i), 1, buffer::cpu::Buffer::CopyOf(value));
     ASSERT_TRUE(chunk.ok()) << chunk.status();
     auto back = chunk->buffer.to_cpu();
     ASSERT_TRUE(back.ok()) << back.status();
@@ -102,8 +102,9 @@ TEST(GpuDeviceTierTest, PromotionsShareOneExportedSegment) {
   ASSERT_TRUE(leases.Grant("test", chunks[0].buffer.block(), chunks[0].buffer.size()).ok());
   chunks.clear();
   for (int i = 0; i < 64; ++i) {
-    ASSERT_TRUE((*tier)->Promote(0, "m" + std::to_string(i), 1,
-                                 buffer::cpu::Buffer::CopyOf(std::string(1 << 20, 'm')))
+    ASSERT_TRUE((*tier)
+                    ->Promote(0, "m" + std::to_string(i), 1,
+                              buffer::cpu::Buffer::CopyOf(std::string(1 << 20, 'm')))
                     .ok());
     ASSERT_LE((*tier)->stats().segment_bytes, 64u << 20);
   }

@@ -38,7 +38,9 @@ class HostCachePolicyTest : public ::testing::TestWithParam<EvictionPolicy> {};
 
 INSTANTIATE_TEST_SUITE_P(Policies, HostCachePolicyTest,
                          ::testing::Values(EvictionPolicy::kS3Fifo, EvictionPolicy::kLru),
-                         [](const auto& info) { return std::string(EvictionPolicyName(info.param)); });
+                         [](const auto& info) {
+                           return std::string(EvictionPolicyName(info.param));
+                         });
 
 TEST(HostCacheTest, ParsePolicyNames) {
   EXPECT_EQ(ParseEvictionPolicy("s3fifo"), EvictionPolicy::kS3Fifo);
@@ -280,7 +282,8 @@ class Zipf {
   Zipf(size_t n, double alpha, uint64_t seed) : rng_(seed) {
     cdf_.resize(n);
     double sum = 0;
-    for (size_t i = 0; i < n; ++i) cdf_[i] = (sum += 1.0 / std::pow(static_cast<double>(i + 1), alpha));
+    for (size_t i = 0; i < n; ++i)
+      cdf_[i] = (sum += 1.0 / std::pow(static_cast<double>(i + 1), alpha));
     for (double& c : cdf_) c /= sum;
   }
   size_t Next() {

@@ -1,6 +1,8 @@
 // The http:// backend: the conformance suite's read-only subset against a real nginx on
 // loopback, and faults from a scripted server (refused connections, silence, 5xx, truncated
 // bodies).
+#include "server/backend/http/http_backend.h"
+
 #include <unistd.h>
 
 #include <atomic>
@@ -18,7 +20,6 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/backend/backend.h"
-#include "server/backend/http/http_backend.h"
 #include "server/backend/http/http_transport.h"
 #include "server/store/chunk_store.h"
 #include "tests/support/test_support.h"
@@ -61,15 +62,14 @@ std::unique_ptr<server::Backend> MakeNginxBackend(TempDir& dir) {
                                          *std::move(backend));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Http, BackendConformanceTest,
-    ::testing::Values(BackendFactory{
-        "http_nginx", MakeNginxBackend,
-        [](TempDir& dir, const std::string& key, const std::string& value) {
-          return WriteFileUnder(dir.path(), key, value);
-        },
-        /*lists_dot_names=*/false}),
-    BackendFactoryName);
+INSTANTIATE_TEST_SUITE_P(Http, BackendConformanceTest,
+                         ::testing::Values(BackendFactory{
+                             "http_nginx", MakeNginxBackend,
+                             [](TempDir& dir, const std::string& key, const std::string& value) {
+                               return WriteFileUnder(dir.path(), key, value);
+                             },
+                             /*lists_dot_names=*/false}),
+                         BackendFactoryName);
 
 server::BackendOptions FastOptions(int attempts = 3) {
   server::BackendOptions options;
@@ -90,8 +90,7 @@ std::unique_ptr<server::Backend> Open(const std::string& url,
 }
 
 TEST(HttpBackendTest, OpensOnlyWellFormedUrls) {
-  EXPECT_EQ(server::OpenBackend("http://", {}).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(server::OpenBackend("http://", {}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(server::OpenBackend("http:///path", {}).status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(server::OpenBackend("http://host/p?x=1", {}).status().code(),
@@ -170,10 +169,8 @@ TEST(HttpBackendTest, StatusesMapToCodes) {
   ASSERT_NE(backend, nullptr);
   EXPECT_EQ(backend->Read("missing", nullptr).status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(backend->Stat("missing").status().code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(backend->Read("secret", nullptr).status().code(),
-            absl::StatusCode::kPermissionDenied);
-  EXPECT_EQ(backend->Read("login", nullptr).status().code(),
-            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(backend->Read("secret", nullptr).status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(backend->Read("login", nullptr).status().code(), absl::StatusCode::kPermissionDenied);
   EXPECT_EQ(backend->Read("odd", nullptr).status().code(), absl::StatusCode::kInternal);
   // 4xx are answers, not faults: one request each, no retries.
   EXPECT_EQ(server.requests(), 5);
@@ -267,8 +264,9 @@ TEST(HttpBackendTest, SuffixAndIfMatchReadsAreOneGet) {
     std::lock_guard<std::mutex> lock(mu);
     seen.push_back(request);
     if (absl::StartsWith(request, "HEAD")) {
-      return Reply{"HTTP/1.1 200 X\r\nContent-Length: 10\r\nETag: \"v2\"\r\n"
-                   "Connection: close\r\n\r\n"};
+      return Reply{
+          "HTTP/1.1 200 X\r\nContent-Length: 10\r\nETag: \"v2\"\r\n"
+          "Connection: close\r\n\r\n"};
     }
     if (absl::StrContains(request, "If-Match: \"v1\"")) return ScriptedHttpServer::Status(412);
     if (absl::StrContains(request, "Range: bytes=-4")) {
@@ -518,7 +516,8 @@ TEST_F(HttpFreshnessTest, MetadataAlwaysFreshImmutablePrefixNeverAsked) {
   Put("arr/zarr.json", "{}");
   Put("arr/.zarray", "{}");
   Put("arr/c/0", "c1");
-  for (const char* key : {"arr/zarr.json", "arr/.zarray", "arr/c/0"}) ASSERT_NE(Read(*other, key), "");
+  for (const char* key : {"arr/zarr.json", "arr/.zarray", "arr/c/0"})
+    ASSERT_NE(Read(*other, key), "");
   Put("arr/zarr.json", "{\"shape\":[2]}");
   Put("arr/.zarray", "{\"shape\":[2]}");
   Put("arr/c/0", "c2-longer");

@@ -186,10 +186,10 @@ class NginxServer {
           "  }\n}\n");
       WriteFile(d + "/nginx.conf", conf);
       std::string log = d + "/stdout.log";
-      server->process_ = std::make_unique<ChildProcess>(
-          std::vector<std::string>{binary, "-e", d + "/error.log", "-p", d, "-c",
-                                   d + "/nginx.conf"},
-          log);
+      server->process_ =
+          std::make_unique<ChildProcess>(std::vector<std::string>{binary, "-e", d + "/error.log",
+                                                                  "-p", d, "-c", d + "/nginx.conf"},
+                                         log);
       last = WaitForPort(*server->process_, server->port_, absl::Seconds(10), log);
       if (last.ok()) return server;
       last = absl::Status(last.code(), absl::StrCat(last.message(), ReadFile(d + "/error.log")));
@@ -236,8 +236,7 @@ class MotoServer {
       server->port_ = FreeLoopbackPort();
       std::string log = server->dir_.Join("moto.log");
       server->process_ = std::make_unique<ChildProcess>(
-          std::vector<std::string>{binary, "-H", "127.0.0.1", "-p",
-                                   std::to_string(server->port_)},
+          std::vector<std::string>{binary, "-H", "127.0.0.1", "-p", std::to_string(server->port_)},
           log);
       last = WaitForPort(*server->process_, server->port_, absl::Seconds(60), log);
       if (last.ok()) return server;
@@ -266,11 +265,11 @@ class MotoServer {
   absl::Status Boto(const std::string& code) {
     std::string python = Binary();
     python = python.substr(0, python.rfind('/') + 1) + "python";
-    std::string script = absl::StrCat(
-        "import boto3\ns3 = boto3.client('s3', endpoint_url='", endpoint(),
-        "', region_name='us-east-1', aws_access_key_id='testing', "
-        "aws_secret_access_key='testing')\n",
-        code);
+    std::string script =
+        absl::StrCat("import boto3\ns3 = boto3.client('s3', endpoint_url='", endpoint(),
+                     "', region_name='us-east-1', aws_access_key_id='testing', "
+                     "aws_secret_access_key='testing')\n",
+                     code);
     CommandResult r = RunCommand({python, "-c", script});
     if (r.exit_code != 0) {
       return absl::InternalError(absl::StrCat("boto3 failed: ", r.err, r.out));
@@ -293,9 +292,9 @@ class MotoServer {
 class ScriptedHttpServer {
  public:
   struct Reply {
-    std::string bytes;    // written as is (status line, headers, body)
-    bool hang = false;    // write nothing and keep the connection open until Stop()
-    bool close = true;    // close the connection after writing
+    std::string bytes;  // written as is (status line, headers, body)
+    bool hang = false;  // write nothing and keep the connection open until Stop()
+    bool close = true;  // close the connection after writing
   };
   using Handler = std::function<Reply(const std::string& request, int n)>;
 
@@ -431,7 +430,9 @@ inline absl::Status WriteFileUnder(const std::string& root, const std::string& k
   std::filesystem::path path = std::filesystem::path(root) / key;
   std::error_code ec;
   std::filesystem::create_directories(path.parent_path(), ec);
-  if (ec) return absl::InternalError(absl::StrCat("mkdir ", path.parent_path().string(), ": ", ec.message()));
+  if (ec)
+    return absl::InternalError(
+        absl::StrCat("mkdir ", path.parent_path().string(), ": ", ec.message()));
   static std::atomic<int> counter{0};
   std::filesystem::path temp =
       path.parent_path() / absl::StrCat(".seed-", ::getpid(), "-", counter.fetch_add(1));

@@ -71,28 +71,39 @@ TEST(ValidateKeyTest, RefusesNul) {
 }
 
 TEST(ValidateKeyTest, RefusesControlCharacters) {
-  ExpectRefused("a\x01" "b", "control character");
+  ExpectRefused(
+      "a\x01"
+      "b",
+      "control character");
   ExpectRefused("a\x7f", "control character");
   ExpectRefused("a\nb", "control character");
   ExpectRefused("a\tb", "control character");
   ExpectRefused("a/\x1b[31m", "control character");
   // C1 controls: U+0085 (NEL) and U+009F, encoded in UTF-8.
-  ExpectRefused("a\xC2\x85" "b", "control character");
+  ExpectRefused(
+      "a\xC2\x85"
+      "b",
+      "control character");
   ExpectRefused("a\xC2\x9F", "control character");
   // U+00A0 is just past the C1 range: allowed.
-  EXPECT_TRUE(ValidateKey("a\xC2\xA0" "b").ok());
+  EXPECT_TRUE(ValidateKey("a\xC2\xA0"
+                          "b")
+                  .ok());
 }
 
 TEST(ValidateKeyTest, RefusesInvalidUtf8) {
-  ExpectRefused("a\xff" "b", "UTF-8");
-  ExpectRefused("\xC0\xAF", "UTF-8");                // overlong '/'
-  ExpectRefused("a/\xE0\x80\xAF", "UTF-8");          // overlong, 3 bytes
-  ExpectRefused("a\xED\xA0\x80", "UTF-8");           // surrogate U+D800
-  ExpectRefused("a\xC3", "UTF-8");                   // truncated 2-byte sequence
-  ExpectRefused("a\xE2\x82", "UTF-8");               // truncated 3-byte sequence
-  ExpectRefused("a\xE2\x82/b", "UTF-8");             // truncated in the middle
-  ExpectRefused("a\x80", "UTF-8");                   // lone continuation byte
-  ExpectRefused("a\xF4\x90\x80\x80", "UTF-8");       // past U+10FFFF
+  ExpectRefused(
+      "a\xff"
+      "b",
+      "UTF-8");
+  ExpectRefused("\xC0\xAF", "UTF-8");           // overlong '/'
+  ExpectRefused("a/\xE0\x80\xAF", "UTF-8");     // overlong, 3 bytes
+  ExpectRefused("a\xED\xA0\x80", "UTF-8");      // surrogate U+D800
+  ExpectRefused("a\xC3", "UTF-8");              // truncated 2-byte sequence
+  ExpectRefused("a\xE2\x82", "UTF-8");          // truncated 3-byte sequence
+  ExpectRefused("a\xE2\x82/b", "UTF-8");        // truncated in the middle
+  ExpectRefused("a\x80", "UTF-8");              // lone continuation byte
+  ExpectRefused("a\xF4\x90\x80\x80", "UTF-8");  // past U+10FFFF
 }
 
 TEST(ValidateKeyTest, RefusesTooLong) {

@@ -191,7 +191,9 @@ TEST(RawMessageTest, CopyThresholdIsAParameter) {
   const Buffer data = Buffer::CopyOf("0123456789");
   EXPECT_EQ(Slices(EncodeWithData("", data, /*copy_below=*/0)).size(), 2u);
   EXPECT_EQ(Slices(EncodeWithData("", data, /*copy_below=*/11)).size(), 1u);
-  EXPECT_EQ(Flatten(EncodeWithData("", data, 0)), "\x7a\x0a" "0123456789");
+  EXPECT_EQ(Flatten(EncodeWithData("", data, 0)),
+            "\x7a\x0a"
+            "0123456789");
 }
 
 TEST(RawMessageTest, PartSequenceCutsAValueIntoReferencedParts) {
@@ -309,7 +311,9 @@ TEST(RawMessageTest, RejectsMalformedInput) {
   EXPECT_FALSE(Decode(FromBytes("\xa3\x01")).ok);  // field 20, wire type 3
   EXPECT_FALSE(Decode(FromBytes("\xa6\x01")).ok);  // field 20, wire type 6
   // A length beyond the message.
-  EXPECT_FALSE(Decode(FromBytes("\x7a\x10" "abc")).ok);
+  EXPECT_FALSE(Decode(FromBytes("\x7a\x10"
+                                "abc"))
+                   .ok);
   // The low-level reads report the end of input.
   FieldReader reader(FromBytes("\x08"));
   uint32_t field, wire_type;

@@ -221,10 +221,9 @@ TEST(RepliesTest, OnlyCutOffValuesAreContinuedAndOnlyByTheirRest) {
   {
     GetReply reply(std::make_shared<NoHandles>(), 1 << 20, resume);
     ASSERT_TRUE(reply.Absorb(Message(head)).ok());
-    EXPECT_EQ(reply.Finish(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "late"))
-                  .status()
-                  .code(),
-              absl::StatusCode::kDeadlineExceeded);
+    EXPECT_EQ(
+        reply.Finish(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "late")).status().code(),
+        absl::StatusCode::kDeadlineExceeded);
     EXPECT_FALSE(resume->active());
   }
   {

@@ -1,5 +1,7 @@
 // The s3:// backend: the whole conformance suite against moto's S3 server on loopback, and
 // multipart uploads, objects written by others, credentials, signing and faults.
+#include "server/backend/s3/s3_backend.h"
+
 #include <unistd.h>
 
 #include <atomic>
@@ -17,7 +19,6 @@
 #include "gtest/gtest.h"
 #include "server/backend/backend.h"
 #include "server/backend/http/http_transport.h"
-#include "server/backend/s3/s3_backend.h"
 #include "server/store/chunk_store.h"
 #include "tests/support/test_support.h"
 #include "tests/unit/backend_conformance.h"
@@ -97,8 +98,7 @@ class S3BackendTest : public ::testing::Test {
     if (IsSkipped()) return;
     ASSERT_NE(moto_, nullptr);
   }
-  std::unique_ptr<server::Backend> Open(const std::string& url,
-                                        server::BackendOptions options) {
+  std::unique_ptr<server::Backend> Open(const std::string& url, server::BackendOptions options) {
     auto backend = server::OpenBackend(url, options);
     EXPECT_TRUE(backend.ok()) << backend.status();
     return backend.ok() ? *std::move(backend) : nullptr;
@@ -283,9 +283,9 @@ TEST(S3BackendFaultTest, RequestsAreSignedAndAddressed) {
   ::setenv("AWS_SESSION_TOKEN", "token123", 1);
   std::string last;
   std::mutex mu;
-  auto server = FakeS3(
-      [](const std::string&, int) { return ScriptedHttpServer::Status(200, "v", "ETag: \"1\"\r\n"); },
-      &last, &mu);
+  auto server = FakeS3([](const std::string&,
+                          int) { return ScriptedHttpServer::Status(200, "v", "ETag: \"1\"\r\n"); },
+                       &last, &mu);
   auto options = FakeOptions(*server);
   options.s3.region = "eu-west-3";
   auto backend = server::OpenBackend("s3://bkt/pre/fix", options);
@@ -294,7 +294,8 @@ TEST(S3BackendFaultTest, RequestsAreSignedAndAddressed) {
   {
     std::lock_guard<std::mutex> lock(mu);
     // The listing probe: path style, canonical (sorted) query.
-    EXPECT_THAT(last, HasSubstr("GET /bkt/?delimiter=%2F&list-type=2&max-keys=1&prefix=pre%2Ffix%2F "));
+    EXPECT_THAT(last,
+                HasSubstr("GET /bkt/?delimiter=%2F&list-type=2&max-keys=1&prefix=pre%2Ffix%2F "));
   }
   auto r = (*backend)->Read("a b/c", nullptr);
   ASSERT_TRUE(r.ok()) << r.status();

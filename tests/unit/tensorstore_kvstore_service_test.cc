@@ -22,8 +22,8 @@ TEST(TensorStoreGenerationTest, EncodesAsStorageGenerationFromUint64) {
 }
 
 TEST(TensorStoreGenerationTest, BytesChunkdNeverHandsOutDecodeToNothing) {
-  EXPECT_EQ(DecodeGeneration(""), std::nullopt);           // unknown
-  EXPECT_EQ(DecodeGeneration(kNoValue), std::nullopt);     // no value
+  EXPECT_EQ(DecodeGeneration(""), std::nullopt);                    // unknown
+  EXPECT_EQ(DecodeGeneration(kNoValue), std::nullopt);              // no value
   EXPECT_EQ(DecodeGeneration(std::string(9, '\0')), std::nullopt);  // 0 is "no value" here
   EXPECT_EQ(DecodeGeneration(std::string("\x04\x01\0\0\0\0\0\0\0", 9)), std::nullopt);  // dirty
   EXPECT_EQ(DecodeGeneration(std::string("\x00\x01\x02", 3)), std::nullopt);

@@ -359,8 +359,8 @@ class FileBackend final : public Backend {
     std::string temp_name;
     UniqueFd temp;
     for (int attempt = 0; attempt < 8 && !temp.valid(); ++attempt) {
-      temp_name = absl::StrCat(kFileBackendTempPrefix, ::getpid(), "-",
-                               temp_counter_.fetch_add(1), "-", temp_tag_);
+      temp_name = absl::StrCat(kFileBackendTempPrefix, ::getpid(), "-", temp_counter_.fetch_add(1),
+                               "-", temp_tag_);
       temp = UniqueFd(::openat(parent, temp_name.c_str(),
                                O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644));
       if (!temp.valid() && errno != EEXIST) break;
@@ -478,13 +478,12 @@ class FileBackend final : public Backend {
           "key ", QuoteKey(key), ": cannot check where it resolves (/proc unavailable)"));
     }
     absl::string_view path(real, static_cast<size_t>(n));
-    if (path == root_path_ ||
-        (absl::StartsWith(path, root_path_) &&
-         (root_path_ == "/" || path.substr(root_path_.size(), 1) == "/"))) {
+    if (path == root_path_ || (absl::StartsWith(path, root_path_) &&
+                               (root_path_ == "/" || path.substr(root_path_.size(), 1) == "/"))) {
       return absl::OkStatus();
     }
-    return absl::PermissionDeniedError(absl::StrCat(
-        "key ", QuoteKey(key), " resolves outside the store root (a symbolic link?)"));
+    return absl::PermissionDeniedError(
+        absl::StrCat("key ", QuoteKey(key), " resolves outside the store root (a symbolic link?)"));
   }
 
   // Bytes [offset, offset + length) of the open value file `fd`, whose fstat is `st`: fewer
@@ -500,8 +499,8 @@ class FileBackend final : public Backend {
     size_t done = 0;
     while (done < out->size()) {
       // Linux moves at most about 2 GiB per call: loop until the range is read.
-      ssize_t n = ::pread(fd, out->data() + done, out->size() - done,
-                          static_cast<off_t>(offset + done));
+      ssize_t n =
+          ::pread(fd, out->data() + done, out->size() - done, static_cast<off_t>(offset + done));
       if (n < 0) {
         if (errno == EINTR) continue;
         return ErrnoError(errno, "read", key);
@@ -579,8 +578,8 @@ class FileBackend final : public Backend {
     if (conditions.empty()) return absl::OkStatus();
     auto info = Stat(key);
     if (!info.ok() && !absl::IsNotFound(info.status())) return info.status();
-    return conditions.Check(key, info.ok() ? std::optional<Generation>(info->generation)
-                                           : std::nullopt);
+    return conditions.Check(key,
+                            info.ok() ? std::optional<Generation>(info->generation) : std::nullopt);
   }
 
   const UniqueFd root_fd_;
@@ -607,8 +606,9 @@ absl::StatusOr<std::optional<FileListCursor::Frame>> FileListCursor::ReadFirst(
   return ReadFrame(*std::move(fd), std::move(rel), name_filter);
 }
 
-absl::StatusOr<std::optional<FileListCursor::Frame>> FileListCursor::ReadChild(
-    const Frame& parent, const Child& child, std::string rel) {
+absl::StatusOr<std::optional<FileListCursor::Frame>> FileListCursor::ReadChild(const Frame& parent,
+                                                                               const Child& child,
+                                                                               std::string rel) {
   UniqueFd fd(::openat(parent.dir.get(), child.name.c_str(),
                        O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
   if (!fd.valid()) return std::nullopt;  // removed meanwhile
@@ -665,8 +665,8 @@ absl::StatusOr<std::unique_ptr<Backend>> OpenFileBackend(absl::string_view path,
   std::string p(path);
   char real[PATH_MAX + 1];
   if (::realpath(p.c_str(), real) == nullptr) {
-    return absl::NotFoundError(
-        absl::StrCat("file store ", p, ": ", std::strerror(errno), " (create the directory first)"));
+    return absl::NotFoundError(absl::StrCat("file store ", p, ": ", std::strerror(errno),
+                                            " (create the directory first)"));
   }
   struct timespec start;
   clock_gettime(CLOCK_REALTIME, &start);

@@ -4,19 +4,19 @@
 // and 64 random bits of the store, so that writers of the same pid on one volume never
 // collide), fsync, rename, fsync of the directory; directories created for a key are synced
 // into their parents. A failed sync fails the write. Cached copies are validated with a stat
-// of the path (Validation::kLocal: device, inode, size, mtime in ns). No key can reach outside the root: keys never hold "." or ".." segments (see
-// server/common/key.h), and every file or directory opened is checked to resolve beneath the root, so
-// a symbolic link inside the store that points out of it is refused (PERMISSION_DENIED).
-// Links that stay inside the root are followed when reading. Listings do not descend into
-// linked directories.
+// of the path (Validation::kLocal: device, inode, size, mtime in ns). No key can reach outside the
+// root: keys never hold "." or ".." segments (see server/common/key.h), and every file or directory
+// opened is checked to resolve beneath the root, so a symbolic link inside the store that points
+// out of it is refused (PERMISSION_DENIED). Links that stay inside the root are followed when
+// reading. Listings do not descend into linked directories.
 #ifndef CHUNKD_SERVER_BACKEND_FILE_FILE_BACKEND_H_
 #define CHUNKD_SERVER_BACKEND_FILE_FILE_BACKEND_H_
 
 #include <memory>
 #include <string_view>
 
-#include "absl/strings/string_view.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "server/backend/backend.h"
 
 namespace chunkd::server {

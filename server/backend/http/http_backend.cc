@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <cctype>
-#include <string>
 #include <optional>
+#include <string>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -64,8 +64,8 @@ class HttpBackend final : public http::RangedHttpBackend {
     uint64_t size = 0;
     auto length = r->Header("content-length");
     if (!length || !absl::SimpleAtoi(*length, &size)) {
-      return absl::InternalError(absl::StrCat("HEAD key ", QuoteKey(key),
-                                              ": the server announced no Content-Length"));
+      return absl::InternalError(
+          absl::StrCat("HEAD key ", QuoteKey(key), ": the server announced no Content-Length"));
     }
     return ValueInfo{size, GenerationOf(*r, size), r->Header("etag").value_or("")};
   }
@@ -105,7 +105,8 @@ class HttpBackend final : public http::RangedHttpBackend {
     std::vector<NginxIndexEntry> items;
     if (!ParseNginxIndex(r->BodyText(), &items)) {
       return absl::UnimplementedError(absl::StrCat(
-          what, ": the server's directory index is not JSON. Listing an http:// store needs "
+          what,
+          ": the server's directory index is not JSON. Listing an http:// store needs "
           "nginx's autoindex_format json (or the same format from another server); reading "
           "keys works without it."));
     }

@@ -231,10 +231,9 @@ absl::StatusOr<HttpResponse> HttpTransport::PerformOnce(const HttpRequest& reque
   // would refuse the signature; S3 handles 100-continue well anyway.
   if (request.aws_sigv4.empty()) headers = curl_slist_append(headers, "Expect:");
   if (request.method == "PUT" || request.method == "POST") {
-    bool has_type = std::any_of(request.headers.begin(), request.headers.end(),
-                                [](const std::string& h) {
-                                  return absl::StartsWithIgnoreCase(h, "content-type:");
-                                });
+    bool has_type = std::any_of(
+        request.headers.begin(), request.headers.end(),
+        [](const std::string& h) { return absl::StartsWithIgnoreCase(h, "content-type:"); });
     if (!has_type) headers = curl_slist_append(headers, "Content-Type: application/octet-stream");
   }
   curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
@@ -257,8 +256,8 @@ absl::StatusOr<HttpResponse> HttpTransport::PerformOnce(const HttpRequest& reque
         absl::StrCat("no memory for the body: ", receiver.allocation_error));
   }
   uint64_t expected = receiver.content_length.value_or(0);
-  bool has_body = !receiver.head && receiver.response.status != 204 &&
-                  receiver.response.status != 304;
+  bool has_body =
+      !receiver.head && receiver.response.status != 204 && receiver.response.status != 304;
   if (receiver.overflow) {
     *retryable = request.idempotent;
     return absl::UnavailableError(
@@ -267,8 +266,8 @@ absl::StatusOr<HttpResponse> HttpTransport::PerformOnce(const HttpRequest& reque
   if (code == CURLE_PARTIAL_FILE ||
       (code == CURLE_OK && has_body && receiver.content_length && receiver.received != expected)) {
     *retryable = request.idempotent;
-    return absl::UnavailableError(absl::StrCat("truncated body: received ", receiver.received,
-                                               " of ", expected, " bytes"));
+    return absl::UnavailableError(
+        absl::StrCat("truncated body: received ", receiver.received, " of ", expected, " bytes"));
   }
   if (code != CURLE_OK) {
     *retryable = RetryableCurlError(code, request.idempotent);
@@ -287,7 +286,8 @@ absl::StatusOr<HttpResponse> HttpTransport::PerformOnce(const HttpRequest& reque
     // from the allocator.
     auto buffer = buffer::cpu::MutableBuffer::Allocate(response.text.size(), *request.allocator);
     if (!buffer.ok()) return buffer.status();
-    if (!response.text.empty()) std::memcpy(buffer->data(), response.text.data(), response.text.size());
+    if (!response.text.empty())
+      std::memcpy(buffer->data(), response.text.data(), response.text.size());
     response.body = std::move(*buffer).Freeze();
     response.text.clear();
   }
@@ -387,8 +387,8 @@ std::string RangedHttpBackend::What(absl::string_view method, absl::string_view 
 }
 
 absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::WholeValue(HttpResponse& r,
-                                                                 absl::string_view key,
-                                                                 ValueInfo* info) const {
+                                                                  absl::string_view key,
+                                                                  ValueInfo* info) const {
   if (absl::Status s = CheckResponse(r, key, "GET"); !s.ok()) return s;
   if (r.status != 200) {
     return absl::InternalError(
@@ -399,7 +399,7 @@ absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::WholeValue(HttpResponse& 
 }
 
 absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::Read(absl::string_view key,
-                                                           ValueInfo* info) {
+                                                            ValueInfo* info) {
   HttpRequest request = NewGet(key);
   auto r = transport_.Perform(request, What("GET", key));
   if (!r.ok()) return r.status();
@@ -432,9 +432,11 @@ absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::ReadSuffix(absl::string_v
   return RangedGet(key, {.length = length, .suffix = true}, info);
 }
 
-absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::ReadRangeIfMatch(
-    absl::string_view key, uint64_t offset, uint64_t length, const ValueInfo& expected,
-    ValueInfo* info) {
+absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::ReadRangeIfMatch(absl::string_view key,
+                                                                        uint64_t offset,
+                                                                        uint64_t length,
+                                                                        const ValueInfo& expected,
+                                                                        ValueInfo* info) {
   return RangedGet(key, {.offset = offset, .length = length, .expected = &expected}, info);
 }
 
@@ -519,14 +521,12 @@ absl::StatusOr<buffer::cpu::Buffer> RangedHttpBackend::RangedGet(absl::string_vi
       if (!total) {
         return absl::InternalError(absl::StrCat(what, ": a partial answer without a total size"));
       }
-      return finish({*total, GenerationOf(*r, *total), std::move(etag)},
-                    std::move(r->body));
+      return finish({*total, GenerationOf(*r, *total), std::move(etag)}, std::move(r->body));
     }
     // 200: the server sent the whole value (it ignores Range, or the range is all of it).
     uint64_t size = r->body.size();
     auto [start, length] = PartOf(range, size);
-    return finish({size, GenerationOf(*r, size), std::move(etag)},
-                  r->body.Slice(start, length));
+    return finish({size, GenerationOf(*r, size), std::move(etag)}, r->body.Slice(start, length));
   }
 }
 

@@ -7,8 +7,8 @@
 
 #include <cstdint>
 #include <optional>
-#include <string_view>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -44,7 +44,7 @@ struct HttpRequest {
 
 struct HttpResponse {
   long status = 0;
-  std::string effective_url;  // after redirects
+  std::string effective_url;                                 // after redirects
   std::vector<std::pair<std::string, std::string>> headers;  // names lowercased
   buffer::cpu::Buffer body;  // 2xx bodies, with HttpRequest::allocator
   std::string text;          // other bodies

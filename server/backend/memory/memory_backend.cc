@@ -100,9 +100,9 @@ class MemoryBackend final : public Backend {
     if (absl::Status s = conditions.Check(key, current); !s.ok()) return s;
     uint64_t new_used = used_ - old_size + value.size();
     if (new_used > capacity_) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "key ", QuoteKey(key), ": memory store is full (", used_, " of ", capacity_,
-          " bytes used, value is ", value.size(), " bytes); nothing was changed"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("key ", QuoteKey(key), ": memory store is full (", used_, " of ", capacity_,
+                       " bytes used, value is ", value.size(), " bytes); nothing was changed"));
     }
     used_ = new_used;
     Generation generation = ++last_generation_;

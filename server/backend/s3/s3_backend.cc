@@ -112,8 +112,7 @@ class S3Backend final : public http::RangedHttpBackend {
       }
     }
     Generation generation = NewGeneration();
-    std::vector<std::string> headers = {
-        absl::StrCat(kGenerationHeader, ": ", generation)};
+    std::vector<std::string> headers = {absl::StrCat(kGenerationHeader, ": ", generation)};
     // Guards against writers outside this process between the HEAD above and the write.
     if (!conditions.empty() && conditional_writes_.load()) {
       if (current && !current->etag.empty()) {
@@ -122,9 +121,10 @@ class S3Backend final : public http::RangedHttpBackend {
         headers.push_back("If-None-Match: *");
       }
     }
-    absl::StatusOr<std::string> etag = value.size() > options_.multipart_threshold_bytes
-                         ? MultipartUpload(key, value, headers, !conditions.empty())
-                         : PutObject(key, value, headers, !conditions.empty());
+    absl::StatusOr<std::string> etag =
+        value.size() > options_.multipart_threshold_bytes
+            ? MultipartUpload(key, value, headers, !conditions.empty())
+            : PutObject(key, value, headers, !conditions.empty());
     if (absl::IsUnimplemented(etag.status()) && headers.size() > 1) {
       // The store refuses conditional writes: write without the guard from now on (the HEAD
       // under this backend's lock still orders writers through this server).
@@ -168,8 +168,8 @@ class S3Backend final : public http::RangedHttpBackend {
       absl::StrAppend(&query, "continuation-token=", http::PercentEncode(token, false), "&");
     }
     if (directory) absl::StrAppend(&query, "delimiter=%2F&");
-    absl::StrAppend(&query, "list-type=2&max-keys=", max_keys, "&prefix=",
-                    http::PercentEncode(absl::StrCat(root_, prefix), false));
+    absl::StrAppend(&query, "list-type=2&max-keys=", max_keys,
+                    "&prefix=", http::PercentEncode(absl::StrCat(root_, prefix), false));
     HttpRequest request = NewRequest("GET", absl::StrCat(bucket_url_, "/?", query));
     std::string what = absl::StrCat("list s3://", bucket_, "/", root_, prefix);
     auto r = transport_.Perform(request, what);
@@ -213,7 +213,6 @@ class S3Backend final : public http::RangedHttpBackend {
     return request;
   }
 
-
   absl::Status BucketError(const HttpResponse& r, absl::string_view what) const {
     std::string detail = ErrorDetail(r);
     if (r.status == 404 && absl::StartsWith(detail, "NoSuchBucket")) {
@@ -230,8 +229,7 @@ class S3Backend final : public http::RangedHttpBackend {
     std::string detail = ErrorDetail(r);
     if (r.status == 404 && !absl::StartsWith(detail, "NoSuchBucket")) return KeyNotFoundError(key);
     if (r.status == 501) {
-      return absl::UnimplementedError(
-          absl::StrCat(What(method, key), ": HTTP 501 (", detail, ")"));
+      return absl::UnimplementedError(absl::StrCat(What(method, key), ": HTTP 501 (", detail, ")"));
     }
     std::string what = What(method, key);
     if (r.attempts > 1) absl::StrAppend(&what, " (after ", r.attempts, " attempts)");
@@ -255,7 +253,7 @@ class S3Backend final : public http::RangedHttpBackend {
 
   // The new object's ETag ("" when the store sends none).
   absl::StatusOr<std::string> PutObject(absl::string_view key, const buffer::cpu::Buffer& value,
-                         const std::vector<std::string>& headers, bool conditional) {
+                                        const std::vector<std::string>& headers, bool conditional) {
     HttpRequest request = NewRequest("PUT", ObjectUrl(key));
     request.headers.insert(request.headers.end(), headers.begin(), headers.end());
     request.body = value.view();
@@ -268,8 +266,10 @@ class S3Backend final : public http::RangedHttpBackend {
     return r->Header("etag").value_or("");
   }
 
-  absl::StatusOr<std::string> MultipartUpload(absl::string_view key, const buffer::cpu::Buffer& value,
-                               const std::vector<std::string>& headers, bool conditional) {
+  absl::StatusOr<std::string> MultipartUpload(absl::string_view key,
+                                              const buffer::cpu::Buffer& value,
+                                              const std::vector<std::string>& headers,
+                                              bool conditional) {
     // 1. Create: the object's metadata goes here.
     HttpRequest create = NewRequest("POST", ObjectUrl(key, "uploads="));
     create.headers.push_back(headers.front());
@@ -293,16 +293,17 @@ class S3Backend final : public http::RangedHttpBackend {
     int part = 0;
     for (uint64_t offset = 0; offset < value.size(); offset += part_size) {
       ++part;
-      HttpRequest put = NewRequest(
-          "PUT", ObjectUrl(key, absl::StrCat("partNumber=", part, "&uploadId=", id)));
+      HttpRequest put =
+          NewRequest("PUT", ObjectUrl(key, absl::StrCat("partNumber=", part, "&uploadId=", id)));
       put.body = value.view().substr(offset, std::min<uint64_t>(part_size, value.size() - offset));
-      auto pr = transport_.Perform(put, absl::StrCat("upload part ", part, " of key ", QuoteKey(key)));
+      auto pr =
+          transport_.Perform(put, absl::StrCat("upload part ", part, " of key ", QuoteKey(key)));
       if (!pr.ok()) return abort(pr.status());
       if (absl::Status s = CheckResponse(*pr, key, "PUT part"); !s.ok()) return abort(s);
       std::string etag = pr->Header("etag").value_or("");
       if (etag.empty()) {
-        return abort(absl::InternalError(absl::StrCat(
-            "multipart upload of key ", QuoteKey(key), ": part ", part, " has no ETag")));
+        return abort(absl::InternalError(absl::StrCat("multipart upload of key ", QuoteKey(key),
+                                                      ": part ", part, " has no ETag")));
       }
       absl::StrAppend(&complete, "<Part><PartNumber>", part, "</PartNumber><ETag>", etag,
                       "</ETag></Part>");
@@ -319,11 +320,11 @@ class S3Backend final : public http::RangedHttpBackend {
     if (absl::Status s = CheckResponse(*fr, key, "POST ?uploadId"); !s.ok()) return abort(s);
     // S3 may answer 200 and still report an error in the body.
     if (std::string detail = ErrorDetail(*fr); !detail.empty()) {
-      absl::Status s = absl::StartsWith(detail, "PreconditionFailed")
-                           ? absl::FailedPreconditionError(absl::StrCat(
-                                 "key ", QuoteKey(key), ": ", detail))
-                           : absl::UnavailableError(absl::StrCat(
-                                 "multipart upload of key ", QuoteKey(key), ": ", detail));
+      absl::Status s =
+          absl::StartsWith(detail, "PreconditionFailed")
+              ? absl::FailedPreconditionError(absl::StrCat("key ", QuoteKey(key), ": ", detail))
+              : absl::UnavailableError(
+                    absl::StrCat("multipart upload of key ", QuoteKey(key), ": ", detail));
       return abort(s);
     }
     // The ETag of the whole object, in the answer's XML (quotes escaped as &quot;).
@@ -355,7 +356,7 @@ class S3Backend final : public http::RangedHttpBackend {
   }
 
   const std::string bucket_;
-  const std::string root_;  // "" or "prefix/"
+  const std::string root_;        // "" or "prefix/"
   const std::string bucket_url_;  // no trailing '/'
   const S3Credentials creds_;
   const S3BackendOptions options_;
@@ -410,8 +411,8 @@ absl::StatusOr<S3Credentials> LoadS3Credentials(const std::map<std::string, std:
   std::ifstream in(path);
   if (path.empty() || !in) {
     if (explicit_profile) {
-      return absl::InvalidArgumentError(absl::StrCat("AWS profile '", profile,
-                                                     "': no credentials file (", path, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("AWS profile '", profile, "': no credentials file (", path, ")"));
     }
     return creds;  // none: unsigned requests
   }
@@ -443,9 +444,9 @@ absl::StatusOr<S3Credentials> LoadS3Credentials(const std::map<std::string, std:
     return S3Credentials{};
   }
   if (creds.access_key_id.empty() || creds.secret_access_key.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "AWS profile '", profile, "' in ", path,
-        " lacks aws_access_key_id or aws_secret_access_key"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("AWS profile '", profile, "' in ", path,
+                     " lacks aws_access_key_id or aws_secret_access_key"));
   }
   creds.source = absl::StrCat(path, " [", profile, "]");
   return creds;
@@ -499,10 +500,9 @@ absl::StatusOr<std::unique_ptr<Backend>> OpenS3Backend(absl::string_view url,
     return absl::InvalidArgumentError(
         absl::StrCat("--s3_addressing=", s3.addressing, ": expected auto, path or virtual"));
   }
-  std::string bucket_url =
-      path_style ? absl::StrCat(endpoint, "/", bucket)
-                 : absl::StrCat(endpoint.substr(0, scheme + 3), bucket, ".",
-                                endpoint.substr(scheme + 3));
+  std::string bucket_url = path_style ? absl::StrCat(endpoint, "/", bucket)
+                                      : absl::StrCat(endpoint.substr(0, scheme + 3), bucket, ".",
+                                                     endpoint.substr(scheme + 3));
   std::map<std::string, std::string> env;
   for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
     absl::string_view kv(*e);
@@ -521,8 +521,8 @@ absl::StatusOr<std::unique_ptr<Backend>> OpenS3Backend(absl::string_view url,
   if (absl::Status s = backend->Probe(); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat("s3 store ", url, ": ", s.message()));
   }
-  Log("s3 store %s via %s (region %s, %s-style, credentials: %s)", backend->location(),
-      endpoint, s3.region, path_style ? "path" : "virtual", source);
+  Log("s3 store %s via %s (region %s, %s-style, credentials: %s)", backend->location(), endpoint,
+      s3.region, path_style ? "path" : "virtual", source);
   return backend;
 }
 

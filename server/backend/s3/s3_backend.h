@@ -10,7 +10,8 @@
 // buckets).
 //
 // - Read: GET (ReadRange: GET with Range; ReadSuffix: with `Range: bytes=-N`; ReadRangeIfMatch:
-//   with Range and If-Match: the expected ETag, a 412 answer ABORTED). Stat: HEAD. List: ListObjectsV2 (prefix, delimiter
+//   with Range and If-Match: the expected ETag, a 412 answer ABORTED). Stat: HEAD. List:
+//   ListObjectsV2 (prefix, delimiter
 //   '/' for directory listings, continuation tokens), parsed with pugixml.
 // - Write: PUT, or a multipart upload above S3BackendOptions::multipart_threshold_bytes. Each
 //   write stores a fresh random generation in the object's metadata (x-amz-meta-chunkd-generation),
@@ -47,7 +48,8 @@ struct S3Credentials {
   std::string access_key_id;
   std::string secret_access_key;
   std::string session_token;
-  std::string source;  // where they came from, for logs: "environment", "/root/.aws/credentials [default]"
+  std::string
+      source;  // where they came from, for logs: "environment", "/root/.aws/credentials [default]"
   bool empty() const { return access_key_id.empty(); }
 };
 

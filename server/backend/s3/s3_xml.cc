@@ -1,12 +1,11 @@
 #include "server/backend/s3/s3_xml.h"
 
-#include <pugixml.hpp>
-
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "server/common/key.h"
+#include <pugixml.hpp>
 
 namespace chunkd::server {
 
