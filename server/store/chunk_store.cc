@@ -509,6 +509,7 @@ void ChunkStore::FirstTouch(std::string key, ByteRange range, absl::Time need, R
       // Read whole, as one request: most values are small enough (see RunFlight).
       return StartOrJoinFlight(key, std::nullopt, need, std::move(read_on));
     case ByteRange::Kind::kBounded:  // an empty range: only the size is needed
+      break;
     case ByteRange::Kind::kSuffix:
       if (validation_ == Validation::kRemote) {
         // Zarr's shard index from a remote store: one request for the suffix, rounded so that
@@ -532,7 +533,9 @@ void ChunkStore::StartOrJoinRecordFlight(absl::string_view key, uint64_t suffix_
   {
     absl::MutexLock lock(&shard.mu);
     KeyFlights& flights = shard.flights[key];
-    if (flights.record && flights.record->suffix_bytes >= suffix_bytes) {
+    if (flights.record) {
+      // Its answer brings the record; blocks it did not bring, the reader reads on by the
+      // block (FirstTouch's read_on). One record flight per key, so that a write marks it stale.
       flights.record->waiters.push_back(std::move(done));
       single_flight_joins_.fetch_add(1, std::memory_order_relaxed);
       return;
@@ -541,7 +544,7 @@ void ChunkStore::StartOrJoinRecordFlight(absl::string_view key, uint64_t suffix_
     flight->started = absl::Now();
     flight->suffix_bytes = suffix_bytes;
     flight->waiters.push_back(std::move(done));
-    if (!flights.record) flights.record = flight;
+    flights.record = flight;
   }
   LaunchFlight(key, &KeyFlights::record, std::move(flight), &ChunkStore::RunRecordFlight);
 }

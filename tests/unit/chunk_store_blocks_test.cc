@@ -405,6 +405,16 @@ TEST(ChunkStoreBlocksTest, RangesOfMissingKeysAreNotFound) {
             absl::StatusCode::kNotFound);
 }
 
+TEST(ChunkStoreBlocksTest, AnEmptyRangeAsksOnlyForTheSize) {
+  Fixture f;
+  f.backend->Put("k", Pattern(1 << 20, 'a'));
+  auto empty = f.store->ReadAndWait("k", Any(), ByteRange::Bounded(10, 10));
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_EQ(empty->value.size(), 0u);
+  EXPECT_EQ(empty->size(), 1u << 20);
+  EXPECT_EQ(f.backend->reads(), 0);  // a Stat, no bytes
+}
+
 TEST(ChunkStoreBlocksTest, RangesPastTheEndAreClipped) {
   Fixture f;
   const std::string value = Pattern(300 << 10, 'a');
