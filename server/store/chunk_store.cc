@@ -414,50 +414,22 @@ void ChunkStore::ReadBlocks(std::string key, ByteRange range, absl::Time need, R
                             int attempt, std::optional<ValueRecord> record, ReadCallback done) {
   if (!record) record = records_.Find(key);
   if (record && record->validated < need && validation_ != Validation::kNone) {
-    if (validation_ == Validation::kRemote) {
+    if (validation_ == Validation::kLocal) {
+      ValidateRecord(key, record);  // a stat, on this thread
+    } else {
       // One metadata request (HEAD) on an I/O thread: a changed value retires its blocks, an
-      // unchanged one is served without moving its bytes again.
-      // The callback is shared with this frame: a task that cannot be queued is destroyed
-      // unrun, and the refusal must still be answered.
+      // unchanged one is served without moving its bytes again. The callback is shared with
+      // this frame: a task that cannot be queued is destroyed unrun, and the refusal must still
+      // be answered.
       auto owned_done = std::make_shared<ReadCallback>(std::move(done));
       absl::Status queued =
           Submit([this, key, range, options, attempt, record, owned_done]() mutable {
-            absl::Time start = absl::Now();
-            revalidations_.fetch_add(1, std::memory_order_relaxed);
-            absl::StatusOr<bool> current = backend_->IsCurrent(key, record->info);
-            if (current.ok() && *current) {
-              revalidations_not_modified_.fetch_add(1, std::memory_order_relaxed);
-              records_.Confirm(key, record->info, start);
-              record->validated = start;
-            } else if (current.ok()) {
-              stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
-              records_.EraseIfGeneration(key, record->info.generation);
-              record.reset();
-            } else {
-              // Unreachable: serve what is cached, as for whole values (RunFlight).
-              revalidation_errors_.fetch_add(1, std::memory_order_relaxed);
-            }
-            if (!record) {
-              return FirstTouch(std::move(key), range, absl::InfinitePast(), options, attempt,
-                                std::move(*owned_done));
-            }
+            ValidateRecord(key, record);
             ReadBlocks(std::move(key), range, absl::InfinitePast(), options, attempt,
                        std::move(record), std::move(*owned_done));
           });
       if (!queued.ok()) std::move (*owned_done)(queued);
       return;
-    }
-    absl::Time start = absl::Now();
-    revalidations_.fetch_add(1, std::memory_order_relaxed);
-    absl::StatusOr<bool> current = backend_->IsCurrent(key, record->info);
-    if (current.ok() && *current) {
-      revalidations_not_modified_.fetch_add(1, std::memory_order_relaxed);
-      records_.Confirm(key, record->info, start);
-      record->validated = start;
-    } else {
-      if (current.ok()) stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
-      records_.EraseIfGeneration(key, record->info.generation);
-      record.reset();
     }
   }
   if (!record) return FirstTouch(std::move(key), range, need, options, attempt, std::move(done));
@@ -481,6 +453,27 @@ void ChunkStore::ReadBlocks(std::string key, ByteRange range, absl::Time need, R
   }
   StartBlockRead(std::move(key), start, end, range, need, options, attempt, std::move(record),
                  std::move(done));
+}
+
+void ChunkStore::ValidateRecord(absl::string_view key, std::optional<ValueRecord>& record) {
+  absl::Time start = absl::Now();
+  revalidations_.fetch_add(1, std::memory_order_relaxed);
+  absl::StatusOr<bool> current = backend_->IsCurrent(key, record->info);
+  if (current.ok() && *current) {
+    revalidations_not_modified_.fetch_add(1, std::memory_order_relaxed);
+    records_.Confirm(key, record->info, start);
+    record->validated = start;
+    return;
+  }
+  if (!current.ok() && validation_ == Validation::kRemote) {
+    // Unreachable: serve what is cached, as for whole values (RunFlight).
+    revalidation_errors_.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  // Changed or removed (or a local stat that failed: the read that follows says why).
+  if (current.ok()) stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+  records_.EraseIfGeneration(key, record->info.generation);
+  record.reset();
 }
 
 void ChunkStore::FirstTouch(std::string key, ByteRange range, absl::Time need, ReadOptions options,

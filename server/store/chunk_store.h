@@ -251,6 +251,10 @@ class ChunkStore {
   // anything yet; `attempt`: 1 once the read was retried after the value changed under it.
   void ReadBlocks(std::string key, ByteRange range, absl::Time need, ReadOptions options,
                   int attempt, std::optional<ValueRecord> record, ReadCallback done);
+  // Validates `record` against the store (a stat, or a HEAD for a remote store): confirmed, it
+  // counts as validated now; changed or removed, it is dropped (its blocks retire) and reset. A
+  // remote store that cannot answer leaves it as it was (served, as whole values are).
+  void ValidateRecord(absl::string_view key, std::optional<ValueRecord>& record);
   // No record: learns the value's size and version (reading what it can on the way).
   void FirstTouch(std::string key, ByteRange range, absl::Time need, ReadOptions options,
                   int attempt, ReadCallback done);
