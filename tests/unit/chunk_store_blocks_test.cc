@@ -19,6 +19,7 @@
 #include "server/common/byte_range.h"
 #include "server/store/chunk_store.h"
 #include "tests/unit/forwarding_backend.h"
+#include "tests/unit/hold_gate.h"
 
 namespace chunkd::server {
 namespace {
@@ -64,19 +65,9 @@ class RangeCountingBackend final : public testing::ForwardingBackend {
     absl::MutexLock lock(&mu_);
     hook_ = std::move(hook);
   }
-  void Hold() {
-    absl::MutexLock lock(&mu_);
-    hold_ = true;
-  }
-  void Release() {
-    absl::MutexLock lock(&mu_);
-    hold_ = false;
-  }
-  void AwaitEntered(int n) {
-    absl::MutexLock lock(&mu_);
-    auto entered = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return entered_ >= n; };
-    ASSERT_TRUE(mu_.AwaitWithTimeout(absl::Condition(&entered), absl::Seconds(20)));
-  }
+  void Hold() { gate_.Hold(); }
+  void Release() { gate_.Release(); }
+  void AwaitEntered(int n) { gate_.AwaitEntered(n); }
   int reads() const { return reads_.load(); }
   int whole_reads() const { return whole_reads_.load(); }
   uint64_t bytes() const { return bytes_.load(); }
@@ -91,14 +82,10 @@ class RangeCountingBackend final : public testing::ForwardingBackend {
   // Waits while reads are held, then runs the hook. With a hook, the read that follows runs
   // under the returned lock: each read sees the version its own hook wrote.
   std::unique_ptr<absl::MutexLock> Enter() {
+    gate_.Pass();
     std::function<void()> hook;
     {
       absl::MutexLock lock(&mu_);
-      ++entered_;
-      mu_.Await(absl::Condition(
-          +[](RangeCountingBackend* self)
-               ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) { return !self->hold_; },
-          this));
       hook = hook_;
     }
     if (!hook) return nullptr;
@@ -113,9 +100,8 @@ class RangeCountingBackend final : public testing::ForwardingBackend {
 
   std::atomic<int> reads_{0}, whole_reads_{0};
   std::atomic<uint64_t> bytes_{0};
+  testing::HoldGate gate_;
   absl::Mutex mu_;
-  bool hold_ ABSL_GUARDED_BY(mu_) = false;
-  int entered_ ABSL_GUARDED_BY(mu_) = 0;
   std::function<void()> hook_ ABSL_GUARDED_BY(mu_);
   absl::Mutex serial_;
 };

@@ -23,6 +23,7 @@
 #include "server/backend/memory/memory_backend.h"
 #include "tests/support/test_support.h"
 #include "tests/unit/forwarding_backend.h"
+#include "tests/unit/hold_gate.h"
 
 namespace chunkd::server {
 namespace {
@@ -42,11 +43,7 @@ class TestBackend final : public testing::ForwardingBackend {
   absl::StatusOr<Buffer> Read(absl::string_view key, ValueInfo* info) override {
     reads_.fetch_add(1);
     auto result = inner_->Read(key, info);
-    absl::MutexLock lock(&mu_);
-    ++reads_entered_;
-    mu_.Await(absl::Condition(
-        +[](TestBackend* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) { return !self->hold_; },
-        this));
+    gate_.Pass();
     return result;
   }
   // Ranged reads go through Read above (counted, holdable), as the Backend default does.
@@ -76,11 +73,7 @@ class TestBackend final : public testing::ForwardingBackend {
     auto result = store_down_.load()
                       ? absl::StatusOr<std::optional<Buffer>>(absl::UnavailableError("store down"))
                       : inner_->ReadIfChanged(key, cached, info);
-    absl::MutexLock lock(&mu_);
-    ++reads_entered_;
-    mu_.Await(absl::Condition(
-        +[](TestBackend* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) { return !self->hold_; },
-        this));
+    gate_.Pass();
     return result;
   }
 
@@ -93,28 +86,15 @@ class TestBackend final : public testing::ForwardingBackend {
   int writes() const { return writes_.load(); }
 
   // Reads started from now on wait until Release().
-  void Hold() {
-    absl::MutexLock lock(&mu_);
-    hold_ = true;
-  }
-  void Release() {
-    absl::MutexLock lock(&mu_);
-    hold_ = false;
-  }
+  void Hold() { gate_.Hold(); }
+  void Release() { gate_.Release(); }
   // Waits until `n` reads in total have reached the hold point.
-  void AwaitReadsEntered(int n) {
-    absl::MutexLock lock(&mu_);
-    auto entered = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return reads_entered_ >= n; };
-    ASSERT_TRUE(mu_.AwaitWithTimeout(absl::Condition(&entered), absl::Seconds(20)))
-        << "timed out waiting for " << n << " backend reads";
-  }
+  void AwaitReadsEntered(int n) { gate_.AwaitEntered(n); }
 
  private:
   std::atomic<int> reads_{0}, writes_{0}, revalidations_{0};
   std::atomic<bool> fail_after_landing_{false}, store_down_{false};
-  absl::Mutex mu_;
-  bool hold_ ABSL_GUARDED_BY(mu_) = false;
-  int reads_entered_ ABSL_GUARDED_BY(mu_) = 0;
+  testing::HoldGate gate_;
 };
 
 struct Fixture {
