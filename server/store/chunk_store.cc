@@ -534,7 +534,6 @@ void ChunkStore::StartOrJoinRecordFlight(absl::string_view key, uint64_t suffix_
       return;
     }
     flight = std::make_shared<Flight>();
-    flight->started = absl::Now();
     flight->suffix_bytes = suffix_bytes;
     flight->waiters.push_back(std::move(done));
     flights.record = flight;
@@ -703,7 +702,6 @@ void ChunkStore::FetchBlocks(absl::string_view key, const std::vector<uint64_t>&
         continue;
       }
       auto flight = std::make_shared<Flight>();
-      flight->started = absl::Now();
       if (waiter) flight->waiters.push_back(waiter(i));
       flights.blocks.emplace(index, flight);
       if (runs.empty() || runs.back().first + runs.back().flights.size() != index ||

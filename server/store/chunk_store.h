@@ -205,7 +205,9 @@ class ChunkStore {
     bool stale = false;  // a write or delete landed meanwhile: do not cache the result
     // A revalidation: the cached copy to check (a miss when unset).
     std::optional<CachedValue> cached;
-    // When the flight was started: its answer is current as of no earlier than this.
+    // A whole value's flight: when it was started (its answer is current as of no earlier
+    // than this; readers with a later bound do not join it). Record and block flights are
+    // joined by every reader: their answers are checked against the value's record.
     absl::Time started;
     // A record flight: the suffix to read with the record (0: a Stat).
     uint64_t suffix_bytes = 0;
