@@ -47,6 +47,16 @@ ABSL_FLAG(std::string, store, "chunkd-data",
 ABSL_FLAG(ByteSize, host_cache_bytes, ByteSize{1ull << 30},
           "Budget of the host cache (for memory://, of the store itself). Units: KiB, MiB, GiB "
           "(powers of 1024) or kB, MB, GB.");
+ABSL_FLAG(std::string, disk_cache_dir, "",
+          "A directory on a local disk (NVMe) for a disk tier below the host cache: values and "
+          "blocks read from the store are written there behind the read (crc32c-checked, "
+          "bounded by --disk_cache_bytes) and served from there after they leave memory and "
+          "after a restart (revalidated with conditional requests, not read again). For remote "
+          "stores only (s3://, http(s)://): the file store is already on a local disk, whose "
+          "page cache does this job. Empty: off. See docs/disk-tier.md.");
+ABSL_FLAG(ByteSize, disk_cache_bytes, ByteSize{0},
+          "Budget of the disk tier (required with --disk_cache_dir): its files never hold more. "
+          "Units as --host_cache_bytes.");
 ABSL_FLAG(ByteSize, max_value_bytes, ByteSize{256ull << 20},
           "Largest value a Put may store; larger ones are refused with RESOURCE_EXHAUSTED before "
           "any byte is buffered.");
@@ -286,6 +296,16 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
     return absl::InvalidArgumentError("--http_max_attempts must be at least 1");
   }
   config.store_options.cache.capacity_bytes = cache_bytes;
+  config.disk_tier.dir = absl::GetFlag(FLAGS_disk_cache_dir);
+  config.disk_tier.capacity_bytes = absl::GetFlag(FLAGS_disk_cache_bytes).bytes;
+  if (!config.disk_tier.dir.empty() && config.disk_tier.capacity_bytes == 0) {
+    return absl::InvalidArgumentError(
+        "--disk_cache_dir needs --disk_cache_bytes, the most the tier may hold (e.g. 500GiB)");
+  }
+  if (config.disk_tier.dir.empty() && config.disk_tier.capacity_bytes != 0) {
+    return absl::InvalidArgumentError(
+        "--disk_cache_bytes is the budget of the disk tier: set --disk_cache_dir too");
+  }
   config.store_options.cache.max_entry_fraction = absl::GetFlag(FLAGS_cache_max_entry_fraction);
   auto policy = ParseEvictionPolicy(absl::GetFlag(FLAGS_eviction));
   if (!policy) {

@@ -112,6 +112,27 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   auto backend = OpenBackend(config.store, config.backend);
   if (!backend.ok()) return backend.status();
   config.store_options.allocator = config.backend.allocator;
+  if (!config.disk_tier.dir.empty()) {
+    if ((*backend)->validation() != Validation::kRemote) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--disk_cache_dir is for remote stores (s3://, http://, https://); the ",
+                       (*backend)->kind(), " store ",
+                       (*backend)->holds_values_in_memory()
+                           ? "holds its values in memory: there is nothing to keep on disk"
+                           : "is already on a local disk, whose page cache does that job",
+                       ": drop --disk_cache_dir"));
+    }
+    auto disk = DiskTier::Open(config.disk_tier, config.backend.allocator);
+    if (!disk.ok()) {
+      return absl::Status(disk.status().code(),
+                          absl::StrCat("could not open the disk tier in ", config.disk_tier.dir,
+                                       ": ", disk.status().message()));
+    }
+    server->disk_tier_ = *std::move(disk);
+    config.store_options.disk = server->disk_tier_.get();
+    Log("disk tier: %s in %s (its index loads in the background)",
+        FormatBytes(config.disk_tier.capacity_bytes), config.disk_tier.dir);
+  }
   server->store_ = std::make_unique<ChunkStore>(*std::move(backend), config.store_options);
   config.service.allocator = config.backend.allocator;
   config.service.clients_by_token = !config.security.auth_tokens.empty();

@@ -20,6 +20,7 @@
 #include "server/services/tensorstore_kvstore_service.h"
 #include "server/store/chunk_store.h"
 #include "server/store/device_tier.h"
+#include "server/store/disk_tier.h"
 #include "server/store/lease_table.h"
 #include "server/store/process_watch.h"
 
@@ -41,6 +42,9 @@ struct ServerConfig {
   // CUDA IPC delivery: a device tier of device_tier.capacity_bytes per GPU (0: off). Without a
   // CUDA driver or device the server logs it once and serves host-only.
   DeviceTierOptions device_tier;
+  // The disk tier below the host cache (server/store/disk_tier.h): off when disk_tier.dir is
+  // empty. Remote stores only (s3, http): with another store Start refuses.
+  DiskTierOptions disk_tier;
   // TLS, tokens, socket mode, connection and call limits (server/rpc/security.h).
   SecurityOptions security;
   // Completion-queue threads that run the RPCs (server/rpc/rpc_engine.h); 0: rpc::DefaultThreads().
@@ -64,6 +68,8 @@ class ChunkdServer {
   const buffer::ShmArena* arena() const { return arena_.get(); }
   // Null when CUDA IPC delivery is off.
   const DeviceTier* device_tier() const { return device_tier_.get(); }
+  // Null when the disk tier is off.
+  const DiskTier* disk_tier() const { return disk_tier_.get(); }
 
   // Stops accepting calls, lets calls in flight finish for up to `grace`, cancels the rest.
   void Shutdown(absl::Duration grace);
@@ -78,6 +84,7 @@ class ChunkdServer {
   std::unique_ptr<ProcessWatch> processes_;
   std::vector<std::unique_ptr<UnixListener>> unix_listeners_;
   std::unique_ptr<DeviceTier> device_tier_;
+  std::unique_ptr<DiskTier> disk_tier_;  // outlives store_, which writes to it
   std::unique_ptr<ChunkStore> store_;
   std::unique_ptr<ServiceCore> core_;
   std::unique_ptr<ChunkdService> service_;

@@ -404,6 +404,15 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
     device->set_used_bytes(d.used_bytes);
     device->set_entries(d.entries);
   }
+  std::optional<DiskTierStats> disk_stats;
+  if (const DiskTier* disk = store().disk()) {
+    disk_stats = disk->stats();
+    v1::CacheTierInfo* tier = response->add_tiers();
+    tier->set_tier("disk");
+    tier->set_capacity_bytes(disk_stats->capacity_bytes);
+    tier->set_used_bytes(disk_stats->used_bytes);
+    tier->set_entries(disk_stats->entries);
+  }
   // The counters (server_counters.h): the server's, then the calls of every service (chunkd.v1's
   // unprefixed).
   ChunkStoreCounters store_counters = store().counters();
@@ -416,6 +425,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   sources.block_bytes = store().block_bytes();
   sources.service = &counters_;
   if (device_stats) sources.device = &*device_stats;
+  if (disk_stats) sources.disk = &*disk_stats;
   auto& counters = *response->mutable_counters();
   auto out = [&counters](const std::string& name, uint64_t value) { counters[name] = value; };
   ExportServerCounters(sources, out);

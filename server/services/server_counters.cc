@@ -26,6 +26,14 @@ constexpr auto kStore = &CounterSources::store;
 constexpr auto kBudget = &CounterSources::budget;
 constexpr auto kService = &CounterSources::service;
 constexpr auto kDevice = &CounterSources::device;
+constexpr auto kDisk = &CounterSources::disk;
+
+// The disk tier's store-side counters: only with a disk tier.
+template <auto Field>
+std::optional<uint64_t> FromStoreWithDisk(const CounterSources& sources) {
+  if (sources.disk == nullptr || sources.store == nullptr) return std::nullopt;
+  return sources.store->*Field;
+}
 
 std::optional<uint64_t> BlockBytes(const CounterSources& sources) { return sources.block_bytes; }
 
@@ -151,6 +159,50 @@ constexpr CounterSpec kServerCounters[] = {
      From<kDevice, &DeviceTierStats::segment_bytes>},
     {"device_ipc_exports", kCounter, "Device segments exported for CUDA IPC (once each).",
      From<kDevice, &DeviceTierStats::ipc_exports>},
+    // The disk tier (--disk_cache_dir): with it on.
+    {"disk_capacity_bytes", kGauge,
+     "Budget of the disk tier (--disk_cache_bytes; lower after the disk filled: ENOSPC).",
+     From<kDisk, &DiskTierStats::capacity_bytes>},
+    {"disk_used_bytes", kGauge, "Bytes of entries the disk tier holds.",
+     From<kDisk, &DiskTierStats::used_bytes>},
+    {"disk_entries", kGauge, "Entries (whole values and blocks) the disk tier holds.",
+     From<kDisk, &DiskTierStats::entries>},
+    {"disk_hits", kCounter, "Host-cache misses found in the disk tier.",
+     From<kDisk, &DiskTierStats::hits>},
+    {"disk_misses", kCounter, "Host-cache misses the disk tier did not hold either.",
+     From<kDisk, &DiskTierStats::misses>},
+    {"disk_promotions", kCounter, "Entries read from the disk tier into the host cache.",
+     FromStoreWithDisk<&ChunkStoreCounters::disk_promotions>},
+    {"disk_promoted_bytes", kCounter, "Bytes read from the disk tier into the host cache.",
+     FromStoreWithDisk<&ChunkStoreCounters::disk_promoted_bytes>},
+    {"disk_writes", kCounter, "Entries written to the disk tier (behind store reads).",
+     From<kDisk, &DiskTierStats::writes>},
+    {"disk_write_bytes", kCounter, "Bytes written to the disk tier.",
+     From<kDisk, &DiskTierStats::write_bytes>},
+    {"disk_writes_dropped", kCounter,
+     "Entries not written to the disk tier: its write queue was full, or the write failed.",
+     From<kDisk, &DiskTierStats::writes_dropped>},
+    {"disk_evictions", kCounter, "Entries evicted from the disk tier.",
+     From<kDisk, &DiskTierStats::evictions>},
+    {"disk_evicted_bytes", kCounter, "Bytes evicted from the disk tier.",
+     From<kDisk, &DiskTierStats::evicted_bytes>},
+    {"disk_checksum_failures", kCounter,
+     "Entries read from disk whose crc32c did not match (dropped, read again from the store).",
+     From<kDisk, &DiskTierStats::checksum_failures>},
+    {"disk_enospc_events", kCounter,
+     "Times the disk tier's filesystem was full (ENOSPC): the tier shrank to what it held.",
+     From<kDisk, &DiskTierStats::enospc_events>},
+    {"disk_index_loaded", kGauge,
+     "1 once the disk tier's index of what it held at start-up is loaded (it misses until).",
+     [](const CounterSources& s) -> std::optional<uint64_t> {
+       if (s.disk == nullptr) return std::nullopt;
+       return s.disk->index_loaded ? 1 : 0;
+     }},
+    {"disk_index_load_micros", kGauge,
+     "How long the disk tier's index took to load at start-up, in microseconds.",
+     From<kDisk, &DiskTierStats::index_load_micros>},
+    {"disk_index_bytes", kGauge, "Memory the disk tier's index takes.",
+     From<kDisk, &DiskTierStats::index_bytes>},
 };
 
 template <auto Field>

@@ -42,6 +42,8 @@ absl::Status ChangedError(absl::string_view key) {
 
 ChunkStore::ChunkStore(std::unique_ptr<Backend> backend, const ChunkStoreOptions& options)
     : backend_(std::move(backend)),
+      // A store that holds its values in memory has no cache, so nothing to keep on disk.
+      disk_(backend_->holds_values_in_memory() ? nullptr : options.disk),
       allocator_(options.allocator),
       block_bytes_(std::max<uint64_t>(options.block_bytes, 4096)),
       read_ahead_blocks_(options.read_ahead_blocks),
@@ -204,6 +206,7 @@ void ChunkStore::StartOrJoinFlight(absl::string_view key, std::optional<CachedVa
           std::move(done)(std::move(result));
         };
       }
+      running.need = std::max(running.need, std::min(need, running.started));
       running.waiters.push_back(std::move(done));
       single_flight_joins_.fetch_add(1, std::memory_order_relaxed);
       return;
@@ -216,6 +219,7 @@ void ChunkStore::StartOrJoinFlight(absl::string_view key, std::optional<CachedVa
     }
     flight = std::make_shared<Flight>();
     flight->started = absl::Now();
+    flight->need = need;
     flight->cached = std::move(cached);
     flight->waiters.push_back(std::move(done));
     shard.flights[key].whole = flight;
@@ -249,6 +253,19 @@ void ChunkStore::EraseFlightLocked(FlightShard& shard, absl::string_view key,
   if (it == shard.flights.end()) return;
   if (it->second.*slot == flight) (it->second.*slot).reset();
   if (it->second.empty()) shard.flights.erase(it);
+}
+
+void ChunkStore::WriteBehind(absl::string_view key, uint64_t part, const CachedValue& entry) {
+  if (disk_ && !entry.value.empty()) disk_->Write(key, part, entry);
+}
+
+void ChunkStore::DropFromDisk(absl::string_view key) {
+  if (disk_) disk_->Drop(key);
+}
+
+void ChunkStore::CountPromotion(const CachedValue& entry) {
+  disk_promotions_.fetch_add(1, std::memory_order_relaxed);
+  disk_promoted_bytes_.fetch_add(entry.value.size(), std::memory_order_relaxed);
 }
 
 void ChunkStore::CountBackendRead(const absl::Status& status, uint64_t bytes, absl::Time start) {
@@ -304,24 +321,53 @@ void ChunkStore::RunFlight(std::string key, std::shared_ptr<Flight> flight) {
   // What to do to the cache once the answer is in (unless a write landed meanwhile).
   enum class Update { kNone, kInsert, kMarkValidated, kErase, kBlocks } update = Update::kNone;
   std::vector<absl::StatusOr<CachedValue>> blocks;
-  if (flight->cached) {
+  FlightShard& shard = FlightShardFor(key);
+  // The copy to check against the store: the host cache's (a revalidation), or the disk tier's.
+  std::optional<CachedValue> cached = flight->cached;
+  // Whether `result` is a copy from the disk tier (promoted to the host cache, not written
+  // back), rather than bytes from the store (written behind).
+  bool from_disk = false;
+  bool answered = false;
+  if (!cached && disk_) {
+    // A miss of the host cache: the disk tier may hold the value, at whatever generation; it
+    // is held to the readers' bound as a cached copy is.
+    if (std::optional<CachedValue> entry = disk_->Read(key, kWholeValue, 0)) {
+      from_disk = true;
+      absl::MutexLock lock(&shard.mu);
+      if (entry->validated >= flight->need) {
+        // Fresh enough for every reader so far; a reader joining from now on with a later
+        // bound reads again (StartOrJoinFlight).
+        flight->started = std::min(flight->started, entry->validated);
+        result = *std::move(entry);
+        update = Update::kInsert;
+        answered = true;
+      } else {
+        cached = std::move(entry);
+      }
+    }
+  }
+  if (answered) {
+  } else if (cached) {
     // A revalidation: one conditional request; a 304 moves no bytes.
-    const CachedValue& cached = *flight->cached;
-    auto changed = backend_->ReadIfChanged(key, InfoOf(cached), &info);
+    auto changed = backend_->ReadIfChanged(key, InfoOf(*cached), &info);
     revalidations_.fetch_add(1, std::memory_order_relaxed);
     if (changed.ok() && !changed->has_value()) {
       revalidations_not_modified_.fetch_add(1, std::memory_order_relaxed);
-      result = cached;
+      result = *cached;
       result->validated = start;
-      update = Update::kMarkValidated;
+      // A copy from disk is not in the host cache yet.
+      update = from_disk ? Update::kInsert : Update::kMarkValidated;
     } else if (changed.ok()) {
       stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
       backend_reads_.fetch_add(1, std::memory_order_relaxed);
       backend_read_bytes_.fetch_add((*changed)->size(), std::memory_order_relaxed);
+      DropFromDisk(key);
+      from_disk = false;
       result = CachedValue{**std::move(changed), info.generation, start, std::move(info.etag)};
       update = Update::kInsert;
     } else if (absl::IsNotFound(changed.status())) {
       stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+      DropFromDisk(key);
       result = changed.status();
       update = Update::kErase;
     } else {
@@ -331,7 +377,8 @@ void ChunkStore::RunFlight(std::string key, std::shared_ptr<Flight> flight) {
       // a read with a bound of its own refuses it (Read). The next read past the bound asks
       // again.
       revalidation_errors_.fetch_add(1, std::memory_order_relaxed);
-      result = cached;
+      result = *cached;
+      if (from_disk) update = Update::kInsert;
     }
     backend_read_micros_.fetch_add(absl::ToInt64Microseconds(absl::Now() - start),
                                    std::memory_order_relaxed);
@@ -359,23 +406,31 @@ void ChunkStore::RunFlight(std::string key, std::shared_ptr<Flight> flight) {
   }
   std::vector<ReadCallback> waiters;
   {
-    FlightShard& shard = FlightShardFor(key);
     absl::MutexLock lock(&shard.mu);
+    // Under the lock, so that a write's invalidation (which marks the flight stale, then drops
+    // the key from the tier) is ordered after this offer.
     if (!flight->stale) {
       switch (update) {
         case Update::kInsert:
           cache_->Insert(key, *result);
+          if (from_disk) {
+            CountPromotion(*result);
+          } else {
+            WriteBehind(key, kWholeValue, *result);
+          }
           break;
         case Update::kMarkValidated:
           cache_->MarkValidated(key, result->generation, start);
           break;
         case Update::kErase:
-          cache_->EraseIfGeneration(key, flight->cached->generation);
+          cache_->EraseIfGeneration(key, cached->generation);
           break;
         case Update::kBlocks:
           records_.Confirm(key, InfoOf(*result), start);
           for (size_t i = 0; i < blocks.size(); ++i) {
-            if (blocks[i].ok()) cache_->Insert(BlockKey(key, i), *blocks[i]);
+            if (!blocks[i].ok()) continue;
+            cache_->Insert(BlockKey(key, i), *blocks[i]);
+            WriteBehind(key, i, *blocks[i]);
           }
           break;
         case Update::kNone:
@@ -473,11 +528,24 @@ void ChunkStore::ValidateRecord(absl::string_view key, std::optional<ValueRecord
   // Changed or removed (or a local stat that failed: the read that follows says why).
   if (current.ok()) stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
   records_.EraseIfGeneration(key, record->info.generation);
+  DropFromDisk(key);
   record.reset();
 }
 
 void ChunkStore::FirstTouch(std::string key, ByteRange range, absl::Time need, ReadOptions options,
                             int attempt, ReadCallback done) {
+  if (disk_) {
+    // The disk tier knows the value (a restarted server, or one whose record was dropped to
+    // bound memory): its record is taken, so that the value is validated (one HEAD when older
+    // than the bound), not read again, and its blocks come from disk. A small value read
+    // whole stays on the whole path, where the tier holds it as one entry (RunFlight).
+    if (std::optional<std::pair<ValueInfo, absl::Time>> known = disk_->Record(key);
+        known && (range.kind != ByteRange::Kind::kAll || known->first.size > whole_read_bytes_)) {
+      records_.Confirm(key, known->first, known->second);
+      return ReadBlocks(std::move(key), range, need, options, attempt,
+                        ValueRecord{known->first, known->second, 0}, std::move(done));
+    }
+  }
   if (range.kind == ByteRange::Kind::kBounded && range.end > range.start) {
     // The blocks the range covers, without knowing the size yet (the value may be shorter).
     uint64_t start = range.start;
@@ -591,7 +659,9 @@ void ChunkStore::RunRecordFlight(std::string key, std::shared_ptr<Flight> flight
     if (!flight->stale && result.ok()) {
       records_.Confirm(key, info, start);
       for (size_t i = 0; i < blocks.size(); ++i) {
-        if (blocks[i].ok()) cache_->Insert(BlockKey(key, first + i), *blocks[i]);
+        if (!blocks[i].ok()) continue;
+        cache_->Insert(BlockKey(key, first + i), *blocks[i]);
+        WriteBehind(key, first + i, *blocks[i]);
       }
     }
     EraseFlightLocked(shard, key, &KeyFlights::record, flight);
@@ -746,21 +816,52 @@ void ChunkStore::RunBlocks(std::string key, uint64_t first,
                            std::vector<std::shared_ptr<Flight>> flights,
                            std::optional<ValueInfo> expected) {
   absl::Time start = absl::Now();
+  const size_t count = flights.size();
+  std::vector<absl::StatusOr<CachedValue>> blocks(count, absl::UnknownError("not read"));
+  std::vector<bool> from_disk(count, false);
+  if (disk_ && expected) {
+    // The disk tier first, at the value's recorded version; a block of another size or place
+    // (a --block_bytes changed across a restart) is not one of this value's blocks.
+    for (size_t i = 0; i < count; ++i) {
+      uint64_t at = (first + i) * block_bytes_;
+      if (at >= expected->size) break;
+      std::optional<CachedValue> entry = disk_->Read(key, first + i, expected->generation);
+      if (entry && entry->offset == at && entry->size() == expected->size &&
+          entry->value.size() == std::min(block_bytes_, expected->size - at)) {
+        blocks[i] = *std::move(entry);
+        from_disk[i] = true;
+      }
+    }
+  }
+  // The rest from the store, a run of adjacent blocks per request.
   ValueInfo info;
-  uint64_t offset = first * block_bytes_;
-  uint64_t length = flights.size() * block_bytes_;
-  // Blocks after the first of a value are read only at the version the first had.
-  absl::StatusOr<buffer::cpu::Buffer> bytes =
-      expected ? backend_->ReadRangeIfMatch(key, offset, length, *expected, &info)
-               : backend_->ReadRange(key, offset, length, &info);
-  CountBackendRead(bytes.status(), bytes.ok() ? bytes->size() : 0, start);
-  block_reads_.fetch_add(1, std::memory_order_relaxed);
-  std::vector<absl::StatusOr<CachedValue>> blocks;
-  if (bytes.ok()) {
-    blocks_read_.fetch_add(flights.size(), std::memory_order_relaxed);
-    blocks = CutBlocks(*bytes, first, flights.size(), info, start);
-  } else {
-    blocks.assign(flights.size(), bytes.status());
+  bool read_ok = false;
+  for (size_t i = 0; i < count;) {
+    if (from_disk[i]) {
+      ++i;
+      continue;
+    }
+    size_t end = i;
+    while (end < count && !from_disk[end]) ++end;
+    absl::Time run_start = absl::Now();
+    uint64_t offset = (first + i) * block_bytes_;
+    uint64_t length = (end - i) * block_bytes_;
+    // Blocks after the first of a value are read only at the version the first had.
+    absl::StatusOr<buffer::cpu::Buffer> bytes =
+        expected ? backend_->ReadRangeIfMatch(key, offset, length, *expected, &info)
+                 : backend_->ReadRange(key, offset, length, &info);
+    CountBackendRead(bytes.status(), bytes.ok() ? bytes->size() : 0, run_start);
+    block_reads_.fetch_add(1, std::memory_order_relaxed);
+    if (bytes.ok()) {
+      read_ok = true;
+      blocks_read_.fetch_add(end - i, std::memory_order_relaxed);
+      std::vector<absl::StatusOr<CachedValue>> run =
+          CutBlocks(*bytes, first + i, end - i, info, run_start);
+      std::move(run.begin(), run.end(), blocks.begin() + i);
+    } else {
+      std::fill(blocks.begin() + i, blocks.begin() + end, bytes.status());
+    }
+    i = end;
   }
   std::vector<std::pair<ReadCallback, size_t>> waiters;
   {
@@ -768,10 +869,15 @@ void ChunkStore::RunBlocks(std::string key, uint64_t first,
     absl::MutexLock lock(&shard.mu);
     auto it = shard.flights.find(key);
     bool stale = false;
-    for (size_t i = 0; i < flights.size(); ++i) {
+    for (size_t i = 0; i < count; ++i) {
       stale |= flights[i]->stale;
       if (!flights[i]->stale && blocks[i].ok() && !blocks[i]->value.empty()) {
         cache_->Insert(BlockKey(key, first + i), *blocks[i]);
+        if (from_disk[i]) {
+          CountPromotion(*blocks[i]);
+        } else {
+          WriteBehind(key, first + i, *blocks[i]);
+        }
       }
       if (it != shard.flights.end()) {
         auto block = it->second.blocks.find(first + i);
@@ -782,7 +888,7 @@ void ChunkStore::RunBlocks(std::string key, uint64_t first,
       for (ReadCallback& w : flights[i]->waiters) waiters.emplace_back(std::move(w), i);
     }
     if (it != shard.flights.end() && it->second.empty()) shard.flights.erase(it);
-    if (!stale && bytes.ok()) records_.Confirm(key, info, start);
+    if (!stale && read_ok) records_.Confirm(key, info, start);
   }
   for (auto& [waiter, i] : waiters) std::move(waiter)(blocks[i]);
 }
@@ -812,6 +918,7 @@ void ChunkStore::FinishBlockRead(std::shared_ptr<BlockRead> read) {
     if (absl::IsAborted(error) || absl::IsNotFound(error)) {
       // The value changed (or went) under the read: its record is stale.
       if (read->record) records_.EraseIfGeneration(read->key, read->record->info.generation);
+      DropFromDisk(read->key);
       if (absl::IsAborted(error) && read->attempt == 0) {
         return ReadBlocks(std::move(read->key), read->range, read->need, read->options, 1,
                           std::nullopt, std::move(read->done));
@@ -893,6 +1000,13 @@ absl::StatusOr<ValueInfo> ChunkStore::Stat(absl::string_view key) {
 
 void ChunkStore::InvalidateFlight(absl::string_view key) {
   if (!cache_) return;
+  InvalidateMemory(key);
+  // After the flights are marked stale (none offers the tier its value from now on), and
+  // outside the lock: a durable drop is a disk write. Callers hold the key's write lock.
+  DropFromDisk(key);
+}
+
+void ChunkStore::InvalidateMemory(absl::string_view key) {
   FlightShard& shard = FlightShardFor(key);
   absl::MutexLock lock(&shard.mu);
   if (auto it = shard.flights.find(key); it != shard.flights.end()) {
@@ -982,6 +1096,8 @@ ChunkStoreCounters ChunkStore::counters() const {
   c.blocks_read = blocks_read_.load(std::memory_order_relaxed);
   c.read_ahead_blocks = read_ahead_blocks_read_.load(std::memory_order_relaxed);
   c.changed_during_read = changed_during_read_.load(std::memory_order_relaxed);
+  c.disk_promotions = disk_promotions_.load(std::memory_order_relaxed);
+  c.disk_promoted_bytes = disk_promoted_bytes_.load(std::memory_order_relaxed);
   return c;
 }
 

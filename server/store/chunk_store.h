@@ -29,6 +29,20 @@
 // read, immutable prefixes never, other keys after `revalidate_after`. A revalidation the store
 // cannot answer (unreachable) serves the cached copy with its old validation time, so an outage
 // of the store does not fail reads the cache can answer.
+//
+// The disk tier (optional, remote stores only: server/store/disk_tier.h): below the host cache.
+// Policy: every value and block read from the store is offered to it as it is inserted in the
+// host cache (written behind, on the tier's own threads; never on the read's path). Writing on
+// eviction from memory instead would write less, but what is only in memory is lost when the
+// server is killed (kill -9, OOM): written behind, a pass over a dataset is on disk as soon as
+// it has been read, and a restarted server serves it without reading the store again. A host
+// miss asks the tier before the store, on an I/O thread: a whole value (at any generation;
+// held to the read's freshness bound like any cached copy: one conditional request when it is
+// older, and a 304 moves no bytes), a block (at its value's recorded generation). A value
+// without a record takes the tier's (DiskTier::Record), so a restarted server validates it
+// (one HEAD) instead of reading it again. A hit is promoted: inserted in the host cache and then
+// served as any hit. Whatever finds a value changed or gone (writes, deletes, validations,
+// Invalidate) drops it from the tier too.
 #ifndef CHUNKD_SERVER_STORE_CHUNK_STORE_H_
 #define CHUNKD_SERVER_STORE_CHUNK_STORE_H_
 
@@ -53,6 +67,7 @@
 #include "server/backend/backend.h"
 #include "server/common/byte_range.h"
 #include "server/common/executor.h"
+#include "server/store/disk_tier.h"
 #include "server/store/host_cache.h"
 #include "server/store/read_budget.h"
 #include "server/store/value_records.h"
@@ -112,6 +127,9 @@ struct ChunkStoreOptions {
   // Where block copies and assembled ranges are allocated (the shared-memory arena when
   // shared-memory delivery is on, so that they can be handed out as handles).
   buffer::HostAllocator* allocator = &buffer::HeapAllocator();
+  // The disk tier below the host cache (see above), or null. Not owned: it must outlive the
+  // store. Only for remote stores (Validation::kRemote).
+  DiskTier* disk = nullptr;
 };
 
 struct ChunkStoreCounters {
@@ -142,6 +160,9 @@ struct ChunkStoreCounters {
   uint64_t blocks_read = 0;
   uint64_t read_ahead_blocks = 0;
   uint64_t changed_during_read = 0;
+  // The disk tier: entries read from it into the host cache, and their bytes.
+  uint64_t disk_promotions = 0;
+  uint64_t disk_promoted_bytes = 0;
 };
 
 class ChunkStore {
@@ -197,6 +218,8 @@ class ChunkStore {
   Backend& backend() { return *backend_; }
   // Null when the backend holds its values in memory itself (memory://): no second copy.
   HostCache* cache() { return cache_.get(); }
+  // Null without a disk tier.
+  const DiskTier* disk() const { return disk_; }
   ChunkStoreCounters counters() const;
 
  private:
@@ -209,6 +232,10 @@ class ChunkStore {
     // than this; readers with a later bound do not join it). Record and block flights are
     // joined by every reader: their answers are checked against the value's record.
     absl::Time started;
+    // A whole value's flight: the latest bound of the readers it answers (those that joined
+    // without a bound of their own past `started`): what a copy from the disk tier must meet
+    // to be served without a revalidation.
+    absl::Time need = absl::InfinitePast();
     // A record flight: the suffix to read with the record (0: a Stat).
     uint64_t suffix_bytes = 0;
   };
@@ -248,6 +275,8 @@ class ChunkStore {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu);
   // Marks any read in flight for `key` stale and drops the cached copy and record.
   void InvalidateFlight(absl::string_view key);
+  // Its part in memory (flights, cache, record), under the shard's lock.
+  void InvalidateMemory(absl::string_view key);
 
   // The block path (values not cached whole). `record`: what is known of the value, if
   // anything yet; `attempt`: 1 once the read was retried after the value changed under it.
@@ -279,9 +308,15 @@ class ChunkStore {
                                                      uint64_t first, size_t count,
                                                      const ValueInfo& info, absl::Time when);
   void CountBackendRead(const absl::Status& status, uint64_t bytes, absl::Time start);
+  // The disk tier's part (no-ops without one): an entry read from the store, written behind;
+  // a value found changed or gone, dropped.
+  void WriteBehind(absl::string_view key, uint64_t part, const CachedValue& entry);
+  void DropFromDisk(absl::string_view key);
+  void CountPromotion(const CachedValue& entry);
 
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<HostCache> cache_;
+  DiskTier* const disk_;
   buffer::HostAllocator* const allocator_;
   const uint64_t block_bytes_;
   const size_t read_ahead_blocks_;
@@ -307,6 +342,7 @@ class ChunkStore {
       revalidation_errors_{0}, failed_write_invalidations_{0};
   std::atomic<uint64_t> block_reads_{0}, blocks_read_{0}, read_ahead_blocks_read_{0},
       changed_during_read_{0};
+  std::atomic<uint64_t> disk_promotions_{0}, disk_promoted_bytes_{0};
 
   // Last member: destroyed first, so queued work finishes while the rest still exists.
   std::unique_ptr<Executor> io_;
