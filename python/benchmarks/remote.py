@@ -7,6 +7,8 @@
                                                  [--only arrays|big]
                                                  [--server-flag=--FLAG=VALUE ...]
                                                  [--no-build]
+    .venv/bin/python python/benchmarks/remote.py --disk-tier [--disk_dataset_bytes 1GiB]
+                                                 [--disk_host_bytes 256MiB] [--rtt_ms 20]
 
 The test bed: moto's S3 server on loopback, behind python/benchmarks/latency_proxy.py, which
 adds the round-trip time (and, with --mbit, a bandwidth cap) and counts the requests and bytes
@@ -42,6 +44,16 @@ The big object (--big: on by default, off with --quick unless --big is given): -
   reads the whole object again for every range: the read stops once the link has carried 3x
   the object, and the row says so.
 Every byte read is compared with the object written (outside the timed part).
+
+The disk tier (--disk-tier: this section only): a zarr v3 array of --disk_dataset_bytes
+(1 GiB) in 1 MiB chunks, 4x the host cache (--disk_host_bytes, 256 MiB), read three times by
+slabs through one chunkd with a disk tier (--disk_cache_dir in the run's directory, twice the
+dataset's size), against zarr reading S3 directly (obstore through the same link). The server
+is killed (SIGKILL) after pass 2 and started again on the same tier: pass 3 should read no
+bytes from the store (revalidations aside: conditional requests, 304s) and run at least 0.8x
+pass 2. Per pass: time, × direct, bytes chunkd read from its store (backend_read_bytes),
+bytes over the link, disk hits; the server's peak RSS (VmHWM) against the host budget plus the
+tier's index (disk_index_bytes), and the index's load time at the restart.
 
 --server-flag (repeatable) passes a flag to every chunkd started (e.g.
 --server-flag=--block_bytes=1MiB). Writes results.md (printed), results.jsonl and env.json into
@@ -644,6 +656,211 @@ def report_big(rows: list, args, binary: Path) -> list[str]:
     return lines
 
 
+# --- the disk tier ------------------------------------------------------------------------------
+
+DISK_CHUNK = (64, 64, 64)  # float32: 1 MiB chunks
+DISK_SLAB = 256  # rows of the first axis read at once (64 chunks, 64 MiB)
+
+
+def disk_shape(dataset_bytes: int) -> tuple[int, int, int]:
+    """(rows, 256, 256) float32 of about `dataset_bytes`, whole slabs of DISK_SLAB rows."""
+    slab_bytes = DISK_SLAB * 256 * 256 * 4
+    return (max(1, round(dataset_bytes / slab_bytes)) * DISK_SLAB, 256, 256)
+
+
+def disk_slab(index: int) -> np.ndarray:
+    """Rows [index * DISK_SLAB, ...) of the dataset (random, reproducible per slab)."""
+    return np.random.default_rng([20, index]).random((DISK_SLAB, 256, 256), dtype=np.float32)
+
+
+def write_disk_dataset(moto_url: str, work: Path, shape: tuple[int, int, int]) -> None:
+    """The array `disk` written slab by slab into a directory, then put in the bucket
+    directly (not over the link), file by file."""
+    import zarr
+
+    local = work / "disk-array"
+    store = zarr.storage.LocalStore(local)
+    array = zarr.create_array(store, name="disk", shape=shape, chunks=DISK_CHUNK,
+                              dtype="float32", compressors=None, zarr_format=3)
+    s3 = s3_client(moto_url)
+    for i in range(shape[0] // DISK_SLAB):
+        array[i * DISK_SLAB:(i + 1) * DISK_SLAB] = disk_slab(i)
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            s3.upload_file(str(f), BUCKET, str(f.relative_to(local)))
+            f.unlink()
+
+
+def read_disk_pass(kind: str, setup: dict, shape: tuple[int, int, int]) -> float:
+    """Seconds to read the `disk` array slab by slab (each checked, with the clock stopped)."""
+    import zarr
+
+    store = open_store(kind, setup)
+    try:
+        array = zarr.open_array(store, path="disk", mode="r")
+        seconds = 0.0
+        for i in range(shape[0] // DISK_SLAB):
+            start = time.perf_counter()
+            got = array[i * DISK_SLAB:(i + 1) * DISK_SLAB]
+            seconds += time.perf_counter() - start
+            if not np.array_equal(got, disk_slab(i)):
+                raise RuntimeError(f"{kind}: slab {i} of the disk array differs from the one "
+                                   "written")
+            del got
+    finally:
+        close_store(store)
+    return seconds
+
+
+def wait_index_loaded(address: str, seconds: float = 300) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        counters = server_counters(address)
+        if counters.get("disk_index_loaded") == 1 or time.monotonic() > deadline:
+            return counters
+        time.sleep(0.05)
+
+
+def measure_disk_tier(args, moto_url: str, proxy: Proxy, binary: Path, work: Path,
+                      rows: list) -> None:
+    shape = disk_shape(args.disk_dataset_bytes)
+    dataset = shape[0] * shape[1] * shape[2] * 4
+    log(f"writing the disk-tier dataset ({dataset / 2**20:.0f} MiB in 1 MiB chunks) to S3 "
+        "(directly, not over the link)")
+    write_disk_dataset(moto_url, work, shape)
+    link = {"link": proxy.url}
+
+    proxy.counters(reset=True)
+    seconds = read_disk_pass("direct", link, shape)
+    crossed = proxy.counters()
+    rows.append({"workload": "disk tier", "peer": "direct", "pass": 0, "seconds": seconds,
+                 "requests": crossed["requests_total"], "bytes": crossed["bytes_down"]})
+    log(f"disk tier: direct {seconds:.2f} s, {crossed['bytes_down'] / 2**20:.0f} MiB over the "
+        "link")
+
+    tier = work / "disk-tier"
+    flags = [f"--s3_endpoint={proxy.url}", f"--host_cache_bytes={args.disk_host_bytes}",
+             f"--disk_cache_dir={tier}", f"--disk_cache_bytes={2 * dataset}", *args.server_flag]
+    env = {**os.environ, **CREDENTIALS}
+    server = benchlib.ChunkdServer(binary, f"s3://{BUCKET}", work / "chunkd-disk-1", *flags,
+                                   env=env)
+    restarted = None
+    try:
+        for number in (1, 2, 3):
+            if number == 3:
+                # kill -9 after pass 2: what the tier wrote behind the reads must survive.
+                server.process.kill()
+                server.process.wait()
+                restarted = time.perf_counter()
+                server = benchlib.ChunkdServer(binary, f"s3://{BUCKET}", work / "chunkd-disk-2",
+                                               *flags, env=env)
+                loaded = wait_index_loaded(server.tcp)
+                rows.append({"workload": "disk tier", "peer": "restart", "pass": 3,
+                             "seconds": time.perf_counter() - restarted,
+                             "index_load_micros": loaded.get("disk_index_load_micros"),
+                             "entries": loaded.get("disk_entries")})
+            setup = {**link, "chunkd_tcp": server.tcp}
+            if number != 2:
+                # What the server takes before it holds anything (code, gRPC, arenas).
+                rss_start = proc_status_bytes(server.pid, "VmRSS")
+            before = server_counters(server.tcp)
+            proxy.counters(reset=True)
+            seconds = read_disk_pass("tcp", setup, shape)
+            crossed = proxy.counters()
+            after = server_counters(server.tcp)
+
+            def delta(name: str) -> int | None:
+                if name not in after:
+                    return None
+                return after[name] - before.get(name, 0)
+
+            rows.append({"workload": "disk tier", "peer": "chunkd tcp + disk tier",
+                         "pass": number, "seconds": seconds,
+                         "requests": crossed["requests_total"], "bytes": crossed["bytes_down"],
+                         "store_bytes": delta("backend_read_bytes"),
+                         "disk_hits": delta("disk_hits"),
+                         "revalidations": delta("revalidations"),
+                         "rss_start": rss_start,
+                         "disk_writes_dropped": delta("disk_writes_dropped"),
+                         "rss_peak": proc_status_bytes(server.pid, "VmHWM"),
+                         "index_bytes": after.get("disk_index_bytes"),
+                         "disk_entries": after.get("disk_entries"),
+                         "host_bytes": args.disk_host_bytes})
+            r = rows[-1]
+            log(f"disk tier: pass {number} {seconds:.2f} s, store {r['store_bytes']} B, link "
+                f"{crossed['bytes_down'] / 2**20:.1f} MiB, disk hits {r['disk_hits']}")
+    finally:
+        server.stop()
+
+
+def report_disk_tier(rows: list, args) -> list[str]:
+    """The disk tier's table and targets."""
+    by = {(r["peer"], r["pass"]): r for r in rows if r["workload"] == "disk tier"}
+    direct = by.get(("direct", 0))
+    shape = disk_shape(args.disk_dataset_bytes)
+    dataset = shape[0] * shape[1] * shape[2] * 4
+    lines = ["", f"## The disk tier: {dataset / 2**20:.0f} MiB, host cache "
+             f"{args.disk_host_bytes / 2**20:.0f} MiB ({dataset / args.disk_host_bytes:.1f}x)",
+             "", "Read by slabs of 64 MiB through zarr; chunkd with ChunkdStore inline over TCP. "
+             "The server was killed (SIGKILL) after pass 2 and started again on the same tier.",
+             "", "| pass | peer | time | × direct | store bytes | over the link | disk hits | "
+             "revalidations | server RSS start → peak |", "| --: | --- | --: | --: | --: | --: | "
+             "--: | --: | --: |"]
+    if direct:
+        lines.append(f"| | direct | {direct['seconds']:.2f} s | 1.00× | | "
+                     f"{direct['bytes'] / 2**20:.1f} MiB | | | |")
+    passes = {}
+    for n in (1, 2, 3):
+        r = by.get(("chunkd tcp + disk tier", n))
+        if r is None:
+            continue
+        passes[n] = r
+        ratio = direct["seconds"] / r["seconds"] if direct else None
+        lines.append(f"| {n} | chunkd + disk tier | {r['seconds']:.2f} s | "
+                     f"{'' if ratio is None else f'{ratio:.2f}×'} | {r['store_bytes']} | "
+                     f"{r['bytes'] / 2**20:.1f} MiB | {r['disk_hits']} | {r['revalidations']} | "
+                     f"{r['rss_start'] / 2**20:.0f} → {r['rss_peak'] / 2**20:.0f} MiB |")
+    restart = by.get(("restart", 3))
+    if restart:
+        load = restart.get("index_load_micros")
+        lines += ["", f"Restart after kill -9: serving with its index loaded in "
+                  f"{restart['seconds']:.2f} s (index load "
+                  f"{'n/a' if load is None else f'{load / 1e3:.1f} ms'}, "
+                  f"{restart.get('entries')} entries)."]
+
+    def verdict(ok: bool) -> str:
+        return "held" if ok else "NOT held"
+
+    lines += ["", "Targets (issue 20):"]
+    for n in (2, 3):
+        r = passes.get(n)
+        if r is None or not direct:
+            lines.append(f"- pass {n} ≥ 5× direct: not measured")
+            continue
+        ratio = direct["seconds"] / r["seconds"]
+        lines.append(f"- pass {n} ≥ 5× direct: {ratio:.2f}× — {verdict(ratio >= 5)}")
+    if 2 in passes and 3 in passes:
+        p2, p3 = passes[2], passes[3]
+        lines.append(f"- pass 3 reads no bytes from the store: {p3['store_bytes']} bytes — "
+                     f"{verdict(p3['store_bytes'] == 0)}")
+        speed = p2["seconds"] / p3["seconds"]
+        lines.append(f"- pass 3 ≥ 0.8× pass 2: {speed:.2f}× — {verdict(speed >= 0.8)}")
+    for n, r in passes.items():
+        if r.get("index_bytes") is None or not r.get("rss_peak"):
+            continue
+        bound = r["host_bytes"] + r["index_bytes"]
+        grown = r["rss_peak"] - r["rss_start"]
+        per = r["index_bytes"] / r["disk_entries"] if r.get("disk_entries") else None
+        lines.append(f"- server RSS within the host budget + the tier's index (pass {n}): grew "
+                     f"{grown / 2**20:.0f} MiB from an idle server's "
+                     f"{r['rss_start'] / 2**20:.0f} MiB, budget "
+                     f"{r['host_bytes'] / 2**20:.0f} MiB + index "
+                     f"{r['index_bytes'] / 2**20:.2f} MiB"
+                     f"{'' if per is None else f' ({per:.0f} B per entry)'} — "
+                     f"{verdict(grown <= bound)}")
+    return lines
+
+
 def parse_count(text: str) -> int | None:
     try:
         return int(text)
@@ -653,7 +870,8 @@ def parse_count(text: str) -> int | None:
 
 def report(rows: list, args, env: dict, binary: Path) -> str:
     big_rows = [r for r in rows if r["workload"].startswith("big:")]
-    rows = [r for r in rows if not r["workload"].startswith("big:")]
+    disk_rows = [r for r in rows if r["workload"] == "disk tier"]
+    rows = [r for r in rows if not r["workload"].startswith("big:") and r not in disk_rows]
 
     def med(workload, peer, key="seconds"):
         values = [r[key] for r in rows
@@ -667,9 +885,12 @@ def report(rows: list, args, env: dict, binary: Path) -> str:
              f"{f' --only {args.only}' if args.only else ''}"
              f"{' --big' if args.big and args.quick else ''}"
              f"{f' --big_bytes {args.big_bytes}' if args.big and args.big_bytes != 2 << 30 else ''}"
+             f"{f' --disk-tier --disk_dataset_bytes {args.disk_dataset_bytes}' if args.disk_tier else ''}"
+             f"{f' --disk_host_bytes {args.disk_host_bytes}' if args.disk_tier else ''}"
              f"{''.join(f' --server-flag={f}' for f in args.server_flag)}` — commit "
              f"{env['commit']}{' (dirty)' if env['dirty'] else ''}, {env['cores']} cores, load "
-             f"{env['loadavg_start'][0]:.1f} at the start; medians of {args.repeat}; moto "
+             f"{env['loadavg_start'][0]:.1f} at the start; "
+             f"{'one sample per pass' if args.disk_tier else f'medians of {args.repeat}'}; moto "
              "S3 on loopback behind latency_proxy.py; bytes and requests are what crossed the "
              "link during the timed read."
              + (f" chunkd flags: {' '.join(args.server_flag)}." if args.server_flag else "")]
@@ -729,6 +950,8 @@ def report(rows: list, args, env: dict, binary: Path) -> str:
                       "target is the file store's: python/benchmarks/sharded_local.py)."]
     if big_rows:
         lines += report_big(big_rows, args, binary)
+    if any(r["workload"] == "disk tier" for r in disk_rows):
+        lines += report_disk_tier(disk_rows, args)
     return "\n".join(lines) + "\n"
 
 
@@ -750,6 +973,12 @@ def main() -> None:
     parser.add_argument("--server-flag", dest="server_flag", action="append", default=[],
                         help="a flag passed to every chunkd as it is (repeatable), e.g. "
                              "--server-flag=--block_bytes=1MiB")
+    parser.add_argument("--disk-tier", dest="disk_tier", action="store_true",
+                        help="the disk tier's section only (3 passes, kill -9 before the third)")
+    parser.add_argument("--disk_dataset_bytes", type=benchlib.parse_bytes, default="1GiB",
+                        help="the disk-tier dataset's size (1GiB)")
+    parser.add_argument("--disk_host_bytes", type=benchlib.parse_bytes, default="256MiB",
+                        help="the host cache of the disk-tier run (256MiB)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-build", action="store_true")
     args = parser.parse_args()
@@ -759,8 +988,8 @@ def main() -> None:
         args.big = not args.quick or args.only == "big"
     if not args.big_bytes or args.big_bytes < TAIL:
         parser.error("--big_bytes: a size of at least 4 KiB (e.g. 2GiB, 512MiB)")
-    arrays = args.only in (None, "arrays")
-    big = args.big and args.only in (None, "big")
+    arrays = args.only in (None, "arrays") and not args.disk_tier
+    big = args.big and args.only in (None, "big") and not args.disk_tier
 
     benchlib.ensure_built(["chunkd", "chunkd_native"], build=not args.no_build)
     if not MOTO_SERVER.exists():
@@ -790,6 +1019,8 @@ def main() -> None:
                 measure(args, proxy, chunkd, rows)
             if big:
                 measure_big(args, f"http://127.0.0.1:{port}", proxy, chunkd, binary, work, rows)
+            if args.disk_tier:
+                measure_disk_tier(args, f"http://127.0.0.1:{port}", proxy, binary, work, rows)
         finally:
             if chunkd:
                 chunkd.stop()

@@ -347,3 +347,34 @@ def test_remote_big_targets():
     whole = next(line for line in lines if line.startswith("| big: whole") and "chunkd" in line)
     assert "| 1.074 | 2.00× |" in whole  # 2 GiB in 2 s, the direct read took 4 s
     assert "20 → 60 MiB | n/a |" in whole
+
+
+def _disk_rows(pass3_store_bytes, pass3_seconds, rss_peak):
+    common = {"workload": "disk tier", "peer": "chunkd tcp + disk tier", "requests": 0,
+              "bytes": 0, "disk_hits": 1024, "revalidations": 1, "rss_start": 30 << 20,
+              "index_bytes": 1 << 20, "disk_entries": 1024, "host_bytes": 256 << 20}
+    return [{"workload": "disk tier", "peer": "direct", "pass": 0, "seconds": 10.0,
+             "requests": 1024, "bytes": 1 << 30},
+            {**common, "pass": 1, "seconds": 11.0, "store_bytes": 1 << 30,
+             "rss_peak": 200 << 20},
+            {**common, "pass": 2, "seconds": 1.0, "store_bytes": 0, "rss_peak": 200 << 20},
+            {**common, "pass": 3, "seconds": pass3_seconds, "store_bytes": pass3_store_bytes,
+             "rss_peak": rss_peak},
+            {"workload": "disk tier", "peer": "restart", "pass": 3, "seconds": 0.5,
+             "index_load_micros": 2000, "entries": 1024}]
+
+
+def test_remote_disk_tier_targets():
+    args = type("Args", (), {"disk_dataset_bytes": 1 << 30, "disk_host_bytes": 256 << 20})()
+
+    def verdicts(rows):
+        lines = remote.report_disk_tier(rows, args)
+        return [line.rsplit(" — ", 1)[1] for line in lines if line.startswith("- ")]
+
+    # pass 2, pass 3 vs direct; pass 3 store bytes; pass 3 vs pass 2; RSS of passes 1-3.
+    assert verdicts(_disk_rows(0, 1.25, 280 << 20)) == ["held"] * 7
+    assert verdicts(_disk_rows(4096, 1.26, (30 << 20) + (257 << 20) + 1)) == [
+        "held", "held", "NOT held", "NOT held", "held", "held", "NOT held"]
+    lines = remote.report_disk_tier(_disk_rows(0, 1.0, 100 << 20), args)
+    assert any("| 3 | chunkd + disk tier | 1.00 s | 10.00× | 0 |" in line for line in lines)
+    assert any("index load 2.0 ms, 1024 entries" in line for line in lines)
