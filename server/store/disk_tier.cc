@@ -55,6 +55,7 @@
 #include "buffer/cpu/buffer.h"
 #include "server/common/crc32c.h"
 #include "server/common/log.h"
+#include "server/store/disk_tier_internal.h"
 
 namespace chunkd::server {
 namespace {
@@ -196,9 +197,10 @@ class Fd {
 };
 
 struct Segment {
-  Segment(uint32_t id, int fd) : id(id), fd(fd) {}
+  Segment(uint32_t id, int fd, int direct_fd) : id(id), fd(fd), direct_fd(direct_fd) {}
   const uint32_t id;
   const Fd fd;
+  const Fd direct_fd;  // O_DIRECT, for reads; -1 when not used or refused
   // Written under the tier's append mutex; read under its index mutex too (see DiskTierImpl).
   uint64_t data_bytes = 0;
   uint64_t index_bytes = 0;  // the index file's size (written or reserved), rounded to 4 KiB
@@ -261,12 +263,16 @@ struct WriteItem {
 
 class DiskTierImpl final : public DiskTier {
  public:
-  DiskTierImpl(const DiskTierOptions& options, buffer::HostAllocator* allocator, int lock_fd)
+  DiskTierImpl(const DiskTierOptions& options, buffer::HostAllocator* allocator, int lock_fd,
+               const DiskTierIo& io)
       : options_(options),
+        io_(io),
         allocator_(allocator != nullptr ? allocator : &buffer::HeapAllocator()),
         lock_fd_(lock_fd),
         segment_bytes_(
-            std::clamp<uint64_t>(AlignUp(options.capacity_bytes / 16), 64 << 10, 64 << 20)) {
+            io.segment_bytes > 0
+                ? AlignUp(io.segment_bytes)
+                : std::clamp<uint64_t>(AlignUp(options.capacity_bytes / 16), 64 << 10, 64 << 20)) {
     capacity_ = options.capacity_bytes;
   }
 
@@ -440,6 +446,18 @@ class DiskTierImpl final : public DiskTier {
  private:
   std::string PathOf(const std::string& name) const { return options_.dir + "/" + name; }
 
+  // A descriptor of segment `id` for O_DIRECT reads; -1 when they are off or the filesystem
+  // refuses them (tmpfs: EINVAL), and reads are buffered.
+  int OpenDirect(uint32_t id) {
+    if (!io_.direct_reads) return -1;
+    int fd = open(PathOf(SegmentName(id)).c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+    if (fd < 0 && !direct_refused_.exchange(true)) {
+      Log("disk tier %s: the filesystem refuses O_DIRECT (%s); reads go through the page cache",
+          options_.dir, strerror(errno));
+    }
+    return fd;
+  }
+
   uint64_t UsedLocked() const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(append_mu_) ABSL_NO_THREAD_SAFETY_ANALYSIS {
     return used_;  // written only under both mutexes
@@ -492,7 +510,7 @@ class DiskTierImpl final : public DiskTier {
     for (uint32_t id : ids) {
       int fd = open(PathOf(SegmentName(id)).c_str(), O_RDWR | O_CLOEXEC);
       if (fd < 0) continue;
-      auto segment = std::make_shared<Segment>(id, fd);
+      auto segment = std::make_shared<Segment>(id, fd, OpenDirect(id));
       struct stat st;
       if (fstat(fd, &st) == 0) segment->data_bytes = static_cast<uint64_t>(st.st_size);
       struct stat ist;
@@ -639,6 +657,12 @@ class DiskTierImpl final : public DiskTier {
   void SealActiveLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(append_mu_) {
     if (active_ == nullptr) return;
     WriteIndexFile(*active_, active_records_);
+    if (io_.drop_written_pages) {
+      // Written back now (so a power loss keeps the sealed segment too), then out of the page
+      // cache: what the tier wrote is in the host cache already.
+      fdatasync(active_->fd.get());
+      posix_fadvise(active_->fd.get(), 0, 0, POSIX_FADV_DONTNEED);
+    }
     {
       absl::MutexLock lock(&mu_);
       active_->sealed = true;
@@ -773,7 +797,7 @@ class DiskTierImpl final : public DiskTier {
         if (IsNoSpace(errno)) HandleNoSpaceLocked(record_bytes);
         return false;
       }
-      auto segment = std::make_shared<Segment>(id, fd);
+      auto segment = std::make_shared<Segment>(id, fd, OpenDirect(id));
       absl::MutexLock lock(&mu_);
       segments_.emplace(id, segment);
       active_ = std::move(segment);
@@ -908,6 +932,9 @@ class DiskTierImpl final : public DiskTier {
                                         absl::string_view key, uint64_t part, Generation generation,
                                         const std::string& etag) {
     const size_t head = sizeof(RecordHeader) + key.size() + etag.size();
+    if (segment.direct_fd.get() >= 0) {
+      return ReadRecordDirect(segment, loc, key, part, generation, etag, head);
+    }
     std::vector<char> head_bytes(head);
     buffer::cpu::MutableBuffer out;
     if (loc.data_len > 0) {
@@ -927,10 +954,19 @@ class DiskTierImpl final : public DiskTier {
       if (n <= 0 || static_cast<size_t>(n) != want) return std::nullopt;
       got = static_cast<size_t>(n);
     }
+    return CheckRecord(head_bytes.data(), std::move(out), loc, key, part, generation, etag);
+  }
+
+  // Checks a record read at `head` (its header, key and etag) and `out` (its data) against
+  // what the index says it is, and its crc.
+  static std::optional<CachedValue> CheckRecord(const char* head, buffer::cpu::MutableBuffer out,
+                                                const Location& loc, absl::string_view key,
+                                                uint64_t part, Generation generation,
+                                                const std::string& etag) {
     RecordHeader h;
-    std::memcpy(&h, head_bytes.data(), sizeof(h));
-    const absl::string_view stored_key(head_bytes.data() + sizeof(h), key.size());
-    const absl::string_view stored_etag(head_bytes.data() + sizeof(h) + key.size(), etag.size());
+    std::memcpy(&h, head, sizeof(h));
+    const absl::string_view stored_key(head + sizeof(h), key.size());
+    const absl::string_view stored_etag(head + sizeof(h) + key.size(), etag.size());
     if (h.magic != kRecordMagic || h.version != kVersion || h.type != kEntry ||
         h.key_len != key.size() || h.etag_len != etag.size() || h.part != part ||
         h.generation != generation || h.data_len != loc.data_len || stored_key != key ||
@@ -944,6 +980,50 @@ class DiskTierImpl final : public DiskTier {
     value.offset = h.offset;
     if (h.total_size != kNoTotal) value.total_size = h.total_size;
     return value;
+  }
+
+  // O_DIRECT: the whole record (4 KiB-aligned offset and length) into an aligned bounce
+  // buffer, the data then copied into the allocator's block (which has no 4 KiB alignment,
+  // and holds exactly the data). The copy costs less than the crc over the same bytes.
+  std::optional<CachedValue> ReadRecordDirect(const Segment& segment, const Location& loc,
+                                              absl::string_view key, uint64_t part,
+                                              Generation generation, const std::string& etag,
+                                              size_t head) {
+    const uint64_t record_bytes = RecordBytes(key.size(), etag.size(), loc.data_len);
+    // One bounce buffer per reading thread, kept while entries are up to 4 MiB; larger ones
+    // get a buffer of their own.
+    constexpr uint64_t kKeepBytes = 4 << 20;
+    struct Free {
+      void operator()(char* p) const { free(p); }
+    };
+    thread_local std::unique_ptr<char, Free> kept;
+    std::unique_ptr<char, Free> own;
+    char* bounce;
+    if (record_bytes <= kKeepBytes) {
+      if (kept == nullptr) {
+        void* p = nullptr;
+        if (posix_memalign(&p, kAlign, kKeepBytes) != 0) return std::nullopt;
+        kept.reset(static_cast<char*>(p));
+      }
+      bounce = kept.get();
+    } else {
+      void* p = nullptr;
+      if (posix_memalign(&p, kAlign, record_bytes) != 0) return std::nullopt;
+      own.reset(static_cast<char*>(p));
+      bounce = own.get();
+    }
+    if (!PreadFull(segment.direct_fd.get(), bounce, record_bytes, uint64_t{loc.page} * kAlign)) {
+      return std::nullopt;
+    }
+    buffer::cpu::MutableBuffer out;
+    if (loc.data_len > 0) {
+      absl::StatusOr<buffer::cpu::MutableBuffer> allocated =
+          buffer::cpu::MutableBuffer::Allocate(loc.data_len, *allocator_);
+      if (!allocated.ok()) return std::nullopt;
+      out = *std::move(allocated);
+      std::memcpy(out.data(), bounce + head, loc.data_len);
+    }
+    return CheckRecord(bounce, std::move(out), loc, key, part, generation, etag);
   }
 
   // The background load of what the directory held at Open.
@@ -1037,6 +1117,8 @@ class DiskTierImpl final : public DiskTier {
   }
 
   const DiskTierOptions options_;
+  const DiskTierIo io_;
+  std::atomic<bool> direct_refused_{false};
   buffer::HostAllocator* const allocator_;
   const Fd lock_fd_;
   const uint64_t segment_bytes_;
@@ -1082,6 +1164,12 @@ class DiskTierImpl final : public DiskTier {
 
 absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& options,
                                                          buffer::HostAllocator* allocator) {
+  return OpenDiskTier(options, allocator, DiskTierIo());
+}
+
+absl::StatusOr<std::unique_ptr<DiskTier>> OpenDiskTier(const DiskTierOptions& options,
+                                                       buffer::HostAllocator* allocator,
+                                                       const DiskTierIo& io) {
   if (options.dir.empty()) return absl::InvalidArgumentError("disk tier: no directory given");
   if (options.capacity_bytes == 0) {
     return absl::InvalidArgumentError(
@@ -1107,7 +1195,7 @@ absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& 
         "give each server a directory of its own",
         options.dir, strerror(err)));
   }
-  auto tier = std::make_unique<DiskTierImpl>(options, allocator, lock_fd);
+  auto tier = std::make_unique<DiskTierImpl>(options, allocator, lock_fd, io);
   absl::Status status = tier->Start();
   if (!status.ok()) return status;
   return tier;
