@@ -551,6 +551,17 @@ class Checker:
         store = flag_value(argv, "store", "chunkd-data").removeprefix("file://")
         if not store.startswith(REMOTE_STORES) and mount_for(store) is None:
             self.problem(cw, f"--store={store} is not an absolute path on a volume")
+        # The disk tier: on a volume (it must outlive the container), with its budget, and only
+        # in front of a remote store (chunkd refuses it otherwise: docs/disk-tier.md).
+        disk_dir = flag_value(argv, "disk_cache_dir")
+        if disk_dir:
+            if mount_for(disk_dir) is None:
+                self.problem(cw, f"--disk_cache_dir={disk_dir} is not on a volume")
+            if not flag_value(argv, "disk_cache_bytes"):
+                self.problem(cw, "--disk_cache_dir without --disk_cache_bytes (chunkd refuses it)")
+            if not store.startswith(("s3://", "http://", "https://")):
+                self.problem(cw, f"--disk_cache_dir is for remote stores (s3, http), not "
+                             f"--store={store} (chunkd refuses it)")
         # Memory: the cache lives in /dev/shm segments, charged to chunkd's memory limit.
         # (A value chunkd cannot read is reported by the flag check: 0 here.)
         cache = parse_bytes(flag_value(argv, "host_cache_bytes", "1GiB")) or 0
