@@ -238,6 +238,10 @@ ChunkdServer::~ChunkdServer() {
   service_.reset();
   core_.reset();
   store_.reset();
+  // What the store offered the disk tier is written before it closes (a SIGTERM loses nothing
+  // it read), and the tier goes before the memory its reads were placed in.
+  if (disk_tier_) disk_tier_->Flush();
+  disk_tier_.reset();
   device_tier_.reset();
   leases_.reset();
   processes_.reset();

@@ -387,5 +387,31 @@ TEST_F(DiskTierTest, AValueChangedBehindChunkdsBackIsNotServedFromDiskPastTheBou
   EXPECT_EQ(Counter(*c3, "backend_read_bytes"), 0u);
 }
 
+TEST_F(DiskTierTest, WritesAndDeletesThroughChunkdDropTheTiersCopy) {
+  auto values = Dataset(4, 1, 7);
+  Store(values);
+  // Copies on disk that, after a restart, would be served for an hour without asking the store.
+  auto server = Fill(values, {"--revalidate_after=1h"});
+  ASSERT_NE(server, nullptr);
+  {
+    auto c = Connect(*server);
+    std::string replaced = RandomBytes(70000, 99);
+    ASSERT_TRUE(c->Put("t2m/c/0/1", buffer::cpu::Buffer::CopyOf(replaced)).ok());
+    values["t2m/c/0/1"] = replaced;
+    std::string big = RandomBytes((3 << 20) + 5, 98);
+    ASSERT_TRUE(c->Put("big/0", buffer::cpu::Buffer::CopyOf(big)).ok());
+    values["big/0"] = big;
+    ASSERT_TRUE(c->Delete("t2m/c/0/3").ok());
+    values.erase("t2m/c/0/3");
+  }
+  EXPECT_EQ(server->Stop(SIGKILL), 128 + SIGKILL);
+  auto again = Start({"--revalidate_after=1h"});
+  ASSERT_NE(again, nullptr);
+  auto c = Connect(*again);
+  ASSERT_TRUE(WaitFor(*c, "disk_index_loaded", 1));
+  ReadAll(*c, values);
+  EXPECT_EQ(c->Get("t2m/c/0/3").status().code(), absl::StatusCode::kNotFound);
+}
+
 }  // namespace
 }  // namespace chunkd
