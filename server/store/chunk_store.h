@@ -229,8 +229,10 @@ class ChunkStore {
     // A revalidation: the cached copy to check (a miss when unset).
     std::optional<CachedValue> cached;
     // A whole value's flight: when it was started (its answer is current as of no earlier
-    // than this; readers with a later bound do not join it). Record and block flights are
-    // joined by every reader: their answers are checked against the value's record.
+    // than this; readers with a later bound do not join it), or, once it answers with a copy
+    // from the disk tier, when that copy was validated. Guarded by its shard's mutex. Record
+    // and block flights are joined by every reader: their answers are checked against the
+    // value's record.
     absl::Time started;
     // A whole value's flight: the latest bound of the readers it answers (those that joined
     // without a bound of their own past `started`): what a copy from the disk tier must meet
