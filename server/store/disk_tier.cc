@@ -690,12 +690,12 @@ class DiskTierImpl final : public DiskTier {
     if (SegmentsLocked().empty()) return false;
     std::shared_ptr<Segment> victim = SegmentsLocked().begin()->second;
     std::vector<RecordMeta> records;
+    bool scanned = false;
     if (victim == active_) {
       records = std::move(active_records_);
       active_records_.clear();
       active_.reset();
     } else {
-      bool scanned;
       uint64_t valid_end;
       records = SegmentRecords(*victim, &scanned, &valid_end);
     }
@@ -716,9 +716,9 @@ class DiskTierImpl final : public DiskTier {
         evicted_bytes += r.header.data_len;
         ErasePartLocked(it, p);
       }
-      // Entries the index knows but the segment's files no longer list (an index file gone
-      // bad since start-up): none may point into the deleted file.
-      if (victim->sealed && records.empty()) ForgetSegmentLocked(victim->id);
+      // Its index file gone bad since it was written: a scan may list fewer records than the
+      // index knows of (it stops at a bad one), and none may point into the deleted file.
+      if (scanned) ForgetSegmentLocked(victim->id, &evicted, &evicted_bytes);
       used_ -= victim->accounted();
       segments_.erase(victim->id);
     }
@@ -729,12 +729,16 @@ class DiskTierImpl final : public DiskTier {
     return true;
   }
 
-  void ForgetSegmentLocked(uint32_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Forgets every entry in segment `id`, counting them into `*count` and `*bytes`.
+  void ForgetSegmentLocked(uint32_t id, uint64_t* count, uint64_t* bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     for (auto it = values_.begin(); it != values_.end();) {
       auto next = std::next(it);
       for (auto p = it->second.parts.begin(); p != it->second.parts.end();) {
         auto p_next = std::next(p);
         if (p->second.segment == id) {
+          ++*count;
+          *bytes += p->second.data_len;
           if (it->second.parts.size() == 1) {
             ErasePartLocked(it, p);
             break;
