@@ -29,6 +29,7 @@ build_pkgs=(build-essential cmake ninja-build pkg-config git ccache
   libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev
   libcurl4-openssl-dev libpugixml-dev libcpp-httplib-dev libssl-dev)
 test_pkgs=(redis-server libhiredis-dev nginx-light openssl procps iproute2
+  liburing-dev                          # io_uring beside pread in chunkd_disk_tier_bench
   python3 python3-venv python3-dev
   clang-14 libclang-rt-14-dev llvm-14   # sanitizer builds and libFuzzer (sanitize.sh, fuzz.sh)
   clang-format-14)                      # the C++ formatting check (check-format.sh)

@@ -23,9 +23,18 @@
 // before it appends, so the files under the directory never exceed capacity_bytes (the empty
 // LOCK file aside).
 //
-// I/O: writes are queued (bounded in bytes) and appended by writer threads, one append at a
-// time (a log is sequential; the crc is computed before, in parallel); Read is a synchronous
-// preadv on the caller's thread into a block of the caller's allocator (no bounce buffer).
+// I/O (chosen by measurement: bench/disk_tier_bench.cc, figures in docs/disk-tier.md):
+// - Reads are synchronous pread on the caller's thread (ChunkStore's I/O pool, off the gRPC
+//   threads, with a bounded queue). io_uring measured no faster than pread at the same queue
+//   depth (the depth is what counts: the caller's pool size), so no liburing dependency.
+// - Reads use O_DIRECT: through the page cache every GiB read from the tier put a GiB in the
+//   page cache, a second copy of what the host cache then holds. An entry of 64 KiB or more is
+//   read straight into the allocator's block (no copy), a smaller one through a bounce buffer.
+//   Where the filesystem refuses O_DIRECT (tmpfs) reads are buffered (logged once).
+// - Writes are queued (bounded in bytes) and appended with pwritev by writer threads, one
+//   append at a time (a log is sequential; crcs are computed before, in parallel), through the
+//   page cache (write-behind costs no reader anything); each sealed segment is then
+//   fdatasync'ed and dropped from the page cache (POSIX_FADV_DONTNEED), off the append lock.
 #include "server/store/disk_tier.h"
 
 #include <dirent.h>
@@ -61,16 +70,20 @@ namespace chunkd::server {
 namespace {
 
 constexpr uint64_t kAlign = 4096;
+constexpr uint64_t AlignUp(uint64_t n) { return (n + kAlign - 1) & ~(kAlign - 1); }
 constexpr uint32_t kRecordMagic = 0x54444B43;  // "CKDT"
 constexpr uint32_t kIndexMagic = 0x49444B43;   // "CKDI"
 constexpr uint16_t kVersion = 1;
 constexpr uint8_t kEntry = 0;
 constexpr uint8_t kTombstone = 1;
 constexpr uint64_t kNoTotal = ~uint64_t{0};
-constexpr uint32_t kMaxKeyBytes = 64 << 10;
+constexpr uint32_t kMaxRecordKeyBytes = 4 << 10;  // chunkd's keys: 1 KiB at most
 constexpr uint32_t kMaxEtagBytes = 4 << 10;
-
-uint64_t AlignUp(uint64_t n) { return (n + kAlign - 1) & ~(kAlign - 1); }
+// O_DIRECT reads of entries this large go straight into the allocator's block; smaller ones
+// through a bounce buffer that holds any record of a smaller entry.
+constexpr uint64_t kDirectIntoBlockBytes = 64 << 10;
+constexpr uint64_t kBounceBytes =
+    AlignUp(kDirectIntoBlockBytes + 72 + kMaxRecordKeyBytes + kMaxEtagBytes);
 
 // Native byte order (chunkd builds for little-endian hosts only).
 struct RecordHeader {
@@ -284,8 +297,11 @@ class DiskTierImpl final : public DiskTier {
     stop_loading_.store(true);
     for (std::thread& t : writers_) t.join();
     if (loader_.joinable()) loader_.join();
-    absl::MutexLock lock(&append_mu_);
-    if (active_ != nullptr && active_->data_bytes > 0) SealActiveLocked();
+    {
+      absl::MutexLock lock(&append_mu_);
+      if (active_ != nullptr && active_->data_bytes > 0) SealActiveLocked();
+    }
+    WriteBackSealed();
   }
 
   absl::Status Start() {
@@ -374,7 +390,7 @@ class DiskTierImpl final : public DiskTier {
     const uint64_t bytes = entry.value.size() + key.size() + sizeof(RecordHeader);
     absl::MutexLock lock(&queue_mu_);
     if (stopping_ || queued_bytes_ + bytes > options_.max_queued_write_bytes ||
-        key.size() > kMaxKeyBytes || entry.etag.size() > kMaxEtagBytes) {
+        key.size() > kMaxRecordKeyBytes || entry.etag.size() > kMaxEtagBytes) {
       writes_dropped_.fetch_add(1, std::memory_order_relaxed);
       return;
     }
@@ -405,6 +421,7 @@ class DiskTierImpl final : public DiskTier {
     RecordMeta tombstone;
     tombstone.header.type = kTombstone;
     tombstone.key = std::string(key);
+    FinishRecord(tombstone, buffer::cpu::Buffer());
     if (AppendLocked(tombstone, buffer::cpu::Buffer()) && active_ != nullptr) {
       fdatasync(active_->fd.get());
     }
@@ -587,7 +604,7 @@ class DiskTierImpl final : public DiskTier {
     while (offset + sizeof(RecordHeader) <= end && !stop_loading_.load()) {
       RecordHeader h;
       if (!PreadFull(segment.fd.get(), &h, sizeof(h), offset)) break;
-      if (h.magic != kRecordMagic || h.version != kVersion || h.key_len > kMaxKeyBytes ||
+      if (h.magic != kRecordMagic || h.version != kVersion || h.key_len > kMaxRecordKeyBytes ||
           h.etag_len > kMaxEtagBytes || h.data_len > end) {
         break;
       }
@@ -657,12 +674,9 @@ class DiskTierImpl final : public DiskTier {
   void SealActiveLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(append_mu_) {
     if (active_ == nullptr) return;
     WriteIndexFile(*active_, active_records_);
-    if (io_.drop_written_pages) {
-      // Written back now (so a power loss keeps the sealed segment too), then out of the page
-      // cache: what the tier wrote is in the host cache already.
-      fdatasync(active_->fd.get());
-      posix_fadvise(active_->fd.get(), 0, 0, POSIX_FADV_DONTNEED);
-    }
+    // To be written back (so a power loss keeps the sealed segment too), then dropped from the
+    // page cache: what the tier wrote is in the host cache already (WriteBackSealed).
+    if (io_.drop_written_pages) sealed_to_write_back_.push_back(active_);
     {
       absl::MutexLock lock(&mu_);
       active_->sealed = true;
@@ -676,12 +690,12 @@ class DiskTierImpl final : public DiskTier {
     if (SegmentsLocked().empty()) return false;
     std::shared_ptr<Segment> victim = SegmentsLocked().begin()->second;
     std::vector<RecordMeta> records;
+    bool scanned = false;
     if (victim == active_) {
       records = std::move(active_records_);
       active_records_.clear();
       active_.reset();
     } else {
-      bool scanned;
       uint64_t valid_end;
       records = SegmentRecords(*victim, &scanned, &valid_end);
     }
@@ -702,9 +716,9 @@ class DiskTierImpl final : public DiskTier {
         evicted_bytes += r.header.data_len;
         ErasePartLocked(it, p);
       }
-      // Entries the index knows but the segment's files no longer list (an index file gone
-      // bad since start-up): none may point into the deleted file.
-      if (victim->sealed && records.empty()) ForgetSegmentLocked(victim->id);
+      // Its index file gone bad since it was written: a scan may list fewer records than the
+      // index knows of (it stops at a bad one), and none may point into the deleted file.
+      if (scanned) ForgetSegmentLocked(victim->id, &evicted, &evicted_bytes);
       used_ -= victim->accounted();
       segments_.erase(victim->id);
     }
@@ -715,12 +729,16 @@ class DiskTierImpl final : public DiskTier {
     return true;
   }
 
-  void ForgetSegmentLocked(uint32_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Forgets every entry in segment `id`, counting them into `*count` and `*bytes`.
+  void ForgetSegmentLocked(uint32_t id, uint64_t* count, uint64_t* bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     for (auto it = values_.begin(); it != values_.end();) {
       auto next = std::next(it);
       for (auto p = it->second.parts.begin(); p != it->second.parts.end();) {
         auto p_next = std::next(p);
         if (p->second.segment == id) {
+          ++*count;
+          *bytes += p->second.data_len;
           if (it->second.parts.size() == 1) {
             ErasePartLocked(it, p);
             break;
@@ -758,16 +776,22 @@ class DiskTierImpl final : public DiskTier {
     ErasePartLocked(it, p);
   }
 
-  // Appends one record (an entry with `data`, or a tombstone), evicting first so that the
-  // files stay within the capacity; on success `active_` holds it at active_records_.back().
-  bool AppendLocked(RecordMeta record, const buffer::cpu::Buffer& data)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(append_mu_) {
+  // Fills in the record's lengths and crc (before the append lock: writer threads compute
+  // crcs in parallel).
+  static void FinishRecord(RecordMeta& record, const buffer::cpu::Buffer& data) {
     RecordHeader& h = record.header;
     h.key_len = static_cast<uint32_t>(record.key.size());
     h.etag_len = static_cast<uint32_t>(record.etag.size());
     h.data_len = data.size();
-    uint32_t crc = HeaderCrc(h, record.key, record.etag);
+    const uint32_t crc = HeaderCrc(h, record.key, record.etag);
     h.crc = Crc32cExtend(crc, data.data(), data.size());
+  }
+
+  // Appends one record (an entry with `data`, or a tombstone), evicting first so that the
+  // files stay within the capacity; on success `active_` holds it at active_records_.back().
+  bool AppendLocked(RecordMeta record, const buffer::cpu::Buffer& data)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(append_mu_) {
+    RecordHeader& h = record.header;  // FinishRecord'ed
     const uint64_t record_bytes = RecordBytes(h.key_len, h.etag_len, h.data_len);
     const uint64_t index_entry = IndexEntryBytes(h.key_len, h.etag_len);
     // Rotate when the record would overflow a segment that already has records.
@@ -896,6 +920,26 @@ class DiskTierImpl final : public DiskTier {
     h.validated_micros = ToMicros(item.entry.validated);
     record.key = item.key;
     record.etag = item.entry.etag;
+    FinishRecord(record, item.entry.value);
+    AppendEntry(item, std::move(record));
+    WriteBackSealed();
+  }
+
+  // Segments sealed since the last call: written back and dropped from the page cache, off
+  // the append lock (an fdatasync of a 64 MiB segment must not stall the appends).
+  void WriteBackSealed() ABSL_LOCKS_EXCLUDED(append_mu_) {
+    std::vector<std::shared_ptr<Segment>> sealed;
+    {
+      absl::MutexLock lock(&append_mu_);
+      sealed.swap(sealed_to_write_back_);
+    }
+    for (const std::shared_ptr<Segment>& segment : sealed) {
+      fdatasync(segment->fd.get());
+      posix_fadvise(segment->fd.get(), 0, 0, POSIX_FADV_DONTNEED);
+    }
+  }
+
+  void AppendEntry(const WriteItem& item, RecordMeta record) {
     absl::MutexLock append_lock(&append_mu_);
     {
       absl::MutexLock lock(&queue_mu_);
@@ -954,15 +998,23 @@ class DiskTierImpl final : public DiskTier {
       if (n <= 0 || static_cast<size_t>(n) != want) return std::nullopt;
       got = static_cast<size_t>(n);
     }
-    return CheckRecord(head_bytes.data(), std::move(out), loc, key, part, generation, etag);
+    if (io_.drop_read_pages) {
+      posix_fadvise(segment.fd.get(), static_cast<off_t>(offset),
+                    static_cast<off_t>(RecordBytes(key.size(), etag.size(), loc.data_len)),
+                    POSIX_FADV_DONTNEED);
+    }
+    const std::byte* data = out.data();
+    return CheckRecord(head_bytes.data(), data, std::move(out).Freeze(), loc, key, part, generation,
+                       etag);
   }
 
-  // Checks a record read at `head` (its header, key and etag) and `out` (its data) against
-  // what the index says it is, and its crc.
-  static std::optional<CachedValue> CheckRecord(const char* head, buffer::cpu::MutableBuffer out,
-                                                const Location& loc, absl::string_view key,
-                                                uint64_t part, Generation generation,
-                                                const std::string& etag) {
+  // Checks a record read at `head` (its header, key and etag) with its data at `data`
+  // against what the index says it is, and its crc; the value viewing `value` (the data's
+  // bytes) when it checks out.
+  static std::optional<CachedValue> CheckRecord(const char* head, const std::byte* data,
+                                                buffer::cpu::Buffer value, const Location& loc,
+                                                absl::string_view key, uint64_t part,
+                                                Generation generation, const std::string& etag) {
     RecordHeader h;
     std::memcpy(&h, head, sizeof(h));
     const absl::string_view stored_key(head + sizeof(h), key.size());
@@ -974,45 +1026,49 @@ class DiskTierImpl final : public DiskTier {
       return std::nullopt;
     }
     uint32_t crc = HeaderCrc(h, stored_key, stored_etag);
-    crc = Crc32cExtend(crc, out.data(), loc.data_len);
+    crc = Crc32cExtend(crc, data, loc.data_len);
     if (crc != h.crc) return std::nullopt;
-    CachedValue value(std::move(out).Freeze(), h.generation, FromMicros(h.validated_micros), etag);
-    value.offset = h.offset;
-    if (h.total_size != kNoTotal) value.total_size = h.total_size;
-    return value;
+    CachedValue out(std::move(value), h.generation, FromMicros(h.validated_micros), etag);
+    out.offset = h.offset;
+    if (h.total_size != kNoTotal) out.total_size = h.total_size;
+    return out;
   }
 
-  // O_DIRECT: the whole record (4 KiB-aligned offset and length) into an aligned bounce
-  // buffer, the data then copied into the allocator's block (which has no 4 KiB alignment,
-  // and holds exactly the data). The copy costs less than the crc over the same bytes.
+  // O_DIRECT reads the whole record (4 KiB-aligned offset and length) into 4 KiB-aligned
+  // memory. An entry of 64 KiB or more is read straight into a block of the allocator with
+  // room for the alignment, the header and the padding (at most 8 KiB + header more than the
+  // data: 3% of a 256 KiB block), and the value views its data there: no copy. A smaller one
+  // goes through a per-thread bounce buffer and is copied into a block of its exact size.
   std::optional<CachedValue> ReadRecordDirect(const Segment& segment, const Location& loc,
                                               absl::string_view key, uint64_t part,
                                               Generation generation, const std::string& etag,
                                               size_t head) {
     const uint64_t record_bytes = RecordBytes(key.size(), etag.size(), loc.data_len);
-    // One bounce buffer per reading thread, kept while entries are up to 4 MiB; larger ones
-    // get a buffer of their own.
-    constexpr uint64_t kKeepBytes = 4 << 20;
+    const uint64_t offset = uint64_t{loc.page} * kAlign;
+    if (loc.data_len >= kDirectIntoBlockBytes) {
+      absl::StatusOr<buffer::cpu::MutableBuffer> allocated =
+          buffer::cpu::MutableBuffer::Allocate(record_bytes + kAlign, *allocator_);
+      if (!allocated.ok()) return std::nullopt;
+      auto* base = reinterpret_cast<char*>(allocated->data());
+      char* aligned = reinterpret_cast<char*>(AlignUp(reinterpret_cast<uintptr_t>(base)));
+      if (!PreadFull(segment.direct_fd.get(), aligned, record_bytes, offset)) return std::nullopt;
+      buffer::cpu::Buffer whole = std::move(*allocated).Freeze();
+      buffer::cpu::Buffer value =
+          whole.Slice(static_cast<size_t>(aligned - base) + head, loc.data_len);
+      const std::byte* data = value.data();
+      return CheckRecord(aligned, data, std::move(value), loc, key, part, generation, etag);
+    }
     struct Free {
       void operator()(char* p) const { free(p); }
     };
-    thread_local std::unique_ptr<char, Free> kept;
-    std::unique_ptr<char, Free> own;
-    char* bounce;
-    if (record_bytes <= kKeepBytes) {
-      if (kept == nullptr) {
-        void* p = nullptr;
-        if (posix_memalign(&p, kAlign, kKeepBytes) != 0) return std::nullopt;
-        kept.reset(static_cast<char*>(p));
-      }
-      bounce = kept.get();
-    } else {
+    thread_local std::unique_ptr<char, Free> bounce;
+    if (bounce == nullptr) {
       void* p = nullptr;
-      if (posix_memalign(&p, kAlign, record_bytes) != 0) return std::nullopt;
-      own.reset(static_cast<char*>(p));
-      bounce = own.get();
+      if (posix_memalign(&p, kAlign, kBounceBytes) != 0) return std::nullopt;
+      bounce.reset(static_cast<char*>(p));
     }
-    if (!PreadFull(segment.direct_fd.get(), bounce, record_bytes, uint64_t{loc.page} * kAlign)) {
+    if (record_bytes > kBounceBytes ||
+        !PreadFull(segment.direct_fd.get(), bounce.get(), record_bytes, offset)) {
       return std::nullopt;
     }
     buffer::cpu::MutableBuffer out;
@@ -1021,9 +1077,11 @@ class DiskTierImpl final : public DiskTier {
           buffer::cpu::MutableBuffer::Allocate(loc.data_len, *allocator_);
       if (!allocated.ok()) return std::nullopt;
       out = *std::move(allocated);
-      std::memcpy(out.data(), bounce + head, loc.data_len);
+      std::memcpy(out.data(), bounce.get() + head, loc.data_len);
     }
-    return CheckRecord(bounce, std::move(out), loc, key, part, generation, etag);
+    const std::byte* data = out.data();
+    return CheckRecord(bounce.get(), data, std::move(out).Freeze(), loc, key, part, generation,
+                       etag);
   }
 
   // The background load of what the directory held at Open.
@@ -1134,6 +1192,7 @@ class DiskTierImpl final : public DiskTier {
   std::vector<RecordMeta> active_records_ ABSL_GUARDED_BY(append_mu_);
   uint64_t active_index_raw_ ABSL_GUARDED_BY(append_mu_) = 0;
   uint32_t next_segment_id_ ABSL_GUARDED_BY(append_mu_) = 1;
+  std::vector<std::shared_ptr<Segment>> sealed_to_write_back_ ABSL_GUARDED_BY(append_mu_);
 
   // The index.
   mutable absl::Mutex mu_;

@@ -17,6 +17,9 @@ struct DiskTierIo {
   // allocator's block), so that the page cache does not hold a second copy of what the host
   // cache holds. Where the filesystem refuses O_DIRECT (tmpfs) reads are buffered (logged).
   bool direct_reads = true;
+  // Reads through the page cache (direct_reads off, or refused) drop the pages they read
+  // afterwards (POSIX_FADV_DONTNEED), keeping readahead without the second copy.
+  bool drop_read_pages = true;
   // When a segment is sealed: fdatasync it and drop its pages from the page cache
   // (POSIX_FADV_DONTNEED), so written entries do not stay cached twice either.
   bool drop_written_pages = true;

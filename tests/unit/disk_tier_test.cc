@@ -575,5 +575,43 @@ TEST(DiskTierTest, BufferedReadsServeAndCheckTheSame) {
   EXPECT_TRUE(Bytes(tier, "k1") == value);
 }
 
+// A sealed segment whose index file and a record went bad after start-up is evicted by a
+// scan that stops at the bad record: the entries after it must leave the index too.
+TEST(DiskTierTest, EvictingASegmentWithABadIndexFileForgetsAllItsEntries) {
+  TempDir dir;
+  const auto options = Options(dir.path(), 1 << 20);  // 64 KiB segments
+  const std::string value = RandomBytes(10'000, 12);  // 12 KiB records: 5 per segment
+  {
+    auto tier = OpenTier(options);
+    ASSERT_TRUE(WaitLoaded(*tier));
+    for (int i = 0; i < 20; ++i) {
+      tier->Write(absl::StrCat("k", i), kWholeValue, Whole(value, 1, kValidated));
+      tier->Flush();
+    }
+  }
+  auto tier = OpenTier(options);
+  ASSERT_TRUE(WaitLoaded(*tier));
+  ASSERT_EQ(tier->stats().entries, 20u);
+  const std::vector<std::string> indexes = Files(dir.path(), ".idx");
+  const std::vector<std::string> segments = Files(dir.path(), ".dat");
+  ASSERT_GT(segments.size(), 2u);
+  chunkd::testing::WriteFile(indexes[0], "garbage");
+  ASSERT_EQ(truncate(segments[0].c_str(), 12288 + 100), 0);  // only k0 scans whole
+  for (int i = 20; i < 120; ++i) {
+    tier->Write(absl::StrCat("k", i), kWholeValue, Whole(value, 1, kValidated));
+    tier->Flush();
+  }
+  EXPECT_FALSE(std::filesystem::exists(segments[0]));
+  for (int i = 0; i < 5; ++i) EXPECT_FALSE(tier->Record(absl::StrCat("k", i)).has_value()) << i;
+  uint64_t readable = 0;
+  for (int i = 0; i < 120; ++i) {
+    if (tier->Read(absl::StrCat("k", i), kWholeValue, 0).has_value()) ++readable;
+  }
+  const DiskTierStats s = tier->stats();
+  EXPECT_EQ(readable, s.entries);
+  EXPECT_EQ(s.entries + s.evictions, 120u);
+  EXPECT_EQ(s.checksum_failures, 0u);
+}
+
 }  // namespace
 }  // namespace chunkd::server
