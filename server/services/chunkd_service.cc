@@ -334,9 +334,19 @@ void ChunkdService::Stat(const v1::StatRequest& request, v1::StatResponse* respo
     done(grpc::Status::OK);
   };
   // A pool client's invalidation (StatRequest.invalidate): the answer then comes from the store.
+  // Both on an I/O thread: with a disk tier, dropping the key is a durable write to disk.
   if (request.invalidate()) {
-    store().Invalidate(request.key());
     counters_.invalidations.fetch_add(1, std::memory_order_relaxed);
+    absl::Status queued = store().Submit([this, answer, key = request.key()] {
+      store().Invalidate(key);
+      answer(store().Stat(key));
+    });
+    if (!queued.ok()) {
+      // Refused, but the caller's copy must still go (it may retry elsewhere).
+      store().Invalidate(request.key());
+      done(ToGrpcStatus(queued));
+    }
+    return;
   }
   // A cached value is answered here; only a miss asks the backend, on an I/O thread.
   if (std::optional<ValueInfo> cached = store().CachedInfo(request.key())) {

@@ -211,7 +211,9 @@ class ChunkStore {
                                   const Conditions& conditions);
   absl::Status Delete(absl::string_view key, const Conditions& conditions);
   // Drops the cached copy of `key` (a read in flight does not put its value in the cache
-  // either): the next read goes to the backend. The backend is not touched. Any thread.
+  // either), and from the disk tier: the next read goes to the backend. The backend is not
+  // touched. Any thread, but with a disk tier the drop is a durable disk write: prefer an I/O
+  // thread.
   void Invalidate(absl::string_view key);
   absl::StatusOr<std::unique_ptr<ListCursor>> List(absl::string_view prefix, bool directory);
 

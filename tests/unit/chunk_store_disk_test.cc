@@ -238,19 +238,24 @@ TEST_F(ChunkStoreDiskTest, ACopyOlderThanTheBoundIsConfirmedOrReplaced) {
   EXPECT_EQ(store->counters().disk_promotions, 1u);
 }
 
-TEST_F(ChunkStoreDiskTest, WritesAndDeletesDropTheTiersCopy) {
+TEST_F(ChunkStoreDiskTest, WritesDeletesAndInvalidationsDropTheTiersCopy) {
   StoreValue("k", "old bytes");
   StoreValue("gone", "soon deleted");
+  StoreValue("other", "old too");
   {
     auto store = NewStore();
     ASSERT_TRUE(store->ReadAndWait("k").ok());
     ASSERT_TRUE(store->ReadAndWait("gone").ok());
+    ASSERT_TRUE(store->ReadAndWait("other").ok());
   }
-  AwaitEntries(2);
+  AwaitEntries(3);
   {
     auto store = NewStore();
     ASSERT_TRUE(store->Write("k", Buffer::CopyOf("new bytes"), Conditions()).ok());
     ASSERT_TRUE(store->Delete("gone", Conditions()).ok());
+    // Another writer changed it; a pool client says so (StatRequest.invalidate).
+    StoreValue("other", "new too");
+    store->Invalidate("other");
   }
   ReadOptions any;
   any.validated_since = absl::InfinitePast();  // would take any copy the tier still had
@@ -259,6 +264,9 @@ TEST_F(ChunkStoreDiskTest, WritesAndDeletesDropTheTiersCopy) {
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(std::string(got->value.view()), "new bytes");
   EXPECT_TRUE(absl::IsNotFound(store->ReadAndWait("gone", any).status()));
+  auto other = store->ReadAndWait("other", any);
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_EQ(std::string(other->value.view()), "new too");
 }
 
 }  // namespace
