@@ -392,11 +392,15 @@ void LogServing(ChunkdServer& server, const ServerConfig& config) {
                       absl::StrJoin(config.store_options.freshness.immutable_prefixes, ","), ")");
     }
   }
-  Log("serving %s store %s on %s (host cache %s, %s, max value %s%s%s%s)",
+  std::string derived =
+      config.derived.cache.capacity_bytes > 0
+          ? absl::StrCat(", derived entries ", FormatBytes(config.derived.cache.capacity_bytes))
+          : ", no derived entries";
+  Log("serving %s store %s on %s (host cache %s%s, %s, max value %s%s%s%s)",
       std::string(server.store().backend().kind()), server.store().backend().location(),
       absl::StrJoin(server.addresses(), ", "),
-      FormatBytes(config.store_options.cache.capacity_bytes), absl::GetFlag(FLAGS_eviction),
-      FormatBytes(config.service.max_value_bytes), fresh,
+      FormatBytes(config.store_options.cache.capacity_bytes), derived,
+      absl::GetFlag(FLAGS_eviction), FormatBytes(config.service.max_value_bytes), fresh,
       config.service.read_only ? ", read-only" : "",
       server.arena() ? ", shared memory in " + config.shm_arena.directory : ", inline only");
 }
