@@ -42,7 +42,7 @@ from zarr.codecs.sharding import ShardingCodec
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.codec_pipeline import BatchedCodecPipeline, fill_value_or_default
 from zarr.core.indexing import get_indexer
-from zarr.storage._common import StorePath
+from zarr.storage import StorePath
 
 from chunkd import _common as c
 from chunkd.errors import ChunkdError, NotFoundError, PreconditionFailed
@@ -50,7 +50,7 @@ from chunkd.errors import ChunkdError, NotFoundError, PreconditionFailed
 if TYPE_CHECKING:
     from zarr.abc.store import ByteGetter, ByteRequest
     from zarr.core.array_spec import ArraySpec
-    from zarr.core.buffer import Buffer, BufferPrototype, NDBuffer
+    from zarr.abc.buffer import Buffer, BufferPrototype, NDBuffer
 
     from chunkd.zarr import ChunkdStore
 

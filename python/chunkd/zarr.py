@@ -71,7 +71,7 @@ from zarr.abc.store import (
 )
 from zarr.abc.buffer import Buffer
 from zarr.buffer import default_buffer_prototype
-from zarr.core.config import config as zarr_config
+from zarr import config as zarr_config
 from zarr.registry import register_pipeline
 
 from chunkd import _common as c
