@@ -126,7 +126,7 @@ def _is_host(prototype: BufferPrototype) -> bool:
 class _PinnedGetter:
     """A ByteGetter of one key at one generation: every read asks for exactly that generation
     (``if_generation_match``), so that what a production decodes is the source it names.
-    A missing key is None; a moved one raises _SourceChanged."""
+    A key that moved on or went away raises _SourceChanged."""
 
     def __init__(self, store: ChunkdStore, key: str, generation: int) -> None:
         self.store = store
@@ -142,9 +142,7 @@ class _PinnedGetter:
             result = await self.store._aio().read(
                 self.key, **_range_kwargs(byte_range), if_generation_match=self.generation
             )
-        except NotFoundError:
-            return None
-        except PreconditionFailed as e:
+        except (NotFoundError, PreconditionFailed) as e:
             raise _SourceChanged(self.key) from e
         return self.store._to_buffer(result, prototype)
 
@@ -249,6 +247,16 @@ class NodeCodecPipeline(BatchedCodecPipeline):
         shard_outputs: list[tuple[np.ndarray, Any, Any]] = []
         sharding = self._sharding()
         codecs = list(self)
+        # One derivation per (shape, fill, inner chunk): chunks of one array share most.
+        made: dict[tuple, bytes] = {}
+
+        def derived(spec: ArraySpec, dtype: np.dtype, inner: tuple[int, ...] | None) -> bytes:
+            memo = (spec.shape, repr(spec.fill_value), dtype.str, inner)
+            text = made.get(memo)
+            if text is None:
+                text = made[memo] = derivation(codecs, spec, dtype, inner)
+            return text
+
         for store, item in node:
             byte_getter, spec, chunk_selection, out_selection, _ = item
             dtype = _decoded_dtype(spec)
@@ -256,7 +264,7 @@ class NodeCodecPipeline(BatchedCodecPipeline):
             if sharding is None:
                 units.append(
                     _Unit(
-                        store, key, derivation(codecs, spec, dtype), spec, dtype,
+                        store, key, derived(spec, dtype, None), spec, dtype,
                         chunk_selection, target, out_selection, drop_axes, item=item,
                     )
                 )
@@ -274,7 +282,7 @@ class NodeCodecPipeline(BatchedCodecPipeline):
             for inner, inner_selection, inner_out_selection, _ in indexer:
                 units.append(
                     _Unit(
-                        store, key, derivation(codecs, spec, dtype, inner), inner_spec, dtype,
+                        store, key, derived(spec, dtype, tuple(inner)), inner_spec, dtype,
                         inner_selection, shard_out, inner_out_selection, (), shard=shard,
                         inner=tuple(inner),
                     )
@@ -381,8 +389,8 @@ class NodeCodecPipeline(BatchedCodecPipeline):
     ) -> np.ndarray | None:
         """Produces `unit`'s entry from generation `generation` of its source and publishes it;
         gives the production up on any failure (a waiting reader then takes it over). Returns
-        the decoded chunk (the fill value's chunk for a missing one), or None when the source
-        moved on (the caller reads it through zarr's pipeline)."""
+        the decoded chunk (the fill value's for an empty inner chunk of a shard), or None when
+        the source moved on or went away (the caller reads it through zarr's pipeline)."""
         client = unit.store._aio()
         published = False
         try:
@@ -422,8 +430,6 @@ class NodeCodecPipeline(BatchedCodecPipeline):
 
     async def _decode_chunk(self, getter: _PinnedGetter, spec: ArraySpec) -> np.ndarray | None:
         encoded = await getter.get(spec.prototype)
-        if encoded is None:
-            return None
         (decoded,) = await self.decode([(encoded, spec)])
         return None if decoded is None else decoded.as_numpy_array()
 
@@ -447,16 +453,12 @@ class NodeCodecPipeline(BatchedCodecPipeline):
                 sharding._load_shard_index_maybe(getter, chunks_per_shard)
             )
         index = await asyncio.shield(task)
-        if index is None:
-            return None  # the shard is gone: the fill value
         byte_slice = index.get_chunk_slice(unit.inner)
         if byte_slice is None:
             return None  # an empty inner chunk
         encoded = await getter.get(
             unit.spec.prototype, RangeByteRequest(byte_slice[0], byte_slice[1])
         )
-        if encoded is None:
-            return None
         (decoded,) = await sharding.codec_pipeline.decode([(encoded, unit.spec)])
         return None if decoded is None else decoded.as_numpy_array()
 
