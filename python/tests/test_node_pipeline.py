@@ -323,7 +323,14 @@ _PRODUCER = textwrap.dedent(
 )
 
 
-def test_a_producer_killed_mid_decode_is_taken_over(node_server):
+def test_a_producer_killed_mid_decode_is_taken_over(tmp_path):
+    # A server that hands a production over after 2 s without its value (or sooner, when it
+    # sees its producer go).
+    with serve_with_shm(tmp_path, DERIVED_FLAG, "--derived_produce_timeout=2s") as server:
+        _killed_producer(server)
+
+
+def _killed_producer(node_server):
     from zarr.core.array_spec import ArrayConfig, ArraySpec
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.dtype import parse_dtype
@@ -372,7 +379,7 @@ def test_a_producer_killed_mid_decode_is_taken_over(node_server):
 def test_the_derived_budget_holds_under_many_arrays(tmp_path):
     # A 4 MiB host cache, a quarter of it for derived entries: 24 arrays of 256 KiB decoded
     # each (6 MiB) read in turn; what the derived tier holds stays within its budget.
-    with serve_with_shm(tmp_path, "--derived_cache_fraction=0.25", "--cache_bytes=4MiB") as s:
+    with serve_with_shm(tmp_path, "--derived_cache_fraction=0.25", "--host_cache_bytes=4MiB") as s:
         store = ChunkdStore(s.address, delivery="shm")
         values = _values("float32", (256, 256))
         peak = 0
