@@ -113,6 +113,10 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
   if (!backend.ok()) return backend.status();
   config.store_options.allocator = config.backend.allocator;
   server->store_ = std::make_unique<ChunkStore>(*std::move(backend), config.store_options);
+  if (config.derived.cache.capacity_bytes > 0) {
+    server->derived_ = std::make_unique<DerivedCache>(server->store_.get(), config.derived);
+    config.service.derived = server->derived_.get();
+  }
   config.service.allocator = config.backend.allocator;
   config.service.clients_by_token = !config.security.auth_tokens.empty();
   server->processes_ = std::make_unique<ProcessWatch>();
@@ -199,6 +203,8 @@ void ChunkdServer::Shutdown(absl::Duration grace) {
   health_->Shutdown();
   // No connection may be handed to gRPC once it shuts down.
   for (auto& listener : unix_listeners_) listener->Stop();
+  // Reads waiting for a derived entry end now: no call waits out its wait behind the grace.
+  if (derived_) derived_->Shutdown();
   grpc_server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
   // Calls the server cancelled still finish through the engine's queues.
   engine_->Shutdown();
@@ -216,6 +222,7 @@ ChunkdServer::~ChunkdServer() {
   tensorstore_service_.reset();
   service_.reset();
   core_.reset();
+  derived_.reset();
   store_.reset();
   device_tier_.reset();
   leases_.reset();

@@ -19,6 +19,7 @@
 #include "server/services/service_core.h"
 #include "server/services/tensorstore_kvstore_service.h"
 #include "server/store/chunk_store.h"
+#include "server/store/derived_cache.h"
 #include "server/store/device_tier.h"
 #include "server/store/lease_table.h"
 #include "server/store/process_watch.h"
@@ -41,6 +42,8 @@ struct ServerConfig {
   // CUDA IPC delivery: a device tier of device_tier.capacity_bytes per GPU (0: off). Without a
   // CUDA driver or device the server logs it once and serves host-only.
   DeviceTierOptions device_tier;
+  // Derived entries (server/store/derived_cache.h): off when derived.cache.capacity_bytes is 0.
+  DerivedCacheOptions derived;
   // TLS, tokens, socket mode, connection and call limits (server/rpc/security.h).
   SecurityOptions security;
   // Completion-queue threads that run the RPCs (server/rpc/rpc_engine.h); 0: rpc::DefaultThreads().
@@ -79,6 +82,7 @@ class ChunkdServer {
   std::vector<std::unique_ptr<UnixListener>> unix_listeners_;
   std::unique_ptr<DeviceTier> device_tier_;
   std::unique_ptr<ChunkStore> store_;
+  std::unique_ptr<DerivedCache> derived_;  // after store_: it listens to the store
   std::unique_ptr<ServiceCore> core_;
   std::unique_ptr<ChunkdService> service_;
   std::unique_ptr<TensorStoreKvStoreService> tensorstore_service_;

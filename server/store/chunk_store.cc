@@ -129,7 +129,7 @@ bool ChunkStore::FreshEnough(absl::string_view key, CachedValue& hit, absl::Time
     return true;
   }
   // Changed or removed (or the stat failed: the read that follows says why).
-  if (current.ok()) stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+  if (current.ok()) NoteStale(key);
   cache_->EraseIfGeneration(key, hit.generation);
   return false;
 }
@@ -315,13 +315,13 @@ void ChunkStore::RunFlight(std::string key, std::shared_ptr<Flight> flight) {
       result->validated = start;
       update = Update::kMarkValidated;
     } else if (changed.ok()) {
-      stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+      NoteStale(key);
       backend_reads_.fetch_add(1, std::memory_order_relaxed);
       backend_read_bytes_.fetch_add((*changed)->size(), std::memory_order_relaxed);
       result = CachedValue{**std::move(changed), info.generation, start, std::move(info.etag)};
       update = Update::kInsert;
     } else if (absl::IsNotFound(changed.status())) {
-      stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+      NoteStale(key);
       result = changed.status();
       update = Update::kErase;
     } else {
@@ -471,7 +471,7 @@ void ChunkStore::ValidateRecord(absl::string_view key, std::optional<ValueRecord
     return;
   }
   // Changed or removed (or a local stat that failed: the read that follows says why).
-  if (current.ok()) stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+  if (current.ok()) NoteStale(key);
   records_.EraseIfGeneration(key, record->info.generation);
   record.reset();
 }
@@ -891,7 +891,24 @@ absl::StatusOr<ValueInfo> ChunkStore::Stat(absl::string_view key) {
   return backend_->Stat(key);
 }
 
+void ChunkStore::SetChangeListener(absl::AnyInvocable<void(absl::string_view) const> listener) {
+  absl::MutexLock lock(&listener_mu_);
+  change_listener_ = std::move(listener);
+}
+
+void ChunkStore::NoteChanged(absl::string_view key) {
+  absl::ReaderMutexLock lock(&listener_mu_);
+  if (change_listener_) change_listener_(key);
+}
+
+void ChunkStore::NoteStale(absl::string_view key) {
+  stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+  NoteChanged(key);
+}
+
 void ChunkStore::InvalidateFlight(absl::string_view key) {
+  // Derived entries go whether or not this store caches the value itself (memory://).
+  NoteChanged(key);
   if (!cache_) return;
   FlightShard& shard = FlightShardFor(key);
   absl::MutexLock lock(&shard.mu);
