@@ -32,7 +32,7 @@ from zarr.storage import LocalStore
 
 import chunkd
 from chunkd.zarr import ChunkdStore, NodeCodecPipeline
-from chunkd_testing import REPO_ROOT, serve_with_shm
+from chunkd_testing import REPO_ROOT, count_store_calls, serve_with_shm
 
 NODE = "chunkd.zarr.NodeCodecPipeline"
 ZARR = "zarr.core.codec_pipeline.BatchedCodecPipeline"
@@ -60,6 +60,9 @@ HITS = "derived_hits"
 PUBLISHED = "derived_published"
 HANDOFFS = "derived_handoffs"
 BYTES = "derived_bytes"
+MISSES = "derived_misses"
+PRODUCTIONS = "derived_productions"
+WAIT_TIMEOUTS = "derived_wait_timeouts"
 
 
 def _open(store, path: str, pipeline: str):
@@ -186,7 +189,15 @@ def test_sharded_hits_read_no_shard_index(node_server, monkeypatch):
         store, name="nohdr", shape=values.shape, chunks=CHUNKS, shards=(8, 8, 6), dtype="f4"
     )[:] = values
     node = _open(store, "nohdr", NODE)
+    # The selection touches 8 inner chunks of 2 shards. A production reads each shard's index
+    # once and each inner chunk's range: 2 + 8 Gets; the entries are the 8 inner chunks.
+    calls = count_store_calls(monkeypatch)
+    before = _counters(node_server)
     np.testing.assert_array_equal(node[1:7, 2:15], values[1:7, 2:15])  # produces
+    assert _counter(_counters(node_server), PUBLISHED) - _counter(before, PUBLISHED) == 8
+    reads, read_many, items = calls.snapshot()
+    assert (reads, read_many, items) == (2 + 8, 1, 8)
+    monkeypatch.undo()
     # A hit asks the server for derived entries only: no plain get (the index, a shard's bytes).
     plain = []
     original = ChunkdStore.get
@@ -441,5 +452,11 @@ def test_eight_dask_processes_decode_each_chunk_once(node_server):
     for total in totals:
         assert np.isclose(total, values.sum(dtype=np.float64), rtol=1e-4)
     after = _counters(node_server)
-    assert _counter(after, PUBLISHED) - _counter(before, PUBLISHED) == chunks
-    assert _counter(after, HITS) - _counter(before, HITS) >= 8 * chunks
+    delta = {name: _counter(after, name) - _counter(before, name)
+             for name in (PUBLISHED, HITS, MISSES, PRODUCTIONS, WAIT_TIMEOUTS)}
+    # Decoded once each on the node: one production per chunk, published, and no reader that
+    # gave up waiting and decoded on its own; every read of every process asked the server
+    # (8 workers' reads and the last one's): a hit, or a miss that produced or waited.
+    assert delta[PRODUCTIONS] == delta[PUBLISHED] == chunks, delta
+    assert delta[WAIT_TIMEOUTS] == 0, delta
+    assert delta[HITS] + delta[MISSES] == 9 * chunks, delta
