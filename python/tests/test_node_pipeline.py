@@ -407,6 +407,9 @@ def test_the_derived_budget_holds_under_many_arrays(tmp_path):
             assert derived.used_bytes <= derived.capacity_bytes
             peak = max(peak, derived.used_bytes)
         assert peak > 0
+        # Every chunk went through the derived tier (24 x 16 entries of 16 KiB: 6 MiB through
+        # a 1 MiB budget, so most were evicted on the way).
+        assert _counter(info.counters, PUBLISHED) == 24 * 16
 
 
 # -- 8 processes: dask ----------------------------------------------------------------------------
