@@ -341,30 +341,39 @@ def test_a_producer_killed_mid_decode_is_taken_over(tmp_path):
         _killed_producer(server)
 
 
-def _killed_producer(node_server):
+def _one_chunk_array(server, name: str):
+    """A 4 x 4 float32 zstd array of one chunk, and the derivation the pipeline asks for."""
     from zarr.core.array_spec import ArrayConfig, ArraySpec
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.dtype import parse_dtype
 
     from chunkd.node_pipeline import derivation
 
-    store = ChunkdStore(node_server.address, delivery="shm")
+    store = ChunkdStore(server.address, delivery="shm")
     values = _values("float32", (4, 4))
-    zarr.create_array(store, name="killed", shape=(4, 4), chunks=(4, 4), dtype="f4",
+    zarr.create_array(store, name=name, shape=(4, 4), chunks=(4, 4), dtype="f4",
                       compressors=[ZstdCodec()])[:] = values
-    node = _open(store, "killed", NODE)
-    # The derivation the pipeline asks for (the one chunk, the array's chain).
-    pipeline = node._async_array.codec_pipeline
+    pipeline = _open(store, name, NODE)._async_array.codec_pipeline
     spec = ArraySpec(
         shape=(4, 4), dtype=parse_dtype("float32", zarr_format=3), fill_value=np.float32(0),
         config=ArrayConfig.from_dict({}), prototype=default_buffer_prototype(),
     )
-    d = derivation(list(pipeline), spec, np.dtype("float32"))
+    return store, values, derivation(list(pipeline), spec, np.dtype("float32"))
+
+
+def _start_producer(server, key: str, d: bytes) -> subprocess.Popen:
+    """A process that is told to produce `key`'s entry, says its production id, and sleeps."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "python"))
-    producer = subprocess.Popen(
-        [sys.executable, "-c", _PRODUCER, node_server.address, "killed/c/0/0", d.hex()],
+    return subprocess.Popen(
+        [sys.executable, "-c", _PRODUCER, server.address, key, d.hex()],
         stdout=subprocess.PIPE, text=True, env=env,
     )
+
+
+def _killed_producer(node_server):
+    store, values, d = _one_chunk_array(node_server, "killed")
+    node = _open(store, "killed", NODE)
+    producer = _start_producer(node_server, "killed/c/0/0", d)
     try:
         production = int(producer.stdout.readline())
         assert production != 0, "the first reader was not told to produce"
@@ -380,6 +389,54 @@ def _killed_producer(node_server):
         assert _counter(_counters(node_server), HITS) == _counter(after, HITS) + 1
     finally:
         if producer.poll() is None:
+            producer.kill()
+            producer.wait(60)
+
+
+def test_a_production_that_fails_is_given_up_at_once(node_server, monkeypatch):
+    # A decode that raises fails the read (as in zarr's pipeline) and gives the production up
+    # (abandon_derived): the next read is told to produce it at once, not after the server's
+    # production deadline (30 s here).
+    store = ChunkdStore(node_server.address, delivery="shm")
+    values = _values("float32", (4, 4))
+    zarr.create_array(store, name="fails", shape=(4, 4), chunks=(4, 4), dtype="f4",
+                      compressors=[ZstdCodec()])[:] = values
+    node = _open(store, "fails", NODE)
+
+    async def broken(self, getter, spec):
+        raise RuntimeError("decode failed")
+
+    before = _counters(node_server)
+    with monkeypatch.context() as m:
+        m.setattr(NodeCodecPipeline, "_decode_chunk", broken)
+        with pytest.raises(RuntimeError, match="decode failed"):
+            node[:]
+    after = _counters(node_server)
+    assert _counter(after, "derived_abandons") == _counter(before, "derived_abandons") + 1
+    start = time.monotonic()
+    np.testing.assert_array_equal(node[:], values)
+    assert time.monotonic() - start < 20
+    final = _counters(node_server)
+    assert _counter(final, PRODUCTIONS) == _counter(after, PRODUCTIONS) + 1
+    assert _counter(final, PUBLISHED) == _counter(after, PUBLISHED) + 1
+
+
+def test_a_wait_past_its_deadline_decodes_with_zarrs_pipeline(tmp_path):
+    # Another process holds the production (and does not publish); a reader's wait ends after
+    # --derived_wait_ms and it decodes the chunk itself, through zarr's pipeline.
+    with serve_with_shm(tmp_path, DERIVED_FLAG, "--derived_wait_ms=300",
+                        "--derived_produce_timeout=120s") as server:
+        store, values, d = _one_chunk_array(server, "waits")
+        producer = _start_producer(server, "waits/c/0/0", d)
+        try:
+            assert int(producer.stdout.readline()) != 0
+            node = _open(store, "waits", NODE)
+            before = _counters(server)
+            np.testing.assert_array_equal(node[:], values)
+            after = _counters(server)
+            assert _counter(after, WAIT_TIMEOUTS) == _counter(before, WAIT_TIMEOUTS) + 1
+            assert _counter(after, PUBLISHED) == _counter(before, PUBLISHED)
+        finally:
             producer.kill()
             producer.wait(60)
 
