@@ -144,10 +144,9 @@ void DerivedCache::Resolve(DerivedRequest request, Generation generation, Callba
         a.generation = generation;
         answer = std::move(a);
       } else {
-        answer = absl::NotFoundError(
-            absl::StrCat("key ", QuoteKey(request.key),
-                         ": no derived entry for this derivation at source generation ",
-                         generation));
+        answer = absl::NotFoundError(absl::StrCat(
+            "key ", QuoteKey(request.key),
+            ": no derived entry for this derivation at source generation ", generation));
       }
     }
   }
@@ -156,8 +155,7 @@ void DerivedCache::Resolve(DerivedRequest request, Generation generation, Callba
 }
 
 void DerivedCache::Publish(std::string key, std::string derivation, Generation source_generation,
-                           uint64_t production_id, buffer::cpu::Buffer value,
-                           StatusCallback done) {
+                           uint64_t production_id, buffer::cpu::Buffer value, StatusCallback done) {
   // Stored only if the source is still at the generation the value was derived from, under the
   // freshness rules of a read without a bound of its own.
   std::string owned_key = key;
@@ -313,11 +311,11 @@ void DerivedCache::Watch() {
         wait_timeouts_.fetch_add(1, std::memory_order_relaxed);
         out.answers.emplace_back(
             std::move(w->done),
-            absl::DeadlineExceededError(absl::StrCat(
-                "key ", QuoteKey(w->request.key), ": waited ",
-                absl::FormatDuration(w->request.wait),
-                " for another reader to produce the derived entry; derive it without "
-                "publishing")));
+            absl::DeadlineExceededError(
+                absl::StrCat("key ", QuoteKey(w->request.key), ": waited ",
+                             absl::FormatDuration(w->request.wait),
+                             " for another reader to produce the derived entry; derive it without "
+                             "publishing")));
         w = waiters.erase(w);
         --waiting_;
       }

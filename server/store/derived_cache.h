@@ -125,8 +125,7 @@ class DerivedCache {
                uint64_t production_id, buffer::cpu::Buffer value, StatusCallback done);
   // The producer of `production_id` gives it up: a waiter takes it over. Nothing to do (OK)
   // when that production is over already.
-  absl::Status Abandon(absl::string_view key, absl::string_view derivation,
-                       uint64_t production_id);
+  absl::Status Abandon(absl::string_view key, absl::string_view derivation, uint64_t production_id);
 
   // Fails every wait with UNAVAILABLE (the server is shutting down) and refuses new ones.
   void Shutdown();
@@ -183,9 +182,8 @@ class DerivedCache {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   absl::CondVar wake_;
 
-  std::atomic<uint64_t> hits_{0}, misses_{0}, productions_started_{0}, published_{0},
-      handoffs_{0}, abandons_{0}, wait_timeouts_{0}, waiters_refused_{0}, stale_drops_{0},
-      stale_publishes_{0};
+  std::atomic<uint64_t> hits_{0}, misses_{0}, productions_started_{0}, published_{0}, handoffs_{0},
+      abandons_{0}, wait_timeouts_{0}, waiters_refused_{0}, stale_drops_{0}, stale_publishes_{0};
 
   std::thread watcher_;
 };
