@@ -416,10 +416,11 @@ class NodeCodecPipeline(BatchedCodecPipeline):
                     production_id=production,
                 )
                 published = True
-            except ChunkdError:
-                # Refused (the source changed meanwhile, the derived budget): the chunk is
-                # still the one this read asked for; the production is over on the server.
-                published = True
+            except Exception:  # noqa: BLE001 - publishing is the node's gain, not the read's
+                # Refused (the source moved on meanwhile) or not sent: the chunk is still the
+                # one this read asked for; the finally gives the production up, so that a
+                # waiting reader produces it instead of waiting out its deadline.
+                pass
             return chunk
         finally:
             if not published:

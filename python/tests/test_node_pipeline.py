@@ -280,6 +280,40 @@ def test_store_option_turns_the_pipeline_on_and_travels_in_pickles(node_server):
         zarr.config.set({"codec_pipeline.path": default})
 
 
+_FORKED = None  # the array a fork pool's workers inherit (never pickled)
+
+
+def _read_forked(i: int) -> np.ndarray:
+    return _FORKED[:, i * 4 : (i + 1) * 4]
+
+
+def test_fork_pool_workers_produce_and_publish(node_server):
+    # Forked workers (a DataLoader's, a "fork" pool) inherit an array opened, and read, in the
+    # parent: their clients relay through a helper process (chunkd._relay), productions and
+    # publications included. Each chunk is produced once and published; no wait runs out.
+    import multiprocessing
+
+    global _FORKED
+    store = ChunkdStore(node_server.address, delivery="shm")
+    values = _values("float32", (8, 16))
+    zarr.create_array(store, name="forked", shape=(8, 16), chunks=(4, 4), dtype="f4",
+                      compressors=[ZstdCodec()])[:] = values
+    _FORKED = _open(store, "forked", NODE)
+    np.testing.assert_array_equal(_FORKED[:4, :4], values[:4, :4])  # gRPC started here
+    before = _counters(node_server)
+    try:
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            parts = pool.map(_read_forked, [0, 1, 2, 3, 0, 1, 2, 3])
+    finally:
+        _FORKED = None
+    for i, part in enumerate(parts):
+        np.testing.assert_array_equal(part, values[:, (i % 4) * 4 : (i % 4 + 1) * 4])
+    after = _counters(node_server)
+    delta = {n: _counter(after, n) - _counter(before, n)
+             for n in (PUBLISHED, PRODUCTIONS, WAIT_TIMEOUTS)}
+    assert delta == {PUBLISHED: 7, PRODUCTIONS: 7, WAIT_TIMEOUTS: 0}, delta
+
+
 # -- never the old generation -------------------------------------------------------------------
 
 
