@@ -168,6 +168,25 @@ def test_reads_equal_zarrs_pipeline(node_server, chain, dtype):
     assert _counter(after, PUBLISHED) > _counter(before, PUBLISHED)
 
 
+def test_zarr_v2_arrays_read_decoded_too(node_server):
+    # Zarr format 2 (zarr's V2Codec: numcodecs' compressor, big-endian here, a fill value).
+    store = ChunkdStore(node_server.address, delivery="shm")
+    values = np.arange(120, dtype=">i4").reshape(10, 12)
+    a = zarr.create_array(store, name="v2", shape=(10, 12), chunks=(4, 5), dtype=">i4",
+                          zarr_format=2, fill_value=3)
+    a[:4] = values[:4]
+    expected = values.copy()
+    expected[4:] = 3
+    node = _open(store, "v2", NODE)
+    before = _counters(node_server)
+    for _ in range(2):
+        np.testing.assert_array_equal(node[:], expected)
+        np.testing.assert_array_equal(node[1:9, 3:11], expected[1:9, 3:11])
+    after = _counters(node_server)
+    assert _counter(after, PUBLISHED) - _counter(before, PUBLISHED) == 3  # the chunks written
+    assert _counter(after, HITS) > _counter(before, HITS)
+
+
 def test_each_chunk_is_decoded_once(node_server):
     store = ChunkdStore(node_server.address, delivery="shm")
     values = _values("float32", (16, 16, 6))
