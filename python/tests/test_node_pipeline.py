@@ -573,3 +573,32 @@ def test_eight_dask_processes_decode_each_chunk_once(node_server):
     assert delta[PRODUCTIONS] == delta[PUBLISHED] == chunks, delta
     assert delta[WAIT_TIMEOUTS] == 0, delta
     assert delta[HITS] + delta[MISSES] == 9 * chunks, delta
+
+
+# -- the benchmark's report (python/benchmarks/node_decode.py) ---------------------------------
+
+
+def test_benchmark_report_holds_targets_by_the_runs_medians():
+    sys.path.insert(0, str(REPO_ROOT / "python" / "benchmarks"))
+    import node_decode
+
+    rows = []
+    for rep, scale in enumerate((1.0, 1.1, 0.9), start=1):
+        for codec in node_decode.CODECS:
+            for kind, gbps1, gbps8 in (("memory", 1.0, 1.0), ("local", 1.0, 1.0),
+                                       ("chunkd-shm", 0.8, 0.9), ("chunkd-node", 1.6, 2.1)):
+                for procs, gbps in ((1, gbps1), (8, gbps8)):
+                    rows.append({"store": kind, "codec": codec, "procs": procs, "rep": rep,
+                                 "available": True, "gbps": gbps * scale})
+    env = {"quick": False, "plan": {"reads": 3, "repeat": 3}, "stored_bytes": {"zstd": 10},
+           "derived_before_warm": {"published": 5, "hits": 0},
+           "derived_after": {"published": 5 + 2 * node_decode.CHUNK_COUNT, "hits": 9,
+                             "derived_used_bytes": 7}}
+    text = node_decode.report(rows, env, [1, 8])
+    # Medians of 1.6 and 2.1 against 1.0: both targets held (1.5x and 2x); each chunk once.
+    assert text.count("(target ≥ 2×: held)") == 2 and text.count("(target ≥ 1.5×: held)") == 2
+    assert "each decoded once" in text
+    env["derived_after"]["published"] += 1
+    rows = [dict(r, gbps=r["gbps"] * 0.9) if r["store"] == "chunkd-node" else r for r in rows]
+    text = node_decode.report(rows, env, [1, 8])
+    assert text.count("not held") == 4 and "NOT once each" in text
