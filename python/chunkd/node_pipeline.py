@@ -324,10 +324,15 @@ class NodeCodecPipeline(BatchedCodecPipeline):
                     self._one(u, f, indexes, fallbacks) for u, f in zip(part, futures, strict=True)
                 ]
         try:
-            await asyncio.gather(*handlers)
+            # Every item to its end (each production published or given up) before an error
+            # of one is raised.
+            results = await asyncio.gather(*handlers, return_exceptions=True)
         finally:
             for task in indexes.values():
                 task.cancel()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         if fallbacks:
             await self._fallback(fallbacks, out, drop_axes)
         for shard_out, sel_shape, out_selection in shard_outputs:
