@@ -268,7 +268,7 @@ def test_gpu_prototype_falls_back_to_zarrs_pipeline(node_server):
         cupy.cuda.runtime.getDeviceCount()
     except Exception:  # noqa: BLE001
         pytest.skip("no CUDA device")
-    from zarr.core.buffer import gpu
+    from zarr.buffer import gpu
 
     store = ChunkdStore(node_server.address, delivery="shm")
     values = _values("float32", (8, 8))
