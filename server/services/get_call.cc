@@ -74,6 +74,7 @@ class GetCall final : public StreamedReadCall {
         return;
       }
       cuda_ = CudaRequest();
+      derivation_ = derived->derivation;
       // Answered here (a hit), on an I/O thread, or when another reader publishes it.
       service_->options().derived->Read(
           *std::move(derived),
@@ -90,6 +91,11 @@ class GetCall final : public StreamedReadCall {
   // is to run (a header without bytes).
   void OnDerived(absl::StatusOr<DerivedAnswer> answer) {
     if (cancelled()) {
+      // A production nobody will hear of: the next waiter takes it now, not after
+      // --derived_produce_timeout.
+      if (answer.ok() && answer->production_id != 0) {
+        (void)service_->options().derived->Abandon(key_, derivation_, answer->production_id);
+      }
       FinishWith(Error(grpc::StatusCode::CANCELLED, "cancelled"));
       return;
     }
@@ -308,6 +314,7 @@ class GetCall final : public StreamedReadCall {
 
   ChunkdService* const service_;
   std::string key_;
+  std::string derivation_;  // of a derived read
   ByteRange range_;
   Conditions conditions_;
   Recipient recipient_;  // the deliveries it accepts, and who asks

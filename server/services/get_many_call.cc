@@ -55,6 +55,7 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
     Conditions conditions;
     // A derived read (GetRequest.derived), until it is launched.
     std::optional<DerivedRequest> derived;
+    std::string derivation;  // of a derived read
     bool ready = false;
     // Once ready: the encoded GetHeader or ItemError (field 2 or 3 of GetManyPart), and the
     // bytes to send inline (empty for a handle or an error).
@@ -116,6 +117,7 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
           item.ready = true;
           continue;
         }
+        item.derivation = derived->derivation;
         item.derived = *std::move(derived);
       }
     }
@@ -146,13 +148,9 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
         // are sent in order, so a wait for a production holds the items after it meanwhile.
         DerivedRequest derived = *std::move(items_[i].derived);
         items_[i].derived.reset();
-        service_->options().derived->Read(std::move(derived),
-                                          [this, i](absl::StatusOr<DerivedAnswer> answer) {
-                                            if (!answer.ok()) return OnValue(i, answer.status());
-                                            if (answer->value)
-                                              return OnValue(i, *std::move(answer->value));
-                                            OnValue(i, CachedValue(), &*answer);
-                                          });
+        service_->options().derived->Read(
+            std::move(derived),
+            [this, i](absl::StatusOr<DerivedAnswer> answer) { OnDerived(i, std::move(answer)); });
         continue;
       }
       // The callback may run right here (a hit) or later on an I/O thread.
@@ -168,6 +166,21 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
       action = PumpLocked();
     }
     if (action != Action::kNothing) Act(action);
+  }
+
+  // A derived item's answer: the entry (sent as any value), the production it is to run, or
+  // an error.
+  void OnDerived(size_t i, absl::StatusOr<DerivedAnswer> answer) {
+    if (!answer.ok()) return OnValue(i, answer.status());
+    if (answer->value) return OnValue(i, *std::move(answer->value));
+    if (Stopped()) {
+      // A production nobody will hear of: the next waiter takes it now, not after
+      // --derived_produce_timeout.
+      (void)service_->options().derived->Abandon(items_[i].key, items_[i].derivation,
+                                                 answer->production_id);
+      return OnValue(i, absl::CancelledError("cancelled"));
+    }
+    OnValue(i, CachedValue(), &*answer);
   }
 
   // `production`: a derived read told to produce the entry (then `value` is unused): a header
@@ -236,6 +249,10 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
   }
 
   bool stopping() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return cancelled_ || write_failed_; }
+  bool Stopped() {
+    absl::MutexLock lock(&mu_);
+    return stopping();
+  }
 
   // Decides the next step: a message of the ready parts, the end, or nothing yet.
   Action PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {

@@ -156,6 +156,41 @@ TEST_F(DerivedTest, AbandonAndALateProducerHandTheProductionToAWaiter) {
   EXPECT_EQ(Str(client_->Get("b/c/0", Derived(false))->data), "late");
 }
 
+TEST_F(DerivedTest, AWaiterThatWentAwayPassesTheProductionOn) {
+  StartServer({"--derived_produce_timeout=60s"});
+  ASSERT_TRUE(client_->Put("g/c/0", Bytes("source")).ok());
+  auto told = client_->Get("g/c/0", Derived(true));
+  ASSERT_TRUE(told.ok() && told->production_id != 0);
+  // The first waiter gives up (its call's deadline) before the production is handed on.
+  auto gone = Connect();
+  client::GetOptions short_call = Derived(true, 30000);
+  short_call.timeout = absl::Milliseconds(500);
+  absl::Notification gone_answered;
+  gone->GetAsync("g/c/0", short_call, [&](absl::StatusOr<client::GetResult> r) {
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded) << r.status();
+    gone_answered.Notify();
+  });
+  AwaitWaiting(1);
+  auto other = Connect();
+  absl::Notification answered;
+  absl::StatusOr<client::GetResult> waited;
+  other->GetAsync("g/c/0", Derived(true, 30000), [&](absl::StatusOr<client::GetResult> r) {
+    waited = std::move(r);
+    answered.Notify();
+  });
+  AwaitWaiting(2);
+  ASSERT_TRUE(gone_answered.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  client::DerivedPut abandon{kDerivation, 0, told->production_id, true};
+  ASSERT_TRUE(client_->PutDerived("g/c/0", buffer::cpu::Buffer(), abandon).ok());
+  // The production went to the first waiter, whose call was over: it was passed on at once,
+  // not after --derived_produce_timeout.
+  ASSERT_TRUE(answered.WaitForNotificationWithTimeout(absl::Seconds(20)));
+  ASSERT_TRUE(waited.ok()) << waited.status();
+  EXPECT_NE(waited->production_id, 0u);
+  EXPECT_EQ(Counter(*client_, "derived_handoffs"), 2u);
+  EXPECT_EQ(Counter(*client_, "derived_abandons"), 2u);
+}
+
 TEST_F(DerivedTest, WaitersPastTheCapAreAnsweredAtOnce) {
   StartServer({"--derived_max_waiters=1"});
   ASSERT_TRUE(client_->Put("c/c/0", Bytes("source")).ok());
