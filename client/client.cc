@@ -139,15 +139,24 @@ class StreamCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::
 // One Put: the header, then the value in parts that refer to the caller's buffer.
 class PutCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
+  // `derived`: a derived entry's Put (then `conditions` is unused).
   PutCall(grpc::GenericStub* stub, absl::string_view key, buffer::cpu::Buffer value,
           const Conditions& conditions, size_t part_bytes, absl::Time deadline,
-          Callback<PutResult> done)
+          Callback<PutResult> done, const DerivedPut* derived = nullptr)
       : done_(std::move(done)), value_(std::move(value)), part_bytes_(part_bytes) {
     context_.set_deadline(absl::ToChronoTime(deadline));
     v1::PutHeader header;
     header.set_key(std::string(key));
     header.set_size(value_.size());
-    ToProto(conditions, header.mutable_conditions());
+    if (derived) {
+      v1::DerivedPut* d = header.mutable_derived();
+      d->set_derivation(derived->derivation);
+      d->set_source_generation(derived->source_generation);
+      d->set_production_id(derived->production_id);
+      d->set_abandon(derived->abandon);
+    } else {
+      ToProto(conditions, header.mutable_conditions());
+    }
     std::string head;
     wire::AppendLengthDelimitedHeader(&head, kHeaderField, header.ByteSizeLong());
     header.AppendToString(&head);
@@ -363,6 +372,25 @@ class ClientImpl final : public Client {
     GetManyEachAttempts(std::move(call), /*import_retry=*/true);
   }
 
+  void PutDerivedAsync(absl::string_view key, buffer::cpu::Buffer value, const DerivedPut& derived,
+                       Callback<PutResult> done) override {
+    // Repeating a publication or an abandon is harmless: the second finds the first's result.
+    size_t part = std::clamp<size_t>(options_.put_part_bytes, 1, 1u << 20);
+    Retrier<PutResult>::Run(
+        options_, Deadline(std::nullopt), /*retryable=*/true,
+        [this, key = std::string(key), value, derived, part](absl::Time deadline,
+                                                             Callback<PutResult> attempt_done) {
+          new PutCall(generic_.get(), key, value, Conditions(), part, deadline,
+                      std::move(attempt_done), &derived);
+        },
+        std::move(done));
+  }
+  absl::StatusOr<PutResult> PutDerived(absl::string_view key, buffer::cpu::Buffer value,
+                                       const DerivedPut& derived) override {
+    return WaitFor<PutResult>(
+        [&](Callback<PutResult> cb) { PutDerivedAsync(key, std::move(value), derived, cb); });
+  }
+
   void PutAsync(absl::string_view key, buffer::cpu::Buffer value, const Conditions& conditions,
                 Callback<PutResult> done) override {
     // A conditional write may have landed before the connection broke; retrying it could
@@ -497,11 +525,19 @@ class ClientImpl final : public Client {
     return absl::Now() + timeout.value_or(options_.timeout);
   }
 
+  static void SetDerived(const DerivedRead& derived, v1::GetRequest* request) {
+    v1::DerivedRead* d = request->mutable_derived();
+    d->set_derivation(derived.derivation);
+    d->set_produce(derived.produce);
+    d->set_wait_ms(derived.wait_ms);
+  }
+
   v1::GetRequest MakeGetRequest(absl::string_view key, const GetOptions& options) const {
     v1::GetRequest request;
     request.set_key(std::string(key));
     ToProto(options.range, &request);
     ToProto(options.conditions, request.mutable_conditions());
+    if (options.derived) SetDerived(*options.derived, &request);
     if (std::optional<absl::Duration> staleness =
             options.max_staleness ? options.max_staleness : options_.max_staleness) {
       request.set_max_staleness_ms(
@@ -548,6 +584,7 @@ class ClientImpl final : public Client {
       r->set_key(item.key);
       ToProto(item.range, r);
       ToProto(item.conditions, r->mutable_conditions());
+      if (item.derived) SetDerived(*item.derived, r);
     }
     v1::GetRequest shared = MakeGetRequest("", options);
     *request.mutable_accept() = shared.accept();

@@ -124,6 +124,25 @@ class Cancellation {
   std::shared_ptr<grpc::ClientContext> context_ ABSL_GUARDED_BY(mu_);
 };
 
+// A read of a derived entry (chunkd.v1's DerivedRead): the value derived from the key's current
+// value by `derivation` (for Zarr, a decoded chunk), held by the server for every process of
+// the node. A miss with `produce` is answered with a production id (GetResult::production_id):
+// the caller derives the value and publishes it with PutDerived; readers that miss meanwhile
+// wait for it (up to `wait_ms`, 0: the server's default). docs/protocol.md, "Derived entries".
+struct DerivedRead {
+  std::string derivation;  // 1 to 4096 bytes, opaque to the server
+  bool produce = false;
+  uint64_t wait_ms = 0;
+};
+
+// A derived entry's publication (chunkd.v1's DerivedPut).
+struct DerivedPut {
+  std::string derivation;
+  uint64_t source_generation = 0;  // what the value was derived from
+  uint64_t production_id = 0;      // the production it publishes (0: none)
+  bool abandon = false;            // gives the production up (no value)
+};
+
 struct GetOptions {
   ByteRange range;
   Conditions conditions;
@@ -140,6 +159,8 @@ struct GetOptions {
   // that the call's next attempt asks only for the rest (client/replies.h). Made per call when
   // unset; a ShardedClient sets one per call, so that the key's next server continues it.
   std::shared_ptr<InterruptedGet> resume;
+  // Get and GetAsync: read the derived entry instead of the value (DerivedRead).
+  std::optional<DerivedRead> derived;
 };
 
 struct GetResult {
@@ -154,6 +175,9 @@ struct GetResult {
   // DELIVERY_CUDA_IPC: the bytes in GPU memory (`data` is then empty). Holds the lease until
   // the last copy of it is dropped; to_cpu() copies the bytes to the host.
   std::optional<buffer::gpu::Buffer> device_data;
+  // A derived read that missed: nonzero, the caller is to produce the entry from generation
+  // `generation` of the source and publish it (Client::PutDerived); `data` is empty.
+  uint64_t production_id = 0;
 };
 
 // One item of GetMany.
@@ -161,6 +185,7 @@ struct GetManyItem {
   std::string key;
   ByteRange range;
   Conditions conditions;
+  std::optional<DerivedRead> derived;  // read the derived entry instead (DerivedRead)
 };
 
 // GetMany's results, one per item and in the items' order; an item's failure (NOT_FOUND, say)
@@ -252,6 +277,14 @@ class Client {
                                         const Conditions& conditions = {}) = 0;
   virtual void PutAsync(absl::string_view key, buffer::cpu::Buffer value,
                         const Conditions& conditions, Callback<PutResult> done) = 0;
+  // Publishes `value` as the derived entry of `key` (or, with `derived.abandon`, gives the
+  // production up; `value` empty). The store is not written. FAILED_PRECONDITION when the key
+  // is no longer at derived.source_generation (nothing stored), or when the server keeps no
+  // derived entries.
+  virtual absl::StatusOr<PutResult> PutDerived(absl::string_view key, buffer::cpu::Buffer value,
+                                               const DerivedPut& derived) = 0;
+  virtual void PutDerivedAsync(absl::string_view key, buffer::cpu::Buffer value,
+                               const DerivedPut& derived, Callback<PutResult> done) = 0;
 
   // NOT_FOUND when the key holds no value.
   virtual absl::Status Delete(absl::string_view key, const Conditions& conditions = {}) = 0;

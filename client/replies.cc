@@ -223,6 +223,7 @@ absl::StatusOr<GetResult> GetReply::Finish(const grpc::Status& status) {
   r.generation = header_.generation();
   r.range_start = header_.range_start();
   r.delivery = header_.delivery();
+  r.production_id = header_.production_id();
   return r;
 }
 

@@ -323,6 +323,30 @@ class ShardedClientImpl final : public ShardedClient {
         std::move(done), /*write=*/true);
   }
 
+  absl::StatusOr<PutResult> PutDerived(absl::string_view key, buffer::cpu::Buffer value,
+                                       const DerivedPut& derived) override {
+    absl::Notification finished;
+    absl::StatusOr<PutResult> out;
+    PutDerivedAsync(key, std::move(value), derived, [&](absl::StatusOr<PutResult> r) {
+      out = std::move(r);
+      finished.Notify();
+    });
+    finished.WaitForNotification();
+    return out;
+  }
+  // On the key's server, as its reads go: the store is not written, so no other server's copy
+  // is dropped.
+  void PutDerivedAsync(absl::string_view key, buffer::cpu::Buffer value, const DerivedPut& derived,
+                       Callback<PutResult> done) override {
+    RouteAsync<PutResult>(
+        key, /*retryable=*/true,
+        [key = std::string(key), value = std::move(value), derived](Client& c,
+                                                                    Callback<PutResult> cb) {
+          c.PutDerivedAsync(key, value, derived, std::move(cb));
+        },
+        std::move(done), /*write=*/false);
+  }
+
   absl::Status Delete(absl::string_view key, const Conditions& conditions) override {
     absl::Notification finished;
     absl::Status out;

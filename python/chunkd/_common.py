@@ -70,6 +70,10 @@ class GetResult:
     server's shared memory (``delivery`` SHM) whose lease lasts as long as it and its views, a
     ``memoryview`` of the ``out`` buffer the caller passed in, or (CUDA IPC) a CuPy array over
     the server's GPU memory.
+
+    A derived read (:class:`GetItem` with a ``derivation``) that missed has a nonzero
+    ``production_id``: the caller is to derive the value from generation ``generation`` of
+    the key and publish it (:meth:`chunkd.Client.put_derived`); ``data`` is then empty.
     """
 
     data: Any
@@ -77,6 +81,7 @@ class GetResult:
     generation: int
     range_start: int
     delivery: int = Delivery.INLINE
+    production_id: int = 0
 
     @property
     def length(self) -> int:
@@ -189,6 +194,14 @@ class GetItem:
 
     ``get_many`` also takes a plain key for ``GetItem(key)`` and a tuple ``(key, start)`` or
     ``(key, start, end)`` for ``GetItem(key, start, end)``.
+
+    With a ``derivation`` (1 to 4096 bytes), the item reads the server's derived entry of the
+    key for it (a decoded chunk, say) instead of the value: the range applies to the derived
+    value, freshness and conditions to the key's value. A miss answers
+    :class:`chunkd.NotFoundError`, or, with ``produce=True`` when nobody is producing it, a
+    :class:`GetResult` with a nonzero ``production_id``; a miss while another reader produces
+    it waits up to ``wait_ms`` (0: the server's ``--derived_wait_ms``) and fails with
+    ``DEADLINE_EXCEEDED`` past it. See docs/python.md, "Derived entries".
     """
 
     key: str
@@ -197,6 +210,9 @@ class GetItem:
     suffix: int | None = None
     if_generation_match: int | None = None
     if_generation_not_match: int | None = None
+    derivation: bytes | None = None
+    produce: bool = False
+    wait_ms: int = 0
 
 
 ItemLike = str | tuple | GetItem

@@ -45,7 +45,7 @@ def _portable(value: Any) -> Any:
     if isinstance(value, c.GetResult):
         return c.GetResult(
             _portable(value.data), value.total_size, value.generation, value.range_start,
-            c.Delivery.INLINE,
+            c.Delivery.INLINE, value.production_id,
         )  # fmt: skip
     if isinstance(value, list):
         return [_portable(v) for v in value]
@@ -59,7 +59,7 @@ def _local(value: Any) -> Any:
     if isinstance(value, c.GetResult):
         return c.GetResult(
             _local(value.data), value.total_size, value.generation, value.range_start,
-            value.delivery,
+            value.delivery, value.production_id,
         )  # fmt: skip
     if isinstance(value, list):
         return [_local(v) for v in value]
@@ -163,6 +163,12 @@ class RelayNative:
     def put(self, key, data, match, not_match):
         return self._call("put", key, memoryview(data).tobytes(), match, not_match)
 
+    def put_derived(self, key, derivation, data, source_generation, production_id, abandon):
+        # The value crosses the pipe as bytes (a memoryview or an array does not pickle).
+        payload = None if data is None else memoryview(data).cast("B").tobytes()
+        return self._call("put_derived", key, derivation, payload, source_generation,
+                          production_id, abandon)  # fmt: skip
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name.endswith("_async"):
             raise AttributeError(name)
@@ -227,6 +233,11 @@ class RelayNative:
 
     def put_async(self, queue, future, key, data, match, not_match):
         return self._start(future, False, self.put, key, data, match, not_match)
+
+    def put_derived_async(self, queue, future, key, derivation, data, source_generation,
+                          production_id, abandon):  # fmt: skip
+        return self._start(future, False, self.put_derived, key, derivation, data,
+                           source_generation, production_id, abandon)  # fmt: skip
 
     def delete_async(self, queue, future, key, match, not_match):
         return self._start(future, False, self.delete, key, match, not_match)

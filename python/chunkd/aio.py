@@ -200,6 +200,27 @@ class AsyncClient(c.ClientBase):
             native.put_async, key, data, if_generation_match, if_generation_not_match
         )
 
+    async def put_derived(
+        self,
+        key: str,
+        derivation: bytes,
+        data: Any,
+        *,
+        source_generation: int,
+        production_id: int = 0,
+    ) -> None:
+        """See :meth:`chunkd.Client.put_derived`."""
+        native = self._native_client()
+        await self._call(
+            native.put_derived_async, key, derivation, data, source_generation, production_id,
+            False
+        )
+
+    async def abandon_derived(self, key: str, derivation: bytes, production_id: int) -> None:
+        """See :meth:`chunkd.Client.abandon_derived`."""
+        native = self._native_client()
+        await self._call(native.put_derived_async, key, derivation, None, 0, production_id, True)
+
     async def delete(
         self,
         key: str,

@@ -154,6 +154,29 @@ class Client(c.ClientBase):
         :class:`chunkd.PreconditionFailed`)."""
         return self._native_client().put(key, data, if_generation_match, if_generation_not_match)
 
+    def put_derived(
+        self,
+        key: str,
+        derivation: bytes,
+        data: Any,
+        *,
+        source_generation: int,
+        production_id: int = 0,
+    ) -> None:
+        """Publishes ``data`` as the server's derived entry of ``key`` for ``derivation``,
+        derived from generation ``source_generation`` of the key (a read that returned a
+        ``production_id`` names both). The store is not written. Readers waiting for the entry
+        get it. :class:`chunkd.PreconditionFailed` when the key is no longer at that generation
+        (nothing is stored) or the server keeps no derived entries."""
+        self._native_client().put_derived(key, derivation, data, source_generation, production_id,
+                                          False)
+
+    def abandon_derived(self, key: str, derivation: bytes, production_id: int) -> None:
+        """Gives up production ``production_id`` of the derived entry of ``key``: a reader
+        waiting for it is told to produce it instead. Nothing happens when that production is
+        over already."""
+        self._native_client().put_derived(key, derivation, None, 0, production_id, True)
+
     def delete(
         self,
         key: str,

@@ -71,6 +71,8 @@ from zarr.abc.store import (
 )
 from zarr.abc.buffer import Buffer
 from zarr.buffer import default_buffer_prototype
+from zarr import config as zarr_config
+from zarr.registry import register_pipeline
 
 from chunkd import _common as c
 from chunkd import _cuda
@@ -83,7 +85,7 @@ from chunkd.errors import ChunkdError, NotFoundError, PreconditionFailed
 if TYPE_CHECKING:
     from zarr.abc.buffer import BufferPrototype
 
-__all__ = ["ChunkdStore"]
+__all__ = ["ChunkdStore", "NodeCodecPipeline", "enable_node_decoding"]
 
 # Deletes in flight at once in delete_dir / clear.
 _DELETE_CONCURRENCY = 64
@@ -300,6 +302,13 @@ class ChunkdStore(Store):
             it at most this long ago (0: validate every read). None (default): the server's
             policy (a file store checks every read; s3/http after ``--revalidate_after``, Zarr
             metadata every read).
+        decoded_cache: decoded chunks shared by every process of the node (the server's
+            derived entries, read by :class:`NodeCodecPipeline`). True: turns the node
+            pipeline on (:func:`enable_node_decoding`: zarr's ``codec_pipeline.path``) in this
+            process when the store is made, and in every process that unpickles it (dask
+            workers, spawned pools). None (default): read decoded through the server whenever
+            the node pipeline is on. False: this store is read by zarr's own pipeline even
+            then. See docs/python.md, "Decoded once per node".
     """
 
     supports_writes: bool = True
@@ -332,8 +341,14 @@ class ChunkdStore(Store):
         token: str | None = None,
         batch_gets: bool = True,
         max_staleness: float | None = None,
+        decoded_cache: bool | None = None,
     ) -> None:
         super().__init__(read_only=read_only)
+        self.decoded_cache = None if decoded_cache is None else bool(decoded_cache)
+        if self.decoded_cache:
+            enable_node_decoding()
+        # Whether the server keeps derived entries (asked once, by NodeCodecPipeline).
+        self._derived: bool | None = None
         # The clients' TLS and token arguments, files read once (chunkd._security).
         self._security_args = Security.create(
             tls_ca=tls_ca,
@@ -400,6 +415,7 @@ class ChunkdStore(Store):
             "shm_dir": self.shm_dir,
             "batch_gets": self.batch_gets,
             "max_staleness": self.max_staleness,
+            "decoded_cache": self.decoded_cache,
             **self._security_args,
         }
 
@@ -476,6 +492,18 @@ class ChunkdStore(Store):
         with self._lock:
             clients = [self._aio_client, self._sync_client]
         return all([client.flush_releases_blocking() for client in clients if client is not None])
+
+    async def _derived_supported(self) -> bool:
+        """Whether the server keeps derived entries (its ServerInfo features name them); asked
+        once per store. A server that cannot be asked is read by zarr's pipeline this time."""
+        if self._derived is None:
+            await self._ensure_open()
+            try:
+                info = await self._aio().server_info()
+            except ChunkdError:
+                return False
+            self._derived = any(f.startswith("derived") for f in info.features)
+        return self._derived
 
     def _key(self, key: str) -> str:
         if not isinstance(key, str):
@@ -686,3 +714,21 @@ class ChunkdStore(Store):
             self._sync().delete(self._key(key))
         except NotFoundError:
             pass
+
+
+# -- decoded once per node (chunkd.node_pipeline) -------------------------------------------------
+
+from chunkd.node_pipeline import PIPELINE_PATH, NodeCodecPipeline  # noqa: E402
+
+# Its public name (zarr's ``codec_pipeline.path`` and pickles name it so): chunkd.zarr's.
+NodeCodecPipeline.__module__ = __name__
+register_pipeline(NodeCodecPipeline)
+assert f"{__name__}.NodeCodecPipeline" == PIPELINE_PATH
+
+
+def enable_node_decoding() -> None:
+    """Turns :class:`NodeCodecPipeline` on in this process: zarr's ``codec_pipeline.path``
+    setting, the one line ``zarr.config.set({"codec_pipeline.path":
+    "chunkd.zarr.NodeCodecPipeline"})``. Arrays opened afterwards read their ChunkdStore
+    chunks decoded through the server; other stores, and writes, are zarr's pipeline's."""
+    zarr_config.set({"codec_pipeline.path": PIPELINE_PATH})

@@ -245,6 +245,16 @@ PyObject* Attr(PyObject* obj, const char* name) {
   return v;
 }
 
+// A derivation (chunkd.GetItem.derivation, put_derived's): bytes.
+std::string DerivationBytes(PyObject* derivation) {
+  if (!PyBytes_Check(derivation)) {
+    PyErr_Format(PyExc_TypeError, "a derivation is bytes, got %s", Py_TYPE(derivation)->tp_name);
+    Throw();
+  }
+  return std::string(PyBytes_AS_STRING(derivation),
+                     static_cast<size_t>(PyBytes_GET_SIZE(derivation)));
+}
+
 // One get_many item: a key, a (key, start[, end]) tuple or a chunkd.GetItem. `key` receives
 // the item's key object (borrowed from `item`).
 GetManyItem ParseItem(PyObject* item, PyObject** key) {
@@ -269,6 +279,18 @@ GetManyItem ParseItem(PyObject* item, PyObject** key) {
     out.range = Range(Attr(item, "start"), Attr(item, "end"), Attr(item, "suffix"));
     out.conditions =
         Conds(Attr(item, "if_generation_match"), Attr(item, "if_generation_not_match"));
+    if (PyObject* derivation = Attr(item, "derivation"); derivation != Py_None) {
+      // A derived entry's read (chunkd.GetItem's derivation, produce, wait_ms).
+      client::DerivedRead derived;
+      derived.derivation = DerivationBytes(derivation);
+      int produce = PyObject_IsTrue(Attr(item, "produce"));
+      if (produce < 0) Throw();
+      derived.produce = produce != 0;
+      unsigned long long wait = PyLong_AsUnsignedLongLong(Attr(item, "wait_ms"));
+      if (wait == static_cast<unsigned long long>(-1) && PyErr_Occurred()) Throw();
+      derived.wait_ms = wait;
+      out.derived = std::move(derived);
+    }
     return out;
   }
   PyObject* r = PyObject_Repr(item);
@@ -384,9 +406,9 @@ nb::object Data(GetResult& r) {
 
 nb::object FullResult(GetResult& r, nb::object data) {
   PyObject* o = PyObject_CallFunction(
-      types.get_result, "OKKKi", data.ptr(), static_cast<unsigned long long>(r.total_size),
+      types.get_result, "OKKKiK", data.ptr(), static_cast<unsigned long long>(r.total_size),
       static_cast<unsigned long long>(r.generation), static_cast<unsigned long long>(r.range_start),
-      static_cast<int>(r.delivery));
+      static_cast<int>(r.delivery), static_cast<unsigned long long>(r.production_id));
   if (o == nullptr) Throw();
   return nb::steal(o);
 }
@@ -1041,6 +1063,56 @@ class PyClient {
     keep->PutAsync(k, std::move(value), conds, Complete<client::PutResult>(q.queue, pending, keep));
   }
 
+  // A derived entry's publication (or, with `abandon`, the production given up).
+  static client::DerivedPut DerivedPutOf(nb::handle derivation, uint64_t source_generation,
+                                         uint64_t production_id, bool abandon) {
+    client::DerivedPut derived;
+    derived.derivation = DerivationBytes(derivation.ptr());
+    derived.source_generation = source_generation;
+    derived.production_id = production_id;
+    derived.abandon = abandon;
+    return derived;
+  }
+
+  nb::object PutDerived(nb::handle key, nb::handle derivation, nb::handle data,
+                        uint64_t source_generation, uint64_t production_id, bool abandon) {
+    std::string k = KeyBytes(key.ptr());
+    client::DerivedPut derived =
+        DerivedPutOf(derivation, source_generation, production_id, abandon);
+    HeldBuffer held;
+    if (!data.is_none()) held.HoldValue(data.ptr());
+    client::Client& cl = c();
+    absl::StatusOr<client::PutResult> r;
+    {
+      nb::gil_scoped_release release;
+      r = cl.PutDerived(k, held.held() ? Borrow(held) : buffer::cpu::Buffer(), derived);
+    }
+    if (!r.ok()) Raise(r.status(), key.ptr());
+    return PutResultObject(*r);
+  }
+
+  void PutDerivedAsync(Completions& q, nb::handle future, nb::handle key, nb::handle derivation,
+                       nb::handle data, uint64_t source_generation, uint64_t production_id,
+                       bool abandon) {
+    std::string k = KeyBytes(key.ptr());
+    client::DerivedPut derived =
+        DerivedPutOf(derivation, source_generation, production_id, abandon);
+    auto keep = shared();
+    auto* pending = NewSimple<client::PutResult>(future.ptr(), key.ptr(), PutResultObject);
+    if (!data.is_none()) {
+      try {
+        pending->value.HoldValue(data.ptr());
+      } catch (...) {
+        delete pending;
+        throw;
+      }
+    }
+    buffer::cpu::Buffer value = data.is_none() ? buffer::cpu::Buffer() : Borrow(pending->value);
+    nb::gil_scoped_release release;
+    keep->PutDerivedAsync(k, std::move(value), derived,
+                          Complete<client::PutResult>(q.queue, pending, keep));
+  }
+
   void DeleteAsync(Completions& q, nb::handle future, nb::handle key, nb::handle match,
                    nb::handle not_match) {
     std::string k = KeyBytes(key.ptr());
@@ -1234,6 +1306,12 @@ NB_MODULE(_native, m) {
       .def("get_many", &PyClient::GetMany, nb::arg("items"), nb::arg("full"))
       .def("put", &PyClient::Put, nb::arg("key"), nb::arg("data"), nb::arg("match").none(),
            nb::arg("not_match").none())
+      .def("put_derived", &PyClient::PutDerived, nb::arg("key"), nb::arg("derivation"),
+           nb::arg("data").none(), nb::arg("source_generation"), nb::arg("production_id"),
+           nb::arg("abandon"))
+      .def("put_derived_async", &PyClient::PutDerivedAsync, nb::arg("queue"), nb::arg("future"),
+           nb::arg("key"), nb::arg("derivation"), nb::arg("data").none(),
+           nb::arg("source_generation"), nb::arg("production_id"), nb::arg("abandon"))
       .def("delete", &PyClient::Delete, nb::arg("key"), nb::arg("match").none(),
            nb::arg("not_match").none())
       .def("stat", &PyClient::Stat)

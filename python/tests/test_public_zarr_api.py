@@ -26,6 +26,19 @@ def _internal_zarr_imports(source: str) -> list[str]:
     return found
 
 
+# The one exception: a codec pipeline (zarr's ``codec_pipeline.path`` setting) is zarr's
+# internal interface by nature: chunkd.zarr.NodeCodecPipeline extends zarr's own pipeline class
+# and indexes shards with zarr's indexer, the modules zarr has no public name for. Only these.
+ALLOWED_INTERNAL = {
+    "chunkd/node_pipeline.py": {
+        "zarr.core.codec_pipeline",
+        "zarr.core.chunk_grids",
+        "zarr.core.indexing",
+        "zarr.core.array_spec",  # annotations only
+    },
+}
+
+
 @pytest.mark.parametrize(
     "path",
     sorted((PYTHON / "chunkd").glob("*.py")) + sorted((PYTHON / "benchmarks").glob("*.py")),
@@ -33,6 +46,11 @@ def _internal_zarr_imports(source: str) -> list[str]:
 )
 def test_no_zarr_core_imports(path):
     source = path.read_text()
+    allowed = ALLOWED_INTERNAL.get(str(path.relative_to(PYTHON)))
+    if allowed is not None:
+        found = [f for f in _internal_zarr_imports(source) if f.split(": ")[1] not in allowed]
+        assert found == []
+        return
     assert _internal_zarr_imports(source) == []
     assert "zarr.core" not in source, "zarr.core named (a docstring or an attribute path)"
 

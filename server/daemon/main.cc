@@ -57,6 +57,20 @@ ABSL_FLAG(std::string, disk_cache_dir, "",
 ABSL_FLAG(ByteSize, disk_cache_bytes, ByteSize{0},
           "Budget of the disk tier (required with --disk_cache_dir): its files never hold more. "
           "Units as --host_cache_bytes.");
+ABSL_FLAG(double, derived_cache_fraction, 0.25,
+          "Share of --host_cache_bytes kept for derived entries (values clients derive from "
+          "stored ones and publish for the node, such as decoded Zarr chunks), carved out of "
+          "the host cache: the two together stay within --host_cache_bytes. 0: no derived "
+          "entries (derived reads fail with FAILED_PRECONDITION).");
+ABSL_FLAG(absl::Duration, derived_produce_timeout, absl::Seconds(30),
+          "How long a reader told to produce a derived entry has to publish it before a "
+          "waiting reader takes the production over.");
+ABSL_FLAG(int64_t, derived_wait_ms, 10000,
+          "How long a derived read waits for another reader's production when it names no "
+          "wait of its own (DerivedRead.wait_ms), in milliseconds.");
+ABSL_FLAG(int32_t, derived_max_waiters, 4096,
+          "Derived reads waiting for productions at once; past it a miss that would wait is "
+          "answered at once with RESOURCE_EXHAUSTED.");
 ABSL_FLAG(ByteSize, max_value_bytes, ByteSize{256ull << 20},
           "Largest value a Put may store; larger ones are refused with RESOURCE_EXHAUSTED before "
           "any byte is buffered.");
@@ -255,7 +269,10 @@ absl::Status HandleDeliveryFromFlags(ServerConfig* config) {
       l.holder_origin = absl::StrCat("--max_client_pinned_fraction=", one, " of ", budget_flag);
       return l;
     };
-    config->leases.host = limits(config->store_options.cache.capacity_bytes, "--host_cache_bytes");
+    // Host memory: the host cache and the derived entries together.
+    config->leases.host =
+        limits(config->store_options.cache.capacity_bytes + config->derived.cache.capacity_bytes,
+               "--host_cache_bytes");
     config->leases.device = limits(config->device_tier.capacity_bytes, "--device_cache_bytes");
   }
   config->device_tier.segment_bytes = absl::GetFlag(FLAGS_device_segment_bytes).bytes;
@@ -307,6 +324,29 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
         "--disk_cache_bytes is the budget of the disk tier: set --disk_cache_dir too");
   }
   config.store_options.cache.max_entry_fraction = absl::GetFlag(FLAGS_cache_max_entry_fraction);
+  {
+    double fraction = absl::GetFlag(FLAGS_derived_cache_fraction);
+    if (!(fraction >= 0 && fraction < 1)) {
+      return absl::InvalidArgumentError(absl::StrCat("--derived_cache_fraction=", fraction,
+                                                     " must be at least 0 and less than 1"));
+    }
+    uint64_t derived = static_cast<uint64_t>(fraction * static_cast<double>(cache_bytes));
+    config.derived.cache = config.store_options.cache;
+    config.derived.cache.capacity_bytes = derived;
+    // Carved out of the host cache (for memory://, out of the store, which is the cache).
+    config.store_options.cache.capacity_bytes -= derived;
+    config.backend.memory_capacity_bytes -= derived;
+    config.derived.produce_timeout = absl::GetFlag(FLAGS_derived_produce_timeout);
+    if (config.derived.produce_timeout <= absl::ZeroDuration()) {
+      return absl::InvalidArgumentError("--derived_produce_timeout must be positive");
+    }
+    if (absl::GetFlag(FLAGS_derived_wait_ms) < 1 || absl::GetFlag(FLAGS_derived_max_waiters) < 1) {
+      return absl::InvalidArgumentError(
+          "--derived_wait_ms and --derived_max_waiters must be at least 1");
+    }
+    config.derived.default_wait = absl::Milliseconds(absl::GetFlag(FLAGS_derived_wait_ms));
+    config.derived.max_waiters = absl::GetFlag(FLAGS_derived_max_waiters);
+  }
   auto policy = ParseEvictionPolicy(absl::GetFlag(FLAGS_eviction));
   if (!policy) {
     return absl::InvalidArgumentError(absl::StrCat("--eviction=", absl::GetFlag(FLAGS_eviction),
@@ -372,11 +412,15 @@ void LogServing(ChunkdServer& server, const ServerConfig& config) {
                       absl::StrJoin(config.store_options.freshness.immutable_prefixes, ","), ")");
     }
   }
-  Log("serving %s store %s on %s (host cache %s, %s, max value %s%s%s%s)",
+  std::string derived =
+      config.derived.cache.capacity_bytes > 0
+          ? absl::StrCat(", derived entries ", FormatBytes(config.derived.cache.capacity_bytes))
+          : ", no derived entries";
+  Log("serving %s store %s on %s (host cache %s%s, %s, max value %s%s%s%s)",
       std::string(server.store().backend().kind()), server.store().backend().location(),
       absl::StrJoin(server.addresses(), ", "),
-      FormatBytes(config.store_options.cache.capacity_bytes), absl::GetFlag(FLAGS_eviction),
-      FormatBytes(config.service.max_value_bytes), fresh,
+      FormatBytes(config.store_options.cache.capacity_bytes), derived,
+      absl::GetFlag(FLAGS_eviction), FormatBytes(config.service.max_value_bytes), fresh,
       config.service.read_only ? ", read-only" : "",
       server.arena() ? ", shared memory in " + config.shm_arena.directory : ", inline only");
 }

@@ -134,6 +134,10 @@ absl::StatusOr<std::unique_ptr<ChunkdServer>> ChunkdServer::Start(ServerConfig c
         FormatBytes(config.disk_tier.capacity_bytes), config.disk_tier.dir);
   }
   server->store_ = std::make_unique<ChunkStore>(*std::move(backend), config.store_options);
+  if (config.derived.cache.capacity_bytes > 0) {
+    server->derived_ = std::make_unique<DerivedCache>(server->store_.get(), config.derived);
+    config.service.derived = server->derived_.get();
+  }
   config.service.allocator = config.backend.allocator;
   config.service.clients_by_token = !config.security.auth_tokens.empty();
   server->processes_ = std::make_unique<ProcessWatch>();
@@ -220,6 +224,8 @@ void ChunkdServer::Shutdown(absl::Duration grace) {
   health_->Shutdown();
   // No connection may be handed to gRPC once it shuts down.
   for (auto& listener : unix_listeners_) listener->Stop();
+  // Reads waiting for a derived entry end now: no call waits out its wait behind the grace.
+  if (derived_) derived_->Shutdown();
   grpc_server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
   // Calls the server cancelled still finish through the engine's queues.
   engine_->Shutdown();
@@ -237,6 +243,7 @@ ChunkdServer::~ChunkdServer() {
   tensorstore_service_.reset();
   service_.reset();
   core_.reset();
+  derived_.reset();
   store_.reset();
   // What the store offered the disk tier is written before it closes (a SIGTERM loses nothing
   // it read), and the tier goes before the memory its reads were placed in.

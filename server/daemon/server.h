@@ -19,6 +19,7 @@
 #include "server/services/service_core.h"
 #include "server/services/tensorstore_kvstore_service.h"
 #include "server/store/chunk_store.h"
+#include "server/store/derived_cache.h"
 #include "server/store/device_tier.h"
 #include "server/store/disk_tier.h"
 #include "server/store/lease_table.h"
@@ -45,6 +46,8 @@ struct ServerConfig {
   // The disk tier below the host cache (server/store/disk_tier.h): off when disk_tier.dir is
   // empty. Remote stores only (s3, http): with another store Start refuses.
   DiskTierOptions disk_tier;
+  // Derived entries (server/store/derived_cache.h): off when derived.cache.capacity_bytes is 0.
+  DerivedCacheOptions derived;
   // TLS, tokens, socket mode, connection and call limits (server/rpc/security.h).
   SecurityOptions security;
   // Completion-queue threads that run the RPCs (server/rpc/rpc_engine.h); 0: rpc::DefaultThreads().
@@ -86,6 +89,7 @@ class ChunkdServer {
   std::unique_ptr<DeviceTier> device_tier_;
   std::unique_ptr<DiskTier> disk_tier_;  // outlives store_, which writes to it
   std::unique_ptr<ChunkStore> store_;
+  std::unique_ptr<DerivedCache> derived_;  // after store_: it listens to the store
   std::unique_ptr<ServiceCore> core_;
   std::unique_ptr<ChunkdService> service_;
   std::unique_ptr<TensorStoreKvStoreService> tensorstore_service_;

@@ -46,13 +46,9 @@ class PutCall final : public rpc::ClientStreamCall<v1::PutRequest, v1::PutRespon
     service_->RequestPut(&context_, &reader_, queue, queue, tag);
   }
 
-  void OnStart() override {
-    if (absl::Status s = service_->core().CheckWritable("writes"); !s.ok()) {
-      Finish(ToGrpcStatus(s));
-      return;
-    }
-    StartRead(&request_);
-  }
+  // A read-only server refuses writes once the header shows one (derived entries are not
+  // writes of the store: a read-only server takes them).
+  void OnStart() override { StartRead(&request_); }
 
   void OnReadDone(bool ok) override {
     if (!ok) {
@@ -107,6 +103,12 @@ class PutCall final : public rpc::ClientStreamCall<v1::PutRequest, v1::PutRespon
     key_ = header.key();
     size_ = header.size();
     conditions_ = ConditionsFromProto(header.conditions());
+    if (header.has_derived()) {
+      if (absl::Status s = CheckDerived(header); !s.ok()) return ToGrpcStatus(s);
+      derived_ = header.derived();
+    } else if (absl::Status s = service_->core().CheckWritable("writes"); !s.ok()) {
+      return ToGrpcStatus(s);
+    }
     if (absl::Status s = service_->core().CheckValueSize(key_, size_); !s.ok()) {
       return ToGrpcStatus(s);
     }
@@ -121,7 +123,51 @@ class PutCall final : public rpc::ClientStreamCall<v1::PutRequest, v1::PutRespon
     return grpc::Status::OK;
   }
 
+  // A derived entry's Put (PutHeader.derived): no conditions, a derivation of 1 to 4096 bytes,
+  // no bytes to give a production up.
+  absl::Status CheckDerived(const v1::PutHeader& header) const {
+    if (service_->options().derived == nullptr) {
+      return absl::FailedPreconditionError(
+          "this server keeps no derived entries (--derived_cache_fraction=0)");
+    }
+    const v1::DerivedPut& derived = header.derived();
+    if (derived.derivation().empty() || derived.derivation().size() > kMaxDerivationBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("Put of key ", QuoteKey(key_),
+                                                     ": a derivation is 1 to ", kMaxDerivationBytes,
+                                                     " bytes, not ", derived.derivation().size()));
+    }
+    if (header.has_conditions()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Put of key ", QuoteKey(key_),
+                       ": a derived entry's Put takes no conditions (source_generation says "
+                       "what it was derived from)"));
+    }
+    if (derived.abandon() && header.size() != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Put of key ", QuoteKey(key_), ": an abandon carries no bytes"));
+    }
+    return absl::OkStatus();
+  }
+
   void Commit() {
+    if (derived_) {
+      DerivedCache* cache = service_->options().derived;
+      if (derived_->abandon()) {
+        Finish(
+            ToGrpcStatus(cache->Abandon(key_, derived_->derivation(), derived_->production_id())));
+        return;
+      }
+      cache->Publish(key_, derived_->derivation(), derived_->source_generation(),
+                     derived_->production_id(), std::move(value_).Freeze(),
+                     [this, generation = derived_->source_generation()](absl::Status s) {
+                       if (s.ok()) {
+                         response_.set_generation(generation);
+                         response_.set_size(size_);
+                       }
+                       Finish(ToGrpcStatus(s));
+                     });
+      return;
+    }
     service_->core().SubmitWrite(key_, std::move(value_).Freeze(), conditions_,
                                  &service_->counters(), [this](absl::StatusOr<ValueInfo> info) {
                                    if (info.ok()) {
@@ -140,6 +186,7 @@ class PutCall final : public rpc::ClientStreamCall<v1::PutRequest, v1::PutRespon
   uint64_t received_ = 0;
   uint64_t reserved_ = 0;
   Conditions conditions_;
+  std::optional<v1::DerivedPut> derived_;
   buffer::cpu::MutableBuffer value_;
 };
 
@@ -388,6 +435,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   response->add_features("single-flight");
   response->add_features("prefetch");
   response->add_features("get-many");
+  if (options().derived) response->add_features("derived");
   std::optional<HostCacheStats> cache_stats;
   v1::CacheTierInfo* tier = response->add_tiers();
   tier->set_tier("host");
@@ -423,6 +471,15 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
     tier->set_used_bytes(disk_stats->used_bytes);
     tier->set_entries(disk_stats->entries);
   }
+  std::optional<DerivedCacheStats> derived_stats;
+  if (options().derived) {
+    derived_stats = options().derived->stats();
+    v1::CacheTierInfo* derived = response->add_tiers();
+    derived->set_tier("derived");
+    derived->set_capacity_bytes(derived_stats->cache.capacity_bytes);
+    derived->set_used_bytes(derived_stats->cache.used_bytes);
+    derived->set_entries(derived_stats->cache.entries);
+  }
   // The counters (server_counters.h): the server's, then the calls of every service (chunkd.v1's
   // unprefixed).
   ChunkStoreCounters store_counters = store().counters();
@@ -436,6 +493,7 @@ void ChunkdService::FillServerInfo(v1::ServerInfoResponse* response) {
   sources.service = &counters_;
   if (device_stats) sources.device = &*device_stats;
   if (disk_stats) sources.disk = &*disk_stats;
+  if (derived_stats) sources.derived = &*derived_stats;
   auto& counters = *response->mutable_counters();
   auto out = [&counters](const std::string& name, uint64_t value) { counters[name] = value; };
   ExportServerCounters(sources, out);

@@ -159,4 +159,53 @@ absl::StatusOr<bool> OfferCuda(ChunkdService* service, const Recipient& recipien
   return true;
 }
 
+absl::StatusOr<DerivedRequest> DerivedRequestOf(ChunkdService* service,
+                                                const grpc::ServerContextBase& context,
+                                                const Recipient& recipient,
+                                                const v1::GetRequest& request,
+                                                const ReadOptions& source) {
+  if (service->options().derived == nullptr) {
+    return absl::FailedPreconditionError(
+        "this server keeps no derived entries (--derived_cache_fraction=0): read the value "
+        "itself and derive it");
+  }
+  const v1::DerivedRead& derived = request.derived();
+  if (derived.derivation().empty() || derived.derivation().size() > kMaxDerivationBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("key '", request.key(),
+                                                   "': a derivation is 1 to ", kMaxDerivationBytes,
+                                                   " bytes, not ", derived.derivation().size()));
+  }
+  if (recipient.cuda_only()) {
+    return absl::FailedPreconditionError(
+        "derived entries are host memory: accept shared memory or inline delivery");
+  }
+  DerivedRequest out;
+  out.key = request.key();
+  out.derivation = derived.derivation();
+  out.produce = derived.produce();
+  out.wait = absl::Milliseconds(
+      static_cast<int64_t>(std::min<uint64_t>(derived.wait_ms(), uint64_t{24} * 3600 * 1000)));
+  out.source = source;
+  // A production handed to a UNIX-socket client follows the life of its process.
+  if (const ProcessWatch* processes = service->options().processes) {
+    if (std::optional<PeerProcess> peer = processes->OfPeer(context.peer())) {
+      out.process = peer->life;
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<v1::GetHeader> ProductionHeaderFor(const DerivedAnswer& answer,
+                                                  const std::string& key,
+                                                  const Conditions& conditions) {
+  buffer::cpu::Buffer none;
+  absl::StatusOr<v1::GetHeader> header =
+      HeaderFor(CachedValue(buffer::cpu::Buffer(), answer.generation), key, ByteRange::All(),
+                conditions, &none);
+  if (!header.ok()) return header.status();
+  header->set_production_id(answer.production_id);
+  header->set_delivery(v1::DELIVERY_INLINE);
+  return header;
+}
+
 }  // namespace chunkd::server

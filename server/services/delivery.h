@@ -21,6 +21,7 @@
 #include "chunkd/v1/chunkd.pb.h"
 #include "grpcpp/server_context.h"
 #include "server/services/chunkd_service.h"
+#include "server/store/derived_cache.h"
 #include "server/store/device_tier.h"
 #include "server/store/lease_table.h"
 
@@ -91,6 +92,22 @@ std::string DeviceKeyOf(const std::string& key, const CachedValue& value);
 absl::StatusOr<bool> OfferCuda(ChunkdService* service, const Recipient& recipient,
                                const DeviceChunk& chunk, uint64_t chunk_offset,
                                v1::GetHeader* header, GrantedLeases* granted);
+
+// A read's `derived` (GetRequest.derived) as the derived cache's request: INVALID_ARGUMENT for a
+// derivation outside 1..4096 bytes, FAILED_PRECONDITION when the server keeps no derived
+// entries (--derived_cache_fraction=0) or the client accepts only CUDA IPC (derived entries
+// are host memory). `source`: the read options of the source (its freshness bound).
+absl::StatusOr<DerivedRequest> DerivedRequestOf(ChunkdService* service,
+                                                const grpc::ServerContextBase& context,
+                                                const Recipient& recipient,
+                                                const v1::GetRequest& request,
+                                                const ReadOptions& source);
+
+// The header of a derived read told to produce the entry (`answer.production_id`): no bytes,
+// the source's generation; `conditions` checked against it as for any read.
+absl::StatusOr<v1::GetHeader> ProductionHeaderFor(const DerivedAnswer& answer,
+                                                  const std::string& key,
+                                                  const Conditions& conditions);
 
 }  // namespace chunkd::server
 

@@ -64,10 +64,59 @@ class GetCall final : public StreamedReadCall {
     if (!TakesHandles(service_, recipient_)) {
       read_options_.max_extent_bytes = service_->store().block_bytes();
     }
+    if (request.has_derived()) {
+      // A derived entry (server/store/derived_cache.h): host memory, delivered by shared memory
+      // or inline like any value, never by CUDA IPC.
+      absl::StatusOr<DerivedRequest> derived =
+          DerivedRequestOf(service_, context_, recipient_, request, read_options_);
+      if (!derived.ok()) {
+        FinishWith(ToGrpcStatus(derived.status()));
+        return;
+      }
+      cuda_ = CudaRequest();
+      derivation_ = derived->derivation;
+      // Answered here (a hit), on an I/O thread, or when another reader publishes it.
+      service_->options().derived->Read(
+          *std::move(derived),
+          [this](absl::StatusOr<DerivedAnswer> answer) { OnDerived(std::move(answer)); });
+      return;
+    }
     // The callback may run right here (a cache hit) or later on an I/O thread.
     service_->store().Read(key_, range_, read_options_, [this](absl::StatusOr<CachedValue> value) {
       OnValue(std::move(value));
     });
+  }
+
+  // A derived read's answer: the entry (replied as any value), or the production this reader
+  // is to run (a header without bytes).
+  void OnDerived(absl::StatusOr<DerivedAnswer> answer) {
+    if (cancelled()) {
+      // A production nobody will hear of: the next waiter takes it now, not after
+      // --derived_produce_timeout.
+      if (answer.ok() && answer->production_id != 0) {
+        (void)service_->options().derived->Abandon(key_, derivation_, answer->production_id);
+      }
+      FinishWith(Error(grpc::StatusCode::CANCELLED, "cancelled"));
+      return;
+    }
+    if (!answer.ok()) {
+      FinishWith(ToGrpcStatus(answer.status()));
+      return;
+    }
+    if (answer->value) {
+      OnValue(*std::move(answer->value));
+      return;
+    }
+    absl::StatusOr<v1::GetHeader> header = ProductionHeaderFor(*answer, key_, conditions_);
+    if (!header.ok()) {
+      FinishWith(ToGrpcStatus(header.status()));
+      return;
+    }
+    v1::GetResponse first;
+    *first.mutable_header() = *std::move(header);
+    data_ = buffer::cpu::Buffer();
+    next_ = end_ = 0;
+    ReplyInline(std::move(first));
   }
 
   void OnValue(absl::StatusOr<CachedValue> value) {
@@ -265,6 +314,7 @@ class GetCall final : public StreamedReadCall {
 
   ChunkdService* const service_;
   std::string key_;
+  std::string derivation_;  // of a derived read
   ByteRange range_;
   Conditions conditions_;
   Recipient recipient_;  // the deliveries it accepts, and who asks

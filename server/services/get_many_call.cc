@@ -1,6 +1,7 @@
 // GetMany: a batch of Gets in one call, each item delivered inline or through shared memory
 // (delivery.h), its reply packed into GetManyResponse messages by hand.
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -52,6 +53,9 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
     std::string key;
     ByteRange range;
     Conditions conditions;
+    // A derived read (GetRequest.derived), until it is launched.
+    std::optional<DerivedRequest> derived;
+    std::string derivation;  // of a derived read
     bool ready = false;
     // Once ready: the encoded GetHeader or ItemError (field 2 or 3 of GetManyPart), and the
     // bytes to send inline (empty for a handle or an error).
@@ -87,6 +91,7 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
     service_->counters().get_many_calls.fetch_add(1, std::memory_order_relaxed);
     service_->counters().gets.fetch_add(request.items_size(), std::memory_order_relaxed);
     items_.resize(request.items_size());
+    read_options_ = ReadOptionsFor(request.has_max_staleness_ms(), request.max_staleness_ms());
     for (int i = 0; i < request.items_size(); ++i) {
       const v1::GetRequest& r = request.items(i);
       Item& item = items_[i];
@@ -104,8 +109,18 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
       item.key = r.key();
       item.range = *range;
       item.conditions = ConditionsFromProto(r.conditions());
+      if (r.has_derived()) {
+        absl::StatusOr<DerivedRequest> derived =
+            DerivedRequestOf(service_, context_, recipient_, r, read_options_);
+        if (!derived.ok()) {
+          item.first_fields = ErrorFields(ToGrpcStatus(derived.status()));
+          item.ready = true;
+          continue;
+        }
+        item.derivation = derived->derivation;
+        item.derived = *std::move(derived);
+      }
     }
-    read_options_ = ReadOptionsFor(request.has_max_staleness_ms(), request.max_staleness_ms());
     LaunchReads();
   }
 
@@ -128,6 +143,16 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
         i = launched_++;
         ++pending_;
       }
+      if (items_[i].derived) {
+        // Answered here, on an I/O thread, or when another reader publishes the entry: items
+        // are sent in order, so a wait for a production holds the items after it meanwhile.
+        DerivedRequest derived = *std::move(items_[i].derived);
+        items_[i].derived.reset();
+        service_->options().derived->Read(
+            std::move(derived),
+            [this, i](absl::StatusOr<DerivedAnswer> answer) { OnDerived(i, std::move(answer)); });
+        continue;
+      }
       // The callback may run right here (a hit) or later on an I/O thread.
       // Only the blocks an item's range covers are read.
       service_->store().Read(
@@ -143,16 +168,35 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
     if (action != Action::kNothing) Act(action);
   }
 
-  void OnValue(size_t i, absl::StatusOr<CachedValue> value) {
+  // A derived item's answer: the entry (sent as any value), the production it is to run, or
+  // an error.
+  void OnDerived(size_t i, absl::StatusOr<DerivedAnswer> answer) {
+    if (!answer.ok()) return OnValue(i, answer.status());
+    if (answer->value) return OnValue(i, *std::move(answer->value));
+    if (Stopped()) {
+      // A production nobody will hear of: the next waiter takes it now, not after
+      // --derived_produce_timeout.
+      (void)service_->options().derived->Abandon(items_[i].key, items_[i].derivation,
+                                                 answer->production_id);
+      return OnValue(i, absl::CancelledError("cancelled"));
+    }
+    OnValue(i, CachedValue(), &*answer);
+  }
+
+  // `production`: a derived read told to produce the entry (then `value` is unused): a header
+  // without bytes.
+  void OnValue(size_t i, absl::StatusOr<CachedValue> value,
+               const DerivedAnswer* production = nullptr) {
     Item& item = items_[i];
     std::string fields;
     buffer::cpu::Buffer data;
     buffer::cpu::Buffer bytes;
     absl::StatusOr<v1::GetHeader> header =
-        value.ok() ? HeaderFor(*value, item.key, item.range, item.conditions, &bytes)
-                   : absl::StatusOr<v1::GetHeader>(value.status());
+        production   ? ProductionHeaderFor(*production, item.key, item.conditions)
+        : value.ok() ? HeaderFor(*value, item.key, item.range, item.conditions, &bytes)
+                     : absl::StatusOr<v1::GetHeader>(value.status());
     absl::StatusOr<bool> shm = false;
-    if (header.ok()) {
+    if (header.ok() && !production) {
       shm = OfferShm(service_, recipient_, bytes, &*header, &granted_);
       if (!shm.ok()) header = shm.status();
     }
@@ -205,6 +249,10 @@ class GetManyCall final : public rpc::ServerStreamCall<grpc::ByteBuffer, grpc::B
   }
 
   bool stopping() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return cancelled_ || write_failed_; }
+  bool Stopped() {
+    absl::MutexLock lock(&mu_);
+    return stopping();
+  }
 
   // Decides the next step: a message of the ready parts, the end, or nothing yet.
   Action PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {

@@ -35,6 +35,15 @@ std::optional<uint64_t> FromStoreWithDisk(const CounterSources& sources) {
   return sources.store->*Field;
 }
 
+constexpr auto kDerived = &CounterSources::derived;
+
+// A field of the derived entries' cache (DerivedCacheStats::cache).
+template <auto Field>
+std::optional<uint64_t> FromDerivedCache(const CounterSources& sources) {
+  if (sources.derived == nullptr) return std::nullopt;
+  return sources.derived->cache.*Field;
+}
+
 std::optional<uint64_t> BlockBytes(const CounterSources& sources) { return sources.block_bytes; }
 
 // Names are part of the interface (ServerInfo's map, /metrics, tests, the Python package and
@@ -152,6 +161,42 @@ constexpr CounterSpec kServerCounters[] = {
      From<kDevice, &DeviceTierStats::evicted_bytes>},
     {"device_not_admitted", kCounter, "Values larger than the device tier's budget.",
      From<kDevice, &DeviceTierStats::not_admitted>},
+    // Derived entries (decoded chunks): with --derived_cache_fraction > 0.
+    {"derived_hits", kCounter, "Derived reads answered with an entry of the source's generation.",
+     From<kDerived, &DerivedCacheStats::hits>},
+    {"derived_misses", kCounter, "Derived reads that found no entry of the source's generation.",
+     From<kDerived, &DerivedCacheStats::misses>},
+    {"derived_productions", kCounter, "Derived reads told to produce the entry.",
+     From<kDerived, &DerivedCacheStats::productions>},
+    {"derived_published", kCounter, "Derived entries published (decodes done).",
+     From<kDerived, &DerivedCacheStats::published>},
+    {"derived_handoffs", kCounter,
+     "Productions handed to a waiting reader (the producer gave up, died or ran late).",
+     From<kDerived, &DerivedCacheStats::handoffs>},
+    {"derived_abandons", kCounter, "Productions given up by their producer.",
+     From<kDerived, &DerivedCacheStats::abandons>},
+    {"derived_wait_timeouts", kCounter,
+     "Derived reads that waited for a production past their wait (DEADLINE_EXCEEDED).",
+     From<kDerived, &DerivedCacheStats::wait_timeouts>},
+    {"derived_waiters_refused", kCounter,
+     "Derived reads refused a wait because --derived_max_waiters waited already.",
+     From<kDerived, &DerivedCacheStats::waiters_refused>},
+    {"derived_stale_drops", kCounter, "Derived entries dropped because their source changed.",
+     From<kDerived, &DerivedCacheStats::stale_drops>},
+    {"derived_stale_publishes", kCounter,
+     "Derived entries refused at publication: the source had changed.",
+     From<kDerived, &DerivedCacheStats::stale_publishes>},
+    {"derived_waiting", kGauge, "Derived reads waiting for a production now.",
+     From<kDerived, &DerivedCacheStats::waiting>},
+    {"derived_entries", kGauge, "Derived entries held.",
+     FromDerivedCache<&HostCacheStats::entries>},
+    {"derived_bytes", kGauge, "Bytes of derived entries held.",
+     FromDerivedCache<&HostCacheStats::used_bytes>},
+    {"derived_capacity_bytes", kGauge,
+     "Budget of derived entries (--derived_cache_fraction of --host_cache_bytes).",
+     FromDerivedCache<&HostCacheStats::capacity_bytes>},
+    {"derived_evictions", kCounter, "Derived entries evicted for room.",
+     FromDerivedCache<&HostCacheStats::evictions>},
     // Levels, exported as totals since they first appeared (the names are kept).
     {"device_segments", kCounter, "Device memory segments allocated.",
      From<kDevice, &DeviceTierStats::segments>},

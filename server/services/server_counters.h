@@ -15,6 +15,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "server/store/chunk_store.h"
+#include "server/store/derived_cache.h"
 #include "server/store/device_tier.h"
 #include "server/store/disk_tier.h"
 #include "server/store/host_cache.h"
@@ -51,6 +52,7 @@ struct CounterSources {
   const ServiceCounters* service = nullptr;  // chunkd.v1's own
   const DeviceTierStats* device = nullptr;
   const DiskTierStats* disk = nullptr;
+  const DerivedCacheStats* derived = nullptr;  // with derived entries on
 };
 
 // One counter of the server (not of a service's calls).

@@ -23,6 +23,7 @@
 #include "server/common/byte_range.h"
 #include "server/services/server_counters.h"
 #include "server/store/chunk_store.h"
+#include "server/store/derived_cache.h"
 #include "server/store/device_tier.h"
 #include "server/store/lease_table.h"
 #include "server/store/process_watch.h"
@@ -55,6 +56,9 @@ struct ServiceOptions {
   // clients with the same boot id as `host` that name one of the tier's GPUs by UUID
   // (server/store/device_tier.h).
   DeviceTier* device_tier = nullptr;
+  // Derived entries (chunkd.v1's DerivedRead and DerivedPut, server/store/derived_cache.h): on
+  // when set (--derived_cache_fraction > 0).
+  DerivedCache* derived = nullptr;
 };
 
 // Which bytes a read answers with: the rule of the service for ranges past the end.

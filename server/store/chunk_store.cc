@@ -131,7 +131,7 @@ bool ChunkStore::FreshEnough(absl::string_view key, CachedValue& hit, absl::Time
     return true;
   }
   // Changed or removed (or the stat failed: the read that follows says why).
-  if (current.ok()) stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+  if (current.ok()) NoteStale(key);
   cache_->EraseIfGeneration(key, hit.generation);
   return false;
 }
@@ -358,16 +358,14 @@ void ChunkStore::RunFlight(std::string key, std::shared_ptr<Flight> flight) {
       // A copy from disk is not in the host cache yet.
       update = from_disk ? Update::kInsert : Update::kMarkValidated;
     } else if (changed.ok()) {
-      stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+      NoteStale(key);
       backend_reads_.fetch_add(1, std::memory_order_relaxed);
       backend_read_bytes_.fetch_add((*changed)->size(), std::memory_order_relaxed);
-      DropFromDisk(key);
       from_disk = false;
       result = CachedValue{**std::move(changed), info.generation, start, std::move(info.etag)};
       update = Update::kInsert;
     } else if (absl::IsNotFound(changed.status())) {
-      stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
-      DropFromDisk(key);
+      NoteStale(key);
       result = changed.status();
       update = Update::kErase;
     } else {
@@ -526,9 +524,8 @@ void ChunkStore::ValidateRecord(absl::string_view key, std::optional<ValueRecord
     return;
   }
   // Changed or removed (or a local stat that failed: the read that follows says why).
-  if (current.ok()) stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+  if (current.ok()) NoteStale(key);
   records_.EraseIfGeneration(key, record->info.generation);
-  DropFromDisk(key);
   record.reset();
 }
 
@@ -998,7 +995,26 @@ absl::StatusOr<ValueInfo> ChunkStore::Stat(absl::string_view key) {
   return backend_->Stat(key);
 }
 
+void ChunkStore::SetChangeListener(absl::AnyInvocable<void(absl::string_view) const> listener) {
+  absl::MutexLock lock(&listener_mu_);
+  change_listener_ = std::move(listener);
+}
+
+void ChunkStore::NoteChanged(absl::string_view key) {
+  absl::ReaderMutexLock lock(&listener_mu_);
+  if (change_listener_) change_listener_(key);
+}
+
+void ChunkStore::NoteStale(absl::string_view key) {
+  stale_invalidations_.fetch_add(1, std::memory_order_relaxed);
+  NoteChanged(key);
+  // Found changed in the store: the tier's copy goes (on an I/O thread: a durable disk write).
+  DropFromDisk(key);
+}
+
 void ChunkStore::InvalidateFlight(absl::string_view key) {
+  // Derived entries go whether or not this store caches the value itself (memory://).
+  NoteChanged(key);
   if (!cache_) return;
   InvalidateMemory(key);
   // After the flights are marked stale (none offers the tier its value from now on), and

@@ -215,6 +215,11 @@ class ChunkStore {
   // touched. Any thread, but with a disk tier the drop is a durable disk write: prefer an I/O
   // thread.
   void Invalidate(absl::string_view key);
+  // `listener` is called with a key whose value changed or may have: a write or delete (failed
+  // ones too), an Invalidate, a cached copy or record found changed or removed behind chunkd's
+  // back. Derived entries of the key go then (server/store/derived_cache.h). Called on the
+  // thread that noticed, with no lock of the store held. Set before serving; null: none.
+  void SetChangeListener(absl::AnyInvocable<void(absl::string_view) const> listener);
   absl::StatusOr<std::unique_ptr<ListCursor>> List(absl::string_view prefix, bool directory);
 
   Backend& backend() { return *backend_; }
@@ -281,6 +286,10 @@ class ChunkStore {
   void InvalidateFlight(absl::string_view key);
   // Its part in memory (flights, cache, record), under the shard's lock.
   void InvalidateMemory(absl::string_view key);
+  // The value of `key` changed or may have: tells the change listener. NoteStale: found
+  // changed behind chunkd's back (counted, and dropped from the disk tier).
+  void NoteChanged(absl::string_view key);
+  void NoteStale(absl::string_view key);
 
   // The block path (values not cached whole). `record`: what is known of the value, if
   // anything yet; `attempt`: 1 once the read was retried after the value changed under it.
@@ -334,6 +343,9 @@ class ChunkStore {
   // Writers and deleters of one key are serialized, so that the backend and the cache see
   // their updates in the same order. Readers never take these.
   std::array<absl::Mutex, 64> write_locks_;
+
+  absl::Mutex listener_mu_;
+  absl::AnyInvocable<void(absl::string_view) const> change_listener_ ABSL_GUARDED_BY(listener_mu_);
 
   const FreshnessOptions freshness_;
   const Validation validation_;

@@ -405,7 +405,11 @@ TEST_P(ServerTest, ReportsHealthAndInfo) {
   EXPECT_EQ(info->backend(), "file");
   EXPECT_EQ(info->max_value_bytes(), 256u << 20);
   ASSERT_GE(info->tiers_size(), 1);
-  EXPECT_EQ(info->tiers(0).capacity_bytes(), 512u << 20);
+  // The derived entries' share (--derived_cache_fraction, 0.25) is carved out of the budget.
+  ASSERT_EQ(info->tiers_size(), 2);
+  EXPECT_EQ(info->tiers(1).tier(), "derived");
+  EXPECT_EQ(info->tiers(0).capacity_bytes(), 384u << 20);
+  EXPECT_EQ(info->tiers(0).capacity_bytes() + info->tiers(1).capacity_bytes(), 512u << 20);
   EXPECT_LE(info->tiers(0).used_bytes(), info->tiers(0).capacity_bytes());
 }
 
@@ -538,8 +542,8 @@ TEST(ServerLimits, ReadOnlyRefusesWrites) {
 }
 
 TEST(ServerLimits, MemoryStoreRefusesWhatDoesNotFitAndLosesNothing) {
-  auto server = ServerProcess::Start(
-      {"--listen=127.0.0.1:0", "--store=memory://", "--host_cache_bytes=4MiB"});
+  auto server = ServerProcess::Start({"--listen=127.0.0.1:0", "--store=memory://",
+                                      "--host_cache_bytes=4MiB", "--derived_cache_fraction=0"});
   ASSERT_TRUE(server.ok()) << server.status();
   auto client = Connect((*server)->address());
   std::string a = testing::RandomBytes(3 << 20, 1);
