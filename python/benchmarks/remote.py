@@ -9,6 +9,7 @@
                                                  [--no-build]
     .venv/bin/python python/benchmarks/remote.py --disk-tier [--disk_dataset_bytes 1GiB]
                                                  [--disk_host_bytes 256MiB] [--rtt_ms 20]
+                                                 [--disk_delivery tcp|shm]
 
 The test bed: moto's S3 server on loopback, behind python/benchmarks/latency_proxy.py, which
 adds the round-trip time (and, with --mbit, a bandwidth cap) and counts the requests and bytes
@@ -53,7 +54,8 @@ is killed (SIGKILL) after pass 2 and started again on the same tier: pass 3 shou
 bytes from the store (revalidations aside: conditional requests, 304s) and run at least 0.8x
 pass 2. Per pass: time, × direct, bytes chunkd read from its store (backend_read_bytes),
 bytes over the link, disk hits; the server's peak RSS (VmHWM) against the host budget plus the
-tier's index (disk_index_bytes), and the index's load time at the restart.
+tier's index (disk_index_bytes), and the index's load time at the restart. --disk_delivery:
+ChunkdStore inline over TCP (tcp, the default) or with shared memory over the UNIX socket (shm).
 
 --server-flag (repeatable) passes a flag to every chunkd started (e.g.
 --server-flag=--block_bytes=1MiB). Writes results.md (printed), results.jsonl and env.json into
@@ -759,13 +761,13 @@ def measure_disk_tier(args, moto_url: str, proxy: Proxy, binary: Path, work: Pat
                              "seconds": time.perf_counter() - restarted,
                              "index_load_micros": loaded.get("disk_index_load_micros"),
                              "entries": loaded.get("disk_entries")})
-            setup = {**link, "chunkd_tcp": server.tcp}
+            setup = {**link, "chunkd_tcp": server.tcp, "chunkd_socket": str(server.socket)}
             if number != 2:
                 # What the server takes before it holds anything (code, gRPC, arenas).
                 rss_start = proc_status_bytes(server.pid, "VmRSS")
             before = server_counters(server.tcp)
             proxy.counters(reset=True)
-            seconds = read_disk_pass("tcp", setup, shape)
+            seconds = read_disk_pass(args.disk_delivery, setup, shape)
             crossed = proxy.counters()
             after = server_counters(server.tcp)
 
@@ -774,7 +776,7 @@ def measure_disk_tier(args, moto_url: str, proxy: Proxy, binary: Path, work: Pat
                     return None
                 return after[name] - before.get(name, 0)
 
-            rows.append({"workload": "disk tier", "peer": "chunkd tcp + disk tier",
+            rows.append({"workload": "disk tier", "peer": "chunkd + disk tier",
                          "pass": number, "seconds": seconds,
                          "requests": crossed["requests_total"], "bytes": crossed["bytes_down"],
                          "store_bytes": delta("backend_read_bytes"),
@@ -801,7 +803,8 @@ def report_disk_tier(rows: list, args) -> list[str]:
     dataset = shape[0] * shape[1] * shape[2] * 4
     lines = ["", f"## The disk tier: {dataset / 2**20:.0f} MiB, host cache "
              f"{args.disk_host_bytes / 2**20:.0f} MiB ({dataset / args.disk_host_bytes:.1f}x)",
-             "", "Read by slabs of 64 MiB through zarr; chunkd with ChunkdStore inline over TCP. "
+             "", "Read by slabs of 64 MiB through zarr; chunkd with ChunkdStore "
+             f"{'inline over TCP' if args.disk_delivery == 'tcp' else 'with shared memory over its UNIX socket'}. "
              "The server was killed (SIGKILL) after pass 2 and started again on the same tier.",
              "", "| pass | peer | time | × direct | store bytes | over the link | disk hits | "
              "revalidations | server RSS start → peak |", "| --: | --- | --: | --: | --: | --: | "
@@ -811,7 +814,7 @@ def report_disk_tier(rows: list, args) -> list[str]:
                      f"{direct['bytes'] / 2**20:.1f} MiB | | | |")
     passes = {}
     for n in (1, 2, 3):
-        r = by.get(("chunkd tcp + disk tier", n))
+        r = by.get(("chunkd + disk tier", n))
         if r is None:
             continue
         passes[n] = r
@@ -887,6 +890,7 @@ def report(rows: list, args, env: dict, binary: Path) -> str:
              f"{f' --big_bytes {args.big_bytes}' if args.big and args.big_bytes != 2 << 30 else ''}"
              f"{f' --disk-tier --disk_dataset_bytes {args.disk_dataset_bytes}' if args.disk_tier else ''}"
              f"{f' --disk_host_bytes {args.disk_host_bytes}' if args.disk_tier else ''}"
+             f"{f' --disk_delivery {args.disk_delivery}' if args.disk_tier else ''}"
              f"{''.join(f' --server-flag={f}' for f in args.server_flag)}` — commit "
              f"{env['commit']}{' (dirty)' if env['dirty'] else ''}, {env['cores']} cores, load "
              f"{env['loadavg_start'][0]:.1f} at the start; "
@@ -979,6 +983,9 @@ def main() -> None:
                         help="the disk-tier dataset's size (1GiB)")
     parser.add_argument("--disk_host_bytes", type=benchlib.parse_bytes, default="256MiB",
                         help="the host cache of the disk-tier run (256MiB)")
+    parser.add_argument("--disk_delivery", choices=("tcp", "shm"), default="tcp",
+                        help="the disk-tier run's ChunkdStore: inline over TCP (tcp) or shared "
+                             "memory over the UNIX socket (shm)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-build", action="store_true")
     args = parser.parse_args()

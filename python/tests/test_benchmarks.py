@@ -350,7 +350,7 @@ def test_remote_big_targets():
 
 
 def _disk_rows(pass3_store_bytes, pass3_seconds, rss_peak):
-    common = {"workload": "disk tier", "peer": "chunkd tcp + disk tier", "requests": 0,
+    common = {"workload": "disk tier", "peer": "chunkd + disk tier", "requests": 0,
               "bytes": 0, "disk_hits": 1024, "revalidations": 1, "rss_start": 30 << 20,
               "index_bytes": 1 << 20, "disk_entries": 1024, "host_bytes": 256 << 20}
     return [{"workload": "disk tier", "peer": "direct", "pass": 0, "seconds": 10.0,
@@ -365,7 +365,8 @@ def _disk_rows(pass3_store_bytes, pass3_seconds, rss_peak):
 
 
 def test_remote_disk_tier_targets():
-    args = type("Args", (), {"disk_dataset_bytes": 1 << 30, "disk_host_bytes": 256 << 20})()
+    args = type("Args", (), {"disk_dataset_bytes": 1 << 30, "disk_host_bytes": 256 << 20,
+                             "disk_delivery": "tcp"})()
 
     def verdicts(rows):
         lines = remote.report_disk_tier(rows, args)
