@@ -422,9 +422,16 @@ class DiskTierImpl final : public DiskTier {
     tombstone.header.type = kTombstone;
     tombstone.key = std::string(key);
     FinishRecord(tombstone, buffer::cpu::Buffer());
-    if (AppendLocked(tombstone, buffer::cpu::Buffer()) && active_ != nullptr) {
-      fdatasync(active_->fd.get());
+    // A full filesystem fails the append after evicting a segment: the next try has its room.
+    for (int attempt = 0; attempt < 3; ++attempt) {
+      if (AppendLocked(tombstone, buffer::cpu::Buffer())) {
+        if (active_ != nullptr) fdatasync(active_->fd.get());
+        return;
+      }
     }
+    Log("disk tier %s: could not record on disk that %s was dropped (the filesystem is full); "
+        "its entries are gone from memory but could come back at the next start",
+        options_.dir, key);
   }
 
   void Flush() override {
