@@ -422,9 +422,16 @@ class DiskTierImpl final : public DiskTier {
     tombstone.header.type = kTombstone;
     tombstone.key = std::string(key);
     FinishRecord(tombstone, buffer::cpu::Buffer());
-    if (AppendLocked(tombstone, buffer::cpu::Buffer()) && active_ != nullptr) {
-      fdatasync(active_->fd.get());
+    // A full filesystem fails the append after evicting a segment: the next try has its room.
+    for (int attempt = 0; attempt < 3; ++attempt) {
+      if (AppendLocked(tombstone, buffer::cpu::Buffer())) {
+        if (active_ != nullptr) fdatasync(active_->fd.get());
+        return;
+      }
     }
+    Log("disk tier %s: could not record on disk that %s was dropped (the filesystem is full); "
+        "its entries are gone from memory but could come back at the next start",
+        options_.dir, key);
   }
 
   void Flush() override {
@@ -599,11 +606,30 @@ class DiskTierImpl final : public DiskTier {
   // first bad one; returns where the good records end.
   uint64_t ScanSegment(const Segment& segment, std::vector<RecordMeta>* records) const {
     const uint64_t end = segment.data_bytes;
+    // The file is read in order through a 1 MiB window: one pread per MiB, not four per record
+    // (a million small records: 9.7 s with a pread per piece).
+    constexpr uint64_t kWindow = 1 << 20;
+    std::vector<char> window(kWindow);
+    uint64_t window_start = 0;
+    uint64_t window_len = 0;
+    // [at, at + n) of the file, n <= kWindow; null when it cannot be read.
+    auto get = [&](uint64_t at, uint64_t n) -> const char* {
+      if (at < window_start || at + n > window_start + window_len) {
+        window_start = at;
+        window_len = std::min(kWindow, end - at);
+        if (n > window_len || !PreadFull(segment.fd.get(), window.data(), window_len, at)) {
+          window_len = 0;
+          return nullptr;
+        }
+      }
+      return window.data() + (at - window_start);
+    };
     uint64_t offset = 0;
-    std::vector<char> data;
     while (offset + sizeof(RecordHeader) <= end && !stop_loading_.load()) {
+      const char* p = get(offset, sizeof(RecordHeader));
+      if (p == nullptr) break;
       RecordHeader h;
-      if (!PreadFull(segment.fd.get(), &h, sizeof(h), offset)) break;
+      std::memcpy(&h, p, sizeof(h));
       if (h.magic != kRecordMagic || h.version != kVersion || h.key_len > kMaxRecordKeyBytes ||
           h.etag_len > kMaxEtagBytes || h.data_len > end) {
         break;
@@ -613,23 +639,22 @@ class DiskTierImpl final : public DiskTier {
       RecordMeta r;
       r.header = h;
       r.record_offset = offset;
-      r.key.resize(h.key_len);
-      r.etag.resize(h.etag_len);
       uint64_t pos = offset + sizeof(h);
-      if (!PreadFull(segment.fd.get(), r.key.data(), r.key.size(), pos)) break;
-      pos += h.key_len;
-      if (!PreadFull(segment.fd.get(), r.etag.data(), r.etag.size(), pos)) break;
-      pos += h.etag_len;
+      p = get(pos, uint64_t{h.key_len} + h.etag_len);
+      if (p == nullptr) break;
+      r.key.assign(p, h.key_len);
+      r.etag.assign(p + h.key_len, h.etag_len);
+      pos += uint64_t{h.key_len} + h.etag_len;
       uint32_t crc = HeaderCrc(h, r.key, r.etag);
       bool ok = true;
       for (uint64_t left = h.data_len; left > 0;) {
-        const size_t n = static_cast<size_t>(std::min<uint64_t>(left, 1 << 20));
-        data.resize(n);
-        if (!PreadFull(segment.fd.get(), data.data(), n, pos)) {
+        const uint64_t n = std::min(left, kWindow);
+        p = get(pos, n);
+        if (p == nullptr) {
           ok = false;
           break;
         }
-        crc = Crc32cExtend(crc, data.data(), n);
+        crc = Crc32cExtend(crc, p, n);
         pos += n;
         left -= n;
       }

@@ -439,6 +439,16 @@ TEST(DiskTierTest, FilesystemFullShrinksTheTier) {
   EXPECT_GT(hits, 5);
   EXPECT_TRUE(tier->Read("k119", kWholeValue, 0).has_value());  // the tier still works
   EXPECT_EQ(s.checksum_failures, 0u);
+  // A drop on the full filesystem is still recorded: it does not come back at the next start.
+  tier->Drop("k119");
+  tier.reset();
+  tier = OpenTier(Options(dir.path() + "/tier", capacity));
+  ASSERT_TRUE(WaitLoaded(*tier));
+  EXPECT_FALSE(tier->Read("k119", kWholeValue, 0).has_value());
+  for (int i = 0; i < 119; ++i) {
+    std::optional<CachedValue> got = tier->Read(absl::StrCat("k", i), kWholeValue, 0);
+    if (got.has_value()) ASSERT_TRUE(got->value.view() == values[i]) << i;
+  }
   tier.reset();
 }
 
