@@ -37,8 +37,9 @@ using testing::TempDir;
 
 constexpr uint64_t kBlock = 256 << 10;
 
-// Small values (one entry each) and values above the largest read whole (2 MiB with an 8 MiB
-// host cache), which are read and kept by the block.
+// Small values (one entry each, under 300 KB) and values of 3 MiB and more, above the largest
+// read whole (a quarter of the host cache: at most 2 MiB of --host_cache_bytes=8MiB), which are
+// read and kept by the block.
 std::map<std::string, std::string> Dataset(int small, int large, uint64_t seed) {
   std::map<std::string, std::string> values;
   for (int i = 0; i < small; ++i) {
@@ -54,7 +55,7 @@ std::map<std::string, std::string> Dataset(int small, int large, uint64_t seed) 
 uint64_t EntriesOf(const std::map<std::string, std::string>& values) {
   uint64_t entries = 0;
   for (const auto& [key, bytes] : values) {
-    entries += bytes.size() > (2 << 20) ? (bytes.size() + kBlock - 1) / kBlock : 1;
+    entries += bytes.size() >= (3 << 20) ? (bytes.size() + kBlock - 1) / kBlock : 1;
   }
   return entries;
 }
