@@ -516,50 +516,70 @@ def measure_gets(args, p, bench: Path, server, setup: dict, work: Path, out: Pat
             worker.terminate()
 
 
+def time_stores_interleaved(pools: dict, kinds: list[str], codecs, p: dict, rows: list, *,
+                            label: str = "", fields: dict | None = None,
+                            watch=None) -> None:
+    """Warms every store of `kinds` with every codec in each pool (a store that fails is marked
+    not available), then times `p["repeat"]` repetitions of `p["reads"]` whole-array reads,
+    one row per (repetition, pool, codec, store) in `rows`. Each repetition starts with another
+    store, so that none is always first. `watch(kind)`: None, or a callable run before the
+    timing that returns one to run after it with the row (to add the server's counters)."""
+    broken: dict[tuple, str] = {}
+    for procs, pool in pools.items():
+        for codec in codecs:
+            for kind in kinds:
+                errors = [a["error"] for a in pool.ask(("warm", kind, codec)) if a["error"]]
+                if errors:
+                    broken[procs, codec, kind] = errors[0]
+                    log(f"{label}{kind} {codec} x{procs}: not available: {errors[0]}")
+    for rep in range(1, p["repeat"] + 1):
+        for procs, pool in pools.items():
+            for codec in codecs:
+                shift = (rep - 1) % len(kinds)
+                for kind in kinds[shift:] + kinds[:shift]:
+                    row = {**(fields or {}), "store": kind, "codec": codec, "procs": procs,
+                           "reads": p["reads"], "rep": rep}
+                    if (procs, codec, kind) in broken:
+                        rows.append({**row, "available": False,
+                                     "reason": broken[procs, codec, kind]})
+                        continue
+                    finish = watch(kind) if watch else None
+                    answers = pool.ask(("time", kind, codec, p["reads"]))
+                    errors = [a["error"] for a in answers if a["error"]]
+                    if errors:
+                        rows.append({**row, "available": False, "reason": errors[0]})
+                        log(f"{label}{kind} {codec} x{procs}: failed: {errors[0]}")
+                        continue
+                    wall = max(a["end"] for a in answers) - min(a["start"] for a in answers)
+                    row.update(available=True, seconds=wall,
+                               gbps=ARRAY_BYTES * p["reads"] / wall / 1e9)
+                    if finish:
+                        finish(row)
+                    rows.append(row)
+                    log(f"{label}{kind:13} {codec:12} x{procs}: {row['gbps']:.2f} GB/s")
+
+
 def measure_zarr(args, p, setup: dict, admin, rows: list) -> None:
     pools = {procs: Pool(procs, setup) for procs in sorted({1, args.procs})}
-    broken: dict[tuple, str] = {}
+
+    def watch(kind: str):
+        if not kind.startswith("chunkd"):
+            return None
+        before = server_counters(admin)
+
+        def finish(row: dict) -> None:
+            after = server_counters(admin)
+            for name in ("gets", "gets_shm", "get_many_calls", "shm_fallbacks",
+                         "bytes_served_shm", "bytes_served_inline"):
+                row[name] = after.get(name, 0) - before.get(name, 0)
+            if kind == "chunkd-shm" and not row["gets_shm"]:
+                row["warning"] = "no shared-memory gets: the reads went inline"
+        return finish
+
     try:
         log(f"zarr: warming every store in {', '.join(map(str, pools))} process(es)")
-        for procs, pool in pools.items():
-            for codec in CODECS:
-                for kind, _ in STORES:
-                    errors = [a["error"] for a in pool.ask(("warm", kind, codec)) if a["error"]]
-                    if errors:
-                        broken[procs, codec, kind] = errors[0]
-                        log(f"zarr {kind} {codec} x{procs}: not available: {errors[0]}")
-        for rep in range(1, p["repeat"] + 1):
-            for procs, pool in pools.items():
-                for codec in CODECS:
-                    # Each repetition starts with another store, so that none is always first.
-                    kinds = [kind for kind, _ in STORES]
-                    shift = (rep - 1) % len(kinds)
-                    for kind in kinds[shift:] + kinds[:shift]:
-                        row = {"section": "zarr", "store": kind, "codec": codec, "procs": procs,
-                               "reads": p["reads"], "rep": rep}
-                        if (procs, codec, kind) in broken:
-                            rows.append({**row, "available": False,
-                                         "reason": broken[procs, codec, kind]})
-                            continue
-                        before = server_counters(admin) if kind.startswith("chunkd") else None
-                        answers = pool.ask(("time", kind, codec, p["reads"]))
-                        errors = [a["error"] for a in answers if a["error"]]
-                        if errors:
-                            rows.append({**row, "available": False, "reason": errors[0]})
-                            log(f"zarr {kind} {codec} x{procs}: failed: {errors[0]}")
-                            continue
-                        wall = max(a["end"] for a in answers) - min(a["start"] for a in answers)
-                        row.update(available=True, seconds=wall,
-                                   gbps=ARRAY_BYTES * p["reads"] / wall / 1e9)
-                        if before is not None:
-                            after = server_counters(admin)
-                            for name in ("gets", "gets_shm", "get_many_calls", "shm_fallbacks",
-                                         "bytes_served_shm", "bytes_served_inline"):
-                                row[name] = after.get(name, 0) - before.get(name, 0)
-                            if kind == "chunkd-shm" and not row["gets_shm"]:
-                                row["warning"] = "no shared-memory gets: the reads went inline"
-                        rows.append(row)
-                        log(f"zarr {kind:13} {codec:12} x{procs}: {row['gbps']:.2f} GB/s")
+        time_stores_interleaved(pools, [kind for kind, _ in STORES], CODECS, p, rows,
+                                label="zarr ", fields={"section": "zarr"}, watch=watch)
     finally:
         for pool in pools.values():
             pool.close()

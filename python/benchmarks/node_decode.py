@@ -170,39 +170,9 @@ def derived_state(admin) -> dict:
 
 def measure(p: dict, procs_list: list[int], setup: dict, admin, rows: list, env: dict) -> None:
     pools = {procs: Pool(procs, setup) for procs in procs_list}
-    broken: dict[tuple, str] = {}
     try:
         env["derived_before_warm"] = derived_state(admin)
-        for procs, pool in pools.items():
-            for codec in CODECS:
-                for kind, _ in STORES:
-                    errors = [a["error"] for a in pool.ask(("warm", kind, codec)) if a["error"]]
-                    if errors:
-                        broken[procs, codec, kind] = errors[0]
-                        log(f"{kind} {codec} x{procs}: not available: {errors[0]}")
-        for rep in range(1, p["repeat"] + 1):
-            for procs, pool in pools.items():
-                for codec in CODECS:
-                    kinds = [k for k, _ in STORES]
-                    shift = (rep - 1) % len(kinds)
-                    for kind in kinds[shift:] + kinds[:shift]:
-                        row = {"store": kind, "codec": codec, "procs": procs, "rep": rep,
-                               "reads": p["reads"]}
-                        if (procs, codec, kind) in broken:
-                            rows.append({**row, "available": False,
-                                         "reason": broken[procs, codec, kind]})
-                            continue
-                        answers = pool.ask(("time", kind, codec, p["reads"]))
-                        errors = [a["error"] for a in answers if a["error"]]
-                        if errors:
-                            rows.append({**row, "available": False, "reason": errors[0]})
-                            log(f"{kind} {codec} x{procs}: failed: {errors[0]}")
-                            continue
-                        wall = max(a["end"] for a in answers) - min(a["start"] for a in answers)
-                        row.update(available=True, seconds=wall,
-                                   gbps=ARRAY_BYTES * p["reads"] / wall / 1e9)
-                        rows.append(row)
-                        log(f"{kind:11} {codec:5} x{procs}: {row['gbps']:.2f} GB/s")
+        compare.time_stores_interleaved(pools, [kind for kind, _ in STORES], CODECS, p, rows)
         env["derived_after"] = derived_state(admin)
     finally:
         for pool in pools.values():
