@@ -3,11 +3,21 @@
 #include <algorithm>
 #include <cstring>
 
+#include "proto/wire/handoff.h"
+
 namespace chunkd::wire {
 namespace {
 
-void ReleaseBufferRef(void* user_data) { delete static_cast<buffer::cpu::Buffer*>(user_data); }
-void ReleaseString(void* user_data) { delete static_cast<std::string*>(user_data); }
+// gRPC frees a slice on whichever thread drops its last reference, ordered after its creation
+// by gRPC's own refcount, which TSan cannot see: the creator's Started and this Completed say it.
+void ReleaseBufferRef(void* user_data) {
+  Completed(user_data);
+  delete static_cast<buffer::cpu::Buffer*>(user_data);
+}
+void ReleaseString(void* user_data) {
+  Completed(user_data);
+  delete static_cast<std::string*>(user_data);
+}
 
 }  // namespace
 
@@ -26,6 +36,7 @@ void AppendLengthDelimitedHeader(std::string* out, uint32_t field, uint64_t leng
 
 grpc::Slice ReferenceSlice(const buffer::cpu::Buffer& bytes) {
   auto* ref = new buffer::cpu::Buffer(bytes);
+  Started(ref);
   return grpc::Slice(const_cast<std::byte*>(ref->data()), ref->size(), &ReleaseBufferRef, ref);
 }
 
@@ -33,6 +44,7 @@ grpc::Slice OwningSlice(std::string bytes) {
   // Small strings live inside the object, and gRPC inlines small slices anyway: copy those.
   if (bytes.size() < 256) return grpc::Slice(bytes);
   auto* owned = new std::string(std::move(bytes));
+  Started(owned);
   return grpc::Slice(owned->data(), owned->size(), &ReleaseString, owned);
 }
 
