@@ -34,7 +34,15 @@ class GetCall final : public StreamedReadCall {
   }
 
   // However the call ended, the TTLs of the leases it granted start now.
-  void OnDone() override { granted_.StartTtls(service_->options().leases); }
+  void OnDone() override {
+    granted_.StartTtls(service_->options().leases);
+    // Told to produce, but the call ended cancelled (its deadline passed while the reply was on
+    // its way, before the server saw the cancellation): the client got an error, not the
+    // production, so the next waiter takes it now, not after --derived_produce_timeout.
+    if (production_id_ != 0 && cancelled()) {
+      (void)service_->options().derived->Abandon(key_, derivation_, production_id_);
+    }
+  }
 
   void OnStart() override {
     service_->counters().gets.fetch_add(1, std::memory_order_relaxed);
@@ -112,6 +120,7 @@ class GetCall final : public StreamedReadCall {
       FinishWith(ToGrpcStatus(header.status()));
       return;
     }
+    production_id_ = answer->production_id;
     v1::GetResponse first;
     *first.mutable_header() = *std::move(header);
     data_ = buffer::cpu::Buffer();
@@ -314,7 +323,8 @@ class GetCall final : public StreamedReadCall {
 
   ChunkdService* const service_;
   std::string key_;
-  std::string derivation_;  // of a derived read
+  std::string derivation_;      // of a derived read
+  uint64_t production_id_ = 0;  // the production this call's reply hands its client
   ByteRange range_;
   Conditions conditions_;
   Recipient recipient_;  // the deliveries it accepts, and who asks

@@ -213,9 +213,19 @@ void ChunkStore::StartOrJoinFlight(absl::string_view key, std::optional<CachedVa
     }
     // A flight that finished between the lookup above and this lock put its value in the
     // cache before leaving the table: look again, so one burst of misses reads once.
-    if (auto again = cache_->Peek(key); again && again->validated >= need) {
-      lock.Release();
-      return std::move(done)(*std::move(again));
+    if (auto again = cache_->Peek(key)) {
+      if (again->validated >= need) {
+        lock.Release();
+        return std::move(done)(*std::move(again));
+      }
+      if (validation_ == Validation::kLocal) {
+        // Older than this read's bound (the file store's is the read's own start): a stat
+        // confirms it, as for any hit, rather than a second read of the value. Found changed,
+        // it is dropped, and the next look starts a flight.
+        lock.Release();
+        if (FreshEnough(key, *again, need)) return std::move(done)(*std::move(again));
+        return StartOrJoinFlight(key, std::move(cached), need, std::move(done));
+      }
     }
     flight = std::make_shared<Flight>();
     flight->started = absl::Now();
