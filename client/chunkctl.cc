@@ -342,8 +342,9 @@ int Info(Client& client) {
                 static_cast<unsigned long long>(tier.used_bytes()),
                 static_cast<unsigned long long>(tier.capacity_bytes()),
                 static_cast<unsigned long long>(tier.entries()));
-    // What leases on handles pin, and its caps (0: none). Nothing is leased out of the disk.
-    if (tier.tier() == "disk") continue;
+    // What leases on handles pin, and its caps (0: none). Nothing is leased out of the disk;
+    // derived entries' leases count in the host tier's line (one cap over host memory).
+    if (tier.tier() == "disk" || tier.tier() == "derived") continue;
     std::printf(
         "tier %s pinned: %llu bytes by %llu clients, cap %llu, per client %llu, "
         "refused at the cap %llu, at the per-client cap %llu\n",
